@@ -1,0 +1,74 @@
+//! Validation errors that name the offending field.
+
+use serde::{Deserialize, Serialize};
+
+/// One problem with one field of a request, e.g. `method.r: must be at least 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Dotted path of the field (`method.target_modules[1]`); empty for the body as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+/// All the problems found in one submitted document.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", render(.errors))]
+pub struct SpecError {
+    pub errors: Vec<FieldError>,
+    /// The document was not parseable JSON at all (as opposed to wrong fields).
+    pub malformed: bool,
+}
+
+fn render(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| if e.field.is_empty() { e.message.clone() } else { format!("{}: {}", e.field, e.message) })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl SpecError {
+    pub fn one(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { errors: vec![FieldError::new(field, message)], malformed: false }
+    }
+
+    fn malformed(message: String) -> Self {
+        Self { errors: vec![FieldError::new("", message)], malformed: true }
+    }
+}
+
+impl From<FieldError> for SpecError {
+    fn from(e: FieldError) -> Self {
+        Self { errors: vec![e], malformed: false }
+    }
+}
+
+/// Parses JSON into `T`, reporting the path of the field that failed (`method.r`).
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return SpecError::malformed(format!("malformed JSON: {inner}"));
+        }
+        let message = {
+            // serde appends " at line L column C"; the field path says where already.
+            let text = inner.to_string();
+            match text.rfind(" at line ") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            }
+        };
+        SpecError::one(field, message)
+    })?;
+    de.end().map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))?;
+    Ok(value)
+}

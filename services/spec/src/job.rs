@@ -1,0 +1,293 @@
+//! A training job as the user submits it, and the states it moves through.
+
+use crate::error::{parse_json, FieldError, SpecError};
+use crate::method::MethodConfig;
+use crate::names::AdapterName;
+use crate::uri::check_data_uri;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Name of the adapter this job publishes a new version of.
+    pub adapter_name: AdapterName,
+    /// URI of a Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+    pub base_model: String,
+    pub dataset: DatasetSpec,
+    pub method: MethodConfig,
+    pub training: TrainingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// JSONL file: one `{"text": ...}` object per line.
+    pub train: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub max_steps: u32,
+    pub learning_rate: f64,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_seq_len")]
+    pub seq_len: u32,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub warmup_steps: u32,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value; `null` turns clipping off.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+}
+
+fn default_batch_size() -> u32 {
+    4
+}
+fn default_seq_len() -> u32 {
+    512
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+
+pub const MAX_STEPS: u32 = 10_000_000;
+pub const MAX_BATCH: u32 = 4096;
+pub const MAX_SEQ_LEN: u32 = 131_072;
+
+impl TrainingConfig {
+    pub fn validate(&self, errors: &mut Vec<FieldError>) {
+        let mut bad = |field: &str, msg: String| errors.push(FieldError::new(format!("training.{field}"), msg));
+        if self.max_steps == 0 || self.max_steps > MAX_STEPS {
+            bad("max_steps", format!("must be between 1 and {MAX_STEPS}"));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate < 10.0) {
+            bad("learning_rate", "must be a positive number below 10".into());
+        }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH {
+            bad("batch_size", format!("must be between 1 and {MAX_BATCH}"));
+        }
+        if self.seq_len < 2 || self.seq_len > MAX_SEQ_LEN {
+            bad("seq_len", format!("must be between 2 and {MAX_SEQ_LEN}"));
+        }
+        if self.warmup_steps > self.max_steps {
+            bad("warmup_steps", "must not exceed max_steps".into());
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bad("weight_decay", "must be a non-negative number".into());
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                bad("max_grad_norm", "must be a positive number or null".into());
+            }
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates a submitted job. Every problem found is reported, each
+    /// naming its field, so a user can fix them all in one go.
+    pub fn parse(bytes: &[u8]) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = parse_json(bytes)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut errors = Vec::new();
+        if let Err(m) = check_data_uri(&self.base_model) {
+            errors.push(FieldError::new("base_model", m));
+        }
+        if let Err(m) = check_data_uri(&self.dataset.train) {
+            errors.push(FieldError::new("dataset.train", m));
+        }
+        if let Some(v) = &self.dataset.validation {
+            if let Err(m) = check_data_uri(v) {
+                errors.push(FieldError::new("dataset.validation", m));
+            }
+        }
+        self.method.validate(&mut errors);
+        self.training.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError { errors, malformed: false })
+        }
+    }
+}
+
+/// Where a job is in its life; see DESIGN.md "Job lifecycle".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Validating,
+    Queued,
+    Scheduled,
+    Running,
+    Evaluating,
+    Publishing,
+    Succeeded,
+    Failed,
+    CancelRequested,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 10] = [
+        JobStatus::Validating,
+        JobStatus::Queued,
+        JobStatus::Scheduled,
+        JobStatus::Running,
+        JobStatus::Evaluating,
+        JobStatus::Publishing,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::CancelRequested,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Validating => "validating",
+            JobStatus::Queued => "queued",
+            JobStatus::Scheduled => "scheduled",
+            JobStatus::Running => "running",
+            JobStatus::Evaluating => "evaluating",
+            JobStatus::Publishing => "publishing",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::CancelRequested => "cancel_requested",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+
+    /// States in which a worker owns the job and must keep its lease alive.
+    pub fn is_leased(self) -> bool {
+        matches!(self, JobStatus::Scheduled | JobStatus::Running | JobStatus::Evaluating | JobStatus::Publishing)
+    }
+
+    /// The transitions of the lifecycle diagram; everything else is refused.
+    pub fn can_become(self, next: JobStatus) -> bool {
+        use JobStatus::*;
+        if self.is_final() {
+            return false;
+        }
+        match next {
+            Failed => true,
+            CancelRequested => self != CancelRequested,
+            Cancelled => true,
+            Queued => matches!(self, Validating | Scheduled | Running | Evaluating | Publishing),
+            Scheduled => self == Queued,
+            Running => self == Scheduled,
+            Evaluating => self == Running,
+            Publishing => matches!(self, Running | Evaluating),
+            Succeeded => self == Publishing,
+            Validating => false,
+        }
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobStatus::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown job status {s:?}"))
+    }
+}
+
+/// Why a job failed. Only `SystemError` is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    UserError,
+    SystemError,
+    SafetyBlocked,
+    DeadlineExceeded,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::UserError => "user_error",
+            ErrorKind::SystemError => "system_error",
+            ErrorKind::SafetyBlocked => "safety_blocked",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+impl FromStr for ErrorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [ErrorKind::UserError, ErrorKind::SystemError, ErrorKind::SafetyBlocked, ErrorKind::DeadlineExceeded]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown error kind {s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(method: &str) -> String {
+        format!(
+            r#"{{"adapter_name":"demo","base_model":"file:///m","dataset":{{"train":"file:///d.jsonl"}},
+               "method":{method},"training":{{"max_steps":3,"learning_rate":0.001}}}}"#
+        )
+    }
+
+    #[test]
+    fn parses_a_minimal_job_with_defaults() {
+        let spec = JobSpec::parse(body(r#"{"type":"lora","r":8}"#).as_bytes()).unwrap();
+        assert_eq!(spec.training.batch_size, 4);
+        let MethodConfig::Lora(l) = spec.method;
+        assert_eq!(l.target_modules, vec!["q_proj", "v_proj"]);
+        assert_eq!(l.scaling(), 2.0);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"type":"lora","r":0}"#, "method.r"),
+            (r#"{"type":"bogus","r":8}"#, "method.type"),
+            (r#"{"type":"lora","r":8,"target_modules":["q_proj","wq"]}"#, "method.target_modules[1]"),
+            (r#"{"type":"lora","r":8,"dropout":1.5}"#, "method.dropout"),
+            (r#"{"type":"lora","r":"eight"}"#, "method.r"),
+        ];
+        for (m, field) in cases {
+            let err = JobSpec::parse(body(m).as_bytes()).unwrap_err();
+            assert_eq!(err.errors[0].field, field, "{m}: {err}");
+        }
+        let err = JobSpec::parse(b"{not json").unwrap_err();
+        assert!(err.malformed && err.errors[0].message.starts_with("malformed JSON"), "{err}");
+    }
+
+    #[test]
+    fn lifecycle_refuses_skipping_states() {
+        assert!(JobStatus::Queued.can_become(JobStatus::Scheduled));
+        assert!(!JobStatus::Queued.can_become(JobStatus::Succeeded));
+        assert!(!JobStatus::Succeeded.can_become(JobStatus::Failed));
+        assert!(JobStatus::Running.can_become(JobStatus::CancelRequested));
+        for s in JobStatus::ALL {
+            assert_eq!(s.as_str().parse::<JobStatus>().unwrap(), s);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Shared types of loraforge, used by the control plane and the trainer alike:
+//! what a user submits (`JobSpec`, `MethodConfig`), what a worker reports (`worker`),
+//! what gets published (`AdapterManifest`, PEFT `adapter_config.json`), and the
+//! validation that keeps bad values out of all of them. No heavy dependencies here.
+
+pub mod error;
+pub mod job;
+pub mod manifest;
+pub mod method;
+pub mod model;
+pub mod names;
+pub mod peft;
+pub mod uri;
+pub mod worker;
+
+pub use error::{FieldError, SpecError};
+pub use job::{DatasetSpec, ErrorKind, JobSpec, JobStatus, TrainingConfig};
+pub use manifest::{AdapterManifest, DigestRef, FileDigest, TrainingMetrics};
+pub use method::{LoraConfig, LoraInit, MethodConfig};
+pub use names::AdapterName;

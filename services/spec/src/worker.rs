@@ -1,0 +1,91 @@
+//! The protocol between the control plane and a worker (`loraforge-trainer run`).
+//!
+//! The worker gets its job id, the control-plane URL and a token for that job alone
+//! (env `LORAFORGE_WORKER_TOKEN`, never argv). Then, under `/v1/worker/jobs/{id}`:
+//! `GET` the assignment, `POST events`, `POST heartbeat`, `POST versions` to reserve
+//! the version number (job -> publishing), upload, `POST complete` (the control plane
+//! verifies the files, then the version is `ready`), or `POST fail`.
+
+use crate::job::{ErrorKind, JobSpec, JobStatus};
+use crate::manifest::{AdapterManifest, FileDigest};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const TOKEN_ENV: &str = "LORAFORGE_WORKER_TOKEN";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerAssignment {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub project: String,
+    pub spec: JobSpec,
+    /// Root URL of the artifact store (`file:///…`, `s3://bucket/prefix`).
+    pub storage_url: String,
+}
+
+/// What happened in a job, as stored in `job_events` and streamed to users.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventPayload {
+    /// A lifecycle transition; written by the control plane only.
+    Status { status: JobStatus, message: Option<String> },
+    /// One optimizer step.
+    Progress {
+        step: u32,
+        total_steps: u32,
+        loss: f64,
+        lr: f64,
+        tokens_per_second: f64,
+        eta_seconds: Option<f64>,
+    },
+    /// A free-form line from the worker (loading, device, data stats).
+    Log { message: String },
+}
+
+impl EventPayload {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventPayload::Status { .. } => "status",
+            EventPayload::Progress { .. } => "progress",
+            EventPayload::Log { .. } => "log",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub events: Vec<EventPayload>,
+}
+
+/// The worker moved on to a new phase (`running` when training starts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRequest {
+    pub status: JobStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The user asked to cancel: the worker should stop and exit.
+    pub cancel_requested: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReservedVersion {
+    pub version: i32,
+    /// Where to upload, relative to the storage root: `adapters/<project>/<adapter>/v<N>`.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    pub version: i32,
+    pub manifest: AdapterManifest,
+    /// Every uploaded file, the manifest included.
+    pub files: Vec<FileDigest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailRequest {
+    pub kind: ErrorKind,
+    pub message: String,
+}
