@@ -1,0 +1,2 @@
+DROP TABLE adapter_versions;
+DROP TABLE adapters;

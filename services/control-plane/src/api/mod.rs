@@ -1,0 +1,85 @@
+//! HTTP routes. Users: `/v1/jobs…`, `/v1/adapters…`; workers: `/v1/worker/jobs/{id}…`;
+//! probes: `/healthz`, `/readyz`. Every error is `application/problem+json`.
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+mod adapters;
+mod jobs;
+mod worker;
+
+/// Bodies larger than this are refused before they are read.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/adapters/{name}/versions/{version}", get(adapters::version))
+        .route("/v1/adapters/{name}/versions/{version}/lineage", get(adapters::lineage))
+        .route("/v1/worker/jobs/{id}", get(worker::assignment))
+        .route("/v1/worker/jobs/{id}/stage", post(worker::stage))
+        .route("/v1/worker/jobs/{id}/events", post(worker::events))
+        .route("/v1/worker/jobs/{id}/heartbeat", post(worker::heartbeat))
+        .route("/v1/worker/jobs/{id}/versions", post(worker::reserve_version))
+        .route("/v1/worker/jobs/{id}/complete", post(worker::complete))
+        .route("/v1/worker/jobs/{id}/fail", post(worker::fail))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<&'static str, ApiError> {
+    sqlx::query("SELECT 1").execute(&state.pool).await.map_err(ApiError::Unavailable)?;
+    Ok("ready")
+}
+
+/// A JSON body parsed with field paths in its errors (axum's `Json` answers plain text).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::Malformed(loraforge_spec::SpecError::one("", e.body_text())))?;
+        loraforge_spec::error::parse_json(&bytes)
+            .map(ApiJson)
+            .map_err(|e| if e.malformed { ApiError::Malformed(e) } else { ApiError::Validation(e) })
+    }
+}
+
+/// Path parameters; a value that cannot name anything (a bad UUID) is simply not found.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|_| ApiError::NotFound("resource"))
+    }
+}
+
+/// Query parameters, with a problem+json answer naming what is wrong.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::validation("query", e.body_text()))
+    }
+}

@@ -1,0 +1,127 @@
+//! Worker routes (see `loraforge_spec::worker` for the protocol). Every call carries
+//! the attempt's bearer token; a stale or foreign token is refused.
+
+use super::{ApiJson, ApiPath};
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::jobs::{self, JobRow, TransitionEffects};
+use crate::registry;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use loraforge_spec::worker::{
+    CompleteRequest, EventBatch, EventPayload, FailRequest, HeartbeatResponse, ReservedVersion, StageRequest,
+    WorkerAssignment,
+};
+use loraforge_spec::JobStatus;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+async fn authorize(state: &AppState, job_id: Uuid, headers: &HeaderMap) -> Result<JobRow, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    let sha = Sha256::digest(token.as_bytes());
+    jobs::authenticate_worker(&state.pool, job_id, &sha).await?.ok_or(ApiError::Unauthorized)
+}
+
+pub async fn assignment(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+) -> Result<Json<WorkerAssignment>, ApiError> {
+    let job = authorize(&state, id, &headers).await?;
+    Ok(Json(WorkerAssignment {
+        job_id: job.id,
+        attempt: job.attempt,
+        project: job.project,
+        spec: job.spec.0,
+        storage_url: state.store.url().to_string(),
+    }))
+}
+
+pub async fn stage(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<StageRequest>,
+) -> Result<StatusCode, ApiError> {
+    let job = authorize(&state, id, &headers).await?;
+    if !matches!(req.status, JobStatus::Running | JobStatus::Evaluating) {
+        return Err(ApiError::validation("status", "a worker may only report running or evaluating"));
+    }
+    let mut conn = state.pool.acquire().await?;
+    if !jobs::transition(&mut conn, job.id, req.status, None, TransitionEffects::default()).await? {
+        return Err(ApiError::Conflict {
+            code: "invalid_state",
+            detail: format!("job is {}; it cannot become {}", job.status, req.status),
+        });
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiJson(batch): ApiJson<EventBatch>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, id, &headers).await?;
+    if batch.events.iter().any(|e| matches!(e, EventPayload::Status { .. })) {
+        return Err(ApiError::validation("events", "status events are written by the control plane only"));
+    }
+    if batch.events.len() > 1000 {
+        return Err(ApiError::validation("events", "at most 1000 events per batch"));
+    }
+    jobs::record_events(&state.pool, id, &batch.events).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    authorize(&state, id, &headers).await?;
+    let status = jobs::heartbeat(&state.pool, id, state.settings.lease).await?;
+    Ok(Json(HeartbeatResponse { cancel_requested: status == Some(JobStatus::CancelRequested) }))
+}
+
+pub async fn reserve_version(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+) -> Result<Json<ReservedVersion>, ApiError> {
+    let job = authorize(&state, id, &headers).await?;
+    Ok(Json(registry::reserve_version(&state.pool, &job).await?))
+}
+
+pub async fn complete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<CompleteRequest>,
+) -> Result<StatusCode, ApiError> {
+    let job = authorize(&state, id, &headers).await?;
+    registry::complete(&state, &job, &req).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn fail(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<FailRequest>,
+) -> Result<StatusCode, ApiError> {
+    let job = authorize(&state, id, &headers).await?;
+    let message: String = req.message.chars().take(8000).collect();
+    let mut tx = state.pool.begin().await?;
+    let effects = TransitionEffects { error: Some((req.kind, &message)), release_lease: true };
+    jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?;
+    let prefixes = registry::fail_pending_version(&mut tx, job.id).await?;
+    tx.commit().await?;
+    registry::delete_objects(&state.store, &prefixes).await;
+    Ok(StatusCode::NO_CONTENT)
+}

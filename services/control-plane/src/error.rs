@@ -1,0 +1,103 @@
+//! API errors, rendered as `application/problem+json` (RFC 9457) with a stable `code`.
+//! Server-side failures are logged with their cause and answered opaquely.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use loraforge_spec::{FieldError, SpecError};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON at all.
+    #[error("malformed request body: {0}")]
+    Malformed(SpecError),
+    /// The body is JSON but some fields are wrong.
+    #[error("validation failed: {0}")]
+    Validation(SpecError),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{detail}")]
+    Conflict { code: &'static str, detail: String },
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    type_: String,
+    title: &'a str,
+    status: u16,
+    code: &'a str,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [FieldError],
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Validation(SpecError::one(field, message))
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_body", "Malformed request body"),
+            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", "Invalid request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, "Conflict"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => ApiError::Unavailable(e),
+            e => ApiError::Internal(e.into()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, title) = self.parts();
+        let (detail, errors): (String, &[FieldError]) = match &self {
+            ApiError::Malformed(e) | ApiError::Validation(e) => (e.to_string(), &e.errors),
+            ApiError::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "internal error");
+                ("the server failed to handle the request; it has been logged".into(), &[])
+            }
+            ApiError::Unavailable(e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                ("the database is unavailable; try again shortly".into(), &[])
+            }
+            other => (other.to_string(), &[]),
+        };
+        let problem = Problem {
+            type_: format!("urn:loraforge:problem:{code}"),
+            title,
+            status: status.as_u16(),
+            code,
+            detail,
+            field: errors.first().map(|e| e.field.as_str()),
+            errors,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
+    }
+}
