@@ -58,6 +58,16 @@ impl ApiError {
     }
 }
 
+impl From<SpecError> for ApiError {
+    fn from(e: SpecError) -> Self {
+        if e.malformed {
+            ApiError::Malformed(e)
+        } else {
+            ApiError::Validation(e)
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {

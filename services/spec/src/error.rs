@@ -49,6 +49,20 @@ impl From<FieldError> for SpecError {
     }
 }
 
+/// Deserializes an already-parsed value into `T`, reporting the failing field's path
+/// under `prefix` (e.g. `method` + `r`).
+pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value, prefix: &str) -> Result<T, SpecError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let field = match (prefix, inner.as_str()) {
+            (p, ".") => p.to_string(),
+            ("", i) => i.to_string(),
+            (p, i) => format!("{p}.{i}"),
+        };
+        SpecError::one(field, e.into_inner().to_string())
+    })
+}
+
 /// Parses JSON into `T`, reporting the path of the field that failed (`method.r`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);

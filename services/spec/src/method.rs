@@ -1,7 +1,7 @@
 //! Adapter methods a job can ask for. Each variant's parameters validate themselves;
 //! the trainer has one implementation per variant.
 
-use crate::error::FieldError;
+use crate::error::{from_value, FieldError, SpecError};
 use crate::model::LLAMA_TARGET_MODULES;
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,17 @@ pub enum MethodConfig {
 }
 
 impl MethodConfig {
+    /// Checks a `method` object against its variant's own fields first, so an error
+    /// names the field (`method.r`): serde's tagged enums lose the path inside them.
+    pub fn check_fields(method: &serde_json::Value) -> Result<(), SpecError> {
+        let Some(mut fields) = method.as_object().cloned() else { return Ok(()) };
+        let Some(kind) = fields.remove("type") else { return Ok(()) };
+        match kind.as_str() {
+            Some("lora") => from_value::<LoraConfig>(fields.into(), "method").map(drop),
+            _ => Ok(()),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             MethodConfig::Lora(_) => "lora",

@@ -1,6 +1,7 @@
 //! User routes for jobs: submit, read, events.
 
-use super::{ApiJson, ApiPath, ApiQuery};
+use super::{ApiPath, ApiQuery};
+use axum::body::Bytes;
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::jobs::{self, EventRow, JobView, NewJob, Submitted};
@@ -17,8 +18,8 @@ use uuid::Uuid;
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
-pub async fn submit(State(state): State<AppState>, headers: HeaderMap, ApiJson(spec): ApiJson<JobSpec>) -> Result<Response, ApiError> {
-    spec.validate().map_err(ApiError::Validation)?;
+pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let spec = JobSpec::parse(&body).map_err(ApiError::from)?;
     let idempotency_key = idempotency_key(&headers)?;
     check_inputs(&spec).await?;
     // Hash the parsed spec, not the bytes: the same job with other whitespace is the same job.

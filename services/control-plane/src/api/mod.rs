@@ -52,9 +52,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::Malformed(loraforge_spec::SpecError::one("", e.body_text())))?;
-        loraforge_spec::error::parse_json(&bytes)
-            .map(ApiJson)
-            .map_err(|e| if e.malformed { ApiError::Malformed(e) } else { ApiError::Validation(e) })
+        loraforge_spec::error::parse_json(&bytes).map(ApiJson).map_err(ApiError::from)
     }
 }
 

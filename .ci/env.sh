@@ -1,0 +1,60 @@
+# Sourced by .ci/test and .ci/quickstart: installs what is missing (idempotent, cached
+# outside the clone) and exports the environment the build and the tests need.
+#   LORAFORGE_CACHE  cache root (default ~/.cache/loraforge): Python venv, cargo target dir, Postgres
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export LORAFORGE_CACHE=${LORAFORGE_CACHE:-$HOME/.cache/loraforge}
+mkdir -p "$LORAFORGE_CACHE"
+log() { echo "[loraforge] $*" >&2; }
+
+# --- Python: libtorch for tch, and torch/transformers/peft/moto for the tests --------------
+VENV=$LORAFORGE_CACHE/venv
+REQ=$ROOT/tests/python/requirements.txt
+STAMP=$VENV/.requirements.sha256
+want=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  log "installing Python packages into $VENV (torch is large: a few minutes the first time)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -r "$REQ"
+  echo "$want" > "$STAMP"
+fi
+export PATH=$VENV/bin:$PATH
+export LORAFORGE_PYTHON=$VENV/bin/python
+export LIBTORCH_USE_PYTORCH=1
+TORCH_LIB=$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")')
+export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+# --- Rust ------------------------------------------------------------------------------------
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LORAFORGE_CACHE/target}
+if ! command -v cargo >/dev/null; then
+  log "cargo not found: install Rust (rustup) first"; exit 1
+fi
+
+# --- Postgres: DATABASE_URL if set, else the local server, else a private cluster --------------
+if [ -z "${DATABASE_URL:-}" ]; then
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+    export DATABASE_URL=postgres://postgres@127.0.0.1:5432/loraforge
+  else
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+    if [ -z "$PG_BIN" ]; then
+      log "installing PostgreSQL"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+      PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    fi
+    PGDIR=$LORAFORGE_CACHE/postgres
+    as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+    if [ ! -d "$PGDIR/data" ]; then
+      mkdir -p "$PGDIR"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$PGDIR"
+      as_pg "$PG_BIN/initdb" -D "$PGDIR/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 --no-instructions >/dev/null
+    fi
+    if ! pg_isready -q -h 127.0.0.1 -p 54329 2>/dev/null; then
+      log "starting a private Postgres on 127.0.0.1:54329 ($PGDIR)"
+      as_pg "$PG_BIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/server.log" -w \
+        -o "-p 54329 -k $PGDIR -c listen_addresses=127.0.0.1" start >/dev/null
+    fi
+    export DATABASE_URL=postgres://postgres@127.0.0.1:54329/loraforge
+  fi
+fi
+set +euo pipefail
