@@ -2,7 +2,7 @@
 
 use crate::executor::{self, Executor};
 use crate::settings::Settings;
-use crate::{api, lease, scheduler};
+use crate::{api, lease, scheduler, webhooks};
 use anyhow::Context;
 use loraforge_storage::Store;
 use sqlx::migrate::{MigrateDatabase, Migrator};
@@ -33,20 +33,26 @@ pub struct Application {
     exits: mpsc::UnboundedReceiver<crate::jobs::WorkerExit>,
 }
 
+/// The database (created if missing, migrated) and the artifact store.
+pub async fn connect(settings: &Settings) -> anyhow::Result<(PgPool, Store)> {
+    if !Postgres::database_exists(&settings.database_url).await.context("connecting to Postgres")? {
+        Postgres::create_database(&settings.database_url).await.context("creating the database")?;
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&settings.database_url)
+        .await
+        .context("connecting to Postgres")?;
+    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    let store = Store::create(&settings.storage_url).context("opening the artifact store")?;
+    Ok((pool, store))
+}
+
 impl Application {
     /// Connects (creating the database if missing), migrates, binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        if !Postgres::database_exists(&settings.database_url).await.context("connecting to Postgres")? {
-            Postgres::create_database(&settings.database_url).await.context("creating the database")?;
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&settings.database_url)
-            .await
-            .context("connecting to Postgres")?;
-        MIGRATOR.run(&pool).await.context("applying migrations")?;
-        let store = Store::create(&settings.storage_url).context("opening the artifact store")?;
+        let (pool, store) = connect(&settings).await?;
         let listener = tokio::net::TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("binding {}", settings.addr))?;
@@ -72,7 +78,8 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let scheduler = tokio::spawn(scheduler::run(self.state.clone(), self.exits, stop_rx.clone()));
-        let monitor = tokio::spawn(lease::run(self.state.clone(), stop_rx));
+        let monitor = tokio::spawn(lease::run(self.state.clone(), stop_rx.clone()));
+        let dispatcher = tokio::spawn(webhooks::run_dispatcher(self.state.clone(), stop_rx));
         let router = api::router(self.state.clone());
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
@@ -82,6 +89,7 @@ impl Application {
             .await?;
         let _ = scheduler.await;
         let _ = monitor.await;
+        let _ = dispatcher.await;
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! which enforces `JobStatus::can_become` in SQL and records a status event in the
 //! same transaction, so the event log and the job row never disagree.
 
+use crate::webhooks;
 use chrono::{DateTime, Utc};
 use loraforge_spec::worker::EventPayload;
 use loraforge_spec::{ErrorKind, JobSpec, JobStatus};
@@ -30,13 +31,15 @@ pub struct JobRow {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub parent_adapter: Option<String>,
+    pub parent_version: Option<i32>,
 }
 
 /// The columns of [`JobRow`], as a literal so queries stay static strings.
 macro_rules! job_columns {
     () => {
         "id, project, adapter_name, spec, status, error_kind, error_message, attempt, \
-         max_attempts, adapter_version, created_at, updated_at, started_at, finished_at"
+         max_attempts, adapter_version, created_at, updated_at, started_at, finished_at, parent_adapter, parent_version"
     };
 }
 
@@ -99,7 +102,11 @@ impl From<JobRow> for JobView {
 
 pub struct NewJob<'a> {
     pub project: &'a str,
+    /// The spec with registered names resolved to URIs.
     pub spec: &'a JobSpec,
+    pub base_model_name: Option<&'a str>,
+    pub dataset_name: Option<&'a str>,
+    pub parent: Option<(&'a str, i32)>,
     pub idempotency_key: Option<&'a str>,
     pub request_sha256: &'a [u8],
     pub max_attempts: i32,
@@ -119,8 +126,9 @@ pub async fn submit(pool: &PgPool, new: NewJob<'_>) -> Result<Submitted, sqlx::E
     let mut tx = pool.begin().await?;
     let id = Uuid::new_v4();
     let inserted: Option<JobRow> = sqlx::query_as(concat!(
-        "INSERT INTO jobs (id, project, adapter_name, spec, status, idempotency_key, request_sha256, max_attempts)
-         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7)
+        "INSERT INTO jobs (id, project, adapter_name, spec, status, idempotency_key, request_sha256, max_attempts,
+                           base_model_name, dataset_name, parent_adapter, parent_version)
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (project, idempotency_key) DO NOTHING
          RETURNING ",
         job_columns!()
@@ -132,6 +140,10 @@ pub async fn submit(pool: &PgPool, new: NewJob<'_>) -> Result<Submitted, sqlx::E
     .bind(new.idempotency_key)
     .bind(new.request_sha256)
     .bind(new.max_attempts)
+    .bind(new.base_model_name)
+    .bind(new.dataset_name)
+    .bind(new.parent.map(|p| p.0))
+    .bind(new.parent.map(|p| p.1))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(job) = inserted else {
@@ -229,7 +241,7 @@ pub async fn transition(
         Some((k, m)) => (Some(k.as_str()), Some(m)),
         None => (None, None),
     };
-    let updated = sqlx::query(
+    let updated: Option<(String, String)> = sqlx::query_as(
         "UPDATE jobs SET status = $2, updated_at = now(),
                 error_kind = COALESCE($4, error_kind), error_message = COALESCE($5, error_message),
                 started_at = CASE WHEN $2 = 'running' THEN COALESCE(started_at, now()) ELSE started_at END,
@@ -238,7 +250,8 @@ pub async fn transition(
                                         ELSE lease_expires_at END,
                 worker_token_sha256 = CASE WHEN $6 OR $2 IN ('succeeded', 'failed', 'cancelled') THEN NULL
                                            ELSE worker_token_sha256 END
-         WHERE id = $1 AND status = ANY($3)",
+         WHERE id = $1 AND status = ANY($3)
+         RETURNING project, adapter_name",
     )
     .bind(job_id)
     .bind(to.as_str())
@@ -246,15 +259,24 @@ pub async fn transition(
     .bind(error_kind)
     .bind(error_message)
     .bind(effects.release_lease)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected()
-        == 1;
-    if updated {
-        let message = message.or(error_message).map(str::to_string);
-        record_event(conn, job_id, &EventPayload::Status { status: to, message }).await?;
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((project, adapter_name)) = updated else { return Ok(false) };
+    let message = message.or(error_message).map(str::to_string);
+    record_event(conn, job_id, &EventPayload::Status { status: to, message }).await?;
+    let hook = match to {
+        JobStatus::Succeeded => Some(webhooks::JOB_SUCCEEDED),
+        JobStatus::Failed => Some(webhooks::JOB_FAILED),
+        _ => None,
+    };
+    if let Some(event) = hook {
+        let data = serde_json::json!({
+            "job_id": job_id, "adapter_name": adapter_name, "status": to,
+            "error": effects.error.map(|(kind, message)| serde_json::json!({"kind": kind, "message": message})),
+        });
+        webhooks::enqueue(conn, &project, event, data).await?;
     }
-    Ok(updated)
+    Ok(true)
 }
 
 /// A job claimed for one attempt.

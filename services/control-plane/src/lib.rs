@@ -20,6 +20,7 @@ pub mod lease;
 pub mod registry;
 pub mod scheduler;
 pub mod settings;
+pub mod webhooks;
 
 pub use app::Application;
 pub use settings::Settings;

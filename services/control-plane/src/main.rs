@@ -17,6 +17,16 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Find objects in the artifact store that no registry entry accounts for; with
+    /// --apply, delete them. Prints a JSON report.
+    Gc {
+        /// Delete the orphans (the default is a dry run that only lists them).
+        #[arg(long)]
+        apply: bool,
+        /// Pending versions younger than this may still be uploading and are kept.
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -31,9 +41,15 @@ async fn main() -> anyhow::Result<()> {
             app.run_until(shutdown_signal()).await
         }
         Command::Migrate => {
-            let app = Application::build(settings).await.context("migrating")?;
-            drop(app);
+            loraforge::app::connect(&settings).await.context("migrating")?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Gc { apply, grace_secs } => {
+            let (pool, store) = loraforge::app::connect(&settings).await?;
+            let grace = std::time::Duration::from_secs(grace_secs);
+            let report = loraforge::registry::gc::collect(&pool, &store, grace, !apply).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
     }

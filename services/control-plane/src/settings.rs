@@ -22,6 +22,8 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Attempts a job gets before a system error becomes final.
     pub max_attempts: i32,
+    /// First retry delay of a failed webhook delivery; doubles with each attempt.
+    pub webhook_backoff: Duration,
     /// Project of every request until API keys arrive.
     pub default_project: String,
 }
@@ -76,6 +78,7 @@ impl Settings {
             lease: Duration::from_secs(parse("LORAFORGE_LEASE_SECS", 60u64)?),
             poll_interval: Duration::from_millis(parse("LORAFORGE_POLL_MS", 1000u64)?),
             max_attempts: parse("LORAFORGE_MAX_ATTEMPTS", 3i32)?,
+            webhook_backoff: Duration::from_millis(parse("LORAFORGE_WEBHOOK_BACKOFF_MS", 2000u64)?),
             default_project: "default".into(),
         })
     }

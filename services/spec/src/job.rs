@@ -13,17 +13,46 @@ use std::str::FromStr;
 pub struct JobSpec {
     /// Name of the adapter this job publishes a new version of.
     pub adapter_name: AdapterName,
-    /// URI of a Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+    /// A Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`):
+    /// its URI, or the name of a registered base model.
     pub base_model: String,
     pub dataset: DatasetSpec,
     pub method: MethodConfig,
     pub training: TrainingConfig,
+    /// Continue training from this adapter version (same method and shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// An adapter version by reference: `latest` (newest ready), an alias, or a number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    pub adapter: AdapterName,
+    #[serde(rename = "ref", default = "latest")]
+    pub reference: String,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+/// A data input is named by URI (`scheme://…`) or by its registered name.
+pub fn is_uri(reference: &str) -> bool {
+    reference.contains("://")
+}
+
+fn check_input_ref(field: &str, reference: &str, errors: &mut Vec<FieldError>) {
+    let checked = if is_uri(reference) { check_data_uri(reference) } else { AdapterName::parse(reference).map(drop) };
+    if let Err(m) = checked {
+        errors.push(FieldError::new(field, m));
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
-    /// JSONL file: one `{"text": ...}` object per line.
+    /// JSONL file (URI or registered dataset name): one `{"text": ...}` object per line.
     pub train: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<String>,
@@ -107,15 +136,14 @@ impl JobSpec {
 
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut errors = Vec::new();
-        if let Err(m) = check_data_uri(&self.base_model) {
-            errors.push(FieldError::new("base_model", m));
-        }
-        if let Err(m) = check_data_uri(&self.dataset.train) {
-            errors.push(FieldError::new("dataset.train", m));
-        }
+        check_input_ref("base_model", &self.base_model, &mut errors);
+        check_input_ref("dataset.train", &self.dataset.train, &mut errors);
         if let Some(v) = &self.dataset.validation {
-            if let Err(m) = check_data_uri(v) {
-                errors.push(FieldError::new("dataset.validation", m));
+            check_input_ref("dataset.validation", v, &mut errors);
+        }
+        if let Some(p) = &self.parent {
+            if p.reference.is_empty() || p.reference.len() > 63 {
+                errors.push(FieldError::new("parent.ref", "must be latest, an alias or a version number"));
             }
         }
         self.method.validate(&mut errors);

@@ -21,6 +21,18 @@ pub struct WorkerAssignment {
     pub spec: JobSpec,
     /// Root URL of the artifact store (`file:///…`, `s3://bucket/prefix`).
     pub storage_url: String,
+    /// The version to continue from, when the job names a parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentArtifact>,
+}
+
+/// A published adapter version the worker starts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParentArtifact {
+    pub adapter_name: String,
+    pub version: i32,
+    /// The version's folder, relative to the storage root.
+    pub prefix: String,
 }
 
 /// What happened in a job, as stored in `job_events` and streamed to users.

@@ -9,6 +9,7 @@
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
+use object_store::signer::Signer;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -44,6 +45,8 @@ const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// Cloud backends can presign URLs; the local filesystem cannot.
+    signer: Option<Arc<dyn Signer>>,
     root: String,
     url: String,
 }
@@ -76,7 +79,8 @@ impl Store {
         let invalid = |reason: String| StorageError::InvalidUrl { url: url.to_string(), reason };
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
         let url = url.trim_end_matches('/').to_string();
-        let (inner, root): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
+        type Opened = (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, String);
+        let (inner, signer, root): Opened = match parsed.scheme() {
             "file" => {
                 let dir = parsed.to_file_path().map_err(|_| invalid("not an absolute local path".into()))?;
                 if create {
@@ -87,32 +91,38 @@ impl Store {
                 }
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| StorageError::Backend { uri: url.clone(), source: e })?;
-                (Arc::new(fs), String::new())
+                (Arc::new(fs), None, String::new())
             }
             "s3" | "s3a" => {
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url.as_str())
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(s3), bucket_prefix(&parsed))
+                let s3 = Arc::new(
+                    object_store::aws::AmazonS3Builder::from_env()
+                        .with_url(url.as_str())
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                );
+                (s3.clone(), Some(s3), bucket_prefix(&parsed))
             }
             "gs" => {
-                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(url.as_str())
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(gcs), bucket_prefix(&parsed))
+                let gcs = Arc::new(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                        .with_url(url.as_str())
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                );
+                (gcs.clone(), Some(gcs), bucket_prefix(&parsed))
             }
             "az" | "azure" | "abfs" | "abfss" => {
-                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(url.as_str())
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(az), bucket_prefix(&parsed))
+                let az = Arc::new(
+                    object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_url(url.as_str())
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?,
+                );
+                (az.clone(), Some(az), bucket_prefix(&parsed))
             }
             other => return Err(invalid(format!("unsupported scheme {other:?}"))),
         };
-        Ok(Store { inner, root, url })
+        Ok(Store { inner, signer, root, url })
     }
 
     /// Opens the store holding the object a URI names, and that object's relative path.
@@ -173,6 +183,20 @@ impl Store {
         got.bytes().await.map_err(self.backend(rel))
     }
 
+    /// The object's bytes as a stream, for serving large files without buffering them.
+    pub async fn get_stream(&self, rel: &str) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
+        let uri = self.uri_of(rel);
+        let got = self.inner.get(&self.path(rel)).await.map_err(self.backend(rel))?;
+        Ok(Box::pin(got.into_stream().map_err(move |e| StorageError::Backend { uri: uri.clone(), source: e })))
+    }
+
+    /// A presigned GET URL valid for `expires`, where the backend can sign (S3, GCS, Azure).
+    pub async fn presigned_get(&self, rel: &str, expires: std::time::Duration) -> Result<Option<url::Url>> {
+        let Some(signer) = &self.signer else { return Ok(None) };
+        let url = signer.signed_url(http::Method::GET, &self.path(rel), expires).await.map_err(self.backend(rel))?;
+        Ok(Some(url))
+    }
+
     /// A byte range of an object (e.g. a safetensors header).
     pub async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         self.inner.get_range(&self.path(rel), range).await.map_err(self.backend(rel))
@@ -213,14 +237,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes one object; a missing one is fine.
+    pub async fn delete(&self, rel: &str) -> Result<()> {
+        match self.inner.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend(rel)(e)),
+        }
+    }
+
     /// Deletes every object under a prefix; returns how many were deleted.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
         let listed = self.list(prefix).await?;
         for l in &listed {
-            match self.inner.delete(&self.path(&l.path)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.backend(&l.path)(e)),
-            }
+            self.delete(&l.path).await?;
         }
         Ok(listed.len())
     }
@@ -248,6 +277,28 @@ impl Store {
 
 fn bucket_prefix(url: &url::Url) -> String {
     url.path().trim_matches('/').to_string()
+}
+
+impl Store {
+    /// Digest of every object under `prefix` (dot-entries skipped: tool caches differ
+    /// between copies of one model), as `manifest::tree_digest_input` lines hashed;
+    /// also the total size. The trainer computes the same over a local directory.
+    pub async fn tree_digest(&self, prefix: &str) -> Result<(String, u64, usize)> {
+        let mut lines = Vec::new();
+        let mut total = 0;
+        for object in self.list(prefix).await? {
+            let rel = object.path.strip_prefix(prefix).unwrap_or(&object.path).trim_start_matches('/').to_string();
+            if rel.split('/').any(|part| part.starts_with('.')) {
+                continue;
+            }
+            let (sha, size) = self.digest(&object.path).await?;
+            total += size;
+            lines.push((rel, sha));
+        }
+        lines.sort();
+        let text: String = lines.iter().map(|(name, sha)| format!("{sha}  {name}\n")).collect();
+        Ok((sha256_hex(text.as_bytes()), total, lines.len()))
+    }
 }
 
 /// sha256 (hex) of bytes in memory.

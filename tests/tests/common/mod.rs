@@ -97,6 +97,7 @@ pub async fn fresh_database() -> Result<String> {
 
 pub struct TestApp {
     pub base_url: String,
+    pub storage_url: String,
     pub client: reqwest::Client,
     pub pool: PgPool,
     pub store_dir: Option<PathBuf>,
@@ -109,11 +110,14 @@ pub struct AppOptions {
     /// `None`: a local directory store inside the test's data dir.
     pub storage_url: Option<String>,
     pub lease: Duration,
+    /// Local worker slots; 0 means the test plays the worker itself.
+    pub slots: usize,
+    pub max_attempts: i32,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions { storage_url: None, lease: Duration::from_secs(60) }
+        AppOptions { storage_url: None, lease: Duration::from_secs(60), slots: 2, max_attempts: 3 }
     }
 }
 
@@ -133,12 +137,14 @@ impl TestApp {
             storage_url,
             data_dir: data_dir.path().to_path_buf(),
             public_url: None,
-            executor: ExecutorSettings::Local { trainer_bin: trainer_bin(), slots: 2 },
+            executor: ExecutorSettings::Local { trainer_bin: trainer_bin(), slots: options.slots },
             lease: options.lease,
             poll_interval: Duration::from_millis(200),
-            max_attempts: 3,
+            max_attempts: options.max_attempts,
+            webhook_backoff: Duration::from_millis(300),
             default_project: "default".into(),
         };
+        let storage_url = settings.storage_url.clone();
         let app = Application::build(settings).await?;
         let base_url = format!("http://{}", app.local_addr());
         let (tx, rx) = oneshot::channel::<()>();
@@ -148,6 +154,7 @@ impl TestApp {
         let pool = PgPool::connect(&database_url).await?;
         Ok(TestApp {
             base_url,
+            storage_url,
             client: reqwest::Client::new(),
             pool,
             store_dir: options.storage_url.is_none().then_some(store_dir),
@@ -165,6 +172,30 @@ impl TestApp {
         let resp = self.client.get(self.url(path)).send().await?;
         let status = resp.status().as_u16();
         Ok((status, resp.json().await?))
+    }
+
+    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+    }
+
+    /// Submits a job and waits for it to succeed; returns the finished job.
+    pub async fn run_job(&self, body: &Value) -> Result<Value> {
+        let (code, job) = self.submit(body).await?;
+        if code != 201 {
+            bail!("submit answered {code}: {job}");
+        }
+        let done = self.wait_for_job(job["id"].as_str().unwrap_or_default()).await?;
+        if done["status"] != "succeeded" {
+            bail!("job did not succeed: {done}");
+        }
+        Ok(done)
     }
 
     pub async fn submit(&self, body: &Value) -> Result<(u16, Value)> {

@@ -1,16 +1,80 @@
-//! User routes for the adapter registry.
+//! User routes for the adapter registry: listing, versions, aliases, tags, resolve,
+//! file downloads (with Range) and presigned URLs, lineage, deletion.
 
-use super::ApiPath;
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::registry::{self, LineageView, VersionRow, VersionView};
+use crate::registry::aliases::{self, AliasRow, Resolved};
+use crate::registry::{self, lineage, AdapterFilter, AdapterSummary, LineageView, VersionRow, VersionView};
+use axum::body::Body;
 use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::validation("limit", format!("must be between 1 and {MAX_PAGE}")));
+    }
+    Ok(limit)
+}
 
 async fn find(state: &AppState, name: &str, version: i32) -> Result<VersionRow, ApiError> {
     registry::get_version(&state.pool, &state.settings.default_project, name, version)
         .await?
         .ok_or(ApiError::NotFound("adapter version"))
+}
+
+#[derive(Serialize)]
+pub struct AdapterPage {
+    adapters: Vec<AdapterSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+pub async fn list(State(state): State<AppState>, ApiQuery(filter): ApiQuery<AdapterFilter>) -> Result<Json<AdapterPage>, ApiError> {
+    let limit = page_size(filter.limit)?;
+    let adapters = registry::list_adapters(&state.pool, &state.settings.default_project, &filter, limit).await?;
+    let next_cursor = (adapters.len() as i64 == limit).then(|| adapters.last().map(|a| a.name.clone())).flatten();
+    Ok(Json(AdapterPage { adapters, next_cursor }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionsQuery {
+    /// Versions below this number (the last one of the previous page).
+    before: Option<i32>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct VersionPage {
+    versions: Vec<VersionView>,
+    aliases: Vec<AliasRow>,
+    next_before: Option<i32>,
+}
+
+pub async fn versions(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<VersionsQuery>,
+) -> Result<Json<VersionPage>, ApiError> {
+    let limit = page_size(q.limit)?;
+    let project = &state.settings.default_project;
+    let rows = registry::list_versions(&state.pool, project, &name, q.before, limit).await?;
+    if rows.is_empty() && q.before.is_none() {
+        return Err(ApiError::NotFound("adapter"));
+    }
+    let next_before = (rows.len() as i64 == limit).then(|| rows.last().map(|v| v.version)).flatten();
+    let aliases = aliases::list(&state.pool, project, &name).await?;
+    let versions = rows.into_iter().map(|r| r.view(&state.store)).collect();
+    Ok(Json(VersionPage { versions, aliases, next_before }))
 }
 
 pub async fn version(
@@ -20,9 +84,211 @@ pub async fn version(
     Ok(Json(find(&state, &name, version).await?.view(&state.store)))
 }
 
+pub async fn delete_version(
+    State(state): State<AppState>,
+    ApiPath((name, version)): ApiPath<(String, i32)>,
+) -> Result<StatusCode, ApiError> {
+    registry::delete_version(&state, &state.settings.default_project, &name, version).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthQuery {
+    #[serde(default = "one")]
+    depth: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+const MAX_DEPTH: u32 = 32;
+
 pub async fn lineage(
     State(state): State<AppState>,
     ApiPath((name, version)): ApiPath<(String, i32)>,
+    ApiQuery(q): ApiQuery<DepthQuery>,
 ) -> Result<Json<LineageView>, ApiError> {
-    Ok(Json(find(&state, &name, version).await?.lineage()))
+    if q.depth > MAX_DEPTH {
+        return Err(ApiError::validation("depth", format!("must be at most {MAX_DEPTH}")));
+    }
+    let row = find(&state, &name, version).await?;
+    let graph = lineage::ancestors(&state.pool, &state.settings.default_project, &row, q.depth).await?;
+    Ok(Json(row.lineage(graph)))
+}
+
+pub async fn descendants(
+    State(state): State<AppState>,
+    ApiPath((name, version)): ApiPath<(String, i32)>,
+    ApiQuery(q): ApiQuery<DepthQuery>,
+) -> Result<Json<lineage::Graph>, ApiError> {
+    if q.depth > MAX_DEPTH {
+        return Err(ApiError::validation("depth", format!("must be at most {MAX_DEPTH}")));
+    }
+    let row = find(&state, &name, version).await?;
+    Ok(Json(lineage::descendants(&state.pool, &state.settings.default_project, &row, q.depth).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetAlias {
+    version: i32,
+}
+
+pub async fn put_alias(
+    State(state): State<AppState>,
+    ApiPath((name, alias)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<SetAlias>,
+) -> Result<Json<AliasRow>, ApiError> {
+    Ok(Json(aliases::set(&state.pool, &state.settings.default_project, &name, &alias, body.version).await?))
+}
+
+pub async fn delete_alias(
+    State(state): State<AppState>,
+    ApiPath((name, alias)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    aliases::delete(&state.pool, &state.settings.default_project, &name, &alias).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn put_tag(
+    State(state): State<AppState>,
+    ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    Ok(Json(registry::set_tag(&state.pool, &state.settings.default_project, &name, version, &tag, true).await?))
+}
+
+pub async fn delete_tag(
+    State(state): State<AppState>,
+    ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    Ok(Json(registry::set_tag(&state.pool, &state.settings.default_project, &name, version, &tag, false).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveQuery {
+    #[serde(rename = "ref", default = "latest")]
+    reference: String,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+pub async fn resolve(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ResolveQuery>,
+) -> Result<Json<Resolved>, ApiError> {
+    Ok(Json(aliases::resolve(&state.pool, &state.store, &state.settings.default_project, &name, &q.reference).await?))
+}
+
+/// The version's file, if the registry lists it and the version is not deleted.
+async fn listed_file(state: &AppState, name: &str, version: i32, file: &str) -> Result<(VersionRow, u64), ApiError> {
+    let row = find(state, name, version).await?;
+    if row.status == "deleted" {
+        return Err(ApiError::Gone(format!("version {version} of {name} was deleted")));
+    }
+    let size = row.files.0.iter().find(|f| f.name == file).map(|f| f.size).ok_or(ApiError::NotFound("file"))?;
+    Ok((row, size))
+}
+
+/// Streams a file; honours a single `Range: bytes=…` (206, or 416 if unsatisfiable).
+pub async fn download(
+    State(state): State<AppState>,
+    ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (row, size) = listed_file(&state, &name, version, &file).await?;
+    let path = format!("{}/{file}", row.storage_prefix);
+    let content_type = if file.ends_with(".json") { "application/json" } else { "application/octet-stream" };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    if let Some(range) = range {
+        let Some((start, end)) = parse_range(range, size) else {
+            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{size}"))]).into_response());
+        };
+        let bytes = state.store.get_range(&path, start..end + 1).await.map_err(|e| ApiError::Internal(e.into()))?;
+        return Ok((
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (header::CONTENT_TYPE, content_type.to_string()),
+                (header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}")),
+                (header::ACCEPT_RANGES, "bytes".to_string()),
+            ],
+            bytes,
+        )
+            .into_response());
+    }
+    let stream = state.store.get_stream(&path).await.map_err(|e| ApiError::Internal(e.into()))?;
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+            (header::ACCEPT_RANGES, "bytes".to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `size` bytes -> inclusive range.
+fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = value.strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().ok()?, size - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+#[derive(Serialize)]
+pub struct PresignedUrl {
+    url: String,
+    expires_in_seconds: u64,
+}
+
+const PRESIGN_TTL: Duration = Duration::from_secs(3600);
+
+pub async fn presign(
+    State(state): State<AppState>,
+    ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
+) -> Result<Json<PresignedUrl>, ApiError> {
+    let (row, _) = listed_file(&state, &name, version, &file).await?;
+    let url = state
+        .store
+        .presigned_get(&format!("{}/{file}", row.storage_prefix), PRESIGN_TTL)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .ok_or_else(|| ApiError::Conflict {
+            code: "presign_unsupported",
+            detail: "this artifact store cannot presign URLs; download through /files/{file}".into(),
+        })?;
+    Ok(Json(PresignedUrl { url: url.to_string(), expires_in_seconds: PRESIGN_TTL.as_secs() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-2", 100), None);
+        assert_eq!(parse_range("bytes=0-1,3-4", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
 }

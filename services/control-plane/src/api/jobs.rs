@@ -9,9 +9,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use loraforge_spec::model::ModelConfigSummary;
-use loraforge_spec::{FieldError, JobSpec, SpecError};
-use loraforge_storage::{Store, StorageError};
+use crate::registry::inputs::{self, InputKind};
+use crate::registry::{self, aliases};
+use loraforge_spec::{FieldError, JobSpec, MethodConfig, ParentRef, SpecError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -19,15 +19,18 @@ use uuid::Uuid;
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
 pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let spec = JobSpec::parse(&body).map_err(ApiError::from)?;
+    let mut spec = JobSpec::parse(&body).map_err(ApiError::from)?;
     let idempotency_key = idempotency_key(&headers)?;
-    check_inputs(&spec).await?;
-    // Hash the parsed spec, not the bytes: the same job with other whitespace is the same job.
-    let request_sha256 = Sha256::digest(serde_json::to_vec(&spec).map_err(anyhow::Error::from)?);
     let project = state.settings.default_project.as_str();
+    let resolved = resolve_inputs(&state, project, &mut spec).await?;
+    // Hash the resolved spec, not the bytes: the same job with other whitespace is the same job.
+    let request_sha256 = Sha256::digest(serde_json::to_vec(&spec).map_err(anyhow::Error::from)?);
     let new = NewJob {
         project,
         spec: &spec,
+        base_model_name: resolved.base_model_name.as_deref(),
+        dataset_name: resolved.dataset_name.as_deref(),
+        parent: resolved.parent.as_ref().map(|(a, v)| (a.as_str(), *v)),
         idempotency_key: idempotency_key.as_deref(),
         request_sha256: &request_sha256,
         max_attempts: state.settings.max_attempts,
@@ -53,63 +56,93 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .ok_or_else(|| ApiError::validation("Idempotency-Key", "must be 1-255 visible ASCII characters"))
 }
 
-/// Checks that the base model and the dataset exist and that we can train the model,
-/// before anything is stored.
-async fn check_inputs(spec: &JobSpec) -> Result<(), ApiError> {
+#[derive(Default)]
+struct ResolvedInputs {
+    base_model_name: Option<String>,
+    dataset_name: Option<String>,
+    parent: Option<(String, i32)>,
+}
+
+/// Resolves registered names to URIs (in place) and the parent reference to a version,
+/// and checks that every input exists and fits, before anything is stored. All
+/// problems are reported together.
+async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> Result<ResolvedInputs, ApiError> {
     let mut errors = Vec::new();
-    if let Err(message) = check_model(&spec.base_model).await {
-        errors.push(FieldError::new("base_model", message));
+    let mut resolved = ResolvedInputs::default();
+    match inputs::resolve(&state.pool, project, InputKind::BaseModel, "base_model", &spec.base_model).await {
+        Ok(r) => {
+            note(&mut errors, "base_model", inputs::inspect_model(&r.uri).await);
+            spec.base_model = r.uri;
+            resolved.base_model_name = r.name;
+        }
+        Err(ApiError::Validation(e)) => errors.extend(e.errors),
+        Err(e) => return Err(e),
     }
-    let mut datasets = vec![("dataset.train", &spec.dataset.train)];
-    if let Some(v) = &spec.dataset.validation {
-        datasets.push(("dataset.validation", v));
+    match inputs::resolve(&state.pool, project, InputKind::Dataset, "dataset.train", &spec.dataset.train).await {
+        Ok(r) => {
+            note(&mut errors, "dataset.train", inputs::inspect_object(&r.uri).await);
+            spec.dataset.train = r.uri;
+            resolved.dataset_name = r.name;
+        }
+        Err(ApiError::Validation(e)) => errors.extend(e.errors),
+        Err(e) => return Err(e),
     }
-    for (field, uri) in datasets {
-        if let Err(message) = check_object(uri).await {
-            errors.push(FieldError::new(field, message));
+    if let Some(validation) = spec.dataset.validation.clone() {
+        match inputs::resolve(&state.pool, project, InputKind::Dataset, "dataset.validation", &validation).await {
+            Ok(r) => {
+                note(&mut errors, "dataset.validation", inputs::inspect_object(&r.uri).await);
+                spec.dataset.validation = Some(r.uri);
+            }
+            Err(ApiError::Validation(e)) => errors.extend(e.errors),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(parent) = &spec.parent {
+        match resolve_parent(state, project, spec, parent).await {
+            Ok(p) => resolved.parent = Some(p),
+            Err(m) => errors.push(FieldError::new("parent", m)),
         }
     }
     if errors.is_empty() {
-        Ok(())
+        Ok(resolved)
     } else {
         Err(ApiError::Validation(SpecError { errors, malformed: false }))
     }
 }
 
-async fn check_object(uri: &str) -> Result<(), String> {
-    let (store, name) = Store::open_object(uri).map_err(unreachable)?;
-    match store.size(&name).await.map_err(unreachable)? {
-        Some(_) => Ok(()),
-        None => Err(format!("no object at {uri}")),
+fn note(errors: &mut Vec<FieldError>, field: &str, checked: Result<(), String>) {
+    if let Err(m) = checked {
+        errors.push(FieldError::new(field, m));
     }
 }
 
-async fn check_model(uri: &str) -> Result<(), String> {
-    let store = Store::open(uri).map_err(unreachable)?;
-    let config = match store.get("config.json").await {
-        Ok(bytes) => bytes,
-        Err(StorageError::NotFound(_)) => return Err(format!("{uri} has no config.json; expected a Hugging Face model directory")),
-        Err(e) => return Err(unreachable(e)),
+/// The parent must be a ready version whose adapter has the job's shape.
+async fn resolve_parent(state: &AppState, project: &str, spec: &JobSpec, parent: &ParentRef) -> Result<(String, i32), String> {
+    let adapter = parent.adapter.as_str();
+    let found = aliases::resolve(&state.pool, &state.store, project, adapter, &parent.reference)
+        .await
+        .map_err(|e| format!("{adapter}@{}: {e}", parent.reference))?;
+    if found.status != "ready" {
+        return Err(format!("{adapter} version {} is {}, not ready", found.version, found.status));
+    }
+    let row = registry::get_version(&state.pool, project, adapter, found.version)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{adapter} version {} vanished", found.version))?;
+    let parent_method: MethodConfig = serde_json::from_value(row.method.0).map_err(|e| e.to_string())?;
+    let same_shape = match (&parent_method, &spec.method) {
+        (MethodConfig::Lora(p), MethodConfig::Lora(c)) => {
+            let mut a = p.target_modules.clone();
+            let mut b = c.target_modules.clone();
+            a.sort();
+            b.sort();
+            p.r == c.r && a == b
+        }
     };
-    let summary: ModelConfigSummary =
-        serde_json::from_slice(&config).map_err(|e| format!("{uri}/config.json is not valid: {e}"))?;
-    summary.check_supported()?;
-    if store.size("tokenizer.json").await.map_err(unreachable)?.is_none() {
-        return Err(format!("{uri} has no tokenizer.json"));
+    if !same_shape {
+        return Err(format!("{adapter} version {} has another method shape (rank or target modules)", found.version));
     }
-    let single = store.size("model.safetensors").await.map_err(unreachable)?;
-    let sharded = store.size("model.safetensors.index.json").await.map_err(unreachable)?;
-    if single.is_none() && sharded.is_none() {
-        return Err(format!("{uri} has neither model.safetensors nor model.safetensors.index.json"));
-    }
-    Ok(())
-}
-
-fn unreachable(e: StorageError) -> String {
-    match e {
-        StorageError::NotFound(uri) => format!("nothing found at {uri}"),
-        e => format!("cannot be read: {e}"),
-    }
+    Ok((adapter.to_string(), found.version))
 }
 
 pub async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> Result<Json<JobView>, ApiError> {

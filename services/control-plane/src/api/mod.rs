@@ -5,12 +5,14 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
 mod adapters;
+mod inputs;
 mod jobs;
+mod webhooks;
 mod worker;
 
 /// Bodies larger than this are refused before they are read.
@@ -23,8 +25,23 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/events", get(jobs::events))
-        .route("/v1/adapters/{name}/versions/{version}", get(adapters::version))
+        .route("/v1/adapters", get(adapters::list))
+        .route("/v1/adapters/{name}/versions", get(adapters::versions))
+        .route("/v1/adapters/{name}/versions/{version}", get(adapters::version).delete(adapters::delete_version))
         .route("/v1/adapters/{name}/versions/{version}/lineage", get(adapters::lineage))
+        .route("/v1/adapters/{name}/versions/{version}/descendants", get(adapters::descendants))
+        .route("/v1/adapters/{name}/versions/{version}/files/{file}", get(adapters::download))
+        .route("/v1/adapters/{name}/versions/{version}/files/{file}/url", get(adapters::presign))
+        .route("/v1/adapters/{name}/versions/{version}/tags/{tag}", put(adapters::put_tag).delete(adapters::delete_tag))
+        .route("/v1/adapters/{name}/aliases/{alias}", put(adapters::put_alias).delete(adapters::delete_alias))
+        .route("/v1/adapters/{name}/resolve", get(adapters::resolve))
+        .route("/v1/base-models", post(inputs::register_base_model).get(inputs::list_base_models))
+        .route("/v1/base-models/{name}", get(inputs::get_base_model))
+        .route("/v1/datasets", post(inputs::register_dataset).get(inputs::list_datasets))
+        .route("/v1/datasets/{name}", get(inputs::get_dataset))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::delete))
+        .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/v1/worker/jobs/{id}", get(worker::assignment))
         .route("/v1/worker/jobs/{id}/stage", post(worker::stage))
         .route("/v1/worker/jobs/{id}/events", post(worker::events))

@@ -10,7 +10,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use loraforge_spec::worker::{
-    CompleteRequest, EventBatch, EventPayload, FailRequest, HeartbeatResponse, ReservedVersion, StageRequest,
+    CompleteRequest, EventBatch, EventPayload, FailRequest, HeartbeatResponse, ParentArtifact, ReservedVersion,
+    StageRequest,
     WorkerAssignment,
 };
 use loraforge_spec::JobStatus;
@@ -33,7 +34,17 @@ pub async fn assignment(
     headers: HeaderMap,
 ) -> Result<Json<WorkerAssignment>, ApiError> {
     let job = authorize(&state, id, &headers).await?;
+    let parent = match (&job.parent_adapter, job.parent_version) {
+        (Some(adapter), Some(version)) => {
+            let row = registry::get_version(&state.pool, &job.project, adapter, version)
+                .await?
+                .ok_or(ApiError::NotFound("parent adapter version"))?;
+            Some(ParentArtifact { adapter_name: adapter.clone(), version, prefix: row.storage_prefix })
+        }
+        _ => None,
+    };
     Ok(Json(WorkerAssignment {
+        parent,
         job_id: job.id,
         attempt: job.attempt,
         project: job.project,

@@ -7,6 +7,7 @@
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::jobs::{self, JobRow, TransitionEffects};
+use crate::webhooks;
 use chrono::{DateTime, Utc};
 use loraforge_spec::manifest::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE};
 use loraforge_spec::peft::PeftLoraConfig;
@@ -18,6 +19,20 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
+
+/// The columns of [`VersionRow`], as a literal so queries stay static strings.
+macro_rules! version_columns {
+    () => {
+        "project, adapter_name, version, status, job_id, storage_prefix, files, method, hyperparameters, \
+         metrics, base_model_uri, base_model_sha256, dataset_uri, dataset_sha256, parent_adapter, \
+         parent_version, created_at, ready_at, tags, base_model_name, dataset_name"
+    };
+}
+
+pub mod aliases;
+pub mod gc;
+pub mod inputs;
+pub mod lineage;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct VersionRow {
@@ -39,6 +54,9 @@ pub struct VersionRow {
     pub parent_version: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub ready_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    pub base_model_name: Option<String>,
+    pub dataset_name: Option<String>,
 }
 
 /// A version as the API shows it.
@@ -53,6 +71,9 @@ pub struct VersionView {
     pub method: serde_json::Value,
     pub hyperparameters: serde_json::Value,
     pub metrics: Option<serde_json::Value>,
+    pub tags: Vec<String>,
+    pub base_model: String,
+    pub parent: Option<ParentView>,
     pub job_id: Uuid,
     pub created_at: DateTime<Utc>,
     pub ready_at: Option<DateTime<Utc>>,
@@ -66,6 +87,8 @@ pub struct LineageView {
     pub base_model: LineageInput,
     pub dataset: LineageInput,
     pub parent: Option<ParentView>,
+    /// Ancestors and their inputs up to the requested depth, as a graph.
+    pub graph: lineage::Graph,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,17 +96,29 @@ pub struct LineageInput {
     pub uri: String,
     /// Known once the worker has read the input; `null` before.
     pub sha256: Option<String>,
+    /// The registered name, when the job named it so.
+    pub name: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParentView {
     pub adapter_name: String,
     pub version: i32,
 }
 
 impl VersionRow {
+    pub fn parent(&self) -> Option<ParentView> {
+        match (&self.parent_adapter, self.parent_version) {
+            (Some(adapter_name), Some(version)) => Some(ParentView { adapter_name: adapter_name.clone(), version }),
+            _ => None,
+        }
+    }
+
     pub fn view(self, store: &Store) -> VersionView {
         VersionView {
+            parent: self.parent(),
+            base_model: self.base_model_uri.clone(),
+            tags: self.tags.clone(),
             uri: store.uri_of(&self.storage_prefix),
             adapter_name: self.adapter_name,
             version: self.version,
@@ -98,28 +133,19 @@ impl VersionRow {
         }
     }
 
-    pub fn lineage(self) -> LineageView {
+    pub fn lineage(self, graph: lineage::Graph) -> LineageView {
         LineageView {
+            parent: self.parent(),
             adapter_name: self.adapter_name,
             version: self.version,
             job_id: self.job_id,
-            base_model: LineageInput { uri: self.base_model_uri, sha256: self.base_model_sha256 },
-            dataset: LineageInput { uri: self.dataset_uri, sha256: self.dataset_sha256 },
-            parent: match (self.parent_adapter, self.parent_version) {
-                (Some(adapter_name), Some(version)) => Some(ParentView { adapter_name, version }),
-                _ => None,
-            },
+            base_model: LineageInput { uri: self.base_model_uri, sha256: self.base_model_sha256, name: self.base_model_name },
+            dataset: LineageInput { uri: self.dataset_uri, sha256: self.dataset_sha256, name: self.dataset_name },
+            graph,
         }
     }
 }
 
-macro_rules! version_columns {
-    () => {
-        "project, adapter_name, version, status, job_id, storage_prefix, files, method, hyperparameters, \
-         metrics, base_model_uri, base_model_sha256, dataset_uri, dataset_sha256, parent_adapter, \
-         parent_version, created_at, ready_at"
-    };
-}
 
 pub async fn get_version(pool: &PgPool, project: &str, adapter: &str, version: i32) -> Result<Option<VersionRow>, sqlx::Error> {
     sqlx::query_as(concat!(
@@ -173,8 +199,11 @@ pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVers
     let spec = &job.spec.0;
     sqlx::query(
         "INSERT INTO adapter_versions (project, adapter_name, version, status, job_id, storage_prefix,
-                                       method, hyperparameters, base_model_uri, dataset_uri)
-         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9)",
+                                       method, hyperparameters, base_model_uri, dataset_uri,
+                                       base_model_name, dataset_name, parent_adapter, parent_version)
+         SELECT $1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9,
+                j.base_model_name, j.dataset_name, j.parent_adapter, j.parent_version
+         FROM jobs j WHERE j.id = $4",
     )
     .bind(&job.project)
     .bind(&job.adapter_name)
@@ -235,6 +264,11 @@ pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> 
     if updated != 1 || !succeeded {
         return Err(ApiError::Conflict { code: "invalid_state", detail: "the job is no longer publishing".into() });
     }
+    let payload = serde_json::json!({
+        "adapter_name": job.adapter_name, "version": req.version, "job_id": job.id,
+        "uri": state.store.uri_of(&row.storage_prefix), "files": req.files,
+    });
+    webhooks::enqueue(&mut tx, &job.project, webhooks::VERSION_READY, payload).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -370,4 +404,129 @@ fn check_lora_tensors(tensors: &BTreeMap<String, Vec<u64>>, config: &PeftLoraCon
         }
     }
     Ok(())
+}
+
+/// Filters and paging of the adapter list.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterFilter {
+    pub base_model: Option<String>,
+    pub method: Option<String>,
+    pub tag: Option<String>,
+    pub status: Option<String>,
+    /// The last adapter name of the previous page.
+    pub cursor: Option<String>,
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub versions: i64,
+    /// Newest version with status `ready`, if any.
+    pub latest_ready: Option<i32>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Adapters that have at least one version matching every given filter, by name.
+pub async fn list_adapters(pool: &PgPool, project: &str, f: &AdapterFilter, limit: i64) -> Result<Vec<AdapterSummary>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.name, count(v.version) AS versions,
+                max(v.version) FILTER (WHERE v.status = 'ready') AS latest_ready, a.created_at
+         FROM adapters a JOIN adapter_versions v ON v.project = a.project AND v.adapter_name = a.name
+         WHERE a.project = $1 AND a.name > COALESCE($2, '')
+           AND EXISTS (SELECT 1 FROM adapter_versions m
+                       WHERE m.project = a.project AND m.adapter_name = a.name
+                         AND ($3::text IS NULL OR m.base_model_uri = $3 OR m.base_model_name = $3)
+                         AND ($4::text IS NULL OR m.method->>'type' = $4)
+                         AND ($5::text IS NULL OR m.tags @> ARRAY[$5])
+                         AND ($6::text IS NULL OR m.status = $6))
+         GROUP BY a.project, a.name, a.created_at
+         ORDER BY a.name LIMIT $7",
+    )
+    .bind(project)
+    .bind(&f.cursor)
+    .bind(&f.base_model)
+    .bind(&f.method)
+    .bind(&f.tag)
+    .bind(&f.status)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Versions of one adapter, newest first, after `before` (exclusive) when paging.
+pub async fn list_versions(pool: &PgPool, project: &str, adapter: &str, before: Option<i32>, limit: i64) -> Result<Vec<VersionRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        version_columns!(),
+        " FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version < COALESCE($3, 2147483647)
+          ORDER BY version DESC LIMIT $4"
+    ))
+    .bind(project)
+    .bind(adapter)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks a version `deleted` and removes its objects. A version an alias points to
+/// is refused: move or delete the alias first, so serving never resolves to nothing.
+pub async fn delete_version(state: &AppState, project: &str, adapter: &str, version: i32) -> Result<(), ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let aliased: Vec<String> = sqlx::query_scalar(
+        "SELECT alias FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND version = $3",
+    )
+    .bind(project)
+    .bind(adapter)
+    .bind(version)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !aliased.is_empty() {
+        return Err(ApiError::Conflict {
+            code: "version_aliased",
+            detail: format!("aliases {aliased:?} point at version {version}; move them first"),
+        });
+    }
+    let prefix: Option<String> = sqlx::query_scalar(
+        "UPDATE adapter_versions SET status = 'deleted', deleted_at = now()
+         WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status IN ('ready', 'quarantined', 'failed')
+         RETURNING storage_prefix",
+    )
+    .bind(project)
+    .bind(adapter)
+    .bind(version)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(prefix) = prefix else {
+        let exists = get_version(&state.pool, project, adapter, version).await?;
+        return Err(match exists {
+            None => ApiError::NotFound("adapter version"),
+            Some(v) => ApiError::Conflict { code: "invalid_state", detail: format!("version {version} is {}", v.status) },
+        });
+    };
+    tx.commit().await?;
+    // After the commit: if this fails, the objects are orphans that `loraforge gc` removes.
+    state.store.delete_prefix(&prefix).await.map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(())
+}
+
+pub async fn set_tag(pool: &PgPool, project: &str, adapter: &str, version: i32, tag: &str, present: bool) -> Result<Vec<String>, ApiError> {
+    loraforge_spec::AdapterName::parse(tag).map_err(|m| ApiError::validation("tag", m))?;
+    let tags: Option<Vec<String>> = sqlx::query_scalar(
+        "UPDATE adapter_versions
+         SET tags = CASE WHEN $5 THEN (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(array_append(tags, $4)) t)
+                         ELSE array_remove(tags, $4) END
+         WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status <> 'deleted'
+         RETURNING tags",
+    )
+    .bind(project)
+    .bind(adapter)
+    .bind(version)
+    .bind(tag)
+    .bind(present)
+    .fetch_optional(pool)
+    .await?;
+    tags.ok_or(ApiError::NotFound("adapter version"))
 }
