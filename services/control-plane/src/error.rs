@@ -28,18 +28,21 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An RFC 9457 problem document.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem {
     #[serde(rename = "type")]
-    type_: String,
-    title: &'a str,
-    status: u16,
-    code: &'a str,
-    detail: String,
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    /// Stable, machine-readable: `validation_failed`, `not_found`, `idempotency_key_reused`, …
+    pub code: String,
+    pub detail: String,
+    /// The first offending field, when the problem is about the request's content.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    errors: &'a [FieldError],
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
 }
 
 impl ApiError {
@@ -103,12 +106,12 @@ impl IntoResponse for ApiError {
         };
         let problem = Problem {
             type_: format!("urn:loraforge:problem:{code}"),
-            title,
+            title: title.into(),
             status: status.as_u16(),
-            code,
+            code: code.into(),
             detail,
-            field: errors.first().map(|e| e.field.as_str()),
-            errors,
+            field: errors.first().map(|e| e.field.clone()),
+            errors: errors.to_vec(),
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()

@@ -50,7 +50,7 @@ impl JobRow {
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: Uuid,
     pub project: String,
@@ -67,13 +67,13 @@ pub struct JobView {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobErrorView {
     pub kind: String,
     pub message: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AdapterVersionRef {
     pub name: String,
     pub version: i32,
@@ -199,11 +199,13 @@ pub async fn record_events(pool: &PgPool, job_id: Uuid, events: &[EventPayload])
     Ok(())
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EventRow {
     pub seq: i64,
     pub created_at: DateTime<Utc>,
+    /// The event itself: `kind` and its fields (see the worker protocol).
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub payload: Json<serde_json::Value>,
 }
 

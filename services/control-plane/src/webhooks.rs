@@ -29,7 +29,7 @@ pub const EVENTS: &[&str] = &[JOB_SUCCEEDED, JOB_FAILED, VERSION_READY, VERSION_
 /// A delivery is abandoned (`failed`) after this many attempts.
 pub const MAX_ATTEMPTS: i32 = 8;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     pub url: String,
@@ -38,7 +38,7 @@ pub struct NewWebhook {
     pub secret: Option<String>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct WebhookRow {
     pub id: Uuid,
     pub url: String,
@@ -46,17 +46,18 @@ pub struct WebhookRow {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedWebhook {
     #[serde(flatten)]
     pub webhook: WebhookRow,
     pub secret: String,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct DeliveryRow {
     pub id: Uuid,
     pub event: String,
+    #[schema(value_type = Object)]
     pub payload: Json<serde_json::Value>,
     pub status: String,
     pub attempts: i32,

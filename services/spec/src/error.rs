@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One problem with one field of a request, e.g. `method.r: must be at least 1`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {
     /// Dotted path of the field (`method.target_modules[1]`); empty for the body as a whole.

@@ -5,6 +5,7 @@ use crate::error::{from_value, FieldError, SpecError};
 use crate::model::LLAMA_TARGET_MODULES;
 use serde::{Deserialize, Serialize};
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MethodConfig {
@@ -45,6 +46,7 @@ impl MethodConfig {
 }
 
 /// How `lora_A` starts (B always starts at zero, so the adapter starts as the identity).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoraInit {
@@ -55,6 +57,7 @@ pub enum LoraInit {
     Gaussian,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {

@@ -10,6 +10,7 @@ pub const LLAMA_TARGET_MODULES: &[&str] = &["q_proj", "k_proj", "v_proj", "o_pro
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
 /// The part of a Hugging Face `config.json` needed to decide whether we can train it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelConfigSummary {
     pub model_type: Option<String>,

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// PEFT's `LoraConfig` fields that matter for loading; PEFT fills in the rest.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeftLoraConfig {
     pub peft_type: String,
@@ -18,6 +19,7 @@ pub struct PeftLoraConfig {
     pub bias: String,
     pub fan_in_fan_out: bool,
     pub inference_mode: bool,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub init_lora_weights: serde_json::Value,
     pub use_rslora: bool,
     pub use_dora: bool,

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 pub const TOKEN_ENV: &str = "LORAFORGE_WORKER_TOKEN";
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerAssignment {
     pub job_id: Uuid,
@@ -27,6 +28,7 @@ pub struct WorkerAssignment {
 }
 
 /// A published adapter version the worker starts from.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ParentArtifact {
     pub adapter_name: String,
@@ -36,6 +38,7 @@ pub struct ParentArtifact {
 }
 
 /// What happened in a job, as stored in `job_events` and streamed to users.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventPayload {
@@ -64,23 +67,27 @@ impl EventPayload {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventBatch {
     pub events: Vec<EventPayload>,
 }
 
 /// The worker moved on to a new phase (`running` when training starts).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageRequest {
     pub status: JobStatus,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
     /// The user asked to cancel: the worker should stop and exit.
     pub cancel_requested: bool,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReservedVersion {
     pub version: i32,
@@ -88,6 +95,7 @@ pub struct ReservedVersion {
     pub prefix: String,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompleteRequest {
     pub version: i32,
@@ -96,6 +104,7 @@ pub struct CompleteRequest {
     pub files: Vec<FileDigest>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailRequest {
     pub kind: ErrorKind,

@@ -31,13 +31,15 @@ async fn find(state: &AppState, name: &str, version: i32) -> Result<VersionRow, 
         .ok_or(ApiError::NotFound("adapter version"))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct AdapterPage {
     adapters: Vec<AdapterSummary>,
     /// Pass as `cursor` for the next page; `null` on the last one.
     next_cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/adapters", tag = "registry", params(AdapterFilter),
+    responses((status = 200, body = AdapterPage), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn list(State(state): State<AppState>, ApiQuery(filter): ApiQuery<AdapterFilter>) -> Result<Json<AdapterPage>, ApiError> {
     let limit = page_size(filter.limit)?;
     let adapters = registry::list_adapters(&state.pool, &state.settings.default_project, &filter, limit).await?;
@@ -45,7 +47,8 @@ pub async fn list(State(state): State<AppState>, ApiQuery(filter): ApiQuery<Adap
     Ok(Json(AdapterPage { adapters, next_cursor }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct VersionsQuery {
     /// Versions below this number (the last one of the previous page).
@@ -53,13 +56,15 @@ pub struct VersionsQuery {
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct VersionPage {
     versions: Vec<VersionView>,
     aliases: Vec<AliasRow>,
     next_before: Option<i32>,
 }
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/versions", tag = "registry", params(("name" = String, Path), VersionsQuery),
+    responses((status = 200, body = VersionPage), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn versions(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -77,6 +82,8 @@ pub async fn versions(
     Ok(Json(VersionPage { versions, aliases, next_before }))
 }
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path)), responses((status = 200, body = VersionView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn version(
     State(state): State<AppState>,
     ApiPath((name, version)): ApiPath<(String, i32)>,
@@ -84,6 +91,8 @@ pub async fn version(
     Ok(Json(find(&state, &name, version).await?.view(&state.store)))
 }
 
+#[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_version(
     State(state): State<AppState>,
     ApiPath((name, version)): ApiPath<(String, i32)>,
@@ -92,7 +101,8 @@ pub async fn delete_version(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DepthQuery {
     #[serde(default = "one")]
@@ -105,6 +115,8 @@ fn one() -> u32 {
 
 const MAX_DEPTH: u32 = 32;
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/lineage", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path), DepthQuery), responses((status = 200, body = LineageView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn lineage(
     State(state): State<AppState>,
     ApiPath((name, version)): ApiPath<(String, i32)>,
@@ -118,6 +130,8 @@ pub async fn lineage(
     Ok(Json(row.lineage(graph)))
 }
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/descendants", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path), DepthQuery), responses((status = 200, body = lineage::Graph), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn descendants(
     State(state): State<AppState>,
     ApiPath((name, version)): ApiPath<(String, i32)>,
@@ -130,12 +144,14 @@ pub async fn descendants(
     Ok(Json(lineage::descendants(&state.pool, &state.settings.default_project, &row, q.depth).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetAlias {
     version: i32,
 }
 
+#[utoipa::path(put, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry", request_body = SetAlias,
+    params(("name" = String, Path), ("alias" = String, Path)), responses((status = 200, body = AliasRow), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn put_alias(
     State(state): State<AppState>,
     ApiPath((name, alias)): ApiPath<(String, String)>,
@@ -144,6 +160,8 @@ pub async fn put_alias(
     Ok(Json(aliases::set(&state.pool, &state.settings.default_project, &name, &alias, body.version).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry",
+    params(("name" = String, Path), ("alias" = String, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_alias(
     State(state): State<AppState>,
     ApiPath((name, alias)): ApiPath<(String, String)>,
@@ -152,6 +170,8 @@ pub async fn delete_alias(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(put, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn put_tag(
     State(state): State<AppState>,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
@@ -159,6 +179,8 @@ pub async fn put_tag(
     Ok(Json(registry::set_tag(&state.pool, &state.settings.default_project, &name, version, &tag, true).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_tag(
     State(state): State<AppState>,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
@@ -166,7 +188,8 @@ pub async fn delete_tag(
     Ok(Json(registry::set_tag(&state.pool, &state.settings.default_project, &name, version, &tag, false).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveQuery {
     #[serde(rename = "ref", default = "latest")]
@@ -177,6 +200,8 @@ fn latest() -> String {
     "latest".into()
 }
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/resolve", tag = "registry", params(("name" = String, Path), ResolveQuery),
+    responses((status = 200, body = Resolved), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn resolve(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -195,6 +220,11 @@ async fn listed_file(state: &AppState, name: &str, version: i32, file: &str) -> 
     Ok((row, size))
 }
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/files/{file}", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path), ("Range" = Option<String>, Header)),
+    responses((status = 200, description = "the file", content_type = "application/octet-stream"),
+               (status = 206, description = "the requested range", content_type = "application/octet-stream"),
+               (status = 416, description = "range not satisfiable"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 /// Streams a file; honours a single `Range: bytes=…` (206, or 416 if unsatisfiable).
 pub async fn download(
     State(state): State<AppState>,
@@ -252,7 +282,7 @@ fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
     (start <= end && start < size).then_some((start, end))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct PresignedUrl {
     url: String,
     expires_in_seconds: u64,
@@ -260,6 +290,9 @@ pub struct PresignedUrl {
 
 const PRESIGN_TTL: Duration = Duration::from_secs(3600);
 
+#[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/files/{file}/url", tag = "registry",
+    params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path)),
+    responses((status = 200, body = PresignedUrl), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn presign(
     State(state): State<AppState>,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,

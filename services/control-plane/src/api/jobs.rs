@@ -18,6 +18,9 @@ use uuid::Uuid;
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = loraforge_spec::JobSpec,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job")),
+    responses((status = 201, body = JobView), (status = 200, description = "replayed by Idempotency-Key", body = JobView), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let mut spec = JobSpec::parse(&body).map_err(ApiError::from)?;
     let idempotency_key = idempotency_key(&headers)?;
@@ -145,12 +148,15 @@ async fn resolve_parent(state: &AppState, project: &str, spec: &JobSpec, parent:
     Ok((adapter.to_string(), found.version))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = JobView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> Result<Json<JobView>, ApiError> {
     let job = jobs::get(&state.pool, &state.settings.default_project, id).await?.ok_or(ApiError::NotFound("job"))?;
     Ok(Json(job.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Return events after this sequence number (exclusive).
@@ -164,13 +170,15 @@ fn default_limit() -> i64 {
     100
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EventsPage {
     events: Vec<EventRow>,
     /// Pass as `after` to get the next page; `null` when this page was not full.
     next_after: Option<i64>,
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
+    responses((status = 200, body = EventsPage), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,

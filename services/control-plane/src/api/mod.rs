@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 mod adapters;
 mod inputs;
 mod jobs;
+pub mod openapi;
 mod webhooks;
 mod worker;
 
@@ -22,6 +23,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/events", get(jobs::events))

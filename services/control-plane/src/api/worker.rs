@@ -28,6 +28,7 @@ async fn authorize(state: &AppState, job_id: Uuid, headers: &HeaderMap) -> Resul
     jobs::authenticate_worker(&state.pool, job_id, &sha).await?.ok_or(ApiError::Unauthorized)
 }
 
+#[utoipa::path(get, path = "/v1/worker/jobs/{id}", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), responses((status = 200, body = WorkerAssignment), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn assignment(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -53,6 +54,7 @@ pub async fn assignment(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/stage", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), request_body = StageRequest, responses((status = 204, description = "moved"), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn stage(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -73,6 +75,7 @@ pub async fn stage(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/events", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), request_body = EventBatch, responses((status = 204, description = "recorded"), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -90,6 +93,7 @@ pub async fn events(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/heartbeat", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), responses((status = 200, body = HeartbeatResponse), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -100,6 +104,7 @@ pub async fn heartbeat(
     Ok(Json(HeartbeatResponse { cancel_requested: status == Some(JobStatus::CancelRequested) }))
 }
 
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/versions", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), responses((status = 200, body = ReservedVersion), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn reserve_version(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -109,6 +114,7 @@ pub async fn reserve_version(
     Ok(Json(registry::reserve_version(&state.pool, &job).await?))
 }
 
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/complete", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), request_body = CompleteRequest, responses((status = 204, description = "published"), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn complete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -120,6 +126,7 @@ pub async fn complete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/fail", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), request_body = FailRequest, responses((status = 204, description = "recorded"), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn fail(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,

@@ -8,7 +8,7 @@ use loraforge_spec::{AdapterName, FileDigest};
 use serde::Serialize;
 use sqlx::PgPool;
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AliasRow {
     pub alias: String,
     pub version: i32,
@@ -81,7 +81,7 @@ pub async fn list(pool: &PgPool, project: &str, adapter: &str) -> Result<Vec<Ali
 }
 
 /// What a serving engine needs to load a version.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Resolved {
     pub status: String,
     pub version: i32,
@@ -90,7 +90,7 @@ pub struct Resolved {
     pub base_model: ResolvedBase,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResolvedBase {
     pub uri: String,
     pub sha256: Option<String>,

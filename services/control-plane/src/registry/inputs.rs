@@ -25,7 +25,7 @@ impl InputKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct InputRow {
     pub name: String,
     pub uri: String,
@@ -40,7 +40,7 @@ pub struct InputRow {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterInput {
     pub name: AdapterName,
@@ -50,7 +50,7 @@ pub struct RegisterInput {
     pub source: Option<SourceVersion>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceVersion {
     pub adapter: AdapterName,

@@ -7,13 +7,13 @@ use serde::Serialize;
 use sqlx::PgPool;
 use std::collections::{BTreeSet, VecDeque};
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub edges: Vec<Edge>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Node {
     AdapterVersion { id: String, adapter_name: String, version: i32, status: String },
@@ -31,10 +31,11 @@ impl Node {
 }
 
 /// `from` went into `to`: inputs into jobs, jobs into versions, versions into merged bases.
-#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, utoipa::ToSchema)]
 pub struct Edge {
     pub from: String,
     pub to: String,
+    #[schema(value_type = String)]
     pub relation: &'static str,
 }
 

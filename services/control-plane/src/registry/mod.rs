@@ -60,7 +60,7 @@ pub struct VersionRow {
 }
 
 /// A version as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct VersionView {
     pub adapter_name: String,
     pub version: i32,
@@ -68,8 +68,11 @@ pub struct VersionView {
     /// Where the files are: the version's folder in the artifact store.
     pub uri: String,
     pub files: Vec<FileDigest>,
+    #[schema(value_type = Object)]
     pub method: serde_json::Value,
+    #[schema(value_type = Object)]
     pub hyperparameters: serde_json::Value,
+    #[schema(value_type = Option<Object>)]
     pub metrics: Option<serde_json::Value>,
     pub tags: Vec<String>,
     pub base_model: String,
@@ -79,7 +82,7 @@ pub struct VersionView {
     pub ready_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LineageView {
     pub adapter_name: String,
     pub version: i32,
@@ -91,7 +94,7 @@ pub struct LineageView {
     pub graph: lineage::Graph,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LineageInput {
     pub uri: String,
     /// Known once the worker has read the input; `null` before.
@@ -100,7 +103,7 @@ pub struct LineageInput {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ParentView {
     pub adapter_name: String,
     pub version: i32,
@@ -407,7 +410,8 @@ fn check_lora_tensors(tensors: &BTreeMap<String, Vec<u64>>, config: &PeftLoraCon
 }
 
 /// Filters and paging of the adapter list.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterFilter {
     pub base_model: Option<String>,
@@ -419,7 +423,7 @@ pub struct AdapterFilter {
     pub limit: Option<i64>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AdapterSummary {
     pub name: String,
     pub versions: i64,
