@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod error;
 pub mod executor;
 pub mod jobs;

@@ -17,6 +17,11 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Find objects in the artifact store that no registry entry accounts for; with
     /// --apply, delete them. Prints a JSON report.
     Gc {
@@ -29,6 +34,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it once (it is stored only as a hash).
+    Create {
+        #[arg(long)]
+        project: String,
+        /// read, submit or admin
+        #[arg(long)]
+        scope: loraforge::auth::Scope,
+    },
+    /// Revoke the key with this prefix (the part after `lf_`).
+    Revoke {
+        #[arg(long)]
+        prefix: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
@@ -36,6 +58,9 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     match cli.command {
         Command::Serve => {
+            if !settings.auth_enabled {
+                tracing::warn!("LORAFORGE_AUTH=disabled: every request acts as an admin of the default project");
+            }
             let app = Application::build(settings).await?;
             println!("loraforge listening on http://{}", app.local_addr());
             app.run_until(shutdown_signal()).await
@@ -43,6 +68,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             loraforge::app::connect(&settings).await.context("migrating")?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Keys { command } => {
+            let (pool, _) = loraforge::app::connect(&settings).await?;
+            match command {
+                KeysCommand::Create { project, scope } => {
+                    let key = loraforge::auth::create_key(&pool, &project, scope).await?;
+                    println!("{}", serde_json::to_string_pretty(&key)?);
+                    eprintln!("store this key now: it cannot be shown again");
+                }
+                KeysCommand::Revoke { prefix } => {
+                    if !loraforge::auth::revoke_key(&pool, &prefix).await? {
+                        anyhow::bail!("no active key with prefix {prefix}");
+                    }
+                    println!("revoked");
+                }
+            }
             Ok(())
         }
         Command::Gc { apply, grace_secs } => {

@@ -24,8 +24,14 @@ pub struct Settings {
     pub max_attempts: i32,
     /// First retry delay of a failed webhook delivery; doubles with each attempt.
     pub webhook_backoff: Duration,
-    /// Project of every request until API keys arrive.
+    /// API keys required (the default). Off only by `LORAFORGE_AUTH=disabled`, for local
+    /// development: then every request acts as an admin of `default_project`.
+    pub auth_enabled: bool,
+    /// The project of every request when auth is disabled.
     pub default_project: String,
+    /// `file://` inputs must lie under one of these directories (`LORAFORGE_FILE_ROOTS`,
+    /// colon-separated; default: the data directory).
+    pub file_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +74,10 @@ impl Settings {
             Some(p) => PathBuf::from(p),
             None => default_trainer_bin(),
         };
+        let file_roots = match var("LORAFORGE_FILE_ROOTS") {
+            Some(roots) => std::env::split_paths(&roots).collect(),
+            None => vec![data_dir.clone()],
+        };
         Ok(Settings {
             database_url: var("DATABASE_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/loraforge".into()),
             addr: parse("LORAFORGE_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
@@ -79,7 +89,15 @@ impl Settings {
             poll_interval: Duration::from_millis(parse("LORAFORGE_POLL_MS", 1000u64)?),
             max_attempts: parse("LORAFORGE_MAX_ATTEMPTS", 3i32)?,
             webhook_backoff: Duration::from_millis(parse("LORAFORGE_WEBHOOK_BACKOFF_MS", 2000u64)?),
+            auth_enabled: match var("LORAFORGE_AUTH").as_deref() {
+                None | Some("enabled") => true,
+                Some("disabled") => false,
+                Some(other) => {
+                    return Err(SettingsError { name: "LORAFORGE_AUTH", reason: format!("{other:?}: use enabled or disabled") })
+                }
+            },
             default_project: "default".into(),
+            file_roots,
         })
     }
 }

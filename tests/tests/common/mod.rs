@@ -113,11 +113,13 @@ pub struct AppOptions {
     /// Local worker slots; 0 means the test plays the worker itself.
     pub slots: usize,
     pub max_attempts: i32,
+    /// API keys required (off by default in tests, which act as the default project).
+    pub auth: bool,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions { storage_url: None, lease: Duration::from_secs(60), slots: 2, max_attempts: 3 }
+        AppOptions { storage_url: None, lease: Duration::from_secs(60), slots: 2, max_attempts: 3, auth: false }
     }
 }
 
@@ -142,7 +144,10 @@ impl TestApp {
             poll_interval: Duration::from_millis(200),
             max_attempts: options.max_attempts,
             webhook_backoff: Duration::from_millis(300),
+            auth_enabled: options.auth,
             default_project: "default".into(),
+            // Fixtures live in temporary directories.
+            file_roots: vec![std::env::temp_dir()],
         };
         let storage_url = settings.storage_url.clone();
         let app = Application::build(settings).await?;

@@ -3,6 +3,7 @@
 
 use super::{ApiJson, ApiPath, ApiQuery};
 use crate::app::AppState;
+use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::registry::aliases::{self, AliasRow, Resolved};
 use crate::registry::{self, lineage, AdapterFilter, AdapterSummary, LineageView, VersionRow, VersionView};
@@ -25,8 +26,8 @@ fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
     Ok(limit)
 }
 
-async fn find(state: &AppState, name: &str, version: i32) -> Result<VersionRow, ApiError> {
-    registry::get_version(&state.pool, &state.settings.default_project, name, version)
+async fn find(state: &AppState, caller: &Caller, name: &str, version: i32) -> Result<VersionRow, ApiError> {
+    registry::get_version(&state.pool, caller.project.as_str(), name, version)
         .await?
         .ok_or(ApiError::NotFound("adapter version"))
 }
@@ -40,9 +41,10 @@ pub struct AdapterPage {
 
 #[utoipa::path(get, path = "/v1/adapters", tag = "registry", params(AdapterFilter),
     responses((status = 200, body = AdapterPage), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn list(State(state): State<AppState>, ApiQuery(filter): ApiQuery<AdapterFilter>) -> Result<Json<AdapterPage>, ApiError> {
+pub async fn list(State(state): State<AppState>, caller: Caller, ApiQuery(filter): ApiQuery<AdapterFilter>) -> Result<Json<AdapterPage>, ApiError> {
+    caller.require(Scope::Read)?;
     let limit = page_size(filter.limit)?;
-    let adapters = registry::list_adapters(&state.pool, &state.settings.default_project, &filter, limit).await?;
+    let adapters = registry::list_adapters(&state.pool, caller.project.as_str(), &filter, limit).await?;
     let next_cursor = (adapters.len() as i64 == limit).then(|| adapters.last().map(|a| a.name.clone())).flatten();
     Ok(Json(AdapterPage { adapters, next_cursor }))
 }
@@ -66,12 +68,13 @@ pub struct VersionPage {
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions", tag = "registry", params(("name" = String, Path), VersionsQuery),
     responses((status = 200, body = VersionPage), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn versions(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<VersionsQuery>,
 ) -> Result<Json<VersionPage>, ApiError> {
+    caller.require(Scope::Read)?;
     let limit = page_size(q.limit)?;
-    let project = &state.settings.default_project;
+    let project = caller.project.as_str();
     let rows = registry::list_versions(&state.pool, project, &name, q.before, limit).await?;
     if rows.is_empty() && q.before.is_none() {
         return Err(ApiError::NotFound("adapter"));
@@ -85,19 +88,21 @@ pub async fn versions(
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path)), responses((status = 200, body = VersionView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn version(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
 ) -> Result<Json<VersionView>, ApiError> {
-    Ok(Json(find(&state, &name, version).await?.view(&state.store)))
+    caller.require(Scope::Read)?;
+    Ok(Json(find(&state, &caller, &name, version).await?.view(&state.store)))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_version(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
 ) -> Result<StatusCode, ApiError> {
-    registry::delete_version(&state, &state.settings.default_project, &name, version).await?;
+    caller.require(Scope::Admin)?;
+    registry::delete_version(&state, caller.project.as_str(), &name, version).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -118,30 +123,32 @@ const MAX_DEPTH: u32 = 32;
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/lineage", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), DepthQuery), responses((status = 200, body = LineageView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn lineage(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
     ApiQuery(q): ApiQuery<DepthQuery>,
 ) -> Result<Json<LineageView>, ApiError> {
+    caller.require(Scope::Read)?;
     if q.depth > MAX_DEPTH {
         return Err(ApiError::validation("depth", format!("must be at most {MAX_DEPTH}")));
     }
-    let row = find(&state, &name, version).await?;
-    let graph = lineage::ancestors(&state.pool, &state.settings.default_project, &row, q.depth).await?;
+    let row = find(&state, &caller, &name, version).await?;
+    let graph = lineage::ancestors(&state.pool, caller.project.as_str(), &row, q.depth).await?;
     Ok(Json(row.lineage(graph)))
 }
 
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/descendants", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), DepthQuery), responses((status = 200, body = lineage::Graph), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn descendants(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
     ApiQuery(q): ApiQuery<DepthQuery>,
 ) -> Result<Json<lineage::Graph>, ApiError> {
+    caller.require(Scope::Read)?;
     if q.depth > MAX_DEPTH {
         return Err(ApiError::validation("depth", format!("must be at most {MAX_DEPTH}")));
     }
-    let row = find(&state, &name, version).await?;
-    Ok(Json(lineage::descendants(&state.pool, &state.settings.default_project, &row, q.depth).await?))
+    let row = find(&state, &caller, &name, version).await?;
+    Ok(Json(lineage::descendants(&state.pool, caller.project.as_str(), &row, q.depth).await?))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -153,39 +160,43 @@ pub struct SetAlias {
 #[utoipa::path(put, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry", request_body = SetAlias,
     params(("name" = String, Path), ("alias" = String, Path)), responses((status = 200, body = AliasRow), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn put_alias(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, alias)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<SetAlias>,
 ) -> Result<Json<AliasRow>, ApiError> {
-    Ok(Json(aliases::set(&state.pool, &state.settings.default_project, &name, &alias, body.version).await?))
+    caller.require(Scope::Admin)?;
+    Ok(Json(aliases::set(&state.pool, caller.project.as_str(), &name, &alias, body.version).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry",
     params(("name" = String, Path), ("alias" = String, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_alias(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, alias)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    aliases::delete(&state.pool, &state.settings.default_project, &name, &alias).await?;
+    caller.require(Scope::Admin)?;
+    aliases::delete(&state.pool, caller.project.as_str(), &name, &alias).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(put, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn put_tag(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<Vec<String>>, ApiError> {
-    Ok(Json(registry::set_tag(&state.pool, &state.settings.default_project, &name, version, &tag, true).await?))
+    caller.require(Scope::Admin)?;
+    Ok(Json(registry::set_tag(&state.pool, caller.project.as_str(), &name, version, &tag, true).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_tag(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<Vec<String>>, ApiError> {
-    Ok(Json(registry::set_tag(&state.pool, &state.settings.default_project, &name, version, &tag, false).await?))
+    caller.require(Scope::Admin)?;
+    Ok(Json(registry::set_tag(&state.pool, caller.project.as_str(), &name, version, &tag, false).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -203,16 +214,17 @@ fn latest() -> String {
 #[utoipa::path(get, path = "/v1/adapters/{name}/resolve", tag = "registry", params(("name" = String, Path), ResolveQuery),
     responses((status = 200, body = Resolved), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn resolve(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<ResolveQuery>,
 ) -> Result<Json<Resolved>, ApiError> {
-    Ok(Json(aliases::resolve(&state.pool, &state.store, &state.settings.default_project, &name, &q.reference).await?))
+    caller.require(Scope::Read)?;
+    Ok(Json(aliases::resolve(&state.pool, &state.store, caller.project.as_str(), &name, &q.reference).await?))
 }
 
 /// The version's file, if the registry lists it and the version is not deleted.
-async fn listed_file(state: &AppState, name: &str, version: i32, file: &str) -> Result<(VersionRow, u64), ApiError> {
-    let row = find(state, name, version).await?;
+async fn listed_file(state: &AppState, caller: &Caller, name: &str, version: i32, file: &str) -> Result<(VersionRow, u64), ApiError> {
+    let row = find(state, caller, name, version).await?;
     if row.status == "deleted" {
         return Err(ApiError::Gone(format!("version {version} of {name} was deleted")));
     }
@@ -227,11 +239,12 @@ async fn listed_file(state: &AppState, name: &str, version: i32, file: &str) -> 
                (status = 416, description = "range not satisfiable"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 /// Streams a file; honours a single `Range: bytes=…` (206, or 416 if unsatisfiable).
 pub async fn download(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (row, size) = listed_file(&state, &name, version, &file).await?;
+    caller.require(Scope::Read)?;
+    let (row, size) = listed_file(&state, &caller, &name, version, &file).await?;
     let path = format!("{}/{file}", row.storage_prefix);
     let content_type = if file.ends_with(".json") { "application/json" } else { "application/octet-stream" };
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -294,10 +307,11 @@ const PRESIGN_TTL: Duration = Duration::from_secs(3600);
     params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path)),
     responses((status = 200, body = PresignedUrl), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn presign(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<PresignedUrl>, ApiError> {
-    let (row, _) = listed_file(&state, &name, version, &file).await?;
+    caller.require(Scope::Read)?;
+    let (row, _) = listed_file(&state, &caller, &name, version, &file).await?;
     let url = state
         .store
         .presigned_get(&format!("{}/{file}", row.storage_prefix), PRESIGN_TTL)

@@ -3,6 +3,7 @@
 use super::{ApiPath, ApiQuery};
 use axum::body::Bytes;
 use crate::app::AppState;
+use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::jobs::{self, EventRow, JobView, NewJob, Submitted};
 use axum::extract::State;
@@ -11,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use crate::registry::inputs::{self, InputKind};
 use crate::registry::{self, aliases};
-use loraforge_spec::{FieldError, JobSpec, MethodConfig, ParentRef, SpecError};
+use loraforge_spec::{FieldError, JobSpec, JobStatus, MethodConfig, ParentRef, SpecError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -21,10 +22,11 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = loraforge_spec::JobSpec,
     params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job")),
     responses((status = 201, body = JobView), (status = 200, description = "replayed by Idempotency-Key", body = JobView), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn submit(State(state): State<AppState>, caller: Caller, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    caller.require(Scope::Submit)?;
     let mut spec = JobSpec::parse(&body).map_err(ApiError::from)?;
     let idempotency_key = idempotency_key(&headers)?;
-    let project = state.settings.default_project.as_str();
+    let project = caller.project.as_str();
     let resolved = resolve_inputs(&state, project, &mut spec).await?;
     // Hash the resolved spec, not the bytes: the same job with other whitespace is the same job.
     let request_sha256 = Sha256::digest(serde_json::to_vec(&spec).map_err(anyhow::Error::from)?);
@@ -72,9 +74,10 @@ struct ResolvedInputs {
 async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> Result<ResolvedInputs, ApiError> {
     let mut errors = Vec::new();
     let mut resolved = ResolvedInputs::default();
+    let roots = &state.settings.file_roots;
     match inputs::resolve(&state.pool, project, InputKind::BaseModel, "base_model", &spec.base_model).await {
         Ok(r) => {
-            note(&mut errors, "base_model", inputs::inspect_model(&r.uri).await);
+            note(&mut errors, "base_model", inputs::check(&r.uri, roots, InputKind::BaseModel).await);
             spec.base_model = r.uri;
             resolved.base_model_name = r.name;
         }
@@ -83,7 +86,7 @@ async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> 
     }
     match inputs::resolve(&state.pool, project, InputKind::Dataset, "dataset.train", &spec.dataset.train).await {
         Ok(r) => {
-            note(&mut errors, "dataset.train", inputs::inspect_object(&r.uri).await);
+            note(&mut errors, "dataset.train", inputs::check(&r.uri, roots, InputKind::Dataset).await);
             spec.dataset.train = r.uri;
             resolved.dataset_name = r.name;
         }
@@ -93,7 +96,7 @@ async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> 
     if let Some(validation) = spec.dataset.validation.clone() {
         match inputs::resolve(&state.pool, project, InputKind::Dataset, "dataset.validation", &validation).await {
             Ok(r) => {
-                note(&mut errors, "dataset.validation", inputs::inspect_object(&r.uri).await);
+                note(&mut errors, "dataset.validation", inputs::check(&r.uri, roots, InputKind::Dataset).await);
                 spec.dataset.validation = Some(r.uri);
             }
             Err(ApiError::Validation(e)) => errors.extend(e.errors),
@@ -150,8 +153,9 @@ async fn resolve_parent(state: &AppState, project: &str, spec: &JobSpec, parent:
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, body = JobView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> Result<Json<JobView>, ApiError> {
-    let job = jobs::get(&state.pool, &state.settings.default_project, id).await?.ok_or(ApiError::NotFound("job"))?;
+pub async fn get(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> Result<Json<JobView>, ApiError> {
+    caller.require(Scope::Read)?;
+    let job = jobs::get(&state.pool, caller.project.as_str(), id).await?.ok_or(ApiError::NotFound("job"))?;
     Ok(Json(job.into()))
 }
 
@@ -180,15 +184,50 @@ pub struct EventsPage {
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
     responses((status = 200, body = EventsPage), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn events(
-    State(state): State<AppState>,
+    State(state): State<AppState>, caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
+    caller.require(Scope::Read)?;
     if !(1..=1000).contains(&q.limit) {
         return Err(ApiError::validation("limit", "must be between 1 and 1000"));
     }
-    jobs::get(&state.pool, &state.settings.default_project, id).await?.ok_or(ApiError::NotFound("job"))?;
+    jobs::get(&state.pool, caller.project.as_str(), id).await?.ok_or(ApiError::NotFound("job"))?;
     let events = jobs::events(&state.pool, id, q.after, q.limit).await?;
     let next_after = (events.len() as i64 == q.limit).then(|| events.last().map(|e| e.seq)).flatten();
     Ok(Json(EventsPage { events, next_after }))
+}
+
+/// Cancels a job from any unfinished state: a queued job at once; a running one is
+/// asked to stop (its worker's process group is signalled) and ends `cancelled`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 202, body = JobView), (status = 409, description = "already finished", body = crate::error::Problem, content_type = "application/problem+json"),
+              (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
+pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    caller.require(Scope::Submit)?;
+    // A concurrent transition can win the race; re-read and try again.
+    for _ in 0..3 {
+        let job = jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
+        let status = job.status();
+        if status.is_final() {
+            return Err(ApiError::Conflict { code: "job_finished", detail: format!("job is already {status}") });
+        }
+        let target = match status {
+            JobStatus::Queued => JobStatus::Cancelled,
+            JobStatus::CancelRequested => break,
+            _ => JobStatus::CancelRequested,
+        };
+        let mut conn = state.pool.acquire().await?;
+        let effects = jobs::TransitionEffects { error: None, release_lease: target == JobStatus::Cancelled };
+        if jobs::transition(&mut conn, id, target, Some("cancelled by the user"), effects).await? {
+            if target == JobStatus::CancelRequested {
+                if let Err(e) = state.executor.stop(id).await {
+                    tracing::warn!(job_id = %id, error = %e, "could not signal the worker; it stops at its next heartbeat");
+                }
+            }
+            break;
+        }
+    }
+    let job = jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
+    Ok((StatusCode::ACCEPTED, Json(job.into())))
 }

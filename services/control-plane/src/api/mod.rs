@@ -27,6 +27,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/adapters", get(adapters::list))
         .route("/v1/adapters/{name}/versions", get(adapters::versions))
         .route("/v1/adapters/{name}/versions/{version}", get(adapters::version).delete(adapters::delete_version))

@@ -8,7 +8,7 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(title = "loraforge", description = "Train LoRA-family adapters and keep them as versioned, traceable artifacts."),
     paths(
-        super::jobs::submit, super::jobs::get, super::jobs::events,
+        super::jobs::submit, super::jobs::get, super::jobs::events, super::jobs::cancel,
         super::adapters::list, super::adapters::versions, super::adapters::version, super::adapters::delete_version,
         super::adapters::lineage, super::adapters::descendants, super::adapters::put_alias, super::adapters::delete_alias,
         super::adapters::put_tag, super::adapters::delete_tag, super::adapters::resolve, super::adapters::download,
@@ -19,7 +19,8 @@ use utoipa::{Modify, OpenApi};
         super::worker::assignment, super::worker::stage, super::worker::events, super::worker::heartbeat,
         super::worker::reserve_version, super::worker::complete, super::worker::fail,
     ),
-    modifiers(&WorkerToken),
+    modifiers(&SecuritySchemes),
+    security(("api_key" = [])),
     tags(
         (name = "jobs", description = "Submit training jobs and follow them"),
         (name = "registry", description = "Adapters, versions, aliases, lineage, downloads"),
@@ -30,11 +31,15 @@ use utoipa::{Modify, OpenApi};
 )]
 pub struct ApiDoc;
 
-struct WorkerToken;
+struct SecuritySchemes;
 
-impl Modify for WorkerToken {
+impl Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("lf_… API key of a project")).build()),
+        );
         components.add_security_scheme(
             "worker_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("per-attempt worker token")).build()),

@@ -66,11 +66,17 @@ pub struct ResolvedInput {
 
 /// Registers an input after reading it whole for its digest. Registering the same
 /// name again with the same URI and content is a no-op; anything else is a conflict.
-pub async fn register(pool: &PgPool, project: &str, kind: InputKind, req: RegisterInput) -> Result<(InputRow, bool), ApiError> {
+pub async fn register(
+    pool: &PgPool,
+    roots: &[std::path::PathBuf],
+    project: &str,
+    kind: InputKind,
+    req: RegisterInput,
+) -> Result<(InputRow, bool), ApiError> {
     loraforge_spec::uri::check_data_uri(&req.uri).map_err(|m| ApiError::validation("uri", m))?;
+    check(&req.uri, roots, kind).await.map_err(|m| ApiError::validation("uri", m))?;
     let (sha256, size, format) = match kind {
         InputKind::BaseModel => {
-            inspect_model(&req.uri).await.map_err(|m| ApiError::validation("uri", m))?;
             let store = Store::open(&req.uri).map_err(|e| ApiError::validation("uri", unreadable(e)))?;
             let (sha, size, _) = store.tree_digest("").await.map_err(|e| ApiError::validation("uri", unreadable(e)))?;
             (sha, size, "hf-safetensors")
@@ -182,6 +188,33 @@ pub async fn resolve(pool: &PgPool, project: &str, kind: InputKind, field: &str,
     match get(pool, project, kind, reference).await? {
         Some(row) => Ok(ResolvedInput { uri: row.uri, name: Some(row.name) }),
         None => Err(ApiError::validation(field, format!("no registered {} named {reference:?}", kind.noun()))),
+    }
+}
+
+/// `file://` inputs must lie under a configured root, so a request cannot make the
+/// control plane (or a worker) read arbitrary local files. Symlinks are resolved first.
+pub fn confine(uri: &str, roots: &[std::path::PathBuf]) -> Result<(), String> {
+    let Ok(url) = url::Url::parse(uri) else { return Err(format!("{uri:?} is not a URI")) };
+    if url.scheme() != "file" {
+        return Ok(());
+    }
+    let path = url.to_file_path().map_err(|_| format!("{uri:?} is not an absolute local path"))?;
+    let path = path.canonicalize().unwrap_or(path);
+    let allowed = roots.iter().any(|root| path.starts_with(root.canonicalize().unwrap_or_else(|_| root.clone())));
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!("{uri} is outside the directories this server reads from (LORAFORGE_FILE_ROOTS)"))
+    }
+}
+
+/// Checks that an input is one we may read and that it is there (and, for a model,
+/// that we can train it).
+pub async fn check(uri: &str, roots: &[std::path::PathBuf], kind: InputKind) -> Result<(), String> {
+    confine(uri, roots)?;
+    match kind {
+        InputKind::BaseModel => inspect_model(uri).await,
+        InputKind::Dataset => inspect_object(uri).await,
     }
 }
 
