@@ -1,0 +1,45 @@
+//! How a failed job is classified for the control plane: only system errors are
+//! worth retrying, so everything caused by the job's own inputs is a [`Failure::User`].
+
+use loraforge_spec::ErrorKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The job's inputs are wrong (data, model files, hyper-parameters): a retry fails the same way.
+    #[error("{0}")]
+    User(String),
+    /// The user asked to stop the job.
+    #[error("cancelled on request")]
+    Cancelled,
+}
+
+/// Shorthand for returning a user error from code that otherwise uses `anyhow`.
+pub fn user_error(message: impl Into<String>) -> anyhow::Error {
+    Failure::User(message.into()).into()
+}
+
+/// What an error means for the job, found anywhere in its cause chain.
+pub fn classify(err: &anyhow::Error) -> Option<&Failure> {
+    err.chain().find_map(|cause| cause.downcast_ref::<Failure>())
+}
+
+/// The `kind` reported to the control plane for an error that ends a job.
+pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
+    match classify(err) {
+        Some(Failure::User(_)) => ErrorKind::UserError,
+        _ => ErrorKind::SystemError,
+    }
+}
+
+/// Process exit codes, so a supervisor can tell outcomes apart without parsing output.
+pub const EXIT_SYSTEM_ERROR: i32 = 1;
+pub const EXIT_USER_ERROR: i32 = 2;
+pub const EXIT_CANCELLED: i32 = 3;
+
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    match classify(err) {
+        Some(Failure::User(_)) => EXIT_USER_ERROR,
+        Some(Failure::Cancelled) => EXIT_CANCELLED,
+        None => EXIT_SYSTEM_ERROR,
+    }
+}

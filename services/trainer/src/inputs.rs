@@ -1,0 +1,131 @@
+//! A job's inputs (base model directory, dataset file) made local: `file://` URIs are read
+//! in place, anything else is downloaded into a scratch directory. Each input also gets
+//! the digest that the manifest records as its lineage.
+
+use crate::error::user_error;
+use crate::export::file_digest;
+use anyhow::{Context, Result};
+use loraforge_spec::manifest::tree_digest_input;
+use loraforge_spec::{DigestRef, FileDigest, JobSpec};
+use loraforge_storage::{sha256_hex, StorageError, Store};
+use std::path::{Path, PathBuf};
+use tokio::runtime::Runtime;
+
+pub struct LocalInputs {
+    pub model_dir: PathBuf,
+    pub dataset: PathBuf,
+    pub base_model: DigestRef,
+    pub dataset_ref: DigestRef,
+}
+
+/// Makes the job's base model and training set local; downloads go under `scratch`.
+pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<LocalInputs> {
+    let (model_dir, model_files) = match local_path(&spec.base_model)? {
+        Some(dir) => {
+            if !dir.is_dir() {
+                return Err(user_error(format!("base_model {}: no such directory", spec.base_model)));
+            }
+            let files = digest_tree(&dir)?;
+            (dir, files)
+        }
+        None => {
+            let dir = scratch.join("model");
+            let files = rt.block_on(download_tree(&spec.base_model, &dir))?;
+            (dir, files)
+        }
+    };
+    let (dataset, dataset_sha) = match local_path(&spec.dataset.train)? {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(user_error(format!("dataset.train {}: no such file", spec.dataset.train)));
+            }
+            let sha = file_digest(&path, "train")?.sha256;
+            (path, sha)
+        }
+        None => {
+            let path = scratch.join("train.jsonl");
+            let sha = rt.block_on(download_object(&spec.dataset.train, &path))?;
+            (path, sha)
+        }
+    };
+    Ok(LocalInputs {
+        model_dir,
+        dataset,
+        base_model: DigestRef {
+            uri: spec.base_model.clone(),
+            sha256: sha256_hex(tree_digest_input(&model_files).as_bytes()),
+        },
+        dataset_ref: DigestRef { uri: spec.dataset.train.clone(), sha256: dataset_sha },
+    })
+}
+
+/// The local path of a `file://` URI; `None` for remote schemes.
+fn local_path(uri: &str) -> Result<Option<PathBuf>> {
+    let parsed = url::Url::parse(uri).map_err(|e| user_error(format!("{uri:?} is not a URI: {e}")))?;
+    if parsed.scheme() != "file" {
+        return Ok(None);
+    }
+    parsed.to_file_path().map(Some).map_err(|_| user_error(format!("{uri:?} does not name an absolute local path")))
+}
+
+/// Digests of every file under `root`, named by their `/`-separated path relative to it.
+/// Dot-entries are skipped: tools keep caches there (`.cache/huggingface`) that differ
+/// between copies of the same model.
+fn digest_tree(root: &Path) -> Result<Vec<FileDigest>> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let name = path
+                    .strip_prefix(root)?
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                files.push(file_digest(&path, &name)?);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Downloads every object under a directory URI into `dest`, returning their digests.
+async fn download_tree(uri: &str, dest: &Path) -> Result<Vec<FileDigest>> {
+    let store = Store::open(uri).map_err(|e| user_error(format!("base_model: {e}")))?;
+    let listed = store.list("").await.map_err(storage_error)?;
+    let mut files = Vec::new();
+    for object in listed.into_iter().filter(|o| !o.path.split('/').any(|part| part.starts_with('.'))) {
+        let target = dest.join(&object.path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let (sha256, size) = store.download(&object.path, &target).await.map_err(storage_error)?;
+        files.push(FileDigest { name: object.path, sha256, size });
+    }
+    if files.is_empty() {
+        return Err(user_error(format!("base_model {uri}: no files there")));
+    }
+    Ok(files)
+}
+
+/// Downloads one object into `dest`, returning its sha256.
+async fn download_object(uri: &str, dest: &Path) -> Result<String> {
+    let (store, name) = Store::open_object(uri).map_err(|e| user_error(format!("dataset.train: {e}")))?;
+    let (sha256, _) = store.download(&name, dest).await.map_err(storage_error)?;
+    Ok(sha256)
+}
+
+/// A missing object is the user's mistake; anything else is the storage's.
+fn storage_error(err: StorageError) -> anyhow::Error {
+    match err {
+        StorageError::NotFound(uri) => user_error(format!("not found: {uri}")),
+        other => other.into(),
+    }
+}

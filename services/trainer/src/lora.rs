@@ -1,0 +1,164 @@
+//! LoRA (Hu et al., 2021) with PEFT's semantics: `y = W x + dropout(x) A^T B^T * scaling`,
+//! `A (r, in)`, `B (out, r)`, B starting at zero so training starts from the base model.
+
+use crate::error::user_error;
+use crate::export::PeftAdapter;
+use crate::method::AdapterMethod;
+use crate::model::{LinearAdapter, LlamaModel};
+use anyhow::Result;
+use loraforge_spec::model::LLAMA_TARGET_MODULES;
+use loraforge_spec::peft::{lora_key, PeftLoraConfig};
+use loraforge_spec::{LoraConfig, LoraInit};
+use std::collections::HashMap;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The low-rank branch on one linear layer. The factors stay fp32 even over a bf16 base,
+/// so the input is cast up for the branch and the result cast back (as PEFT does).
+pub struct LoraBranch {
+    a: Tensor,
+    b: Tensor,
+    scaling: f64,
+    dropout: f64,
+}
+
+impl LoraBranch {
+    pub fn new(a: Tensor, b: Tensor, scaling: f64, dropout: f64) -> LoraBranch {
+        LoraBranch { a, b, scaling, dropout }
+    }
+}
+
+impl LinearAdapter for LoraBranch {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
+        let delta = x32.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scaling;
+        delta.to_kind(x.kind())
+    }
+}
+
+/// The factors of one adapted layer, shared with its [`LoraBranch`].
+struct LoraFactors {
+    module_path: String,
+    a: Tensor,
+    b: Tensor,
+}
+
+/// LoRA attached to every target layer of a model, its factors in one [`VarStore`].
+pub struct Lora {
+    config: LoraConfig,
+    store: VarStore,
+    factors: Vec<LoraFactors>,
+}
+
+impl Lora {
+    /// Adds freshly initialised factors to every layer named in `config.target_modules`:
+    /// `A` Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), as PEFT and
+    /// `nn.Linear` do, or N(0, 1/r) for `gaussian`; `B = 0`.
+    pub fn attach(model: &mut LlamaModel, config: &LoraConfig, device: Device) -> Result<Lora> {
+        let store = VarStore::new(device);
+        let r = i64::from(config.r);
+        let mut factors = Vec::new();
+        for (module_path, linear) in model.linears_mut(&config.target_modules) {
+            let (inp, out) = (linear.in_features(), linear.out_features());
+            let mut a = Tensor::empty([r, inp], (Kind::Float, device));
+            let a = tch::no_grad(|| match config.init {
+                LoraInit::Kaiming => {
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    a.uniform_(-bound, bound)
+                }
+                LoraInit::Gaussian => a.normal_(0.0, 1.0 / r as f64),
+            });
+            let path = module_path.split('.').fold(store.root(), |p, part| p.sub(part));
+            let a = path.add("lora_A", a, !config.freeze_a);
+            let b = path.add("lora_B", Tensor::zeros([out, r], (Kind::Float, device)), true);
+            linear.attach(Box::new(LoraBranch::new(
+                a.shallow_clone(),
+                b.shallow_clone(),
+                config.scaling(),
+                config.dropout,
+            )));
+            factors.push(LoraFactors { module_path, a, b });
+        }
+        if factors.is_empty() {
+            return Err(user_error(format!("the model has none of the target modules {:?}", config.target_modules)));
+        }
+        Ok(Lora { config: config.clone(), store, factors })
+    }
+}
+
+impl AdapterMethod for Lora {
+    fn var_store(&self) -> &VarStore {
+        &self.store
+    }
+
+    fn export(&self, base_model_uri: &str) -> PeftAdapter {
+        let tensors = self
+            .factors
+            .iter()
+            .flat_map(|f| [(lora_key(&f.module_path, 'A'), &f.a), (lora_key(&f.module_path, 'B'), &f.b)])
+            .map(|(key, t)| (key, t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous()))
+            .collect();
+        PeftAdapter { config: PeftLoraConfig::from_lora(&self.config, base_model_uri), tensors }
+    }
+}
+
+/// Attaches a published PEFT LoRA adapter, frozen and without dropout, for inference.
+/// Ranks come from the tensors, so adapters with a `rank_pattern` load as well.
+pub fn attach_frozen(model: &mut LlamaModel, adapter: &PeftAdapter, device: Device) -> Result<()> {
+    let config = &adapter.config;
+    if config.use_dora || !config.alpha_pattern.is_empty() {
+        return Err(user_error("adapters with DoRA or an alpha_pattern are not supported"));
+    }
+    let mut tensors: HashMap<&str, &Tensor> = adapter.tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    for (module_path, linear) in model.linears_mut(LLAMA_TARGET_MODULES) {
+        let (key_a, key_b) = (lora_key(&module_path, 'A'), lora_key(&module_path, 'B'));
+        let (Some(a), Some(b)) = (tensors.remove(key_a.as_str()), tensors.remove(key_b.as_str())) else {
+            continue;
+        };
+        let r = a.size()[0];
+        if a.size() != [r, linear.in_features()] || b.size() != [linear.out_features(), r] {
+            return Err(user_error(format!(
+                "adapter factors of {module_path} have shapes {:?} and {:?}; the layer is {} -> {}",
+                a.size(),
+                b.size(),
+                linear.in_features(),
+                linear.out_features()
+            )));
+        }
+        let scaling =
+            if config.use_rslora { config.lora_alpha / (r as f64).sqrt() } else { config.lora_alpha / r as f64 };
+        let to_device = |t: &Tensor| t.to_device(device).to_kind(Kind::Float);
+        linear.attach(Box::new(LoraBranch::new(to_device(a), to_device(b), scaling, 0.0)));
+    }
+    if let Some(key) = tensors.keys().min() {
+        return Err(user_error(format!("adapter tensor {key} matches no layer of the model")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Linear;
+
+    /// Merging `W + s B A` must give the unmerged forward: the identity that makes a
+    /// published adapter mean the same thing in every serving engine.
+    #[test]
+    fn merged_weight_matches_unmerged_forward() {
+        tch::manual_seed(7);
+        let (inp, out, r, scaling) = (24, 16, 4, 2.5);
+        let opts = (Kind::Float, Device::Cpu);
+        // Scales like a real layer's (unit-variance outputs), so 1e-5 is a fair fp32 tolerance.
+        let fan_in = (inp as f64).sqrt();
+        let (w, bias) = (Tensor::randn([out, inp], opts) / fan_in, Tensor::randn([out], opts));
+        let (a, b) = (Tensor::randn([r, inp], opts) / fan_in, Tensor::randn([out, r], opts) * 0.3);
+        let mut linear = Linear::new(w.shallow_clone(), Some(bias.shallow_clone()));
+        // Dropout is on in the branch, so this also checks that evaluation ignores it.
+        linear.attach(Box::new(LoraBranch::new(a.shallow_clone(), b.shallow_clone(), scaling, 0.5)));
+        let x = Tensor::randn([3, 5, inp], opts);
+        let unmerged = linear.forward(&x, false);
+        let merged = x.linear(&(w + b.matmul(&a) * scaling), Some(&bias));
+        let diff = (unmerged - merged).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max abs diff {diff}");
+    }
+}
