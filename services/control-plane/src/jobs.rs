@@ -295,7 +295,7 @@ pub async fn claim(pool: &PgPool, lease: Duration, token_sha256: &[u8]) -> Resul
     let claimed: Option<(Uuid, i32)> = sqlx::query_as(
         "UPDATE jobs SET status = 'scheduled', attempt = attempt + 1, updated_at = now(),
                 lease_expires_at = now() + make_interval(secs => $1), worker_token_sha256 = $2
-         WHERE id = (SELECT id FROM jobs WHERE status = 'queued'
+         WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())
                      ORDER BY priority DESC, created_at, id
                      FOR UPDATE SKIP LOCKED LIMIT 1)
          RETURNING id, attempt",
@@ -353,17 +353,17 @@ pub struct WorkerExit {
 }
 
 /// Settles a job whose worker is gone. A worker that reported its own outcome has
-/// already moved the job to a final state, and this does nothing; otherwise a
-/// cancel becomes `cancelled` and anything else a `system_error`. Returns the storage
-/// prefixes of versions that failed with it, whose objects should go.
-pub async fn worker_exited(pool: &PgPool, exit: &WorkerExit) -> Result<Vec<String>, sqlx::Error> {
+/// already moved the job on, and this does nothing; otherwise a cancel becomes
+/// `cancelled` and anything else a system error, retried while attempts remain.
+/// Returns the storage prefixes of versions that failed with it, whose objects should go.
+pub async fn worker_exited(pool: &PgPool, exit: &WorkerExit, backoff: Duration) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let status: Option<(String, i32)> =
-        sqlx::query_as("SELECT status, attempt FROM jobs WHERE id = $1 FOR UPDATE")
+    let status: Option<(String, i32, i32)> =
+        sqlx::query_as("SELECT status, attempt, max_attempts FROM jobs WHERE id = $1 FOR UPDATE")
             .bind(exit.job_id)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some((status, attempt)) = status else { return Ok(Vec::new()) };
+    let Some((status, attempt, max_attempts)) = status else { return Ok(Vec::new()) };
     let status: JobStatus = status.parse().unwrap_or(JobStatus::Failed);
     if attempt != exit.attempt || status.is_final() || status == JobStatus::Queued {
         return Ok(Vec::new());
@@ -373,10 +373,43 @@ pub async fn worker_exited(pool: &PgPool, exit: &WorkerExit) -> Result<Vec<Strin
             .await?;
     } else {
         let message = format!("worker exited before reporting a result: {}", exit.description);
-        let effects = TransitionEffects { error: Some((ErrorKind::SystemError, &message)), release_lease: true };
-        transition(&mut tx, exit.job_id, JobStatus::Failed, None, effects).await?;
+        if retry_or_fail(&mut tx, exit.job_id, attempt, max_attempts, &message, backoff).await? {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
     }
     let prefixes = crate::registry::fail_pending_version(&mut tx, exit.job_id).await?;
     tx.commit().await?;
     Ok(prefixes)
+}
+
+/// After a system error: back to the queue, claimable after an exponential backoff,
+/// while attempts remain (returns true); else `failed{system_error}` (returns false).
+/// A pending version stays reserved for the next attempt, which re-uploads its files.
+pub async fn retry_or_fail(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    attempt: i32,
+    max_attempts: i32,
+    message: &str,
+    backoff: Duration,
+) -> Result<bool, sqlx::Error> {
+    if attempt < max_attempts {
+        let delay = backoff.as_secs_f64() * 2f64.powi(attempt.saturating_sub(1).min(16));
+        let note = format!("attempt {attempt} failed, retrying in {delay:.1}s: {message}");
+        let effects = TransitionEffects { error: None, release_lease: true };
+        if transition(conn, job_id, JobStatus::Queued, Some(&note), effects).await? {
+            sqlx::query("UPDATE jobs SET not_before = now() + make_interval(secs => $2) WHERE id = $1")
+                .bind(job_id)
+                .bind(delay)
+                .execute(&mut *conn)
+                .await?;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
+    let message = format!("{message} (attempt {attempt} of {max_attempts}; no attempts left)");
+    let effects = TransitionEffects { error: Some((ErrorKind::SystemError, &message)), release_lease: true };
+    transition(conn, job_id, JobStatus::Failed, None, effects).await?;
+    Ok(false)
 }

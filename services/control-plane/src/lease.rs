@@ -5,7 +5,7 @@
 use crate::app::AppState;
 use crate::jobs::{self, TransitionEffects};
 use crate::registry;
-use loraforge_spec::{ErrorKind, JobStatus};
+use loraforge_spec::JobStatus;
 use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -41,22 +41,13 @@ pub async fn expire_leases(state: &AppState) -> Result<usize, sqlx::Error> {
         let released = TransitionEffects { error: None, release_lease: true };
         if status == JobStatus::CancelRequested.as_str() {
             jobs::transition(&mut tx, *job_id, JobStatus::Cancelled, Some(&message), released).await?;
-        } else if attempt < max_attempts {
-            jobs::transition(&mut tx, *job_id, JobStatus::Queued, Some(&message), released).await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(jobs::QUEUE_CHANNEL)
-                .bind(job_id.to_string())
-                .execute(&mut *tx)
-                .await?;
-        } else {
-            let message = format!("{message}; no attempts left");
-            let effects = TransitionEffects { error: Some((ErrorKind::SystemError, &message)), release_lease: true };
-            jobs::transition(&mut tx, *job_id, JobStatus::Failed, None, effects).await?;
+        } else if !jobs::retry_or_fail(&mut tx, *job_id, *attempt, *max_attempts, &message, state.settings.retry_backoff).await? {
             let prefixes = registry::fail_pending_version(&mut tx, *job_id).await?;
             tx.commit().await?;
             registry::delete_objects(&state.store, &prefixes).await;
             continue;
         }
+        sqlx::query("SELECT pg_notify($1, $2)").bind(jobs::QUEUE_CHANNEL).bind(job_id.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
         tracing::warn!(%job_id, attempt, "lease expired");
     }

@@ -79,7 +79,7 @@ async fn fill_slots(state: &AppState) -> anyhow::Result<()> {
 }
 
 async fn settle_exit(state: &AppState, exit: WorkerExit) {
-    match jobs::worker_exited(&state.pool, &exit).await {
+    match jobs::worker_exited(&state.pool, &exit, state.settings.retry_backoff).await {
         Ok(prefixes) => registry::delete_objects(&state.store, &prefixes).await,
         Err(e) => tracing::error!(job_id = %exit.job_id, error = %e, "could not settle a worker exit"),
     }

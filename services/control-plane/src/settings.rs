@@ -22,6 +22,8 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Attempts a job gets before a system error becomes final.
     pub max_attempts: i32,
+    /// Delay before the second attempt; doubles for each further one.
+    pub retry_backoff: Duration,
     /// First retry delay of a failed webhook delivery; doubles with each attempt.
     pub webhook_backoff: Duration,
     /// API keys required (the default). Off only by `LORAFORGE_AUTH=disabled`, for local
@@ -88,6 +90,7 @@ impl Settings {
             lease: Duration::from_secs(parse("LORAFORGE_LEASE_SECS", 60u64)?),
             poll_interval: Duration::from_millis(parse("LORAFORGE_POLL_MS", 1000u64)?),
             max_attempts: parse("LORAFORGE_MAX_ATTEMPTS", 3i32)?,
+            retry_backoff: Duration::from_millis(parse("LORAFORGE_RETRY_BACKOFF_MS", 10_000u64)?),
             webhook_backoff: Duration::from_millis(parse("LORAFORGE_WEBHOOK_BACKOFF_MS", 2000u64)?),
             auth_enabled: match var("LORAFORGE_AUTH").as_deref() {
                 None | Some("enabled") => true,

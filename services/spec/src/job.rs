@@ -55,10 +55,17 @@ fn check_input_ref(field: &str, reference: &str, errors: &mut Vec<FieldError>) {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
-    /// JSONL file (URI or registered dataset name): one `{"text": ...}` object per line.
+    /// JSONL file (URI or registered dataset name). Each line is one example:
+    /// `{"messages": [{"role", "content"}, …]}` (chat; loss on assistant turns only),
+    /// `{"prompt": …, "completion": …}` (loss on the completion only), or `{"text": …}`.
     pub train: String,
+    /// A separate validation file; or see `validation_fraction`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<String>,
+    /// Hold out this fraction of the training examples (deterministically, by seed) for
+    /// validation when no validation file is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_fraction: Option<f64>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -80,6 +87,55 @@ pub struct TrainingConfig {
     /// Clip the global gradient norm to this value; `null` turns clipping off.
     #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: Option<f64>,
+    /// Learning-rate schedule after warmup.
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// Optimizer steps accumulate gradients over this many batches.
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: u32,
+    /// Stop after this many passes over the training set, if that comes before max_steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u32>,
+    /// Concatenate examples into full `seq_len` rows (loss masks kept) instead of padding.
+    #[serde(default)]
+    pub packing: bool,
+    /// Save a checkpoint (adapter, optimizer, RNG, data position) every N steps, so a
+    /// retried attempt resumes from it; `null` turns checkpoints off.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: Option<u32>,
+    /// Evaluate the validation loss every N steps (and always at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<u32>,
+    /// Where to train: `auto` (CUDA when present), `cpu` or `cuda`.
+    #[serde(default)]
+    pub device: DeviceChoice,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_checkpoint_every() -> Option<u32> {
+    Some(100)
 }
 
 fn default_batch_size() -> u32 {
@@ -122,6 +178,18 @@ impl TrainingConfig {
                 bad("max_grad_norm", "must be a positive number or null".into());
             }
         }
+        if self.gradient_accumulation_steps == 0 || self.gradient_accumulation_steps > 4096 {
+            bad("gradient_accumulation_steps", "must be between 1 and 4096".into());
+        }
+        if self.epochs == Some(0) {
+            bad("epochs", "must be at least 1".into());
+        }
+        if self.checkpoint_every == Some(0) {
+            bad("checkpoint_every", "must be at least 1, or null for no checkpoints".into());
+        }
+        if self.eval_every == Some(0) {
+            bad("eval_every", "must be at least 1".into());
+        }
     }
 }
 
@@ -144,6 +212,13 @@ impl JobSpec {
         check_input_ref("dataset.train", &self.dataset.train, &mut errors);
         if let Some(v) = &self.dataset.validation {
             check_input_ref("dataset.validation", v, &mut errors);
+        }
+        if let Some(f) = self.dataset.validation_fraction {
+            if !(f.is_finite() && f > 0.0 && f <= 0.5) {
+                errors.push(FieldError::new("dataset.validation_fraction", "must be in (0, 0.5]"));
+            } else if self.dataset.validation.is_some() {
+                errors.push(FieldError::new("dataset.validation_fraction", "give a validation file or a fraction, not both"));
+            }
         }
         if let Some(p) = &self.parent {
             if p.reference.is_empty() || p.reference.len() > 63 {

@@ -14,7 +14,7 @@ pub mod uri;
 pub mod worker;
 
 pub use error::{FieldError, SpecError};
-pub use job::{DatasetSpec, ErrorKind, JobSpec, JobStatus, ParentRef, TrainingConfig};
+pub use job::{DatasetSpec, DeviceChoice, ErrorKind, JobSpec, JobStatus, LrSchedule, ParentRef, TrainingConfig};
 pub use manifest::{AdapterManifest, DigestRef, FileDigest, TrainingMetrics};
 pub use method::{LoraConfig, LoraInit, MethodConfig};
 pub use names::AdapterName;

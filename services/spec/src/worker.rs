@@ -53,6 +53,10 @@ pub enum EventPayload {
         tokens_per_second: f64,
         eta_seconds: Option<f64>,
     },
+    /// Validation loss at a step.
+    Eval { step: u32, loss: f64, tokens: u64 },
+    /// A checkpoint was saved (`resumed: false`) or training resumed from one (`true`).
+    Checkpoint { step: u32, prefix: String, resumed: bool },
     /// A free-form line from the worker (loading, device, data stats).
     Log { message: String },
 }
@@ -62,6 +66,8 @@ impl EventPayload {
         match self {
             EventPayload::Status { .. } => "status",
             EventPayload::Progress { .. } => "progress",
+            EventPayload::Eval { .. } => "eval",
+            EventPayload::Checkpoint { .. } => "checkpoint",
             EventPayload::Log { .. } => "log",
         }
     }

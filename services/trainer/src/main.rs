@@ -144,6 +144,8 @@ impl Reporter for LogReporter {
             EventPayload::Progress { step, total_steps, loss, lr, tokens_per_second, .. } => {
                 tracing::info!(step, total_steps, loss, lr, tokens_per_second, "progress");
             }
+            EventPayload::Eval { step, loss, tokens } => tracing::info!(step, loss, tokens, "validation"),
+            EventPayload::Checkpoint { step, prefix, resumed } => tracing::info!(step, prefix, resumed, "checkpoint"),
             EventPayload::Log { message } => tracing::info!("{message}"),
             EventPayload::Status { status, .. } => tracing::info!(%status, "status"),
         }

@@ -143,6 +143,7 @@ impl TestApp {
             lease: options.lease,
             poll_interval: Duration::from_millis(200),
             max_attempts: options.max_attempts,
+            retry_backoff: Duration::from_millis(200),
             webhook_backoff: Duration::from_millis(300),
             auth_enabled: options.auth,
             default_project: "default".into(),

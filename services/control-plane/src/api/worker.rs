@@ -14,7 +14,7 @@ use loraforge_spec::worker::{
     StageRequest,
     WorkerAssignment,
 };
-use loraforge_spec::JobStatus;
+use loraforge_spec::{ErrorKind, JobStatus};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -136,8 +136,17 @@ pub async fn fail(
     let job = authorize(&state, id, &headers).await?;
     let message: String = req.message.chars().take(8000).collect();
     let mut tx = state.pool.begin().await?;
-    let effects = TransitionEffects { error: Some((req.kind, &message)), release_lease: true };
-    jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?;
+    // Only system errors are worth another attempt; the user's mistakes fail at once.
+    if req.kind == ErrorKind::SystemError {
+        let backoff = state.settings.retry_backoff;
+        if jobs::retry_or_fail(&mut tx, job.id, job.attempt, job.max_attempts, &message, backoff).await? {
+            tx.commit().await?;
+            return Ok(StatusCode::NO_CONTENT);
+        }
+    } else {
+        let effects = TransitionEffects { error: Some((req.kind, &message)), release_lease: true };
+        jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?;
+    }
     let prefixes = registry::fail_pending_version(&mut tx, job.id).await?;
     tx.commit().await?;
     registry::delete_objects(&state.store, &prefixes).await;
