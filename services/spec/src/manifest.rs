@@ -35,6 +35,9 @@ pub struct TrainingMetrics {
     pub train_seconds: f64,
     pub tokens_per_second: f64,
     pub trainable_parameters: u64,
+    /// Validation loss at the end of training, when the job has validation data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 pub const MANIFEST_FORMAT: u32 = 1;

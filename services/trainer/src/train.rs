@@ -155,6 +155,7 @@ fn train_unguarded(
         train_seconds,
         tokens_per_second: tokens as f64 / train_seconds.max(1e-9),
         trainable_parameters,
+        eval_loss: None,
     };
     Ok(TrainOutcome { metrics, adapter: method.export(&spec.base_model) })
 }
