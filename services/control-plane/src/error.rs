@@ -16,6 +16,8 @@ pub enum ApiError {
     Validation(SpecError),
     #[error("{0} not found")]
     NotFound(&'static str),
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String },
     #[error("{0}")]
@@ -57,6 +59,7 @@ impl ApiError {
             ApiError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_body", "Malformed request body"),
             ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", "Invalid request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "Request body too large"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, "Conflict"),
             ApiError::Gone(_) => (StatusCode::GONE, "gone", "Gone"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
@@ -79,10 +82,22 @@ impl From<SpecError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => ApiError::Unavailable(e),
-            e => ApiError::Internal(e.into()),
+        if database_unavailable(&e) {
+            ApiError::Unavailable(e)
+        } else {
+            ApiError::Internal(e.into())
         }
+    }
+}
+
+/// Errors that mean "Postgres is not there right now" rather than "this request broke":
+/// no connection, or the server refusing or dropping connections (SQLSTATE classes 08
+/// and 57P, and 55000 for a database not accepting connections).
+pub fn database_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "55000"),
+        _ => false,
     }
 }
 

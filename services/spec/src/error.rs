@@ -65,7 +65,11 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value, pref
 }
 
 /// Parses JSON into `T`, reporting the path of the field that failed (`method.r`).
+/// NUL characters are refused up front: Postgres cannot store them in text or jsonb.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
+    if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Err(SpecError::malformed("NUL characters (\\u0000) are not accepted".into()));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();

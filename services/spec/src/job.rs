@@ -384,11 +384,14 @@ mod tests {
             (r#"{"type":"lora","r":8,"target_modules":["q_proj","wq"]}"#, "method.target_modules[1]"),
             (r#"{"type":"lora","r":8,"dropout":1.5}"#, "method.dropout"),
             (r#"{"type":"lora","r":"eight"}"#, "method.r"),
+            (r#"{"type":"lora","r":8,"alhpa":4}"#, "method.alhpa"),
         ];
         for (m, field) in cases {
             let err = JobSpec::parse(body(m).as_bytes()).unwrap_err();
             assert_eq!(err.errors[0].field, field, "{m}: {err}");
         }
+        let err = JobSpec::parse(br#"{"adapter_name":"a\u0000"}"#).unwrap_err();
+        assert!(err.malformed, "{err}");
         let err = JobSpec::parse(b"{not json").unwrap_err();
         assert!(err.malformed && err.errors[0].message.starts_with("malformed JSON"), "{err}");
     }

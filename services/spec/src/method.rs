@@ -20,7 +20,7 @@ impl MethodConfig {
         let Some(mut fields) = method.as_object().cloned() else { return Ok(()) };
         let Some(kind) = fields.remove("type") else { return Ok(()) };
         match kind.as_str() {
-            Some("lora") => from_value::<LoraConfig>(fields.into(), "method").map(drop),
+            Some("lora") => reject_unknown::<LoraConfig>(fields),
             _ => Ok(()),
         }
     }
@@ -58,8 +58,9 @@ pub enum LoraInit {
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+// No `deny_unknown_fields` here: serde's internal tagging would then also refuse the
+// `type` tag in the OpenAPI schema. `MethodConfig::check_fields` refuses unknown keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     pub r: u32,
     #[serde(default = "default_alpha")]
@@ -109,6 +110,22 @@ impl LoraConfig {
             errors.push(FieldError::new(format!("{prefix}.dropout"), "must be in [0, 1)"));
         }
         check_target_modules(&format!("{prefix}.target_modules"), &self.target_modules, errors);
+    }
+}
+
+/// Parses a method's fields, then refuses any key the method does not have (a typo
+/// such as `alhpa` must not silently fall back to a default).
+fn reject_unknown<T: serde::de::DeserializeOwned + Serialize>(fields: serde_json::Map<String, serde_json::Value>) -> Result<(), SpecError> {
+    let parsed: T = from_value(fields.clone().into(), "method")?;
+    let known = serde_json::to_value(&parsed).unwrap_or_default();
+    let mut unknown: Vec<FieldError> = fields
+        .keys()
+        .filter(|k| known.get(k.as_str()).is_none())
+        .map(|k| FieldError::new(format!("method.{k}"), "unknown field"))
+        .collect();
+    match unknown.is_empty() {
+        true => Ok(()),
+        false => Err(SpecError { errors: std::mem::take(&mut unknown), malformed: false }),
     }
 }
 

@@ -84,12 +84,19 @@ impl Fixture {
     }
 }
 
-/// A database of its own, dropped with the test process's end (names are unique).
-pub async fn fresh_database() -> Result<String> {
+/// The maintenance database of the server `DATABASE_URL` points at.
+pub fn admin_database_url() -> String {
     let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let (server, _) = base.rsplit_once('/').context("DATABASE_URL has no database name")?;
+    let server = base.rsplit_once('/').map_or(base.as_str(), |(server, _)| server).to_string();
+    format!("{server}/postgres")
+}
+
+/// A database of its own per test (names are unique; `.ci/test` drops old ones).
+pub async fn fresh_database() -> Result<String> {
+    let admin_url = admin_database_url();
+    let server = admin_url.trim_end_matches("/postgres");
     let name = format!("loraforge_test_{}", uuid::Uuid::new_v4().simple());
-    let admin = PgPool::connect(&format!("{server}/postgres")).await.context("connecting to Postgres")?;
+    let admin = PgPool::connect(&admin_url).await.context("connecting to Postgres")?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await?;
     admin.close().await;
     Ok(format!("{server}/{name}"))

@@ -1,7 +1,6 @@
 //! User routes for jobs: submit, read, events.
 
-use super::{ApiPath, ApiQuery};
-use axum::body::Bytes;
+use super::{ApiBody, ApiPath, ApiQuery};
 use crate::app::AppState;
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
@@ -22,7 +21,7 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = loraforge_spec::JobSpec,
     params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job")),
     responses((status = 201, body = JobView), (status = 200, description = "replayed by Idempotency-Key", body = JobView), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn submit(State(state): State<AppState>, caller: Caller, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn submit(State(state): State<AppState>, caller: Caller, headers: HeaderMap, ApiBody(body): ApiBody) -> Result<Response, ApiError> {
     caller.require(Scope::Submit)?;
     let mut spec = JobSpec::parse(&body).map_err(ApiError::from)?;
     let idempotency_key = idempotency_key(&headers)?;

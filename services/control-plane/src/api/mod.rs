@@ -5,6 +5,7 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
@@ -53,14 +54,42 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/worker/jobs/{id}/complete", post(worker::complete))
         .route("/v1/worker/jobs/{id}/fail", post(worker::fail))
         .fallback(|| async { ApiError::NotFound("route") })
+        .layer(axum::middleware::from_fn(reject_nul_in_uri))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
+/// Postgres cannot hold NUL in text; a `%00` anywhere in the path or query is refused
+/// here rather than failing deep inside a query.
+async fn reject_nul_in_uri(req: Request, next: axum::middleware::Next) -> axum::response::Response {
+    let uri = req.uri();
+    let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00"));
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::Malformed(loraforge_spec::SpecError::one("", "NUL characters (%00) are not accepted")).into_response();
+    }
+    next.run(req).await
+}
+
 async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<&'static str, ApiError> {
     sqlx::query("SELECT 1").execute(&state.pool).await.map_err(ApiError::Unavailable)?;
     Ok("ready")
+}
+
+/// A raw body within the size limit; over it, a 413 problem (axum answers plain text).
+pub struct ApiBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, state).await.map(ApiBody).map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(MAX_BODY_BYTES)
+            } else {
+                ApiError::Malformed(loraforge_spec::SpecError::one("", e.body_text()))
+            }
+        })
+    }
 }
 
 /// A JSON body parsed with field paths in its errors (axum's `Json` answers plain text).
@@ -69,9 +98,7 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::Malformed(loraforge_spec::SpecError::one("", e.body_text())))?;
+        let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
         loraforge_spec::error::parse_json(&bytes).map(ApiJson).map_err(ApiError::from)
     }
 }
