@@ -99,28 +99,23 @@ pub struct ResolvedBase {
 
 /// `latest` is the newest `ready` version; an alias or a number names one directly.
 pub async fn resolve(pool: &PgPool, store: &loraforge_storage::Store, project: &str, adapter: &str, reference: &str) -> Result<Resolved, ApiError> {
-    let version: Option<i32> = if reference == "latest" {
-        sqlx::query_scalar(
-            "SELECT max(version) FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND status = 'ready'",
-        )
-        .bind(project)
-        .bind(adapter)
-        .fetch_one(pool)
-        .await?
-    } else if let Ok(n) = reference.parse::<i32>() {
-        Some(n)
-    } else {
-        sqlx::query_scalar("SELECT version FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3")
-            .bind(project)
-            .bind(adapter)
-            .bind(reference)
-            .fetch_optional(pool)
-            .await?
-    };
-    let row: VersionRow = match version {
-        Some(v) => get_version(pool, project, adapter, v).await?,
-        None => None,
-    }
+    // One round trip: serving engines call this on every adapter load.
+    let number = reference.parse::<i32>().ok();
+    let row: VersionRow = sqlx::query_as(concat!(
+        "SELECT ",
+        version_columns!(),
+        " FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version = (CASE
+             WHEN $4::int IS NOT NULL THEN $4
+             WHEN $3 = 'latest' THEN (SELECT max(version) FROM adapter_versions
+                                      WHERE project = $1 AND adapter_name = $2 AND status = 'ready')
+             ELSE (SELECT version FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3) END)"
+    ))
+    .bind(project)
+    .bind(adapter)
+    .bind(reference)
+    .bind(number)
+    .fetch_optional(pool)
+    .await?
     .ok_or(ApiError::NotFound("adapter version"))?;
     if row.status == "deleted" {
         return Err(ApiError::Gone(format!("version {} of {adapter} was deleted", row.version)));
