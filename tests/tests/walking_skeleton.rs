@@ -37,6 +37,16 @@ async fn a_job_trains_publishes_and_records_lineage() -> anyhow::Result<()> {
     assert_eq!(progress.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
     assert!(progress.iter().all(|e| e["tokens_per_second"].as_f64().unwrap() > 0.0 && e["lr"].as_f64().unwrap() > 0.0));
 
+    // The same events as a server-sent event stream, which ends because the job is final;
+    // Last-Event-ID resumes after a given event.
+    let sse = app.client.get(app.url(&format!("/v1/jobs/{id}/events/stream"))).send().await?;
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let text = sse.text().await?;
+    let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids.len(), events.len());
+    let resumed = app.client.get(app.url(&format!("/v1/jobs/{id}/events/stream"))).header("Last-Event-ID", ids[ids.len() - 3]).send().await?;
+    assert_eq!(resumed.text().await?.lines().filter(|l| l.starts_with("id: ")).count(), 2);
+
     // The version: ready, every file in the store matching the registry's digest.
     let (code, version) = app.get_json("/v1/adapters/demo/versions/1").await?;
     assert_eq!(code, 200, "{version}");
@@ -78,6 +88,12 @@ async fn a_job_trains_publishes_and_records_lineage() -> anyhow::Result<()> {
 
     // Python PEFT loads it onto the same base with no missing or unexpected keys.
     peft_loads(&fixture.model_dir(), &version_dir)?;
+
+    // Prometheus metrics see the finished job and the ready version.
+    let metrics = app.client.get(app.url("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("loraforge_jobs{status=\"succeeded\"} 1"), "{metrics}");
+    assert!(metrics.contains("loraforge_adapter_versions{status=\"ready\"} 1"), "{metrics}");
+    assert!(metrics.contains("loraforge_queue_depth 0"), "{metrics}");
 
     // The next job of the same adapter gets version 2.
     let mut second = fixture.job("demo");

@@ -33,13 +33,14 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub parent_adapter: Option<String>,
     pub parent_version: Option<i32>,
+    pub safety_policy: Option<Json<loraforge_spec::safety::EffectivePolicy>>,
 }
 
 /// The columns of [`JobRow`], as a literal so queries stay static strings.
 macro_rules! job_columns {
     () => {
         "id, project, adapter_name, spec, status, error_kind, error_message, attempt, \
-         max_attempts, adapter_version, created_at, updated_at, started_at, finished_at, parent_adapter, parent_version"
+         max_attempts, adapter_version, created_at, updated_at, started_at, finished_at, parent_adapter, parent_version, safety_policy"
     };
 }
 
@@ -107,6 +108,8 @@ pub struct NewJob<'a> {
     pub base_model_name: Option<&'a str>,
     pub dataset_name: Option<&'a str>,
     pub parent: Option<(&'a str, i32)>,
+    /// The safety policy fixed for this job at submission.
+    pub safety: &'a loraforge_spec::safety::EffectivePolicy,
     pub idempotency_key: Option<&'a str>,
     pub request_sha256: &'a [u8],
     pub max_attempts: i32,
@@ -127,8 +130,8 @@ pub async fn submit(pool: &PgPool, new: NewJob<'_>) -> Result<Submitted, sqlx::E
     let id = Uuid::new_v4();
     let inserted: Option<JobRow> = sqlx::query_as(concat!(
         "INSERT INTO jobs (id, project, adapter_name, spec, status, idempotency_key, request_sha256, max_attempts,
-                           base_model_name, dataset_name, parent_adapter, parent_version)
-         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11)
+                           base_model_name, dataset_name, parent_adapter, parent_version, safety_policy)
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12)
          ON CONFLICT (project, idempotency_key) DO NOTHING
          RETURNING ",
         job_columns!()
@@ -144,6 +147,7 @@ pub async fn submit(pool: &PgPool, new: NewJob<'_>) -> Result<Submitted, sqlx::E
     .bind(new.dataset_name)
     .bind(new.parent.map(|p| p.0))
     .bind(new.parent.map(|p| p.1))
+    .bind(Json(new.safety))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(job) = inserted else {

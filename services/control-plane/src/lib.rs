@@ -19,6 +19,7 @@ pub mod executor;
 pub mod jobs;
 pub mod lease;
 pub mod registry;
+pub mod safety;
 pub mod scheduler;
 pub mod settings;
 pub mod webhooks;

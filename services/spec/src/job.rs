@@ -23,6 +23,9 @@ pub struct JobSpec {
     /// Continue training from this adapter version (same method and shape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// Tighten the project's safety gate for this job (or switch it off, if allowed).
+    #[serde(default)]
+    pub safety: crate::safety::SafetyOverrides,
 }
 
 /// An adapter version by reference: `latest` (newest ready), an alias, or a number.

@@ -10,6 +10,7 @@ pub mod method;
 pub mod model;
 pub mod names;
 pub mod peft;
+pub mod safety;
 pub mod uri;
 pub mod worker;
 

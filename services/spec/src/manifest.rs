@@ -62,6 +62,9 @@ pub struct AdapterManifest {
     pub metrics: TrainingMetrics,
     /// Digests of the adapter files (everything but this manifest).
     pub files: Vec<FileDigest>,
+    /// The safety evaluation, when the gate ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<crate::safety::SafetyReport>,
     pub trainer: TrainerInfo,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }

@@ -25,6 +25,9 @@ pub struct WorkerAssignment {
     /// The version to continue from, when the job names a parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentArtifact>,
+    /// The gate the adapter must pass: the worker evaluates when `enabled`; the control
+    /// plane judges the report against the same policy.
+    pub safety: crate::safety::EffectivePolicy,
 }
 
 /// A published adapter version the worker starts from.
@@ -55,6 +58,8 @@ pub enum EventPayload {
     },
     /// Validation loss at a step.
     Eval { step: u32, loss: f64, tokens: u64 },
+    /// The safety evaluation's results (base vs adapted).
+    Safety { report: crate::safety::SafetyReport },
     /// A checkpoint was saved (`resumed: false`) or training resumed from one (`true`).
     Checkpoint { step: u32, prefix: String, resumed: bool },
     /// A free-form line from the worker (loading, device, data stats).
@@ -67,6 +72,7 @@ impl EventPayload {
             EventPayload::Status { .. } => "status",
             EventPayload::Progress { .. } => "progress",
             EventPayload::Eval { .. } => "eval",
+            EventPayload::Safety { .. } => "safety",
             EventPayload::Checkpoint { .. } => "checkpoint",
             EventPayload::Log { .. } => "log",
         }

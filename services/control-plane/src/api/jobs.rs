@@ -27,6 +27,7 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, headers: Head
     let idempotency_key = idempotency_key(&headers)?;
     let project = caller.project.as_str();
     let resolved = resolve_inputs(&state, project, &mut spec).await?;
+    let safety = crate::safety::effective_policy(&state.pool, project, &spec.safety).await?;
     // Hash the resolved spec, not the bytes: the same job with other whitespace is the same job.
     let request_sha256 = Sha256::digest(serde_json::to_vec(&spec).map_err(anyhow::Error::from)?);
     let new = NewJob {
@@ -35,6 +36,7 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, headers: Head
         base_model_name: resolved.base_model_name.as_deref(),
         dataset_name: resolved.dataset_name.as_deref(),
         parent: resolved.parent.as_ref().map(|(a, v)| (a.as_str(), *v)),
+        safety: &safety,
         idempotency_key: idempotency_key.as_deref(),
         request_sha256: &request_sha256,
         max_attempts: state.settings.max_attempts,
@@ -229,4 +231,54 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     }
     let job = jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
     Ok((StatusCode::ACCEPTED, Json(job.into())))
+}
+
+/// Server-sent events of a job: every event after `Last-Event-ID` (or `after`), then new
+/// ones as they happen; the stream ends once the job is final and all are sent.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events/stream", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
+    responses((status = 200, description = "text/event-stream of events; `id` is the event's seq", content_type = "text/event-stream"),
+              (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
+pub async fn stream_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    caller.require(Scope::Read)?;
+    jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
+    let resume_from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(q.after);
+    let pool = state.pool.clone();
+    let project = caller.project.clone();
+    let stream = futures::stream::unfold(resume_from, move |after| {
+        let (pool, project) = (pool.clone(), project.clone());
+        async move {
+            loop {
+                // Read the status before the events: a final status seen here means every
+                // event it wrote is already visible to the query below.
+                let finished = matches!(jobs::get(&pool, &project, id).await, Ok(Some(j)) if j.status().is_final());
+                let batch = jobs::events(&pool, id, after, 500).await.unwrap_or_default();
+                if !batch.is_empty() {
+                    let last = batch.last().map_or(after, |e| e.seq);
+                    let events: Vec<Result<Event, std::convert::Infallible>> = batch
+                        .iter()
+                        .map(|e| Ok(Event::default().id(e.seq.to_string()).json_data(e).unwrap_or_default()))
+                        .collect();
+                    return Some((futures::stream::iter(events), last));
+                }
+                if finished {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    })
+    .flatten();
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 mod adapters;
 mod inputs;
 mod jobs;
+mod metrics;
 pub mod openapi;
+mod safety;
 mod webhooks;
 mod worker;
 
@@ -25,9 +27,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/events/stream", get(jobs::stream_events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/adapters", get(adapters::list))
         .route("/v1/adapters/{name}/versions", get(adapters::versions))
@@ -43,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/base-models/{name}", get(inputs::get_base_model))
         .route("/v1/datasets", post(inputs::register_dataset).get(inputs::list_datasets))
         .route("/v1/datasets/{name}", get(inputs::get_dataset))
+        .route("/v1/safety-policy", get(safety::get).put(safety::put))
         .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
         .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::delete))
         .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))

@@ -8,13 +8,14 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(title = "loraforge", description = "Train LoRA-family adapters and keep them as versioned, traceable artifacts."),
     paths(
-        super::jobs::submit, super::jobs::get, super::jobs::events, super::jobs::cancel,
+        super::jobs::submit, super::jobs::get, super::jobs::events, super::jobs::stream_events, super::jobs::cancel,
         super::adapters::list, super::adapters::versions, super::adapters::version, super::adapters::delete_version,
         super::adapters::lineage, super::adapters::descendants, super::adapters::put_alias, super::adapters::delete_alias,
         super::adapters::put_tag, super::adapters::delete_tag, super::adapters::resolve, super::adapters::download,
         super::adapters::presign,
         super::inputs::register_base_model, super::inputs::list_base_models, super::inputs::get_base_model,
         super::inputs::register_dataset, super::inputs::list_datasets, super::inputs::get_dataset,
+        super::safety::get, super::safety::put,
         super::webhooks::create, super::webhooks::list, super::webhooks::delete, super::webhooks::deliveries,
         super::worker::assignment, super::worker::stage, super::worker::events, super::worker::heartbeat,
         super::worker::reserve_version, super::worker::complete, super::worker::fail,
@@ -26,6 +27,7 @@ use utoipa::{Modify, OpenApi};
         (name = "registry", description = "Adapters, versions, aliases, lineage, downloads"),
         (name = "inputs", description = "Registered base models and datasets"),
         (name = "webhooks", description = "Subscriptions and their delivery log"),
+        (name = "safety", description = "The project's safety gate policy"),
         (name = "worker", description = "The protocol between the control plane and its workers"),
     )
 )]

@@ -44,8 +44,13 @@ pub async fn assignment(
         }
         _ => None,
     };
+    let safety = match job.safety_policy {
+        Some(policy) => policy.0,
+        None => crate::safety::effective_policy(&state.pool, &job.project, &job.spec.0.safety).await?,
+    };
     Ok(Json(WorkerAssignment {
         parent,
+        safety,
         job_id: job.id,
         attempt: job.attempt,
         project: job.project,

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use loraforge_spec::manifest::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE};
 use loraforge_spec::peft::PeftLoraConfig;
 use loraforge_spec::worker::{CompleteRequest, ReservedVersion};
+use loraforge_spec::safety::SafetyDecision;
 use loraforge_spec::{AdapterManifest, DigestRef, ErrorKind, FileDigest, JobStatus};
 use loraforge_storage::{layout, Store};
 use serde::Serialize;
@@ -25,7 +26,7 @@ macro_rules! version_columns {
     () => {
         "project, adapter_name, version, status, job_id, storage_prefix, files, method, hyperparameters, \
          metrics, base_model_uri, base_model_sha256, dataset_uri, dataset_sha256, parent_adapter, \
-         parent_version, created_at, ready_at, tags, base_model_name, dataset_name"
+         parent_version, created_at, ready_at, tags, base_model_name, dataset_name, evaluation, safety_verdict"
     };
 }
 
@@ -57,6 +58,8 @@ pub struct VersionRow {
     pub tags: Vec<String>,
     pub base_model_name: Option<String>,
     pub dataset_name: Option<String>,
+    pub evaluation: Option<Json<serde_json::Value>>,
+    pub safety_verdict: Option<Json<serde_json::Value>>,
 }
 
 /// A version as the API shows it.
@@ -77,6 +80,11 @@ pub struct VersionView {
     pub tags: Vec<String>,
     pub base_model: String,
     pub parent: Option<ParentView>,
+    /// The safety evaluation (base vs adapted) and the gate's verdict, when it ran.
+    #[schema(value_type = Option<loraforge_spec::safety::SafetyReport>)]
+    pub evaluation: Option<serde_json::Value>,
+    #[schema(value_type = Option<loraforge_spec::safety::SafetyVerdict>)]
+    pub safety_verdict: Option<serde_json::Value>,
     pub job_id: Uuid,
     pub created_at: DateTime<Utc>,
     pub ready_at: Option<DateTime<Utc>>,
@@ -122,6 +130,8 @@ impl VersionRow {
             parent: self.parent(),
             base_model: self.base_model_uri.clone(),
             tags: self.tags.clone(),
+            evaluation: self.evaluation.clone().map(|e| e.0),
+            safety_verdict: self.safety_verdict.clone().map(|v| v.0),
             uri: store.uri_of(&self.storage_prefix),
             adapter_name: self.adapter_name,
             version: self.version,
@@ -246,10 +256,17 @@ pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> 
         return Err(ApiError::validation("files", message));
     }
     let m = &req.manifest;
+    // The control plane judges the worker's report against the job's policy itself.
+    let verdict = match (&job.safety_policy, &m.evaluation) {
+        (Some(policy), Some(report)) if policy.0.enabled => Some(policy.0.judge(report)),
+        _ => None,
+    };
+    let quarantined = verdict.as_ref().is_some_and(|v| v.decision == SafetyDecision::Quarantine);
     let mut tx = state.pool.begin().await?;
     let updated = sqlx::query(
-        "UPDATE adapter_versions SET status = 'ready', ready_at = now(), files = $4, manifest = $5, metrics = $6,
-                base_model_sha256 = $7, dataset_sha256 = $8
+        "UPDATE adapter_versions SET status = CASE WHEN $9 THEN 'quarantined' ELSE 'ready' END, ready_at = now(),
+                files = $4, manifest = $5, metrics = $6, base_model_sha256 = $7, dataset_sha256 = $8,
+                evaluation = $10, safety_verdict = $11
          WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status = 'pending'",
     )
     .bind(&job.project)
@@ -260,18 +277,27 @@ pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> 
     .bind(Json(&m.metrics))
     .bind(&m.base_model.sha256)
     .bind(&m.dataset.sha256)
+    .bind(quarantined)
+    .bind(m.evaluation.as_ref().map(Json))
+    .bind(verdict.as_ref().map(Json))
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    let succeeded = jobs::transition(&mut tx, job.id, JobStatus::Succeeded, None, TransitionEffects::default()).await?;
-    if updated != 1 || !succeeded {
+    let (moved, hook) = if let (true, Some(v)) = (quarantined, &verdict) {
+        let message = format!("quarantined by the safety gate: {}", v.breaches.join("; "));
+        let effects = TransitionEffects { error: Some((ErrorKind::SafetyBlocked, &message)), release_lease: true };
+        (jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?, webhooks::VERSION_QUARANTINED)
+    } else {
+        (jobs::transition(&mut tx, job.id, JobStatus::Succeeded, None, TransitionEffects::default()).await?, webhooks::VERSION_READY)
+    };
+    if updated != 1 || !moved {
         return Err(ApiError::Conflict { code: "invalid_state", detail: "the job is no longer publishing".into() });
     }
     let payload = serde_json::json!({
         "adapter_name": job.adapter_name, "version": req.version, "job_id": job.id,
-        "uri": state.store.uri_of(&row.storage_prefix), "files": req.files,
+        "uri": state.store.uri_of(&row.storage_prefix), "files": req.files, "safety_verdict": verdict,
     });
-    webhooks::enqueue(&mut tx, &job.project, webhooks::VERSION_READY, payload).await?;
+    webhooks::enqueue(&mut tx, &job.project, hook, payload).await?;
     tx.commit().await?;
     Ok(())
 }
