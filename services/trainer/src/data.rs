@@ -1,170 +1,1009 @@
-//! Training data: JSONL with one `{"text": ...}` per line, tokenized once, then served
-//! as right-padded batches in a seeded shuffle that cycles through epochs.
+//! Training data. A dataset is a JSONL file, one example per line, in three formats; a file may
+//! mix them, since each line's keys say which it is:
+//! - chat `{"messages": [{"role", "content"}, ...], "tools": [...]?}`, rendered with the model's
+//!   chat template; loss on the assistant turns only (see `chat_template` for how they are found);
+//! - `{"prompt", "completion"}`, the two texts concatenated; loss on the completion only;
+//! - `{"text"}`, loss on all of it.
+//!
+//! Other keys are ignored, so exported datasets carrying ids or metadata load as they are.
+//! Prompt-completion and text examples start with what the tokenizer puts before a text (the BOS
+//! token, where the model has one) and end with EOS, so the model learns to stop; a chat
+//! template's output already holds its special tokens as text and is tokenized as it is.
+//!
+//! Every line is parsed and tokenized once, up front, into an anonymous scratch file: a bad line
+//! fails the job before any training, naming file and line; tokenization is not repeated each
+//! epoch; and memory holds each example's offset and length, never the examples. Rows are then
+//! read back in an order that depends only on (seed, epoch), one example per row (truncated to
+//! `seq_len`) or packed: each epoch's examples concatenated and cut into rows of `seq_len`.
 
+use crate::chat_template::ChatTemplate;
+use crate::config::ModelConfig;
 use crate::error::user_error;
-use anyhow::Result;
+use crate::seeds::{derive_seed, SeedUse};
+use crate::tokenizer_config::TokenizerConfig;
+use anyhow::{Context, Result};
+use minijinja::Value;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Deserialize;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use tch::{Device, Tensor};
-use tokenizers::Tokenizer;
+use tokenizers::{Encoding, Tokenizer};
 
-/// Label value that cross-entropy skips: padding and the position after a sequence's last token.
+/// Label value that cross-entropy skips: padding, prompts, and positions with nothing to predict.
 pub const IGNORE_INDEX: i64 = -100;
 
+/// One JSONL line; which fields are set decides its format.
 #[derive(Deserialize)]
-struct TextRecord {
-    text: String,
+struct Record {
+    #[serde(default)]
+    messages: Option<Vec<Value>>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    completion: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
 }
 
-/// The texts of a JSONL file; blank lines are skipped, anything else must be `{"text": "..."}`.
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let content = std::fs::read_to_string(path)
-        .map_err(|e| user_error(format!("cannot read dataset {}: {e}", path.display())))?;
-    let mut texts = Vec::new();
-    for (index, line) in content.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+enum Example {
+    Chat { messages: Vec<Value>, tools: Value },
+    PromptCompletion { prompt: String, completion: String },
+    Text(String),
+}
+
+fn parse_example(line: &str) -> Result<Example, String> {
+    // serde would read a JSON array positionally into the record's fields.
+    if !line.trim_start().starts_with('{') {
+        return Err(
+            "expected a JSON object with \"messages\", \"prompt\" and \"completion\", or \"text\""
+                .into(),
+        );
+    }
+    let record: Record = serde_json::from_str(line).map_err(|e| {
+        // serde_json's message ends with its own position ("at line 1 column 9"); ours says which line.
+        let detail = e.to_string();
+        let detail = detail
+            .rsplit_once(" at line ")
+            .map_or(detail.as_str(), |(text, _)| text);
+        format!("column {}: {detail}", e.column())
+    })?;
+    let formats = [
+        record.messages.is_some(),
+        record.prompt.is_some() || record.completion.is_some(),
+        record.text.is_some(),
+    ];
+    if formats.iter().filter(|&&present| present).count() > 1 {
+        return Err(
+            "has the keys of more than one format; use one of \"messages\", \"prompt\"/\"completion\" or \"text\""
+                .into(),
+        );
+    }
+    match record {
+        Record {
+            messages: Some(messages),
+            tools,
+            ..
+        } => {
+            if messages.is_empty() {
+                return Err("\"messages\" is empty".into());
+            }
+            for (i, message) in messages.iter().enumerate() {
+                let role = message.get_attr("role").ok();
+                if role.as_ref().and_then(Value::as_str).is_none() {
+                    return Err(format!("message {} has no \"role\" string", i + 1));
+                }
+            }
+            Ok(Example::Chat {
+                messages,
+                tools: tools.unwrap_or(Value::from(())),
+            })
         }
-        let record: TextRecord = serde_json::from_str(line).map_err(|e| {
-            // serde's own position counts within the line; ours says which line.
-            let detail = e.to_string();
-            let detail = detail.rsplit_once(" at line ").map_or(detail.as_str(), |(text, _)| text);
-            user_error(format!(
-                "{} line {}, column {}: expected a JSON object with a \"text\" string: {detail}",
-                path.display(),
-                index + 1,
-                e.column()
-            ))
-        })?;
-        texts.push(record.text);
+        Record {
+            prompt: Some(prompt),
+            completion: Some(completion),
+            ..
+        } => Ok(Example::PromptCompletion { prompt, completion }),
+        Record {
+            prompt: Some(_), ..
+        } => Err("has \"prompt\" but no \"completion\"".into()),
+        Record {
+            completion: Some(_),
+            ..
+        } => Err("has \"completion\" but no \"prompt\"".into()),
+        Record {
+            text: Some(text), ..
+        } => Ok(Example::Text(text)),
+        _ => Err("expected \"messages\", \"prompt\" and \"completion\", or \"text\"".into()),
     }
-    if texts.is_empty() {
-        return Err(user_error(format!("dataset {} has no examples", path.display())));
-    }
-    Ok(texts)
 }
 
-/// How texts become training sequences.
-pub struct SequenceFormat {
-    pub bos: Option<i64>,
-    pub eos: Option<i64>,
-    pub max_len: usize,
-    pub vocab_size: i64,
+/// Token ids of one example and which of them the model learns to predict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedExample {
+    pub ids: Vec<i64>,
+    /// `targets[i]`: token `i` counts in the loss (assistant or completion text, EOS).
+    pub targets: Vec<bool>,
 }
 
-/// Token ids of every text: BOS, the text, EOS, truncated to `max_len`. Sequences of fewer than
-/// two tokens are dropped: they have nothing to predict.
-pub fn tokenize(tokenizer: &Tokenizer, texts: Vec<String>, format: &SequenceFormat) -> Result<Vec<Vec<i64>>> {
-    let encodings =
-        tokenizer.encode_batch(texts, false).map_err(|e| user_error(format!("tokenizing the dataset failed: {e}")))?;
-    let mut sequences = Vec::with_capacity(encodings.len());
-    for encoding in encodings {
-        let text_ids = encoding.get_ids().iter().map(|&id| i64::from(id));
-        let mut ids: Vec<i64> = format.bos.into_iter().chain(text_ids).chain(format.eos).collect();
-        ids.truncate(format.max_len);
-        if let Some(&bad) = ids.iter().find(|&&id| id >= format.vocab_size) {
-            return Err(user_error(format!(
+impl TokenizedExample {
+    fn truncate(&mut self, len: usize) {
+        self.ids.truncate(len);
+        self.targets.truncate(len);
+    }
+
+    /// The first token is never predicted, so an example needs a target after it.
+    fn has_target(&self) -> bool {
+        self.targets.iter().skip(1).any(|&t| t)
+    }
+
+    /// `labels[i]` is the token to predict after position `i`, where it is a target.
+    fn labels(&self) -> Vec<i64> {
+        (0..self.ids.len())
+            .map(|i| match self.targets.get(i + 1) {
+                Some(true) => self.ids[i + 1],
+                _ => IGNORE_INDEX,
+            })
+            .collect()
+    }
+}
+
+/// Turns examples into tokens, the way the model's tokenizer and chat template define.
+pub struct ExampleEncoder<'a> {
+    tokenizer: &'a Tokenizer,
+    /// The model's chat template, or why it has none usable (said to chat examples only, so a
+    /// text dataset trains on a model whatever its template).
+    chat_template: Result<&'a ChatTemplate, &'a str>,
+    /// What the tokenizer puts before a text: the BOS token for Llama-style tokenizers, nothing
+    /// for Qwen2 or GPT-2-style ones.
+    text_prefix: Vec<i64>,
+    eos: Option<i64>,
+    vocab_size: i64,
+}
+
+impl<'a> ExampleEncoder<'a> {
+    /// BOS as `tokenizer(text)` in transformers adds it: per `add_bos_token` where
+    /// `tokenizer_config.json` sets it, else whatever the tokenizer's post-processor prepends.
+    /// EOS is the tokenizer config's `eos_token`, else config.json's `eos_token_id`.
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        tokens: &TokenizerConfig,
+        chat_template: Result<&'a ChatTemplate, &'a str>,
+        model: &ModelConfig,
+    ) -> Result<ExampleEncoder<'a>> {
+        let id_of = |token: &Option<String>| {
+            token
+                .as_deref()
+                .and_then(|t| tokenizer.token_to_id(t))
+                .map(i64::from)
+        };
+        let text_prefix = match tokens.add_bos_token {
+            Some(true) => id_of(&tokens.bos_token)
+                .or(model.bos_token_id)
+                .into_iter()
+                .collect(),
+            Some(false) => Vec::new(),
+            None => {
+                let probe = tokenizer
+                    .encode("a", true)
+                    .map_err(|e| user_error(format!("the tokenizer cannot encode text: {e}")))?;
+                probe
+                    .get_ids()
+                    .iter()
+                    .zip(probe.get_special_tokens_mask())
+                    .take_while(|(_, &special)| special == 1)
+                    .map(|(&id, _)| i64::from(id))
+                    .collect()
+            }
+        };
+        Ok(ExampleEncoder {
+            tokenizer,
+            chat_template,
+            text_prefix,
+            eos: id_of(&tokens.eos_token).or(model.eos_token_id),
+            vocab_size: model.vocab_size,
+        })
+    }
+
+    fn encode(&self, example: Example) -> Result<TokenizedExample, String> {
+        let (ids, targets) = match example {
+            Example::Chat { messages, tools } => {
+                let template = self
+                    .chat_template
+                    .map_err(|why| format!("is a chat example, but {why}"))?;
+                let (text, spans) = template.render_with_assistant_spans(&messages, &tools)?;
+                let encoding = self.tokenize(&text)?;
+                let offsets = encoding.get_offsets();
+                let targets = offsets
+                    .iter()
+                    .map(|&token| spans.iter().any(|span| overlaps(token, span)))
+                    .collect();
+                (token_ids(&encoding), targets)
+            }
+            Example::PromptCompletion { prompt, completion } => {
+                // Tokenized together, so the completion's first token is the one the model would
+                // produce after this prompt; a token reaching into the completion is learned.
+                let boundary = prompt.len();
+                let encoding = self.tokenize(&(prompt + &completion))?;
+                let targets = encoding
+                    .get_offsets()
+                    .iter()
+                    .map(|&(_, end)| end > boundary)
+                    .collect();
+                self.framed(token_ids(&encoding), targets)
+            }
+            Example::Text(text) => {
+                let encoding = self.tokenize(&text)?;
+                self.framed(token_ids(&encoding), vec![true; encoding.len()])
+            }
+        };
+        if let Some(&bad) = ids.iter().find(|&&id| id >= self.vocab_size) {
+            return Err(format!(
                 "the tokenizer produced token id {bad}, but the model's vocab_size is {}",
-                format.vocab_size
+                self.vocab_size
+            ));
+        }
+        Ok(TokenizedExample { ids, targets })
+    }
+
+    /// A text's tokens with their byte offsets, without the tokenizer's special tokens.
+    fn tokenize(&self, text: &str) -> Result<Encoding, String> {
+        self.tokenizer
+            .encode(text, false)
+            .map_err(|e| format!("tokenizing failed: {e}"))
+    }
+
+    /// The prefix (not learned) before and EOS (learned) after a text's tokens.
+    fn framed(&self, ids: Vec<i64>, targets: Vec<bool>) -> (Vec<i64>, Vec<bool>) {
+        let prefix = self.text_prefix.iter().map(|&id| (id, false));
+        let eos = self.eos.map(|id| (id, true));
+        prefix
+            .chain(ids.into_iter().zip(targets))
+            .chain(eos)
+            .unzip()
+    }
+}
+
+fn token_ids(encoding: &Encoding) -> Vec<i64> {
+    encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
+}
+
+/// Whether a token's byte range falls in a span (a zero-width token: whether it sits inside).
+fn overlaps((start, end): (usize, usize), span: &Range<usize>) -> bool {
+    if start == end {
+        span.contains(&start)
+    } else {
+        start < span.end && end > span.start
+    }
+}
+
+/// A JSONL file's examples, tokenized into a scratch file that is gone when this is dropped.
+pub struct TokenizedDataset {
+    cache: File,
+    examples: Vec<CachedExample>,
+    /// Examples left out because they had nothing to learn (after truncation, if any).
+    pub dropped: usize,
+}
+
+/// Where one example lies in the cache: `len` token ids (u32, little-endian), then `len`
+/// target flags (one byte each).
+#[derive(Clone, Copy)]
+struct CachedExample {
+    offset: u64,
+    len: u32,
+}
+
+impl TokenizedDataset {
+    /// Reads and tokenizes every line of `path`. With `truncate_to`, examples are cut to that
+    /// many tokens here; examples with nothing left to learn are dropped and counted.
+    pub fn build(
+        path: &Path,
+        encoder: &ExampleEncoder,
+        truncate_to: Option<usize>,
+    ) -> Result<TokenizedDataset> {
+        let file = File::open(path)
+            .map_err(|e| user_error(format!("cannot read dataset {}: {e}", path.display())))?;
+        let mut reader = BufReader::new(file);
+        let mut cache = BufWriter::new(tempfile::tempfile().context("creating the token cache")?);
+        let (mut examples, mut dropped, mut offset) = (Vec::new(), 0, 0u64);
+        let mut line = Vec::new();
+        for number in 1u64.. {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            let bad_line = |message: String| {
+                user_error(format!("{} line {number}: {message}", path.display()))
+            };
+            let text =
+                std::str::from_utf8(&line).map_err(|e| bad_line(format!("not UTF-8 text: {e}")))?;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let mut example = parse_example(text)
+                .and_then(|e| encoder.encode(e))
+                .map_err(bad_line)?;
+            if let Some(len) = truncate_to {
+                example.truncate(len);
+            }
+            if !example.has_target() {
+                dropped += 1;
+                continue;
+            }
+            for id in &example.ids {
+                // Ids were checked against the vocabulary, which is far below u32::MAX.
+                cache.write_all(&(*id as u32).to_le_bytes())?;
+            }
+            cache.write_all(
+                &example
+                    .targets
+                    .iter()
+                    .map(|&t| u8::from(t))
+                    .collect::<Vec<u8>>(),
+            )?;
+            let len = example.ids.len() as u32;
+            examples.push(CachedExample { offset, len });
+            offset += u64::from(len) * 5;
+        }
+        if examples.is_empty() {
+            return Err(user_error(match dropped {
+                0 => format!("dataset {} has no examples", path.display()),
+                n => format!(
+                    "dataset {}: none of its {n} examples has a token to learn (no assistant turn or \
+                     completion{})",
+                    path.display(),
+                    truncate_to.map_or(String::new(), |len| format!(" within the first {len} tokens"))
+                ),
+            }));
+        }
+        let cache = cache
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("writing the token cache")?;
+        Ok(TokenizedDataset {
+            cache,
+            examples,
+            dropped,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn example_len(&self, index: usize) -> usize {
+        self.examples[index].len as usize
+    }
+
+    fn read(&self, index: usize) -> Result<TokenizedExample> {
+        let CachedExample { offset, len } = self.examples[index];
+        let len = len as usize;
+        let mut bytes = vec![0u8; len * 5];
+        self.cache
+            .read_exact_at(&mut bytes, offset)
+            .context("reading the token cache")?;
+        let (ids, targets) = bytes.split_at(len * 4);
+        Ok(TokenizedExample {
+            ids: ids
+                .chunks_exact(4)
+                .map(|b| i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            targets: targets.iter().map(|&t| t == 1).collect(),
+        })
+    }
+}
+
+/// Some of a dataset's examples: all of them, or one side of a validation split.
+pub struct ExampleSet<'a> {
+    data: &'a TokenizedDataset,
+    indices: Vec<usize>,
+}
+
+impl<'a> ExampleSet<'a> {
+    pub fn all(data: &'a TokenizedDataset) -> ExampleSet<'a> {
+        ExampleSet {
+            data,
+            indices: (0..data.len()).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.indices
+            .iter()
+            .map(|&i| self.data.example_len(i) as u64)
+            .sum()
+    }
+
+    /// The `position`-th example as one row, cut to `max_len` tokens.
+    pub fn row(&self, position: usize, max_len: usize) -> Result<Row> {
+        let mut example = self.data.read(self.indices[position])?;
+        example.truncate(max_len);
+        Ok(Row {
+            labels: example.labels(),
+            ids: example.ids,
+        })
+    }
+
+    /// Holds out `ceil(fraction * n)` examples (at least one, and one is left to train on),
+    /// chosen by a shuffle seeded from `seed`: `(training, validation)`.
+    pub fn split(
+        data: &'a TokenizedDataset,
+        fraction: f64,
+        seed: u64,
+    ) -> Result<(ExampleSet<'a>, ExampleSet<'a>)> {
+        let n = data.len();
+        if n < 2 {
+            return Err(user_error(format!(
+                "dataset.validation_fraction needs at least two examples to split; the dataset has {n}"
             )));
         }
-        if ids.len() >= 2 {
-            sequences.push(ids);
-        }
+        let held_out = ((n as f64 * fraction).ceil() as usize).clamp(1, n - 1);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(derive_seed(
+            seed,
+            SeedUse::ValidationSplit,
+            0,
+        )));
+        let (mut validation, mut training) =
+            (order[..held_out].to_vec(), order[held_out..].to_vec());
+        validation.sort_unstable();
+        training.sort_unstable();
+        Ok((
+            ExampleSet {
+                data,
+                indices: training,
+            },
+            ExampleSet {
+                data,
+                indices: validation,
+            },
+        ))
     }
-    if sequences.is_empty() {
-        return Err(user_error("no example of the dataset has at least two tokens"));
-    }
-    Ok(sequences)
 }
 
-/// One step's input: `input_ids (batch, len)` and `labels` = the next token, or
-/// [`IGNORE_INDEX`] where there is none, so loss counts real tokens only.
+/// One row of a batch: token ids and, per position, the next token to predict or [`IGNORE_INDEX`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+/// The rows training consumes, as an endless sequence over epochs: row `k` is row
+/// `k % rows_per_epoch` of epoch `k / rows_per_epoch`, so a run resumed at any row reads the
+/// same rows as one that never stopped.
+pub struct TrainingRows<'a> {
+    examples: ExampleSet<'a>,
+    row_len: usize,
+    packing: bool,
+    seed: u64,
+    rows_per_epoch: u64,
+    epoch: Option<EpochOrder>,
+}
+
+/// The shuffled order of one epoch, and with packing where each example starts in its tokens.
+struct EpochOrder {
+    epoch: u64,
+    order: Vec<usize>,
+    starts: Vec<u64>,
+}
+
+impl<'a> TrainingRows<'a> {
+    pub fn new(
+        examples: ExampleSet<'a>,
+        row_len: usize,
+        packing: bool,
+        seed: u64,
+    ) -> TrainingRows<'a> {
+        let rows_per_epoch = if packing {
+            examples.tokens().div_ceil(row_len as u64)
+        } else {
+            examples.len() as u64
+        };
+        TrainingRows {
+            examples,
+            row_len,
+            packing,
+            seed,
+            rows_per_epoch,
+            epoch: None,
+        }
+    }
+
+    pub fn rows_per_epoch(&self) -> u64 {
+        self.rows_per_epoch
+    }
+
+    pub fn row(&mut self, index: u64) -> Result<Row> {
+        let (epoch, within) = (index / self.rows_per_epoch, index % self.rows_per_epoch);
+        let order = match self.epoch.take() {
+            Some(current) if current.epoch == epoch => current,
+            _ => self.order_of(epoch),
+        };
+        let row = self.row_of(&order, within);
+        self.epoch = Some(order);
+        row
+    }
+
+    fn row_of(&self, order: &EpochOrder, within: u64) -> Result<Row> {
+        if !self.packing {
+            return self
+                .examples
+                .row(order.order[within as usize], self.row_len);
+        }
+        // Packed: the epoch's tokens [start, end), gathered from the examples they fall in. Each
+        // example keeps its own labels, so nothing is predicted across an example boundary.
+        let start = within * self.row_len as u64;
+        let end = (start + self.row_len as u64).min(order.starts.last().copied().unwrap_or(0));
+        let mut row = Row {
+            ids: Vec::with_capacity(self.row_len),
+            labels: Vec::with_capacity(self.row_len),
+        };
+        let mut k = order.starts.partition_point(|&s| s <= start) - 1;
+        while order.starts[k] < end {
+            let example = self.examples.row(order.order[k], usize::MAX)?;
+            let from = (start.max(order.starts[k]) - order.starts[k]) as usize;
+            let to = (end.min(order.starts[k + 1]) - order.starts[k]) as usize;
+            row.ids.extend_from_slice(&example.ids[from..to]);
+            row.labels.extend_from_slice(&example.labels[from..to]);
+            k += 1;
+        }
+        Ok(row)
+    }
+
+    fn order_of(&self, epoch: u64) -> EpochOrder {
+        let mut order: Vec<usize> = (0..self.examples.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(derive_seed(
+            self.seed,
+            SeedUse::EpochOrder,
+            epoch,
+        )));
+        let mut starts = Vec::new();
+        if self.packing {
+            starts.reserve(order.len() + 1);
+            let mut at = 0u64;
+            starts.push(at);
+            for &position in &order {
+                at += self
+                    .examples
+                    .data
+                    .example_len(self.examples.indices[position]) as u64;
+                starts.push(at);
+            }
+        }
+        EpochOrder {
+            epoch,
+            order,
+            starts,
+        }
+    }
+}
+
+/// A batch of rows, right-padded to its longest row: `input_ids` and `labels` `(rows, len)`.
 pub struct Batch {
     pub input_ids: Tensor,
     pub labels: Tensor,
-    /// Real (non-pad) tokens in the batch.
+    /// Real (non-pad) tokens.
     pub tokens: u64,
+    /// Positions that count in the loss.
+    pub targets: u64,
 }
 
-/// Serves batches forever, reshuffling (seeded) at the start of every epoch. A batch that
-/// straddles an epoch boundary is completed from the next epoch, so every batch is full.
-pub struct Batches {
-    sequences: Vec<Vec<i64>>,
-    batch_size: usize,
-    pad_id: i64,
-    rng: StdRng,
-    order: Vec<usize>,
-    position: usize,
-}
-
-impl Batches {
-    pub fn new(sequences: Vec<Vec<i64>>, batch_size: usize, pad_id: i64, seed: u64) -> Batches {
-        let order = (0..sequences.len()).collect();
-        let position = sequences.len(); // forces a shuffle before the first batch
-        Batches { sequences, batch_size, pad_id, rng: StdRng::seed_from_u64(seed), order, position }
-    }
-
-    pub fn next_batch(&mut self, device: Device) -> Batch {
-        let mut picked = Vec::with_capacity(self.batch_size);
-        while picked.len() < self.batch_size {
-            if self.position == self.order.len() {
-                self.order.shuffle(&mut self.rng);
-                self.position = 0;
-            }
-            picked.push(&self.sequences[self.order[self.position]]);
-            self.position += 1;
+impl Batch {
+    /// Padding is never attended to by real tokens (causal attention, right padding) nor
+    /// scored, so any `pad_id` will do.
+    pub fn from_rows(rows: &[Row], pad_id: i64, device: Device) -> Batch {
+        let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let mut input_ids = vec![pad_id; rows.len() * width];
+        let mut labels = vec![IGNORE_INDEX; rows.len() * width];
+        for (i, row) in rows.iter().enumerate() {
+            let start = i * width;
+            input_ids[start..start + row.ids.len()].copy_from_slice(&row.ids);
+            labels[start..start + row.labels.len()].copy_from_slice(&row.labels);
         }
-        let width = picked.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut input_ids = vec![self.pad_id; picked.len() * width];
-        let mut labels = vec![IGNORE_INDEX; picked.len() * width];
-        for (row, sequence) in picked.iter().enumerate() {
-            let start = row * width;
-            input_ids[start..start + sequence.len()].copy_from_slice(sequence);
-            labels[start..start + sequence.len() - 1].copy_from_slice(&sequence[1..]);
-        }
-        let shape = [picked.len() as i64, width as i64];
+        let shape = [rows.len() as i64, width as i64];
         Batch {
             input_ids: Tensor::from_slice(&input_ids).view(shape).to_device(device),
             labels: Tensor::from_slice(&labels).view(shape).to_device(device),
-            tokens: picked.iter().map(|s| s.len() as u64).sum(),
+            tokens: rows.iter().map(|r| r.ids.len() as u64).sum(),
+            targets: labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::chat_template::tests::{tokens, SMOLLM2};
     use crate::error::{classify, Failure};
+    use chrono::Utc;
+
+    const WORDS: [&str; 19] = [
+        "[UNK]",
+        "<s>",
+        "</s>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "system",
+        "user",
+        "assistant",
+        "hi",
+        "hello",
+        "bye",
+        "ciao",
+        "Q",
+        "A",
+        "yes",
+        "no",
+        "the",
+        "cat",
+        "sat",
+    ];
+
+    fn id(word: &str) -> i64 {
+        WORDS.iter().position(|w| *w == word).unwrap() as i64
+    }
+
+    fn ids(text: &str) -> Vec<i64> {
+        text.split(' ').map(id).collect()
+    }
+
+    /// A word-level tokenizer over [`WORDS`] whose post-processor prepends `<s>`, as Llama's does;
+    /// whitespace separates words and makes no tokens, so expected ids can be written by hand.
+    pub fn word_tokenizer() -> Tokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> = WORDS
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), i.into()))
+            .collect();
+        let added: Vec<_> = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+            .iter()
+            .map(|w| {
+                serde_json::json!({"id": id(w), "content": w, "single_word": false, "lstrip": false,
+                                         "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+        });
+        json.to_string().parse().unwrap()
+    }
+
+    pub fn word_model() -> ModelConfig {
+        let json = serde_json::json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": WORDS.len(), "eos_token_id": 2});
+        ModelConfig::from_json(&json).unwrap()
+    }
+
+    /// What the encoder is told when a model has no chat template.
+    const NO_TEMPLATE: Result<&ChatTemplate, &str> = Err("the base model has no chat template");
+
+    fn encode(
+        line: &str,
+        template: Result<&ChatTemplate, &str>,
+        config: &TokenizerConfig,
+    ) -> TokenizedExample {
+        let tokenizer = word_tokenizer();
+        let encoder = ExampleEncoder::new(&tokenizer, config, template, &word_model()).unwrap();
+        parse_example(line).and_then(|e| encoder.encode(e)).unwrap()
+    }
+
+    /// Pairs each token with whether it is learned, for readable assertions.
+    fn marked(example: &TokenizedExample) -> Vec<(String, bool)> {
+        example
+            .ids
+            .iter()
+            .zip(&example.targets)
+            .map(|(&i, &t)| (WORDS[i as usize].to_string(), t))
+            .collect()
+    }
+
+    fn expect(pairs: &[(&str, bool)]) -> Vec<(String, bool)> {
+        pairs.iter().map(|&(w, t)| (w.to_string(), t)).collect()
+    }
 
     #[test]
-    fn malformed_line_is_a_user_error_naming_the_line() {
+    fn text_is_learned_whole_between_bos_and_eos() {
+        let example = encode(
+            r#"{"text": "the cat sat", "id": 7}"#,
+            NO_TEMPLATE,
+            &TokenizerConfig::default(),
+        );
+        let want = [
+            ("<s>", false),
+            ("the", true),
+            ("cat", true),
+            ("sat", true),
+            ("</s>", true),
+        ];
+        assert_eq!(marked(&example), expect(&want));
+        assert_eq!(
+            example.labels(),
+            [id("the"), id("cat"), id("sat"), id("</s>"), IGNORE_INDEX]
+        );
+        // add_bos_token = false overrides the post-processor.
+        let config = TokenizerConfig {
+            add_bos_token: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(
+            encode(r#"{"text": "the cat"}"#, NO_TEMPLATE, &config).ids,
+            ids("the cat </s>")
+        );
+    }
+
+    #[test]
+    fn prompt_completion_learns_the_completion_and_eos_only() {
+        let example = encode(
+            r#"{"prompt": "Q the cat ", "completion": "A yes"}"#,
+            NO_TEMPLATE,
+            &TokenizerConfig::default(),
+        );
+        let want = [
+            ("<s>", false),
+            ("Q", false),
+            ("the", false),
+            ("cat", false),
+            ("A", true),
+            ("yes", true),
+            ("</s>", true),
+        ];
+        assert_eq!(marked(&example), expect(&want));
+        let labels = example.labels();
+        assert_eq!(labels[..3], [IGNORE_INDEX; 3]);
+        assert_eq!(labels[3..], [id("A"), id("yes"), id("</s>"), IGNORE_INDEX]);
+    }
+
+    #[test]
+    fn chat_learns_assistant_turns_with_their_end_markers() {
+        let config = tokens("<s>", "</s>");
+        let template = ChatTemplate::new(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+             {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            &config,
+            Utc::now(),
+        )
+        .unwrap();
+        let line = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                    {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}"#;
+        let example = encode(line, Ok(&template), &config);
+        let want = [
+            ("<|im_start|>", false),
+            ("user", false),
+            ("hi", false),
+            ("<|im_end|>", false),
+            ("<|im_start|>", false),
+            ("assistant", false),
+            ("hello", true),
+            ("<|im_end|>", true),
+            ("<|im_start|>", false),
+            ("user", false),
+            ("bye", false),
+            ("<|im_end|>", false),
+            ("<|im_start|>", false),
+            ("assistant", false),
+            ("ciao", true),
+            ("<|im_end|>", true),
+        ];
+        // No BOS or EOS added: the template's text is tokenized as it is.
+        assert_eq!(marked(&example), expect(&want));
+
+        // A real template (SmolLM2's default system prompt is made of unknown words here).
+        let smol = ChatTemplate::new(SMOLLM2, &config, Utc::now()).unwrap();
+        let example = encode(
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}"#,
+            Ok(&smol),
+            &config,
+        );
+        let learned: Vec<_> = marked(&example)
+            .into_iter()
+            .filter(|(_, t)| *t)
+            .map(|(w, _)| w)
+            .collect();
+        assert_eq!(learned, ["yes", "<|im_end|>"]);
+    }
+
+    fn write_lines(lines: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("train.jsonl");
-        std::fs::write(&path, "{\"text\": \"ok\"}\n\n{\"text\": \"fine\"}\n{\"prompt\": \"no text\"}\n").unwrap();
-        let err = read_texts(&path).unwrap_err();
-        assert!(matches!(classify(&err), Some(Failure::User(_))), "{err:#}");
-        let message = err.to_string();
-        assert!(message.contains("train.jsonl line 4"), "{message}");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        (dir, path)
+    }
 
-        std::fs::write(&path, "\n  \n").unwrap();
-        let err = read_texts(&path).unwrap_err();
+    #[test]
+    fn a_file_may_mix_formats_and_is_read_back_as_tokenized() {
+        let (_dir, path) = write_lines(&[
+            r#"{"text": "the cat"}"#,
+            "",
+            r#"{"prompt": "Q ", "completion": "no"}"#,
+            r#"{"prompt": "Q the cat sat ", "completion": "yes"}"#,
+        ]);
+        let tokenizer = word_tokenizer();
+        let encoder = ExampleEncoder::new(
+            &tokenizer,
+            &TokenizerConfig::default(),
+            NO_TEMPLATE,
+            &word_model(),
+        )
+        .unwrap();
+        let data = TokenizedDataset::build(&path, &encoder, None).unwrap();
+        assert_eq!((data.len(), data.dropped), (3, 0));
+        assert_eq!(data.read(1).unwrap().ids, ids("<s> Q no </s>"));
+        assert_eq!(
+            data.read(2).unwrap().targets,
+            [false, false, false, false, false, true, true]
+        );
+
+        // Cut to four tokens, the last prompt has no completion left: dropped.
+        let data = TokenizedDataset::build(&path, &encoder, Some(4)).unwrap();
+        assert_eq!((data.len(), data.dropped), (2, 1));
+        assert_eq!(
+            ExampleSet::all(&data).row(0, 4).unwrap().ids,
+            ids("<s> the cat </s>")
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_user_errors_naming_file_and_line() {
+        let tokenizer = word_tokenizer();
+        let encoder = ExampleEncoder::new(
+            &tokenizer,
+            &TokenizerConfig::default(),
+            NO_TEMPLATE,
+            &word_model(),
+        )
+        .unwrap();
+        let cases = [
+            (r#"{"prompt": "no completion"}"#, "no \"completion\""),
+            (r#"{"text": 3}"#, "column"),
+            (r#"["text"]"#, "expected a JSON object"),
+            (
+                r#"{"text": "a", "prompt": "b", "completion": "c"}"#,
+                "more than one format",
+            ),
+            (
+                r#"{"messages": [{"content": "hi"}]}"#,
+                "message 1 has no \"role\"",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+                "is a chat example, but the base model has no chat template",
+            ),
+            (r#"{"nothing": 1}"#, "expected \"messages\""),
+        ];
+        for (bad, expected) in cases {
+            let (_dir, path) = write_lines(&[r#"{"text": "ok"}"#, "", r#"{"text": "fine"}"#, bad]);
+            let err = TokenizedDataset::build(&path, &encoder, None)
+                .err()
+                .expect("a bad line fails");
+            assert!(matches!(classify(&err), Some(Failure::User(_))), "{err:#}");
+            let message = err.to_string();
+            assert!(
+                message.contains("train.jsonl line 4: ") && message.contains(expected),
+                "{bad}: {message}"
+            );
+        }
+        let (_dir, path) = write_lines(&["", "  "]);
+        let err = TokenizedDataset::build(&path, &encoder, None)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("has no examples"), "{err:#}");
     }
 
     #[test]
-    fn labels_are_next_tokens_and_ignore_padding() {
-        let mut batches = Batches::new(vec![vec![1, 5, 6, 2], vec![1, 7, 2]], 2, 0, 3);
-        let batch = batches.next_batch(Device::Cpu);
-        let inputs = Vec::<Vec<i64>>::try_from(&batch.input_ids).unwrap();
-        let labels = Vec::<Vec<i64>>::try_from(&batch.labels).unwrap();
-        let short = inputs.iter().position(|row| row[1] == 7).unwrap();
-        assert_eq!(inputs[short], [1, 7, 2, 0]);
-        assert_eq!(labels[short], [7, 2, IGNORE_INDEX, IGNORE_INDEX]);
-        assert_eq!(labels[1 - short], [5, 6, 2, IGNORE_INDEX]);
-        assert_eq!(batch.tokens, 7);
+    fn validation_split_is_deterministic_and_disjoint() {
+        let lines: Vec<String> = (0..10)
+            .map(|_| r#"{"text": "the cat"}"#.to_string())
+            .collect();
+        let (_dir, path) = write_lines(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+        let tokenizer = word_tokenizer();
+        let encoder = ExampleEncoder::new(
+            &tokenizer,
+            &TokenizerConfig::default(),
+            NO_TEMPLATE,
+            &word_model(),
+        )
+        .unwrap();
+        let data = TokenizedDataset::build(&path, &encoder, None).unwrap();
+        let (train, validation) = ExampleSet::split(&data, 0.25, 5).unwrap();
+        assert_eq!((train.len(), validation.len()), (7, 3));
+        assert!(validation
+            .indices
+            .iter()
+            .all(|i| !train.indices.contains(i)));
+        let (_, again) = ExampleSet::split(&data, 0.25, 5).unwrap();
+        assert_eq!(again.indices, validation.indices);
+        let (_, other) = ExampleSet::split(&data, 0.25, 6).unwrap();
+        assert_ne!(other.indices, validation.indices);
+    }
+
+    #[test]
+    fn packing_fills_rows_and_keeps_each_examples_labels() {
+        let (_dir, path) = write_lines(&[
+            r#"{"prompt": "Q ", "completion": "yes"}"#,
+            r#"{"text": "the cat sat"}"#,
+            r#"{"prompt": "Q the ", "completion": "no"}"#,
+        ]);
+        let tokenizer = word_tokenizer();
+        let encoder = ExampleEncoder::new(
+            &tokenizer,
+            &TokenizerConfig::default(),
+            NO_TEMPLATE,
+            &word_model(),
+        )
+        .unwrap();
+        let data = TokenizedDataset::build(&path, &encoder, None).unwrap();
+        // 4 + 5 + 5 tokens in rows of 4: three full rows and one of two.
+        let mut rows = TrainingRows::new(ExampleSet::all(&data), 4, true, 0);
+        assert_eq!(rows.rows_per_epoch(), 4);
+        let epoch: Vec<Row> = (0..4).map(|k| rows.row(k).unwrap()).collect();
+        assert_eq!(
+            epoch.iter().map(|r| r.ids.len()).collect::<Vec<_>>(),
+            [4, 4, 4, 2]
+        );
+        let ids: Vec<i64> = epoch.iter().flat_map(|r| r.ids.clone()).collect();
+        let labels: Vec<i64> = epoch.iter().flat_map(|r| r.labels.clone()).collect();
+        // The rows are the epoch's examples end to end, each with its own labels.
+        let order = rows.order_of(0).order;
+        let expected_ids: Vec<i64> = order
+            .iter()
+            .flat_map(|&i| data.read(i).unwrap().ids)
+            .collect();
+        let expected_labels: Vec<i64> = order
+            .iter()
+            .flat_map(|&i| data.read(i).unwrap().labels())
+            .collect();
+        assert_eq!((ids, labels), (expected_ids, expected_labels));
+        // The next epoch is another order of the same rows' worth of tokens, reproducibly.
+        let next: Vec<Row> = (4..8).map(|k| rows.row(k).unwrap()).collect();
+        let mut fresh = TrainingRows::new(ExampleSet::all(&data), 4, true, 0);
+        assert_eq!(fresh.row(6).unwrap(), next[2]);
+    }
+
+    #[test]
+    fn batch_labels_ignore_padding_and_count_targets() {
+        let rows = [
+            Row {
+                ids: vec![1, 5, 6, 2],
+                labels: vec![5, 6, 2, IGNORE_INDEX],
+            },
+            Row {
+                ids: vec![1, 7, 2],
+                labels: vec![IGNORE_INDEX, 2, IGNORE_INDEX],
+            },
+        ];
+        let batch = Batch::from_rows(&rows, 0, Device::Cpu);
+        assert_eq!(
+            Vec::<Vec<i64>>::try_from(&batch.input_ids).unwrap(),
+            [vec![1, 5, 6, 2], vec![1, 7, 2, 0]]
+        );
+        assert_eq!(
+            Vec::<Vec<i64>>::try_from(&batch.labels).unwrap(),
+            [
+                vec![5, 6, 2, IGNORE_INDEX],
+                vec![IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]
+            ]
+        );
+        assert_eq!((batch.tokens, batch.targets), (7, 4));
     }
 }

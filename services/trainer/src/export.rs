@@ -5,7 +5,8 @@ use crate::error::user_error;
 use crate::weights::read_safetensors;
 use anyhow::{Context, Result};
 use loraforge_spec::manifest::{
-    TrainerInfo, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MANIFEST_FORMAT,
+    ParentVersion, TrainerInfo, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE,
+    MANIFEST_FORMAT,
 };
 use loraforge_spec::peft::PeftLoraConfig;
 use loraforge_spec::{AdapterManifest, DigestRef, FileDigest, JobSpec, TrainingMetrics};
@@ -29,7 +30,10 @@ impl PeftAdapter {
         let config = serde_json::to_vec_pretty(&self.config)?;
         std::fs::write(dir.join(ADAPTER_CONFIG_FILE), config)?;
         Tensor::write_safetensors(&self.tensors, dir.join(ADAPTER_WEIGHTS_FILE))?;
-        [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE].iter().map(|name| file_digest(&dir.join(name), name)).collect()
+        [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+            .iter()
+            .map(|name| file_digest(&dir.join(name), name))
+            .collect()
     }
 
     /// Reads an adapter directory as PEFT writes it (or as [`PeftAdapter::write`] does).
@@ -37,29 +41,42 @@ impl PeftAdapter {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let bytes = std::fs::read(&config_path)
             .map_err(|e| user_error(format!("cannot read {}: {e}", config_path.display())))?;
-        let config: PeftLoraConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| user_error(format!("{} is not a PEFT LoRA config: {e}", config_path.display())))?;
+        let config: PeftLoraConfig = serde_json::from_slice(&bytes).map_err(|e| {
+            user_error(format!(
+                "{} is not a PEFT LoRA config: {e}",
+                config_path.display()
+            ))
+        })?;
         let mut tensors = Vec::new();
-        read_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), |name, tensor| tensors.push((name, tensor)))?;
+        read_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), |name, tensor| {
+            tensors.push((name, tensor))
+        })?;
         Ok(PeftAdapter { config, tensors })
     }
 }
 
 /// sha256 and size of a local file, read in chunks (model shards are gigabytes).
 pub fn file_digest(path: &Path, name: &str) -> Result<FileDigest> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = file.read(&mut buffer).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buffer)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buffer[..n]);
         size += n as u64;
     }
-    Ok(FileDigest { name: name.to_string(), sha256: hex::encode(hasher.finalize()), size })
+    Ok(FileDigest {
+        name: name.to_string(),
+        sha256: hex::encode(hasher.finalize()),
+        size,
+    })
 }
 
 /// Where an artifact came from, beyond the job spec.
@@ -69,18 +86,22 @@ pub struct Provenance {
     pub version: i32,
     pub base_model: DigestRef,
     pub dataset: DigestRef,
+    /// The adapter version training started from, if any.
+    pub parent: Option<ParentVersion>,
     /// The device and dtype it was trained on, e.g. `cuda:0 bf16`.
     pub device: String,
 }
 
 /// Writes the adapter files and `manifest.json` into `dir`. Returns the manifest and
 /// the digests of all three files, as the control plane's `complete` call wants them.
+/// `evaluation` is the safety gate's report, when it ran.
 pub fn write_artifact(
     dir: &Path,
     spec: &JobSpec,
     provenance: Provenance,
     metrics: TrainingMetrics,
     adapter: &PeftAdapter,
+    evaluation: Option<loraforge_spec::safety::SafetyReport>,
 ) -> Result<(AdapterManifest, Vec<FileDigest>)> {
     let mut files = adapter.write(dir)?;
     let manifest = AdapterManifest {
@@ -93,10 +114,14 @@ pub fn write_artifact(
         training: spec.training.clone(),
         base_model: provenance.base_model,
         dataset: provenance.dataset,
-        parent: None,
+        parent: provenance.parent,
         metrics,
         files: files.clone(),
-        trainer: TrainerInfo { version: env!("CARGO_PKG_VERSION").to_string(), device: provenance.device },
+        evaluation,
+        trainer: TrainerInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            device: provenance.device,
+        },
         created_at: chrono::Utc::now(),
     };
     let manifest_path = dir.join(MANIFEST_FILE);

@@ -1,4 +1,4 @@
-//! A job's inputs (base model directory, dataset file) made local: `file://` URIs are read
+//! A job's inputs (base model directory, dataset files) made local: `file://` URIs are read
 //! in place, anything else is downloaded into a scratch directory. Each input also gets
 //! the digest that the manifest records as its lineage.
 
@@ -14,16 +14,21 @@ use tokio::runtime::Runtime;
 pub struct LocalInputs {
     pub model_dir: PathBuf,
     pub dataset: PathBuf,
+    /// The separate validation file, when the job names one.
+    pub validation: Option<PathBuf>,
     pub base_model: DigestRef,
     pub dataset_ref: DigestRef,
 }
 
-/// Makes the job's base model and training set local; downloads go under `scratch`.
+/// Makes the job's base model and data files local; downloads go under `scratch`.
 pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<LocalInputs> {
     let (model_dir, model_files) = match local_path(&spec.base_model)? {
         Some(dir) => {
             if !dir.is_dir() {
-                return Err(user_error(format!("base_model {}: no such directory", spec.base_model)));
+                return Err(user_error(format!(
+                    "base_model {}: no such directory",
+                    spec.base_model
+                )));
             }
             let files = digest_tree(&dir)?;
             (dir, files)
@@ -34,38 +39,72 @@ pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<Loca
             (dir, files)
         }
     };
-    let (dataset, dataset_sha) = match local_path(&spec.dataset.train)? {
-        Some(path) => {
-            if !path.is_file() {
-                return Err(user_error(format!("dataset.train {}: no such file", spec.dataset.train)));
-            }
-            let sha = file_digest(&path, "train")?.sha256;
-            (path, sha)
-        }
-        None => {
-            let path = scratch.join("train.jsonl");
-            let sha = rt.block_on(download_object(&spec.dataset.train, &path))?;
-            (path, sha)
-        }
+    let (dataset, dataset_sha) = fetch_file(
+        rt,
+        "dataset.train",
+        &spec.dataset.train,
+        &scratch.join("train.jsonl"),
+    )?;
+    let validation = match &spec.dataset.validation {
+        Some(uri) => Some(
+            fetch_file(
+                rt,
+                "dataset.validation",
+                uri,
+                &scratch.join("validation.jsonl"),
+            )?
+            .0,
+        ),
+        None => None,
     };
     Ok(LocalInputs {
         model_dir,
         dataset,
+        validation,
         base_model: DigestRef {
             uri: spec.base_model.clone(),
             sha256: sha256_hex(tree_digest_input(&model_files).as_bytes()),
         },
-        dataset_ref: DigestRef { uri: spec.dataset.train.clone(), sha256: dataset_sha },
+        dataset_ref: DigestRef {
+            uri: spec.dataset.train.clone(),
+            sha256: dataset_sha,
+        },
     })
+}
+
+/// One data file, read in place (`file://`) or downloaded to `download_to`: its path and sha256.
+fn fetch_file(
+    rt: &Runtime,
+    field: &str,
+    uri: &str,
+    download_to: &Path,
+) -> Result<(PathBuf, String)> {
+    match local_path(uri)? {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(user_error(format!("{field} {uri}: no such file")));
+            }
+            let sha = file_digest(&path, field)?.sha256;
+            Ok((path, sha))
+        }
+        None => {
+            let sha = rt.block_on(download_object(field, uri, download_to))?;
+            Ok((download_to.to_path_buf(), sha))
+        }
+    }
 }
 
 /// The local path of a `file://` URI; `None` for remote schemes.
 fn local_path(uri: &str) -> Result<Option<PathBuf>> {
-    let parsed = url::Url::parse(uri).map_err(|e| user_error(format!("{uri:?} is not a URI: {e}")))?;
+    let parsed =
+        url::Url::parse(uri).map_err(|e| user_error(format!("{uri:?} is not a URI: {e}")))?;
     if parsed.scheme() != "file" {
         return Ok(None);
     }
-    parsed.to_file_path().map(Some).map_err(|_| user_error(format!("{uri:?} does not name an absolute local path")))
+    parsed
+        .to_file_path()
+        .map(Some)
+        .map_err(|_| user_error(format!("{uri:?} does not name an absolute local path")))
 }
 
 /// Digests of every file under `root`, named by their `/`-separated path relative to it.
@@ -75,9 +114,14 @@ fn digest_tree(root: &Path) -> Result<Vec<FileDigest>> {
     let mut files = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let path = entry?.path();
-            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
                 continue;
             }
             if path.is_dir() {
@@ -101,13 +145,24 @@ async fn download_tree(uri: &str, dest: &Path) -> Result<Vec<FileDigest>> {
     let store = Store::open(uri).map_err(|e| user_error(format!("base_model: {e}")))?;
     let listed = store.list("").await.map_err(storage_error)?;
     let mut files = Vec::new();
-    for object in listed.into_iter().filter(|o| !o.path.split('/').any(|part| part.starts_with('.'))) {
+    for object in listed
+        .into_iter()
+        .filter(|o| !o.path.split('/').any(|part| part.starts_with('.')))
+    {
         let target = dest.join(&object.path);
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let (sha256, size) = store.download(&object.path, &target).await.map_err(storage_error)?;
-        files.push(FileDigest { name: object.path, sha256, size });
+        let (sha256, size) = store
+            .download(&object.path, &target)
+            .await
+            .map_err(storage_error)?;
+        files.push(FileDigest {
+            name: object.path,
+            sha256,
+            size,
+        });
     }
     if files.is_empty() {
         return Err(user_error(format!("base_model {uri}: no files there")));
@@ -116,8 +171,8 @@ async fn download_tree(uri: &str, dest: &Path) -> Result<Vec<FileDigest>> {
 }
 
 /// Downloads one object into `dest`, returning its sha256.
-async fn download_object(uri: &str, dest: &Path) -> Result<String> {
-    let (store, name) = Store::open_object(uri).map_err(|e| user_error(format!("dataset.train: {e}")))?;
+async fn download_object(field: &str, uri: &str, dest: &Path) -> Result<String> {
+    let (store, name) = Store::open_object(uri).map_err(|e| user_error(format!("{field}: {e}")))?;
     let (sha256, _) = store.download(&name, dest).await.map_err(storage_error)?;
     Ok(sha256)
 }

@@ -24,15 +24,37 @@ pub struct LoraBranch {
 
 impl LoraBranch {
     pub fn new(a: Tensor, b: Tensor, scaling: f64, dropout: f64) -> LoraBranch {
-        LoraBranch { a, b, scaling, dropout }
+        LoraBranch {
+            a,
+            b,
+            scaling,
+            dropout,
+        }
     }
 }
 
 impl LinearAdapter for LoraBranch {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
-        let delta = x32.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scaling;
+        let delta = x32
+            .linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scaling;
         delta.to_kind(x.kind())
+    }
+
+    /// Over an fp32 base, `B` multiplies straight into the base output (scaling applied to the
+    /// rank-r activations, the smallest tensor): no separate scale and add over `(tokens, out)`
+    /// forward, no scale backward. A bf16 base keeps [`LoraBranch::forward`]'s fp32 detour.
+    fn add_to(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
+        if x.kind() != Kind::Float || y.kind() != Kind::Float {
+            return y + self.forward(x, train);
+        }
+        let h = x
+            .dropout(self.dropout, train)
+            .linear::<Tensor>(&self.a, None)
+            * self.scaling;
+        y.addmm_(&h, &self.b.tr())
     }
 }
 
@@ -68,9 +90,15 @@ impl Lora {
                 }
                 LoraInit::Gaussian => a.normal_(0.0, 1.0 / r as f64),
             });
-            let path = module_path.split('.').fold(store.root(), |p, part| p.sub(part));
+            let path = module_path
+                .split('.')
+                .fold(store.root(), |p, part| p.sub(part));
             let a = path.add("lora_A", a, !config.freeze_a);
-            let b = path.add("lora_B", Tensor::zeros([out, r], (Kind::Float, device)), true);
+            let b = path.add(
+                "lora_B",
+                Tensor::zeros([out, r], (Kind::Float, device)),
+                true,
+            );
             linear.attach(Box::new(LoraBranch::new(
                 a.shallow_clone(),
                 b.shallow_clone(),
@@ -80,9 +108,16 @@ impl Lora {
             factors.push(LoraFactors { module_path, a, b });
         }
         if factors.is_empty() {
-            return Err(user_error(format!("the model has none of the target modules {:?}", config.target_modules)));
+            return Err(user_error(format!(
+                "the model has none of the target modules {:?}",
+                config.target_modules
+            )));
         }
-        Ok(Lora { config: config.clone(), store, factors })
+        Ok(Lora {
+            config: config.clone(),
+            store,
+            factors,
+        })
     }
 }
 
@@ -95,10 +130,59 @@ impl AdapterMethod for Lora {
         let tensors = self
             .factors
             .iter()
-            .flat_map(|f| [(lora_key(&f.module_path, 'A'), &f.a), (lora_key(&f.module_path, 'B'), &f.b)])
-            .map(|(key, t)| (key, t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous()))
+            .flat_map(|f| {
+                [
+                    (lora_key(&f.module_path, 'A'), &f.a),
+                    (lora_key(&f.module_path, 'B'), &f.b),
+                ]
+            })
+            .map(|(key, t)| {
+                (
+                    key,
+                    t.detach()
+                        .to_device(Device::Cpu)
+                        .to_kind(Kind::Float)
+                        .contiguous(),
+                )
+            })
             .collect();
-        PeftAdapter { config: PeftLoraConfig::from_lora(&self.config, base_model_uri), tensors }
+        PeftAdapter {
+            config: PeftLoraConfig::from_lora(&self.config, base_model_uri),
+            tensors,
+        }
+    }
+
+    fn start_from(&mut self, parent: &PeftAdapter) -> Result<()> {
+        let mut tensors: HashMap<&str, &Tensor> = parent
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t))
+            .collect();
+        for factors in &mut self.factors {
+            for (which, factor) in [('A', &mut factors.a), ('B', &mut factors.b)] {
+                let key = lora_key(&factors.module_path, which);
+                let Some(source) = tensors.remove(key.as_str()) else {
+                    return Err(user_error(format!(
+                        "the parent adapter has no {key}: it adapts other modules"
+                    )));
+                };
+                if source.size() != factor.size() {
+                    return Err(user_error(format!(
+                        "the parent adapter's {key} has shape {:?}, this job's {:?}: the ranks differ",
+                        source.size(),
+                        factor.size()
+                    )));
+                }
+                let source = source.to_device(factor.device()).to_kind(Kind::Float);
+                tch::no_grad(|| factor.copy_(&source));
+            }
+        }
+        if let Some(key) = tensors.keys().min() {
+            return Err(user_error(format!(
+                "the parent adapter's {key} matches no layer this job adapts"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -106,13 +190,20 @@ impl AdapterMethod for Lora {
 /// Ranks come from the tensors, so adapters with a `rank_pattern` load as well.
 pub fn attach_frozen(model: &mut LlamaModel, adapter: &PeftAdapter, device: Device) -> Result<()> {
     let config = &adapter.config;
-    if config.use_dora || !config.alpha_pattern.is_empty() {
-        return Err(user_error("adapters with DoRA or an alpha_pattern are not supported"));
+    if config.use_dora {
+        return Err(user_error("adapters with DoRA are not supported"));
     }
-    let mut tensors: HashMap<&str, &Tensor> = adapter.tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut tensors: HashMap<&str, &Tensor> = adapter
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t))
+        .collect();
     for (module_path, linear) in model.linears_mut(LLAMA_TARGET_MODULES) {
         let (key_a, key_b) = (lora_key(&module_path, 'A'), lora_key(&module_path, 'B'));
-        let (Some(a), Some(b)) = (tensors.remove(key_a.as_str()), tensors.remove(key_b.as_str())) else {
+        let (Some(a), Some(b)) = (
+            tensors.remove(key_a.as_str()),
+            tensors.remove(key_b.as_str()),
+        ) else {
             continue;
         };
         let r = a.size()[0];
@@ -125,13 +216,29 @@ pub fn attach_frozen(model: &mut LlamaModel, adapter: &PeftAdapter, device: Devi
                 linear.out_features()
             )));
         }
-        let scaling =
-            if config.use_rslora { config.lora_alpha / (r as f64).sqrt() } else { config.lora_alpha / r as f64 };
+        // PEFT's `alpha_pattern`: a key names the module or a dotted suffix of its path.
+        let alpha = config
+            .alpha_pattern
+            .iter()
+            .find(|(key, _)| module_path == **key || module_path.ends_with(&format!(".{key}")))
+            .map_or(config.lora_alpha, |(_, alpha)| *alpha);
+        let scaling = if config.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
         let to_device = |t: &Tensor| t.to_device(device).to_kind(Kind::Float);
-        linear.attach(Box::new(LoraBranch::new(to_device(a), to_device(b), scaling, 0.0)));
+        linear.attach(Box::new(LoraBranch::new(
+            to_device(a),
+            to_device(b),
+            scaling,
+            0.0,
+        )));
     }
     if let Some(key) = tensors.keys().min() {
-        return Err(user_error(format!("adapter tensor {key} matches no layer of the model")));
+        return Err(user_error(format!(
+            "adapter tensor {key} matches no layer of the model"
+        )));
     }
     Ok(())
 }
@@ -145,16 +252,28 @@ mod tests {
     /// published adapter mean the same thing in every serving engine.
     #[test]
     fn merged_weight_matches_unmerged_forward() {
+        let _turn = crate::seeds::torch_rng_turn();
         tch::manual_seed(7);
         let (inp, out, r, scaling) = (24, 16, 4, 2.5);
         let opts = (Kind::Float, Device::Cpu);
         // Scales like a real layer's (unit-variance outputs), so 1e-5 is a fair fp32 tolerance.
         let fan_in = (inp as f64).sqrt();
-        let (w, bias) = (Tensor::randn([out, inp], opts) / fan_in, Tensor::randn([out], opts));
-        let (a, b) = (Tensor::randn([r, inp], opts) / fan_in, Tensor::randn([out, r], opts) * 0.3);
+        let (w, bias) = (
+            Tensor::randn([out, inp], opts) / fan_in,
+            Tensor::randn([out], opts),
+        );
+        let (a, b) = (
+            Tensor::randn([r, inp], opts) / fan_in,
+            Tensor::randn([out, r], opts) * 0.3,
+        );
         let mut linear = Linear::new(w.shallow_clone(), Some(bias.shallow_clone()));
         // Dropout is on in the branch, so this also checks that evaluation ignores it.
-        linear.attach(Box::new(LoraBranch::new(a.shallow_clone(), b.shallow_clone(), scaling, 0.5)));
+        linear.attach(Box::new(LoraBranch::new(
+            a.shallow_clone(),
+            b.shallow_clone(),
+            scaling,
+            0.5,
+        )));
         let x = Tensor::randn([3, 5, inp], opts);
         let unmerged = linear.forward(&x, false);
         let merged = x.linear(&(w + b.matmul(&a) * scaling), Some(&bias));
