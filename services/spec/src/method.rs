@@ -2,6 +2,7 @@
 //! the trainer has one implementation per variant.
 
 use crate::error::{from_value, FieldError, SpecError};
+use crate::job::TrainingConfig;
 use crate::model::LLAMA_TARGET_MODULES;
 use serde::{Deserialize, Serialize};
 
@@ -11,16 +12,31 @@ use serde::{Deserialize, Serialize};
 pub enum MethodConfig {
     /// Plain LoRA (Hu et al.), PEFT semantics.
     Lora(LoraConfig),
+    /// AdaLoRA (Zhang et al., ICLR 2023): SVD-form triplets pruned to a budget by importance.
+    #[serde(rename = "adalora")]
+    AdaLora(AdaLoraConfig),
+    /// SoRA (Ding et al., EMNLP 2023): a gate per rank, driven to exact zeros by a proximal step.
+    Sora(SoraConfig),
+    /// DyLoRA (Valipour et al., EACL 2023): one adapter trained to work truncated to any rank.
+    #[serde(rename = "dylora")]
+    DyLora(DyLoraConfig),
 }
 
 impl MethodConfig {
     /// Checks a `method` object against its variant's own fields first, so an error
     /// names the field (`method.r`): serde's tagged enums lose the path inside them.
     pub fn check_fields(method: &serde_json::Value) -> Result<(), SpecError> {
-        let Some(mut fields) = method.as_object().cloned() else { return Ok(()) };
-        let Some(kind) = fields.remove("type") else { return Ok(()) };
+        let Some(mut fields) = method.as_object().cloned() else {
+            return Ok(());
+        };
+        let Some(kind) = fields.remove("type") else {
+            return Ok(());
+        };
         match kind.as_str() {
             Some("lora") => reject_unknown::<LoraConfig>(fields),
+            Some("adalora") => reject_unknown::<AdaLoraConfig>(fields),
+            Some("sora") => reject_unknown::<SoraConfig>(fields),
+            Some("dylora") => reject_unknown::<DyLoraConfig>(fields),
             _ => Ok(()),
         }
     }
@@ -28,12 +44,18 @@ impl MethodConfig {
     pub fn name(&self) -> &'static str {
         match self {
             MethodConfig::Lora(_) => "lora",
+            MethodConfig::AdaLora(_) => "adalora",
+            MethodConfig::Sora(_) => "sora",
+            MethodConfig::DyLora(_) => "dylora",
         }
     }
 
     pub fn target_modules(&self) -> &[String] {
         match self {
             MethodConfig::Lora(c) => &c.target_modules,
+            MethodConfig::AdaLora(c) => &c.target_modules,
+            MethodConfig::Sora(c) => &c.target_modules,
+            MethodConfig::DyLora(c) => &c.target_modules,
         }
     }
 
@@ -41,6 +63,43 @@ impl MethodConfig {
     pub fn validate(&self, errors: &mut Vec<FieldError>) {
         match self {
             MethodConfig::Lora(c) => c.validate("method", errors),
+            MethodConfig::AdaLora(c) => c.validate("method", errors),
+            MethodConfig::Sora(c) => c.validate("method", errors),
+            MethodConfig::DyLora(c) => c.validate("method", errors),
+        }
+    }
+
+    /// The checks that need the training plan as well (AdaLoRA's schedule is in steps of it).
+    pub fn validate_with_training(&self, training: &TrainingConfig, errors: &mut Vec<FieldError>) {
+        if let MethodConfig::AdaLora(c) = self {
+            // PEFT's `AdaLoraConfig` requires tinit < total_step - tfinal, total_step being the
+            // run's length: otherwise the budget never leaves its initial value.
+            let pruning_ends = i64::from(training.max_steps) - i64::from(c.tfinal);
+            if i64::from(c.tinit) >= pruning_ends {
+                errors.push(FieldError::new(
+                    "method.tinit",
+                    format!(
+                        "must be below training.max_steps - tfinal ({pruning_ends}), so that there are steps \
+                         in which ranks are pruned; got {}",
+                        c.tinit
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Whether an adapter of `self`'s method can continue training as `other` (same factors).
+    /// Only plain LoRA continues from a parent: the other methods' state (triplets, gates,
+    /// importance averages) is not in a published adapter.
+    pub fn same_shape(&self, other: &MethodConfig) -> bool {
+        match (self, other) {
+            (MethodConfig::Lora(p), MethodConfig::Lora(c)) => {
+                let (mut a, mut b) = (p.target_modules.clone(), c.target_modules.clone());
+                a.sort();
+                b.sort();
+                p.r == c.r && a == b
+            }
+            _ => false,
         }
     }
 }
@@ -101,21 +160,264 @@ impl LoraConfig {
 
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
         if self.r == 0 || self.r > MAX_RANK {
-            errors.push(FieldError::new(format!("{prefix}.r"), format!("must be between 1 and {MAX_RANK}, got {}", self.r)));
+            errors.push(FieldError::new(
+                format!("{prefix}.r"),
+                format!("must be between 1 and {MAX_RANK}, got {}", self.r),
+            ));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            errors.push(FieldError::new(format!("{prefix}.alpha"), "must be a positive number"));
+            errors.push(FieldError::new(
+                format!("{prefix}.alpha"),
+                "must be a positive number",
+            ));
         }
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
-            errors.push(FieldError::new(format!("{prefix}.dropout"), "must be in [0, 1)"));
+            errors.push(FieldError::new(
+                format!("{prefix}.dropout"),
+                "must be in [0, 1)",
+            ));
         }
-        check_target_modules(&format!("{prefix}.target_modules"), &self.target_modules, errors);
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+/// AdaLoRA with PEFT's `AdaLoraConfig` defaults and names (`deltaT` is `delta_t`); the schedule
+/// steps count optimizer steps from 0, as PEFT's `update_and_allocate(global_step)` does.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaLoraConfig {
+    /// Triplets per adapted matrix at the start.
+    #[serde(default = "default_init_r")]
+    pub init_r: u32,
+    /// Average triplets per matrix once pruning ends (the budget is `target_r` x matrices).
+    #[serde(default = "default_target_r")]
+    pub target_r: u32,
+    /// The branch is scaled by alpha / init_r throughout (PEFT: `lora_alpha / ranknum`).
+    #[serde(default = "default_adalora_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// Steps at full budget before pruning starts.
+    #[serde(default)]
+    pub tinit: u32,
+    /// Final steps at the target budget, with the allocation frozen.
+    #[serde(default)]
+    pub tfinal: u32,
+    /// Prune every `delta_t` steps while the budget shrinks.
+    #[serde(default = "one")]
+    pub delta_t: u32,
+    /// EMA coefficient of the sensitivity.
+    #[serde(default = "default_beta")]
+    pub beta1: f64,
+    /// EMA coefficient of the uncertainty.
+    #[serde(default = "default_beta")]
+    pub beta2: f64,
+    /// Weight of the orthogonality regulariser on A and B.
+    #[serde(default = "default_orth_reg_weight")]
+    pub orth_reg_weight: f64,
+}
+
+fn default_init_r() -> u32 {
+    12
+}
+fn default_target_r() -> u32 {
+    8
+}
+fn default_adalora_alpha() -> f64 {
+    8.0
+}
+fn one() -> u32 {
+    1
+}
+fn default_beta() -> f64 {
+    0.85
+}
+fn default_orth_reg_weight() -> f64 {
+    0.5
+}
+
+impl AdaLoraConfig {
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.init_r == 0 || self.init_r > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.init_r"),
+                format!("must be between 1 and {MAX_RANK}"),
+            ));
+        }
+        if self.target_r == 0 || self.target_r > self.init_r {
+            errors.push(FieldError::new(
+                format!("{prefix}.target_r"),
+                format!(
+                    "must be between 1 and init_r ({}), got {}",
+                    self.init_r, self.target_r
+                ),
+            ));
+        }
+        check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
+        if self.delta_t == 0 {
+            errors.push(FieldError::new(
+                format!("{prefix}.delta_t"),
+                "must be at least 1",
+            ));
+        }
+        for (field, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(beta > 0.0 && beta < 1.0) {
+                errors.push(FieldError::new(
+                    format!("{prefix}.{field}"),
+                    "must be in (0, 1)",
+                ));
+            }
+        }
+        if !(self.orth_reg_weight.is_finite() && self.orth_reg_weight >= 0.0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.orth_reg_weight"),
+                "must be a non-negative number",
+            ));
+        }
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+/// SoRA with the reference's defaults (`run_glue.py` `SparseArguments`, r from its scripts).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoraConfig {
+    /// The maximum rank (r_max): gates can only switch ranks off.
+    #[serde(default = "default_sora_r")]
+    pub r: u32,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// Weight of the L1 term (mean |gate|) in the loss: the reference's `sparse_lambda`.
+    #[serde(default = "default_sora_lambda")]
+    pub lambda: f64,
+    /// The proximal step's soft threshold ξ, applied to the gates after every step
+    /// (not scaled by the learning rate): the reference's `sparse_lambda_2`.
+    #[serde(default = "default_sora_lambda")]
+    pub threshold: f64,
+}
+
+fn default_sora_r() -> u32 {
+    8
+}
+fn default_sora_lambda() -> f64 {
+    1e-3
+}
+
+impl SoraConfig {
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.r == 0 || self.r > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.r"),
+                format!("must be between 1 and {MAX_RANK}, got {}", self.r),
+            ));
+        }
+        check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
+        for (field, value) in [("lambda", self.lambda), ("threshold", self.threshold)] {
+            if !(value.is_finite() && value >= 0.0) {
+                errors.push(FieldError::new(
+                    format!("{prefix}.{field}"),
+                    "must be a non-negative number",
+                ));
+            }
+        }
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+/// DyLoRA with the reference's script defaults (r 8, alpha 16).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DyLoraConfig {
+    /// The largest rank trained.
+    #[serde(default = "default_sora_r")]
+    pub r: u32,
+    /// The smallest rank sampled in training (the reference samples from 1).
+    #[serde(default = "one")]
+    pub min_r: u32,
+    /// The rank the published adapter is truncated to; `null` publishes rank `r`.
+    #[serde(default)]
+    pub export_r: Option<u32>,
+    /// Scaling alpha / r at rank r, alpha / b at truncated rank b.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+}
+
+impl DyLoraConfig {
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.r == 0 || self.r > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.r"),
+                format!("must be between 1 and {MAX_RANK}, got {}", self.r),
+            ));
+        }
+        if self.min_r == 0 || self.min_r > self.r {
+            errors.push(FieldError::new(
+                format!("{prefix}.min_r"),
+                format!("must be between 1 and r ({}), got {}", self.r, self.min_r),
+            ));
+        }
+        if let Some(b) = self.export_r {
+            if b < self.min_r || b > self.r {
+                errors.push(FieldError::new(
+                    format!("{prefix}.export_r"),
+                    format!(
+                        "must be between min_r ({}) and r ({}), got {b}",
+                        self.min_r, self.r
+                    ),
+                ));
+            }
+        }
+        check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+fn check_alpha_dropout(prefix: &str, alpha: f64, dropout: f64, errors: &mut Vec<FieldError>) {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        errors.push(FieldError::new(
+            format!("{prefix}.alpha"),
+            "must be a positive number",
+        ));
+    }
+    if !(dropout.is_finite() && (0.0..1.0).contains(&dropout)) {
+        errors.push(FieldError::new(
+            format!("{prefix}.dropout"),
+            "must be in [0, 1)",
+        ));
     }
 }
 
 /// Parses a method's fields, then refuses any key the method does not have (a typo
 /// such as `alhpa` must not silently fall back to a default).
-fn reject_unknown<T: serde::de::DeserializeOwned + Serialize>(fields: serde_json::Map<String, serde_json::Value>) -> Result<(), SpecError> {
+fn reject_unknown<T: serde::de::DeserializeOwned + Serialize>(
+    fields: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), SpecError> {
     let parsed: T = from_value(fields.clone().into(), "method")?;
     let known = serde_json::to_value(&parsed).unwrap_or_default();
     let mut unknown: Vec<FieldError> = fields
@@ -125,7 +427,10 @@ fn reject_unknown<T: serde::de::DeserializeOwned + Serialize>(fields: serde_json
         .collect();
     match unknown.is_empty() {
         true => Ok(()),
-        false => Err(SpecError { errors: std::mem::take(&mut unknown), malformed: false }),
+        false => Err(SpecError {
+            errors: std::mem::take(&mut unknown),
+            malformed: false,
+        }),
     }
 }
 
@@ -138,10 +443,86 @@ pub fn check_target_modules(field: &str, modules: &[String], errors: &mut Vec<Fi
         if !LLAMA_TARGET_MODULES.contains(&m.as_str()) {
             errors.push(FieldError::new(
                 format!("{field}[{i}]"),
-                format!("unknown module {m:?}; Llama-family models have {}", LLAMA_TARGET_MODULES.join(", ")),
+                format!(
+                    "unknown module {m:?}; Llama-family models have {}",
+                    LLAMA_TARGET_MODULES.join(", ")
+                ),
             ));
         } else if modules[..i].contains(m) {
-            errors.push(FieldError::new(format!("{field}[{i}]"), format!("{m:?} is listed twice")));
+            errors.push(FieldError::new(
+                format!("{field}[{i}]"),
+                format!("{m:?} is listed twice"),
+            ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::JobSpec;
+
+    fn parse(method: &str, max_steps: u32) -> Result<JobSpec, crate::SpecError> {
+        JobSpec::parse(
+            format!(
+                r#"{{"adapter_name":"demo","base_model":"file:///m","dataset":{{"train":"file:///d.jsonl"}},
+                   "method":{method},"training":{{"max_steps":{max_steps},"learning_rate":0.001}}}}"#
+            )
+            .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn adaptive_methods_parse_with_their_defaults() {
+        for method in [
+            r#"{"type":"adalora"}"#,
+            r#"{"type":"sora"}"#,
+            r#"{"type":"dylora","r":4,"export_r":2}"#,
+        ] {
+            let spec = parse(method, 100).unwrap_or_else(|e| panic!("{method}: {e}"));
+            assert_eq!(spec.method.target_modules(), ["q_proj", "v_proj"]);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                r#"{"type":"adalora","init_r":4,"target_r":6}"#,
+                100,
+                "method.target_r",
+            ),
+            (
+                r#"{"type":"adalora","tinit":60,"tfinal":40}"#,
+                100,
+                "method.tinit",
+            ),
+            (r#"{"type":"adalora","beta1":1.0}"#, 100, "method.beta1"),
+            (r#"{"type":"adalora","delta_t":0}"#, 100, "method.delta_t"),
+            (r#"{"type":"adalora","deltaT":2}"#, 100, "method.deltaT"),
+            (r#"{"type":"sora","lambda":-1}"#, 100, "method.lambda"),
+            (
+                r#"{"type":"sora","threshold":-0.1}"#,
+                100,
+                "method.threshold",
+            ),
+            (
+                r#"{"type":"sora","r":8,"sparse_lambda":1}"#,
+                100,
+                "method.sparse_lambda",
+            ),
+            (r#"{"type":"dylora","r":4,"min_r":5}"#, 100, "method.min_r"),
+            (
+                r#"{"type":"dylora","r":4,"export_r":8}"#,
+                100,
+                "method.export_r",
+            ),
+            (r#"{"type":"dylora","r":0}"#, 100, "method.r"),
+        ];
+        for (method, steps, field) in cases {
+            let err = parse(method, steps).unwrap_err();
+            assert_eq!(err.errors[0].field, field, "{method}: {err}");
+        }
+        // The same schedule fits a longer run.
+        assert!(parse(r#"{"type":"adalora","tinit":60,"tfinal":40}"#, 101).is_ok());
     }
 }

@@ -1,13 +1,55 @@
-//! Adapter methods: one trait, one module per method (`lora`, and later the adaptive ones),
-//! one registration line in [`attach_method`].
+//! Adapter methods: one trait, one module per method (`lora`, and the adaptive-rank ones in
+//! `methods/`), one registration line each in [`attach_method`].
+//!
+//! The training loop stays generic: per step it calls [`AdapterMethod::before_step`], adds
+//! [`AdapterMethod::extra_loss`] to the task loss, runs its AdamW over
+//! [`AdapterMethod::optimized_parameters`], then calls [`AdapterMethod::after_step`] (gradients
+//! still in place, as PEFT's `update_and_allocate` wants them) and reports
+//! [`AdapterMethod::rank_allocation`] whenever it changes. State a method keeps between steps
+//! (importance averages, masks, its own optimizer's moments) lives in its [`VarStore`] as
+//! non-trainable variables, so checkpoints save and restore it with the factors.
 
 use crate::export::PeftAdapter;
 use crate::lora::Lora;
+use crate::methods::{adalora::AdaLora, dylora::DyLora, sora::Sora};
 use crate::model::LlamaModel;
 use anyhow::Result;
-use loraforge_spec::MethodConfig;
+use loraforge_spec::worker::EventPayload;
+use loraforge_spec::{JobSpec, MethodConfig};
+use std::collections::BTreeMap;
 use tch::nn::VarStore;
-use tch::Device;
+use tch::{Device, Tensor};
+
+/// Where the loop is when a per-step hook runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    /// The optimizer step, 1-based.
+    pub index: u32,
+    /// The run's planned number of steps.
+    pub total: u32,
+    /// The step's learning rate (after warmup and schedule).
+    pub lr: f64,
+}
+
+/// How an adaptive-rank method has distributed its ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankAllocation {
+    /// Every adapted module by full path, 0 where pruned.
+    pub per_module: BTreeMap<String, u32>,
+    /// The fraction of gates at exactly zero, for gated methods.
+    pub sparsity: Option<f64>,
+}
+
+impl RankAllocation {
+    pub fn event(&self, step: u32) -> EventPayload {
+        EventPayload::Ranks {
+            step,
+            total: self.per_module.values().sum(),
+            per_module: self.per_module.clone(),
+            sparsity: self.sparsity,
+        }
+    }
+}
 
 /// An adapter method attached to a model: what it trains and what it publishes.
 pub trait AdapterMethod {
@@ -15,13 +57,59 @@ pub trait AdapterMethod {
     /// so the optimizer and the export see only what is trained.
     fn var_store(&self) -> &VarStore;
 
+    /// The parameters the loop's AdamW updates: every trainable variable, unless the method
+    /// steps some of them itself in [`AdapterMethod::after_step`] (SoRA's gates).
+    fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
+        self.var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+
+    /// Runs before step `step`'s forward passes (DyLoRA draws the step's rank here).
+    fn before_step(&mut self, _step: u32) {}
+
+    /// A term added to the loss of the step (a regulariser), if the method has one.
+    fn extra_loss(&self) -> Option<Tensor> {
+        None
+    }
+
+    /// Runs after the optimizer step, before gradients are cleared: proximal steps,
+    /// importance updates, rank reallocation.
+    fn after_step(&mut self, _step: StepInfo) {}
+
+    /// The current rank allocation, for methods whose ranks change.
+    fn rank_allocation(&self) -> Option<RankAllocation> {
+        None
+    }
+
     /// The trained adapter in PEFT's LoRA layout, for `base_model_uri`.
     fn export(&self, base_model_uri: &str) -> PeftAdapter;
+
+    /// Continues from a published adapter (the job's parent version): its factors replace the
+    /// fresh ones. A factor it lacks, has in another shape, or has for a layer this method does
+    /// not adapt is the user's error.
+    fn start_from(&mut self, parent: &PeftAdapter) -> Result<()>;
 }
 
 /// Attaches the method a job asks for to the model's target layers.
-pub fn attach_method(model: &mut LlamaModel, method: &MethodConfig, device: Device) -> Result<Box<dyn AdapterMethod>> {
-    Ok(match method {
+pub fn attach_method(
+    model: &mut LlamaModel,
+    spec: &JobSpec,
+    device: Device,
+) -> Result<Box<dyn AdapterMethod>> {
+    Ok(match &spec.method {
         MethodConfig::Lora(config) => Box::new(Lora::attach(model, config, device)?),
+        MethodConfig::AdaLora(config) => Box::new(AdaLora::attach(
+            model,
+            config,
+            spec.training.max_steps,
+            device,
+        )?),
+        MethodConfig::Sora(config) => Box::new(Sora::attach(model, config, device)?),
+        MethodConfig::DyLora(config) => {
+            Box::new(DyLora::attach(model, config, spec.training.seed, device)?)
+        }
     })
 }

@@ -1,0 +1,476 @@
+//! AdaLoRA (Zhang et al., ICLR 2023), following PEFT's `tuners/adalora` (layer.py `SVDLinear`,
+//! `RankAllocator`; model.py `update_and_allocate`, the orthogonal regulariser in `forward`):
+//! `ΔW = B (A ⊙ E) · alpha / (init_r + 1e-5)` with SVD-like triplets (A rows, E values,
+//! B columns), pruned to a cubically shrinking budget by smoothed sensitivity × uncertainty.
+//!
+//! Chosen where the references differ or are silent:
+//! - PEFT's schedule: the allocation is frozen at `global_step == total_step - tfinal` and
+//!   re-applied every later step (the original keeps masking with frozen scores: the same).
+//! - `global_step` is the optimizer step counted from 0, and `total_step` is
+//!   `training.max_steps`, as PEFT's `AdaLoraConfig.total_step`.
+//! - PEFT's `kthvalue` fails when the budget still equals the initial one (k = 0); here
+//!   nothing is masked then.
+//! - The mask is applied once more after the last step, so the trained model is the
+//!   published one (PEFT drops the masked triplets only when saving).
+//! - Published as plain LoRA: `A' = A_kept ⊙ E_kept`, `B' = B_kept · alpha / (init_r + 1e-5)`.
+
+use super::{module_path, per_module_lora, refuse_parent, select, ExportedFactors};
+use crate::error::user_error;
+use crate::export::PeftAdapter;
+use crate::method::{AdapterMethod, RankAllocation, StepInfo};
+use crate::model::{LinearAdapter, LlamaModel};
+use anyhow::Result;
+use loraforge_spec::method::AdaLoraConfig;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The branch `dropout(x) (A ⊙ E)^T B^T · alpha / (init_r + 1e-5)` on one layer.
+struct SvdBranch {
+    a: Tensor,
+    e: Tensor,
+    b: Tensor,
+    scaling: f64,
+    dropout: f64,
+}
+
+impl LinearAdapter for SvdBranch {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
+        let delta = x32
+            .linear::<Tensor>(&(&self.a * &self.e), None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scaling;
+        delta.to_kind(x.kind())
+    }
+}
+
+/// The EMAs of one parameter's element-wise sensitivity `|p ⊙ grad|` and its uncertainty.
+struct Importance {
+    sensitivity: Tensor,
+    uncertainty: Tensor,
+}
+
+impl Importance {
+    fn new(path: &tch::nn::Path, name: &str, like: &Tensor) -> Importance {
+        Importance {
+            sensitivity: path.add(&format!("{name}_ipt"), like.zeros_like(), false),
+            uncertainty: path.add(&format!("{name}_unc"), like.zeros_like(), false),
+        }
+    }
+
+    /// PEFT's `update_ipt`: the uncertainty uses the freshly updated sensitivity average.
+    fn update(&mut self, p: &Tensor, beta1: f64, beta2: f64) {
+        let grad = p.grad();
+        if !grad.defined() {
+            return;
+        }
+        let ipt = (p * &grad).abs();
+        let sensitivity = &self.sensitivity * beta1 + &ipt * (1.0 - beta1);
+        let uncertainty = &self.uncertainty * beta2 + (&ipt - &sensitivity).abs() * (1.0 - beta2);
+        self.sensitivity.copy_(&sensitivity);
+        self.uncertainty.copy_(&uncertainty);
+    }
+
+    fn score(&self) -> Tensor {
+        &self.sensitivity * &self.uncertainty
+    }
+
+    fn reset(&mut self) {
+        let _ = self.sensitivity.zero_();
+        let _ = self.uncertainty.zero_();
+    }
+}
+
+/// One adapted matrix: its triplets, their importance, and which are kept (1) or masked (0).
+struct Triplets {
+    module_path: String,
+    a: Tensor,
+    e: Tensor,
+    b: Tensor,
+    importance: [Importance; 3],
+    keep: Tensor,
+}
+
+impl Triplets {
+    /// PEFT's `_combine_ipt`: `s(E_i) + (mean_j s(A_ij) + mean_k s(B_ki))`, shape `(r)`.
+    fn scores(&self) -> Tensor {
+        let [a, e, b] = &self.importance;
+        let ab =
+            a.score().mean_dim(1, false, Kind::Float) + b.score().mean_dim(0, false, Kind::Float);
+        e.score().view([-1]) + ab
+    }
+
+    fn apply_mask(&mut self) {
+        let masked = self.keep.eq(0.0);
+        let _ = self.e.masked_fill_(&masked, 0.0);
+    }
+}
+
+pub struct AdaLora {
+    config: AdaLoraConfig,
+    /// PEFT's `total_step`: the job's `training.max_steps`.
+    total_step: u32,
+    store: VarStore,
+    modules: Vec<Triplets>,
+}
+
+impl AdaLora {
+    /// PEFT's `reset_lora_parameters`: `E = 0`, `A, B ~ N(0, 0.02)`, so ΔW = 0 at start.
+    pub fn attach(
+        model: &mut LlamaModel,
+        config: &AdaLoraConfig,
+        total_step: u32,
+        device: Device,
+    ) -> Result<AdaLora> {
+        let store = VarStore::new(device);
+        let r = i64::from(config.init_r);
+        let scaling = config.alpha / (f64::from(config.init_r) + 1e-5);
+        let mut modules = Vec::new();
+        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+            let (inp, out) = (linear.in_features(), linear.out_features());
+            let path = module_path(&store, &path_name);
+            let opts = (Kind::Float, device);
+            let a = path.add(
+                "lora_A",
+                tch::no_grad(|| Tensor::empty([r, inp], opts).normal_(0.0, 0.02)),
+                true,
+            );
+            let e = path.add("lora_E", Tensor::zeros([r, 1], opts), true);
+            let b = path.add(
+                "lora_B",
+                tch::no_grad(|| Tensor::empty([out, r], opts).normal_(0.0, 0.02)),
+                true,
+            );
+            let importance = [
+                Importance::new(&path, "lora_A", &a),
+                Importance::new(&path, "lora_E", &e),
+                Importance::new(&path, "lora_B", &b),
+            ];
+            let keep = path.add("keep", Tensor::ones([r, 1], opts), false);
+            linear.attach(Box::new(SvdBranch {
+                a: a.shallow_clone(),
+                e: e.shallow_clone(),
+                b: b.shallow_clone(),
+                scaling,
+                dropout: config.dropout,
+            }));
+            modules.push(Triplets {
+                module_path: path_name,
+                a,
+                e,
+                b,
+                importance,
+                keep,
+            });
+        }
+        if modules.is_empty() {
+            return Err(user_error(format!(
+                "the model has none of the target modules {:?}",
+                config.target_modules
+            )));
+        }
+        Ok(AdaLora {
+            config: config.clone(),
+            total_step,
+            store,
+            modules,
+        })
+    }
+
+    fn initial_budget(&self) -> i64 {
+        i64::from(self.config.init_r) * self.modules.len() as i64
+    }
+
+    /// PEFT's `budget_schedule`: full budget until `tinit`, then a cubic decay to
+    /// `target_r` per matrix at `total_step - tfinal`; whether this step masks.
+    fn budget(&self, step: i64) -> (i64, bool) {
+        let (tinit, tfinal, total) = (
+            i64::from(self.config.tinit),
+            i64::from(self.config.tfinal),
+            i64::from(self.total_step),
+        );
+        let (initial, target) = (
+            self.initial_budget(),
+            i64::from(self.config.target_r) * self.modules.len() as i64,
+        );
+        if step <= tinit {
+            (initial, false)
+        } else if step > total - tfinal {
+            (target, true)
+        } else {
+            let mul = 1.0 - (step - tinit) as f64 / (total - tfinal - tinit) as f64;
+            let budget = ((initial - target) as f64 * mul.powi(3) + target as f64) as i64;
+            (budget, step % i64::from(self.config.delta_t) == 0)
+        }
+    }
+
+    /// PEFT's `mask_to_budget`: keeps the triplets scoring above the `(initial - budget)`-th
+    /// smallest score over all matrices, and zeroes the others' E.
+    fn mask_to_budget(&mut self, budget: i64) {
+        let k = self.initial_budget() - budget;
+        let scores: Vec<Tensor> = self.modules.iter().map(Triplets::scores).collect();
+        let threshold = match k >= 1 {
+            true => Some(Tensor::cat(&scores, 0).kthvalue(k, 0, false).0),
+            false => None,
+        };
+        for (module, score) in self.modules.iter_mut().zip(scores) {
+            let keep = match &threshold {
+                Some(t) => score.gt_tensor(t).to_kind(Kind::Float).view([-1, 1]),
+                None => score.ones_like().view([-1, 1]),
+            };
+            module.keep.copy_(&keep);
+            module.apply_mask();
+        }
+    }
+}
+
+impl AdapterMethod for AdaLora {
+    fn var_store(&self) -> &VarStore {
+        &self.store
+    }
+
+    /// `orth_reg_weight · mean over every A and B of ||A Aᵀ − I||_F, ||Bᵀ B − I||_F`, the
+    /// norms un-squared as both codebases compute them.
+    fn extra_loss(&self) -> Option<Tensor> {
+        if self.config.orth_reg_weight <= 0.0 {
+            return None;
+        }
+        let r = i64::from(self.config.init_r);
+        let device = self.store.device();
+        let eye = Tensor::eye(r, (Kind::Float, device));
+        let norms: Vec<Tensor> = self
+            .modules
+            .iter()
+            .flat_map(|m| [m.a.matmul(&m.a.tr()), m.b.tr().matmul(&m.b)])
+            .map(|cov| (cov - &eye).norm())
+            .collect();
+        let count = norms.len() as f64;
+        Some(Tensor::stack(&norms, 0).sum(Kind::Float) / count * self.config.orth_reg_weight)
+    }
+
+    /// PEFT's `update_and_allocate(global_step)`, called after the optimizer step.
+    fn after_step(&mut self, step: StepInfo) {
+        let global = i64::from(step.index) - 1;
+        let freeze_at = i64::from(self.total_step) - i64::from(self.config.tfinal);
+        let (beta1, beta2) = (self.config.beta1, self.config.beta2);
+        tch::no_grad(|| {
+            if global < freeze_at {
+                for m in &mut self.modules {
+                    for (importance, p) in m.importance.iter_mut().zip([&m.a, &m.e, &m.b]) {
+                        importance.update(p, beta1, beta2);
+                    }
+                }
+                let (budget, mask_now) = self.budget(global);
+                if mask_now {
+                    self.mask_to_budget(budget);
+                }
+            } else if global == freeze_at {
+                let (budget, _) = self.budget(global);
+                self.mask_to_budget(budget);
+                self.modules
+                    .iter_mut()
+                    .flat_map(|m| m.importance.iter_mut())
+                    .for_each(Importance::reset);
+            } else {
+                self.modules.iter_mut().for_each(Triplets::apply_mask);
+            }
+            if step.index == step.total {
+                self.modules.iter_mut().for_each(Triplets::apply_mask);
+            }
+        });
+    }
+
+    fn rank_allocation(&self) -> Option<RankAllocation> {
+        let per_module = self
+            .modules
+            .iter()
+            .map(|m| {
+                (
+                    m.module_path.clone(),
+                    m.keep.sum(Kind::Float).double_value(&[]) as u32,
+                )
+            })
+            .collect();
+        Some(RankAllocation {
+            per_module,
+            sparsity: None,
+        })
+    }
+
+    fn export(&self, base_model_uri: &str) -> PeftAdapter {
+        let scaling = self.config.alpha / (f64::from(self.config.init_r) + 1e-5);
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                let keep = m.keep.view([-1]).gt(0.5);
+                ExportedFactors {
+                    module_path: m.module_path.clone(),
+                    a: select(&(&m.a * &m.e), 0, &keep),
+                    b: select(&m.b, 1, &keep) * scaling,
+                }
+            })
+            .collect();
+        per_module_lora(
+            modules,
+            &self.config.target_modules,
+            self.config.dropout,
+            base_model_uri,
+        )
+    }
+
+    fn start_from(&mut self, _parent: &PeftAdapter) -> Result<()> {
+        refuse_parent("adalora")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::attach_frozen;
+    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::seeds::torch_rng_turn;
+
+    fn config(json: serde_json::Value) -> AdaLoraConfig {
+        serde_json::from_value(json).unwrap()
+    }
+
+    /// PEFT's cubic budget: full until tinit, target after total - tfinal, masking every deltaT.
+    #[test]
+    fn budget_follows_the_cubic_schedule() {
+        let _turn = torch_rng_turn();
+        let fixture = FixtureModel::create();
+        let c = config(
+            serde_json::json!({"init_r": 6, "target_r": 2, "tinit": 3, "tfinal": 5, "delta_t": 2,
+                                          "target_modules": ["q_proj", "v_proj"]}),
+        );
+        let ada = AdaLora::attach(&mut fixture.load(), &c, 20, Device::Cpu).unwrap();
+        // 4 matrices: 24 triplets at first, 8 at the end; 12 steps of decay from step 3.
+        let expected = |s: i64| (16.0 * (1.0 - (s - 3) as f64 / 12.0).powi(3) + 8.0) as i64;
+        assert_eq!(ada.budget(3), (24, false));
+        assert_eq!(ada.budget(4), (expected(4), true));
+        assert_eq!(ada.budget(5), (expected(5), false));
+        assert_eq!(ada.budget(15), (8, false));
+        assert_eq!(ada.budget(16), (8, true));
+        assert_eq!(expected(4), 20);
+    }
+
+    /// After masking, the lowest-scoring triplets have E = 0, the count kept is the budget,
+    /// and the exported plain LoRA (masked triplets dropped) gives the trained model's output.
+    #[test]
+    fn masking_keeps_the_budget_and_the_export_keeps_the_output() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(3);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(
+            serde_json::json!({"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"]}),
+        );
+        let mut ada = AdaLora::attach(&mut model, &c, 10, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            for m in &mut ada.modules {
+                let _ =
+                    m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
+                let [a, _, b] = &mut m.importance;
+                let _ = a.sensitivity.copy_(&Tensor::rand(
+                    a.sensitivity.size(),
+                    (Kind::Float, Device::Cpu),
+                ));
+                let _ = a.uncertainty.fill_(1.0);
+                let _ = b.sensitivity.fill_(0.0);
+            }
+            ada.mask_to_budget(11);
+        });
+        let allocation = ada.rank_allocation().unwrap();
+        assert_eq!(allocation.per_module.values().sum::<u32>(), 11);
+        for m in &ada.modules {
+            let masked = m.keep.eq(0.0).view([-1]);
+            assert_eq!(
+                m.e.view([-1])
+                    .masked_select(&masked)
+                    .abs()
+                    .sum(Kind::Float)
+                    .double_value(&[]),
+                0.0
+            );
+        }
+        let mut exported = fixture.load();
+        attach_frozen(&mut exported, &ada.export("file:///m"), Device::Cpu).unwrap();
+        let (trained, published) = (logits(&model), logits(&exported));
+        assert!(max_abs_diff(&trained, &published) < 1e-5);
+        assert!(max_abs_diff(&trained, &logits(&fixture.load())) > 1e-4);
+    }
+
+    /// The training loop reports the allocation whenever it changes: all triplets first,
+    /// then a shrinking total that ends at the target budget.
+    #[test]
+    fn the_training_loop_reports_the_allocation_as_it_shrinks() {
+        use crate::train::{train, Reporter, TrainingInputs};
+        use loraforge_spec::worker::EventPayload;
+
+        struct Ranks(Vec<(u32, u32, usize)>);
+        impl Reporter for Ranks {
+            fn report(&mut self, event: EventPayload) {
+                if let EventPayload::Ranks {
+                    step,
+                    total,
+                    per_module,
+                    ..
+                } = event
+                {
+                    self.0.push((step, total, per_module.len()));
+                }
+            }
+        }
+        let _turn = torch_rng_turn();
+        let fixture = FixtureModel::create();
+        let root = fixture.dir.path();
+        let spec = loraforge_spec::JobSpec::parse(
+            format!(
+                r#"{{"adapter_name":"demo","base_model":"file://{root}/model",
+                    "dataset":{{"train":"file://{root}/data/train.jsonl"}},
+                    "method":{{"type":"adalora","init_r":4,"target_r":1,"tinit":2,"tfinal":3,
+                               "target_modules":["q_proj","v_proj"]}},
+                    "training":{{"max_steps":12,"learning_rate":0.005,"batch_size":4,"seq_len":32}}}}"#,
+                root = root.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (model_dir, train_data) = (root.join("model"), root.join("data/train.jsonl"));
+        let inputs = TrainingInputs {
+            model_dir: &model_dir,
+            train_data: &train_data,
+            validation_data: None,
+            parent: None,
+            resume: None,
+        };
+        let mut ranks = Ranks(Vec::new());
+        let outcome = train(
+            &spec,
+            inputs,
+            Device::Cpu,
+            None,
+            &mut ranks,
+            &Default::default(),
+        )
+        .unwrap();
+        let reported = ranks.0;
+        assert_eq!(reported.first(), Some(&(1, 16, 4)), "{reported:?}");
+        assert_eq!(reported.last().map(|r| r.1), Some(4), "{reported:?}");
+        assert!(
+            reported
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 != w[1].1),
+            "{reported:?}"
+        );
+        let published: i64 = outcome
+            .adapter
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.ends_with("lora_A.weight"))
+            .map(|(_, t)| t.size()[0])
+            .sum();
+        assert_eq!(published, 4);
+    }
+}

@@ -1,0 +1,233 @@
+//! The adaptive-rank methods end to end: AdaLoRA against PEFT's AdaLoRA on the same initial
+//! triplets and batches; every method's published adapter loaded by PEFT and giving
+//! loraforge's logits.
+
+mod common;
+
+use common::{python, run_ok, trainer_bin, Fixture};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+
+fn repo_file(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Trains `method` on the fixture with `loraforge-trainer train` (CPU), into `out`.
+fn train(
+    fixture: &Fixture,
+    method: Value,
+    training: Value,
+    out: &Path,
+    trace: Option<&Path>,
+) -> Value {
+    let spec = json!({
+        "adapter_name": "methods",
+        "base_model": fixture.model_uri(),
+        "dataset": {"train": fixture.train_uri()},
+        "method": method,
+        "training": training,
+    });
+    let spec_path = out.with_extension("json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let mut command = Command::new(trainer_bin());
+    command
+        .args(["train", "--device", "cpu", "--spec"])
+        .arg(&spec_path)
+        .arg("--out")
+        .arg(out);
+    if let Some(dir) = trace {
+        command.env("LORAFORGE_TRACE_DIR", dir);
+    }
+    run_ok(&mut command);
+    spec
+}
+
+fn last_json_line(stdout: &str) -> Value {
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("a JSON line")
+}
+
+/// Same initial triplets (written by loraforge, loaded into PEFT), same batches, same steps:
+/// PEFT keeps the same triplets and ends with the same delta weights.
+///
+/// Tolerance: 1e-5 of the largest delta-weight entry. Both runs are fp32 on the CPU through
+/// the same libtorch kernels; they differ only in the order of a few reductions (the
+/// regulariser, the loss mean), i.e. ~1e-7 relative per step, which 20 Adam steps (whose
+/// update size does not shrink with the gradient) can grow by a small factor. Observed:
+/// 1.6e-9 absolute on deltas of 4.6e-3 (3.5e-7 relative). A wrong scale, schedule step, EMA
+/// or mask shows up as a different kept set or an O(1) relative difference.
+#[test]
+fn adalora_matches_peft() {
+    let fixture = Fixture::create().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (out, trace) = (work.path().join("adapter"), work.path().join("trace"));
+    let spec = train(
+        &fixture,
+        json!({"type": "adalora", "init_r": 6, "target_r": 2, "alpha": 8, "tinit": 3, "tfinal": 5, "delta_t": 2,
+               "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "target_modules": ["q_proj", "v_proj"]}),
+        json!({"max_steps": 20, "learning_rate": 0.005, "batch_size": 4, "seq_len": 64, "seed": 0,
+               "max_grad_norm": null, "checkpoint_every": null}),
+        &out,
+        Some(&trace),
+    );
+    let stdout = run_ok(
+        Command::new(python())
+            .arg(repo_file("tests/python/adalora_parity.py"))
+            .arg(fixture.model_dir())
+            .arg(&trace)
+            .arg(out.with_extension("json")),
+    );
+    let result = last_json_line(&stdout);
+    assert!(
+        result["kept_match"].as_bool().unwrap(),
+        "kept triplets differ: {result}"
+    );
+    let kept: Vec<u64> = result["kept"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        kept.iter().sum::<u64>(),
+        2 * 4,
+        "the target budget: {result}"
+    );
+    let (diff, delta) = (
+        result["max_abs_diff"].as_f64().unwrap(),
+        result["max_abs_delta"].as_f64().unwrap(),
+    );
+    assert!(delta > 1e-4, "the adapter did not train: {result}");
+    assert!(
+        diff <= 1e-5 * delta,
+        "delta weights differ by {diff} (largest entry {delta}): {result}"
+    );
+    assert_eq!(spec["method"]["type"], "adalora");
+}
+
+/// Every method's adapter loads in PEFT with no stray or missing kept tensor, and PEFT's
+/// logits are loraforge's. Pruned modules are absent; per-module ranks match the tensors.
+#[test]
+fn every_method_exports_a_peft_lora_with_loraforges_logits() {
+    let fixture = Fixture::create().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let training = json!({"max_steps": 16, "learning_rate": 0.005, "batch_size": 4, "seq_len": 64, "seed": 3,
+                          "checkpoint_every": null});
+    let methods = [
+        json!({"type": "adalora", "init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 4,
+               "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        // The threshold applies every step: 16 x 0.02 prunes the gates drawn below about 0.3.
+        json!({"type": "sora", "r": 6, "lambda": 0.01, "threshold": 0.02, "target_modules": ["q_proj", "v_proj"]}),
+        json!({"type": "dylora", "r": 6, "export_r": 3, "target_modules": ["q_proj", "v_proj", "up_proj"]}),
+    ];
+    let tokens = "1,5,9,14,20,33,41,2";
+    for method in methods {
+        let name = method["type"].as_str().unwrap().to_string();
+        let out = work.path().join(&name);
+        train(&fixture, method.clone(), training.clone(), &out, None);
+
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            (config["bias"].as_str(), config["modules_to_save"].is_null()),
+            (Some("none"), true),
+            "{config}"
+        );
+        let shapes = tensor_shapes(&out.join("adapter_model.safetensors"));
+        let ranks = config["rank_pattern"].as_object().unwrap();
+        for (module, rank) in ranks {
+            let a = &shapes[&format!("base_model.model.{module}.lora_A.weight")];
+            let b = &shapes[&format!("base_model.model.{module}.lora_B.weight")];
+            assert_eq!(
+                (a[0], b[1]),
+                (
+                    rank.as_u64().unwrap() as usize,
+                    rank.as_u64().unwrap() as usize
+                ),
+                "{name}"
+            );
+            assert_eq!(
+                config["alpha_pattern"][module].as_f64(),
+                rank.as_f64(),
+                "{name}: scale 1 per module"
+            );
+        }
+        assert_eq!(
+            shapes.len(),
+            2 * ranks.len(),
+            "{name}: every tensor is in rank_pattern"
+        );
+        if name == "dylora" {
+            assert!(
+                ranks.values().all(|r| r == 3),
+                "{name} exports rank export_r: {config}"
+            );
+        }
+        if name == "sora" {
+            assert!(
+                ranks.values().any(|r| r.as_u64().unwrap() < 6),
+                "{name} pruned no gate: {config}"
+            );
+        }
+
+        let load = last_json_line(&run_ok(
+            Command::new(python())
+                .arg(repo_file("tests/python/peft_load.py"))
+                .arg(fixture.model_dir())
+                .arg(&out),
+        ));
+        assert_eq!(load["unexpected_keys"], json!([]), "{name}: {load}");
+        let theirs = logits(&run_ok(
+            Command::new(python())
+                .arg(repo_file("tests/python/peft_logits.py"))
+                .arg(fixture.model_dir())
+                .arg(tokens)
+                .arg(&out),
+        ));
+        let ours = logits(&run_ok(
+            Command::new(trainer_bin())
+                .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+                .arg(fixture.model_dir())
+                .arg("--adapter")
+                .arg(&out),
+        ));
+        let base = logits(&run_ok(
+            Command::new(trainer_bin())
+                .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+                .arg(fixture.model_dir()),
+        ));
+        let diff = max_abs_diff(&ours, &theirs);
+        // fp32 logits of order 5 through the same kernels: 1e-4 leaves room for summation order.
+        assert!(
+            diff < 1e-4,
+            "{name}: PEFT's logits differ from loraforge's by {diff}"
+        );
+        assert!(
+            max_abs_diff(&ours, &base) > 1e-3,
+            "{name}: the adapter changes nothing"
+        );
+    }
+}
+
+fn tensor_shapes(path: &Path) -> std::collections::HashMap<String, Vec<usize>> {
+    let bytes = std::fs::read(path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect()
+}
+
+fn logits(stdout: &str) -> Vec<Vec<f64>> {
+    serde_json::from_value(last_json_line(stdout)["logits"].clone()).unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
