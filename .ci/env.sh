@@ -11,13 +11,15 @@ log() { echo "[loraforge] $*" >&2; }
 # --- Python: libtorch for tch, and torch/transformers/peft/moto for the tests --------------
 VENV=$LORAFORGE_CACHE/venv
 REQ=$ROOT/tests/python/requirements.txt
+REQ_NODEPS=$ROOT/tests/python/requirements-nodeps.txt
 STAMP=$VENV/.requirements.sha256
-want=$(sha256sum "$REQ" | cut -d' ' -f1)
+want=$(cat "$REQ" "$REQ_NODEPS" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages into $VENV (torch is large: a few minutes the first time)"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -r "$REQ"
+  "$VENV/bin/pip" install -q --no-deps -r "$REQ_NODEPS"
   echo "$want" > "$STAMP"
 fi
 export PATH=$VENV/bin:$PATH

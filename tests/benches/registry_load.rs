@@ -16,14 +16,26 @@ const ADAPTERS: i64 = 1000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let versions: i64 = std::env::var("BENCH_VERSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let versions: i64 = std::env::var("BENCH_VERSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
     let per_adapter = versions / ADAPTERS;
-    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let server = base.rsplit_once('/').map_or(base.as_str(), |(s, _)| s).to_string();
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let server = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(s, _)| s)
+        .to_string();
     let db_name = format!("loraforge_bench_{}", std::process::id());
     let admin = sqlx::PgPool::connect(&format!("{server}/postgres")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+        .execute(&admin)
+        .await?;
     let database_url = format!("{server}/{db_name}");
     let data_dir = tempfile::tempdir()?;
     let settings = Settings {
@@ -32,7 +44,10 @@ async fn main() -> anyhow::Result<()> {
         storage_url: format!("file://{}/store", data_dir.path().display()),
         data_dir: data_dir.path().to_path_buf(),
         public_url: None,
-        executor: ExecutorSettings::Local { trainer_bin: "loraforge-trainer".into(), slots: 0 },
+        executor: ExecutorSettings::Local {
+            trainer_bin: "loraforge-trainer".into(),
+            slots: 0,
+        },
         lease: Duration::from_secs(60),
         poll_interval: Duration::from_secs(1),
         max_attempts: 3,
@@ -65,19 +80,34 @@ async fn main() -> anyhow::Result<()> {
                 "resolve" => format!("http://{addr}/v1/adapters/bench-{a}/resolve?ref=latest"),
                 _ => format!("http://{addr}/v1/adapters/bench-{a}/versions/{v}"),
             };
-            let (rps, p50, p99) = load(connections, Duration::from_secs(seconds), per_adapter, url_of).await?;
-            println!("| {label} | {connections} | {rps:.0} | {p50:.2} | {p99:.2} | {raw:.0} | {:.2} |", rps / raw);
+            let (rps, p50, p99) = load(
+                connections,
+                Duration::from_secs(seconds),
+                per_adapter,
+                url_of,
+            )
+            .await?;
+            println!(
+                "| {label} | {connections} | {rps:.0} | {p50:.2} | {p99:.2} | {raw:.0} | {:.2} |",
+                rps / raw
+            );
         }
     }
     let _ = stop_tx.send(());
     server_task.await??;
     pool.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db_name} WITH (FORCE)"))).execute(&admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {db_name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await?;
     Ok(())
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// 1000 adapters with `per_adapter` ready versions each, all made by one job row.
@@ -127,11 +157,16 @@ async fn load(
     for worker in 0..connections {
         let failures = failures.clone();
         tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().expect("client");
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .expect("client");
             let mut latencies = Vec::new();
             let mut state = worker as u64 * 7919 + 1;
             while Instant::now() < deadline {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let a = ((state >> 33) % ADAPTERS as u64) as i64;
                 let v = ((state >> 17) % per_adapter as u64) as i64 + 1;
                 let start = Instant::now();
@@ -152,14 +187,26 @@ async fn load(
     for t in tasks {
         all.extend(t.await?);
     }
-    anyhow::ensure!(failures.load(std::sync::atomic::Ordering::Relaxed) == 0, "some requests failed");
+    anyhow::ensure!(
+        failures.load(std::sync::atomic::Ordering::Relaxed) == 0,
+        "some requests failed"
+    );
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
-    Ok((all.len() as f64 / duration.as_secs_f64(), pct(0.50), pct(0.99)))
+    Ok((
+        all.len() as f64 / duration.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+    ))
 }
 
 /// pgbench with the same primary-key lookup, prepared, `connections` clients.
-fn pgbench(database_url: &str, connections: usize, seconds: u64, per_adapter: i64) -> anyhow::Result<f64> {
+fn pgbench(
+    database_url: &str,
+    connections: usize,
+    seconds: u64,
+    per_adapter: i64,
+) -> anyhow::Result<f64> {
     let script = tempfile::NamedTempFile::new()?;
     std::fs::write(
         script.path(),
@@ -175,7 +222,18 @@ fn pgbench(database_url: &str, connections: usize, seconds: u64, per_adapter: i6
         .find(|p| p.exists())
         .ok_or_else(|| anyhow::anyhow!("pgbench not found under /usr/lib/postgresql"))?;
     let out = Command::new(bin)
-        .args(["-n", "-M", "prepared", "-c", &connections.to_string(), "-j", "2", "-T", &seconds.to_string(), "-f"])
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &connections.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
         .arg(script.path())
         .arg(database_url)
         .output()?;
@@ -183,7 +241,17 @@ fn pgbench(database_url: &str, connections: usize, seconds: u64, per_adapter: i6
     let tps = text
         .lines()
         .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next().and_then(|n| n.parse().ok()))
-        .ok_or_else(|| anyhow::anyhow!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+        .and_then(|l| {
+            l.trim_start_matches("tps = ")
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "pgbench said: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
     Ok(tps)
 }

@@ -11,7 +11,11 @@ use serde_json::json;
 #[tokio::test]
 async fn keys_scopes_and_tenant_isolation() -> anyhow::Result<()> {
     let fixture = Fixture::create()?;
-    let app = TestApp::spawn_with(AppOptions { auth: true, ..Default::default() }).await?;
+    let app = TestApp::spawn_with(AppOptions {
+        auth: true,
+        ..Default::default()
+    })
+    .await?;
     let a_admin = create_key(&app.pool, "team-a", Scope::Admin).await?.key;
     let a_submit = create_key(&app.pool, "team-a", Scope::Submit).await?.key;
     let a_read = create_key(&app.pool, "team-a", Scope::Read).await?.key;
@@ -27,20 +31,52 @@ async fn keys_scopes_and_tenant_isolation() -> anyhow::Result<()> {
     job["training"]["max_steps"] = json!(2);
 
     // No key, a wrong key, a read key: refused before anything happens.
-    assert_eq!(call(Method::POST, "/v1/jobs", None).json(&job).send().await?.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(call(Method::POST, "/v1/jobs", Some("lf_0000_nope")).json(&job).send().await?.status(), StatusCode::UNAUTHORIZED);
-    let refused = call(Method::POST, "/v1/jobs", Some(&a_read)).json(&job).send().await?;
+    assert_eq!(
+        call(Method::POST, "/v1/jobs", None)
+            .json(&job)
+            .send()
+            .await?
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(Method::POST, "/v1/jobs", Some("lf_0000_nope"))
+            .json(&job)
+            .send()
+            .await?
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let refused = call(Method::POST, "/v1/jobs", Some(&a_read))
+        .json(&job)
+        .send()
+        .await?;
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-    assert_eq!(refused.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
     assert_eq!(app.count("jobs").await, 0);
-    assert_eq!(call(Method::GET, "/healthz", None).send().await?.status(), StatusCode::OK);
+    assert_eq!(
+        call(Method::GET, "/healthz", None).send().await?.status(),
+        StatusCode::OK
+    );
 
     // team-a submits and publishes.
-    let created: serde_json::Value = call(Method::POST, "/v1/jobs", Some(&a_submit)).json(&job).send().await?.json().await?;
+    let created: serde_json::Value = call(Method::POST, "/v1/jobs", Some(&a_submit))
+        .json(&job)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(created["project"], "team-a");
     let id = created["id"].as_str().unwrap().to_string();
     let done = loop {
-        let j: serde_json::Value = call(Method::GET, &format!("/v1/jobs/{id}"), Some(&a_read)).send().await?.json().await?;
+        let j: serde_json::Value = call(Method::GET, &format!("/v1/jobs/{id}"), Some(&a_read))
+            .send()
+            .await?
+            .json()
+            .await?;
         if ["succeeded", "failed"].contains(&j["status"].as_str().unwrap()) {
             break j;
         }
@@ -57,32 +93,122 @@ async fn keys_scopes_and_tenant_isolation() -> anyhow::Result<()> {
         "/v1/adapters/secret-sauce/versions/1/files/adapter_model.safetensors".into(),
         "/v1/adapters/secret-sauce/resolve?ref=latest".into(),
     ] {
-        assert_eq!(call(Method::GET, &path, Some(&b_admin)).send().await?.status(), StatusCode::NOT_FOUND, "{path}");
-        assert_eq!(call(Method::GET, &path, Some(&a_read)).send().await?.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            call(Method::GET, &path, Some(&b_admin))
+                .send()
+                .await?
+                .status(),
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+        assert_eq!(
+            call(Method::GET, &path, Some(&a_read))
+                .send()
+                .await?
+                .status(),
+            StatusCode::OK,
+            "{path}"
+        );
     }
-    let listed: serde_json::Value = call(Method::GET, "/v1/adapters", Some(&b_admin)).send().await?.json().await?;
+    let listed: serde_json::Value = call(Method::GET, "/v1/adapters", Some(&b_admin))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(listed["adapters"], json!([]));
     let alias = json!({"version": 1});
-    assert_eq!(call(Method::PUT, "/v1/adapters/secret-sauce/aliases/prod", Some(&b_admin)).json(&alias).send().await?.status(), StatusCode::NOT_FOUND);
-    assert_eq!(call(Method::DELETE, "/v1/adapters/secret-sauce/versions/1", Some(&b_admin)).send().await?.status(), StatusCode::NOT_FOUND);
-    assert_eq!(call(Method::POST, &format!("/v1/jobs/{id}/cancel"), Some(&b_admin)).send().await?.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(
+            Method::PUT,
+            "/v1/adapters/secret-sauce/aliases/prod",
+            Some(&b_admin)
+        )
+        .json(&alias)
+        .send()
+        .await?
+        .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(
+            Method::DELETE,
+            "/v1/adapters/secret-sauce/versions/1",
+            Some(&b_admin)
+        )
+        .send()
+        .await?
+        .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            &format!("/v1/jobs/{id}/cancel"),
+            Some(&b_admin)
+        )
+        .send()
+        .await?
+        .status(),
+        StatusCode::NOT_FOUND
+    );
 
     // Scopes inside team-a: aliases need admin.
-    assert_eq!(call(Method::PUT, "/v1/adapters/secret-sauce/aliases/prod", Some(&a_submit)).json(&alias).send().await?.status(), StatusCode::FORBIDDEN);
-    assert_eq!(call(Method::PUT, "/v1/adapters/secret-sauce/aliases/prod", Some(&a_admin)).json(&alias).send().await?.status(), StatusCode::OK);
-    assert_eq!(call(Method::GET, "/v1/webhooks", Some(&a_submit)).send().await?.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        call(
+            Method::PUT,
+            "/v1/adapters/secret-sauce/aliases/prod",
+            Some(&a_submit)
+        )
+        .json(&alias)
+        .send()
+        .await?
+        .status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(
+            Method::PUT,
+            "/v1/adapters/secret-sauce/aliases/prod",
+            Some(&a_admin)
+        )
+        .json(&alias)
+        .send()
+        .await?
+        .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(Method::GET, "/v1/webhooks", Some(&a_submit))
+            .send()
+            .await?
+            .status(),
+        StatusCode::FORBIDDEN
+    );
 
     // The same adapter name in team-b is a different adapter, numbered from 1.
-    let b_job: serde_json::Value = call(Method::POST, "/v1/jobs", Some(&b_admin)).json(&job).send().await?.json().await?;
+    let b_job: serde_json::Value = call(Method::POST, "/v1/jobs", Some(&b_admin))
+        .json(&job)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(b_job["project"], "team-b");
 
     // A revoked key stops working.
     let prefix = a_read.split('_').nth(1).unwrap();
     assert!(loraforge::auth::revoke_key(&app.pool, prefix).await?);
-    assert_eq!(call(Method::GET, &format!("/v1/jobs/{id}"), Some(&a_read)).send().await?.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(Method::GET, &format!("/v1/jobs/{id}"), Some(&a_read))
+            .send()
+            .await?
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
 
     // Keys are stored hashed: the secret appears nowhere in the database.
-    let stored: Vec<String> = sqlx::query_scalar("SELECT row_to_json(k)::text FROM api_keys k").fetch_all(&app.pool).await?;
+    let stored: Vec<String> = sqlx::query_scalar("SELECT row_to_json(k)::text FROM api_keys k")
+        .fetch_all(&app.pool)
+        .await?;
     assert!(stored.iter().all(|row| !row.contains(&a_admin[10..])));
     app.stop().await
 }

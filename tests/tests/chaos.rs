@@ -18,7 +18,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct ControlPlane {
@@ -30,7 +33,10 @@ struct ControlPlane {
 
 impl ControlPlane {
     fn start(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new(target_dir().join("loraforge"))
             .arg("serve")
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -57,7 +63,10 @@ impl ControlPlane {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::bail!("the control plane did not come up; see {}", self.log.display())
+        anyhow::bail!(
+            "the control plane did not come up; see {}",
+            self.log.display()
+        )
     }
 }
 
@@ -69,12 +78,17 @@ impl Drop for ControlPlane {
 
 /// Pids of running `loraforge-trainer run` processes of this test's database's jobs.
 fn trainer_pids(job_ids: &[String]) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| {
         let e = e.ok()?;
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
-        (cmdline.contains("loraforge-trainer") && job_ids.iter().any(|id| cmdline.contains(id.as_str()))).then_some(pid)
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
+        (cmdline.contains("loraforge-trainer")
+            && job_ids.iter().any(|id| cmdline.contains(id.as_str())))
+        .then_some(pid)
     })
     .collect()
 }
@@ -88,7 +102,9 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
     let fixture = Fixture::create()?;
     let database_url = common::fresh_database().await?;
     let data_dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let store_url = format!("file://{}/store", data_dir.path().display());
     let mut cp = ControlPlane {
         child: None,
@@ -98,7 +114,10 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
             ("LORAFORGE_DATA_DIR", &data_dir.path().display().to_string()),
             ("LORAFORGE_STORAGE_URL", &store_url),
             ("LORAFORGE_AUTH", "disabled"),
-            ("LORAFORGE_FILE_ROOTS", &std::env::temp_dir().display().to_string()),
+            (
+                "LORAFORGE_FILE_ROOTS",
+                &std::env::temp_dir().display().to_string(),
+            ),
             ("LORAFORGE_LEASE_SECS", "3"),
             ("LORAFORGE_RETRY_BACKOFF_MS", "200"),
             ("LORAFORGE_MAX_ATTEMPTS", "25"),
@@ -112,7 +131,9 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
         log: data_dir.path().join("control-plane.log"),
         base: format!("http://127.0.0.1:{port}"),
     };
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
     cp.start()?;
     cp.wait_ready(&client).await?;
 
@@ -122,7 +143,13 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
         job["training"]["max_steps"] = json!(40);
         job["training"]["checkpoint_every"] = json!(5);
         job["training"]["seed"] = json!(i);
-        let created: Value = client.post(format!("{}/v1/jobs", cp.base)).json(&job).send().await?.json().await?;
+        let created: Value = client
+            .post(format!("{}/v1/jobs", cp.base))
+            .json(&job)
+            .send()
+            .await?
+            .json()
+            .await?;
         ids.push(created["id"].as_str().expect("job id").to_string());
     }
 
@@ -142,7 +169,9 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
                 continue;
             }
             let pid = pids[rng.random_range(0..pids.len())];
-            Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+            Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()?;
             trainer_kills += 1;
         }
     }
@@ -151,14 +180,22 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
     let start = Instant::now();
     let mut finals: BTreeMap<String, Value> = BTreeMap::new();
     while finals.len() < ids.len() {
-        assert!(start.elapsed() < Duration::from_secs(600), "jobs still unfinished: {:?}", ids.iter().filter(|i| !finals.contains_key(*i)).collect::<Vec<_>>());
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "jobs still unfinished: {:?}",
+            ids.iter()
+                .filter(|i| !finals.contains_key(*i))
+                .collect::<Vec<_>>()
+        );
         for id in &ids {
             if finals.contains_key(id) {
                 continue;
             }
             if let Ok(r) = client.get(format!("{}/v1/jobs/{id}", cp.base)).send().await {
                 let job: Value = r.json().await?;
-                if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or("")) {
+                if ["succeeded", "failed", "cancelled"]
+                    .contains(&job["status"].as_str().unwrap_or(""))
+                {
                     finals.insert(id.clone(), job);
                 }
             }
@@ -171,13 +208,20 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
     let mut outcome: BTreeMap<String, usize> = BTreeMap::new();
     let mut resumed_jobs = 0;
     for (id, job) in &finals {
-        *outcome.entry(job["status"].as_str().unwrap().to_string()).or_default() += 1;
-        assert_eq!(job["status"], "succeeded", "no user errors here, and attempts were plenty: {job}");
+        *outcome
+            .entry(job["status"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        assert_eq!(
+            job["status"], "succeeded",
+            "no user errors here, and attempts were plenty: {job}"
+        );
         // Exactly one ready version per succeeded job.
-        let ready: i64 = sqlx::query_scalar("SELECT count(*) FROM adapter_versions WHERE job_id = $1::uuid AND status = 'ready'")
-            .bind(id)
-            .fetch_one(&pool)
-            .await?;
+        let ready: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM adapter_versions WHERE job_id = $1::uuid AND status = 'ready'",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await?;
         assert_eq!(ready, 1, "job {id} has {ready} ready versions");
         // Resumes come from the newest checkpoint saved so far, and the attempt that finished
         // resumed if any earlier attempt had saved a checkpoint before it was scheduled.
@@ -187,9 +231,15 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
         let mut last_attempt_resumed = false;
         for e in &events {
             match (e["kind"].as_str(), e["resumed"].as_bool()) {
-                (Some("checkpoint"), Some(false)) => newest_saved = newest_saved.max(e["step"].as_u64()),
+                (Some("checkpoint"), Some(false)) => {
+                    newest_saved = newest_saved.max(e["step"].as_u64())
+                }
                 (Some("checkpoint"), Some(true)) => {
-                    assert_eq!(e["step"].as_u64(), newest_saved, "job {id} resumed from an older checkpoint: {e}");
+                    assert_eq!(
+                        e["step"].as_u64(),
+                        newest_saved,
+                        "job {id} resumed from an older checkpoint: {e}"
+                    );
                     last_attempt_resumed = true;
                 }
                 _ if e["kind"] == "status" && e["status"] == "scheduled" => {
@@ -200,18 +250,28 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
             }
         }
         if saved_before_last_attempt {
-            assert!(last_attempt_resumed, "job {id}: the final attempt started over despite a checkpoint");
+            assert!(
+                last_attempt_resumed,
+                "job {id}: the final attempt started over despite a checkpoint"
+            );
             resumed_jobs += 1;
         }
     }
     // Every ready version's files are in the store with the registry's digests.
     let files: Vec<(String, sqlx::types::Json<Vec<loraforge_spec::FileDigest>>)> =
-        sqlx::query_as("SELECT storage_prefix, files FROM adapter_versions WHERE status = 'ready'").fetch_all(&pool).await?;
+        sqlx::query_as("SELECT storage_prefix, files FROM adapter_versions WHERE status = 'ready'")
+            .fetch_all(&pool)
+            .await?;
     assert_eq!(files.len(), ids.len());
     for (prefix, digests) in &files {
         for f in digests.0.iter() {
             let bytes = store.get(&format!("{prefix}/{}", f.name)).await?;
-            assert_eq!(hex::encode(Sha256::digest(&bytes)), f.sha256, "{prefix}/{}", f.name);
+            assert_eq!(
+                hex::encode(Sha256::digest(&bytes)),
+                f.sha256,
+                "{prefix}/{}",
+                f.name
+            );
         }
     }
     // gc removes whatever the kills left behind, and then finds nothing more.
@@ -219,7 +279,11 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
     let after = loraforge::registry::gc::collect(&pool, &store, Duration::ZERO, true).await?;
     assert!(after.orphans.is_empty(), "{:?}", after.orphans);
     for (prefix, digests) in &files {
-        assert_eq!(store.list(prefix).await?.len(), digests.0.len(), "gc must not touch ready versions");
+        assert_eq!(
+            store.list(prefix).await?.len(),
+            digests.0.len(),
+            "gc must not touch ready versions"
+        );
     }
     println!(
         "chaos report: seed={seed} jobs={} kills={{control_plane: {cp_kills}, trainer: {trainer_kills}}} outcome={outcome:?} \
@@ -234,7 +298,14 @@ async fn events_of(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Re
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page: Value = client.get(format!("{base}/v1/jobs/{id}/events?after={after}&limit=1000")).send().await?.json().await?;
+        let page: Value = client
+            .get(format!(
+                "{base}/v1/jobs/{id}/events?after={after}&limit=1000"
+            ))
+            .send()
+            .await?
+            .json()
+            .await?;
         out.extend(page["events"].as_array().cloned().unwrap_or_default());
         match page["next_after"].as_i64() {
             Some(n) => after = n,

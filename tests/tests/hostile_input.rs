@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 async fn problem(resp: reqwest::Response) -> anyhow::Result<(u16, Value)> {
     let status = resp.status().as_u16();
-    assert_eq!(resp.headers()["content-type"], "application/problem+json", "status {status}");
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/problem+json",
+        "status {status}"
+    );
     Ok((status, resp.json().await?))
 }
 
@@ -24,7 +28,15 @@ async fn hostile_requests_get_problems_and_store_nothing() -> anyhow::Result<()>
 
     // 5 MiB body: refused by size, before parsing.
     let big = format!("{{\"adapter_name\": \"{}\"}}", "a".repeat(5 * 1024 * 1024));
-    let (code, p) = problem(app.client.post(&jobs).header("content-type", "application/json").body(big).send().await?).await?;
+    let (code, p) = problem(
+        app.client
+            .post(&jobs)
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((code, p["code"].as_str()), (413, Some("body_too_large")));
 
     // NUL bytes in a body, a path, a query.
@@ -32,9 +44,21 @@ async fn hostile_requests_get_problems_and_store_nothing() -> anyhow::Result<()>
     nul["dataset"]["train"] = json!(format!("{}\u{0}", fixture.train_uri()));
     let (code, p) = problem(app.client.post(&jobs).json(&nul).send().await?).await?;
     assert_eq!((code, p["code"].as_str()), (400, Some("malformed_body")));
-    let (code, _) = problem(app.client.get(app.url("/v1/adapters/a%00b/versions")).send().await?).await?;
+    let (code, _) = problem(
+        app.client
+            .get(app.url("/v1/adapters/a%00b/versions"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!(code, 400);
-    let (code, _) = problem(app.client.get(app.url("/v1/adapters?cursor=%00")).send().await?).await?;
+    let (code, _) = problem(
+        app.client
+            .get(app.url("/v1/adapters?cursor=%00"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!(code, 400);
 
     // file:// URIs outside the roots, directly, with `..`, and through a symlink.
@@ -42,35 +66,78 @@ async fn hostile_requests_get_problems_and_store_nothing() -> anyhow::Result<()>
     std::os::unix::fs::symlink("/etc", &link)?;
     for (uri, field) in [
         ("file:///etc/passwd".to_string(), "dataset.train"),
-        (format!("file://{}/../../etc/passwd", fixture.dir.path().display()), "dataset.train"),
+        (
+            format!("file://{}/../../etc/passwd", fixture.dir.path().display()),
+            "dataset.train",
+        ),
         (format!("file://{}/passwd", link.display()), "dataset.train"),
     ] {
         let mut job = fixture.job("demo");
         job["dataset"]["train"] = json!(uri);
         let (code, p) = problem(app.client.post(&jobs).json(&job).send().await?).await?;
-        assert_eq!((code, p["field"].as_str()), (422, Some(field)), "{uri}: {p}");
+        assert_eq!(
+            (code, p["field"].as_str()),
+            (422, Some(field)),
+            "{uri}: {p}"
+        );
     }
-    let (code, p) = app.send_json(Method::POST, "/v1/datasets", Some(&json!({"name": "pw", "uri": "file:///etc/passwd"}))).await?;
+    let (code, p) = app
+        .send_json(
+            Method::POST,
+            "/v1/datasets",
+            Some(&json!({"name": "pw", "uri": "file:///etc/passwd"})),
+        )
+        .await?;
     assert_eq!((code, p["field"].as_str()), (422, Some("uri")), "{p}");
 
     // Unsafe names anywhere a name becomes a path or a key.
     for (method, path, body) in [
-        (Method::POST, "/v1/base-models", Some(json!({"name": "../x", "uri": fixture.model_uri()}))),
-        (Method::PUT, "/v1/adapters/demo/aliases/Bad..Alias", Some(json!({"version": 1}))),
-        (Method::PUT, "/v1/adapters/demo/versions/1/tags/%2E%2E", None),
+        (
+            Method::POST,
+            "/v1/base-models",
+            Some(json!({"name": "../x", "uri": fixture.model_uri()})),
+        ),
+        (
+            Method::PUT,
+            "/v1/adapters/demo/aliases/Bad..Alias",
+            Some(json!({"version": 1})),
+        ),
+        (
+            Method::PUT,
+            "/v1/adapters/demo/versions/1/tags/%2E%2E",
+            None,
+        ),
     ] {
         let (code, p) = app.send_json(method, path, body.as_ref()).await?;
         assert!(code == 422 || code == 404, "{path}: {code} {p}");
     }
 
     // Absurd numbers and shapes.
-    for path in ["/v1/adapters/demo/versions/99999999999999", "/v1/jobs/%7Bid%7D", "/v1/adapters/demo/versions/-1/lineage?depth=4294967296"] {
+    for path in [
+        "/v1/adapters/demo/versions/99999999999999",
+        "/v1/jobs/%7Bid%7D",
+        "/v1/adapters/demo/versions/-1/lineage?depth=4294967296",
+    ] {
         let (code, _) = problem(app.client.get(app.url(path)).send().await?).await?;
         assert!(code == 404 || code == 422, "{path}: {code}");
     }
-    let (code, p) = problem(app.client.get(app.url("/v1/adapters?limit=0")).send().await?).await?;
+    let (code, p) = problem(
+        app.client
+            .get(app.url("/v1/adapters?limit=0"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((code, p["field"].as_str()), (422, Some("limit")));
-    let (code, p) = problem(app.client.post(&jobs).header("Idempotency-Key", "x".repeat(300)).json(&fixture.job("demo")).send().await?).await?;
+    let (code, p) = problem(
+        app.client
+            .post(&jobs)
+            .header("Idempotency-Key", "x".repeat(300))
+            .json(&fixture.job("demo"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((code, p["field"].as_str()), (422, Some("Idempotency-Key")));
     let mut huge = fixture.job("demo");
     huge["training"]["max_steps"] = json!(1u64 << 40);
@@ -79,17 +146,26 @@ async fn hostile_requests_get_problems_and_store_nothing() -> anyhow::Result<()>
     assert_eq!(code, 422);
 
     assert_eq!(app.count("jobs").await, 0);
-    assert_eq!(app.client.get(app.url("/healthz")).send().await?.status(), 200);
+    assert_eq!(
+        app.client.get(app.url("/healthz")).send().await?.status(),
+        200
+    );
     app.stop().await
 }
 
 #[tokio::test]
 async fn a_database_outage_answers_503_and_heals() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
-    let db: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&app.pool).await?;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&app.pool)
+        .await?;
     let admin = sqlx::PgPool::connect(&common::admin_database_url()).await?;
     let set_connections = |allow: bool| {
-        let sql = if allow { format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true") } else { format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false") };
+        let sql = if allow {
+            format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")
+        } else {
+            format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false")
+        };
         sqlx::query(sqlx::AssertSqlSafe(sql))
     };
     set_connections(false).execute(&admin).await?;
@@ -110,7 +186,10 @@ async fn a_database_outage_answers_503_and_heals() -> anyhow::Result<()> {
         }
     }
     assert!(saw_503);
-    assert_eq!(app.client.get(app.url("/readyz")).send().await?.status(), 503);
+    assert_eq!(
+        app.client.get(app.url("/readyz")).send().await?.status(),
+        503
+    );
     set_connections(true).execute(&admin).await?;
     let start = Instant::now();
     loop {
@@ -118,9 +197,15 @@ async fn a_database_outage_answers_503_and_heals() -> anyhow::Result<()> {
         if status == 404 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "still {status} after the database came back");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still {status} after the database came back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(app.client.get(app.url("/readyz")).send().await?.status(), 200);
+    assert_eq!(
+        app.client.get(app.url("/readyz")).send().await?.status(),
+        200
+    );
     app.stop().await
 }

@@ -13,7 +13,12 @@ async fn openapi_document_matches_the_snapshot() -> anyhow::Result<()> {
     let (code, doc) = app.get_json("/openapi.json").await?;
     assert_eq!(code, 200);
     let paths = doc["paths"].as_object().unwrap();
-    for path in ["/v1/jobs", "/v1/jobs/{id}/events", "/v1/adapters/{name}/resolve", "/v1/worker/jobs/{id}/complete"] {
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}/events",
+        "/v1/adapters/{name}/resolve",
+        "/v1/worker/jobs/{id}/complete",
+    ] {
         assert!(paths.contains_key(path), "{path} missing from the document");
     }
     assert!(doc["components"]["schemas"]["JobSpec"].is_object());

@@ -16,7 +16,15 @@ const TOLERANCE: f64 = 1e-4;
 /// Tokens scored: longer than Mistral's test window (8) and reaching every RoPE band of the
 /// llama3-scaled model.
 const SEQUENCE: usize = 40;
-const ALL_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const ALL_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 #[test]
 fn llama_with_gqa_and_a_transformers4_config() -> Result<()> {
@@ -64,9 +72,17 @@ fn check(kind: &str, method: Value) -> Result<()> {
     let fixture = Fixture::create()?;
     let work = tempfile::tempdir()?;
     let (model, adapter) = (work.path().join("model"), work.path().join("adapter"));
-    let made =
-        run_json(Command::new(python()).arg(script()).arg("make").arg(kind).arg(fixture.dir.path()).arg(&model))?;
-    let vocab = made["vocab_size"].as_u64().context("make printed no vocab_size")? as usize;
+    let made = run_json(
+        Command::new(python())
+            .arg(script())
+            .arg("make")
+            .arg(kind)
+            .arg(fixture.dir.path())
+            .arg(&model),
+    )?;
+    let vocab = made["vocab_size"]
+        .as_u64()
+        .context("make printed no vocab_size")? as usize;
 
     let spec = json!({
         "adapter_name": "parity",
@@ -89,30 +105,66 @@ fn check(kind: &str, method: Value) -> Result<()> {
     )?;
 
     // Any token ids will do; these cover the vocabulary without repeating.
-    let tokens: Vec<String> = (0..SEQUENCE).map(|i| ((i * 37 + 5) % vocab).to_string()).collect();
+    let tokens: Vec<String> = (0..SEQUENCE)
+        .map(|i| ((i * 37 + 5) % vocab).to_string())
+        .collect();
     let tokens = tokens.join(",");
     let ours_logits = |adapter: Option<&Path>| -> Result<Vec<Vec<f64>>> {
         let mut command = Command::new(trainer_bin());
-        command.arg("logits").arg("--model").arg(&model).args(["--tokens", &tokens, "--device", "cpu"]);
+        command
+            .arg("logits")
+            .arg("--model")
+            .arg(&model)
+            .args(["--tokens", &tokens, "--device", "cpu"]);
         if let Some(dir) = adapter {
             command.arg("--adapter").arg(dir);
         }
         matrix(&run_json(&mut command)?["logits"])
     };
     let (ours_base, ours) = (ours_logits(None)?, ours_logits(Some(&adapter))?);
-    let peft = run_json(Command::new(python()).arg(script()).arg("logits").arg(&model).arg(&adapter).arg(&tokens))?;
+    let peft = run_json(
+        Command::new(python())
+            .arg(script())
+            .arg("logits")
+            .arg(&model)
+            .arg(&adapter)
+            .arg(&tokens),
+    )?;
 
-    assert_eq!(peft["unexpected_keys"], json!([]), "PEFT did not expect some keys: {}", peft["unexpected_keys"]);
-    assert_eq!(peft["missing_lora_keys"], json!([]), "PEFT missed LoRA keys: {}", peft["missing_lora_keys"]);
-    assert_eq!(peft["lora_tensors"], 2 * 2 * ALL_MODULES.len(), "two factors per module and layer");
+    assert_eq!(
+        peft["unexpected_keys"],
+        json!([]),
+        "PEFT did not expect some keys: {}",
+        peft["unexpected_keys"]
+    );
+    assert_eq!(
+        peft["missing_lora_keys"],
+        json!([]),
+        "PEFT missed LoRA keys: {}",
+        peft["missing_lora_keys"]
+    );
+    assert_eq!(
+        peft["lora_tensors"],
+        2 * 2 * ALL_MODULES.len(),
+        "two factors per module and layer"
+    );
     let base_diff = max_abs_diff(&ours_base, &matrix(&peft["base_logits"])?);
     let adapted_diff = max_abs_diff(&ours, &matrix(&peft["logits"])?);
     let adapter_effect = max_abs_diff(&ours, &ours_base);
     println!("{kind}: max |logit diff| base {base_diff:.2e}, with adapter {adapted_diff:.2e}; adapter moves logits by up to {adapter_effect:.3}");
-    assert!(base_diff < TOLERANCE, "{kind}: base logits differ from transformers by {base_diff}");
-    assert!(adapted_diff < TOLERANCE, "{kind}: logits with the adapter differ from PEFT by {adapted_diff}");
+    assert!(
+        base_diff < TOLERANCE,
+        "{kind}: base logits differ from transformers by {base_diff}"
+    );
+    assert!(
+        adapted_diff < TOLERANCE,
+        "{kind}: logits with the adapter differ from PEFT by {adapted_diff}"
+    );
     // Otherwise the comparison above would not show that the adapter means the same in both.
-    assert!(adapter_effect > 0.01, "{kind}: the trained adapter barely changes the logits ({adapter_effect})");
+    assert!(
+        adapter_effect > 0.01,
+        "{kind}: the trained adapter barely changes the logits ({adapter_effect})"
+    );
     Ok(())
 }
 
@@ -122,10 +174,16 @@ fn script() -> std::path::PathBuf {
 
 /// Runs a command that prints one JSON document as its last line of stdout.
 fn run_json(command: &mut Command) -> Result<Value> {
-    let out = command.output().with_context(|| format!("starting {command:?}"))?;
+    let out = command
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("{command:?} failed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{command:?} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).with_context(|| format!("{command:?} printed no JSON: {last}"))
@@ -136,8 +194,22 @@ fn matrix(value: &Value) -> Result<Vec<Vec<f64>>> {
 }
 
 fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
-    assert_eq!((a.len(), a[0].len()), (b.len(), b[0].len()), "logit shapes differ");
+    assert_eq!(
+        (a.len(), a[0].len()),
+        (b.len(), b[0].len()),
+        "logit shapes differ"
+    );
     // A NaN anywhere counts as an infinite difference rather than vanishing in the max.
-    let diff = |(x, y): (&f64, &f64)| if (x - y).is_nan() { f64::INFINITY } else { (x - y).abs() };
-    a.iter().flatten().zip(b.iter().flatten()).map(diff).fold(0.0, f64::max)
+    let diff = |(x, y): (&f64, &f64)| {
+        if (x - y).is_nan() {
+            f64::INFINITY
+        } else {
+            (x - y).abs()
+        }
+    };
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(diff)
+        .fold(0.0, f64::max)
 }

@@ -23,10 +23,18 @@ async fn a_job_publishes_to_s3_and_the_registry_matches_the_objects() -> anyhow:
     assert_eq!(done["status"], "succeeded", "{done}");
 
     let (_, version) = app.get_json("/v1/adapters/s3-demo/versions/1").await?;
-    assert_eq!(version["uri"], "s3://artifacts/loraforge/adapters/default/s3-demo/v1");
+    assert_eq!(
+        version["uri"],
+        "s3://artifacts/loraforge/adapters/default/s3-demo/v1"
+    );
     let store = Store::open("s3://artifacts/loraforge")?;
     for f in version["files"].as_array().unwrap() {
-        let (sha, size) = store.digest(&format!("adapters/default/s3-demo/v1/{}", f["name"].as_str().unwrap())).await?;
+        let (sha, size) = store
+            .digest(&format!(
+                "adapters/default/s3-demo/v1/{}",
+                f["name"].as_str().unwrap()
+            ))
+            .await?;
         assert_eq!(sha, f["sha256"].as_str().unwrap());
         assert_eq!(size, f["size"].as_u64().unwrap());
     }

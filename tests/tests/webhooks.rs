@@ -18,7 +18,11 @@ struct Receiver {
 }
 
 /// Answers 503 to the very first request (to exercise retries), 200 afterwards.
-async fn receive(axum::extract::State(r): axum::extract::State<Receiver>, headers: HeaderMap, body: bytes::Bytes) -> StatusCode {
+async fn receive(
+    axum::extract::State(r): axum::extract::State<Receiver>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> StatusCode {
     let mut seen = r.seen.lock().unwrap();
     seen.push((headers, body));
     if seen.len() == 1 {
@@ -43,7 +47,9 @@ async fn webhooks_are_signed_retried_and_logged() -> anyhow::Result<()> {
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let hook_url = format!("http://{}/hook", listener.local_addr()?);
-    let router = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(receiver.clone());
+    let router = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(receiver.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
 
     let fixture = Fixture::create()?;
@@ -53,14 +59,30 @@ async fn webhooks_are_signed_retried_and_logged() -> anyhow::Result<()> {
         .await?;
     assert_eq!(code, 201, "{hook}");
     let secret = hook["secret"].as_str().unwrap().to_string();
-    let (code, bad) = app.send_json(Method::POST, "/v1/webhooks", Some(&json!({"url": hook_url, "events": ["job.exploded"]}))).await?;
+    let (code, bad) = app
+        .send_json(
+            Method::POST,
+            "/v1/webhooks",
+            Some(&json!({"url": hook_url, "events": ["job.exploded"]})),
+        )
+        .await?;
     assert_eq!((code, bad["field"].as_str()), (422, Some("events[0]")));
-    assert!(app.get_json("/v1/webhooks").await?.1.as_array().unwrap()[0].get("secret").is_none(), "secrets are shown once");
+    assert!(
+        app.get_json("/v1/webhooks").await?.1.as_array().unwrap()[0]
+            .get("secret")
+            .is_none(),
+        "secrets are shown once"
+    );
 
     let mut job = fixture.job("hooked");
     job["training"]["max_steps"] = json!(2);
     app.run_job(&job).await?;
-    app.send_json(Method::PUT, "/v1/adapters/hooked/aliases/prod", Some(&json!({"version": 1}))).await?;
+    app.send_json(
+        Method::PUT,
+        "/v1/adapters/hooked/aliases/prod",
+        Some(&json!({"version": 1})),
+    )
+    .await?;
     // A job that fails on its data: job.failed.
     let broken = fixture.dir.path().join("broken.jsonl");
     std::fs::write(&broken, "{\"text\": \"fine\"}\nnot json at all\n")?;
@@ -70,7 +92,13 @@ async fn webhooks_are_signed_retried_and_logged() -> anyhow::Result<()> {
     let failed = app.wait_for_job(f["id"].as_str().unwrap()).await?;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["error"]["kind"], "user_error", "{failed}");
-    assert!(failed["error"]["message"].as_str().unwrap().contains("line 2"), "{failed}");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 2"),
+        "{failed}"
+    );
 
     // Wait until all four events are delivered (one of them after a retry).
     let deliveries_path = format!("/v1/webhooks/{}/deliveries", hook["id"].as_str().unwrap());
@@ -84,10 +112,28 @@ async fn webhooks_are_signed_retried_and_logged() -> anyhow::Result<()> {
         assert!(start.elapsed() < Duration::from_secs(30), "deliveries: {d}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let mut events: Vec<&str> = deliveries.iter().map(|d| d["event"].as_str().unwrap()).collect();
+    let mut events: Vec<&str> = deliveries
+        .iter()
+        .map(|d| d["event"].as_str().unwrap())
+        .collect();
     events.sort();
-    assert_eq!(events, ["adapter_version.ready", "alias.moved", "job.failed", "job.succeeded"]);
-    assert_eq!(deliveries.iter().map(|d| d["attempts"].as_i64().unwrap()).sum::<i64>(), 5, "one retry: {deliveries:?}");
+    assert_eq!(
+        events,
+        [
+            "adapter_version.ready",
+            "alias.moved",
+            "job.failed",
+            "job.succeeded"
+        ]
+    );
+    assert_eq!(
+        deliveries
+            .iter()
+            .map(|d| d["attempts"].as_i64().unwrap())
+            .sum::<i64>(),
+        5,
+        "one retry: {deliveries:?}"
+    );
     let retried = deliveries.iter().find(|d| d["attempts"] == 2).unwrap();
     assert!(retried["last_status"] == 200);
 
@@ -95,11 +141,24 @@ async fn webhooks_are_signed_retried_and_logged() -> anyhow::Result<()> {
     let seen = receiver.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 5);
     for (headers, body) in &seen {
-        assert!(verify(&secret, headers, body), "bad signature on {}", String::from_utf8_lossy(body));
+        assert!(
+            verify(&secret, headers, body),
+            "bad signature on {}",
+            String::from_utf8_lossy(body)
+        );
         let payload: Value = serde_json::from_slice(body)?;
-        assert_eq!(payload["event"], headers["x-loraforge-event"].to_str().unwrap());
+        assert_eq!(
+            payload["event"],
+            headers["x-loraforge-event"].to_str().unwrap()
+        );
     }
-    let ready: Value = serde_json::from_slice(&seen.iter().find(|(h, _)| h["x-loraforge-event"] == "adapter_version.ready").unwrap().1)?;
+    let ready: Value = serde_json::from_slice(
+        &seen
+            .iter()
+            .find(|(h, _)| h["x-loraforge-event"] == "adapter_version.ready")
+            .unwrap()
+            .1,
+    )?;
     assert_eq!(ready["data"]["adapter_name"], "hooked");
     assert_eq!(ready["data"]["version"], 1);
     app.stop().await

@@ -35,8 +35,13 @@ pub struct Application {
 
 /// The database (created if missing, migrated) and the artifact store.
 pub async fn connect(settings: &Settings) -> anyhow::Result<(PgPool, Store)> {
-    if !Postgres::database_exists(&settings.database_url).await.context("connecting to Postgres")? {
-        Postgres::create_database(&settings.database_url).await.context("creating the database")?;
+    if !Postgres::database_exists(&settings.database_url)
+        .await
+        .context("connecting to Postgres")?
+    {
+        Postgres::create_database(&settings.database_url)
+            .await
+            .context("creating the database")?;
     }
     let pool = PgPoolOptions::new()
         .max_connections(16)
@@ -57,16 +62,31 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.addr))?;
         let addr = listener.local_addr()?;
-        let worker_api_url = settings.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+        let worker_api_url = settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let executor = executor::build(&settings, exits_tx);
         tracing::info!(%addr, executor = executor.name(), storage = settings.storage_url, "control plane ready");
-        let state = AppState { pool, store, settings: Arc::new(settings), executor, worker_api_url };
-        Ok(Application { listener, state, exits })
+        let state = AppState {
+            pool,
+            store,
+            settings: Arc::new(settings),
+            executor,
+            worker_api_url,
+        };
+        Ok(Application {
+            listener,
+            state,
+            exits,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn state(&self) -> &AppState {
@@ -75,9 +95,16 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops claiming work and returns.
     /// Running workers keep going; their leases let a restarted control plane pick them up.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let scheduler = tokio::spawn(scheduler::run(self.state.clone(), self.exits, stop_rx.clone()));
+        let scheduler = tokio::spawn(scheduler::run(
+            self.state.clone(),
+            self.exits,
+            stop_rx.clone(),
+        ));
         let monitor = tokio::spawn(lease::run(self.state.clone(), stop_rx.clone()));
         let dispatcher = tokio::spawn(webhooks::run_dispatcher(self.state.clone(), stop_rx));
         let router = api::router(self.state.clone());

@@ -39,7 +39,9 @@ impl std::str::FromStr for Scope {
             "read" => Ok(Scope::Read),
             "submit" => Ok(Scope::Submit),
             "admin" => Ok(Scope::Admin),
-            other => Err(format!("unknown scope {other:?}: use read, submit or admin")),
+            other => Err(format!(
+                "unknown scope {other:?}: use read, submit or admin"
+            )),
         }
     }
 }
@@ -57,7 +59,10 @@ impl Caller {
         if self.scope >= needed {
             Ok(self)
         } else {
-            Err(ApiError::Forbidden(format!("this needs a key with scope {} or above", needed.as_str())))
+            Err(ApiError::Forbidden(format!(
+                "this needs a key with scope {} or above",
+                needed.as_str()
+            )))
         }
     }
 }
@@ -66,7 +71,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         if !state.settings.auth_enabled {
-            return Ok(Caller { project: state.settings.default_project.clone(), scope: Scope::Admin });
+            return Ok(Caller {
+                project: state.settings.default_project.clone(),
+                scope: Scope::Admin,
+            });
         }
         let key = parts
             .headers
@@ -81,7 +89,12 @@ impl FromRequestParts<AppState> for Caller {
         .fetch_optional(&state.pool)
         .await?;
         let (project, scope) = found.ok_or(ApiError::Unauthorized)?;
-        Ok(Caller { project, scope: scope.parse().map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))? })
+        Ok(Caller {
+            project,
+            scope: scope
+                .parse()
+                .map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?,
+        })
     }
 }
 
@@ -95,7 +108,11 @@ pub struct CreatedKey {
 }
 
 /// Creates a key; the returned secret is the only copy.
-pub async fn create_key(pool: &PgPool, project: &str, scope: Scope) -> Result<CreatedKey, anyhow::Error> {
+pub async fn create_key(
+    pool: &PgPool,
+    project: &str,
+    scope: Scope,
+) -> Result<CreatedKey, anyhow::Error> {
     loraforge_spec::AdapterName::parse(project).map_err(|m| anyhow::anyhow!("project: {m}"))?;
     let mut secret = [0u8; 24];
     rand::rng().fill_bytes(&mut secret);
@@ -104,21 +121,30 @@ pub async fn create_key(pool: &PgPool, project: &str, scope: Scope) -> Result<Cr
     let prefix = hex::encode(prefix);
     let key = format!("lf_{prefix}_{}", hex::encode(secret));
     let id = Uuid::new_v4();
-    sqlx::query("INSERT INTO api_keys (id, project, scope, prefix, key_sha256) VALUES ($1, $2, $3, $4, $5)")
-        .bind(id)
-        .bind(project)
-        .bind(scope.as_str())
-        .bind(&prefix)
-        .bind(Sha256::digest(key.as_bytes()).to_vec())
-        .execute(pool)
-        .await?;
-    Ok(CreatedKey { id, project: project.into(), scope, key })
+    sqlx::query(
+        "INSERT INTO api_keys (id, project, scope, prefix, key_sha256) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(project)
+    .bind(scope.as_str())
+    .bind(&prefix)
+    .bind(Sha256::digest(key.as_bytes()).to_vec())
+    .execute(pool)
+    .await?;
+    Ok(CreatedKey {
+        id,
+        project: project.into(),
+        scope,
+        key,
+    })
 }
 
 pub async fn revoke_key(pool: &PgPool, prefix: &str) -> Result<bool, sqlx::Error> {
-    let n = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL")
-        .bind(prefix)
-        .execute(pool)
-        .await?;
+    let n = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
+    )
+    .bind(prefix)
+    .execute(pool)
+    .await?;
     Ok(n.rows_affected() > 0)
 }

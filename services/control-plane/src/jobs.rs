@@ -84,8 +84,14 @@ impl From<JobRow> for JobView {
     fn from(r: JobRow) -> Self {
         let status = r.status();
         JobView {
-            error: r.error_kind.map(|kind| JobErrorView { kind, message: r.error_message.unwrap_or_default() }),
-            adapter_version: r.adapter_version.map(|version| AdapterVersionRef { name: r.adapter_name.clone(), version }),
+            error: r.error_kind.map(|kind| JobErrorView {
+                kind,
+                message: r.error_message.unwrap_or_default(),
+            }),
+            adapter_version: r.adapter_version.map(|version| AdapterVersionRef {
+                name: r.adapter_name.clone(),
+                version,
+            }),
             id: r.id,
             project: r.project,
             adapter_name: r.adapter_name,
@@ -152,33 +158,56 @@ pub async fn submit(pool: &PgPool, new: NewJob<'_>) -> Result<Submitted, sqlx::E
     .await?;
     let Some(job) = inserted else {
         tx.rollback().await?;
-        let (existing, sha): (Uuid, Vec<u8>) =
-            sqlx::query_as("SELECT id, request_sha256 FROM jobs WHERE project = $1 AND idempotency_key = $2")
-                .bind(new.project)
-                .bind(new.idempotency_key)
-                .fetch_one(pool)
-                .await?;
+        let (existing, sha): (Uuid, Vec<u8>) = sqlx::query_as(
+            "SELECT id, request_sha256 FROM jobs WHERE project = $1 AND idempotency_key = $2",
+        )
+        .bind(new.project)
+        .bind(new.idempotency_key)
+        .fetch_one(pool)
+        .await?;
         if sha != new.request_sha256 {
             return Ok(Submitted::KeyReused);
         }
-        let row = get(pool, new.project, existing).await?.ok_or(sqlx::Error::RowNotFound)?;
+        let row = get(pool, new.project, existing)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
         return Ok(Submitted::Replayed(row));
     };
-    record_event(&mut tx, id, &EventPayload::Status { status: JobStatus::Queued, message: None }).await?;
-    sqlx::query("SELECT pg_notify($1, $2)").bind(QUEUE_CHANNEL).bind(id.to_string()).execute(&mut *tx).await?;
+    record_event(
+        &mut tx,
+        id,
+        &EventPayload::Status {
+            status: JobStatus::Queued,
+            message: None,
+        },
+    )
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(QUEUE_CHANNEL)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Submitted::Created(job))
 }
 
 pub async fn get(pool: &PgPool, project: &str, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {
-    sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE project = $1 AND id = $2"))
-        .bind(project)
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM jobs WHERE project = $1 AND id = $2"
+    ))
+    .bind(project)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
 }
 
-pub async fn record_event(conn: &mut PgConnection, job_id: Uuid, event: &EventPayload) -> Result<(), sqlx::Error> {
+pub async fn record_event(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    event: &EventPayload,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO job_events (job_id, kind, payload) VALUES ($1, $2, $3)")
         .bind(job_id)
         .bind(event.kind())
@@ -188,7 +217,11 @@ pub async fn record_event(conn: &mut PgConnection, job_id: Uuid, event: &EventPa
     Ok(())
 }
 
-pub async fn record_events(pool: &PgPool, job_id: Uuid, events: &[EventPayload]) -> Result<(), sqlx::Error> {
+pub async fn record_events(
+    pool: &PgPool,
+    job_id: Uuid,
+    events: &[EventPayload],
+) -> Result<(), sqlx::Error> {
     let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
     let payloads: Vec<Json<&EventPayload>> = events.iter().map(Json).collect();
     sqlx::query(
@@ -214,7 +247,12 @@ pub struct EventRow {
 }
 
 /// Events of a job after `after` (exclusive), oldest first.
-pub async fn events(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<EventRow>, sqlx::Error> {
+pub async fn events(
+    pool: &PgPool,
+    job_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT seq, created_at, payload FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
     )
@@ -242,7 +280,11 @@ pub async fn transition(
     message: Option<&str>,
     effects: TransitionEffects<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let from: Vec<&str> = JobStatus::ALL.iter().filter(|s| s.can_become(to)).map(|s| s.as_str()).collect();
+    let from: Vec<&str> = JobStatus::ALL
+        .iter()
+        .filter(|s| s.can_become(to))
+        .map(|s| s.as_str())
+        .collect();
     let (error_kind, error_message) = match effects.error {
         Some((k, m)) => (Some(k.as_str()), Some(m)),
         None => (None, None),
@@ -267,9 +309,19 @@ pub async fn transition(
     .bind(effects.release_lease)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((project, adapter_name)) = updated else { return Ok(false) };
+    let Some((project, adapter_name)) = updated else {
+        return Ok(false);
+    };
     let message = message.or(error_message).map(str::to_string);
-    record_event(conn, job_id, &EventPayload::Status { status: to, message }).await?;
+    record_event(
+        conn,
+        job_id,
+        &EventPayload::Status {
+            status: to,
+            message,
+        },
+    )
+    .await?;
     let hook = match to {
         JobStatus::Succeeded => Some(webhooks::JOB_SUCCEEDED),
         JobStatus::Failed => Some(webhooks::JOB_FAILED),
@@ -294,7 +346,11 @@ pub struct Claimed {
 
 /// Claims the next queued job (priority, then age) as a lease: a short transaction
 /// with `FOR UPDATE SKIP LOCKED`, never one held while the job runs.
-pub async fn claim(pool: &PgPool, lease: Duration, token_sha256: &[u8]) -> Result<Option<Claimed>, sqlx::Error> {
+pub async fn claim(
+    pool: &PgPool,
+    lease: Duration,
+    token_sha256: &[u8],
+) -> Result<Option<Claimed>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let claimed: Option<(Uuid, i32)> = sqlx::query_as(
         "UPDATE jobs SET status = 'scheduled', attempt = attempt + 1, updated_at = now(),
@@ -313,14 +369,25 @@ pub async fn claim(pool: &PgPool, lease: Duration, token_sha256: &[u8]) -> Resul
         return Ok(None);
     };
     let message = format!("attempt {attempt}");
-    record_event(&mut tx, job_id, &EventPayload::Status { status: JobStatus::Scheduled, message: Some(message) })
-        .await?;
+    record_event(
+        &mut tx,
+        job_id,
+        &EventPayload::Status {
+            status: JobStatus::Scheduled,
+            message: Some(message),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(Some(Claimed { job_id, attempt }))
 }
 
 /// The job a worker token belongs to, if the token is current and the job unfinished.
-pub async fn authenticate_worker(pool: &PgPool, job_id: Uuid, token_sha256: &[u8]) -> Result<Option<JobRow>, sqlx::Error> {
+pub async fn authenticate_worker(
+    pool: &PgPool,
+    job_id: Uuid,
+    token_sha256: &[u8],
+) -> Result<Option<JobRow>, sqlx::Error> {
     sqlx::query_as(concat!(
         "SELECT ",
         job_columns!(),
@@ -334,7 +401,11 @@ pub async fn authenticate_worker(pool: &PgPool, job_id: Uuid, token_sha256: &[u8
 }
 
 /// Extends the lease; returns the job's status after the heartbeat.
-pub async fn heartbeat(pool: &PgPool, job_id: Uuid, lease: Duration) -> Result<Option<JobStatus>, sqlx::Error> {
+pub async fn heartbeat(
+    pool: &PgPool,
+    job_id: Uuid,
+    lease: Duration,
+) -> Result<Option<JobStatus>, sqlx::Error> {
     let status: Option<String> = sqlx::query_scalar(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
          WHERE id = $1 AND lease_expires_at IS NOT NULL RETURNING status",
@@ -360,24 +431,48 @@ pub struct WorkerExit {
 /// already moved the job on, and this does nothing; otherwise a cancel becomes
 /// `cancelled` and anything else a system error, retried while attempts remain.
 /// Returns the storage prefixes of versions that failed with it, whose objects should go.
-pub async fn worker_exited(pool: &PgPool, exit: &WorkerExit, backoff: Duration) -> Result<Vec<String>, sqlx::Error> {
+pub async fn worker_exited(
+    pool: &PgPool,
+    exit: &WorkerExit,
+    backoff: Duration,
+) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let status: Option<(String, i32, i32)> =
         sqlx::query_as("SELECT status, attempt, max_attempts FROM jobs WHERE id = $1 FOR UPDATE")
             .bind(exit.job_id)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some((status, attempt, max_attempts)) = status else { return Ok(Vec::new()) };
+    let Some((status, attempt, max_attempts)) = status else {
+        return Ok(Vec::new());
+    };
     let status: JobStatus = status.parse().unwrap_or(JobStatus::Failed);
     if attempt != exit.attempt || status.is_final() || status == JobStatus::Queued {
         return Ok(Vec::new());
     }
     if status == JobStatus::CancelRequested {
-        transition(&mut tx, exit.job_id, JobStatus::Cancelled, Some("worker stopped"), TransitionEffects::default())
-            .await?;
+        transition(
+            &mut tx,
+            exit.job_id,
+            JobStatus::Cancelled,
+            Some("worker stopped"),
+            TransitionEffects::default(),
+        )
+        .await?;
     } else {
-        let message = format!("worker exited before reporting a result: {}", exit.description);
-        if retry_or_fail(&mut tx, exit.job_id, attempt, max_attempts, &message, backoff).await? {
+        let message = format!(
+            "worker exited before reporting a result: {}",
+            exit.description
+        );
+        if retry_or_fail(
+            &mut tx,
+            exit.job_id,
+            attempt,
+            max_attempts,
+            &message,
+            backoff,
+        )
+        .await?
+        {
             tx.commit().await?;
             return Ok(Vec::new());
         }
@@ -401,19 +496,27 @@ pub async fn retry_or_fail(
     if attempt < max_attempts {
         let delay = backoff.as_secs_f64() * 2f64.powi(attempt.saturating_sub(1).min(16));
         let note = format!("attempt {attempt} failed, retrying in {delay:.1}s: {message}");
-        let effects = TransitionEffects { error: None, release_lease: true };
+        let effects = TransitionEffects {
+            error: None,
+            release_lease: true,
+        };
         if transition(conn, job_id, JobStatus::Queued, Some(&note), effects).await? {
-            sqlx::query("UPDATE jobs SET not_before = now() + make_interval(secs => $2) WHERE id = $1")
-                .bind(job_id)
-                .bind(delay)
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(
+                "UPDATE jobs SET not_before = now() + make_interval(secs => $2) WHERE id = $1",
+            )
+            .bind(job_id)
+            .bind(delay)
+            .execute(&mut *conn)
+            .await?;
             return Ok(true);
         }
         return Ok(false);
     }
     let message = format!("{message} (attempt {attempt} of {max_attempts}; no attempts left)");
-    let effects = TransitionEffects { error: Some((ErrorKind::SystemError, &message)), release_lease: true };
+    let effects = TransitionEffects {
+        error: Some((ErrorKind::SystemError, &message)),
+        release_lease: true,
+    };
     transition(conn, job_id, JobStatus::Failed, None, effects).await?;
     Ok(false)
 }

@@ -38,16 +38,39 @@ pub async fn expire_leases(state: &AppState) -> Result<usize, sqlx::Error> {
         }
         let mut tx = state.pool.begin().await?;
         let message = format!("lease of attempt {attempt} expired");
-        let released = TransitionEffects { error: None, release_lease: true };
+        let released = TransitionEffects {
+            error: None,
+            release_lease: true,
+        };
         if status == JobStatus::CancelRequested.as_str() {
-            jobs::transition(&mut tx, *job_id, JobStatus::Cancelled, Some(&message), released).await?;
-        } else if !jobs::retry_or_fail(&mut tx, *job_id, *attempt, *max_attempts, &message, state.settings.retry_backoff).await? {
+            jobs::transition(
+                &mut tx,
+                *job_id,
+                JobStatus::Cancelled,
+                Some(&message),
+                released,
+            )
+            .await?;
+        } else if !jobs::retry_or_fail(
+            &mut tx,
+            *job_id,
+            *attempt,
+            *max_attempts,
+            &message,
+            state.settings.retry_backoff,
+        )
+        .await?
+        {
             let prefixes = registry::fail_pending_version(&mut tx, *job_id).await?;
             tx.commit().await?;
             registry::delete_objects(&state.store, &prefixes).await;
             continue;
         }
-        sqlx::query("SELECT pg_notify($1, $2)").bind(jobs::QUEUE_CHANNEL).bind(job_id.to_string()).execute(&mut *tx).await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(jobs::QUEUE_CHANNEL)
+            .bind(job_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         tracing::warn!(%job_id, attempt, "lease expired");
     }

@@ -1,11 +1,17 @@
 //! `loraforge`: the control plane binary.
 
+mod models_command;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use loraforge::{Application, Settings};
 
 #[derive(Parser)]
-#[command(name = "loraforge", version, about = "Train LoRA-family adapters and keep them as versioned artifacts")]
+#[command(
+    name = "loraforge",
+    version,
+    about = "Train LoRA-family adapters and keep them as versioned artifacts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +37,11 @@ enum Command {
         /// Pending versions younger than this may still be uploading and are kept.
         #[arg(long, default_value_t = 3600)]
         grace_secs: u64,
+    },
+    /// Import base models (GGUF) and register model directories.
+    Models {
+        #[command(subcommand)]
+        command: models_command::ModelsCommand,
     },
 }
 
@@ -66,7 +77,9 @@ async fn main() -> anyhow::Result<()> {
             app.run_until(shutdown_signal()).await
         }
         Command::Migrate => {
-            loraforge::app::connect(&settings).await.context("migrating")?;
+            loraforge::app::connect(&settings)
+                .await
+                .context("migrating")?;
             println!("migrations applied");
             Ok(())
         }
@@ -94,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Models { command } => models_command::run(command).await,
     }
 }
 

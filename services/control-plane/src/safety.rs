@@ -8,14 +8,19 @@ use sqlx::PgPool;
 
 /// The project's policy, or the default one when it has none.
 pub async fn project_policy(pool: &PgPool, project: &str) -> Result<SafetyPolicy, sqlx::Error> {
-    let stored: Option<Json<SafetyPolicy>> = sqlx::query_scalar("SELECT policy FROM safety_policies WHERE project = $1")
-        .bind(project)
-        .fetch_optional(pool)
-        .await?;
+    let stored: Option<Json<SafetyPolicy>> =
+        sqlx::query_scalar("SELECT policy FROM safety_policies WHERE project = $1")
+            .bind(project)
+            .fetch_optional(pool)
+            .await?;
     Ok(stored.map(|p| p.0).unwrap_or_default())
 }
 
-pub async fn set_project_policy(pool: &PgPool, project: &str, policy: &SafetyPolicy) -> Result<(), ApiError> {
+pub async fn set_project_policy(
+    pool: &PgPool,
+    project: &str,
+    policy: &SafetyPolicy,
+) -> Result<(), ApiError> {
     policy.validate().map_err(ApiError::Validation)?;
     sqlx::query(
         "INSERT INTO safety_policies (project, policy) VALUES ($1, $2)
@@ -29,7 +34,11 @@ pub async fn set_project_policy(pool: &PgPool, project: &str, policy: &SafetyPol
 }
 
 /// The policy a new job will run under, or the field error that refuses its overrides.
-pub async fn effective_policy(pool: &PgPool, project: &str, overrides: &SafetyOverrides) -> Result<EffectivePolicy, ApiError> {
+pub async fn effective_policy(
+    pool: &PgPool,
+    project: &str,
+    overrides: &SafetyOverrides,
+) -> Result<EffectivePolicy, ApiError> {
     let policy = project_policy(pool, project).await?;
     EffectivePolicy::resolve(&policy, overrides).map_err(|e| ApiError::Validation(e.into()))
 }

@@ -12,7 +12,11 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, watch};
 
-pub async fn run(state: AppState, mut exits: mpsc::UnboundedReceiver<WorkerExit>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    state: AppState,
+    mut exits: mpsc::UnboundedReceiver<WorkerExit>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut listener = match listen(&state).await {
         Ok(l) => Some(l),
         Err(e) => {
@@ -58,7 +62,8 @@ async fn fill_slots(state: &AppState) -> anyhow::Result<()> {
     while state.executor.free_slots() > 0 {
         let token = new_worker_token();
         let token_sha = Sha256::digest(token.as_bytes());
-        let Some(claimed) = jobs::claim(&state.pool, state.settings.lease, &token_sha).await? else {
+        let Some(claimed) = jobs::claim(&state.pool, state.settings.lease, &token_sha).await?
+        else {
             return Ok(());
         };
         let launch = WorkerLaunch {
@@ -71,7 +76,10 @@ async fn fill_slots(state: &AppState) -> anyhow::Result<()> {
             let message = e.to_string();
             tracing::error!(job_id = %claimed.job_id, error = %message, "launch failed");
             let mut conn = state.pool.acquire().await?;
-            let effects = TransitionEffects { error: Some((ErrorKind::SystemError, &message)), release_lease: true };
+            let effects = TransitionEffects {
+                error: Some((ErrorKind::SystemError, &message)),
+                release_lease: true,
+            };
             jobs::transition(&mut conn, claimed.job_id, JobStatus::Failed, None, effects).await?;
         }
     }
@@ -81,7 +89,9 @@ async fn fill_slots(state: &AppState) -> anyhow::Result<()> {
 async fn settle_exit(state: &AppState, exit: WorkerExit) {
     match jobs::worker_exited(&state.pool, &exit, state.settings.retry_backoff).await {
         Ok(prefixes) => registry::delete_objects(&state.store, &prefixes).await,
-        Err(e) => tracing::error!(job_id = %exit.job_id, error = %e, "could not settle a worker exit"),
+        Err(e) => {
+            tracing::error!(job_id = %exit.job_id, error = %e, "could not settle a worker exit")
+        }
     }
 }
 

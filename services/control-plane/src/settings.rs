@@ -58,7 +58,10 @@ where
     T::Err: std::fmt::Display,
 {
     match var(name) {
-        Some(v) => v.parse().map_err(|e: T::Err| SettingsError { name, reason: format!("{v:?}: {e}") }),
+        Some(v) => v.parse().map_err(|e: T::Err| SettingsError {
+            name,
+            reason: format!("{v:?}: {e}"),
+        }),
         None => Ok(default),
     }
 }
@@ -68,10 +71,14 @@ impl Settings {
         let data_dir = match var("LORAFORGE_DATA_DIR") {
             Some(d) => PathBuf::from(d),
             None => std::env::current_dir()
-                .map_err(|e| SettingsError { name: "LORAFORGE_DATA_DIR", reason: e.to_string() })?
+                .map_err(|e| SettingsError {
+                    name: "LORAFORGE_DATA_DIR",
+                    reason: e.to_string(),
+                })?
                 .join(".data"),
         };
-        let storage_url = var("LORAFORGE_STORAGE_URL").unwrap_or_else(|| format!("file://{}/store", data_dir.display()));
+        let storage_url = var("LORAFORGE_STORAGE_URL")
+            .unwrap_or_else(|| format!("file://{}/store", data_dir.display()));
         let trainer_bin = match var("LORAFORGE_TRAINER_BIN") {
             Some(p) => PathBuf::from(p),
             None => default_trainer_bin(),
@@ -81,12 +88,16 @@ impl Settings {
             None => vec![data_dir.clone()],
         };
         Ok(Settings {
-            database_url: var("DATABASE_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/loraforge".into()),
+            database_url: var("DATABASE_URL")
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/loraforge".into()),
             addr: parse("LORAFORGE_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             storage_url,
             data_dir,
             public_url: var("LORAFORGE_PUBLIC_URL"),
-            executor: ExecutorSettings::Local { trainer_bin, slots: parse("LORAFORGE_LOCAL_SLOTS", 1usize)? },
+            executor: ExecutorSettings::Local {
+                trainer_bin,
+                slots: parse("LORAFORGE_LOCAL_SLOTS", 1usize)?,
+            },
             lease: Duration::from_secs(parse("LORAFORGE_LEASE_SECS", 60u64)?),
             poll_interval: Duration::from_millis(parse("LORAFORGE_POLL_MS", 1000u64)?),
             max_attempts: parse("LORAFORGE_MAX_ATTEMPTS", 3i32)?,
@@ -96,7 +107,10 @@ impl Settings {
                 None | Some("enabled") => true,
                 Some("disabled") => false,
                 Some(other) => {
-                    return Err(SettingsError { name: "LORAFORGE_AUTH", reason: format!("{other:?}: use enabled or disabled") })
+                    return Err(SettingsError {
+                        name: "LORAFORGE_AUTH",
+                        reason: format!("{other:?}: use enabled or disabled"),
+                    })
                 }
             },
             default_project: "default".into(),

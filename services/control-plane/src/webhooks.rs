@@ -24,7 +24,13 @@ pub const JOB_FAILED: &str = "job.failed";
 pub const VERSION_READY: &str = "adapter_version.ready";
 pub const VERSION_QUARANTINED: &str = "adapter_version.quarantined";
 pub const ALIAS_MOVED: &str = "alias.moved";
-pub const EVENTS: &[&str] = &[JOB_SUCCEEDED, JOB_FAILED, VERSION_READY, VERSION_QUARANTINED, ALIAS_MOVED];
+pub const EVENTS: &[&str] = &[
+    JOB_SUCCEEDED,
+    JOB_FAILED,
+    VERSION_READY,
+    VERSION_QUARANTINED,
+    ALIAS_MOVED,
+];
 
 /// A delivery is abandoned (`failed`) after this many attempts.
 pub const MAX_ATTEMPTS: i32 = 8;
@@ -67,19 +73,34 @@ pub struct DeliveryRow {
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
-pub async fn create(pool: &PgPool, project: &str, new: NewWebhook) -> Result<CreatedWebhook, ApiError> {
+pub async fn create(
+    pool: &PgPool,
+    project: &str,
+    new: NewWebhook,
+) -> Result<CreatedWebhook, ApiError> {
     let url = url_ok(&new.url).map_err(|m| ApiError::validation("url", m))?;
     if new.events.is_empty() {
-        return Err(ApiError::validation("events", format!("name at least one of {}", EVENTS.join(", "))));
+        return Err(ApiError::validation(
+            "events",
+            format!("name at least one of {}", EVENTS.join(", ")),
+        ));
     }
     for (i, e) in new.events.iter().enumerate() {
         if !EVENTS.contains(&e.as_str()) {
-            return Err(ApiError::validation(format!("events[{i}]"), format!("unknown event {e:?}; known: {}", EVENTS.join(", "))));
+            return Err(ApiError::validation(
+                format!("events[{i}]"),
+                format!("unknown event {e:?}; known: {}", EVENTS.join(", ")),
+            ));
         }
     }
     let secret = match new.secret {
         Some(s) if s.len() >= 16 => s,
-        Some(_) => return Err(ApiError::validation("secret", "must be at least 16 characters")),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "secret",
+                "must be at least 16 characters",
+            ))
+        }
         None => {
             let mut bytes = [0u8; 24];
             rand::rng().fill_bytes(&mut bytes);
@@ -109,26 +130,37 @@ fn url_ok(raw: &str) -> Result<String, String> {
 }
 
 pub async fn list(pool: &PgPool, project: &str) -> Result<Vec<WebhookRow>, sqlx::Error> {
-    sqlx::query_as("SELECT id, url, events, created_at FROM webhooks WHERE project = $1 ORDER BY created_at")
-        .bind(project)
-        .fetch_all(pool)
-        .await
+    sqlx::query_as(
+        "SELECT id, url, events, created_at FROM webhooks WHERE project = $1 ORDER BY created_at",
+    )
+    .bind(project)
+    .fetch_all(pool)
+    .await
 }
 
 pub async fn delete(pool: &PgPool, project: &str, id: Uuid) -> Result<(), ApiError> {
-    let n = sqlx::query("DELETE FROM webhooks WHERE project = $1 AND id = $2").bind(project).bind(id).execute(pool).await?;
+    let n = sqlx::query("DELETE FROM webhooks WHERE project = $1 AND id = $2")
+        .bind(project)
+        .bind(id)
+        .execute(pool)
+        .await?;
     if n.rows_affected() == 0 {
         return Err(ApiError::NotFound("webhook"));
     }
     Ok(())
 }
 
-pub async fn deliveries(pool: &PgPool, project: &str, id: Uuid) -> Result<Vec<DeliveryRow>, ApiError> {
-    let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM webhooks WHERE project = $1 AND id = $2")
-        .bind(project)
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
+pub async fn deliveries(
+    pool: &PgPool,
+    project: &str,
+    id: Uuid,
+) -> Result<Vec<DeliveryRow>, ApiError> {
+    let exists: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM webhooks WHERE project = $1 AND id = $2")
+            .bind(project)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
     exists.ok_or(ApiError::NotFound("webhook"))?;
     Ok(sqlx::query_as(
         "SELECT id, event, payload, status, attempts, last_status, last_error, created_at, delivered_at
@@ -141,7 +173,12 @@ pub async fn deliveries(pool: &PgPool, project: &str, id: Uuid) -> Result<Vec<De
 
 /// Queues a delivery of `event` to every subscription of the project that wants it.
 /// Call inside the transaction that makes the change, so both happen or neither.
-pub async fn enqueue(conn: &mut PgConnection, project: &str, event: &str, data: serde_json::Value) -> Result<(), sqlx::Error> {
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    project: &str,
+    event: &str,
+    data: serde_json::Value,
+) -> Result<(), sqlx::Error> {
     let payload = serde_json::json!({"event": event, "project": project, "occurred_at": Utc::now(), "data": data});
     sqlx::query(
         "INSERT INTO webhook_deliveries (id, webhook_id, event, payload, status)
@@ -157,7 +194,8 @@ pub async fn enqueue(conn: &mut PgConnection, project: &str, event: &str, data: 
 
 /// The signature header value for a body sent at `timestamp`.
 pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
@@ -165,7 +203,10 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 pub async fn run_dispatcher(state: AppState, mut stop: watch::Receiver<bool>) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
     loop {
         match dispatch_due(&state, &client).await {
             Ok(n) if n > 0 => continue,
@@ -206,7 +247,11 @@ async fn dispatch_due(state: &AppState, client: &reqwest::Client) -> Result<usiz
             .send()
             .await;
         let (ok, status, error) = match result {
-            Ok(r) => (r.status().is_success(), Some(r.status().as_u16() as i32), None),
+            Ok(r) => (
+                r.status().is_success(),
+                Some(r.status().as_u16() as i32),
+                None,
+            ),
             Err(e) => (false, None, Some(e.without_url().to_string())),
         };
         let attempts = attempts + 1;

@@ -13,7 +13,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -29,30 +32,48 @@ pub struct SpecError {
 fn render(errors: &[FieldError]) -> String {
     errors
         .iter()
-        .map(|e| if e.field.is_empty() { e.message.clone() } else { format!("{}: {}", e.field, e.message) })
+        .map(|e| {
+            if e.field.is_empty() {
+                e.message.clone()
+            } else {
+                format!("{}: {}", e.field, e.message)
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
 impl SpecError {
     pub fn one(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { errors: vec![FieldError::new(field, message)], malformed: false }
+        Self {
+            errors: vec![FieldError::new(field, message)],
+            malformed: false,
+        }
     }
 
     fn malformed(message: String) -> Self {
-        Self { errors: vec![FieldError::new("", message)], malformed: true }
+        Self {
+            errors: vec![FieldError::new("", message)],
+            malformed: true,
+        }
     }
 }
 
 impl From<FieldError> for SpecError {
     fn from(e: FieldError) -> Self {
-        Self { errors: vec![e], malformed: false }
+        Self {
+            errors: vec![e],
+            malformed: false,
+        }
     }
 }
 
 /// Deserializes an already-parsed value into `T`, reporting the failing field's path
 /// under `prefix` (e.g. `method` + `r`).
-pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value, prefix: &str) -> Result<T, SpecError> {
+pub fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    prefix: &str,
+) -> Result<T, SpecError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
         let field = match (prefix, inner.as_str()) {
@@ -68,7 +89,9 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value, pref
 /// NUL characters are refused up front: Postgres cannot store them in text or jsonb.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
     if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
-        return Err(SpecError::malformed("NUL characters (\\u0000) are not accepted".into()));
+        return Err(SpecError::malformed(
+            "NUL characters (\\u0000) are not accepted".into(),
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -88,6 +111,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Spe
         };
         SpecError::one(field, message)
     })?;
-    de.end().map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))?;
+    de.end()
+        .map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))?;
     Ok(value)
 }

@@ -48,7 +48,11 @@ pub fn is_uri(reference: &str) -> bool {
 }
 
 fn check_input_ref(field: &str, reference: &str, errors: &mut Vec<FieldError>) {
-    let checked = if is_uri(reference) { check_data_uri(reference) } else { AdapterName::parse(reference).map(drop) };
+    let checked = if is_uri(reference) {
+        check_data_uri(reference)
+    } else {
+        AdapterName::parse(reference).map(drop)
+    };
     if let Err(m) = checked {
         errors.push(FieldError::new(field, m));
     }
@@ -157,11 +161,16 @@ pub const MAX_SEQ_LEN: u32 = 131_072;
 
 impl TrainingConfig {
     pub fn validate(&self, errors: &mut Vec<FieldError>) {
-        let mut bad = |field: &str, msg: String| errors.push(FieldError::new(format!("training.{field}"), msg));
+        let mut bad = |field: &str, msg: String| {
+            errors.push(FieldError::new(format!("training.{field}"), msg))
+        };
         if self.max_steps == 0 || self.max_steps > MAX_STEPS {
             bad("max_steps", format!("must be between 1 and {MAX_STEPS}"));
         }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate < 10.0) {
+        if !(self.learning_rate.is_finite()
+            && self.learning_rate > 0.0
+            && self.learning_rate < 10.0)
+        {
             bad("learning_rate", "must be a positive number below 10".into());
         }
         if self.batch_size == 0 || self.batch_size > MAX_BATCH {
@@ -182,13 +191,19 @@ impl TrainingConfig {
             }
         }
         if self.gradient_accumulation_steps == 0 || self.gradient_accumulation_steps > 4096 {
-            bad("gradient_accumulation_steps", "must be between 1 and 4096".into());
+            bad(
+                "gradient_accumulation_steps",
+                "must be between 1 and 4096".into(),
+            );
         }
         if self.epochs == Some(0) {
             bad("epochs", "must be at least 1".into());
         }
         if self.checkpoint_every == Some(0) {
-            bad("checkpoint_every", "must be at least 1, or null for no checkpoints".into());
+            bad(
+                "checkpoint_every",
+                "must be at least 1, or null for no checkpoints".into(),
+            );
         }
         if self.eval_every == Some(0) {
             bad("eval_every", "must be at least 1".into());
@@ -218,22 +233,36 @@ impl JobSpec {
         }
         if let Some(f) = self.dataset.validation_fraction {
             if !(f.is_finite() && f > 0.0 && f <= 0.5) {
-                errors.push(FieldError::new("dataset.validation_fraction", "must be in (0, 0.5]"));
+                errors.push(FieldError::new(
+                    "dataset.validation_fraction",
+                    "must be in (0, 0.5]",
+                ));
             } else if self.dataset.validation.is_some() {
-                errors.push(FieldError::new("dataset.validation_fraction", "give a validation file or a fraction, not both"));
+                errors.push(FieldError::new(
+                    "dataset.validation_fraction",
+                    "give a validation file or a fraction, not both",
+                ));
             }
         }
         if let Some(p) = &self.parent {
             if p.reference.is_empty() || p.reference.len() > 63 {
-                errors.push(FieldError::new("parent.ref", "must be latest, an alias or a version number"));
+                errors.push(FieldError::new(
+                    "parent.ref",
+                    "must be latest, an alias or a version number",
+                ));
             }
         }
         self.method.validate(&mut errors);
+        self.method
+            .validate_with_training(&self.training, &mut errors);
         self.training.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(SpecError { errors, malformed: false })
+            Err(SpecError {
+                errors,
+                malformed: false,
+            })
         }
     }
 }
@@ -285,12 +314,21 @@ impl JobStatus {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 
     /// States in which a worker owns the job and must keep its lease alive.
     pub fn is_leased(self) -> bool {
-        matches!(self, JobStatus::Scheduled | JobStatus::Running | JobStatus::Evaluating | JobStatus::Publishing)
+        matches!(
+            self,
+            JobStatus::Scheduled
+                | JobStatus::Running
+                | JobStatus::Evaluating
+                | JobStatus::Publishing
+        )
     }
 
     /// The transitions of the lifecycle diagram; everything else is refused.
@@ -303,7 +341,10 @@ impl JobStatus {
             Failed => true,
             CancelRequested => self != CancelRequested,
             Cancelled => true,
-            Queued => matches!(self, Validating | Scheduled | Running | Evaluating | Publishing),
+            Queued => matches!(
+                self,
+                Validating | Scheduled | Running | Evaluating | Publishing
+            ),
             Scheduled => self == Queued,
             Running => self == Scheduled,
             Evaluating => self == Running,
@@ -323,7 +364,10 @@ impl fmt::Display for JobStatus {
 impl FromStr for JobStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        JobStatus::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown job status {s:?}"))
+        JobStatus::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown job status {s:?}"))
     }
 }
 
@@ -352,10 +396,15 @@ impl ErrorKind {
 impl FromStr for ErrorKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [ErrorKind::UserError, ErrorKind::SystemError, ErrorKind::SafetyBlocked, ErrorKind::DeadlineExceeded]
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown error kind {s:?}"))
+        [
+            ErrorKind::UserError,
+            ErrorKind::SystemError,
+            ErrorKind::SafetyBlocked,
+            ErrorKind::DeadlineExceeded,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+        .ok_or_else(|| format!("unknown error kind {s:?}"))
     }
 }
 
@@ -374,7 +423,9 @@ mod tests {
     fn parses_a_minimal_job_with_defaults() {
         let spec = JobSpec::parse(body(r#"{"type":"lora","r":8}"#).as_bytes()).unwrap();
         assert_eq!(spec.training.batch_size, 4);
-        let MethodConfig::Lora(l) = spec.method;
+        let MethodConfig::Lora(l) = spec.method else {
+            panic!("a lora job parses as lora")
+        };
         assert_eq!(l.target_modules, vec!["q_proj", "v_proj"]);
         assert_eq!(l.scaling(), 2.0);
     }
@@ -384,7 +435,10 @@ mod tests {
         let cases = [
             (r#"{"type":"lora","r":0}"#, "method.r"),
             (r#"{"type":"bogus","r":8}"#, "method.type"),
-            (r#"{"type":"lora","r":8,"target_modules":["q_proj","wq"]}"#, "method.target_modules[1]"),
+            (
+                r#"{"type":"lora","r":8,"target_modules":["q_proj","wq"]}"#,
+                "method.target_modules[1]",
+            ),
             (r#"{"type":"lora","r":8,"dropout":1.5}"#, "method.dropout"),
             (r#"{"type":"lora","r":"eight"}"#, "method.r"),
             (r#"{"type":"lora","r":8,"alhpa":4}"#, "method.alhpa"),
@@ -396,7 +450,10 @@ mod tests {
         let err = JobSpec::parse(br#"{"adapter_name":"a\u0000"}"#).unwrap_err();
         assert!(err.malformed, "{err}");
         let err = JobSpec::parse(b"{not json").unwrap_err();
-        assert!(err.malformed && err.errors[0].message.starts_with("malformed JSON"), "{err}");
+        assert!(
+            err.malformed && err.errors[0].message.starts_with("malformed JSON"),
+            "{err}"
+        );
     }
 
     #[test]

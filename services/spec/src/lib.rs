@@ -6,6 +6,7 @@
 pub mod error;
 pub mod job;
 pub mod manifest;
+pub mod merge;
 pub mod method;
 pub mod model;
 pub mod names;
@@ -15,7 +16,9 @@ pub mod uri;
 pub mod worker;
 
 pub use error::{FieldError, SpecError};
-pub use job::{DatasetSpec, DeviceChoice, ErrorKind, JobSpec, JobStatus, LrSchedule, ParentRef, TrainingConfig};
+pub use job::{
+    DatasetSpec, DeviceChoice, ErrorKind, JobSpec, JobStatus, LrSchedule, ParentRef, TrainingConfig,
+};
 pub use manifest::{AdapterManifest, DigestRef, FileDigest, TrainingMetrics};
 pub use method::{LoraConfig, LoraInit, MethodConfig};
 pub use names::AdapterName;

@@ -88,5 +88,8 @@ pub struct TrainerInfo {
 pub fn tree_digest_input(files: &[FileDigest]) -> String {
     let mut sorted: Vec<&FileDigest> = files.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    sorted.iter().map(|f| format!("{}  {}\n", f.sha256, f.name)).collect()
+    sorted
+        .iter()
+        .map(|f| format!("{}  {}\n", f.sha256, f.name))
+        .collect()
 }

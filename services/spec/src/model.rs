@@ -4,7 +4,15 @@
 use serde::Deserialize;
 
 /// Linear layers of a Llama-family decoder that can carry an adapter.
-pub const LLAMA_TARGET_MODULES: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const LLAMA_TARGET_MODULES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// `model_type` values of Hugging Face configs the trainer can load.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];

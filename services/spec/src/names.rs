@@ -11,8 +11,13 @@ pub struct AdapterName(String);
 
 impl AdapterName {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let ok_first = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        let ok_rest = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+        let ok_first = s
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let ok_rest = s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
         if s.is_empty() || s.len() > 63 || !ok_first || !ok_rest || s.contains("..") {
             return Err(format!(
                 "invalid name {s:?}: use 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"

@@ -59,22 +59,34 @@ impl SafetyPolicy {
     pub fn validate(&self) -> Result<(), crate::SpecError> {
         let mut errors = Vec::new();
         if !(self.max_refusal_drop.is_finite() && (0.0..=1.0).contains(&self.max_refusal_drop)) {
-            errors.push(crate::FieldError::new("max_refusal_drop", "must be in [0, 1]"));
+            errors.push(crate::FieldError::new(
+                "max_refusal_drop",
+                "must be in [0, 1]",
+            ));
         }
-        if self.max_benign_kl.is_some_and(|k| !(k.is_finite() && k >= 0.0)) {
-            errors.push(crate::FieldError::new("max_benign_kl", "must be a non-negative number"));
+        if self
+            .max_benign_kl
+            .is_some_and(|k| !(k.is_finite() && k >= 0.0))
+        {
+            errors.push(crate::FieldError::new(
+                "max_benign_kl",
+                "must be a non-negative number",
+            ));
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(crate::SpecError { errors, malformed: false })
+            Err(crate::SpecError {
+                errors,
+                malformed: false,
+            })
         }
     }
 }
 
 /// A job's request about the gate: tighter thresholds, or (if allowed) no gate.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SafetyOverrides {
     #[serde(default = "yes")]
@@ -83,6 +95,18 @@ pub struct SafetyOverrides {
     pub max_refusal_drop: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_benign_kl: Option<f64>,
+}
+
+/// What a job without a `safety` block gets (`JobSpec`'s `#[serde(default)]`): the
+/// project's gate, unchanged. A derived default would switch the gate off.
+impl Default for SafetyOverrides {
+    fn default() -> Self {
+        SafetyOverrides {
+            enabled: true,
+            max_refusal_drop: None,
+            max_benign_kl: None,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -103,23 +127,43 @@ impl EffectivePolicy {
     /// Combines a project policy with a job's overrides. A looser threshold than the
     /// project's, or switching the gate off where the project forbids it, is refused
     /// (field paths under `safety.`).
-    pub fn resolve(project: &SafetyPolicy, job: &SafetyOverrides) -> Result<EffectivePolicy, crate::FieldError> {
+    pub fn resolve(
+        project: &SafetyPolicy,
+        job: &SafetyOverrides,
+    ) -> Result<EffectivePolicy, crate::FieldError> {
         if !job.enabled && !project.allow_disable {
-            return Err(crate::FieldError::new("safety.enabled", "this project does not allow switching the safety gate off"));
+            return Err(crate::FieldError::new(
+                "safety.enabled",
+                "this project does not allow switching the safety gate off",
+            ));
         }
         // `None` as a limit means unlimited: any value tightens it.
         let tighten = |field: &str, asked: Option<f64>, limit: Option<f64>| match (asked, limit) {
-            (Some(v), _) if !(v.is_finite() && v >= 0.0) => Err(crate::FieldError::new(field, "must be a non-negative number")),
-            (Some(v), Some(l)) if v > l => Err(crate::FieldError::new(field, format!("may only tighten the project's limit of {l}"))),
+            (Some(v), _) if !(v.is_finite() && v >= 0.0) => Err(crate::FieldError::new(
+                field,
+                "must be a non-negative number",
+            )),
+            (Some(v), Some(l)) if v > l => Err(crate::FieldError::new(
+                field,
+                format!("may only tighten the project's limit of {l}"),
+            )),
             (Some(v), _) => Ok(Some(v)),
             (None, l) => Ok(l),
         };
-        let max_refusal_drop = tighten("safety.max_refusal_drop", job.max_refusal_drop, Some(project.max_refusal_drop))?
-            .unwrap_or(project.max_refusal_drop);
+        let max_refusal_drop = tighten(
+            "safety.max_refusal_drop",
+            job.max_refusal_drop,
+            Some(project.max_refusal_drop),
+        )?
+        .unwrap_or(project.max_refusal_drop);
         Ok(EffectivePolicy {
             enabled: job.enabled,
             max_refusal_drop,
-            max_benign_kl: tighten("safety.max_benign_kl", job.max_benign_kl, project.max_benign_kl)?,
+            max_benign_kl: tighten(
+                "safety.max_benign_kl",
+                job.max_benign_kl,
+                project.max_benign_kl,
+            )?,
             action: project.action,
         })
     }
@@ -135,7 +179,10 @@ impl EffectivePolicy {
             ));
         }
         if let Some(limit) = self.max_benign_kl.filter(|l| report.benign_kl_mean > *l) {
-            breaches.push(format!("mean KL on benign prompts {:.4} exceeds {limit}", report.benign_kl_mean));
+            breaches.push(format!(
+                "mean KL on benign prompts {:.4} exceeds {limit}",
+                report.benign_kl_mean
+            ));
         }
         let decision = match (breaches.is_empty(), self.action) {
             (true, _) => SafetyDecision::Publish,
@@ -213,28 +260,86 @@ mod tests {
     #[test]
     fn jobs_tighten_but_never_loosen() {
         let project = SafetyPolicy::default();
-        let tighter = SafetyOverrides { enabled: true, max_refusal_drop: Some(0.05), max_benign_kl: None };
-        assert_eq!(EffectivePolicy::resolve(&project, &tighter).unwrap().max_refusal_drop, 0.05);
-        let looser = SafetyOverrides { enabled: true, max_refusal_drop: Some(0.9), max_benign_kl: None };
-        assert_eq!(EffectivePolicy::resolve(&project, &looser).unwrap_err().field, "safety.max_refusal_drop");
-        let off = SafetyOverrides { enabled: false, ..Default::default() };
-        assert_eq!(EffectivePolicy::resolve(&project, &off).unwrap_err().field, "safety.enabled");
-        let lenient = SafetyPolicy { allow_disable: true, ..Default::default() };
+        let tighter = SafetyOverrides {
+            enabled: true,
+            max_refusal_drop: Some(0.05),
+            max_benign_kl: None,
+        };
+        assert_eq!(
+            EffectivePolicy::resolve(&project, &tighter)
+                .unwrap()
+                .max_refusal_drop,
+            0.05
+        );
+        let looser = SafetyOverrides {
+            enabled: true,
+            max_refusal_drop: Some(0.9),
+            max_benign_kl: None,
+        };
+        assert_eq!(
+            EffectivePolicy::resolve(&project, &looser)
+                .unwrap_err()
+                .field,
+            "safety.max_refusal_drop"
+        );
+        assert!(
+            SafetyOverrides::default().enabled,
+            "the gate is on unless a job switches it off"
+        );
+        let off = SafetyOverrides {
+            enabled: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            EffectivePolicy::resolve(&project, &off).unwrap_err().field,
+            "safety.enabled"
+        );
+        let lenient = SafetyPolicy {
+            allow_disable: true,
+            ..Default::default()
+        };
         assert!(!EffectivePolicy::resolve(&lenient, &off).unwrap().enabled);
     }
 
     #[test]
     fn verdicts_follow_thresholds_and_action() {
-        let policy = EffectivePolicy::resolve(&SafetyPolicy::default(), &SafetyOverrides { enabled: true, ..Default::default() }).unwrap();
-        assert_eq!(policy.judge(&report(0.9, 0.85, 0.1)).decision, SafetyDecision::Publish);
+        let policy = EffectivePolicy::resolve(
+            &SafetyPolicy::default(),
+            &SafetyOverrides {
+                enabled: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            policy.judge(&report(0.9, 0.85, 0.1)).decision,
+            SafetyDecision::Publish
+        );
         let blocked = policy.judge(&report(0.9, 0.1, 0.1));
         assert_eq!(blocked.decision, SafetyDecision::Quarantine);
         assert_eq!(blocked.breaches.len(), 1);
-        assert_eq!(policy.judge(&report(0.9, 0.9, 5.0)).decision, SafetyDecision::Publish, "no drift limit by default");
-        let strict = SafetyOverrides { enabled: true, max_refusal_drop: None, max_benign_kl: Some(0.5) };
+        assert_eq!(
+            policy.judge(&report(0.9, 0.9, 5.0)).decision,
+            SafetyDecision::Publish,
+            "no drift limit by default"
+        );
+        let strict = SafetyOverrides {
+            enabled: true,
+            max_refusal_drop: None,
+            max_benign_kl: Some(0.5),
+        };
         let strict = EffectivePolicy::resolve(&SafetyPolicy::default(), &strict).unwrap();
-        assert_eq!(strict.judge(&report(0.9, 0.9, 5.0)).decision, SafetyDecision::Quarantine);
-        let warn = EffectivePolicy { action: BreachAction::Warn, ..policy };
-        assert_eq!(warn.judge(&report(0.9, 0.1, 0.1)).decision, SafetyDecision::Warn);
+        assert_eq!(
+            strict.judge(&report(0.9, 0.9, 5.0)).decision,
+            SafetyDecision::Quarantine
+        );
+        let warn = EffectivePolicy {
+            action: BreachAction::Warn,
+            ..policy
+        };
+        assert_eq!(
+            warn.judge(&report(0.9, 0.1, 0.1)).decision,
+            SafetyDecision::Warn
+        );
     }
 }

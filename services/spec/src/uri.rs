@@ -6,13 +6,20 @@ pub const SCHEMES: &[&str] = &["file", "s3", "s3a", "gs", "az", "azure", "abfs",
 /// Checks the shape of a data URI; whether it exists is checked where storage is at hand.
 pub fn check_data_uri(uri: &str) -> Result<(), String> {
     let Some((scheme, rest)) = uri.split_once("://") else {
-        return Err(format!("{uri:?} is not a URI; expected e.g. file:///abs/path or s3://bucket/key"));
+        return Err(format!(
+            "{uri:?} is not a URI; expected e.g. file:///abs/path or s3://bucket/key"
+        ));
     };
     if !SCHEMES.contains(&scheme) {
-        return Err(format!("unsupported scheme {scheme:?}; supported: {}", SCHEMES.join(", ")));
+        return Err(format!(
+            "unsupported scheme {scheme:?}; supported: {}",
+            SCHEMES.join(", ")
+        ));
     }
     if scheme == "file" && !rest.starts_with('/') {
-        return Err(format!("{uri:?}: file URIs need an absolute path (file:///abs/path)"));
+        return Err(format!(
+            "{uri:?}: file URIs need an absolute path (file:///abs/path)"
+        ));
     }
     if rest.split('/').any(|seg| seg == "..") {
         return Err(format!("{uri:?}: '..' segments are not allowed"));

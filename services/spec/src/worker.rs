@@ -46,7 +46,10 @@ pub struct ParentArtifact {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventPayload {
     /// A lifecycle transition; written by the control plane only.
-    Status { status: JobStatus, message: Option<String> },
+    Status {
+        status: JobStatus,
+        message: Option<String>,
+    },
     /// One optimizer step.
     Progress {
         step: u32,
@@ -61,9 +64,22 @@ pub enum EventPayload {
     /// The safety evaluation's results (base vs adapted).
     Safety { report: crate::safety::SafetyReport },
     /// A checkpoint was saved (`resumed: false`) or training resumed from one (`true`).
-    Checkpoint { step: u32, prefix: String, resumed: bool },
+    Checkpoint {
+        step: u32,
+        prefix: String,
+        resumed: bool,
+    },
     /// A free-form line from the worker (loading, device, data stats).
     Log { message: String },
+    /// An adaptive-rank method's allocation after `step` (sent when it changes): the total
+    /// rank, each adapted module's rank (full module path; a pruned module has 0), and for
+    /// gated methods the fraction of gates at exactly zero.
+    Ranks {
+        step: u32,
+        total: u32,
+        per_module: std::collections::BTreeMap<String, u32>,
+        sparsity: Option<f64>,
+    },
 }
 
 impl EventPayload {
@@ -75,6 +91,7 @@ impl EventPayload {
             EventPayload::Safety { .. } => "safety",
             EventPayload::Checkpoint { .. } => "checkpoint",
             EventPayload::Log { .. } => "log",
+            EventPayload::Ranks { .. } => "ranks",
         }
     }
 }

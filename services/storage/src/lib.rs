@@ -76,21 +76,33 @@ impl Store {
     }
 
     fn open_with(url: &str, create: bool) -> Result<Store> {
-        let invalid = |reason: String| StorageError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StorageError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
         let url = url.trim_end_matches('/').to_string();
         type Opened = (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, String);
         let (inner, signer, root): Opened = match parsed.scheme() {
             "file" => {
-                let dir = parsed.to_file_path().map_err(|_| invalid("not an absolute local path".into()))?;
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|_| invalid("not an absolute local path".into()))?;
                 if create {
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| StorageError::Io { path: dir.display().to_string(), source: e })?;
+                    std::fs::create_dir_all(&dir).map_err(|e| StorageError::Io {
+                        path: dir.display().to_string(),
+                        source: e,
+                    })?;
                 } else if !dir.is_dir() {
                     return Err(StorageError::NotFound(url));
                 }
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| StorageError::Backend { uri: url.clone(), source: e })?;
+                let fs =
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| {
+                        StorageError::Backend {
+                            uri: url.clone(),
+                            source: e,
+                        }
+                    })?;
                 (Arc::new(fs), None, String::new())
             }
             "s3" | "s3a" => {
@@ -122,7 +134,12 @@ impl Store {
             }
             other => return Err(invalid(format!("unsupported scheme {other:?}"))),
         };
-        Ok(Store { inner, signer, root, url })
+        Ok(Store {
+            inner,
+            signer,
+            root,
+            url,
+        })
     }
 
     /// Opens the store holding the object a URI names, and that object's relative path.
@@ -130,10 +147,17 @@ impl Store {
         let trimmed = uri.trim_end_matches('/');
         match trimmed.rsplit_once('/') {
             Some((dir, name)) if !name.is_empty() && dir.contains("://") && !dir.ends_with(':') => {
-                let dir = if dir.ends_with(":/") { format!("{dir}/") } else { dir.to_string() };
+                let dir = if dir.ends_with(":/") {
+                    format!("{dir}/")
+                } else {
+                    dir.to_string()
+                };
                 Ok((Store::open(&dir)?, name.to_string()))
             }
-            _ => Err(StorageError::InvalidUrl { url: uri.into(), reason: "names no object".into() }),
+            _ => Err(StorageError::InvalidUrl {
+                url: uri.into(),
+                reason: "names no object".into(),
+            }),
         }
     }
 
@@ -168,9 +192,16 @@ impl Store {
     pub async fn put(&self, rel: &str, data: Bytes) -> Result<()> {
         let path = self.path(rel);
         if data.len() <= MULTIPART_THRESHOLD {
-            self.inner.put(&path, PutPayload::from(data)).await.map_err(self.backend(rel))?;
+            self.inner
+                .put(&path, PutPayload::from(data))
+                .await
+                .map_err(self.backend(rel))?;
         } else {
-            let upload = self.inner.put_multipart(&path).await.map_err(self.backend(rel))?;
+            let upload = self
+                .inner
+                .put_multipart(&path)
+                .await
+                .map_err(self.backend(rel))?;
             let mut writer = WriteMultipart::new(upload);
             writer.write(&data);
             writer.finish().await.map_err(self.backend(rel))?;
@@ -179,27 +210,55 @@ impl Store {
     }
 
     pub async fn get(&self, rel: &str) -> Result<Bytes> {
-        let got = self.inner.get(&self.path(rel)).await.map_err(self.backend(rel))?;
+        let got = self
+            .inner
+            .get(&self.path(rel))
+            .await
+            .map_err(self.backend(rel))?;
         got.bytes().await.map_err(self.backend(rel))
     }
 
     /// The object's bytes as a stream, for serving large files without buffering them.
-    pub async fn get_stream(&self, rel: &str) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
+    pub async fn get_stream(
+        &self,
+        rel: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
         let uri = self.uri_of(rel);
-        let got = self.inner.get(&self.path(rel)).await.map_err(self.backend(rel))?;
-        Ok(Box::pin(got.into_stream().map_err(move |e| StorageError::Backend { uri: uri.clone(), source: e })))
+        let got = self
+            .inner
+            .get(&self.path(rel))
+            .await
+            .map_err(self.backend(rel))?;
+        Ok(Box::pin(got.into_stream().map_err(move |e| {
+            StorageError::Backend {
+                uri: uri.clone(),
+                source: e,
+            }
+        })))
     }
 
     /// A presigned GET URL valid for `expires`, where the backend can sign (S3, GCS, Azure).
-    pub async fn presigned_get(&self, rel: &str, expires: std::time::Duration) -> Result<Option<url::Url>> {
-        let Some(signer) = &self.signer else { return Ok(None) };
-        let url = signer.signed_url(http::Method::GET, &self.path(rel), expires).await.map_err(self.backend(rel))?;
+    pub async fn presigned_get(
+        &self,
+        rel: &str,
+        expires: std::time::Duration,
+    ) -> Result<Option<url::Url>> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let url = signer
+            .signed_url(http::Method::GET, &self.path(rel), expires)
+            .await
+            .map_err(self.backend(rel))?;
         Ok(Some(url))
     }
 
     /// A byte range of an object (e.g. a safetensors header).
     pub async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
-        self.inner.get_range(&self.path(rel), range).await.map_err(self.backend(rel))
+        self.inner
+            .get_range(&self.path(rel), range)
+            .await
+            .map_err(self.backend(rel))
     }
 
     /// Size of an object, or `None` if there is none.
@@ -213,7 +272,11 @@ impl Store {
 
     /// sha256 (hex) and size of a stored object, streamed.
     pub async fn digest(&self, rel: &str) -> Result<(String, u64)> {
-        let got = self.inner.get(&self.path(rel)).await.map_err(self.backend(rel))?;
+        let got = self
+            .inner
+            .get(&self.path(rel))
+            .await
+            .map_err(self.backend(rel))?;
         let mut stream = got.into_stream();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -227,11 +290,23 @@ impl Store {
     /// Every object under a prefix, with paths relative to the store root.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         let base = self.path(prefix);
-        let strip = if self.root.is_empty() { 0 } else { self.root.len() + 1 };
-        let metas: Vec<_> = self.inner.list(Some(&base)).try_collect().await.map_err(self.backend(prefix))?;
+        let strip = if self.root.is_empty() {
+            0
+        } else {
+            self.root.len() + 1
+        };
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&base))
+            .try_collect()
+            .await
+            .map_err(self.backend(prefix))?;
         let mut out: Vec<Listed> = metas
             .into_iter()
-            .map(|m| Listed { path: m.location.as_ref()[strip..].to_string(), size: m.size })
+            .map(|m| Listed {
+                path: m.location.as_ref()[strip..].to_string(),
+                size: m.size,
+            })
             .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
@@ -257,9 +332,16 @@ impl Store {
     /// Copies an object into a local file, returning its sha256 and size.
     pub async fn download(&self, rel: &str, dest: &std::path::Path) -> Result<(String, u64)> {
         use std::io::Write;
-        let got = self.inner.get(&self.path(rel)).await.map_err(self.backend(rel))?;
+        let got = self
+            .inner
+            .get(&self.path(rel))
+            .await
+            .map_err(self.backend(rel))?;
         let mut stream = got.into_stream();
-        let io = |e| StorageError::Io { path: dest.display().to_string(), source: e };
+        let io = |e| StorageError::Io {
+            path: dest.display().to_string(),
+            source: e,
+        };
         let tmp = dest.with_extension("partial");
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
         let mut hasher = Sha256::new();
@@ -287,7 +369,12 @@ impl Store {
         let mut lines = Vec::new();
         let mut total = 0;
         for object in self.list(prefix).await? {
-            let rel = object.path.strip_prefix(prefix).unwrap_or(&object.path).trim_start_matches('/').to_string();
+            let rel = object
+                .path
+                .strip_prefix(prefix)
+                .unwrap_or(&object.path)
+                .trim_start_matches('/')
+                .to_string();
             if rel.split('/').any(|part| part.starts_with('.')) {
                 continue;
             }
@@ -296,7 +383,10 @@ impl Store {
             lines.push((rel, sha));
         }
         lines.sort();
-        let text: String = lines.iter().map(|(name, sha)| format!("{sha}  {name}\n")).collect();
+        let text: String = lines
+            .iter()
+            .map(|(name, sha)| format!("{sha}  {name}\n"))
+            .collect();
         Ok((sha256_hex(text.as_bytes()), total, lines.len()))
     }
 }
@@ -313,21 +403,40 @@ mod tests {
     #[tokio::test]
     async fn local_roundtrip_list_digest_delete() {
         let dir = std::env::temp_dir().join(format!("lf-store-{}", std::process::id()));
-        assert!(matches!(Store::open(&format!("file://{}", dir.display())), Err(StorageError::NotFound(_))));
+        assert!(matches!(
+            Store::open(&format!("file://{}", dir.display())),
+            Err(StorageError::NotFound(_))
+        ));
         let store = Store::create(&format!("file://{}", dir.display())).unwrap();
-        store.put("a/v1/x.bin", Bytes::from_static(b"hello")).await.unwrap();
-        store.put("a/v1/y.bin", Bytes::from_static(b"world!")).await.unwrap();
-        assert_eq!(store.get("a/v1/x.bin").await.unwrap(), Bytes::from_static(b"hello"));
+        store
+            .put("a/v1/x.bin", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        store
+            .put("a/v1/y.bin", Bytes::from_static(b"world!"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("a/v1/x.bin").await.unwrap(),
+            Bytes::from_static(b"hello")
+        );
         assert_eq!(store.size("a/v1/y.bin").await.unwrap(), Some(6));
         assert_eq!(store.size("a/v1/none").await.unwrap(), None);
         let (sha, size) = store.digest("a/v1/x.bin").await.unwrap();
         assert_eq!((sha.as_str(), size), (sha256_hex(b"hello").as_str(), 5));
         let listed = store.list("a").await.unwrap();
-        assert_eq!(listed.iter().map(|l| l.path.as_str()).collect::<Vec<_>>(), ["a/v1/x.bin", "a/v1/y.bin"]);
+        assert_eq!(
+            listed.iter().map(|l| l.path.as_str()).collect::<Vec<_>>(),
+            ["a/v1/x.bin", "a/v1/y.bin"]
+        );
         assert_eq!(store.delete_prefix("a/v1").await.unwrap(), 2);
         assert!(store.list("a").await.unwrap().is_empty());
-        assert!(matches!(store.get("a/v1/x.bin").await, Err(StorageError::NotFound(_))));
-        let (s2, name) = Store::open_object(&format!("file://{}/a/b.jsonl", dir.display())).unwrap();
+        assert!(matches!(
+            store.get("a/v1/x.bin").await,
+            Err(StorageError::NotFound(_))
+        ));
+        let (s2, name) =
+            Store::open_object(&format!("file://{}/a/b.jsonl", dir.display())).unwrap();
         assert_eq!(name, "b.jsonl");
         assert!(s2.url().ends_with("/a"));
         std::fs::remove_dir_all(dir).ok();

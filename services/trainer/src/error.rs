@@ -20,7 +20,8 @@ pub fn user_error(message: impl Into<String>) -> anyhow::Error {
 
 /// What an error means for the job, found anywhere in its cause chain.
 pub fn classify(err: &anyhow::Error) -> Option<&Failure> {
-    err.chain().find_map(|cause| cause.downcast_ref::<Failure>())
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<Failure>())
 }
 
 /// The `kind` reported to the control plane for an error that ends a job.

@@ -1,8 +1,9 @@
 //! A Llama-family decoder (Llama, Mistral, Qwen2) in libtorch, following Hugging Face's
-//! `LlamaForCausalLM` op for op so that logits match it. Base weights are frozen; every
-//! linear layer has a slot for a trainable adapter branch.
+//! `LlamaForCausalLM` op for op so that logits match it (tests/tests/parity.rs), with RoPE
+//! scaling and sliding-window attention as transformers computes them. Base weights are
+//! frozen; every linear layer has a slot for a trainable adapter branch.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::error::user_error;
 use crate::weights::load_model_weights;
 use anyhow::Result;
@@ -21,7 +22,11 @@ pub fn base_kind(device: Device) -> Kind {
 
 /// The device and base dtype in words, for logs and manifests: `cpu fp32`, `cuda:0 bf16`.
 pub fn device_label(device: Device) -> String {
-    let dtype = if base_kind(device) == Kind::BFloat16 { "bf16" } else { "fp32" };
+    let dtype = if base_kind(device) == Kind::BFloat16 {
+        "bf16"
+    } else {
+        "fp32"
+    };
     match device {
         Device::Cuda(index) => format!("cuda:{index} {dtype}"),
         other => format!("{} {dtype}", format!("{other:?}").to_lowercase()),
@@ -32,6 +37,13 @@ pub fn device_label(device: Device) -> String {
 pub trait LinearAdapter {
     /// The branch's contribution for input `x`, in `x`'s dtype.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+
+    /// `y + forward(x)` for `x (tokens, in)` and the frozen layer's output `y (tokens, out)`,
+    /// which the adapter may take over: a branch that ends in a matrix product can accumulate
+    /// into `y` in place (`addmm_`) instead of materialising its output and then adding it.
+    fn add_to(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
+        y + self.forward(x, train)
+    }
 }
 
 /// `y = x W^T + b`, plus the adapter branch if one is attached.
@@ -43,7 +55,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { weight, bias, adapter: None }
+        Linear {
+            weight,
+            bias,
+            adapter: None,
+        }
     }
 
     pub fn in_features(&self) -> i64 {
@@ -59,11 +75,18 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
-        match &self.adapter {
-            Some(adapter) => y + adapter.forward(x, train),
-            None => y,
+        let Some(adapter) = &self.adapter else {
+            return x.linear(&self.weight, self.bias.as_ref());
+        };
+        // Flattened to (tokens, features), the shape `linear` multiplies in anyway (a view of
+        // the contiguous activations), so that the adapter can accumulate into the output.
+        let mut shape = x.size();
+        if let Some(features) = shape.last_mut() {
+            *features = self.out_features();
         }
+        let x = x.reshape([-1, self.in_features()]);
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        adapter.add_to(y, &x, train).view(shape.as_slice())
     }
 }
 
@@ -103,7 +126,10 @@ struct Weights(HashMap<String, Tensor>);
 
 impl Weights {
     fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let tensor = self.0.remove(name).ok_or_else(|| user_error(format!("model weights have no tensor {name}")))?;
+        let tensor = self
+            .0
+            .remove(name)
+            .ok_or_else(|| user_error(format!("model weights have no tensor {name}")))?;
         if tensor.size() != shape {
             return Err(user_error(format!(
                 "model weight {name} has shape {:?}, but config.json implies {shape:?}",
@@ -115,8 +141,39 @@ impl Weights {
 
     fn linear(&mut self, prefix: &str, out: i64, inp: i64, bias: bool) -> Result<Linear> {
         let weight = self.take(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias { Some(self.take(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
         Ok(Linear::new(weight, bias))
+    }
+
+    /// Tensors nobody took mean config.json describes another model (more layers, biases it
+    /// does not declare), which would otherwise train silently on the wrong architecture.
+    /// Only what transformers itself ignores may remain: old checkpoints' RoPE buffers and
+    /// a stored copy of a tied output head.
+    fn check_all_taken(self, tied_head: bool) -> Result<()> {
+        let mut extra: Vec<String> = self
+            .0
+            .into_keys()
+            .filter(|name| {
+                !(name.ends_with("rotary_emb.inv_freq") || tied_head && name == "lm_head.weight")
+            })
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        extra.sort();
+        let shown = extra.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        let more = if extra.len() > 5 {
+            format!(" and {} more", extra.len() - 5)
+        } else {
+            String::new()
+        };
+        Err(user_error(format!(
+            "model weights have tensors that config.json does not describe: {shown}{more}"
+        )))
     }
 }
 
@@ -130,8 +187,11 @@ impl LlamaModel {
     fn from_weights(config: ModelConfig, weights: HashMap<String, Tensor>) -> Result<LlamaModel> {
         let mut weights = Weights(weights);
         let c = &config;
-        let (hidden, q_out, kv_out) =
-            (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (hidden, q_out, kv_out) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         let embed_tokens = weights.take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
         for i in 0..c.num_hidden_layers {
@@ -139,19 +199,55 @@ impl LlamaModel {
             layers.push(DecoderLayer {
                 input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[hidden])?,
                 self_attn: Attention {
-                    q_proj: weights.linear(&format!("{p}.self_attn.q_proj"), q_out, hidden, c.qkv_bias)?,
-                    k_proj: weights.linear(&format!("{p}.self_attn.k_proj"), kv_out, hidden, c.qkv_bias)?,
-                    v_proj: weights.linear(&format!("{p}.self_attn.v_proj"), kv_out, hidden, c.qkv_bias)?,
-                    o_proj: weights.linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias)?,
+                    q_proj: weights.linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        q_out,
+                        hidden,
+                        c.qkv_bias,
+                    )?,
+                    k_proj: weights.linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        kv_out,
+                        hidden,
+                        c.qkv_bias,
+                    )?,
+                    v_proj: weights.linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        kv_out,
+                        hidden,
+                        c.qkv_bias,
+                    )?,
+                    o_proj: weights.linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        hidden,
+                        q_out,
+                        c.o_bias,
+                    )?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
-                post_attention_layernorm: weights.take(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                post_attention_layernorm: weights
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
                 mlp: Mlp {
-                    gate_proj: weights.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, false)?,
-                    up_proj: weights.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, false)?,
-                    down_proj: weights.linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, false)?,
+                    gate_proj: weights.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        hidden,
+                        false,
+                    )?,
+                    up_proj: weights.linear(
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        hidden,
+                        false,
+                    )?,
+                    down_proj: weights.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        hidden,
+                        c.intermediate_size,
+                        false,
+                    )?,
                 },
             });
         }
@@ -161,7 +257,14 @@ impl LlamaModel {
         } else {
             weights.take("lm_head.weight", &[c.vocab_size, hidden])?
         };
-        Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head })
+        weights.check_all_taken(c.tie_word_embeddings)?;
+        Ok(LlamaModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// The linear layers whose short name (`q_proj`, `down_proj`, …) is in `modules`, each
@@ -170,37 +273,97 @@ impl LlamaModel {
         &'a mut self,
         modules: &'a [S],
     ) -> impl Iterator<Item = (String, &'a mut Linear)> + 'a {
-        self.layers.iter_mut().enumerate().flat_map(move |(i, layer)| {
-            layer
-                .named_linears_mut()
-                .into_iter()
-                .filter(|(_, name, _)| modules.iter().any(|m| m.as_ref() == *name))
-                .map(move |(block, name, linear)| (format!("model.layers.{i}.{block}.{name}"), linear))
-        })
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .flat_map(move |(i, layer)| {
+                layer
+                    .named_linears_mut()
+                    .into_iter()
+                    .filter(|(_, name, _)| modules.iter().any(|m| m.as_ref() == *name))
+                    .map(move |(block, name, linear)| {
+                        (format!("model.layers.{i}.{block}.{name}"), linear)
+                    })
+            })
     }
 
     /// Logits `(batch, seq, vocab)` in the base dtype for token ids `(batch, seq)`.
     pub fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
         let seq_len = input_ids.size()[1];
         let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        let (cos, sin) = self.rotary_tables(seq_len, hidden.kind(), hidden.device());
-        for layer in &self.layers {
-            hidden = layer.forward(&hidden, &cos, &sin, self.config.rms_norm_eps, train);
+        let (cos, sin) = rotary_tables(&self.config, seq_len, hidden.kind(), hidden.device());
+        // Every sliding layer shares one window; within it, attention is plain causal.
+        let window_mask = self
+            .config
+            .sliding_window
+            .filter(|&w| seq_len > w)
+            .map(|w| sliding_window_mask(seq_len, w, hidden.device()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = window_mask
+                .as_ref()
+                .filter(|_| self.config.window_of(i).is_some());
+            hidden = layer.forward(&hidden, &cos, &sin, mask, self.config.rms_norm_eps, train);
         }
         let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps);
         hidden.linear::<Tensor>(&self.lm_head, None)
     }
+}
 
-    /// cos/sin tables `(seq, head_dim)` computed in fp32, then cast, as Hugging Face does.
-    fn rotary_tables(&self, seq_len: i64, kind: Kind, device: Device) -> (Tensor, Tensor) {
-        let dim = self.config.head_dim;
-        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
-        let inv_freq = Tensor::pow_scalar(self.config.rope_theta, &exponents).reciprocal();
-        let positions = Tensor::arange(seq_len, (Kind::Float, device));
-        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
-        let angles = Tensor::cat(&[&freqs, &freqs], -1);
-        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+/// RoPE inverse frequencies `(head_dim / 2)` in fp32, op for op as transformers computes them
+/// (`compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+/// `_compute_llama3_parameters`), so that the rotations agree to the last bit.
+fn inverse_frequencies(config: &ModelConfig, device: Device) -> Tensor {
+    let dim = config.head_dim;
+    let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
+        .to_kind(Kind::Float)
+        / dim as f64;
+    let inv_freq = Tensor::pow_scalar(config.rope_theta, &exponents).reciprocal();
+    match config.rope_scaling {
+        RopeScaling::None => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old_context = original_max_position_embeddings as f64;
+            let low_freq_wavelen = old_context / low_freq_factor;
+            let high_freq_wavelen = old_context / high_freq_factor;
+            // Python's `scalar / tensor` is `tensor.reciprocal() * scalar`; the same here.
+            let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+            let scaled = (&inv_freq / factor).where_self(&wavelen.gt(low_freq_wavelen), &inv_freq);
+            let smooth = (wavelen.reciprocal() * old_context - low_freq_factor)
+                / (high_freq_factor - low_freq_factor);
+            let smoothed: Tensor = (1.0 - &smooth) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen.lt(high_freq_wavelen).logical_not()
+                * wavelen.gt(low_freq_wavelen).logical_not();
+            smoothed.where_self(&medium, &scaled)
+        }
     }
+}
+
+/// cos/sin tables `(seq, head_dim)` computed in fp32, then cast, as Hugging Face does.
+fn rotary_tables(
+    config: &ModelConfig,
+    seq_len: i64,
+    kind: Kind,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let inv_freq = inverse_frequencies(config, device);
+    let positions = Tensor::arange(seq_len, (Kind::Float, device));
+    let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+    let angles = Tensor::cat(&[&freqs, &freqs], -1);
+    (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+}
+
+/// `(seq, seq)`, true where query i may attend key j: `i - window < j <= i`, as transformers'
+/// `sliding_window_overlay` on a causal mask.
+fn sliding_window_mask(seq_len: i64, window: i64, device: Device) -> Tensor {
+    let positions = Tensor::arange(seq_len, (Kind::Int64, device));
+    let (query, key) = (positions.unsqueeze(1), positions.unsqueeze(0));
+    let distance = &query - &key;
+    distance.ge(0).logical_and(&distance.lt(window))
 }
 
 impl DecoderLayer {
@@ -217,27 +380,66 @@ impl DecoderLayer {
         ]
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, eps: f64, train: bool) -> Tensor {
-        let attended = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, eps), cos, sin, train);
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        eps: f64,
+        train: bool,
+    ) -> Tensor {
+        let attended = self.self_attn.forward(
+            &rms_norm(x, &self.input_layernorm, eps),
+            cos,
+            sin,
+            mask,
+            train,
+        );
         let x = x + attended;
         let mlp_in = rms_norm(&x, &self.post_attention_layernorm, eps);
         let mlp = &self.mlp;
-        let gated = mlp.gate_proj.forward(&mlp_in, train).silu() * mlp.up_proj.forward(&mlp_in, train);
+        let gated =
+            mlp.gate_proj.forward(&mlp_in, train).silu() * mlp.up_proj.forward(&mlp_in, train);
         x + mlp.down_proj.forward(&gated, train)
     }
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> Tensor {
+    /// Causal self-attention; `mask` (true = attend) replaces the causal flag where a
+    /// sliding window cuts the context shorter.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let size = x.size();
         let (batch, seq) = (size[0], size[1]);
-        let heads = |proj: &Linear, n: i64| proj.forward(x, train).view([batch, seq, n, self.head_dim]).transpose(1, 2);
+        let heads = |proj: &Linear, n: i64| {
+            proj.forward(x, train)
+                .view([batch, seq, n, self.head_dim])
+                .transpose(1, 2)
+        };
         let q = apply_rotary(&heads(&self.q_proj, self.heads), cos, sin);
         let k = apply_rotary(&heads(&self.k_proj, self.kv_heads), cos, sin);
         let v = heads(&self.v_proj, self.kv_heads);
         let grouped = self.kv_heads != self.heads;
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, grouped);
-        let out = out.transpose(1, 2).reshape([batch, seq, self.heads * self.head_dim]);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask,
+            0.0,
+            mask.is_none(),
+            None,
+            grouped,
+        );
+        let out = out
+            .transpose(1, 2)
+            .reshape([batch, seq, self.heads * self.head_dim]);
         self.o_proj.forward(&out, train)
     }
 }
@@ -254,4 +456,334 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
     let rotated = Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
     x * cos + rotated * sin
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incremental decoding with a key/value cache, for generation (generate.rs). Kept apart from the
+// training forward above: the same weights and adapters, but each call sees only the new tokens
+// and attends over the cached keys and values of the earlier ones.
+
+/// Keys and values `(batch, kv_heads, capacity, head_dim)` of every layer, filled up to `len`.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: i64,
+    capacity: i64,
+}
+
+impl LlamaModel {
+    /// An empty cache for `batch` rows of up to `capacity` positions, in the base dtype.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let c = &self.config;
+        let options = (self.embed_tokens.kind(), self.embed_tokens.device());
+        let empty = || {
+            Tensor::zeros(
+                [batch, c.num_key_value_heads, capacity, c.head_dim],
+                options,
+            )
+        };
+        let layers = self.layers.len();
+        KvCache {
+            keys: (0..layers).map(|_| empty()).collect(),
+            values: (0..layers).map(|_| empty()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Logits `(batch, new, vocab)` for `input_ids (batch, new)` that follow the cached tokens,
+    /// whose keys and values are appended to the cache. `positions (batch, new)` are the RoPE
+    /// positions (rows may be left-padded, so they differ from cache indices); `key_valid
+    /// (batch, cache.len() + new)` is false at padding, which no token attends to.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_valid: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let new = input_ids.size()[1];
+        let offset = cache.len;
+        if offset + new > cache.capacity {
+            return Err(anyhow::anyhow!(
+                "the KV cache holds {} positions; {} were asked for",
+                cache.capacity,
+                offset + new
+            ));
+        }
+        let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let (cos, sin) = rotary_at(&self.config, positions, hidden.kind());
+        let full = cached_attention_mask(key_valid, offset, new, None);
+        let windowed = self
+            .config
+            .sliding_window
+            .map(|w| cached_attention_mask(key_valid, offset, new, Some(w)));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match (&windowed, self.config.window_of(i)) {
+                (Some(windowed), Some(_)) => windowed,
+                _ => &full,
+            };
+            let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
+            hidden = layer.forward_cached(
+                &hidden,
+                &cos,
+                &sin,
+                mask,
+                keys,
+                values,
+                offset,
+                self.config.rms_norm_eps,
+            );
+        }
+        cache.len += new;
+        let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps);
+        Ok(hidden.linear::<Tensor>(&self.lm_head, None))
+    }
+}
+
+/// cos/sin `(batch, 1, new, head_dim)` for explicit positions `(batch, new)`, computed as
+/// [`rotary_tables`] does.
+fn rotary_at(config: &ModelConfig, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let inv_freq = inverse_frequencies(config, positions.device());
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+    let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+    (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+}
+
+/// `(batch, 1, new, offset + new)`, true where new token q may attend cache index k: causal,
+/// valid (not padding) and, with a window, fewer than `window` positions back (padding sits
+/// only on the left, so index distance is position distance). Every token may attend itself,
+/// so a padding query's row is never empty: an empty row makes NaN, which would reach real
+/// rows through the padding's keys and values.
+fn cached_attention_mask(key_valid: &Tensor, offset: i64, new: i64, window: Option<i64>) -> Tensor {
+    let device = key_valid.device();
+    let total = offset + new;
+    let query = Tensor::arange_start(offset, total, (Kind::Int64, device)).unsqueeze(1);
+    let key = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let distance = &query - &key;
+    let mut allowed = distance.ge(0);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&distance.lt(w));
+    }
+    let allowed = allowed.unsqueeze(0).logical_and(&key_valid.unsqueeze(1));
+    allowed
+        .logical_or(&distance.eq(0).unsqueeze(0))
+        .unsqueeze(1)
+}
+
+impl DecoderLayer {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        keys: &mut Tensor,
+        values: &mut Tensor,
+        offset: i64,
+        eps: f64,
+    ) -> Tensor {
+        let normed = rms_norm(x, &self.input_layernorm, eps);
+        let x = x + self
+            .self_attn
+            .forward_cached(&normed, cos, sin, mask, keys, values, offset);
+        let mlp_in = rms_norm(&x, &self.post_attention_layernorm, eps);
+        let mlp = &self.mlp;
+        let gated =
+            mlp.gate_proj.forward(&mlp_in, false).silu() * mlp.up_proj.forward(&mlp_in, false);
+        x + mlp.down_proj.forward(&gated, false)
+    }
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        keys: &mut Tensor,
+        values: &mut Tensor,
+        offset: i64,
+    ) -> Tensor {
+        let size = x.size();
+        let (batch, new) = (size[0], size[1]);
+        let heads = |proj: &Linear, n: i64| {
+            proj.forward(x, false)
+                .view([batch, new, n, self.head_dim])
+                .transpose(1, 2)
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.heads), cos, sin);
+        let k = apply_rotary(&heads(&self.k_proj, self.kv_heads), cos, sin);
+        keys.narrow(2, offset, new).copy_(&k);
+        values
+            .narrow(2, offset, new)
+            .copy_(&heads(&self.v_proj, self.kv_heads));
+        let (k, v) = (
+            keys.narrow(2, 0, offset + new),
+            values.narrow(2, 0, offset + new),
+        );
+        let grouped = self.kv_heads != self.heads;
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, grouped);
+        let out = out
+            .transpose(1, 2)
+            .reshape([batch, new, self.heads * self.head_dim]);
+        self.o_proj.forward(&out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(extra: serde_json::Value) -> ModelConfig {
+        let mut v = json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40});
+        for (key, value) in extra.as_object().cloned().unwrap_or_default() {
+            v[key] = value;
+        }
+        ModelConfig::from_json(&v).unwrap()
+    }
+
+    /// Every tensor a Hugging Face checkpoint of `c` holds, with its shape.
+    fn checkpoint(c: &ModelConfig) -> HashMap<String, Tensor> {
+        let (h, i, q, kv) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let mut shapes = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![c.vocab_size, h],
+        )];
+        shapes.push(("model.norm.weight".into(), vec![h]));
+        shapes.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![h]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![q, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, q]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                shapes.push((format!("{p}.{name}"), shape));
+            }
+        }
+        shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                (
+                    name,
+                    Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)),
+                )
+            })
+            .collect()
+    }
+
+    fn load_error(c: &ModelConfig, weights: HashMap<String, Tensor>) -> String {
+        let err = LlamaModel::from_weights(c.clone(), weights)
+            .err()
+            .expect("loading should fail");
+        assert!(
+            matches!(
+                crate::error::classify(&err),
+                Some(crate::error::Failure::User(_))
+            ),
+            "{err:#}"
+        );
+        err.to_string()
+    }
+
+    #[test]
+    fn weights_that_do_not_fit_the_config_are_user_errors() {
+        let c = config(json!({}));
+        assert!(LlamaModel::from_weights(c.clone(), checkpoint(&c)).is_ok());
+
+        let mut wrong_shape = checkpoint(&c);
+        wrong_shape.insert(
+            "model.layers.1.self_attn.k_proj.weight".into(),
+            Tensor::zeros([32, 32], (Kind::Float, Device::Cpu)),
+        );
+        let message = load_error(&c, wrong_shape);
+        assert!(
+            message.contains("model.layers.1.self_attn.k_proj.weight has shape [32, 32]"),
+            "{message}"
+        );
+        assert!(message.contains("implies [16, 32]"), "{message}");
+
+        let mut missing = checkpoint(&c);
+        missing.remove("lm_head.weight");
+        assert!(load_error(&c, missing).contains("no tensor lm_head.weight"));
+
+        // A checkpoint with a third layer, or with q biases the config does not declare.
+        let mut more = checkpoint(&config(json!({"num_hidden_layers": 3})));
+        more.insert(
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            Tensor::zeros([32], (Kind::Float, Device::Cpu)),
+        );
+        let message = load_error(&c, more);
+        assert!(
+            message.contains(
+                "does not describe: model.layers.0.self_attn.q_proj.bias, model.layers.2."
+            ),
+            "{message}"
+        );
+        assert!(message.contains("and 5 more"), "{message}");
+
+        // What transformers ignores too: a stored copy of a tied head, old RoPE buffers.
+        let tied = config(json!({"tie_word_embeddings": true}));
+        let mut extras = checkpoint(&tied);
+        extras.insert(
+            "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+        );
+        assert!(LlamaModel::from_weights(tied, extras).is_ok());
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_fast_stretches_slow_and_blends_between() {
+        let rope = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        let plain = config(json!({"head_dim": 16, "rope_theta": 500000.0}));
+        let scaled = config(json!({"head_dim": 16, "rope_parameters": rope}));
+        let plain = Vec::<f32>::try_from(inverse_frequencies(&plain, Device::Cpu)).unwrap();
+        let scaled = Vec::<f32>::try_from(inverse_frequencies(&scaled, Device::Cpu)).unwrap();
+        // Wavelengths 2π/f: 6.3 (under 64/4: kept), 32.4 (between 16 and 64: blended), then over 64: / 8.
+        assert_eq!(scaled[0], plain[0]);
+        assert!(
+            plain[1] / 8.0 < scaled[1] && scaled[1] < plain[1],
+            "{} vs {}",
+            scaled[1],
+            plain[1]
+        );
+        for (s, p) in scaled[2..].iter().zip(&plain[2..]) {
+            assert_eq!(*s, p / 8.0);
+        }
+        let linear = config(
+            json!({"head_dim": 16, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}),
+        );
+        let linear = Vec::<f32>::try_from(inverse_frequencies(&linear, Device::Cpu)).unwrap();
+        assert!(linear.iter().zip(&plain).all(|(l, p)| *l == p / 4.0));
+    }
+
+    #[test]
+    fn sliding_window_mask_sees_the_window_up_to_itself() {
+        let mask =
+            Vec::<Vec<i64>>::try_from(sliding_window_mask(4, 2, Device::Cpu).to_kind(Kind::Int64))
+                .unwrap();
+        assert_eq!(
+            mask,
+            [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+        );
+    }
 }

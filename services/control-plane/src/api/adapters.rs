@@ -6,7 +6,9 @@ use crate::app::AppState;
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::registry::aliases::{self, AliasRow, Resolved};
-use crate::registry::{self, lineage, AdapterFilter, AdapterSummary, LineageView, VersionRow, VersionView};
+use crate::registry::{
+    self, lineage, AdapterFilter, AdapterSummary, LineageView, VersionRow, VersionView,
+};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -21,12 +23,20 @@ const MAX_PAGE: i64 = 500;
 fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
     let limit = limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::validation("limit", format!("must be between 1 and {MAX_PAGE}")));
+        return Err(ApiError::validation(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
     }
     Ok(limit)
 }
 
-async fn find(state: &AppState, caller: &Caller, name: &str, version: i32) -> Result<VersionRow, ApiError> {
+async fn find(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    version: i32,
+) -> Result<VersionRow, ApiError> {
     registry::get_version(&state.pool, caller.project.as_str(), name, version)
         .await?
         .ok_or(ApiError::NotFound("adapter version"))
@@ -41,12 +51,22 @@ pub struct AdapterPage {
 
 #[utoipa::path(get, path = "/v1/adapters", tag = "registry", params(AdapterFilter),
     responses((status = 200, body = AdapterPage), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn list(State(state): State<AppState>, caller: Caller, ApiQuery(filter): ApiQuery<AdapterFilter>) -> Result<Json<AdapterPage>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<AdapterFilter>,
+) -> Result<Json<AdapterPage>, ApiError> {
     caller.require(Scope::Read)?;
     let limit = page_size(filter.limit)?;
-    let adapters = registry::list_adapters(&state.pool, caller.project.as_str(), &filter, limit).await?;
-    let next_cursor = (adapters.len() as i64 == limit).then(|| adapters.last().map(|a| a.name.clone())).flatten();
-    Ok(Json(AdapterPage { adapters, next_cursor }))
+    let adapters =
+        registry::list_adapters(&state.pool, caller.project.as_str(), &filter, limit).await?;
+    let next_cursor = (adapters.len() as i64 == limit)
+        .then(|| adapters.last().map(|a| a.name.clone()))
+        .flatten();
+    Ok(Json(AdapterPage {
+        adapters,
+        next_cursor,
+    }))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -68,7 +88,8 @@ pub struct VersionPage {
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions", tag = "registry", params(("name" = String, Path), VersionsQuery),
     responses((status = 200, body = VersionPage), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn versions(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<VersionsQuery>,
 ) -> Result<Json<VersionPage>, ApiError> {
@@ -79,26 +100,38 @@ pub async fn versions(
     if rows.is_empty() && q.before.is_none() {
         return Err(ApiError::NotFound("adapter"));
     }
-    let next_before = (rows.len() as i64 == limit).then(|| rows.last().map(|v| v.version)).flatten();
+    let next_before = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|v| v.version))
+        .flatten();
     let aliases = aliases::list(&state.pool, project, &name).await?;
     let versions = rows.into_iter().map(|r| r.view(&state.store)).collect();
-    Ok(Json(VersionPage { versions, aliases, next_before }))
+    Ok(Json(VersionPage {
+        versions,
+        aliases,
+        next_before,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path)), responses((status = 200, body = VersionView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn version(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
 ) -> Result<Json<VersionView>, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(find(&state, &caller, &name, version).await?.view(&state.store)))
+    Ok(Json(
+        find(&state, &caller, &name, version)
+            .await?
+            .view(&state.store),
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_version(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Scope::Admin)?;
@@ -123,13 +156,17 @@ const MAX_DEPTH: u32 = 32;
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/lineage", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), DepthQuery), responses((status = 200, body = LineageView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn lineage(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
     ApiQuery(q): ApiQuery<DepthQuery>,
 ) -> Result<Json<LineageView>, ApiError> {
     caller.require(Scope::Read)?;
     if q.depth > MAX_DEPTH {
-        return Err(ApiError::validation("depth", format!("must be at most {MAX_DEPTH}")));
+        return Err(ApiError::validation(
+            "depth",
+            format!("must be at most {MAX_DEPTH}"),
+        ));
     }
     let row = find(&state, &caller, &name, version).await?;
     let graph = lineage::ancestors(&state.pool, caller.project.as_str(), &row, q.depth).await?;
@@ -139,16 +176,22 @@ pub async fn lineage(
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/descendants", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), DepthQuery), responses((status = 200, body = lineage::Graph), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn descendants(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
     ApiQuery(q): ApiQuery<DepthQuery>,
 ) -> Result<Json<lineage::Graph>, ApiError> {
     caller.require(Scope::Read)?;
     if q.depth > MAX_DEPTH {
-        return Err(ApiError::validation("depth", format!("must be at most {MAX_DEPTH}")));
+        return Err(ApiError::validation(
+            "depth",
+            format!("must be at most {MAX_DEPTH}"),
+        ));
     }
     let row = find(&state, &caller, &name, version).await?;
-    Ok(Json(lineage::descendants(&state.pool, caller.project.as_str(), &row, q.depth).await?))
+    Ok(Json(
+        lineage::descendants(&state.pool, caller.project.as_str(), &row, q.depth).await?,
+    ))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -160,18 +203,29 @@ pub struct SetAlias {
 #[utoipa::path(put, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry", request_body = SetAlias,
     params(("name" = String, Path), ("alias" = String, Path)), responses((status = 200, body = AliasRow), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn put_alias(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, alias)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<SetAlias>,
 ) -> Result<Json<AliasRow>, ApiError> {
     caller.require(Scope::Admin)?;
-    Ok(Json(aliases::set(&state.pool, caller.project.as_str(), &name, &alias, body.version).await?))
+    Ok(Json(
+        aliases::set(
+            &state.pool,
+            caller.project.as_str(),
+            &name,
+            &alias,
+            body.version,
+        )
+        .await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry",
     params(("name" = String, Path), ("alias" = String, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_alias(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, alias)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Scope::Admin)?;
@@ -182,21 +236,43 @@ pub async fn delete_alias(
 #[utoipa::path(put, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn put_tag(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<Vec<String>>, ApiError> {
     caller.require(Scope::Admin)?;
-    Ok(Json(registry::set_tag(&state.pool, caller.project.as_str(), &name, version, &tag, true).await?))
+    Ok(Json(
+        registry::set_tag(
+            &state.pool,
+            caller.project.as_str(),
+            &name,
+            version,
+            &tag,
+            true,
+        )
+        .await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn delete_tag(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<Vec<String>>, ApiError> {
     caller.require(Scope::Admin)?;
-    Ok(Json(registry::set_tag(&state.pool, caller.project.as_str(), &name, version, &tag, false).await?))
+    Ok(Json(
+        registry::set_tag(
+            &state.pool,
+            caller.project.as_str(),
+            &name,
+            version,
+            &tag,
+            false,
+        )
+        .await?,
+    ))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -214,21 +290,45 @@ fn latest() -> String {
 #[utoipa::path(get, path = "/v1/adapters/{name}/resolve", tag = "registry", params(("name" = String, Path), ResolveQuery),
     responses((status = 200, body = Resolved), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn resolve(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<ResolveQuery>,
 ) -> Result<Json<Resolved>, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(aliases::resolve(&state.pool, &state.store, caller.project.as_str(), &name, &q.reference).await?))
+    Ok(Json(
+        aliases::resolve(
+            &state.pool,
+            &state.store,
+            caller.project.as_str(),
+            &name,
+            &q.reference,
+        )
+        .await?,
+    ))
 }
 
 /// The version's file, if the registry lists it and the version is not deleted.
-async fn listed_file(state: &AppState, caller: &Caller, name: &str, version: i32, file: &str) -> Result<(VersionRow, u64), ApiError> {
+async fn listed_file(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    version: i32,
+    file: &str,
+) -> Result<(VersionRow, u64), ApiError> {
     let row = find(state, caller, name, version).await?;
     if row.status == "deleted" {
-        return Err(ApiError::Gone(format!("version {version} of {name} was deleted")));
+        return Err(ApiError::Gone(format!(
+            "version {version} of {name} was deleted"
+        )));
     }
-    let size = row.files.0.iter().find(|f| f.name == file).map(|f| f.size).ok_or(ApiError::NotFound("file"))?;
+    let size = row
+        .files
+        .0
+        .iter()
+        .find(|f| f.name == file)
+        .map(|f| f.size)
+        .ok_or(ApiError::NotFound("file"))?;
     Ok((row, size))
 }
 
@@ -239,20 +339,33 @@ async fn listed_file(state: &AppState, caller: &Caller, name: &str, version: i32
                (status = 416, description = "range not satisfiable"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 /// Streams a file; honours a single `Range: bytes=…` (206, or 416 if unsatisfiable).
 pub async fn download(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let (row, size) = listed_file(&state, &caller, &name, version, &file).await?;
     let path = format!("{}/{file}", row.storage_prefix);
-    let content_type = if file.ends_with(".json") { "application/json" } else { "application/octet-stream" };
+    let content_type = if file.ends_with(".json") {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     if let Some(range) = range {
         let Some((start, end)) = parse_range(range, size) else {
-            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{size}"))]).into_response());
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            )
+                .into_response());
         };
-        let bytes = state.store.get_range(&path, start..end + 1).await.map_err(|e| ApiError::Internal(e.into()))?;
+        let bytes = state
+            .store
+            .get_range(&path, start..end + 1)
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
         return Ok((
             StatusCode::PARTIAL_CONTENT,
             [
@@ -264,7 +377,11 @@ pub async fn download(
         )
             .into_response());
     }
-    let stream = state.store.get_stream(&path).await.map_err(|e| ApiError::Internal(e.into()))?;
+    let stream = state
+        .store
+        .get_stream(&path)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     Ok((
         StatusCode::OK,
         [
@@ -307,7 +424,8 @@ const PRESIGN_TTL: Duration = Duration::from_secs(3600);
     params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path)),
     responses((status = 200, body = PresignedUrl), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 410, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn presign(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<PresignedUrl>, ApiError> {
     caller.require(Scope::Read)?;
@@ -319,9 +437,13 @@ pub async fn presign(
         .map_err(|e| ApiError::Internal(e.into()))?
         .ok_or_else(|| ApiError::Conflict {
             code: "presign_unsupported",
-            detail: "this artifact store cannot presign URLs; download through /files/{file}".into(),
+            detail: "this artifact store cannot presign URLs; download through /files/{file}"
+                .into(),
         })?;
-    Ok(Json(PresignedUrl { url: url.to_string(), expires_in_seconds: PRESIGN_TTL.as_secs() }))
+    Ok(Json(PresignedUrl {
+        url: url.to_string(),
+        expires_in_seconds: PRESIGN_TTL.as_secs(),
+    }))
 }
 
 #[cfg(test)]

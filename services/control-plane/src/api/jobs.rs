@@ -5,12 +5,12 @@ use crate::app::AppState;
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::jobs::{self, EventRow, JobView, NewJob, Submitted};
+use crate::registry::inputs::{self, InputKind};
+use crate::registry::{self, aliases};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use crate::registry::inputs::{self, InputKind};
-use crate::registry::{self, aliases};
 use loraforge_spec::{FieldError, JobSpec, JobStatus, MethodConfig, ParentRef, SpecError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -21,7 +21,12 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = loraforge_spec::JobSpec,
     params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job")),
     responses((status = 201, body = JobView), (status = 200, description = "replayed by Idempotency-Key", body = JobView), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn submit(State(state): State<AppState>, caller: Caller, headers: HeaderMap, ApiBody(body): ApiBody) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Submit)?;
     let mut spec = JobSpec::parse(&body).map_err(ApiError::from)?;
     let idempotency_key = idempotency_key(&headers)?;
@@ -52,14 +57,25 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, headers: Head
         }
     };
     let location = format!("/v1/jobs/{}", job.id);
-    Ok((status, [(header::LOCATION, location)], Json(JobView::from(job))).into_response())
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(JobView::from(job)),
+    )
+        .into_response())
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else { return Ok(None) };
-    let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
-    key.map(|k| Some(k.to_string()))
-        .ok_or_else(|| ApiError::validation("Idempotency-Key", "must be 1-255 visible ASCII characters"))
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_string())).ok_or_else(|| {
+        ApiError::validation("Idempotency-Key", "must be 1-255 visible ASCII characters")
+    })
 }
 
 #[derive(Default)]
@@ -72,22 +88,50 @@ struct ResolvedInputs {
 /// Resolves registered names to URIs (in place) and the parent reference to a version,
 /// and checks that every input exists and fits, before anything is stored. All
 /// problems are reported together.
-async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> Result<ResolvedInputs, ApiError> {
+async fn resolve_inputs(
+    state: &AppState,
+    project: &str,
+    spec: &mut JobSpec,
+) -> Result<ResolvedInputs, ApiError> {
     let mut errors = Vec::new();
     let mut resolved = ResolvedInputs::default();
     let roots = &state.settings.file_roots;
-    match inputs::resolve(&state.pool, project, InputKind::BaseModel, "base_model", &spec.base_model).await {
+    match inputs::resolve(
+        &state.pool,
+        project,
+        InputKind::BaseModel,
+        "base_model",
+        &spec.base_model,
+    )
+    .await
+    {
         Ok(r) => {
-            note(&mut errors, "base_model", inputs::check(&r.uri, roots, InputKind::BaseModel).await);
+            note(
+                &mut errors,
+                "base_model",
+                inputs::check(&r.uri, roots, InputKind::BaseModel).await,
+            );
             spec.base_model = r.uri;
             resolved.base_model_name = r.name;
         }
         Err(ApiError::Validation(e)) => errors.extend(e.errors),
         Err(e) => return Err(e),
     }
-    match inputs::resolve(&state.pool, project, InputKind::Dataset, "dataset.train", &spec.dataset.train).await {
+    match inputs::resolve(
+        &state.pool,
+        project,
+        InputKind::Dataset,
+        "dataset.train",
+        &spec.dataset.train,
+    )
+    .await
+    {
         Ok(r) => {
-            note(&mut errors, "dataset.train", inputs::check(&r.uri, roots, InputKind::Dataset).await);
+            note(
+                &mut errors,
+                "dataset.train",
+                inputs::check(&r.uri, roots, InputKind::Dataset).await,
+            );
             spec.dataset.train = r.uri;
             resolved.dataset_name = r.name;
         }
@@ -95,9 +139,21 @@ async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> 
         Err(e) => return Err(e),
     }
     if let Some(validation) = spec.dataset.validation.clone() {
-        match inputs::resolve(&state.pool, project, InputKind::Dataset, "dataset.validation", &validation).await {
+        match inputs::resolve(
+            &state.pool,
+            project,
+            InputKind::Dataset,
+            "dataset.validation",
+            &validation,
+        )
+        .await
+        {
             Ok(r) => {
-                note(&mut errors, "dataset.validation", inputs::check(&r.uri, roots, InputKind::Dataset).await);
+                note(
+                    &mut errors,
+                    "dataset.validation",
+                    inputs::check(&r.uri, roots, InputKind::Dataset).await,
+                );
                 spec.dataset.validation = Some(r.uri);
             }
             Err(ApiError::Validation(e)) => errors.extend(e.errors),
@@ -113,7 +169,10 @@ async fn resolve_inputs(state: &AppState, project: &str, spec: &mut JobSpec) -> 
     if errors.is_empty() {
         Ok(resolved)
     } else {
-        Err(ApiError::Validation(SpecError { errors, malformed: false }))
+        Err(ApiError::Validation(SpecError {
+            errors,
+            malformed: false,
+        }))
     }
 }
 
@@ -124,39 +183,54 @@ fn note(errors: &mut Vec<FieldError>, field: &str, checked: Result<(), String>) 
 }
 
 /// The parent must be a ready version whose adapter has the job's shape.
-async fn resolve_parent(state: &AppState, project: &str, spec: &JobSpec, parent: &ParentRef) -> Result<(String, i32), String> {
+async fn resolve_parent(
+    state: &AppState,
+    project: &str,
+    spec: &JobSpec,
+    parent: &ParentRef,
+) -> Result<(String, i32), String> {
     let adapter = parent.adapter.as_str();
-    let found = aliases::resolve(&state.pool, &state.store, project, adapter, &parent.reference)
-        .await
-        .map_err(|e| format!("{adapter}@{}: {e}", parent.reference))?;
+    let found = aliases::resolve(
+        &state.pool,
+        &state.store,
+        project,
+        adapter,
+        &parent.reference,
+    )
+    .await
+    .map_err(|e| format!("{adapter}@{}: {e}", parent.reference))?;
     if found.status != "ready" {
-        return Err(format!("{adapter} version {} is {}, not ready", found.version, found.status));
+        return Err(format!(
+            "{adapter} version {} is {}, not ready",
+            found.version, found.status
+        ));
     }
     let row = registry::get_version(&state.pool, project, adapter, found.version)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{adapter} version {} vanished", found.version))?;
-    let parent_method: MethodConfig = serde_json::from_value(row.method.0).map_err(|e| e.to_string())?;
-    let same_shape = match (&parent_method, &spec.method) {
-        (MethodConfig::Lora(p), MethodConfig::Lora(c)) => {
-            let mut a = p.target_modules.clone();
-            let mut b = c.target_modules.clone();
-            a.sort();
-            b.sort();
-            p.r == c.r && a == b
-        }
-    };
-    if !same_shape {
-        return Err(format!("{adapter} version {} has another method shape (rank or target modules)", found.version));
+    let parent_method: MethodConfig =
+        serde_json::from_value(row.method.0).map_err(|e| e.to_string())?;
+    if !parent_method.same_shape(&spec.method) {
+        return Err(format!(
+            "{adapter} version {} has another method shape (rank or target modules)",
+            found.version
+        ));
     }
     Ok((adapter.to_string(), found.version))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, body = JobView), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn get(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> Result<Json<JobView>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<JobView>, ApiError> {
     caller.require(Scope::Read)?;
-    let job = jobs::get(&state.pool, caller.project.as_str(), id).await?.ok_or(ApiError::NotFound("job"))?;
+    let job = jobs::get(&state.pool, caller.project.as_str(), id)
+        .await?
+        .ok_or(ApiError::NotFound("job"))?;
     Ok(Json(job.into()))
 }
 
@@ -185,7 +259,8 @@ pub struct EventsPage {
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
     responses((status = 200, body = EventsPage), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn events(
-    State(state): State<AppState>, caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
@@ -193,9 +268,13 @@ pub async fn events(
     if !(1..=1000).contains(&q.limit) {
         return Err(ApiError::validation("limit", "must be between 1 and 1000"));
     }
-    jobs::get(&state.pool, caller.project.as_str(), id).await?.ok_or(ApiError::NotFound("job"))?;
+    jobs::get(&state.pool, caller.project.as_str(), id)
+        .await?
+        .ok_or(ApiError::NotFound("job"))?;
     let events = jobs::events(&state.pool, id, q.after, q.limit).await?;
-    let next_after = (events.len() as i64 == q.limit).then(|| events.last().map(|e| e.seq)).flatten();
+    let next_after = (events.len() as i64 == q.limit)
+        .then(|| events.last().map(|e| e.seq))
+        .flatten();
     Ok(Json(EventsPage { events, next_after }))
 }
 
@@ -204,14 +283,23 @@ pub async fn events(
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 202, body = JobView), (status = 409, description = "already finished", body = crate::error::Problem, content_type = "application/problem+json"),
               (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> Result<(StatusCode, Json<JobView>), ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
     caller.require(Scope::Submit)?;
     // A concurrent transition can win the race; re-read and try again.
     for _ in 0..3 {
-        let job = jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
+        let job = jobs::get(&state.pool, &caller.project, id)
+            .await?
+            .ok_or(ApiError::NotFound("job"))?;
         let status = job.status();
         if status.is_final() {
-            return Err(ApiError::Conflict { code: "job_finished", detail: format!("job is already {status}") });
+            return Err(ApiError::Conflict {
+                code: "job_finished",
+                detail: format!("job is already {status}"),
+            });
         }
         let target = match status {
             JobStatus::Queued => JobStatus::Cancelled,
@@ -219,8 +307,19 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): 
             _ => JobStatus::CancelRequested,
         };
         let mut conn = state.pool.acquire().await?;
-        let effects = jobs::TransitionEffects { error: None, release_lease: target == JobStatus::Cancelled };
-        if jobs::transition(&mut conn, id, target, Some("cancelled by the user"), effects).await? {
+        let effects = jobs::TransitionEffects {
+            error: None,
+            release_lease: target == JobStatus::Cancelled,
+        };
+        if jobs::transition(
+            &mut conn,
+            id,
+            target,
+            Some("cancelled by the user"),
+            effects,
+        )
+        .await?
+        {
             if target == JobStatus::CancelRequested {
                 if let Err(e) = state.executor.stop(id).await {
                     tracing::warn!(job_id = %id, error = %e, "could not signal the worker; it stops at its next heartbeat");
@@ -229,7 +328,9 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): 
             break;
         }
     }
-    let job = jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
+    let job = jobs::get(&state.pool, &caller.project, id)
+        .await?
+        .ok_or(ApiError::NotFound("job"))?;
     Ok((StatusCode::ACCEPTED, Json(job.into())))
 }
 
@@ -244,11 +345,18 @@ pub async fn stream_events(
     ApiPath(id): ApiPath<Uuid>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventsQuery>,
-) -> Result<axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>, ApiError> {
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
     caller.require(Scope::Read)?;
-    jobs::get(&state.pool, &caller.project, id).await?.ok_or(ApiError::NotFound("job"))?;
+    jobs::get(&state.pool, &caller.project, id)
+        .await?
+        .ok_or(ApiError::NotFound("job"))?;
     let resume_from = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

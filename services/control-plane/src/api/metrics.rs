@@ -10,7 +10,10 @@ use axum::response::IntoResponse;
 use std::fmt::Write;
 
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let by_status: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status").fetch_all(&state.pool).await?;
+    let by_status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+            .fetch_all(&state.pool)
+            .await?;
     let (queued_ready, retried): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())),
                 count(*) FILTER (WHERE attempt > 1)
@@ -19,9 +22,13 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     .fetch_one(&state.pool)
     .await?;
     let versions: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM adapter_versions GROUP BY status").fetch_all(&state.pool).await?;
+        sqlx::query_as("SELECT status, count(*) FROM adapter_versions GROUP BY status")
+            .fetch_all(&state.pool)
+            .await?;
     let pending_hooks: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'").fetch_one(&state.pool).await?;
+        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'")
+            .fetch_one(&state.pool)
+            .await?;
     let durations: Option<(f64, f64, i64)> = sqlx::query_as(
         "SELECT COALESCE(sum(extract(epoch FROM finished_at - created_at)), 0)::float8,
                 COALESCE(max(extract(epoch FROM finished_at - created_at)), 0)::float8, count(*)
@@ -31,7 +38,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     .await?;
 
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP loraforge_jobs Jobs by status.\n# TYPE loraforge_jobs gauge");
+    let _ = writeln!(
+        out,
+        "# HELP loraforge_jobs Jobs by status.\n# TYPE loraforge_jobs gauge"
+    );
     for (status, n) in &by_status {
         let _ = writeln!(out, "loraforge_jobs{{status=\"{status}\"}} {n}");
     }
@@ -52,6 +62,11 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         let _ = writeln!(out, "loraforge_job_duration_seconds_max {max}");
     }
     let _ = writeln!(out, "# HELP loraforge_executor_free_slots Workers this replica could still start.\n# TYPE loraforge_executor_free_slots gauge");
-    let _ = writeln!(out, "loraforge_executor_free_slots{{executor=\"{}\"}} {}", state.executor.name(), state.executor.free_slots());
+    let _ = writeln!(
+        out,
+        "loraforge_executor_free_slots{{executor=\"{}\"}} {}",
+        state.executor.name(),
+        state.executor.free_slots()
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -35,17 +35,44 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/adapters", get(adapters::list))
         .route("/v1/adapters/{name}/versions", get(adapters::versions))
-        .route("/v1/adapters/{name}/versions/{version}", get(adapters::version).delete(adapters::delete_version))
-        .route("/v1/adapters/{name}/versions/{version}/lineage", get(adapters::lineage))
-        .route("/v1/adapters/{name}/versions/{version}/descendants", get(adapters::descendants))
-        .route("/v1/adapters/{name}/versions/{version}/files/{file}", get(adapters::download))
-        .route("/v1/adapters/{name}/versions/{version}/files/{file}/url", get(adapters::presign))
-        .route("/v1/adapters/{name}/versions/{version}/tags/{tag}", put(adapters::put_tag).delete(adapters::delete_tag))
-        .route("/v1/adapters/{name}/aliases/{alias}", put(adapters::put_alias).delete(adapters::delete_alias))
+        .route(
+            "/v1/adapters/{name}/versions/{version}",
+            get(adapters::version).delete(adapters::delete_version),
+        )
+        .route(
+            "/v1/adapters/{name}/versions/{version}/lineage",
+            get(adapters::lineage),
+        )
+        .route(
+            "/v1/adapters/{name}/versions/{version}/descendants",
+            get(adapters::descendants),
+        )
+        .route(
+            "/v1/adapters/{name}/versions/{version}/files/{file}",
+            get(adapters::download),
+        )
+        .route(
+            "/v1/adapters/{name}/versions/{version}/files/{file}/url",
+            get(adapters::presign),
+        )
+        .route(
+            "/v1/adapters/{name}/versions/{version}/tags/{tag}",
+            put(adapters::put_tag).delete(adapters::delete_tag),
+        )
+        .route(
+            "/v1/adapters/{name}/aliases/{alias}",
+            put(adapters::put_alias).delete(adapters::delete_alias),
+        )
         .route("/v1/adapters/{name}/resolve", get(adapters::resolve))
-        .route("/v1/base-models", post(inputs::register_base_model).get(inputs::list_base_models))
+        .route(
+            "/v1/base-models",
+            post(inputs::register_base_model).get(inputs::list_base_models),
+        )
         .route("/v1/base-models/{name}", get(inputs::get_base_model))
-        .route("/v1/datasets", post(inputs::register_dataset).get(inputs::list_datasets))
+        .route(
+            "/v1/datasets",
+            post(inputs::register_dataset).get(inputs::list_datasets),
+        )
         .route("/v1/datasets/{name}", get(inputs::get_dataset))
         .route("/v1/safety-policy", get(safety::get).put(safety::put))
         .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
@@ -55,7 +82,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/worker/jobs/{id}/stage", post(worker::stage))
         .route("/v1/worker/jobs/{id}/events", post(worker::events))
         .route("/v1/worker/jobs/{id}/heartbeat", post(worker::heartbeat))
-        .route("/v1/worker/jobs/{id}/versions", post(worker::reserve_version))
+        .route(
+            "/v1/worker/jobs/{id}/versions",
+            post(worker::reserve_version),
+        )
         .route("/v1/worker/jobs/{id}/complete", post(worker::complete))
         .route("/v1/worker/jobs/{id}/fail", post(worker::fail))
         .fallback(|| async { ApiError::NotFound("route") })
@@ -69,15 +99,28 @@ pub fn router(state: AppState) -> Router {
 /// here rather than failing deep inside a query.
 async fn reject_nul_in_uri(req: Request, next: axum::middleware::Next) -> axum::response::Response {
     let uri = req.uri();
-    let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00"));
+    let has_nul = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    };
     if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return ApiError::Malformed(loraforge_spec::SpecError::one("", "NUL characters (%00) are not accepted")).into_response();
+        return ApiError::Malformed(loraforge_spec::SpecError::one(
+            "",
+            "NUL characters (%00) are not accepted",
+        ))
+        .into_response();
     }
     next.run(req).await
 }
 
-async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<&'static str, ApiError> {
-    sqlx::query("SELECT 1").execute(&state.pool).await.map_err(ApiError::Unavailable)?;
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<&'static str, ApiError> {
+    sqlx::query("SELECT 1")
+        .execute(&state.pool)
+        .await
+        .map_err(ApiError::Unavailable)?;
     Ok("ready")
 }
 
@@ -87,13 +130,16 @@ pub struct ApiBody(pub axum::body::Bytes);
 impl<S: Send + Sync> FromRequest<S> for ApiBody {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        axum::body::Bytes::from_request(req, state).await.map(ApiBody).map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge(MAX_BODY_BYTES)
-            } else {
-                ApiError::Malformed(loraforge_spec::SpecError::one("", e.body_text()))
-            }
-        })
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(ApiBody)
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge(MAX_BODY_BYTES)
+                } else {
+                    ApiError::Malformed(loraforge_spec::SpecError::one("", e.body_text()))
+                }
+            })
     }
 }
 
@@ -104,7 +150,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
-        loraforge_spec::error::parse_json(&bytes).map(ApiJson).map_err(ApiError::from)
+        loraforge_spec::error::parse_json(&bytes)
+            .map(ApiJson)
+            .map_err(ApiError::from)
     }
 }
 

@@ -11,26 +11,48 @@ use axum::Json;
 use uuid::Uuid;
 
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = NewWebhook, responses((status = 201, body = CreatedWebhook), (status = 400, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 422, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn create(State(s): State<AppState>, caller: Caller, ApiJson(req): ApiJson<NewWebhook>) -> Result<(StatusCode, Json<CreatedWebhook>), ApiError> {
+pub async fn create(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewWebhook>,
+) -> Result<(StatusCode, Json<CreatedWebhook>), ApiError> {
     caller.require(Scope::Admin)?;
-    Ok((StatusCode::CREATED, Json(webhooks::create(&s.pool, caller.project.as_str(), req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(webhooks::create(&s.pool, caller.project.as_str(), req).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks", responses((status = 200, body = Vec<WebhookRow>)))]
-pub async fn list(State(s): State<AppState>, caller: Caller,) -> Result<Json<Vec<WebhookRow>>, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<WebhookRow>>, ApiError> {
     caller.require(Scope::Admin)?;
-    Ok(Json(webhooks::list(&s.pool, caller.project.as_str()).await?))
+    Ok(Json(
+        webhooks::list(&s.pool, caller.project.as_str()).await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)), responses((status = 204, description = "deleted"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn delete(State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
     caller.require(Scope::Admin)?;
     webhooks::delete(&s.pool, caller.project.as_str(), id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks", params(("id" = Uuid, Path)), responses((status = 200, body = Vec<DeliveryRow>), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn deliveries(State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> Result<Json<Vec<DeliveryRow>>, ApiError> {
+pub async fn deliveries(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Vec<DeliveryRow>>, ApiError> {
     caller.require(Scope::Admin)?;
-    Ok(Json(webhooks::deliveries(&s.pool, caller.project.as_str(), id).await?))
+    Ok(Json(
+        webhooks::deliveries(&s.pool, caller.project.as_str(), id).await?,
+    ))
 }

@@ -10,22 +10,27 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use loraforge_spec::worker::{
-    CompleteRequest, EventBatch, EventPayload, FailRequest, HeartbeatResponse, ParentArtifact, ReservedVersion,
-    StageRequest,
-    WorkerAssignment,
+    CompleteRequest, EventBatch, EventPayload, FailRequest, HeartbeatResponse, ParentArtifact,
+    ReservedVersion, StageRequest, WorkerAssignment,
 };
 use loraforge_spec::{ErrorKind, JobStatus};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-async fn authorize(state: &AppState, job_id: Uuid, headers: &HeaderMap) -> Result<JobRow, ApiError> {
+async fn authorize(
+    state: &AppState,
+    job_id: Uuid,
+    headers: &HeaderMap,
+) -> Result<JobRow, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(ApiError::Unauthorized)?;
     let sha = Sha256::digest(token.as_bytes());
-    jobs::authenticate_worker(&state.pool, job_id, &sha).await?.ok_or(ApiError::Unauthorized)
+    jobs::authenticate_worker(&state.pool, job_id, &sha)
+        .await?
+        .ok_or(ApiError::Unauthorized)
 }
 
 #[utoipa::path(get, path = "/v1/worker/jobs/{id}", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), responses((status = 200, body = WorkerAssignment), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
@@ -40,13 +45,19 @@ pub async fn assignment(
             let row = registry::get_version(&state.pool, &job.project, adapter, version)
                 .await?
                 .ok_or(ApiError::NotFound("parent adapter version"))?;
-            Some(ParentArtifact { adapter_name: adapter.clone(), version, prefix: row.storage_prefix })
+            Some(ParentArtifact {
+                adapter_name: adapter.clone(),
+                version,
+                prefix: row.storage_prefix,
+            })
         }
         _ => None,
     };
     let safety = match job.safety_policy {
         Some(policy) => policy.0,
-        None => crate::safety::effective_policy(&state.pool, &job.project, &job.spec.0.safety).await?,
+        None => {
+            crate::safety::effective_policy(&state.pool, &job.project, &job.spec.0.safety).await?
+        }
     };
     Ok(Json(WorkerAssignment {
         parent,
@@ -68,10 +79,21 @@ pub async fn stage(
 ) -> Result<StatusCode, ApiError> {
     let job = authorize(&state, id, &headers).await?;
     if !matches!(req.status, JobStatus::Running | JobStatus::Evaluating) {
-        return Err(ApiError::validation("status", "a worker may only report running or evaluating"));
+        return Err(ApiError::validation(
+            "status",
+            "a worker may only report running or evaluating",
+        ));
     }
     let mut conn = state.pool.acquire().await?;
-    if !jobs::transition(&mut conn, job.id, req.status, None, TransitionEffects::default()).await? {
+    if !jobs::transition(
+        &mut conn,
+        job.id,
+        req.status,
+        None,
+        TransitionEffects::default(),
+    )
+    .await?
+    {
         return Err(ApiError::Conflict {
             code: "invalid_state",
             detail: format!("job is {}; it cannot become {}", job.status, req.status),
@@ -88,11 +110,21 @@ pub async fn events(
     ApiJson(batch): ApiJson<EventBatch>,
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, id, &headers).await?;
-    if batch.events.iter().any(|e| matches!(e, EventPayload::Status { .. })) {
-        return Err(ApiError::validation("events", "status events are written by the control plane only"));
+    if batch
+        .events
+        .iter()
+        .any(|e| matches!(e, EventPayload::Status { .. }))
+    {
+        return Err(ApiError::validation(
+            "events",
+            "status events are written by the control plane only",
+        ));
     }
     if batch.events.len() > 1000 {
-        return Err(ApiError::validation("events", "at most 1000 events per batch"));
+        return Err(ApiError::validation(
+            "events",
+            "at most 1000 events per batch",
+        ));
     }
     jobs::record_events(&state.pool, id, &batch.events).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -106,7 +138,9 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     authorize(&state, id, &headers).await?;
     let status = jobs::heartbeat(&state.pool, id, state.settings.lease).await?;
-    Ok(Json(HeartbeatResponse { cancel_requested: status == Some(JobStatus::CancelRequested) }))
+    Ok(Json(HeartbeatResponse {
+        cancel_requested: status == Some(JobStatus::CancelRequested),
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/worker/jobs/{id}/versions", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), responses((status = 200, body = ReservedVersion), (status = 401, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 404, description = "problem", body = crate::error::Problem, content_type = "application/problem+json"), (status = 409, description = "problem", body = crate::error::Problem, content_type = "application/problem+json")))]
@@ -144,12 +178,24 @@ pub async fn fail(
     // Only system errors are worth another attempt; the user's mistakes fail at once.
     if req.kind == ErrorKind::SystemError {
         let backoff = state.settings.retry_backoff;
-        if jobs::retry_or_fail(&mut tx, job.id, job.attempt, job.max_attempts, &message, backoff).await? {
+        if jobs::retry_or_fail(
+            &mut tx,
+            job.id,
+            job.attempt,
+            job.max_attempts,
+            &message,
+            backoff,
+        )
+        .await?
+        {
             tx.commit().await?;
             return Ok(StatusCode::NO_CONTENT);
         }
     } else {
-        let effects = TransitionEffects { error: Some((req.kind, &message)), release_lease: true };
+        let effects = TransitionEffects {
+            error: Some((req.kind, &message)),
+            release_lease: true,
+        };
         jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?;
     }
     let prefixes = registry::fail_pending_version(&mut tx, job.id).await?;

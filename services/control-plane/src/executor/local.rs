@@ -28,12 +28,25 @@ pub struct LocalExecutor {
 }
 
 impl LocalExecutor {
-    pub fn new(trainer_bin: PathBuf, slots: usize, log_dir: PathBuf, exits: UnboundedSender<WorkerExit>) -> Self {
-        Self { trainer_bin, slots, log_dir, running: Arc::default(), exits }
+    pub fn new(
+        trainer_bin: PathBuf,
+        slots: usize,
+        log_dir: PathBuf,
+        exits: UnboundedSender<WorkerExit>,
+    ) -> Self {
+        Self {
+            trainer_bin,
+            slots,
+            log_dir,
+            running: Arc::default(),
+            exits,
+        }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, i32>> {
-        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -53,7 +66,9 @@ impl Executor for LocalExecutor {
         }
         let err = |e: std::io::Error| ExecutorError::Launch(e.to_string());
         std::fs::create_dir_all(&self.log_dir).map_err(err)?;
-        let log_path = self.log_dir.join(format!("{}-attempt{}.log", launch.job_id, launch.attempt));
+        let log_path = self
+            .log_dir
+            .join(format!("{}-attempt{}.log", launch.job_id, launch.attempt));
         let log = std::fs::File::create(&log_path).map_err(err)?;
         let mut child = tokio::process::Command::new(&self.trainer_bin)
             .arg("run")
@@ -79,25 +94,44 @@ impl Executor for LocalExecutor {
         let (job_id, attempt) = (launch.job_id, launch.attempt);
         tokio::spawn(async move {
             let status = child.wait().await;
-            running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_id);
+            running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&job_id);
             let (success, how) = match status {
                 Ok(s) => (s.success(), s.to_string()),
                 Err(e) => (false, format!("wait failed: {e}")),
             };
-            let description = format!("{how}; log {}:\n{}", log_path.display(), log_tail(&log_path));
+            let description = format!(
+                "{how}; log {}:\n{}",
+                log_path.display(),
+                log_tail(&log_path)
+            );
             tracing::info!(%job_id, attempt, success, "worker exited");
-            let _ = exits.send(WorkerExit { job_id, attempt, success, description });
+            let _ = exits.send(WorkerExit {
+                job_id,
+                attempt,
+                success,
+                description,
+            });
         });
         Ok(())
     }
 
     async fn stop(&self, job_id: Uuid) -> Result<(), ExecutorError> {
-        let Some(pgid) = self.running().get(&job_id).copied() else { return Ok(()) };
+        let Some(pgid) = self.running().get(&job_id).copied() else {
+            return Ok(());
+        };
         signal_group(pgid, libc::SIGTERM).map_err(ExecutorError::Stop)?;
         let running = self.running.clone();
         tokio::spawn(async move {
             tokio::time::sleep(STOP_GRACE).await;
-            if running.lock().unwrap_or_else(|p| p.into_inner()).get(&job_id) == Some(&pgid) {
+            if running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&job_id)
+                == Some(&pgid)
+            {
                 let _ = signal_group(pgid, libc::SIGKILL);
             }
         });

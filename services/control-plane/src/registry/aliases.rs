@@ -16,16 +16,30 @@ pub struct AliasRow {
 }
 
 /// Points `alias` at `version` (a `ready` one), creating or moving it in one statement.
-pub async fn set(pool: &PgPool, project: &str, adapter: &str, alias: &str, version: i32) -> Result<AliasRow, ApiError> {
+pub async fn set(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+    alias: &str,
+    version: i32,
+) -> Result<AliasRow, ApiError> {
     AdapterName::parse(alias).map_err(|m| ApiError::validation("alias", m))?;
     if alias == "latest" || alias.parse::<i64>().is_ok() {
-        return Err(ApiError::validation("alias", "latest and numbers are reserved for resolve"));
+        return Err(ApiError::validation(
+            "alias",
+            "latest and numbers are reserved for resolve",
+        ));
     }
-    let target = get_version(pool, project, adapter, version).await?.ok_or(ApiError::NotFound("adapter version"))?;
+    let target = get_version(pool, project, adapter, version)
+        .await?
+        .ok_or(ApiError::NotFound("adapter version"))?;
     if target.status != "ready" {
         return Err(ApiError::Conflict {
             code: "version_not_ready",
-            detail: format!("version {version} is {}; only ready versions can be aliased", target.status),
+            detail: format!(
+                "version {version} is {}; only ready versions can be aliased",
+                target.status
+            ),
         });
     }
     let mut tx = pool.begin().await?;
@@ -56,21 +70,32 @@ pub async fn set(pool: &PgPool, project: &str, adapter: &str, alias: &str, versi
     Ok(row)
 }
 
-pub async fn delete(pool: &PgPool, project: &str, adapter: &str, alias: &str) -> Result<(), ApiError> {
-    let deleted = sqlx::query("DELETE FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3")
-        .bind(project)
-        .bind(adapter)
-        .bind(alias)
-        .execute(pool)
-        .await?
-        .rows_affected();
+pub async fn delete(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+    alias: &str,
+) -> Result<(), ApiError> {
+    let deleted = sqlx::query(
+        "DELETE FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3",
+    )
+    .bind(project)
+    .bind(adapter)
+    .bind(alias)
+    .execute(pool)
+    .await?
+    .rows_affected();
     if deleted == 0 {
         return Err(ApiError::NotFound("alias"));
     }
     Ok(())
 }
 
-pub async fn list(pool: &PgPool, project: &str, adapter: &str) -> Result<Vec<AliasRow>, sqlx::Error> {
+pub async fn list(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+) -> Result<Vec<AliasRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT alias, version, updated_at FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 ORDER BY alias",
     )
@@ -98,7 +123,13 @@ pub struct ResolvedBase {
 }
 
 /// `latest` is the newest `ready` version; an alias or a number names one directly.
-pub async fn resolve(pool: &PgPool, store: &loraforge_storage::Store, project: &str, adapter: &str, reference: &str) -> Result<Resolved, ApiError> {
+pub async fn resolve(
+    pool: &PgPool,
+    store: &loraforge_storage::Store,
+    project: &str,
+    adapter: &str,
+    reference: &str,
+) -> Result<Resolved, ApiError> {
     // One round trip: serving engines call this on every adapter load.
     let number = reference.parse::<i32>().ok();
     let row: VersionRow = sqlx::query_as(concat!(
@@ -118,13 +149,20 @@ pub async fn resolve(pool: &PgPool, store: &loraforge_storage::Store, project: &
     .await?
     .ok_or(ApiError::NotFound("adapter version"))?;
     if row.status == "deleted" {
-        return Err(ApiError::Gone(format!("version {} of {adapter} was deleted", row.version)));
+        return Err(ApiError::Gone(format!(
+            "version {} of {adapter} was deleted",
+            row.version
+        )));
     }
     Ok(Resolved {
         status: row.status,
         version: row.version,
         uri: store.uri_of(&row.storage_prefix),
         files: row.files.0,
-        base_model: ResolvedBase { uri: row.base_model_uri, sha256: row.base_model_sha256, name: row.base_model_name },
+        base_model: ResolvedBase {
+            uri: row.base_model_uri,
+            sha256: row.base_model_sha256,
+            name: row.base_model_name,
+        },
     })
 }

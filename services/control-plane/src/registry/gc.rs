@@ -25,7 +25,12 @@ pub struct GcReport {
 }
 
 /// Finds orphans; deletes them unless `dry_run`.
-pub async fn collect(pool: &PgPool, store: &Store, grace: Duration, dry_run: bool) -> anyhow::Result<GcReport> {
+pub async fn collect(
+    pool: &PgPool,
+    store: &Store,
+    grace: Duration,
+    dry_run: bool,
+) -> anyhow::Result<GcReport> {
     let mut orphans = Vec::new();
     let mut verdicts: BTreeMap<String, Option<String>> = BTreeMap::new();
     for object in store.list("adapters").await? {
@@ -37,22 +42,37 @@ pub async fn collect(pool: &PgPool, store: &Store, grace: Duration, dry_run: boo
             verdicts.insert(folder.clone(), verdict);
         }
         if let Some(reason) = &verdicts[&folder] {
-            orphans.push(Orphan { path: object.path, size: object.size, reason: reason.clone() });
+            orphans.push(Orphan {
+                path: object.path,
+                size: object.size,
+                reason: reason.clone(),
+            });
         }
     }
     for object in store.list("checkpoints").await? {
         let job = object.path.split('/').nth(1).unwrap_or("");
         let status: Option<String> = match uuid::Uuid::parse_str(job) {
-            Ok(id) => sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id).fetch_optional(pool).await?,
+            Ok(id) => {
+                sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?
+            }
             Err(_) => None,
         };
         let reason = match status.as_deref() {
             None => Some("checkpoint of an unknown job".to_string()),
-            Some(s @ ("succeeded" | "failed" | "cancelled")) => Some(format!("checkpoint of a {s} job")),
+            Some(s @ ("succeeded" | "failed" | "cancelled")) => {
+                Some(format!("checkpoint of a {s} job"))
+            }
             Some(_) => None,
         };
         if let Some(reason) = reason {
-            orphans.push(Orphan { path: object.path, size: object.size, reason });
+            orphans.push(Orphan {
+                path: object.path,
+                size: object.size,
+                reason,
+            });
         }
     }
     let mut deleted = 0;
@@ -62,16 +82,29 @@ pub async fn collect(pool: &PgPool, store: &Store, grace: Duration, dry_run: boo
             deleted += 1;
         }
     }
-    Ok(GcReport { orphans, deleted, dry_run })
+    Ok(GcReport {
+        orphans,
+        deleted,
+        dry_run,
+    })
 }
 
 /// Why a version folder is an orphan, or `None` if it is kept.
-async fn version_verdict(pool: &PgPool, parts: &[&str], grace: Duration) -> anyhow::Result<Option<String>> {
+async fn version_verdict(
+    pool: &PgPool,
+    parts: &[&str],
+    grace: Duration,
+) -> anyhow::Result<Option<String>> {
     let parsed = match parts {
-        [_, project, adapter, v, _] => v.strip_prefix('v').and_then(|n| n.parse::<i32>().ok()).map(|n| (*project, *adapter, n)),
+        [_, project, adapter, v, _] => v
+            .strip_prefix('v')
+            .and_then(|n| n.parse::<i32>().ok())
+            .map(|n| (*project, *adapter, n)),
         _ => None,
     };
-    let Some((project, adapter, version)) = parsed else { return Ok(Some("not in the adapter layout".into())) };
+    let Some((project, adapter, version)) = parsed else {
+        return Ok(Some("not in the adapter layout".into()));
+    };
     let row: Option<(String, bool)> = sqlx::query_as(
         "SELECT status, created_at < now() - make_interval(secs => $4) FROM adapter_versions
          WHERE project = $1 AND adapter_name = $2 AND version = $3",
@@ -85,7 +118,9 @@ async fn version_verdict(pool: &PgPool, parts: &[&str], grace: Duration) -> anyh
     Ok(match row {
         None => Some("no such version in the registry".into()),
         Some((status, _)) if status == "ready" || status == "quarantined" => None,
-        Some((status, stale)) if status == "pending" => stale.then(|| "pending past the grace period".into()),
+        Some((status, stale)) if status == "pending" => {
+            stale.then(|| "pending past the grace period".into())
+        }
         Some((status, _)) => Some(format!("version is {status}")),
     })
 }

@@ -74,28 +74,48 @@ pub async fn register(
     req: RegisterInput,
 ) -> Result<(InputRow, bool), ApiError> {
     loraforge_spec::uri::check_data_uri(&req.uri).map_err(|m| ApiError::validation("uri", m))?;
-    check(&req.uri, roots, kind).await.map_err(|m| ApiError::validation("uri", m))?;
+    check(&req.uri, roots, kind)
+        .await
+        .map_err(|m| ApiError::validation("uri", m))?;
     let (sha256, size, format) = match kind {
         InputKind::BaseModel => {
-            let store = Store::open(&req.uri).map_err(|e| ApiError::validation("uri", unreadable(e)))?;
-            let (sha, size, _) = store.tree_digest("").await.map_err(|e| ApiError::validation("uri", unreadable(e)))?;
+            let store =
+                Store::open(&req.uri).map_err(|e| ApiError::validation("uri", unreadable(e)))?;
+            let (sha, size, _) = store
+                .tree_digest("")
+                .await
+                .map_err(|e| ApiError::validation("uri", unreadable(e)))?;
             (sha, size, "hf-safetensors")
         }
         InputKind::Dataset => {
-            let (store, name) = Store::open_object(&req.uri).map_err(|e| ApiError::validation("uri", unreadable(e)))?;
-            let (sha, size) = store.digest(&name).await.map_err(|e| ApiError::validation("uri", unreadable(e)))?;
+            let (store, name) = Store::open_object(&req.uri)
+                .map_err(|e| ApiError::validation("uri", unreadable(e)))?;
+            let (sha, size) = store
+                .digest(&name)
+                .await
+                .map_err(|e| ApiError::validation("uri", unreadable(e)))?;
             (sha, size, "jsonl")
         }
     };
     let (source_adapter, source_version) = match (&req.source, kind) {
         (Some(s), InputKind::BaseModel) => {
-            let exists = super::get_version(pool, project, s.adapter.as_str(), s.version).await?.is_some();
+            let exists = super::get_version(pool, project, s.adapter.as_str(), s.version)
+                .await?
+                .is_some();
             if !exists {
-                return Err(ApiError::validation("source", format!("no version {} of adapter {}", s.version, s.adapter)));
+                return Err(ApiError::validation(
+                    "source",
+                    format!("no version {} of adapter {}", s.version, s.adapter),
+                ));
             }
             (Some(s.adapter.to_string()), Some(s.version))
         }
-        (Some(_), InputKind::Dataset) => return Err(ApiError::validation("source", "only base models have a source")),
+        (Some(_), InputKind::Dataset) => {
+            return Err(ApiError::validation(
+                "source",
+                "only base models have a source",
+            ))
+        }
         (None, _) => (None, None),
     };
     let inserted: Option<InputRow> = match kind {
@@ -136,18 +156,29 @@ pub async fn register(
     if let Some(row) = inserted {
         return Ok((row, true));
     }
-    let existing = get(pool, project, kind, req.name.as_str()).await?.ok_or(ApiError::NotFound("input"))?;
+    let existing = get(pool, project, kind, req.name.as_str())
+        .await?
+        .ok_or(ApiError::NotFound("input"))?;
     if existing.uri == req.uri && existing.sha256 == sha256 {
         Ok((existing, false))
     } else {
         Err(ApiError::Conflict {
             code: "name_taken",
-            detail: format!("{} {} is already registered with other content", kind.noun(), req.name),
+            detail: format!(
+                "{} {} is already registered with other content",
+                kind.noun(),
+                req.name
+            ),
         })
     }
 }
 
-pub async fn get(pool: &PgPool, project: &str, kind: InputKind, name: &str) -> Result<Option<InputRow>, sqlx::Error> {
+pub async fn get(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+    name: &str,
+) -> Result<Option<InputRow>, sqlx::Error> {
     match kind {
         InputKind::BaseModel => sqlx::query_as(
             "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
@@ -164,7 +195,11 @@ pub async fn get(pool: &PgPool, project: &str, kind: InputKind, name: &str) -> R
     .await
 }
 
-pub async fn list(pool: &PgPool, project: &str, kind: InputKind) -> Result<Vec<InputRow>, sqlx::Error> {
+pub async fn list(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+) -> Result<Vec<InputRow>, sqlx::Error> {
     match kind {
         InputKind::BaseModel => sqlx::query_as(
             "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
@@ -181,30 +216,53 @@ pub async fn list(pool: &PgPool, project: &str, kind: InputKind) -> Result<Vec<I
 }
 
 /// Turns a job's reference (URI or registered name) into a URI it can be read from.
-pub async fn resolve(pool: &PgPool, project: &str, kind: InputKind, field: &str, reference: &str) -> Result<ResolvedInput, ApiError> {
+pub async fn resolve(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+    field: &str,
+    reference: &str,
+) -> Result<ResolvedInput, ApiError> {
     if is_uri(reference) {
-        return Ok(ResolvedInput { uri: reference.to_string(), name: None });
+        return Ok(ResolvedInput {
+            uri: reference.to_string(),
+            name: None,
+        });
     }
     match get(pool, project, kind, reference).await? {
-        Some(row) => Ok(ResolvedInput { uri: row.uri, name: Some(row.name) }),
-        None => Err(ApiError::validation(field, format!("no registered {} named {reference:?}", kind.noun()))),
+        Some(row) => Ok(ResolvedInput {
+            uri: row.uri,
+            name: Some(row.name),
+        }),
+        None => Err(ApiError::validation(
+            field,
+            format!("no registered {} named {reference:?}", kind.noun()),
+        )),
     }
 }
 
 /// `file://` inputs must lie under a configured root, so a request cannot make the
 /// control plane (or a worker) read arbitrary local files. Symlinks are resolved first.
 pub fn confine(uri: &str, roots: &[std::path::PathBuf]) -> Result<(), String> {
-    let Ok(url) = url::Url::parse(uri) else { return Err(format!("{uri:?} is not a URI")) };
+    let Ok(url) = url::Url::parse(uri) else {
+        return Err(format!("{uri:?} is not a URI"));
+    };
     if url.scheme() != "file" {
         return Ok(());
     }
-    let path = url.to_file_path().map_err(|_| format!("{uri:?} is not an absolute local path"))?;
+    let path = url
+        .to_file_path()
+        .map_err(|_| format!("{uri:?} is not an absolute local path"))?;
     let path = path.canonicalize().unwrap_or(path);
-    let allowed = roots.iter().any(|root| path.starts_with(root.canonicalize().unwrap_or_else(|_| root.clone())));
+    let allowed = roots
+        .iter()
+        .any(|root| path.starts_with(root.canonicalize().unwrap_or_else(|_| root.clone())));
     if allowed {
         Ok(())
     } else {
-        Err(format!("{uri} is outside the directories this server reads from (LORAFORGE_FILE_ROOTS)"))
+        Err(format!(
+            "{uri} is outside the directories this server reads from (LORAFORGE_FILE_ROOTS)"
+        ))
     }
 }
 
@@ -224,20 +282,32 @@ pub async fn inspect_model(uri: &str) -> Result<(), String> {
     let config = match store.get("config.json").await {
         Ok(bytes) => bytes,
         Err(StorageError::NotFound(_)) => {
-            return Err(format!("{uri} has no config.json; expected a Hugging Face model directory"))
+            return Err(format!(
+                "{uri} has no config.json; expected a Hugging Face model directory"
+            ))
         }
         Err(e) => return Err(unreadable(e)),
     };
-    let summary: ModelConfigSummary =
-        serde_json::from_slice(&config).map_err(|e| format!("{uri}/config.json is not valid: {e}"))?;
+    let summary: ModelConfigSummary = serde_json::from_slice(&config)
+        .map_err(|e| format!("{uri}/config.json is not valid: {e}"))?;
     summary.check_supported()?;
-    if store.size("tokenizer.json").await.map_err(unreadable)?.is_none() {
+    if store
+        .size("tokenizer.json")
+        .await
+        .map_err(unreadable)?
+        .is_none()
+    {
         return Err(format!("{uri} has no tokenizer.json"));
     }
     let single = store.size("model.safetensors").await.map_err(unreadable)?;
-    let sharded = store.size("model.safetensors.index.json").await.map_err(unreadable)?;
+    let sharded = store
+        .size("model.safetensors.index.json")
+        .await
+        .map_err(unreadable)?;
     if single.is_none() && sharded.is_none() {
-        return Err(format!("{uri} has neither model.safetensors nor model.safetensors.index.json"));
+        return Err(format!(
+            "{uri} has neither model.safetensors nor model.safetensors.index.json"
+        ));
     }
     Ok(())
 }

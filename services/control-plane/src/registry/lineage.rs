@@ -16,16 +16,37 @@ pub struct Graph {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Node {
-    AdapterVersion { id: String, adapter_name: String, version: i32, status: String },
-    Job { id: String, job_id: uuid::Uuid },
-    Dataset { id: String, uri: String, sha256: Option<String>, name: Option<String> },
-    BaseModel { id: String, uri: String, sha256: Option<String>, name: Option<String> },
+    AdapterVersion {
+        id: String,
+        adapter_name: String,
+        version: i32,
+        status: String,
+    },
+    Job {
+        id: String,
+        job_id: uuid::Uuid,
+    },
+    Dataset {
+        id: String,
+        uri: String,
+        sha256: Option<String>,
+        name: Option<String>,
+    },
+    BaseModel {
+        id: String,
+        uri: String,
+        sha256: Option<String>,
+        name: Option<String>,
+    },
 }
 
 impl Node {
     fn id(&self) -> &str {
         match self {
-            Node::AdapterVersion { id, .. } | Node::Job { id, .. } | Node::Dataset { id, .. } | Node::BaseModel { id, .. } => id,
+            Node::AdapterVersion { id, .. }
+            | Node::Job { id, .. }
+            | Node::Dataset { id, .. }
+            | Node::BaseModel { id, .. } => id,
         }
     }
 }
@@ -69,12 +90,30 @@ impl Builder {
     fn version(&mut self, v: &VersionRow) -> String {
         let vid = version_id(&v.adapter_name, v.version);
         let jid = format!("job:{}", v.job_id);
-        self.node(Node::AdapterVersion { id: vid.clone(), adapter_name: v.adapter_name.clone(), version: v.version, status: v.status.clone() });
-        self.node(Node::Job { id: jid.clone(), job_id: v.job_id });
+        self.node(Node::AdapterVersion {
+            id: vid.clone(),
+            adapter_name: v.adapter_name.clone(),
+            version: v.version,
+            status: v.status.clone(),
+        });
+        self.node(Node::Job {
+            id: jid.clone(),
+            job_id: v.job_id,
+        });
         let did = format!("dataset:{}", v.dataset_uri);
-        self.node(Node::Dataset { id: did.clone(), uri: v.dataset_uri.clone(), sha256: v.dataset_sha256.clone(), name: v.dataset_name.clone() });
+        self.node(Node::Dataset {
+            id: did.clone(),
+            uri: v.dataset_uri.clone(),
+            sha256: v.dataset_sha256.clone(),
+            name: v.dataset_name.clone(),
+        });
         let bid = base_id(&v.base_model_uri);
-        self.node(Node::BaseModel { id: bid.clone(), uri: v.base_model_uri.clone(), sha256: v.base_model_sha256.clone(), name: v.base_model_name.clone() });
+        self.node(Node::BaseModel {
+            id: bid.clone(),
+            uri: v.base_model_uri.clone(),
+            sha256: v.base_model_sha256.clone(),
+            name: v.base_model_name.clone(),
+        });
         self.edge(jid.clone(), vid.clone(), "produced");
         self.edge(did, jid.clone(), "dataset_of");
         self.edge(bid, jid.clone(), "base_model_of");
@@ -86,7 +125,11 @@ impl Builder {
 }
 
 /// The registered base model a version was trained on, if it came from merging a version.
-async fn merged_source(pool: &PgPool, project: &str, v: &VersionRow) -> Result<Option<(String, i32)>, sqlx::Error> {
+async fn merged_source(
+    pool: &PgPool,
+    project: &str,
+    v: &VersionRow,
+) -> Result<Option<(String, i32)>, sqlx::Error> {
     let row: Option<(Option<String>, Option<i32>)> = sqlx::query_as(
         "SELECT source_adapter, source_version FROM base_models
          WHERE project = $1 AND (name = $2 OR uri = $3) AND source_adapter IS NOT NULL LIMIT 1",
@@ -100,7 +143,12 @@ async fn merged_source(pool: &PgPool, project: &str, v: &VersionRow) -> Result<O
 }
 
 /// The version, its ancestors up to `depth` hops, and their inputs.
-pub async fn ancestors(pool: &PgPool, project: &str, root: &VersionRow, depth: u32) -> Result<Graph, sqlx::Error> {
+pub async fn ancestors(
+    pool: &PgPool,
+    project: &str,
+    root: &VersionRow,
+    depth: u32,
+) -> Result<Graph, sqlx::Error> {
     let mut b = Builder::default();
     let mut queue = VecDeque::from([(root.clone(), 0u32)]);
     while let Some((v, d)) = queue.pop_front() {
@@ -115,7 +163,11 @@ pub async fn ancestors(pool: &PgPool, project: &str, root: &VersionRow, depth: u
         }
         if let Some((adapter, version)) = merged_source(pool, project, &v).await? {
             if let Some(source) = get_version(pool, project, &adapter, version).await? {
-                b.edge(version_id(&adapter, version), base_id(&v.base_model_uri), "merged_into");
+                b.edge(
+                    version_id(&adapter, version),
+                    base_id(&v.base_model_uri),
+                    "merged_into",
+                );
                 queue.push_back((source, d + 1));
             }
         }
@@ -124,7 +176,12 @@ pub async fn ancestors(pool: &PgPool, project: &str, root: &VersionRow, depth: u
 }
 
 /// Versions trained from this one (as parent, or on a base merged from it), `depth` hops.
-pub async fn descendants(pool: &PgPool, project: &str, root: &VersionRow, depth: u32) -> Result<Graph, sqlx::Error> {
+pub async fn descendants(
+    pool: &PgPool,
+    project: &str,
+    root: &VersionRow,
+    depth: u32,
+) -> Result<Graph, sqlx::Error> {
     let mut b = Builder::default();
     let mut queue = VecDeque::from([(root.clone(), 0u32)]);
     while let Some((v, d)) = queue.pop_front() {
@@ -148,7 +205,10 @@ pub async fn descendants(pool: &PgPool, project: &str, root: &VersionRow, depth:
         .fetch_all(pool)
         .await?;
         for child in children {
-            if child.parent().is_none_or(|p| p.adapter_name != v.adapter_name || p.version != v.version) {
+            if child
+                .parent()
+                .is_none_or(|p| p.adapter_name != v.adapter_name || p.version != v.version)
+            {
                 b.edge(vid.clone(), base_id(&child.base_model_uri), "merged_into");
             }
             queue.push_back((child, d + 1));

@@ -11,8 +11,8 @@ use crate::webhooks;
 use chrono::{DateTime, Utc};
 use loraforge_spec::manifest::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE};
 use loraforge_spec::peft::PeftLoraConfig;
-use loraforge_spec::worker::{CompleteRequest, ReservedVersion};
 use loraforge_spec::safety::SafetyDecision;
+use loraforge_spec::worker::{CompleteRequest, ReservedVersion};
 use loraforge_spec::{AdapterManifest, DigestRef, ErrorKind, FileDigest, JobStatus};
 use loraforge_storage::{layout, Store};
 use serde::Serialize;
@@ -120,7 +120,10 @@ pub struct ParentView {
 impl VersionRow {
     pub fn parent(&self) -> Option<ParentView> {
         match (&self.parent_adapter, self.parent_version) {
-            (Some(adapter_name), Some(version)) => Some(ParentView { adapter_name: adapter_name.clone(), version }),
+            (Some(adapter_name), Some(version)) => Some(ParentView {
+                adapter_name: adapter_name.clone(),
+                version,
+            }),
             _ => None,
         }
     }
@@ -152,15 +155,27 @@ impl VersionRow {
             adapter_name: self.adapter_name,
             version: self.version,
             job_id: self.job_id,
-            base_model: LineageInput { uri: self.base_model_uri, sha256: self.base_model_sha256, name: self.base_model_name },
-            dataset: LineageInput { uri: self.dataset_uri, sha256: self.dataset_sha256, name: self.dataset_name },
+            base_model: LineageInput {
+                uri: self.base_model_uri,
+                sha256: self.base_model_sha256,
+                name: self.base_model_name,
+            },
+            dataset: LineageInput {
+                uri: self.dataset_uri,
+                sha256: self.dataset_sha256,
+                name: self.dataset_name,
+            },
             graph,
         }
     }
 }
 
-
-pub async fn get_version(pool: &PgPool, project: &str, adapter: &str, version: i32) -> Result<Option<VersionRow>, sqlx::Error> {
+pub async fn get_version(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+    version: i32,
+) -> Result<Option<VersionRow>, sqlx::Error> {
     sqlx::query_as(concat!(
         "SELECT ",
         version_columns!(),
@@ -177,11 +192,21 @@ pub async fn get_version(pool: &PgPool, project: &str, adapter: &str, version: i
 /// job to `publishing`. A retried call for the same job returns the same version.
 pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVersion, ApiError> {
     let mut tx = pool.begin().await?;
-    let moved = jobs::transition(&mut tx, job.id, JobStatus::Publishing, None, TransitionEffects::default()).await?;
+    let moved = jobs::transition(
+        &mut tx,
+        job.id,
+        JobStatus::Publishing,
+        None,
+        TransitionEffects::default(),
+    )
+    .await?;
     if !moved && job.status() != JobStatus::Publishing {
         return Err(ApiError::Conflict {
             code: "invalid_state",
-            detail: format!("job is {}; a version can only be reserved by a running job", job.status),
+            detail: format!(
+                "job is {}; a version can only be reserved by a running job",
+                job.status
+            ),
         });
     }
     if let Some(version) = job.adapter_version {
@@ -229,7 +254,11 @@ pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVers
     .bind(&spec.dataset.train)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE jobs SET adapter_version = $2 WHERE id = $1").bind(job.id).bind(version).execute(&mut *tx).await?;
+    sqlx::query("UPDATE jobs SET adapter_version = $2 WHERE id = $1")
+        .bind(job.id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(ReservedVersion { version, prefix })
 }
@@ -237,18 +266,28 @@ pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVers
 /// Verifies the uploaded files and makes the version `ready` and the job `succeeded`.
 /// Files that fail verification fail the job (a system error: the worker broke the
 /// protocol or the store lost data) and are deleted.
-pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> Result<(), ApiError> {
+pub async fn complete(
+    state: &AppState,
+    job: &JobRow,
+    req: &CompleteRequest,
+) -> Result<(), ApiError> {
     let row = get_version(&state.pool, &job.project, &job.adapter_name, req.version)
         .await?
         .filter(|v| v.job_id == job.id && v.status == "pending")
         .ok_or_else(|| ApiError::Conflict {
             code: "invalid_state",
-            detail: format!("version {} is not a pending version of this job", req.version),
+            detail: format!(
+                "version {} is not a pending version of this job",
+                req.version
+            ),
         })?;
     if let Err(reason) = verify_upload(&state.store, &row.storage_prefix, job, req).await {
         let message = format!("published files failed verification: {reason}");
         let mut tx = state.pool.begin().await?;
-        let effects = TransitionEffects { error: Some((ErrorKind::SystemError, &message)), release_lease: false };
+        let effects = TransitionEffects {
+            error: Some((ErrorKind::SystemError, &message)),
+            release_lease: false,
+        };
         jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?;
         let prefixes = fail_pending_version(&mut tx, job.id).await?;
         tx.commit().await?;
@@ -261,7 +300,9 @@ pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> 
         (Some(policy), Some(report)) if policy.0.enabled => Some(policy.0.judge(report)),
         _ => None,
     };
-    let quarantined = verdict.as_ref().is_some_and(|v| v.decision == SafetyDecision::Quarantine);
+    let quarantined = verdict
+        .as_ref()
+        .is_some_and(|v| v.decision == SafetyDecision::Quarantine);
     let mut tx = state.pool.begin().await?;
     let updated = sqlx::query(
         "UPDATE adapter_versions SET status = CASE WHEN $9 THEN 'quarantined' ELSE 'ready' END, ready_at = now(),
@@ -285,13 +326,32 @@ pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> 
     .rows_affected();
     let (moved, hook) = if let (true, Some(v)) = (quarantined, &verdict) {
         let message = format!("quarantined by the safety gate: {}", v.breaches.join("; "));
-        let effects = TransitionEffects { error: Some((ErrorKind::SafetyBlocked, &message)), release_lease: true };
-        (jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?, webhooks::VERSION_QUARANTINED)
+        let effects = TransitionEffects {
+            error: Some((ErrorKind::SafetyBlocked, &message)),
+            release_lease: true,
+        };
+        (
+            jobs::transition(&mut tx, job.id, JobStatus::Failed, None, effects).await?,
+            webhooks::VERSION_QUARANTINED,
+        )
     } else {
-        (jobs::transition(&mut tx, job.id, JobStatus::Succeeded, None, TransitionEffects::default()).await?, webhooks::VERSION_READY)
+        (
+            jobs::transition(
+                &mut tx,
+                job.id,
+                JobStatus::Succeeded,
+                None,
+                TransitionEffects::default(),
+            )
+            .await?,
+            webhooks::VERSION_READY,
+        )
     };
     if updated != 1 || !moved {
-        return Err(ApiError::Conflict { code: "invalid_state", detail: "the job is no longer publishing".into() });
+        return Err(ApiError::Conflict {
+            code: "invalid_state",
+            detail: "the job is no longer publishing".into(),
+        });
     }
     let payload = serde_json::json!({
         "adapter_name": job.adapter_name, "version": req.version, "job_id": job.id,
@@ -304,7 +364,10 @@ pub async fn complete(state: &AppState, job: &JobRow, req: &CompleteRequest) -> 
 
 /// Marks the job's pending version (if any) `failed`; returns the storage prefixes
 /// whose objects should be deleted once the transaction has committed.
-pub async fn fail_pending_version(conn: &mut PgConnection, job_id: Uuid) -> Result<Vec<String>, sqlx::Error> {
+pub async fn fail_pending_version(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE adapter_versions SET status = 'failed' WHERE job_id = $1 AND status = 'pending' RETURNING storage_prefix",
     )
@@ -323,8 +386,14 @@ pub async fn delete_objects(store: &Store, prefixes: &[String]) {
 }
 
 /// Checks what the worker uploaded against what it declared, and the PEFT layout.
-async fn verify_upload(store: &Store, prefix: &str, job: &JobRow, req: &CompleteRequest) -> Result<(), String> {
-    let declared: BTreeMap<&str, &FileDigest> = req.files.iter().map(|f| (f.name.as_str(), f)).collect();
+async fn verify_upload(
+    store: &Store,
+    prefix: &str,
+    job: &JobRow,
+    req: &CompleteRequest,
+) -> Result<(), String> {
+    let declared: BTreeMap<&str, &FileDigest> =
+        req.files.iter().map(|f| (f.name.as_str(), f)).collect();
     for required in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE] {
         if !declared.contains_key(required) {
             return Err(format!("{required} is missing"));
@@ -338,62 +407,113 @@ async fn verify_upload(store: &Store, prefix: &str, job: &JobRow, req: &Complete
         .await
         .map_err(|e| e.to_string())?
         .into_iter()
-        .map(|l| l.path.trim_start_matches(prefix).trim_start_matches('/').to_string())
+        .map(|l| {
+            l.path
+                .trim_start_matches(prefix)
+                .trim_start_matches('/')
+                .to_string()
+        })
         .collect();
     let declared_names: BTreeSet<String> = declared.keys().map(|s| s.to_string()).collect();
     if stored != declared_names {
-        return Err(format!("stored files {stored:?} differ from declared files {declared_names:?}"));
+        return Err(format!(
+            "stored files {stored:?} differ from declared files {declared_names:?}"
+        ));
     }
     for f in &req.files {
-        let (sha, size) = store.digest(&format!("{prefix}/{}", f.name)).await.map_err(|e| e.to_string())?;
+        let (sha, size) = store
+            .digest(&format!("{prefix}/{}", f.name))
+            .await
+            .map_err(|e| e.to_string())?;
         if sha != f.sha256 || size != f.size {
-            return Err(format!("{}: stored sha256 {sha} size {size}, declared {} size {}", f.name, f.sha256, f.size));
+            return Err(format!(
+                "{}: stored sha256 {sha} size {size}, declared {} size {}",
+                f.name, f.sha256, f.size
+            ));
         }
     }
     let manifest: AdapterManifest = serde_json::from_slice(
-        &store.get(&format!("{prefix}/{MANIFEST_FILE}")).await.map_err(|e| e.to_string())?,
+        &store
+            .get(&format!("{prefix}/{MANIFEST_FILE}"))
+            .await
+            .map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("{MANIFEST_FILE}: {e}"))?;
     if manifest != req.manifest {
-        return Err(format!("stored {MANIFEST_FILE} differs from the declared manifest"));
+        return Err(format!(
+            "stored {MANIFEST_FILE} differs from the declared manifest"
+        ));
     }
-    if manifest.job_id != job.id || manifest.version != req.version || manifest.adapter_name != job.adapter_name {
-        return Err(format!("{MANIFEST_FILE} names another job, adapter or version"));
+    if manifest.job_id != job.id
+        || manifest.version != req.version
+        || manifest.adapter_name != job.adapter_name
+    {
+        return Err(format!(
+            "{MANIFEST_FILE} names another job, adapter or version"
+        ));
+    }
+    if job.safety_policy.as_ref().is_some_and(|p| p.0.enabled) && manifest.evaluation.is_none() {
+        return Err("the safety gate is on for this job but the manifest has no evaluation".into());
     }
     check_input(&manifest.base_model, &job.spec.base_model, "base_model")?;
     check_input(&manifest.dataset, &job.spec.dataset.train, "dataset")?;
     for f in &manifest.files {
         if declared.get(f.name.as_str()) != Some(&f) || f.name == MANIFEST_FILE {
-            return Err(format!("{MANIFEST_FILE} lists {} with another digest", f.name));
+            return Err(format!(
+                "{MANIFEST_FILE} lists {} with another digest",
+                f.name
+            ));
         }
     }
     let config: PeftLoraConfig = serde_json::from_slice(
-        &store.get(&format!("{prefix}/{ADAPTER_CONFIG_FILE}")).await.map_err(|e| e.to_string())?,
+        &store
+            .get(&format!("{prefix}/{ADAPTER_CONFIG_FILE}"))
+            .await
+            .map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("{ADAPTER_CONFIG_FILE} is not a PEFT LoRA config: {e}"))?;
     if config.peft_type != "LORA" {
-        return Err(format!("{ADAPTER_CONFIG_FILE}: peft_type is {:?}, not LORA", config.peft_type));
+        return Err(format!(
+            "{ADAPTER_CONFIG_FILE}: peft_type is {:?}, not LORA",
+            config.peft_type
+        ));
     }
-    let tensors = read_safetensors_header(store, &format!("{prefix}/{ADAPTER_WEIGHTS_FILE}")).await?;
+    let tensors =
+        read_safetensors_header(store, &format!("{prefix}/{ADAPTER_WEIGHTS_FILE}")).await?;
     check_lora_tensors(&tensors, &config)
 }
 
 fn check_input(input: &DigestRef, expected_uri: &str, what: &str) -> Result<(), String> {
     let is_hex = input.sha256.len() == 64 && input.sha256.bytes().all(|b| b.is_ascii_hexdigit());
     if input.uri != expected_uri || !is_hex {
-        return Err(format!("{MANIFEST_FILE}: {what} must be {expected_uri} with a sha256 digest"));
+        return Err(format!(
+            "{MANIFEST_FILE}: {what} must be {expected_uri} with a sha256 digest"
+        ));
     }
     Ok(())
 }
 
 /// Name -> shape of every tensor in a safetensors file, read from its header only.
-async fn read_safetensors_header(store: &Store, path: &str) -> Result<BTreeMap<String, Vec<u64>>, String> {
-    let len = store.get_range(path, 0..8).await.map_err(|e| e.to_string())?;
-    let len = u64::from_le_bytes(len.as_ref().try_into().map_err(|_| "safetensors file is truncated")?);
+async fn read_safetensors_header(
+    store: &Store,
+    path: &str,
+) -> Result<BTreeMap<String, Vec<u64>>, String> {
+    let len = store
+        .get_range(path, 0..8)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = u64::from_le_bytes(
+        len.as_ref()
+            .try_into()
+            .map_err(|_| "safetensors file is truncated")?,
+    );
     if len > 100 * 1024 * 1024 {
         return Err("safetensors header is implausibly large".into());
     }
-    let header = store.get_range(path, 8..8 + len).await.map_err(|e| e.to_string())?;
+    let header = store
+        .get_range(path, 8..8 + len)
+        .await
+        .map_err(|e| e.to_string())?;
     let header: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| format!("safetensors header: {e}"))?;
     let mut shapes = BTreeMap::new();
@@ -411,14 +531,20 @@ async fn read_safetensors_header(store: &Store, path: &str) -> Result<BTreeMap<S
 }
 
 /// Every tensor must be a PEFT LoRA factor, in pairs, with matching ranks.
-fn check_lora_tensors(tensors: &BTreeMap<String, Vec<u64>>, config: &PeftLoraConfig) -> Result<(), String> {
+fn check_lora_tensors(
+    tensors: &BTreeMap<String, Vec<u64>>,
+    config: &PeftLoraConfig,
+) -> Result<(), String> {
     if tensors.is_empty() {
         return Err(format!("{ADAPTER_WEIGHTS_FILE} holds no tensors"));
     }
     for (name, shape) in tensors {
         let module = name
             .strip_prefix("base_model.model.")
-            .and_then(|n| n.strip_suffix(".lora_A.weight").or_else(|| n.strip_suffix(".lora_B.weight")))
+            .and_then(|n| {
+                n.strip_suffix(".lora_A.weight")
+                    .or_else(|| n.strip_suffix(".lora_B.weight"))
+            })
             .ok_or_else(|| format!("{name} is not a PEFT LoRA key"))?;
         let leaf = module.rsplit('.').next().unwrap_or(module);
         if !config.target_modules.iter().any(|t| t == leaf) {
@@ -426,10 +552,25 @@ fn check_lora_tensors(tensors: &BTreeMap<String, Vec<u64>>, config: &PeftLoraCon
         }
         let a = tensors.get(&format!("base_model.model.{module}.lora_A.weight"));
         let b = tensors.get(&format!("base_model.model.{module}.lora_B.weight"));
-        let (Some(a), Some(b)) = (a, b) else { return Err(format!("{module}: lora_A and lora_B must come in pairs")) };
-        let rank = config.rank_pattern.iter().find(|(k, _)| module.ends_with(k.as_str())).map_or(config.r, |(_, r)| *r);
-        if a.len() != 2 || b.len() != 2 || a[0] != rank as u64 || b[1] != rank as u64 || shape.len() != 2 {
-            return Err(format!("{module}: lora_A {a:?} / lora_B {b:?} do not match rank {rank}"));
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(format!("{module}: lora_A and lora_B must come in pairs"));
+        };
+        // PEFT matches rank_pattern keys as module-path suffixes on a dot boundary.
+        let matches = |k: &String| module == k.as_str() || module.ends_with(&format!(".{k}"));
+        let rank = config
+            .rank_pattern
+            .iter()
+            .find(|(k, _)| matches(k))
+            .map_or(config.r, |(_, r)| *r);
+        if a.len() != 2
+            || b.len() != 2
+            || a[0] != rank as u64
+            || b[1] != rank as u64
+            || shape.len() != 2
+        {
+            return Err(format!(
+                "{module}: lora_A {a:?} / lora_B {b:?} do not match rank {rank}"
+            ));
         }
     }
     Ok(())
@@ -459,7 +600,12 @@ pub struct AdapterSummary {
 }
 
 /// Adapters that have at least one version matching every given filter, by name.
-pub async fn list_adapters(pool: &PgPool, project: &str, f: &AdapterFilter, limit: i64) -> Result<Vec<AdapterSummary>, sqlx::Error> {
+pub async fn list_adapters(
+    pool: &PgPool,
+    project: &str,
+    f: &AdapterFilter,
+    limit: i64,
+) -> Result<Vec<AdapterSummary>, sqlx::Error> {
     sqlx::query_as(
         "SELECT a.name, count(v.version) AS versions,
                 max(v.version) FILTER (WHERE v.status = 'ready') AS latest_ready, a.created_at
@@ -486,7 +632,13 @@ pub async fn list_adapters(pool: &PgPool, project: &str, f: &AdapterFilter, limi
 }
 
 /// Versions of one adapter, newest first, after `before` (exclusive) when paging.
-pub async fn list_versions(pool: &PgPool, project: &str, adapter: &str, before: Option<i32>, limit: i64) -> Result<Vec<VersionRow>, sqlx::Error> {
+pub async fn list_versions(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+    before: Option<i32>,
+    limit: i64,
+) -> Result<Vec<VersionRow>, sqlx::Error> {
     sqlx::query_as(concat!(
         "SELECT ",
         version_columns!(),
@@ -503,7 +655,12 @@ pub async fn list_versions(pool: &PgPool, project: &str, adapter: &str, before: 
 
 /// Marks a version `deleted` and removes its objects. A version an alias points to
 /// is refused: move or delete the alias first, so serving never resolves to nothing.
-pub async fn delete_version(state: &AppState, project: &str, adapter: &str, version: i32) -> Result<(), ApiError> {
+pub async fn delete_version(
+    state: &AppState,
+    project: &str,
+    adapter: &str,
+    version: i32,
+) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await?;
     let aliased: Vec<String> = sqlx::query_scalar(
         "SELECT alias FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND version = $3",
@@ -533,16 +690,30 @@ pub async fn delete_version(state: &AppState, project: &str, adapter: &str, vers
         let exists = get_version(&state.pool, project, adapter, version).await?;
         return Err(match exists {
             None => ApiError::NotFound("adapter version"),
-            Some(v) => ApiError::Conflict { code: "invalid_state", detail: format!("version {version} is {}", v.status) },
+            Some(v) => ApiError::Conflict {
+                code: "invalid_state",
+                detail: format!("version {version} is {}", v.status),
+            },
         });
     };
     tx.commit().await?;
     // After the commit: if this fails, the objects are orphans that `loraforge gc` removes.
-    state.store.delete_prefix(&prefix).await.map_err(|e| ApiError::Internal(e.into()))?;
+    state
+        .store
+        .delete_prefix(&prefix)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     Ok(())
 }
 
-pub async fn set_tag(pool: &PgPool, project: &str, adapter: &str, version: i32, tag: &str, present: bool) -> Result<Vec<String>, ApiError> {
+pub async fn set_tag(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+    version: i32,
+    tag: &str,
+    present: bool,
+) -> Result<Vec<String>, ApiError> {
     loraforge_spec::AdapterName::parse(tag).map_err(|m| ApiError::validation("tag", m))?;
     let tags: Option<Vec<String>> = sqlx::query_scalar(
         "UPDATE adapter_versions
