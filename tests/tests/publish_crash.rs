@@ -97,8 +97,13 @@ async fn a_crash_between_upload_and_registration_publishes_nothing() -> anyhow::
     let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await?;
     let events = app.all_events(&id).await?;
     assert!(!job.to_string().contains(&token) && !serde_json::to_string(&events)?.contains(&token));
-    let stored: Vec<String> = sqlx::query_scalar("SELECT row_to_json(j)::text FROM jobs j").fetch_all(&app.pool).await?;
-    assert!(stored.iter().all(|row| !row.contains(&token)), "tokens are stored only as hashes");
+    let stored: Vec<String> = sqlx::query_scalar("SELECT row_to_json(j)::text FROM jobs j")
+        .fetch_all(&app.pool)
+        .await?;
+    assert!(
+        stored.iter().all(|row| !row.contains(&token)),
+        "tokens are stored only as hashes"
+    );
     // A zombie that keeps uploading leaves orphans.
     store
         .put(&format!("{prefix}/manifest.json"), b"{}".to_vec().into())

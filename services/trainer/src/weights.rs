@@ -98,16 +98,17 @@ pub fn read_safetensors(path: &Path, mut each: impl FnMut(String, Tensor)) -> Re
     tensors.sort_by_key(|(_, t)| t.data_offsets[0]);
     let data_start = 8 + header_len;
     for (name, entry) in tensors {
-        let kind =
-            match entry.dtype.as_str() {
-                "F32" => Kind::Float,
-                "F16" => Kind::Half,
-                "BF16" => Kind::BFloat16,
-                "F64" => Kind::Double,
-                other => return Err(bad(format!(
+        let kind = match entry.dtype.as_str() {
+            "F32" => Kind::Float,
+            "F16" => Kind::Half,
+            "BF16" => Kind::BFloat16,
+            "F64" => Kind::Double,
+            other => {
+                return Err(bad(format!(
                     "tensor {name} has dtype {other}; only F32, F16, BF16 and F64 are supported"
-                ))),
-            };
+                )))
+            }
+        };
         let [begin, end] = entry.data_offsets;
         let numel: i64 = entry.shape.iter().product();
         let expected = numel as u64 * kind.elt_size_in_bytes() as u64;
