@@ -58,13 +58,19 @@ pub trait AdapterMethod {
     fn var_store(&self) -> &VarStore;
 
     /// The parameters the loop's AdamW updates: every trainable variable, unless the method
-    /// steps some of them itself in [`AdapterMethod::after_step`] (SoRA's gates).
+    /// steps some of them itself in [`AdapterMethod::after_step`] (SoRA's gates). The loop
+    /// clears and clips the gradients of every trainable variable in the store either way.
     fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
         self.var_store()
             .variables()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect()
+    }
+
+    /// The betas of the loop's AdamW (PyTorch's defaults unless the method's reference differs).
+    fn adam_betas(&self) -> (f64, f64) {
+        (crate::optimizer::BETA1, crate::optimizer::BETA2)
     }
 
     /// Runs before step `step`'s forward passes (DyLoRA draws the step's rank here).

@@ -12,9 +12,10 @@ use loraforge_spec::LrSchedule;
 use std::collections::HashMap;
 use tch::Tensor;
 
-/// PyTorch's (and Hugging Face Trainer's) defaults; the job spec does not set them.
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
+/// PyTorch's (and Hugging Face Trainer's) defaults; the job spec does not set them, a method
+/// may ([`AdamW::with_betas`]).
+pub const BETA1: f64 = 0.9;
+pub const BETA2: f64 = 0.999;
 const EPSILON: f64 = 1e-8;
 
 /// One trainable parameter and its AdamW state.
@@ -28,6 +29,7 @@ struct ParameterState {
 pub struct AdamW {
     parameters: Vec<ParameterState>,
     weight_decay: f64,
+    betas: (f64, f64),
     /// Optimizer steps taken (PyTorch's per-parameter `step`, the same for all of them here).
     steps: u64,
 }
@@ -49,47 +51,43 @@ impl AdamW {
         AdamW {
             parameters,
             weight_decay,
+            betas: (BETA1, BETA2),
             steps: 0,
         }
     }
 
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.parameters {
-            p.param.zero_grad();
-        }
+    /// Other Adam betas than PyTorch's defaults (CoDyRA's reference uses 0.9 and 0.9999).
+    pub fn with_betas(mut self, betas: (f64, f64)) -> AdamW {
+        self.betas = betas;
+        self
     }
 
-    /// Scales the gradients so their global L2 norm is at most `max_norm`, exactly as
-    /// `clip_grad_norm_` does (`max_norm / (norm + 1e-6)`, capped at 1, always applied);
-    /// returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self
+    pub fn zero_grad(&mut self) {
+        let params: Vec<Tensor> = self
             .parameters
             .iter()
-            .map(|p| p.param.grad())
-            .filter(Tensor::defined)
+            .map(|p| p.param.shallow_clone())
             .collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let norms: Vec<Tensor> = grads.iter().map(Tensor::norm).collect();
-        let total = Tensor::stack(&norms, 0).norm();
-        // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
-        let coefficient = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-        tch::no_grad(|| {
-            for mut grad in grads {
-                let _ = grad.g_mul_(&coefficient);
-            }
-        });
-        total.double_value(&[])
+        zero_grads(&params);
+    }
+
+    /// [`clip_grad_norm`] over this optimizer's parameters.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let params: Vec<Tensor> = self
+            .parameters
+            .iter()
+            .map(|p| p.param.shallow_clone())
+            .collect();
+        clip_grad_norm(&params, max_norm)
     }
 
     /// One AdamW step at learning rate `lr`, for every parameter with a gradient.
     pub fn step(&mut self, lr: f64) {
+        let (beta1, beta2) = self.betas;
         self.steps += 1;
         let step = self.steps as f64;
-        let bias_correction1 = 1.0 - BETA1.powf(step);
-        let bias_correction2 = 1.0 - BETA2.powf(step);
+        let bias_correction1 = 1.0 - beta1.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.powf(0.5);
         tch::no_grad(|| {
@@ -101,10 +99,10 @@ impl AdamW {
                 if self.weight_decay != 0.0 {
                     let _ = p.param.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - BETA1);
+                let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
                 // addcmul_(grad, grad, value=1-beta2) computes (value * grad) * grad.
-                let _ = p.exp_avg_sq.g_mul_scalar_(BETA2);
-                let _ = p.exp_avg_sq.g_add_(&(&grad * (1.0 - BETA2) * &grad));
+                let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
+                let _ = p.exp_avg_sq.g_add_(&(&grad * (1.0 - beta2) * &grad));
                 let denom = p.exp_avg_sq.sqrt() / bias_correction2_sqrt + EPSILON;
                 // addcdiv_(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom.
                 let _ = p.param.g_add_(&(&p.exp_avg * (-step_size) / denom));
@@ -152,6 +150,38 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// Clears the gradients of `params` (`zero_grad(set_to_none=False)`).
+pub fn zero_grads(params: &[Tensor]) {
+    for p in params {
+        let mut p = p.shallow_clone();
+        p.zero_grad();
+    }
+}
+
+/// Scales the gradients of `params` so their global L2 norm is at most `max_norm`, exactly as
+/// `clip_grad_norm_` does (`max_norm / (norm + 1e-6)`, capped at 1, always applied); returns
+/// the norm before clipping.
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .collect();
+    if grads.is_empty() {
+        return 0.0;
+    }
+    let norms: Vec<Tensor> = grads.iter().map(Tensor::norm).collect();
+    let total = Tensor::stack(&norms, 0).norm();
+    // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
+    let coefficient = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    tch::no_grad(|| {
+        for mut grad in grads {
+            let _ = grad.g_mul_(&coefficient);
+        }
+    });
+    total.double_value(&[])
 }
 
 /// The learning rate of optimizer step `step` (1-based) of `total`: Hugging Face's

@@ -17,7 +17,7 @@ use crate::error::{user_error, Failure};
 use crate::export::PeftAdapter;
 use crate::method::{attach_method, AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{device_label, LlamaModel};
-use crate::optimizer::{learning_rate, AdamW};
+use crate::optimizer::{clip_grad_norm, learning_rate, zero_grads, AdamW};
 use crate::seeds::{derive_seed, SeedUse};
 use crate::tokenizer_config::TokenizerConfig;
 use crate::trace::Trace;
@@ -158,7 +158,11 @@ fn train_unguarded(
         spec.method.name(),
         device_label(device)
     )));
-    let mut optimizer = AdamW::new(method.optimized_parameters(), training.weight_decay);
+    let mut optimizer = AdamW::new(method.optimized_parameters(), training.weight_decay)
+        .with_betas(method.adam_betas());
+    // Gradients are cleared and clipped over everything the method trains, including what it
+    // steps itself (SoRA's gates), as the references' Trainer clips `model.parameters()`.
+    let trained = method.var_store().trainable_variables();
     let mut trace = Trace::from_env(method.var_store())?;
     let mut last_ranks: Option<RankAllocation> = None;
 
@@ -237,7 +241,7 @@ fn train_unguarded(
         // The step's loss is the mean over all its target tokens, however they are split into
         // micro-batches: accumulating k batches of b rows is one batch of k * b rows.
         let targets = micro_batches.iter().map(|b| b.targets).sum::<u64>().max(1) as f64;
-        optimizer.zero_grad();
+        zero_grads(&trained);
         let mut loss_sum = 0.0;
         for (micro, batch) in micro_batches.iter().enumerate() {
             let dropout_index = u64::from(step) * accumulation + micro as u64;
@@ -260,7 +264,7 @@ fn train_unguarded(
             )));
         }
         if let Some(max_norm) = training.max_grad_norm {
-            optimizer.clip_grad_norm(max_norm);
+            clip_grad_norm(&trained, max_norm);
         }
         optimizer.step(lr);
         method.after_step(StepInfo {

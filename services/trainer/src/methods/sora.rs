@@ -8,8 +8,9 @@
 //! (`threshold`) **not** scaled by the learning rate: the file `run_glue.py` imports
 //! (`sparse_optimizer.py`), not `sparse_optimizer_multiply_lr.py`. The loss gets
 //! `lambda · mean |g|`. Differences from the reference: the gates' learning rate follows the
-//! job's schedule (the reference's is linear with the main warmup), gradient clipping covers
-//! the loop's parameters only, and the post-training λ-schedule phases are not run.
+//! job's schedule (the reference's is linear with the main warmup), and the post-training
+//! λ-schedule phases are not run. The loop's gradient clipping covers the gates, as the
+//! reference's Trainer clips every parameter before both optimizers step.
 //! Published with the zeroed ranks removed: `A' = g_kept ⊙ A_kept`, `B' = B_kept · alpha / r`.
 
 use super::{
