@@ -851,10 +851,32 @@ mod tests {
     /// and cosine decay, accumulation, clipping and weight decay all continue exactly.
     #[test]
     fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+        assert_resume_is_seamless(
+            r#"{"type":"lora","r":4,"alpha":8,"dropout":0.1,"target_modules":["q_proj","v_proj","down_proj"]}"#,
+        );
+    }
+
+    /// The adaptive-rank methods keep their state (importance averages, masks, gates and
+    /// their optimizer, schedules) in the checkpoint: resuming changes nothing either. The
+    /// checkpoint at step 5 falls inside AdaLoRA's pruning and after SoRA's first zeros.
+    #[test]
+    fn adaptive_methods_resume_seamlessly() {
+        for method in [
+            r#"{"type":"adalora","init_r":4,"target_r":2,"tinit":2,"tfinal":3,"delta_t":2,"target_modules":["q_proj","v_proj"]}"#,
+            r#"{"type":"sora","r":4,"lambda":0.01,"threshold":0.05,"target_modules":["q_proj","v_proj"]}"#,
+            r#"{"type":"dylora","r":4,"target_modules":["q_proj","v_proj"]}"#,
+        ] {
+            assert_resume_is_seamless(method);
+        }
+    }
+
+    /// Runs `method` for 14 steps uninterrupted, and again stopped after step 7 and resumed
+    /// from its checkpoint at step 5: the two end with the same adapter and losses.
+    fn assert_resume_is_seamless(method: &str) {
         let root = fixture();
         let spec = fixture_job(
             root.path(),
-            r#"{"type":"lora","r":4,"alpha":8,"dropout":0.1,"target_modules":["q_proj","v_proj","down_proj"]}"#,
+            method,
             r#"{"max_steps":14,"learning_rate":0.003,"batch_size":2,"gradient_accumulation_steps":2,"seq_len":48,
                 "seed":7,"schedule":"cosine","warmup_steps":3,"weight_decay":0.01,"max_grad_norm":0.5,
                 "packing":true,"checkpoint_every":5}"#,
@@ -938,8 +960,12 @@ mod tests {
             second_attempt.progress_steps(),
             (6..=14).collect::<Vec<_>>()
         );
+        assert_eq!(
+            uninterrupted.adapter.config.rank_pattern, resumed.adapter.config.rank_pattern,
+            "{method}"
+        );
         let diff = max_abs_diff(&uninterrupted.adapter, &resumed.adapter);
-        assert!(diff <= 1e-6, "the resumed adapter differs by {diff}");
+        assert!(diff <= 1e-6, "{method}: the resumed adapter differs by {diff}");
         let (a, b) = (&uninterrupted.metrics, &resumed.metrics);
         assert_eq!(
             (a.steps, a.tokens, a.initial_loss),
@@ -947,7 +973,7 @@ mod tests {
         );
         assert!(
             (a.final_loss - b.final_loss).abs() <= 1e-6,
-            "{a:?} vs {b:?}"
+            "{method}: {a:?} vs {b:?}"
         );
     }
 
