@@ -122,6 +122,9 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
         // Allocations at steps 4, 6, ..., 14 (from 0), two modules growing by one rank each.
         json!({"type": "increlora", "lora_r": 1, "target_rank": 3, "init_warmup": 2, "incre_interval": 2,
                "top_h": 2, "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        // Allocations at steps 4, 6, ..., 14 (from 0), growing more modules as training goes on.
+        json!({"type": "triadaptlora", "init_rank": 1, "reference_rank": 3, "init_warmup": 2, "incre_interval": 2,
+               "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
     ];
     let tokens = "1,5,9,14,20,33,41,2";
     for method in methods {
@@ -167,7 +170,7 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
                 "{name} exports rank export_r: {config}"
             );
         }
-        if name == "increlora" {
+        if name == "increlora" || name == "triadaptlora" {
             assert!(
                 ranks.values().any(|r| r.as_u64().unwrap() > 1),
                 "{name} grew no module past lora_r: {config}"

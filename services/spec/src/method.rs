@@ -23,6 +23,9 @@ pub enum MethodConfig {
     /// IncreLoRA (Zhang et al., 2023): ranks added during training to the modules that matter most.
     #[serde(rename = "increlora")]
     IncreLora(IncreLoraConfig),
+    /// TriAdaptLoRA (Liang et al., 2025): `B C A` with a growing block-triangular `C`.
+    #[serde(rename = "triadaptlora")]
+    TriAdaptLora(TriAdaptLoraConfig),
 }
 
 impl MethodConfig {
@@ -41,6 +44,7 @@ impl MethodConfig {
             Some("sora") => reject_unknown::<SoraConfig>(fields),
             Some("dylora") => reject_unknown::<DyLoraConfig>(fields),
             Some("increlora") => reject_unknown::<IncreLoraConfig>(fields),
+            Some("triadaptlora") => reject_unknown::<TriAdaptLoraConfig>(fields),
             _ => Ok(()),
         }
     }
@@ -52,6 +56,7 @@ impl MethodConfig {
             MethodConfig::Sora(_) => "sora",
             MethodConfig::DyLora(_) => "dylora",
             MethodConfig::IncreLora(_) => "increlora",
+            MethodConfig::TriAdaptLora(_) => "triadaptlora",
         }
     }
 
@@ -62,6 +67,7 @@ impl MethodConfig {
             MethodConfig::Sora(c) => &c.target_modules,
             MethodConfig::DyLora(c) => &c.target_modules,
             MethodConfig::IncreLora(c) => &c.target_modules,
+            MethodConfig::TriAdaptLora(c) => &c.target_modules,
         }
     }
 
@@ -73,20 +79,26 @@ impl MethodConfig {
             MethodConfig::Sora(c) => c.validate("method", errors),
             MethodConfig::DyLora(c) => c.validate("method", errors),
             MethodConfig::IncreLora(c) => c.validate("method", errors),
+            MethodConfig::TriAdaptLora(c) => c.validate("method", errors),
         }
     }
 
     /// The checks that need the training plan as well (AdaLoRA's schedule is in steps of it).
     pub fn validate_with_training(&self, training: &TrainingConfig, errors: &mut Vec<FieldError>) {
-        if let MethodConfig::IncreLora(c) = self {
-            if c.allocation_steps(training.max_steps) == 0 {
+        let growth = match self {
+            MethodConfig::IncreLora(c) => Some((c.init_warmup, c.incre_interval)),
+            MethodConfig::TriAdaptLora(c) => Some((c.init_warmup, c.incre_interval)),
+            _ => None,
+        };
+        if let Some((init_warmup, incre_interval)) = growth {
+            if growth_steps(init_warmup, incre_interval, training.max_steps) == 0 {
                 errors.push(FieldError::new(
                     "method.init_warmup",
                     format!(
-                        "no step of the run allocates ranks: allocations happen at steps (counted from 0) above \
-                         init_warmup ({}) that are multiples of incre_interval ({}), and the run has \
-                         training.max_steps = {}",
-                        c.init_warmup, c.incre_interval, training.max_steps
+                        "no step of the run adds ranks: ranks are added at steps (counted from 0) above \
+                         init_warmup ({init_warmup}) that are multiples of incre_interval ({incre_interval}), \
+                         and the run has training.max_steps = {}",
+                        training.max_steps
                     ),
                 ));
             }
@@ -495,12 +507,7 @@ impl IncreLoraConfig {
 
     /// How many steps of a `max_steps` run (counted from 0) allocate ranks.
     pub fn allocation_steps(&self, max_steps: u32) -> u32 {
-        let interval = self.incre_interval.max(1);
-        let first = (self.init_warmup / interval + 1) * interval;
-        match first < max_steps {
-            true => (max_steps - 1 - first) / interval + 1,
-            false => 0,
-        }
+        growth_steps(self.init_warmup, self.incre_interval, max_steps)
     }
 
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
@@ -559,6 +566,154 @@ impl IncreLoraConfig {
         if !(self.reg_orth_coef.is_finite() && self.reg_orth_coef >= 0.0) {
             errors.push(FieldError::new(
                 format!("{prefix}.reg_orth_coef"),
+                "must be a non-negative number",
+            ));
+        }
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+/// How many steps of a `max_steps` run (counted from 0) add ranks, for IncreLoRA and
+/// TriAdaptLoRA: those above `init_warmup` that are multiples of `incre_interval`.
+pub fn growth_steps(init_warmup: u32, incre_interval: u32, max_steps: u32) -> u32 {
+    let interval = incre_interval.max(1);
+    let first = (init_warmup / interval + 1) * interval;
+    match first < max_steps {
+        true => (max_steps - 1 - first) / interval + 1,
+        false => 0,
+    }
+}
+
+/// How many modules grow at a TriAdaptLoRA allocation, from the budget left and the progress.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankGrowthModel {
+    /// `int(budget left x progress)`.
+    #[default]
+    Linear,
+    /// `int(budget left ^ progress)` (the reference spells it `non-linear`).
+    #[serde(alias = "non-linear")]
+    Nonlinear,
+}
+
+/// TriAdaptLoRA with the defaults of the authors' `TriAdaptLoraConfig` (their PEFT fork,
+/// `peft/src/peft/tuners/triadaptlora.py`) and of the `LoraConfig` it extends (alpha 8,
+/// dropout 0); the schedule counts optimizer steps from 0.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriAdaptLoraConfig {
+    /// The average rank per module once growth ends (the budget is `reference_rank` x modules).
+    #[serde(default = "default_target_r")]
+    pub reference_rank: u32,
+    /// The whole budget in ranks, instead of `reference_rank` x modules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_total_rank: Option<u32>,
+    /// Every module's rank at the start.
+    #[serde(default = "one")]
+    pub init_rank: u32,
+    /// Ranks a chosen module gains per allocation; `null`: the reference's table,
+    /// `reference_rank / 2` (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incre_rank_num: Option<u32>,
+    /// Deliberately not in the reference (which has no cap): the most ranks one module may
+    /// grow to, bounding its preallocated factors; `null`: 4 x `reference_rank`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_module_rank: Option<u32>,
+    /// The branch is scaled by alpha / rank, which changes as the module grows.
+    #[serde(default = "default_adalora_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// Steps (from 0) before the first allocation: allocations need `step > init_warmup`.
+    #[serde(default)]
+    pub init_warmup: u32,
+    /// Ranks are allocated at steps that are multiples of `incre_interval`.
+    #[serde(default = "one")]
+    pub incre_interval: u32,
+    #[serde(default)]
+    pub rank_growth_model: RankGrowthModel,
+    /// Weight of the orthogonality regulariser on A and B.
+    #[serde(default = "default_orth_reg_weight")]
+    pub orth_reg_weight: f64,
+}
+
+impl TriAdaptLoraConfig {
+    /// Ranks gained per allocation by each chosen module.
+    pub fn rank_step(&self) -> u32 {
+        self.incre_rank_num
+            .unwrap_or((self.reference_rank / 2).max(1))
+    }
+
+    /// The cap on one module's rank.
+    pub fn module_rank_cap(&self) -> u32 {
+        self.max_module_rank.unwrap_or(4 * self.reference_rank)
+    }
+
+    /// How many steps of a `max_steps` run (counted from 0) allocate ranks.
+    pub fn allocation_steps(&self, max_steps: u32) -> u32 {
+        growth_steps(self.init_warmup, self.incre_interval, max_steps)
+    }
+
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.reference_rank == 0 || self.reference_rank > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.reference_rank"),
+                format!(
+                    "must be between 1 and {MAX_RANK}, got {}",
+                    self.reference_rank
+                ),
+            ));
+        }
+        if self.target_total_rank == Some(0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.target_total_rank"),
+                "must be at least 1",
+            ));
+        }
+        if self.init_rank == 0 || self.init_rank > self.reference_rank {
+            errors.push(FieldError::new(
+                format!("{prefix}.init_rank"),
+                format!(
+                    "must be between 1 and reference_rank ({}), got {}",
+                    self.reference_rank, self.init_rank
+                ),
+            ));
+        }
+        if let Some(n) = self.incre_rank_num {
+            if n == 0 || n > MAX_RANK {
+                errors.push(FieldError::new(
+                    format!("{prefix}.incre_rank_num"),
+                    format!("must be between 1 and {MAX_RANK}, got {n}"),
+                ));
+            }
+        }
+        let cap = self.module_rank_cap();
+        if cap < self.reference_rank || cap > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.max_module_rank"),
+                format!(
+                    "must be between reference_rank ({}) and {MAX_RANK}, got {cap}",
+                    self.reference_rank
+                ),
+            ));
+        }
+        check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
+        if self.incre_interval == 0 {
+            errors.push(FieldError::new(
+                format!("{prefix}.incre_interval"),
+                "must be at least 1",
+            ));
+        }
+        if !(self.orth_reg_weight.is_finite() && self.orth_reg_weight >= 0.0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.orth_reg_weight"),
                 "must be a non-negative number",
             ));
         }
@@ -662,6 +817,8 @@ mod tests {
             r#"{"type":"sora"}"#,
             r#"{"type":"dylora","r":4,"export_r":2}"#,
             r#"{"type":"increlora","init_warmup":10,"incre_interval":10}"#,
+            r#"{"type":"triadaptlora"}"#,
+            r#"{"type":"triadaptlora","rank_growth_model":"non-linear"}"#,
         ] {
             let spec = parse(method, 100).unwrap_or_else(|e| panic!("{method}: {e}"));
             assert_eq!(spec.method.target_modules(), ["q_proj", "v_proj"]);
@@ -746,6 +903,52 @@ mod tests {
                 "method.init_warmup",
             ),
             (r#"{"type":"increlora","top_k":3}"#, 5000, "method.top_k"),
+            (
+                r#"{"type":"triadaptlora","reference_rank":0}"#,
+                100,
+                "method.reference_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","reference_rank":2,"init_rank":4}"#,
+                100,
+                "method.init_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","incre_rank_num":0}"#,
+                100,
+                "method.incre_rank_num",
+            ),
+            (
+                r#"{"type":"triadaptlora","max_module_rank":7}"#,
+                100,
+                "method.max_module_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","target_total_rank":0}"#,
+                100,
+                "method.target_total_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","incre_interval":0}"#,
+                100,
+                "method.incre_interval",
+            ),
+            (
+                r#"{"type":"triadaptlora","orth_reg_weight":-0.5}"#,
+                100,
+                "method.orth_reg_weight",
+            ),
+            (
+                r#"{"type":"triadaptlora","rank_growth_model":"cubic"}"#,
+                100,
+                "method.rank_growth_model",
+            ),
+            (
+                r#"{"type":"triadaptlora","init_warmup":99}"#,
+                100,
+                "method.init_warmup",
+            ),
+            (r#"{"type":"triadaptlora","top_k":1}"#, 100, "method.top_k"),
         ];
         for (method, steps, field) in cases {
             let err = parse(method, steps).unwrap_err();

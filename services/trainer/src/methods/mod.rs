@@ -6,6 +6,7 @@ pub mod dylora;
 pub mod increlora;
 pub mod rank_adam;
 pub mod sora;
+pub mod triadaptlora;
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
