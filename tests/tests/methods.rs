@@ -119,6 +119,12 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
         // The threshold applies every step: 16 x 0.02 prunes the gates drawn below about 0.3.
         json!({"type": "sora", "r": 6, "lambda": 0.01, "threshold": 0.02, "target_modules": ["q_proj", "v_proj"]}),
         json!({"type": "dylora", "r": 6, "export_r": 3, "target_modules": ["q_proj", "v_proj", "up_proj"]}),
+        // Allocations at steps 4, 6, ..., 14 (from 0), two modules growing by one rank each.
+        json!({"type": "increlora", "lora_r": 1, "target_rank": 3, "init_warmup": 2, "incre_interval": 2,
+               "top_h": 2, "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        // Allocations at steps 4, 6, ..., 14 (from 0), growing more modules as training goes on.
+        json!({"type": "triadaptlora", "init_rank": 1, "reference_rank": 3, "init_warmup": 2, "incre_interval": 2,
+               "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
     ];
     let tokens = "1,5,9,14,20,33,41,2";
     for method in methods {
@@ -162,6 +168,12 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
             assert!(
                 ranks.values().all(|r| r == 3),
                 "{name} exports rank export_r: {config}"
+            );
+        }
+        if name == "increlora" || name == "triadaptlora" {
+            assert!(
+                ranks.values().any(|r| r.as_u64().unwrap() > 1),
+                "{name} grew no module past lora_r: {config}"
             );
         }
         if name == "sora" {

@@ -20,6 +20,12 @@ pub enum MethodConfig {
     /// DyLoRA (Valipour et al., EACL 2023): one adapter trained to work truncated to any rank.
     #[serde(rename = "dylora")]
     DyLora(DyLoraConfig),
+    /// IncreLoRA (Zhang et al., 2023): ranks added during training to the modules that matter most.
+    #[serde(rename = "increlora")]
+    IncreLora(IncreLoraConfig),
+    /// TriAdaptLoRA (Liang et al., 2025): `B C A` with a growing block-triangular `C`.
+    #[serde(rename = "triadaptlora")]
+    TriAdaptLora(TriAdaptLoraConfig),
 }
 
 impl MethodConfig {
@@ -37,6 +43,8 @@ impl MethodConfig {
             Some("adalora") => reject_unknown::<AdaLoraConfig>(fields),
             Some("sora") => reject_unknown::<SoraConfig>(fields),
             Some("dylora") => reject_unknown::<DyLoraConfig>(fields),
+            Some("increlora") => reject_unknown::<IncreLoraConfig>(fields),
+            Some("triadaptlora") => reject_unknown::<TriAdaptLoraConfig>(fields),
             _ => Ok(()),
         }
     }
@@ -47,6 +55,8 @@ impl MethodConfig {
             MethodConfig::AdaLora(_) => "adalora",
             MethodConfig::Sora(_) => "sora",
             MethodConfig::DyLora(_) => "dylora",
+            MethodConfig::IncreLora(_) => "increlora",
+            MethodConfig::TriAdaptLora(_) => "triadaptlora",
         }
     }
 
@@ -56,6 +66,8 @@ impl MethodConfig {
             MethodConfig::AdaLora(c) => &c.target_modules,
             MethodConfig::Sora(c) => &c.target_modules,
             MethodConfig::DyLora(c) => &c.target_modules,
+            MethodConfig::IncreLora(c) => &c.target_modules,
+            MethodConfig::TriAdaptLora(c) => &c.target_modules,
         }
     }
 
@@ -66,11 +78,31 @@ impl MethodConfig {
             MethodConfig::AdaLora(c) => c.validate("method", errors),
             MethodConfig::Sora(c) => c.validate("method", errors),
             MethodConfig::DyLora(c) => c.validate("method", errors),
+            MethodConfig::IncreLora(c) => c.validate("method", errors),
+            MethodConfig::TriAdaptLora(c) => c.validate("method", errors),
         }
     }
 
     /// The checks that need the training plan as well (AdaLoRA's schedule is in steps of it).
     pub fn validate_with_training(&self, training: &TrainingConfig, errors: &mut Vec<FieldError>) {
+        let growth = match self {
+            MethodConfig::IncreLora(c) => Some((c.init_warmup, c.incre_interval)),
+            MethodConfig::TriAdaptLora(c) => Some((c.init_warmup, c.incre_interval)),
+            _ => None,
+        };
+        if let Some((init_warmup, incre_interval)) = growth {
+            if growth_steps(init_warmup, incre_interval, training.max_steps) == 0 {
+                errors.push(FieldError::new(
+                    "method.init_warmup",
+                    format!(
+                        "no step of the run adds ranks: ranks are added at steps (counted from 0) above \
+                         init_warmup ({init_warmup}) that are multiples of incre_interval ({incre_interval}), \
+                         and the run has training.max_steps = {}",
+                        training.max_steps
+                    ),
+                ));
+            }
+        }
         if let MethodConfig::AdaLora(c) = self {
             // PEFT's `AdaLoraConfig` requires tinit < total_step - tfinal, total_step being the
             // run's length: otherwise the budget never leaves its initial value.
@@ -266,14 +298,7 @@ impl AdaLoraConfig {
                 "must be at least 1",
             ));
         }
-        for (field, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(beta > 0.0 && beta < 1.0) {
-                errors.push(FieldError::new(
-                    format!("{prefix}.{field}"),
-                    "must be in (0, 1)",
-                ));
-            }
-        }
+        check_betas(prefix, self.beta1, self.beta2, errors);
         if !(self.orth_reg_weight.is_finite() && self.orth_reg_weight >= 0.0) {
             errors.push(FieldError::new(
                 format!("{prefix}.orth_reg_weight"),
@@ -398,6 +423,320 @@ impl DyLoraConfig {
     }
 }
 
+/// IncreLoRA with the defaults of the reference's rank-8 MNLI script
+/// (in `NLU/scripts/rank=8/`: target_rank 8, lora_r 1, init_warmup 1000, incre_interval
+/// 1000, top_h 18, reg_orth_coef 0.1, beta1 = beta2 = 0.85, alpha 16) and of `run_glue.py`
+/// (`advance_learn` and `multi_lr` on, `incre_rank_num` from its table). Schedule steps count
+/// optimizer steps from 0, as the reference's `update_and_increase(global_step)` does.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncreLoraConfig {
+    /// The average rank per module once growth ends (the budget is `target_rank` x modules).
+    #[serde(default = "default_target_r")]
+    pub target_rank: u32,
+    /// The whole budget in ranks, instead of `target_rank` x modules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_total_rank: Option<u32>,
+    /// Every module's rank at the start.
+    #[serde(default = "one")]
+    pub lora_r: u32,
+    /// Ranks a chosen module gains per allocation; `null`: the reference's table
+    /// `{2: 1, 4: 2, 6: 3, 8: 4}`, i.e. `target_rank / 2` (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incre_rank_num: Option<u32>,
+    /// Deliberately not in the reference (which has no cap): the most active ranks one module
+    /// may grow to, bounding its preallocated factors; `null`: 4 x `target_rank`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_module_rank: Option<u32>,
+    /// The branch is scaled by alpha / (active rank), which changes as the module grows.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// Steps (from 0) before the first allocation: allocations need `step > init_warmup`.
+    #[serde(default = "default_incre_step")]
+    pub init_warmup: u32,
+    /// Ranks are allocated at steps that are multiples of `incre_interval`.
+    #[serde(default = "default_incre_step")]
+    pub incre_interval: u32,
+    /// At most this many modules (the highest scores) grow per allocation.
+    #[serde(default = "default_top_h")]
+    pub top_h: u32,
+    /// Train each module's next ranks (its reserve) before they are added.
+    #[serde(default = "yes")]
+    pub advance_learn: bool,
+    /// Added ranks restart the learning-rate warmup from the step they are added.
+    #[serde(default = "yes")]
+    pub multi_lr: bool,
+    /// EMA coefficient of the importance score.
+    #[serde(default = "default_beta")]
+    pub beta1: f64,
+    /// EMA coefficient of its uncertainty.
+    #[serde(default = "default_beta")]
+    pub beta2: f64,
+    /// Weight of the orthogonality regulariser on A and B.
+    #[serde(default = "default_reg_orth_coef")]
+    pub reg_orth_coef: f64,
+}
+
+fn default_incre_step() -> u32 {
+    1000
+}
+fn default_top_h() -> u32 {
+    18
+}
+fn yes() -> bool {
+    true
+}
+fn default_reg_orth_coef() -> f64 {
+    0.1
+}
+
+impl IncreLoraConfig {
+    /// Ranks gained per allocation by each chosen module.
+    pub fn rank_step(&self) -> u32 {
+        self.incre_rank_num.unwrap_or((self.target_rank / 2).max(1))
+    }
+
+    /// The cap on one module's active ranks.
+    pub fn module_rank_cap(&self) -> u32 {
+        self.max_module_rank.unwrap_or(4 * self.target_rank)
+    }
+
+    /// How many steps of a `max_steps` run (counted from 0) allocate ranks.
+    pub fn allocation_steps(&self, max_steps: u32) -> u32 {
+        growth_steps(self.init_warmup, self.incre_interval, max_steps)
+    }
+
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.target_rank == 0 || self.target_rank > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.target_rank"),
+                format!("must be between 1 and {MAX_RANK}, got {}", self.target_rank),
+            ));
+        }
+        if self.target_total_rank == Some(0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.target_total_rank"),
+                "must be at least 1",
+            ));
+        }
+        if self.lora_r == 0 || self.lora_r > self.target_rank {
+            errors.push(FieldError::new(
+                format!("{prefix}.lora_r"),
+                format!(
+                    "must be between 1 and target_rank ({}), got {}",
+                    self.target_rank, self.lora_r
+                ),
+            ));
+        }
+        if let Some(n) = self.incre_rank_num {
+            if n == 0 || n > MAX_RANK {
+                errors.push(FieldError::new(
+                    format!("{prefix}.incre_rank_num"),
+                    format!("must be between 1 and {MAX_RANK}, got {n}"),
+                ));
+            }
+        }
+        let cap = self.module_rank_cap();
+        if cap < self.target_rank || cap > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.max_module_rank"),
+                format!(
+                    "must be between target_rank ({}) and {MAX_RANK}, got {cap}",
+                    self.target_rank
+                ),
+            ));
+        }
+        check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
+        for (field, value) in [
+            ("incre_interval", self.incre_interval),
+            ("top_h", self.top_h),
+        ] {
+            if value == 0 {
+                errors.push(FieldError::new(
+                    format!("{prefix}.{field}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        check_betas(prefix, self.beta1, self.beta2, errors);
+        if !(self.reg_orth_coef.is_finite() && self.reg_orth_coef >= 0.0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.reg_orth_coef"),
+                "must be a non-negative number",
+            ));
+        }
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+/// How many steps of a `max_steps` run (counted from 0) add ranks, for IncreLoRA and
+/// TriAdaptLoRA: those above `init_warmup` that are multiples of `incre_interval`.
+pub fn growth_steps(init_warmup: u32, incre_interval: u32, max_steps: u32) -> u32 {
+    let interval = incre_interval.max(1);
+    let first = (init_warmup / interval + 1) * interval;
+    match first < max_steps {
+        true => (max_steps - 1 - first) / interval + 1,
+        false => 0,
+    }
+}
+
+/// How many modules grow at a TriAdaptLoRA allocation, from the budget left and the progress.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankGrowthModel {
+    /// `int(budget left x progress)`.
+    #[default]
+    Linear,
+    /// `int(budget left ^ progress)` (the reference spells it `non-linear`).
+    #[serde(alias = "non-linear")]
+    Nonlinear,
+}
+
+/// TriAdaptLoRA with the defaults of the authors' `TriAdaptLoraConfig` (their PEFT fork,
+/// `peft/src/peft/tuners/triadaptlora.py`) and of the `LoraConfig` it extends (alpha 8,
+/// dropout 0); the schedule counts optimizer steps from 0.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriAdaptLoraConfig {
+    /// The average rank per module once growth ends (the budget is `reference_rank` x modules).
+    #[serde(default = "default_target_r")]
+    pub reference_rank: u32,
+    /// The whole budget in ranks, instead of `reference_rank` x modules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_total_rank: Option<u32>,
+    /// Every module's rank at the start.
+    #[serde(default = "one")]
+    pub init_rank: u32,
+    /// Ranks a chosen module gains per allocation; `null`: the reference's table,
+    /// `reference_rank / 2` (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incre_rank_num: Option<u32>,
+    /// Deliberately not in the reference (which has no cap): the most ranks one module may
+    /// grow to, bounding its preallocated factors; `null`: 4 x `reference_rank`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_module_rank: Option<u32>,
+    /// The branch is scaled by alpha / rank, which changes as the module grows.
+    #[serde(default = "default_adalora_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// Steps (from 0) before the first allocation: allocations need `step > init_warmup`.
+    #[serde(default)]
+    pub init_warmup: u32,
+    /// Ranks are allocated at steps that are multiples of `incre_interval`.
+    #[serde(default = "one")]
+    pub incre_interval: u32,
+    #[serde(default)]
+    pub rank_growth_model: RankGrowthModel,
+    /// Weight of the orthogonality regulariser on A and B.
+    #[serde(default = "default_orth_reg_weight")]
+    pub orth_reg_weight: f64,
+}
+
+impl TriAdaptLoraConfig {
+    /// Ranks gained per allocation by each chosen module.
+    pub fn rank_step(&self) -> u32 {
+        self.incre_rank_num
+            .unwrap_or((self.reference_rank / 2).max(1))
+    }
+
+    /// The cap on one module's rank.
+    pub fn module_rank_cap(&self) -> u32 {
+        self.max_module_rank.unwrap_or(4 * self.reference_rank)
+    }
+
+    /// How many steps of a `max_steps` run (counted from 0) allocate ranks.
+    pub fn allocation_steps(&self, max_steps: u32) -> u32 {
+        growth_steps(self.init_warmup, self.incre_interval, max_steps)
+    }
+
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.reference_rank == 0 || self.reference_rank > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.reference_rank"),
+                format!(
+                    "must be between 1 and {MAX_RANK}, got {}",
+                    self.reference_rank
+                ),
+            ));
+        }
+        if self.target_total_rank == Some(0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.target_total_rank"),
+                "must be at least 1",
+            ));
+        }
+        if self.init_rank == 0 || self.init_rank > self.reference_rank {
+            errors.push(FieldError::new(
+                format!("{prefix}.init_rank"),
+                format!(
+                    "must be between 1 and reference_rank ({}), got {}",
+                    self.reference_rank, self.init_rank
+                ),
+            ));
+        }
+        if let Some(n) = self.incre_rank_num {
+            if n == 0 || n > MAX_RANK {
+                errors.push(FieldError::new(
+                    format!("{prefix}.incre_rank_num"),
+                    format!("must be between 1 and {MAX_RANK}, got {n}"),
+                ));
+            }
+        }
+        let cap = self.module_rank_cap();
+        if cap < self.reference_rank || cap > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.max_module_rank"),
+                format!(
+                    "must be between reference_rank ({}) and {MAX_RANK}, got {cap}",
+                    self.reference_rank
+                ),
+            ));
+        }
+        check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
+        if self.incre_interval == 0 {
+            errors.push(FieldError::new(
+                format!("{prefix}.incre_interval"),
+                "must be at least 1",
+            ));
+        }
+        if !(self.orth_reg_weight.is_finite() && self.orth_reg_weight >= 0.0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.orth_reg_weight"),
+                "must be a non-negative number",
+            ));
+        }
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
+/// EMA coefficients in (0, 1), as the references assert.
+fn check_betas(prefix: &str, beta1: f64, beta2: f64, errors: &mut Vec<FieldError>) {
+    for (field, beta) in [("beta1", beta1), ("beta2", beta2)] {
+        if !(beta > 0.0 && beta < 1.0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.{field}"),
+                "must be in (0, 1)",
+            ));
+        }
+    }
+}
+
 fn check_alpha_dropout(prefix: &str, alpha: f64, dropout: f64, errors: &mut Vec<FieldError>) {
     if !(alpha.is_finite() && alpha > 0.0) {
         errors.push(FieldError::new(
@@ -477,6 +816,9 @@ mod tests {
             r#"{"type":"adalora"}"#,
             r#"{"type":"sora"}"#,
             r#"{"type":"dylora","r":4,"export_r":2}"#,
+            r#"{"type":"increlora","init_warmup":10,"incre_interval":10}"#,
+            r#"{"type":"triadaptlora"}"#,
+            r#"{"type":"triadaptlora","rank_growth_model":"non-linear"}"#,
         ] {
             let spec = parse(method, 100).unwrap_or_else(|e| panic!("{method}: {e}"));
             assert_eq!(spec.method.target_modules(), ["q_proj", "v_proj"]);
@@ -517,6 +859,96 @@ mod tests {
                 "method.export_r",
             ),
             (r#"{"type":"dylora","r":0}"#, 100, "method.r"),
+            (
+                r#"{"type":"increlora","target_rank":0}"#,
+                5000,
+                "method.target_rank",
+            ),
+            (
+                r#"{"type":"increlora","target_total_rank":0}"#,
+                5000,
+                "method.target_total_rank",
+            ),
+            (
+                r#"{"type":"increlora","target_rank":2,"lora_r":3}"#,
+                5000,
+                "method.lora_r",
+            ),
+            (
+                r#"{"type":"increlora","incre_rank_num":0}"#,
+                5000,
+                "method.incre_rank_num",
+            ),
+            (
+                r#"{"type":"increlora","max_module_rank":4}"#,
+                5000,
+                "method.max_module_rank",
+            ),
+            (
+                r#"{"type":"increlora","incre_interval":0}"#,
+                5000,
+                "method.incre_interval",
+            ),
+            (r#"{"type":"increlora","top_h":0}"#, 5000, "method.top_h"),
+            (r#"{"type":"increlora","beta2":0}"#, 5000, "method.beta2"),
+            (
+                r#"{"type":"increlora","reg_orth_coef":-1}"#,
+                5000,
+                "method.reg_orth_coef",
+            ),
+            (r#"{"type":"increlora","alpha":0}"#, 5000, "method.alpha"),
+            (
+                r#"{"type":"increlora","init_warmup":90,"incre_interval":10}"#,
+                100,
+                "method.init_warmup",
+            ),
+            (r#"{"type":"increlora","top_k":3}"#, 5000, "method.top_k"),
+            (
+                r#"{"type":"triadaptlora","reference_rank":0}"#,
+                100,
+                "method.reference_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","reference_rank":2,"init_rank":4}"#,
+                100,
+                "method.init_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","incre_rank_num":0}"#,
+                100,
+                "method.incre_rank_num",
+            ),
+            (
+                r#"{"type":"triadaptlora","max_module_rank":7}"#,
+                100,
+                "method.max_module_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","target_total_rank":0}"#,
+                100,
+                "method.target_total_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","incre_interval":0}"#,
+                100,
+                "method.incre_interval",
+            ),
+            (
+                r#"{"type":"triadaptlora","orth_reg_weight":-0.5}"#,
+                100,
+                "method.orth_reg_weight",
+            ),
+            (
+                r#"{"type":"triadaptlora","rank_growth_model":"cubic"}"#,
+                100,
+                "method.rank_growth_model",
+            ),
+            (
+                r#"{"type":"triadaptlora","init_warmup":99}"#,
+                100,
+                "method.init_warmup",
+            ),
+            (r#"{"type":"triadaptlora","top_k":1}"#, 100, "method.top_k"),
         ];
         for (method, steps, field) in cases {
             let err = parse(method, steps).unwrap_err();
@@ -524,5 +956,26 @@ mod tests {
         }
         // The same schedule fits a longer run.
         assert!(parse(r#"{"type":"adalora","tinit":60,"tfinal":40}"#, 101).is_ok());
+        // Step 100 (the 101st) is above init_warmup 90 and a multiple of 10.
+        assert!(parse(
+            r#"{"type":"increlora","init_warmup":90,"incre_interval":10}"#,
+            101
+        )
+        .is_ok());
+    }
+
+    /// IncreLoRA allocates at the steps from 0 above init_warmup that incre_interval divides.
+    #[test]
+    fn increlora_counts_its_allocation_steps() {
+        let config: super::IncreLoraConfig =
+            serde_json::from_value(serde_json::json!({"init_warmup": 2, "incre_interval": 2}))
+                .unwrap();
+        // Steps 0..16: 4, 6, 8, 10, 12, 14.
+        assert_eq!(config.allocation_steps(16), 6);
+        assert_eq!(config.allocation_steps(15), 6);
+        assert_eq!(config.allocation_steps(5), 1);
+        assert_eq!(config.allocation_steps(4), 0);
+        assert_eq!(config.rank_step(), 4);
+        assert_eq!(config.module_rank_cap(), 32);
     }
 }

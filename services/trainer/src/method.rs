@@ -11,7 +11,9 @@
 
 use crate::export::PeftAdapter;
 use crate::lora::Lora;
-use crate::methods::{adalora::AdaLora, dylora::DyLora, sora::Sora};
+use crate::methods::{
+    adalora::AdaLora, dylora::DyLora, increlora::IncreLora, sora::Sora, triadaptlora::TriAdaptLora,
+};
 use crate::model::LlamaModel;
 use anyhow::Result;
 use loraforge_spec::worker::EventPayload;
@@ -116,6 +118,12 @@ pub fn attach_method(
         MethodConfig::Sora(config) => Box::new(Sora::attach(model, config, device)?),
         MethodConfig::DyLora(config) => {
             Box::new(DyLora::attach(model, config, spec.training.seed, device)?)
+        }
+        MethodConfig::IncreLora(config) => {
+            Box::new(IncreLora::attach(model, config, &spec.training, device)?)
+        }
+        MethodConfig::TriAdaptLora(config) => {
+            Box::new(TriAdaptLora::attach(model, config, &spec.training, device)?)
         }
     })
 }

@@ -16,7 +16,7 @@ use tch::Tensor;
 /// may ([`AdamW::with_betas`]).
 pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.999;
-const EPSILON: f64 = 1e-8;
+pub const EPSILON: f64 = 1e-8;
 
 /// One trainable parameter and its AdamW state.
 struct ParameterState {

@@ -3,7 +3,10 @@
 
 pub mod adalora;
 pub mod dylora;
+pub mod increlora;
+pub mod rank_adam;
 pub mod sora;
+pub mod triadaptlora;
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
@@ -102,6 +105,17 @@ pub fn refuse_parent(method: &str) -> Result<()> {
     Err(user_error(format!(
         "{method} cannot continue from a parent adapter: submit the job without `parent`"
     )))
+}
+
+/// `||A Aᵀ − I||_F` and `||Bᵀ B − I||_F` over the ranks marked in `live (K, 1)`, for factors
+/// `a (K, in)`, `b (out, K)` that are zero outside them: the norms of the live sub-matrices,
+/// un-squared as the references compute them (for methods whose ranks grow).
+pub fn orthogonality(a: &Tensor, b: &Tensor, live: &Tensor) -> [Tensor; 2] {
+    let eye = Tensor::eye(live.size()[0], (Kind::Float, live.device())) * live;
+    [
+        (a.matmul(&a.tr()) - &eye).norm(),
+        (b.tr().matmul(b) - eye).norm(),
+    ]
 }
 
 /// Selects rows `keep` (a bool mask) of `t` along `dim`.

@@ -1,0 +1,681 @@
+//! IncreLoRA (Zhang et al., 2023), following `FeiyuZhang98/IncreLoRA` (`loralib/increlora.py`
+//! `SVDLinear`, `RankAllocator.update_and_increase`; `NLU/src/transformers/trainer.py`, and
+//! `optimization.py` `Multi_LambdaLR`): `ΔW = B (A ⊙ E) · alpha / (active rank + 1e-5)` in
+//! SVD-like triplets, starting from `lora_r` per module; every `incre_interval` steps after
+//! `init_warmup`, the `top_h` modules of highest smoothed importance `Σ|ΔW ⊙ ∂L/∂ΔW| / √numel`
+//! gain `incre_rank_num` ranks each, until the total reaches the budget.
+//!
+//! Ranks are preallocated per module, so shapes never change (checkpoints restore by name and
+//! shape): masks say which ranks are active and which are the reserve (the next ranks, trained
+//! ahead with their E held at 1e-5: `advance_learn`); the others add exactly 0 and are never
+//! updated. The factors are stepped here, not by the loop's AdamW, by [`RankAdam`]: every rank
+//! starts its moments and bias correction where the reference adds its parameter group, and
+//! with `multi_lr` its learning rate restarts the job's warmup and schedule from that step.
+//! While the budget is not reached, the branch runs through the materialised ΔW plus a zero
+//! "probe" whose gradient is ∂L/∂ΔW (the reference's backward hook); after, factored.
+//!
+//! Chosen where the reference differs or is silent:
+//! - `max_module_rank` (not in the reference) caps each module's active rank, bounding its
+//!   preallocation; the cap is further lowered to what the schedule can reach in
+//!   `training.max_steps`. A module at its cap takes no part in an allocation: it is left out of
+//!   the top-k, and k is at most the number of modules that can still grow.
+//! - The first reserve exists from the start and trains from step 0 (the reference adds it
+//!   after step 0's backward, so its first gradient is step 1's).
+//! - A rank added at step `s` (0-based) steps at `s` with the learning rate of the job's
+//!   schedule restarted at `s` (0 on its first step under warmup); the reference's new group
+//!   takes its first step at the peak rate before `Multi_LambdaLR` sees it, and always decays
+//!   linearly. Ranks present from the start use the job's schedule.
+//! - With gradient accumulation the importance uses the step's whole ∂L/∂ΔW (the reference's
+//!   hook sees the last micro-batch's).
+//! - Growth stops once the total reaches the budget even if ties overshoot it (the reference
+//!   then never zeroes the reserves); the reserves are zeroed then, or after the last step if
+//!   the budget was not reached, so the trained model is the published one.
+//! - Published as plain LoRA without the reserves: `A' = A_active ⊙ E_active`,
+//!   `B' = B_active · alpha / (rank + 1e-5)`.
+
+use super::rank_adam::{Moments, RankAdam, UNBORN};
+use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
+use crate::error::user_error;
+use crate::export::PeftAdapter;
+use crate::method::{AdapterMethod, RankAllocation, StepInfo};
+use crate::model::{LinearAdapter, LlamaModel};
+use crate::optimizer::learning_rate;
+use anyhow::Result;
+use loraforge_spec::method::IncreLoraConfig;
+use loraforge_spec::TrainingConfig;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The reserve's E while it learns ahead (`add_reserve_param(advance_learn=True)`).
+const RESERVE_E: f64 = 1e-5;
+
+/// `A ⊙ E` over the created ranks, the reserves' E held fixed (the reference freezes it).
+fn scaled_rows(a: &Tensor, e: &Tensor, active: &Tensor, reserve: &Tensor) -> Tensor {
+    a * (e * active + e.detach() * reserve)
+}
+
+/// `alpha / (active rank + 1e-5)`, as a tensor so it follows the masks without a sync.
+fn scale(active: &Tensor, alpha: f64) -> Tensor {
+    (active.sum(Kind::Float) + 1e-5).reciprocal() * alpha
+}
+
+struct GrowingBranch {
+    a: Tensor,
+    e: Tensor,
+    b: Tensor,
+    active: Tensor,
+    reserve: Tensor,
+    alpha: f64,
+    dropout: f64,
+    /// A zero leaf added to ΔW, so that its gradient is ∂L/∂ΔW.
+    probe: Tensor,
+    /// Whether importance is still measured (the budget is not reached).
+    collecting: Arc<AtomicBool>,
+}
+
+impl LinearAdapter for GrowingBranch {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
+        let rows = scaled_rows(&self.a, &self.e, &self.active, &self.reserve);
+        let scale = scale(&self.active, self.alpha);
+        let delta = match train && self.collecting.load(Ordering::Relaxed) {
+            true => x32.linear::<Tensor>(&(self.b.matmul(&rows) * scale + &self.probe), None),
+            false => {
+                x32.linear::<Tensor>(&rows, None)
+                    .linear::<Tensor>(&self.b, None)
+                    * scale
+            }
+        };
+        delta.to_kind(x.kind())
+    }
+}
+
+/// One adapted matrix with room for `capacity` active ranks plus a reserve.
+struct GrowingModule {
+    module_path: String,
+    a: Tensor,
+    e: Tensor,
+    b: Tensor,
+    moments: [Moments; 3],
+    /// Per rank `(K, 1)`: the step (from 0) from which its A row and B column train, or UNBORN.
+    ab_born: Tensor,
+    /// Per rank: the step from which its E trains (its activation), or UNBORN.
+    e_born: Tensor,
+    /// Per rank, 1 where active (counted in the rank and the scale).
+    active: Tensor,
+    /// Per rank, 1 where reserve: in the forward with E fixed, not counted.
+    reserve: Tensor,
+    /// The EMAs of the module's importance and of its uncertainty, shape `(1)`.
+    sensitivity: Tensor,
+    uncertainty: Tensor,
+    probe: Tensor,
+    capacity: i64,
+}
+
+impl GrowingModule {
+    fn rank(&self) -> i64 {
+        self.active.sum(Kind::Int64).int64_value(&[])
+    }
+
+    fn delta_weight(&self, alpha: f64) -> Tensor {
+        let rows = scaled_rows(&self.a, &self.e, &self.active, &self.reserve);
+        self.b.matmul(&rows) * scale(&self.active, alpha)
+    }
+
+    /// `update_ipt`: the uncertainty uses the freshly updated sensitivity average.
+    fn update_importance(&mut self, alpha: f64, beta1: f64, beta2: f64) {
+        let grad = self.probe.grad();
+        if !grad.defined() {
+            return;
+        }
+        let delta = self.delta_weight(alpha);
+        let ipt = (&delta * &grad).abs().sum(Kind::Float) / (delta.numel() as f64).sqrt();
+        let sensitivity = &self.sensitivity * beta1 + &ipt * (1.0 - beta1);
+        let uncertainty = &self.uncertainty * beta2 + (&ipt - &sensitivity).abs() * (1.0 - beta2);
+        self.sensitivity.copy_(&sensitivity);
+        self.uncertainty.copy_(&uncertainty);
+    }
+
+    fn score(&self) -> f64 {
+        (&self.sensitivity * &self.uncertainty).double_value(&[0])
+    }
+
+    /// The reference's growth of one module at step `now`: the `add` reserve ranks become
+    /// active (their E trains from now), and `add` new reserve ranks follow them.
+    fn grow(&mut self, now: i64, add: i64, advance_learn: bool) {
+        let n = self.rank();
+        let (activated, fresh) = (n, n + add);
+        let _ = self.active.narrow(0, activated, add).fill_(1.0);
+        let _ = self.reserve.narrow(0, activated, add).fill_(0.0);
+        let _ = self.e_born.narrow(0, activated, add).fill_(now as f64);
+        if !advance_learn {
+            let _ = self.ab_born.narrow(0, activated, add).fill_(now as f64);
+        }
+        let _ = self.reserve.narrow(0, fresh, add).fill_(1.0);
+        let (e, born) = match advance_learn {
+            true => (RESERVE_E, now as f64),
+            false => (0.0, UNBORN),
+        };
+        let _ = self.e.narrow(0, fresh, add).fill_(e);
+        let _ = self.ab_born.narrow(0, fresh, add).fill_(born);
+    }
+
+    fn zero_reserve(&mut self) {
+        let _ = self.e.masked_fill_(&self.reserve.gt(0.5), 0.0);
+    }
+}
+
+pub struct IncreLora {
+    config: IncreLoraConfig,
+    training: TrainingConfig,
+    store: VarStore,
+    modules: Vec<GrowingModule>,
+    target_total: i64,
+    collecting: Arc<AtomicBool>,
+}
+
+impl IncreLora {
+    /// `reset_parameters`: `E = 0`, `A, B ~ N(0, 0.02)`; the reserve (`add_reserve_param`)
+    /// likewise with `E = 1e-5` (0 without `advance_learn`). Ranks beyond them are drawn now
+    /// too, and stay masked until created.
+    pub fn attach(
+        model: &mut LlamaModel,
+        config: &IncreLoraConfig,
+        training: &TrainingConfig,
+        device: Device,
+    ) -> Result<IncreLora> {
+        let store = VarStore::new(device);
+        let (r0, add) = (i64::from(config.lora_r), i64::from(config.rank_step()));
+        let reachable = r0 + add * i64::from(config.allocation_steps(training.max_steps));
+        let capacity = i64::from(config.module_rank_cap()).min(reachable);
+        let slots = capacity + add;
+        let per_rank = |initial: f64, reserve: f64, rest: f64| {
+            let values: Vec<f32> = (0..slots)
+                .map(|i| match i {
+                    i if i < r0 => initial,
+                    i if i < r0 + add => reserve,
+                    _ => rest,
+                } as f32)
+                .collect();
+            Tensor::from_slice(&values)
+                .view([slots, 1])
+                .to_device(device)
+        };
+        let (reserve_e, reserve_born) = match config.advance_learn {
+            true => (RESERVE_E, 0.0),
+            false => (0.0, UNBORN),
+        };
+        let collecting = Arc::new(AtomicBool::new(true));
+        let mut modules = Vec::new();
+        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+            let (inp, out) = (linear.in_features(), linear.out_features());
+            let path = module_path(&store, &path_name);
+            let opts = (Kind::Float, device);
+            let normal =
+                |shape: [i64; 2]| tch::no_grad(|| Tensor::empty(shape, opts).normal_(0.0, 0.02));
+            let a = path.add("lora_A", normal([slots, inp]), true);
+            let e = path.add("lora_E", per_rank(0.0, reserve_e, 0.0), true);
+            let b = path.add("lora_B", normal([out, slots]), true);
+            let moments = [
+                Moments::new(&path, "lora_A", &a),
+                Moments::new(&path, "lora_E", &e),
+                Moments::new(&path, "lora_B", &b),
+            ];
+            let ab_born = path.add("ab_born", per_rank(0.0, reserve_born, UNBORN), false);
+            let e_born = path.add("e_born", per_rank(0.0, UNBORN, UNBORN), false);
+            let active = path.add("active", per_rank(1.0, 0.0, 0.0), false);
+            let reserve = path.add("reserve", per_rank(0.0, 1.0, 0.0), false);
+            let sensitivity = path.add("ipt", Tensor::zeros([1], opts), false);
+            let uncertainty = path.add("unc", Tensor::zeros([1], opts), false);
+            let probe = Tensor::zeros([out, inp], opts).set_requires_grad(true);
+            linear.attach(Box::new(GrowingBranch {
+                a: a.shallow_clone(),
+                e: e.shallow_clone(),
+                b: b.shallow_clone(),
+                active: active.shallow_clone(),
+                reserve: reserve.shallow_clone(),
+                alpha: config.alpha,
+                dropout: config.dropout,
+                probe: probe.shallow_clone(),
+                collecting: Arc::clone(&collecting),
+            }));
+            modules.push(GrowingModule {
+                module_path: path_name,
+                a,
+                e,
+                b,
+                moments,
+                ab_born,
+                e_born,
+                active,
+                reserve,
+                sensitivity,
+                uncertainty,
+                probe,
+                capacity,
+            });
+        }
+        if modules.is_empty() {
+            return Err(user_error(format!(
+                "the model has none of the target modules {:?}",
+                config.target_modules
+            )));
+        }
+        let target_total = config
+            .target_total_rank
+            .map(i64::from)
+            .unwrap_or(i64::from(config.target_rank) * modules.len() as i64);
+        Ok(IncreLora {
+            config: config.clone(),
+            training: training.clone(),
+            store,
+            modules,
+            target_total,
+            collecting,
+        })
+    }
+
+    fn total_rank(&self) -> i64 {
+        self.modules.iter().map(GrowingModule::rank).sum()
+    }
+
+    /// The learning rate at `step` of ranks created at step `born` (from 0): the job's
+    /// schedule for those present from the start (and all of them without `multi_lr`), the
+    /// same schedule restarted at `born` for the others (`Multi_LambdaLR`).
+    fn rank_lr(&self, born: f64, step: StepInfo) -> f64 {
+        if born <= 0.0 || !self.config.multi_lr {
+            return step.lr;
+        }
+        let born = born as u32;
+        learning_rate(
+            self.training.schedule,
+            self.training.learning_rate,
+            step.index.saturating_sub(born),
+            self.training.warmup_steps,
+            step.total.saturating_sub(born),
+        )
+    }
+
+    fn rank_lrs(&self, born: &Tensor, step: StepInfo) -> Tensor {
+        let births =
+            Vec::<f64>::try_from(&born.to_kind(Kind::Double).view([-1])).unwrap_or_default();
+        let lrs: Vec<f64> = births.iter().map(|&b| self.rank_lr(b, step)).collect();
+        Tensor::from_slice(&lrs)
+            .view([-1, 1])
+            .to_device(born.device())
+    }
+
+    /// `increase_to_target_rank`: the `k = min(top_h, budget left)` highest-scoring modules
+    /// that can still grow gain `incre_rank_num` ranks each (every module scoring at least
+    /// the k-th score, so ties may add more).
+    fn allocate(&mut self, now: i64) {
+        let add = i64::from(self.config.rank_step());
+        let scores: Vec<Option<f64>> = self
+            .modules
+            .iter()
+            .map(|m| (m.rank() + add <= m.capacity).then(|| m.score()))
+            .collect();
+        let mut growable: Vec<f64> = scores.iter().flatten().copied().collect();
+        growable.sort_by(|x, y| y.total_cmp(x));
+        let k = i64::from(self.config.top_h)
+            .min(self.target_total - self.total_rank())
+            .min(growable.len() as i64);
+        if k < 1 {
+            return;
+        }
+        let threshold = growable[(k - 1) as usize];
+        for (m, score) in self.modules.iter_mut().zip(scores) {
+            if score.is_some_and(|s| s >= threshold) {
+                m.grow(now, add, self.config.advance_learn);
+            }
+        }
+    }
+}
+
+impl AdapterMethod for IncreLora {
+    fn var_store(&self) -> &VarStore {
+        &self.store
+    }
+
+    /// Everything is stepped in `after_step` by the rank-aware AdamW.
+    fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    fn before_step(&mut self, _step: u32) {
+        self.collecting
+            .store(self.total_rank() < self.target_total, Ordering::Relaxed);
+        for m in &mut self.modules {
+            m.probe.zero_grad();
+        }
+    }
+
+    /// `reg_orth_coef · mean over modules' A and B of ||A Aᵀ − I||_F, ||Bᵀ B − I||_F` over the
+    /// created ranks (reserves included), un-squared as the reference's trainer computes it.
+    fn extra_loss(&self) -> Option<Tensor> {
+        if self.config.reg_orth_coef <= 0.0 {
+            return None;
+        }
+        let norms: Vec<Tensor> = self
+            .modules
+            .iter()
+            .flat_map(|m| {
+                let live = &m.active + &m.reserve;
+                // Reserve factors that do not learn ahead (no `advance_learn`) get no gradient.
+                let trained = m.ab_born.ge(0.0).to_kind(Kind::Float);
+                let frozen = &live - &trained;
+                let a = &m.a * &trained + m.a.detach() * &frozen;
+                let b = &m.b * trained.view([1, -1]) + m.b.detach() * frozen.view([1, -1]);
+                orthogonality(&a, &b, &live)
+            })
+            .collect();
+        let count = norms.len() as f64;
+        Some(Tensor::stack(&norms, 0).sum(Kind::Float) / count * self.config.reg_orth_coef)
+    }
+
+    /// `update_and_increase(global_step)` (the reference calls it before the optimizer step),
+    /// then the AdamW step of every created rank.
+    fn after_step(&mut self, step: StepInfo) {
+        let now = i64::from(step.index) - 1;
+        let c = &self.config;
+        let (alpha, beta1, beta2) = (c.alpha, c.beta1, c.beta2);
+        let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
+        tch::no_grad(|| {
+            if self.total_rank() < self.target_total {
+                for m in &mut self.modules {
+                    m.update_importance(alpha, beta1, beta2);
+                }
+                if allocates {
+                    self.allocate(now);
+                }
+                if self.total_rank() >= self.target_total {
+                    self.modules
+                        .iter_mut()
+                        .for_each(GrowingModule::zero_reserve);
+                }
+            }
+            if step.index == step.total {
+                self.modules
+                    .iter_mut()
+                    .for_each(GrowingModule::zero_reserve);
+            }
+            let adam = RankAdam {
+                weight_decay: self.training.weight_decay,
+            };
+            for i in 0..self.modules.len() {
+                let m = &self.modules[i];
+                let (ab_lr, e_lr) = (
+                    self.rank_lrs(&m.ab_born, step),
+                    self.rank_lrs(&m.e_born, step),
+                );
+                let m = &mut self.modules[i];
+                let [ma, me, mb] = &mut m.moments;
+                adam.step(&m.a, ma, &m.ab_born, &ab_lr, now);
+                adam.step(&m.e, me, &m.e_born, &e_lr, now);
+                adam.step(
+                    &m.b,
+                    mb,
+                    &m.ab_born.view([1, -1]),
+                    &ab_lr.view([1, -1]),
+                    now,
+                );
+            }
+        });
+    }
+
+    /// Active ranks per module (reserves not counted).
+    fn rank_allocation(&self) -> Option<RankAllocation> {
+        let per_module = self
+            .modules
+            .iter()
+            .map(|m| (m.module_path.clone(), m.rank() as u32))
+            .collect();
+        Some(RankAllocation {
+            per_module,
+            sparsity: None,
+        })
+    }
+
+    fn export(&self, base_model_uri: &str) -> PeftAdapter {
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                let keep = m.active.view([-1]).gt(0.5);
+                let scale = self.config.alpha / (m.rank() as f64 + 1e-5);
+                ExportedFactors {
+                    module_path: m.module_path.clone(),
+                    a: select(&(&m.a * &m.e), 0, &keep),
+                    b: select(&m.b, 1, &keep) * scale,
+                }
+            })
+            .collect();
+        per_module_lora(
+            modules,
+            &self.config.target_modules,
+            self.config.dropout,
+            base_model_uri,
+        )
+    }
+
+    fn start_from(&mut self, _parent: &PeftAdapter) -> Result<()> {
+        refuse_parent("increlora")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::attach_frozen;
+    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::seeds::torch_rng_turn;
+
+    fn config(json: serde_json::Value) -> IncreLoraConfig {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn training(max_steps: u32, warmup_steps: u32) -> TrainingConfig {
+        serde_json::from_value(serde_json::json!({
+            "max_steps": max_steps, "learning_rate": 0.01, "warmup_steps": warmup_steps,
+            "schedule": "linear"
+        }))
+        .unwrap()
+    }
+
+    /// Steps `index` of `total` the way the loop does: forward, backward of a loss through
+    /// every adapted layer (plus the regulariser), then `after_step`; `inspect` gets the ranks
+    /// before the step and the method after it.
+    fn run_steps(
+        model: &LlamaModel,
+        method: &mut IncreLora,
+        steps: std::ops::RangeInclusive<u32>,
+        total: u32,
+        mut inspect: impl FnMut(u32, Vec<i64>, &IncreLora),
+    ) {
+        for index in steps {
+            method.before_step(index);
+            crate::optimizer::zero_grads(&method.store.trainable_variables());
+            let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+            let loss = model.forward(&ids, true).square().mean(Kind::Float)
+                + method.extra_loss().unwrap_or_else(|| Tensor::from(0.0f32));
+            loss.backward();
+            let before = ranks(method);
+            method.after_step(StepInfo {
+                index,
+                total,
+                lr: 0.01,
+            });
+            inspect(index, before, method);
+        }
+    }
+
+    fn ranks(method: &IncreLora) -> Vec<i64> {
+        method.modules.iter().map(GrowingModule::rank).collect()
+    }
+
+    fn reserve_e(method: &IncreLora) -> Vec<f64> {
+        method
+            .modules
+            .iter()
+            .flat_map(|m| {
+                Vec::<f64>::try_from(&m.e.masked_select(&m.reserve.gt(0.5)).to_kind(Kind::Double))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Allocations happen exactly at steps (from 0) above init_warmup that incre_interval
+    /// divides; each grows the `min(top_h, budget left)` modules of highest score by
+    /// incre_rank_num; growth stops at the budget, and the unused reserves are then zeroed.
+    #[test]
+    fn ranks_grow_on_schedule_to_the_budget() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(5);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 1, "target_rank": 2, "init_warmup": 2, "incre_interval": 2, "top_h": 3,
+            "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj"]
+        }));
+        let mut method = IncreLora::attach(&mut model, &c, &training(12, 0), Device::Cpu).unwrap();
+        let n = method.modules.len() as i64;
+        assert!(n >= 4, "the fixture has {n} modules");
+        let target = 2 * n;
+        let mut allocations = Vec::new();
+        run_steps(&model, &mut method, 1..=12, 12, |index, was, after| {
+            let now = i64::from(index) - 1;
+            let is = ranks(after);
+            let left = target - was.iter().sum::<i64>();
+            if now > 2 && now % 2 == 0 && left > 0 {
+                let scores: Vec<f64> = after.modules.iter().map(GrowingModule::score).collect();
+                let mut order: Vec<usize> = (0..scores.len()).collect();
+                order.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]));
+                let k = 3.min(left) as usize;
+                let mut chosen: Vec<usize> = order[..k].to_vec();
+                chosen.sort();
+                let grown: Vec<usize> = (0..was.len()).filter(|&i| is[i] != was[i]).collect();
+                assert_eq!(grown, chosen, "step {now}: scores {scores:?}");
+                assert!(grown.iter().all(|&i| is[i] == was[i] + 1));
+                allocations.push((now, is.iter().sum::<i64>()));
+            } else {
+                assert_eq!(was, is, "step {now} allocates nothing");
+            }
+        });
+        // n = 4: 4 -> 7 at step 4 (top_h = 3), -> 8 at step 6 (one rank left).
+        assert_eq!(
+            allocations.last().map(|a| a.1),
+            Some(target),
+            "{allocations:?}"
+        );
+        assert!(allocations.len() >= 2, "{allocations:?}");
+        assert_eq!(allocations[0], (4, n + 3));
+        assert_eq!(method.total_rank(), target);
+        assert!(reserve_e(&method).iter().all(|&e| e == 0.0));
+        method.before_step(13);
+        assert!(!method.collecting.load(Ordering::Relaxed));
+        let allocation = method.rank_allocation().unwrap();
+        assert_eq!(
+            allocation
+                .per_module
+                .values()
+                .map(|&r| i64::from(r))
+                .collect::<Vec<_>>(),
+            ranks(&method)
+        );
+    }
+
+    /// Modules stop at `max_module_rank`; the trained model's reserves are zeroed after the
+    /// last step, and the published LoRA (reserves dropped) gives the trained model's logits.
+    #[test]
+    fn capped_growth_and_the_export_keeps_the_output() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(7);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 1, "target_rank": 2, "max_module_rank": 2, "target_total_rank": 100,
+            "init_warmup": 0, "incre_interval": 1, "top_h": 10, "incre_rank_num": 1,
+            "target_modules": ["q_proj", "v_proj"]
+        }));
+        let mut method = IncreLora::attach(&mut model, &c, &training(6, 0), Device::Cpu).unwrap();
+        // Two active ranks at most, plus the reserve.
+        assert!(method.modules.iter().all(|m| m.a.size()[0] == 3));
+        run_steps(&model, &mut method, 1..=6, 6, |_, _, _| {});
+        assert!(
+            ranks(&method).iter().all(|&r| r == 2),
+            "{:?}",
+            ranks(&method)
+        );
+        assert!(reserve_e(&method).iter().all(|&e| e == 0.0));
+
+        let adapter = method.export("file:///m");
+        assert!(adapter.config.rank_pattern.values().all(|&r| r == 2));
+        assert_eq!(adapter.tensors.len(), 2 * method.modules.len());
+        let mut exported = fixture.load();
+        attach_frozen(&mut exported, &adapter, Device::Cpu).unwrap();
+        let (trained, published) = (logits(&model), logits(&exported));
+        assert!(max_abs_diff(&trained, &published) < 1e-5);
+        assert!(max_abs_diff(&trained, &logits(&fixture.load())) > 1e-4);
+    }
+
+    /// The regulariser against its definition on the created ranks' rows of A and columns
+    /// of B (the reference's concatenated blocks).
+    #[test]
+    fn the_orthogonal_regulariser_covers_the_created_ranks() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(9);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 2, "target_rank": 4, "incre_rank_num": 1, "reg_orth_coef": 0.3,
+            "init_warmup": 0, "incre_interval": 1, "target_modules": ["q_proj", "down_proj"]
+        }));
+        let mut method = IncreLora::attach(&mut model, &c, &training(20, 0), Device::Cpu).unwrap();
+        tch::no_grad(|| method.modules[0].grow(0, 1, true));
+        let got = method.extra_loss().unwrap().double_value(&[]);
+        let mut norms = Vec::new();
+        for m in &method.modules {
+            let live = (&m.active + &m.reserve).view([-1]).gt(0.5);
+            let (a, b) = (select(&m.a, 0, &live), select(&m.b, 1, &live));
+            let eye = Tensor::eye(a.size()[0], (Kind::Float, Device::Cpu));
+            norms.push((a.matmul(&a.tr()) - &eye).norm().double_value(&[]));
+            norms.push((b.tr().matmul(&b) - &eye).norm().double_value(&[]));
+        }
+        // Module 0: 2 + 1 active and 1 reserve; the others 2 + 1 reserve.
+        assert_eq!(ranks(&method)[0], 3);
+        let want = norms.iter().sum::<f64>() / norms.len() as f64 * 0.3;
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+
+    /// Ranks present from the start follow the job's schedule; later ones restart its warmup
+    /// at their creation step (`multi_lr`), or share the job's rate without it.
+    #[test]
+    fn added_ranks_restart_the_warmup() {
+        let _turn = torch_rng_turn();
+        let fixture = FixtureModel::create();
+        let mut c = config(serde_json::json!({
+            "lora_r": 1, "target_rank": 2, "init_warmup": 0, "incre_interval": 1,
+            "target_modules": ["q_proj"]
+        }));
+        let method =
+            IncreLora::attach(&mut fixture.load(), &c, &training(20, 2), Device::Cpu).unwrap();
+        let step = |index| StepInfo {
+            index,
+            total: 20,
+            lr: 0.123,
+        };
+        assert_eq!(method.rank_lr(0.0, step(7)), 0.123);
+        // Created at step 5 (0-based): its steps 6, 7, 8 (1-based) are its 1st to 3rd.
+        assert_eq!(method.rank_lr(5.0, step(6)), 0.0);
+        assert_eq!(method.rank_lr(5.0, step(7)), 0.005);
+        assert_eq!(method.rank_lr(5.0, step(8)), 0.01);
+        // Then linear decay to 0 at the end of training: 13 steps of decay after warmup.
+        assert!((method.rank_lr(5.0, step(14)) - 0.01 * 7.0 / 13.0).abs() < 1e-12);
+        c.multi_lr = false;
+        let method =
+            IncreLora::attach(&mut fixture.load(), &c, &training(20, 2), Device::Cpu).unwrap();
+        assert_eq!(method.rank_lr(5.0, step(6)), 0.123);
+    }
+}

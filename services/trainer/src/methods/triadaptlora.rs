@@ -1,0 +1,560 @@
+//! TriAdaptLoRA (Liang, Wang, Zeng, 2025, arXiv 2501.08008), following the authors' PEFT fork
+//! (`YaoLiang2023/DiverValue-Bench`, `peft/src/peft/tuners/triadaptlora.py`: `TriAdaptLinear`,
+//! `TriAdaptLoraLayer.compute_score`, `RankAllocator.compute_threshold`):
+//! `ΔW = B C A · alpha / (rank + 1e-5)` with `C` block-triangular: every growth by `add_r`
+//! ranks adds a block row `C_row` (add_r × new rank) below and a block column `C_col`
+//! (new rank × add_r) to the right, so `C = C_row + C_col` (both on the diagonal blocks).
+//! At allocation steps, a module's score is the change of `||C||_F / blocks` since the
+//! previous allocation, and the `n` highest-scoring modules grow, `n` from the budget left
+//! times the run's progress (linear) or its power (non-linear).
+//!
+//! Ranks are preallocated per module (shapes never change; checkpoints restore by name and
+//! shape): each rank's creation step (`born`) says which entries exist; a `C_row` entry
+//! (p, q) exists when rank q is no younger than rank p, a `C_col` entry when rank p is no
+//! younger than q, and an entry is born with the later of its two ranks. The factors are
+//! stepped here by [`RankAdam`]: fresh moments and bias correction per added block, as the
+//! reference's `optimizer.add_param_group`.
+//!
+//! Chosen where the reference is silent or unusable:
+//! - Initialisation: the stored code sets `B = 0` and `C = 0` (its random lines commented
+//!   out), which leaves every gradient zero forever. Here `A ~ N(0, 0.02)`, both triangles of
+//!   `C ~ N(0, 0.02)`, `B = 0`, for the first ranks and every added block, so ΔW starts at 0
+//!   and every factor learns.
+//! - Every rank's learning rate is the job's (the call site, and so how the reference's
+//!   scheduler treats added groups, is not in the stored code); the weight decay is the job's
+//!   for all ranks (the reference's `weight_decay` field sets the added groups' only).
+//! - The reference has no per-module cap; `max_module_rank` caps each module's rank, further
+//!   lowered to what the schedule can reach in `training.max_steps`. Modules at their cap take
+//!   no part in an allocation: `n` is at most the number that can still grow.
+//! - `top_k` (unused by the reference's growth) is not a field. The allocation runs before the
+//!   optimizer step, as IncreLoRA's `update_and_increase`, the code it derives from.
+//! - Published as plain LoRA with C folded into A: `A' = C A`, `B' = B · alpha / (rank + 1e-5)`.
+
+use super::rank_adam::{Moments, RankAdam, UNBORN};
+use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
+use crate::error::user_error;
+use crate::export::PeftAdapter;
+use crate::method::{AdapterMethod, RankAllocation, StepInfo};
+use crate::model::{LinearAdapter, LlamaModel};
+use anyhow::Result;
+use loraforge_spec::method::{RankGrowthModel, TriAdaptLoraConfig};
+use loraforge_spec::TrainingConfig;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// Which ranks exist, and which entries of the two triangles, from each rank's birth `(K, 1)`.
+struct Layout {
+    /// `(K, 1)`, 1 for created ranks.
+    created: Tensor,
+    /// `(K, K)`: `C_row` entry (p, q) exists when q is no younger than p (block lower part).
+    lower: Tensor,
+    /// `(K, K)`: `C_col` entry (p, q) exists when p is no younger than q (block upper part).
+    upper: Tensor,
+}
+
+impl Layout {
+    fn new(born: &Tensor) -> Layout {
+        let created = born.ge(0.0);
+        let (p, q) = (born.view([-1, 1]), born.view([1, -1]));
+        let both = created.view([-1, 1]).logical_and(&created.view([1, -1]));
+        Layout {
+            lower: both.logical_and(&q.le_tensor(&p)).to_kind(Kind::Float),
+            upper: both.logical_and(&p.le_tensor(&q)).to_kind(Kind::Float),
+            created: created.to_kind(Kind::Float),
+        }
+    }
+
+    fn core(&self, c_row: &Tensor, c_col: &Tensor) -> Tensor {
+        c_row * &self.lower + c_col * &self.upper
+    }
+
+    /// `alpha / (rank + 1e-5)`.
+    fn scale(&self, alpha: f64) -> Tensor {
+        (self.created.sum(Kind::Float) + 1e-5).reciprocal() * alpha
+    }
+}
+
+struct TriangularBranch {
+    a: Tensor,
+    b: Tensor,
+    c_row: Tensor,
+    c_col: Tensor,
+    born: Tensor,
+    alpha: f64,
+    dropout: f64,
+}
+
+impl LinearAdapter for TriangularBranch {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
+        let layout = Layout::new(&self.born);
+        let delta = x32
+            .linear::<Tensor>(&(&self.a * &layout.created), None)
+            .linear::<Tensor>(&layout.core(&self.c_row, &self.c_col), None)
+            .linear::<Tensor>(&(&self.b * layout.created.view([1, -1])), None)
+            * layout.scale(self.alpha);
+        delta.to_kind(x.kind())
+    }
+}
+
+/// One adapted matrix with room for `capacity` ranks.
+struct TriangularModule {
+    module_path: String,
+    a: Tensor,
+    b: Tensor,
+    c_row: Tensor,
+    c_col: Tensor,
+    moments: [Moments; 4],
+    /// Per rank `(K, 1)`: the step (from 0) it was created at, 0 for the first ones, or UNBORN.
+    born: Tensor,
+    /// `||C||_F / blocks` at the previous allocation (`preNormValue`), shape `(1)`.
+    previous_norm: Tensor,
+    capacity: i64,
+}
+
+impl TriangularModule {
+    fn rank(&self) -> i64 {
+        self.born.ge(0.0).sum(Kind::Int64).int64_value(&[])
+    }
+
+    /// `||C||_F / blocks`, blocks counting the first one and every growth since.
+    fn normalized_norm(&self, initial: i64, add: i64) -> Tensor {
+        let blocks = 1 + (self.rank() - initial) / add;
+        let layout = Layout::new(&self.born);
+        layout.core(&self.c_row, &self.c_col).norm() / blocks as f64
+    }
+
+    /// `compute_score`: the change of the normalised norm since the last call, which it
+    /// records.
+    fn score(&mut self, initial: i64, add: i64) -> f64 {
+        let norm = self.normalized_norm(initial, add);
+        let score = (&norm - &self.previous_norm).double_value(&[0]);
+        self.previous_norm.copy_(&norm.view([1]));
+        score
+    }
+}
+
+pub struct TriAdaptLora {
+    config: TriAdaptLoraConfig,
+    training: TrainingConfig,
+    store: VarStore,
+    modules: Vec<TriangularModule>,
+    target_total: i64,
+}
+
+impl TriAdaptLora {
+    /// `A ~ N(0, 0.02)`, `C_row, C_col ~ N(0, 0.02)`, `B = 0` everywhere (see the module
+    /// docs); ranks not yet created are masked until then.
+    pub fn attach(
+        model: &mut LlamaModel,
+        config: &TriAdaptLoraConfig,
+        training: &TrainingConfig,
+        device: Device,
+    ) -> Result<TriAdaptLora> {
+        let store = VarStore::new(device);
+        let (r0, add) = (i64::from(config.init_rank), i64::from(config.rank_step()));
+        let reachable = r0 + add * i64::from(config.allocation_steps(training.max_steps));
+        let capacity = i64::from(config.module_rank_cap()).min(reachable);
+        let births: Vec<f32> = (0..capacity)
+            .map(|i| if i < r0 { 0.0 } else { UNBORN as f32 })
+            .collect();
+        let mut modules = Vec::new();
+        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+            let (inp, out) = (linear.in_features(), linear.out_features());
+            let path = module_path(&store, &path_name);
+            let opts = (Kind::Float, device);
+            let normal =
+                |shape: [i64; 2]| tch::no_grad(|| Tensor::empty(shape, opts).normal_(0.0, 0.02));
+            let a = path.add("lora_A", normal([capacity, inp]), true);
+            let b = path.add("lora_B", Tensor::zeros([out, capacity], opts), true);
+            let c_row = path.add("lora_C_row", normal([capacity, capacity]), true);
+            let c_col = path.add("lora_C_col", normal([capacity, capacity]), true);
+            let moments = [
+                Moments::new(&path, "lora_A", &a),
+                Moments::new(&path, "lora_B", &b),
+                Moments::new(&path, "lora_C_row", &c_row),
+                Moments::new(&path, "lora_C_col", &c_col),
+            ];
+            let born = path.add(
+                "born",
+                Tensor::from_slice(&births)
+                    .view([capacity, 1])
+                    .to_device(device),
+                false,
+            );
+            // `reset_lora_parameters` records the first norm.
+            let layout = Layout::new(&born);
+            let norm = layout.core(&c_row, &c_col).norm().detach().view([1]);
+            let previous_norm = path.add("previous_norm", norm, false);
+            linear.attach(Box::new(TriangularBranch {
+                a: a.shallow_clone(),
+                b: b.shallow_clone(),
+                c_row: c_row.shallow_clone(),
+                c_col: c_col.shallow_clone(),
+                born: born.shallow_clone(),
+                alpha: config.alpha,
+                dropout: config.dropout,
+            }));
+            modules.push(TriangularModule {
+                module_path: path_name,
+                a,
+                b,
+                c_row,
+                c_col,
+                moments,
+                born,
+                previous_norm,
+                capacity,
+            });
+        }
+        if modules.is_empty() {
+            return Err(user_error(format!(
+                "the model has none of the target modules {:?}",
+                config.target_modules
+            )));
+        }
+        let target_total = config
+            .target_total_rank
+            .map(i64::from)
+            .unwrap_or(i64::from(config.reference_rank) * modules.len() as i64);
+        Ok(TriAdaptLora {
+            config: config.clone(),
+            training: training.clone(),
+            store,
+            modules,
+            target_total,
+        })
+    }
+
+    fn total_rank(&self) -> i64 {
+        self.modules.iter().map(TriangularModule::rank).sum()
+    }
+
+    /// `compute_threshold`'s count of growing modules at step `now`: the budget left times
+    /// the progress `mul` (linear), or the budget left to the power `mul` (non-linear), at
+    /// least 1 and at most the modules that can grow.
+    fn growing_count(&self, now: i64, growable: usize) -> usize {
+        let warmup = f64::from(self.config.init_warmup);
+        let mul = (now as f64 - warmup) / (f64::from(self.training.max_steps) - warmup);
+        let left = (self.target_total - self.total_rank()) as f64;
+        let n = match self.config.rank_growth_model {
+            RankGrowthModel::Linear => (left * mul) as i64,
+            RankGrowthModel::Nonlinear => (mul * left.ln()).exp() as i64,
+        };
+        (n.max(1) as usize).min(growable)
+    }
+
+    /// `increase_to_target_rank`: every module's score, then the modules scoring at least the
+    /// n-th highest among those below their cap grow by `incre_rank_num` ranks.
+    fn allocate(&mut self, now: i64) {
+        let (r0, add) = (
+            i64::from(self.config.init_rank),
+            i64::from(self.config.rank_step()),
+        );
+        let scores: Vec<Option<f64>> = self
+            .modules
+            .iter_mut()
+            .map(|m| {
+                let score = m.score(r0, add);
+                (m.rank() + add <= m.capacity).then_some(score)
+            })
+            .collect();
+        let mut growable: Vec<f64> = scores.iter().flatten().copied().collect();
+        let n = self.growing_count(now, growable.len());
+        if n == 0 {
+            return;
+        }
+        growable.sort_by(|x, y| y.total_cmp(x));
+        let threshold = growable[n - 1];
+        for (m, score) in self.modules.iter_mut().zip(scores) {
+            if score.is_some_and(|s| s >= threshold) {
+                let _ = m.born.narrow(0, m.rank(), add).fill_(now as f64);
+            }
+        }
+    }
+}
+
+impl AdapterMethod for TriAdaptLora {
+    fn var_store(&self) -> &VarStore {
+        &self.store
+    }
+
+    /// Everything is stepped in `after_step` by the rank-aware AdamW.
+    fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// `orth_reg_weight · mean over modules' A and B of ||A Aᵀ − I||_F, ||Bᵀ B − I||_F` over
+    /// the created ranks; skipped at weight 0, as the reference.
+    fn extra_loss(&self) -> Option<Tensor> {
+        if self.config.orth_reg_weight <= 0.0 {
+            return None;
+        }
+        let norms: Vec<Tensor> = self
+            .modules
+            .iter()
+            .flat_map(|m| {
+                let created = Layout::new(&m.born).created;
+                orthogonality(
+                    &(&m.a * &created),
+                    &(&m.b * created.view([1, -1])),
+                    &created,
+                )
+            })
+            .collect();
+        let count = norms.len() as f64;
+        Some(Tensor::stack(&norms, 0).sum(Kind::Float) / count * self.config.orth_reg_weight)
+    }
+
+    /// `update_and_increase(global_step)`, then the AdamW step of every created entry.
+    fn after_step(&mut self, step: StepInfo) {
+        let now = i64::from(step.index) - 1;
+        let c = &self.config;
+        let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
+        tch::no_grad(|| {
+            if allocates && self.total_rank() < self.target_total {
+                self.allocate(now);
+            }
+            let adam = RankAdam {
+                weight_decay: self.training.weight_decay,
+            };
+            let lr = Tensor::from(step.lr);
+            for m in &mut self.modules {
+                let layout = Layout::new(&m.born);
+                // An entry of C is born with the later of its row's and column's ranks.
+                let later = m.born.view([-1, 1]).maximum(&m.born.view([1, -1]));
+                let unborn = Tensor::from(UNBORN as f32);
+                let lower_born = later.where_self(&layout.lower.gt(0.5), &unborn);
+                let upper_born = later.where_self(&layout.upper.gt(0.5), &unborn);
+                let [ma, mb, mrow, mcol] = &mut m.moments;
+                adam.step(&m.a, ma, &m.born, &lr, now);
+                adam.step(&m.b, mb, &m.born.view([1, -1]), &lr, now);
+                adam.step(&m.c_row, mrow, &lower_born, &lr, now);
+                adam.step(&m.c_col, mcol, &upper_born, &lr, now);
+            }
+        });
+    }
+
+    fn rank_allocation(&self) -> Option<RankAllocation> {
+        let per_module = self
+            .modules
+            .iter()
+            .map(|m| (m.module_path.clone(), m.rank() as u32))
+            .collect();
+        Some(RankAllocation {
+            per_module,
+            sparsity: None,
+        })
+    }
+
+    fn export(&self, base_model_uri: &str) -> PeftAdapter {
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                let layout = Layout::new(&m.born);
+                let keep = layout.created.view([-1]).gt(0.5);
+                let folded = layout
+                    .core(&m.c_row, &m.c_col)
+                    .matmul(&(&m.a * &layout.created));
+                let scale = self.config.alpha / (m.rank() as f64 + 1e-5);
+                ExportedFactors {
+                    module_path: m.module_path.clone(),
+                    a: select(&folded, 0, &keep),
+                    b: select(&m.b, 1, &keep) * scale,
+                }
+            })
+            .collect();
+        per_module_lora(
+            modules,
+            &self.config.target_modules,
+            self.config.dropout,
+            base_model_uri,
+        )
+    }
+
+    fn start_from(&mut self, _parent: &PeftAdapter) -> Result<()> {
+        refuse_parent("triadaptlora")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::attach_frozen;
+    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::seeds::torch_rng_turn;
+
+    fn config(json: serde_json::Value) -> TriAdaptLoraConfig {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn training(max_steps: u32) -> TrainingConfig {
+        serde_json::from_value(serde_json::json!({"max_steps": max_steps, "learning_rate": 0.01}))
+            .unwrap()
+    }
+
+    fn ranks(method: &TriAdaptLora) -> Vec<i64> {
+        method.modules.iter().map(TriangularModule::rank).collect()
+    }
+
+    /// Trains `steps` steps as the loop does and checks every allocation: at steps above
+    /// init_warmup that incre_interval divides, the `n` modules with the largest change of
+    /// `||C||_F / blocks` grow by incre_rank_num, n from the budget left and the progress
+    /// (`expected_n(left, mul)`). Returns the trained model and method.
+    fn grow_and_check(
+        growth: &str,
+        expected_n: impl Fn(f64, f64) -> i64,
+    ) -> (FixtureModel, LlamaModel, TriAdaptLora, usize) {
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 1, "reference_rank": 4, "incre_rank_num": 1, "init_warmup": 1,
+            "incre_interval": 2, "rank_growth_model": growth,
+            "target_modules": ["q_proj", "v_proj"]
+        }));
+        let total = 12;
+        let mut method =
+            TriAdaptLora::attach(&mut model, &c, &training(total), Device::Cpu).unwrap();
+        let modules = method.modules.len();
+        assert!(modules >= 4, "the fixture has {modules} modules");
+        let target = 4 * modules as i64;
+        let mut allocations = 0;
+        for index in 1..=total {
+            let now = i64::from(index) - 1;
+            crate::optimizer::zero_grads(&method.store.trainable_variables());
+            let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+            let loss =
+                model.forward(&ids, true).square().mean(Kind::Float) + method.extra_loss().unwrap();
+            loss.backward();
+            let was = ranks(&method);
+            // The scores the allocation will see: the normalised norms' change.
+            let scores: Vec<f64> = method
+                .modules
+                .iter()
+                .map(|m| (m.normalized_norm(1, 1) - &m.previous_norm).double_value(&[0]))
+                .collect();
+            method.after_step(StepInfo {
+                index,
+                total,
+                lr: 0.01,
+            });
+            let is = ranks(&method);
+            let left = target - was.iter().sum::<i64>();
+            if now > 1 && now % 2 == 0 && left > 0 {
+                let mul = (now - 1) as f64 / (f64::from(total) - 1.0);
+                let n = expected_n(left as f64, mul).max(1).min(modules as i64) as usize;
+                let mut order: Vec<usize> = (0..modules).collect();
+                order.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]));
+                let mut chosen = order[..n].to_vec();
+                chosen.sort();
+                let grown: Vec<usize> = (0..modules).filter(|&i| is[i] != was[i]).collect();
+                assert_eq!(grown, chosen, "step {now}: n = {n}, scores {scores:?}");
+                assert!(grown.iter().all(|&i| is[i] == was[i] + 1));
+                allocations += 1;
+            } else {
+                assert_eq!(was, is, "step {now} allocates nothing");
+            }
+        }
+        (fixture, model, method, allocations)
+    }
+
+    #[test]
+    fn linear_growth_follows_the_threshold_rule_and_the_export_folds_c_into_a() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(13);
+        let (fixture, model, method, allocations) =
+            grow_and_check("linear", |left, mul| (left * mul) as i64);
+        assert_eq!(allocations, 5);
+        // Some allocation grew more than one module (the count rises with the progress).
+        let grown: i64 = ranks(&method).iter().sum::<i64>() - method.modules.len() as i64;
+        assert!(grown > 5, "{:?}", ranks(&method));
+
+        let adapter = method.export("file:///m");
+        let allocation = method.rank_allocation().unwrap();
+        for (module, rank) in &adapter.config.rank_pattern {
+            assert_eq!(*rank, allocation.per_module[module]);
+        }
+        let mut exported = fixture.load();
+        attach_frozen(&mut exported, &adapter, Device::Cpu).unwrap();
+        let (trained, published) = (logits(&model), logits(&exported));
+        assert!(max_abs_diff(&trained, &published) < 1e-5);
+        assert!(max_abs_diff(&trained, &logits(&fixture.load())) > 1e-4);
+    }
+
+    #[test]
+    fn nonlinear_growth_follows_the_exponential_rule() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(17);
+        let (_, _, method, allocations) =
+            grow_and_check("nonlinear", |left, mul| (mul * left.ln()).exp() as i64);
+        assert_eq!(allocations, 5);
+        assert!(ranks(&method).iter().any(|&r| r > 1));
+    }
+
+    /// The stored reference initialises B = 0 and C = 0 together, which leaves every gradient
+    /// zero; with C random, one step moves B and C and the output.
+    #[test]
+    fn every_factor_learns_from_the_start() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(19);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({"target_modules": ["q_proj"]}));
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training(10), Device::Cpu).unwrap();
+        assert!(max_abs_diff(&logits(&model), &logits(&fixture.load())) == 0.0);
+        let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+        model
+            .forward(&ids, true)
+            .square()
+            .mean(Kind::Float)
+            .backward();
+        let m = &method.modules[0];
+        assert!(m.b.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        method.after_step(StepInfo {
+            index: 1,
+            total: 10,
+            lr: 0.01,
+        });
+        model
+            .forward(&ids, true)
+            .square()
+            .mean(Kind::Float)
+            .backward();
+        let m = &method.modules[0];
+        for t in [&m.a, &m.c_row, &m.c_col] {
+            assert!(t.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        }
+    }
+
+    /// The regulariser against its definition on the created ranks' rows of A and columns of B.
+    #[test]
+    fn the_orthogonal_regulariser_covers_the_created_ranks() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(23);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 2, "reference_rank": 4, "orth_reg_weight": 0.4,
+            "target_modules": ["q_proj", "up_proj"]
+        }));
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training(10), Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            let m = &mut method.modules[0];
+            let _ = m.born.narrow(0, 2, 2).fill_(3.0);
+            let _ = m.b.normal_(0.0, 0.1);
+        });
+        let got = method.extra_loss().unwrap().double_value(&[]);
+        let mut norms = Vec::new();
+        for m in &method.modules {
+            let created = m.born.view([-1]).ge(0.0);
+            let (a, b) = (select(&m.a, 0, &created), select(&m.b, 1, &created));
+            let eye = Tensor::eye(a.size()[0], (Kind::Float, Device::Cpu));
+            norms.push((a.matmul(&a.tr()) - &eye).norm().double_value(&[]));
+            norms.push((b.tr().matmul(&b) - &eye).norm().double_value(&[]));
+        }
+        assert_eq!(ranks(&method)[..2], [4, 2]);
+        let want = norms.iter().sum::<f64>() / norms.len() as f64 * 0.4;
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+}
