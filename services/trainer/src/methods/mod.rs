@@ -3,6 +3,7 @@
 
 pub mod adalora;
 pub mod dylora;
+pub mod gated;
 pub mod sora;
 
 use crate::error::user_error;
