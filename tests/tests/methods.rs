@@ -119,6 +119,10 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
         // The threshold applies every step: 16 x 0.02 prunes the gates drawn below about 0.3.
         json!({"type": "sora", "r": 6, "lambda": 0.01, "threshold": 0.02, "target_modules": ["q_proj", "v_proj"]}),
         json!({"type": "dylora", "r": 6, "export_r": 3, "target_modules": ["q_proj", "v_proj", "up_proj"]}),
+        // Dense for 8 steps; then κ = 0.05 from it = 8 ((16 - 8) // 2 = 4: linspace(0, 0.05, 2)
+        // is reached at once) and 7 proximal steps prune the gates drawn below about 0.35.
+        json!({"type": "codyra", "r": 6, "max_kappa": 0.05, "lambda_num": 2, "dense_iters": 0.5,
+               "target_modules": ["q_proj", "o_proj"]}),
     ];
     let tokens = "1,5,9,14,20,33,41,2";
     for method in methods {
@@ -164,7 +168,7 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
                 "{name} exports rank export_r: {config}"
             );
         }
-        if name == "sora" {
+        if name == "sora" || name == "codyra" {
             assert!(
                 ranks.values().any(|r| r.as_u64().unwrap() < 6),
                 "{name} pruned no gate: {config}"

@@ -11,7 +11,7 @@
 
 use crate::export::PeftAdapter;
 use crate::lora::Lora;
-use crate::methods::{adalora::AdaLora, dylora::DyLora, sora::Sora};
+use crate::methods::{adalora::AdaLora, codyra::Codyra, dylora::DyLora, sora::Sora};
 use crate::model::LlamaModel;
 use anyhow::Result;
 use loraforge_spec::worker::EventPayload;
@@ -117,5 +117,11 @@ pub fn attach_method(
         MethodConfig::DyLora(config) => {
             Box::new(DyLora::attach(model, config, spec.training.seed, device)?)
         }
+        MethodConfig::Codyra(config) => Box::new(Codyra::attach(
+            model,
+            config,
+            spec.training.max_steps,
+            device,
+        )?),
     })
 }

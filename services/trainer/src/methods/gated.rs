@@ -123,3 +123,13 @@ pub fn export_gated(
         .collect();
     per_module_lora(factors, target_modules, dropout, base_model_uri)
 }
+
+/// The references' proximal step on a gate, `g[g>κ]-=κ; g[g<-κ]+=κ; g[|g|<κ]=0`, the three
+/// in-place statements run in order as written: the last one sees the already shrunk values,
+/// so a gate with κ < |g| < 2κ ends at 0, and one at exactly ±κ is left as it is. (SoRA's
+/// `soft_threshold` applies the three to the unshrunk gate.)
+pub fn sequential_soft_threshold(g: &Tensor, kappa: f64) -> Tensor {
+    let g = (g - kappa).where_self(&g.gt(kappa), g);
+    let g = (&g + kappa).where_self(&g.lt(-kappa), &g);
+    g.zeros_like().where_self(&g.abs().lt(kappa), &g)
+}
