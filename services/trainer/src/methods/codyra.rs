@@ -57,9 +57,9 @@ impl ThresholdSchedule {
         let n = config.lambda_num.max(1) as usize;
         // NumPy: `i * (stop / (n - 1))`, the last value exactly `stop`; `[start]` when n = 1.
         let lambdas = (0..n)
-            .map(|i| match i {
-                _ if i == n - 1 && n > 1 => config.max_kappa,
-                _ if n == 1 => 0.0,
+            .map(|i| match n {
+                1 => 0.0,
+                _ if i == n - 1 => config.max_kappa,
                 _ => i as f64 * (config.max_kappa / (n - 1) as f64),
             })
             .collect();
