@@ -90,8 +90,8 @@ impl MethodConfig {
                     "method.lambda_num",
                     format!(
                         "must not exceed the steps after the dense phase, training.max_steps - \
-                         dense_iters x training.max_steps ({}), so that the threshold rises every \
-                         (that) // lambda_num >= 1 steps; got {}",
+                         dense_iters x training.max_steps ({}), so that lambda_step = that // \
+                         lambda_num is at least 1 (at 0 the threshold never rises); got {}",
                         f64::from(training.max_steps) - c.dense_iters_at(training.max_steps),
                         c.lambda_num
                     ),
