@@ -125,6 +125,10 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
         // Allocations at steps 4, 6, ..., 14 (from 0), growing more modules as training goes on.
         json!({"type": "triadaptlora", "init_rank": 1, "reference_rank": 3, "init_warmup": 2, "incre_interval": 2,
                "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        // Dense for 8 steps; then κ = 0.05 from it = 8 ((16 - 8) // 2 = 4: linspace(0, 0.05, 2)
+        // is reached at once) and 7 proximal steps prune the gates drawn below about 0.35.
+        json!({"type": "codyra", "r": 6, "max_kappa": 0.05, "lambda_num": 2, "dense_iters": 0.5,
+               "target_modules": ["q_proj", "o_proj"]}),
     ];
     let tokens = "1,5,9,14,20,33,41,2";
     for method in methods {
@@ -176,7 +180,7 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
                 "{name} grew no module past lora_r: {config}"
             );
         }
-        if name == "sora" {
+        if name == "sora" || name == "codyra" {
             assert!(
                 ranks.values().any(|r| r.as_u64().unwrap() < 6),
                 "{name} pruned no gate: {config}"

@@ -26,6 +26,10 @@ pub enum MethodConfig {
     /// TriAdaptLoRA (Liang et al., 2025): `B C A` with a growing block-triangular `C`.
     #[serde(rename = "triadaptlora")]
     TriAdaptLora(TriAdaptLoraConfig),
+    /// CoDyRA (Lu et al., 2024), one task per job: gated ranks driven to exact zeros by a
+    /// proximal step whose threshold rises on a schedule after a dense phase.
+    #[serde(rename = "codyra")]
+    Codyra(CodyraConfig),
 }
 
 impl MethodConfig {
@@ -45,6 +49,7 @@ impl MethodConfig {
             Some("dylora") => reject_unknown::<DyLoraConfig>(fields),
             Some("increlora") => reject_unknown::<IncreLoraConfig>(fields),
             Some("triadaptlora") => reject_unknown::<TriAdaptLoraConfig>(fields),
+            Some("codyra") => reject_unknown::<CodyraConfig>(fields),
             _ => Ok(()),
         }
     }
@@ -57,6 +62,7 @@ impl MethodConfig {
             MethodConfig::DyLora(_) => "dylora",
             MethodConfig::IncreLora(_) => "increlora",
             MethodConfig::TriAdaptLora(_) => "triadaptlora",
+            MethodConfig::Codyra(_) => "codyra",
         }
     }
 
@@ -68,6 +74,7 @@ impl MethodConfig {
             MethodConfig::DyLora(c) => &c.target_modules,
             MethodConfig::IncreLora(c) => &c.target_modules,
             MethodConfig::TriAdaptLora(c) => &c.target_modules,
+            MethodConfig::Codyra(c) => &c.target_modules,
         }
     }
 
@@ -80,6 +87,7 @@ impl MethodConfig {
             MethodConfig::DyLora(c) => c.validate("method", errors),
             MethodConfig::IncreLora(c) => c.validate("method", errors),
             MethodConfig::TriAdaptLora(c) => c.validate("method", errors),
+            MethodConfig::Codyra(c) => c.validate("method", errors),
         }
     }
 
@@ -99,6 +107,24 @@ impl MethodConfig {
                          init_warmup ({init_warmup}) that are multiples of incre_interval ({incre_interval}), \
                          and the run has training.max_steps = {}",
                         training.max_steps
+                    ),
+                ));
+            }
+        }
+        if let MethodConfig::Codyra(c) = self {
+            // The reference skips its schedule when lambda_step is 0: the threshold would stay
+            // at 0 and nothing would ever be pruned, so such a plan is refused instead. (An
+            // invalid lambda_num or dense_iters is already reported by `validate`.)
+            let schedulable = c.lambda_num >= 1 && (0.0..1.0).contains(&c.dense_iters);
+            if schedulable && c.lambda_step(training.max_steps) == 0 {
+                errors.push(FieldError::new(
+                    "method.lambda_num",
+                    format!(
+                        "must not exceed the steps after the dense phase, training.max_steps - \
+                         dense_iters x training.max_steps ({}), so that lambda_step = that // \
+                         lambda_num is at least 1 (at 0 the threshold never rises); got {}",
+                        f64::from(training.max_steps) - c.dense_iters_at(training.max_steps),
+                        c.lambda_num
                     ),
                 ));
             }
@@ -737,6 +763,105 @@ fn check_betas(prefix: &str, beta1: f64, beta2: f64, errors: &mut Vec<FieldError
     }
 }
 
+/// CoDyRA with the reference's `main.py` defaults (`rank 16`, `max_kappa 7e-4`,
+/// `lambda_num 50`, `dense_iters 0.5`); `dropout` and `target_modules` as the other methods.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CodyraConfig {
+    /// The rank each module starts with: gates can only switch ranks off.
+    #[serde(default = "default_codyra_r")]
+    pub r: u32,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// The largest soft threshold κ of the proximal step on the gates (not scaled by the
+    /// learning rate), reached at the end of the schedule.
+    #[serde(default = "default_max_kappa")]
+    pub max_kappa: f64,
+    /// How many thresholds the schedule has, evenly spaced from 0 to `max_kappa`.
+    #[serde(default = "default_lambda_num")]
+    pub lambda_num: u32,
+    /// The fraction of `training.max_steps` trained densely (threshold 0, no proximal step).
+    #[serde(default = "default_dense_iters")]
+    pub dense_iters: f64,
+}
+
+fn default_codyra_r() -> u32 {
+    16
+}
+fn default_max_kappa() -> f64 {
+    7e-4
+}
+fn default_lambda_num() -> u32 {
+    50
+}
+fn default_dense_iters() -> f64 {
+    0.5
+}
+
+impl CodyraConfig {
+    /// The reference's `dense_iters * total_iterations`, kept unrounded as there: the schedule
+    /// compares iterations with it (`it >= dense`, `it > dense`).
+    pub fn dense_iters_at(&self, max_steps: u32) -> f64 {
+        self.dense_iters * f64::from(max_steps)
+    }
+
+    /// The reference's `int((T - dense_iters) // lambda_num)`: the iterations between two
+    /// rises of the threshold, with Python's float floor division (fmod, then rounded).
+    pub fn lambda_step(&self, max_steps: u32) -> u32 {
+        let rest = f64::from(max_steps) - self.dense_iters_at(max_steps);
+        let n = f64::from(self.lambda_num);
+        if !(rest >= 0.0 && n > 0.0) {
+            return 0;
+        }
+        let div = (rest - rest % n) / n;
+        let mut floor = div.floor();
+        if div - floor > 0.5 {
+            floor += 1.0;
+        }
+        floor as u32
+    }
+
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        if self.r == 0 || self.r > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.r"),
+                format!("must be between 1 and {MAX_RANK}, got {}", self.r),
+            ));
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            errors.push(FieldError::new(
+                format!("{prefix}.dropout"),
+                "must be in [0, 1)",
+            ));
+        }
+        if !(self.max_kappa.is_finite() && self.max_kappa >= 0.0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.max_kappa"),
+                "must be a non-negative number",
+            ));
+        }
+        if self.lambda_num == 0 {
+            errors.push(FieldError::new(
+                format!("{prefix}.lambda_num"),
+                "must be at least 1",
+            ));
+        }
+        if !(self.dense_iters.is_finite() && (0.0..1.0).contains(&self.dense_iters)) {
+            errors.push(FieldError::new(
+                format!("{prefix}.dense_iters"),
+                "must be in [0, 1): the fraction of training.max_steps trained densely",
+            ));
+        }
+        check_target_modules(
+            &format!("{prefix}.target_modules"),
+            &self.target_modules,
+            errors,
+        );
+    }
+}
+
 fn check_alpha_dropout(prefix: &str, alpha: f64, dropout: f64, errors: &mut Vec<FieldError>) {
     if !(alpha.is_finite() && alpha > 0.0) {
         errors.push(FieldError::new(
@@ -816,6 +941,7 @@ mod tests {
             r#"{"type":"adalora"}"#,
             r#"{"type":"sora"}"#,
             r#"{"type":"dylora","r":4,"export_r":2}"#,
+            r#"{"type":"codyra"}"#,
             r#"{"type":"increlora","init_warmup":10,"incre_interval":10}"#,
             r#"{"type":"triadaptlora"}"#,
             r#"{"type":"triadaptlora","rank_growth_model":"non-linear"}"#,
@@ -859,6 +985,45 @@ mod tests {
                 "method.export_r",
             ),
             (r#"{"type":"dylora","r":0}"#, 100, "method.r"),
+            (r#"{"type":"codyra","r":0}"#, 100, "method.r"),
+            (r#"{"type":"codyra","r":4097}"#, 100, "method.r"),
+            (r#"{"type":"codyra","dropout":1.0}"#, 100, "method.dropout"),
+            (
+                r#"{"type":"codyra","max_kappa":-1e-3}"#,
+                100,
+                "method.max_kappa",
+            ),
+            (
+                r#"{"type":"codyra","lambda_num":0}"#,
+                100,
+                "method.lambda_num",
+            ),
+            (
+                r#"{"type":"codyra","dense_iters":1.0}"#,
+                100,
+                "method.dense_iters",
+            ),
+            (
+                r#"{"type":"codyra","dense_iters":-0.1}"#,
+                100,
+                "method.dense_iters",
+            ),
+            (
+                r#"{"type":"codyra","target_modules":["attn"]}"#,
+                100,
+                "method.target_modules[0]",
+            ),
+            (
+                r#"{"type":"codyra","max_kappa":7e-4,"kappa":1}"#,
+                100,
+                "method.kappa",
+            ),
+            // 100 x (1 - 0.5) = 50 steps after the dense phase: 51 thresholds do not fit.
+            (
+                r#"{"type":"codyra","lambda_num":51}"#,
+                100,
+                "method.lambda_num",
+            ),
             (
                 r#"{"type":"increlora","target_rank":0}"#,
                 5000,
@@ -954,14 +1119,36 @@ mod tests {
             let err = parse(method, steps).unwrap_err();
             assert_eq!(err.errors[0].field, field, "{method}: {err}");
         }
-        // The same schedule fits a longer run.
+        // The same schedules fit a longer run.
         assert!(parse(r#"{"type":"adalora","tinit":60,"tfinal":40}"#, 101).is_ok());
+        assert!(parse(r#"{"type":"codyra","lambda_num":51}"#, 102).is_ok());
         // Step 100 (the 101st) is above init_warmup 90 and a multiple of 10.
         assert!(parse(
             r#"{"type":"increlora","init_warmup":90,"incre_interval":10}"#,
             101
         )
         .is_ok());
+    }
+
+    /// `int((T - dense_iters * T) // lambda_num)` as Python computes it.
+    #[test]
+    fn codyra_lambda_step_is_pythons_floor_division() {
+        let config = |dense_iters: f64, lambda_num: u32| crate::method::CodyraConfig {
+            r: 16,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into()],
+            max_kappa: 7e-4,
+            lambda_num,
+            dense_iters,
+        };
+        // main.py's defaults: (1000 - 500.0) // 50 = 10.0.
+        assert_eq!(config(0.5, 50).lambda_step(1000), 10);
+        // (10 - 2.5) // 3 = 2.0; (16 - 8.0) // 3 = 2.0; (16 - 0.0) // 16 = 1.0.
+        assert_eq!(config(0.25, 3).lambda_step(10), 2);
+        assert_eq!(config(0.5, 3).lambda_step(16), 2);
+        assert_eq!(config(0.0, 16).lambda_step(16), 1);
+        // 25 - 0.56 * 25 is 10.999999999999998 in floats: Python's // gives 0.0, not 1.
+        assert_eq!(config(0.56, 11).lambda_step(25), 0);
     }
 
     /// IncreLoRA allocates at the steps from 0 above init_warmup that incre_interval divides.

@@ -12,7 +12,8 @@
 use crate::export::PeftAdapter;
 use crate::lora::Lora;
 use crate::methods::{
-    adalora::AdaLora, dylora::DyLora, increlora::IncreLora, sora::Sora, triadaptlora::TriAdaptLora,
+    adalora::AdaLora, codyra::Codyra, dylora::DyLora, increlora::IncreLora, sora::Sora,
+    triadaptlora::TriAdaptLora,
 };
 use crate::model::LlamaModel;
 use anyhow::Result;
@@ -125,5 +126,11 @@ pub fn attach_method(
         MethodConfig::TriAdaptLora(config) => {
             Box::new(TriAdaptLora::attach(model, config, &spec.training, device)?)
         }
+        MethodConfig::Codyra(config) => Box::new(Codyra::attach(
+            model,
+            config,
+            spec.training.max_steps,
+            device,
+        )?),
     })
 }

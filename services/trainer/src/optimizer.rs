@@ -62,25 +62,6 @@ impl AdamW {
         self
     }
 
-    pub fn zero_grad(&mut self) {
-        let params: Vec<Tensor> = self
-            .parameters
-            .iter()
-            .map(|p| p.param.shallow_clone())
-            .collect();
-        zero_grads(&params);
-    }
-
-    /// [`clip_grad_norm`] over this optimizer's parameters.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let params: Vec<Tensor> = self
-            .parameters
-            .iter()
-            .map(|p| p.param.shallow_clone())
-            .collect();
-        clip_grad_norm(&params, max_norm)
-    }
-
     /// One AdamW step at learning rate `lr`, for every parameter with a gradient.
     pub fn step(&mut self, lr: f64) {
         let (beta1, beta2) = self.betas;

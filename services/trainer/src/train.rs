@@ -965,7 +965,10 @@ mod tests {
             "{method}"
         );
         let diff = max_abs_diff(&uninterrupted.adapter, &resumed.adapter);
-        assert!(diff <= 1e-6, "{method}: the resumed adapter differs by {diff}");
+        assert!(
+            diff <= 1e-6,
+            "{method}: the resumed adapter differs by {diff}"
+        );
         let (a, b) = (&uninterrupted.metrics, &resumed.metrics);
         assert_eq!(
             (a.steps, a.tokens, a.initial_loss),

@@ -2,7 +2,9 @@
 //! they share: every one publishes a plain PEFT LoRA whose ranks differ per module.
 
 pub mod adalora;
+pub mod codyra;
 pub mod dylora;
+pub mod gated;
 pub mod increlora;
 pub mod rank_adam;
 pub mod sora;

@@ -13,13 +13,11 @@
 //! reference's Trainer clips every parameter before both optimizers step.
 //! Published with the zeroed ranks removed: `A' = g_kept ⊙ A_kept`, `B' = B_kept · alpha / r`.
 
-use super::{
-    kaiming_uniform, module_path, per_module_lora, refuse_parent, select, ExportedFactors,
-};
-use crate::error::user_error;
+use super::gated::{attach_gated, export_gated, gate_allocation, GatedModule, GATE};
+use super::{module_path, refuse_parent};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
-use crate::model::{LinearAdapter, LlamaModel};
+use crate::model::LlamaModel;
 use anyhow::Result;
 use loraforge_spec::method::SoraConfig;
 use tch::nn::VarStore;
@@ -29,28 +27,8 @@ const GATE_BETA1: f64 = 0.9;
 const GATE_BETA2: f64 = 0.999;
 const GATE_EPSILON: f64 = 1e-6;
 
-struct GatedBranch {
-    a: Tensor,
-    gate: Tensor,
-    b: Tensor,
-    scaling: f64,
-    dropout: f64,
-}
-
-impl LinearAdapter for GatedBranch {
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
-        let h = x32.linear::<Tensor>(&self.a, None) * &self.gate;
-        (h.linear::<Tensor>(&self.b, None) * self.scaling).to_kind(x.kind())
-    }
-}
-
-struct GatedFactors {
-    module_path: String,
-    a: Tensor,
-    b: Tensor,
-    gate: Tensor,
-    /// The gate optimizer's moments (in the store, so checkpoints keep them).
+/// The gate optimizer's moments for one module (in the store, so checkpoints keep them).
+struct GateMoments {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -58,52 +36,37 @@ struct GatedFactors {
 pub struct Sora {
     config: SoraConfig,
     store: VarStore,
-    modules: Vec<GatedFactors>,
+    modules: Vec<GatedModule>,
+    moments: Vec<GateMoments>,
 }
-
-const GATE: &str = "gate";
 
 impl Sora {
     /// The reference's init: A Kaiming-uniform, `B = 0`, `g ~ N(0, 1)`.
     pub fn attach(model: &mut LlamaModel, config: &SoraConfig, device: Device) -> Result<Sora> {
         let store = VarStore::new(device);
-        let r = i64::from(config.r);
-        let mut modules = Vec::new();
-        for (path_name, linear) in model.linears_mut(&config.target_modules) {
-            let (inp, out) = (linear.in_features(), linear.out_features());
-            let path = module_path(&store, &path_name);
-            let opts = (Kind::Float, device);
-            let a = path.add("lora_A", kaiming_uniform(r, inp, device), true);
-            let b = path.add("lora_B", Tensor::zeros([out, r], opts), true);
-            let gate = path.add(GATE, Tensor::randn([1, r], opts), true);
-            let exp_avg = path.add("gate_exp_avg", Tensor::zeros([1, r], opts), false);
-            let exp_avg_sq = path.add("gate_exp_avg_sq", Tensor::zeros([1, r], opts), false);
-            linear.attach(Box::new(GatedBranch {
-                a: a.shallow_clone(),
-                gate: gate.shallow_clone(),
-                b: b.shallow_clone(),
-                scaling: config.alpha / r as f64,
-                dropout: config.dropout,
-            }));
-            modules.push(GatedFactors {
-                module_path: path_name,
-                a,
-                b,
-                gate,
-                exp_avg,
-                exp_avg_sq,
-            });
-        }
-        if modules.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
-        }
+        let modules = attach_gated(
+            model,
+            &store,
+            &config.target_modules,
+            config.r,
+            config.alpha / f64::from(config.r),
+            config.dropout,
+        )?;
+        let moments = modules
+            .iter()
+            .map(|m| {
+                let path = module_path(&store, &m.module_path);
+                GateMoments {
+                    exp_avg: path.add("gate_exp_avg", m.gate.zeros_like(), false),
+                    exp_avg_sq: path.add("gate_exp_avg_sq", m.gate.zeros_like(), false),
+                }
+            })
+            .collect();
         Ok(Sora {
             config: config.clone(),
             store,
             modules,
+            moments,
         })
     }
 }
@@ -143,15 +106,15 @@ impl AdapterMethod for Sora {
         let t = f64::from(step.index);
         let step_size = step.lr * (1.0 - GATE_BETA2.powf(t)).sqrt() / (1.0 - GATE_BETA1.powf(t));
         tch::no_grad(|| {
-            for m in &mut self.modules {
+            for (m, moments) in self.modules.iter_mut().zip(&mut self.moments) {
                 let grad = m.gate.grad();
                 if grad.defined() {
-                    let exp_avg = &m.exp_avg * GATE_BETA1 + &grad * (1.0 - GATE_BETA1);
+                    let exp_avg = &moments.exp_avg * GATE_BETA1 + &grad * (1.0 - GATE_BETA1);
                     let exp_avg_sq =
-                        &m.exp_avg_sq * GATE_BETA2 + &grad * &grad * (1.0 - GATE_BETA2);
+                        &moments.exp_avg_sq * GATE_BETA2 + &grad * &grad * (1.0 - GATE_BETA2);
                     let update = &exp_avg / (exp_avg_sq.sqrt() + GATE_EPSILON) * step_size;
-                    m.exp_avg.copy_(&exp_avg);
-                    m.exp_avg_sq.copy_(&exp_avg_sq);
+                    moments.exp_avg.copy_(&exp_avg);
+                    moments.exp_avg_sq.copy_(&exp_avg_sq);
                     let _ = m.gate.g_sub_(&update);
                 }
                 let thresholded = soft_threshold(&m.gate, self.config.threshold);
@@ -161,40 +124,13 @@ impl AdapterMethod for Sora {
     }
 
     fn rank_allocation(&self) -> Option<RankAllocation> {
-        let per_module = self
-            .modules
-            .iter()
-            .map(|m| {
-                (
-                    m.module_path.clone(),
-                    m.gate.ne(0.0).sum(Kind::Int64).int64_value(&[]) as u32,
-                )
-            })
-            .collect::<std::collections::BTreeMap<_, _>>();
-        let total_gates = (self.modules.len() as u64 * u64::from(self.config.r)) as f64;
-        let open: u32 = per_module.values().sum();
-        Some(RankAllocation {
-            per_module,
-            sparsity: Some(1.0 - f64::from(open) / total_gates),
-        })
+        Some(gate_allocation(&self.modules))
     }
 
     fn export(&self, base_model_uri: &str) -> PeftAdapter {
-        let scaling = self.config.alpha / f64::from(self.config.r);
-        let modules = self
-            .modules
-            .iter()
-            .map(|m| {
-                let keep = m.gate.view([-1]).ne(0.0);
-                ExportedFactors {
-                    module_path: m.module_path.clone(),
-                    a: select(&(&m.a * m.gate.view([-1, 1])), 0, &keep),
-                    b: select(&m.b, 1, &keep) * scaling,
-                }
-            })
-            .collect();
-        per_module_lora(
-            modules,
+        export_gated(
+            &self.modules,
+            self.config.alpha / f64::from(self.config.r),
             &self.config.target_modules,
             self.config.dropout,
             base_model_uri,
