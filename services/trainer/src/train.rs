@@ -858,13 +858,19 @@ mod tests {
 
     /// The adaptive-rank methods keep their state (importance averages, masks, gates and
     /// their optimizer, schedules) in the checkpoint: resuming changes nothing either. The
-    /// checkpoint at step 5 falls inside AdaLoRA's pruning and after SoRA's first zeros.
+    /// checkpoint at step 5 falls inside AdaLoRA's pruning, IncreLoRA's and TriAdaptLoRA's
+    /// growth and CoDyRA's threshold schedule.
     #[test]
     fn adaptive_methods_resume_seamlessly() {
         for method in [
             r#"{"type":"adalora","init_r":4,"target_r":2,"tinit":2,"tfinal":3,"delta_t":2,"target_modules":["q_proj","v_proj"]}"#,
             r#"{"type":"sora","r":4,"lambda":0.01,"threshold":0.05,"target_modules":["q_proj","v_proj"]}"#,
             r#"{"type":"dylora","r":4,"target_modules":["q_proj","v_proj"]}"#,
+            r#"{"type":"increlora","target_rank":2,"lora_r":1,"init_warmup":2,"incre_interval":2,"top_h":2,
+                "incre_rank_num":1,"target_modules":["q_proj","v_proj"]}"#,
+            r#"{"type":"triadaptlora","reference_rank":2,"init_rank":1,"incre_interval":2,"incre_rank_num":1,
+                "target_modules":["q_proj","v_proj"]}"#,
+            r#"{"type":"codyra","r":4,"max_kappa":0.05,"lambda_num":2,"dense_iters":0.25,"target_modules":["q_proj","v_proj"]}"#,
         ] {
             assert_resume_is_seamless(method);
         }

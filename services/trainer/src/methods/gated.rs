@@ -126,8 +126,7 @@ pub fn export_gated(
 
 /// The references' proximal step on a gate, `g[g>κ]-=κ; g[g<-κ]+=κ; g[|g|<κ]=0`, the three
 /// in-place statements run in order as written: the last one sees the already shrunk values,
-/// so a gate with κ < |g| < 2κ ends at 0, and one at exactly ±κ is left as it is. (SoRA's
-/// `soft_threshold` applies the three to the unshrunk gate.)
+/// so a gate with κ < |g| < 2κ ends at 0, and one at exactly ±κ is left as it is.
 pub fn sequential_soft_threshold(g: &Tensor, kappa: f64) -> Tensor {
     let g = (g - kappa).where_self(&g.gt(kappa), g);
     let g = (&g + kappa).where_self(&g.lt(-kappa), &g);

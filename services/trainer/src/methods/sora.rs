@@ -6,14 +6,18 @@
 //! second optimizer does: Hugging Face's AdamW (betas 0.9/0.999, eps 1e-6 added to √v before
 //! bias correction, no weight decay) at the main learning rate, then the soft threshold ξ
 //! (`threshold`) **not** scaled by the learning rate: the file `run_glue.py` imports
-//! (`sparse_optimizer.py`), not `sparse_optimizer_multiply_lr.py`. The loss gets
+//! (`sparse_optimizer.py`), not `sparse_optimizer_multiply_lr.py`. Its three masked in-place
+//! statements run in order, so a gate within 2ξ of zero ends at exactly zero
+//! ([`sequential_soft_threshold`]), not the textbook `sign(g)·max(|g|−ξ, 0)`. The loss gets
 //! `lambda · mean |g|`. Differences from the reference: the gates' learning rate follows the
 //! job's schedule (the reference's is linear with the main warmup), and the post-training
 //! λ-schedule phases are not run. The loop's gradient clipping covers the gates, as the
 //! reference's Trainer clips every parameter before both optimizers step.
 //! Published with the zeroed ranks removed: `A' = g_kept ⊙ A_kept`, `B' = B_kept · alpha / r`.
 
-use super::gated::{attach_gated, export_gated, gate_allocation, GatedModule, GATE};
+use super::gated::{
+    attach_gated, export_gated, gate_allocation, sequential_soft_threshold, GatedModule, GATE,
+};
 use super::{module_path, refuse_parent};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
@@ -71,13 +75,6 @@ impl Sora {
     }
 }
 
-/// The reference's proximal step: `g > ξ → g − ξ`, `g < −ξ → g + ξ`, `|g| < ξ → 0`
-/// (a gate at exactly ±ξ is left as it is, as there).
-fn soft_threshold(g: &Tensor, xi: f64) -> Tensor {
-    let shrunk = g.sign() * (g.abs() - xi).relu();
-    shrunk.where_self(&g.abs().ne(xi), g)
-}
-
 impl AdapterMethod for Sora {
     fn var_store(&self) -> &VarStore {
         &self.store
@@ -117,7 +114,7 @@ impl AdapterMethod for Sora {
                     moments.exp_avg_sq.copy_(&exp_avg_sq);
                     let _ = m.gate.g_sub_(&update);
                 }
-                let thresholded = soft_threshold(&m.gate, self.config.threshold);
+                let thresholded = sequential_soft_threshold(&m.gate, self.config.threshold);
                 m.gate.copy_(&thresholded);
             }
         });
@@ -151,9 +148,11 @@ mod tests {
 
     #[test]
     fn soft_threshold_is_the_references_proximal_step() {
-        let g = Tensor::from_slice(&[0.5f32, -0.5, 0.2, -0.1, 0.3, -0.3]);
-        let got = Vec::<f32>::try_from(&soft_threshold(&g, 0.3)).unwrap();
-        let want = [0.2f32, -0.2, 0.0, 0.0, 0.3, -0.3];
+        // `SparseAdamW.step`'s three in-place statements, in order: 0.5 shrinks to 0.2, which
+        // the third then zeroes; 0.7 ends at 0.4; exactly ±ξ is left alone.
+        let g = Tensor::from_slice(&[0.5f32, -0.5, 0.2, -0.1, 0.3, -0.3, 0.7, -0.7]);
+        let got = Vec::<f32>::try_from(&sequential_soft_threshold(&g, 0.3)).unwrap();
+        let want = [0.0f32, 0.0, 0.0, 0.0, 0.3, -0.3, 0.4, -0.4];
         assert!(
             got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
             "{got:?}"
