@@ -1,6 +1,7 @@
 //! Wiring: database, migrations, store, executor, background loops and the HTTP server.
 
 use crate::executor::{self, Executor};
+use crate::registry::cache::{self, ReadCache};
 use crate::settings::Settings;
 use crate::{api, lease, scheduler, webhooks};
 use anyhow::Context;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub executor: Arc<dyn Executor>,
     /// The control plane's URL as workers reach it.
     pub worker_api_url: String,
+    /// Serialized registry answers, evicted on change (see `registry::cache`).
+    pub read_cache: Arc<ReadCache>,
 }
 
 pub struct Application {
@@ -75,6 +78,7 @@ impl Application {
             settings: Arc::new(settings),
             executor,
             worker_api_url,
+            read_cache: Arc::default(),
         };
         Ok(Application {
             listener,
@@ -106,7 +110,11 @@ impl Application {
             stop_rx.clone(),
         ));
         let monitor = tokio::spawn(lease::run(self.state.clone(), stop_rx.clone()));
-        let dispatcher = tokio::spawn(webhooks::run_dispatcher(self.state.clone(), stop_rx));
+        let dispatcher = tokio::spawn(webhooks::run_dispatcher(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
+        let cache_listener = tokio::spawn(cache::listen(self.state.clone(), stop_rx));
         let router = api::router(self.state.clone());
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
@@ -117,6 +125,7 @@ impl Application {
         let _ = scheduler.await;
         let _ = monitor.await;
         let _ = dispatcher.await;
+        let _ = cache_listener.await;
         Ok(())
     }
 }

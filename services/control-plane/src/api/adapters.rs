@@ -6,10 +6,11 @@ use crate::app::AppState;
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::registry::aliases::{self, AliasRow, Resolved};
+use crate::registry::cache::Entry;
 use crate::registry::{
     self, lineage, AdapterFilter, AdapterSummary, LineageView, VersionRow, VersionView,
 };
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -118,13 +119,15 @@ pub async fn version(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((name, version)): ApiPath<(String, i32)>,
-) -> Result<Json<VersionView>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(
-        find(&state, &caller, &name, version)
+    let project = caller.project.as_str();
+    cached_json(&state, project, &name, Entry::Version(version), async {
+        Ok(find(&state, &caller, &name, version)
             .await?
-            .view(&state.store),
-    ))
+            .view(&state.store))
+    })
+    .await
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
@@ -294,18 +297,38 @@ pub async fn resolve(
     caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<ResolveQuery>,
-) -> Result<Json<Resolved>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(
-        aliases::resolve(
-            &state.pool,
-            &state.store,
-            caller.project.as_str(),
-            &name,
-            &q.reference,
-        )
-        .await?,
-    ))
+    let project = caller.project.as_str();
+    let entry = Entry::Resolve(q.reference.clone());
+    cached_json(&state, project, &name, entry, async {
+        aliases::resolve(&state.pool, &state.store, project, &name, &q.reference).await
+    })
+    .await
+}
+
+/// A registry answer from the read cache, or computed, serialized and cached. The ticket is
+/// taken before `compute` runs (futures start when awaited), so an answer that a concurrent
+/// write may have made stale is not kept.
+async fn cached_json<T: Serialize>(
+    state: &AppState,
+    project: &str,
+    adapter: &str,
+    entry: Entry,
+    compute: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<Response, ApiError> {
+    let cache = &state.read_cache;
+    let body = match cache.get(project, adapter, &entry) {
+        Some(body) => body,
+        None => {
+            let ticket = cache.ticket();
+            let value = compute.await?;
+            let body = Bytes::from(serde_json::to_vec(&value).map_err(anyhow::Error::from)?);
+            cache.insert(ticket, project, adapter, entry, body.clone());
+            body
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// The version's file, if the registry lists it and the version is not deleted.

@@ -1,6 +1,7 @@
 //! Prometheus metrics in the text exposition format, read from the database at scrape
 //! time (so every replica reports the same truth): jobs by status, queue depth, retries,
-//! ready versions, pending webhook deliveries, and this replica's free worker slots.
+//! ready versions, pending webhook deliveries, and this replica's free worker slots and
+//! registry read-cache hits.
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -55,6 +56,9 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     }
     let _ = writeln!(out, "# HELP loraforge_webhook_deliveries_pending Webhook deliveries not yet delivered.\n# TYPE loraforge_webhook_deliveries_pending gauge");
     let _ = writeln!(out, "loraforge_webhook_deliveries_pending {pending_hooks}");
+    let (hits, misses) = state.read_cache.counts();
+    let _ = writeln!(out, "# HELP loraforge_registry_cache_requests_total This replica's resolve and version reads, by whether the read cache answered.\n# TYPE loraforge_registry_cache_requests_total counter");
+    let _ = writeln!(out, "loraforge_registry_cache_requests_total{{result=\"hit\"}} {hits}\nloraforge_registry_cache_requests_total{{result=\"miss\"}} {misses}");
     if let Some((sum, max, count)) = durations {
         let _ = writeln!(out, "# HELP loraforge_job_duration_seconds Submission to success of succeeded jobs.\n# TYPE loraforge_job_duration_seconds summary");
         let _ = writeln!(out, "loraforge_job_duration_seconds_sum {sum}\nloraforge_job_duration_seconds_count {count}");

@@ -89,6 +89,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/worker/jobs/{id}/complete", post(worker::complete))
         .route("/v1/worker/jobs/{id}/fail", post(worker::fail))
         .fallback(|| async { ApiError::NotFound("route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::registry::cache::evict_on_write,
+        ))
         .layer(axum::middleware::from_fn(reject_nul_in_uri))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -31,6 +31,7 @@ macro_rules! version_columns {
 }
 
 pub mod aliases;
+pub mod cache;
 pub mod gc;
 pub mod inputs;
 pub mod lineage;
