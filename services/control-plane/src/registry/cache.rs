@@ -31,9 +31,9 @@ use tokio::sync::watch;
 /// The Postgres notification channel the triggers send on.
 pub const CHANNEL: &str = "loraforge_registry";
 
-/// Answers kept at most; beyond it the cache starts over (a bound on memory, not an LRU:
-/// the working set of a serving fleet is far smaller).
-const MAX_ENTRIES: usize = 50_000;
+/// Bytes of answers kept at most; beyond it the cache starts over (a bound on memory, not an
+/// LRU: a serving fleet's working set is far smaller). 128 MiB holds about 150,000 answers.
+const MAX_BYTES: usize = 128 << 20;
 
 /// What is cached for one adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -49,7 +49,7 @@ struct Entries {
     generation: u64,
     /// (project, adapter) -> its cached answers.
     adapters: HashMap<(String, String), HashMap<Entry, Bytes>>,
-    count: usize,
+    bytes: usize,
 }
 
 #[derive(Default)]
@@ -102,42 +102,39 @@ impl ReadCache {
         if entries.generation != generation || !self.listening.load(Ordering::Acquire) {
             return;
         }
-        if entries.count >= MAX_ENTRIES {
+        if entries.bytes + body.len() > MAX_BYTES {
             entries.adapters.clear();
-            entries.count = 0;
+            entries.bytes = 0;
         }
+        let added = body.len();
         let answers = entries
             .adapters
             .entry((project.to_string(), adapter.to_string()))
             .or_default();
-        if answers.insert(entry, body).is_none() {
-            entries.count += 1;
-        }
+        let replaced = answers.insert(entry, body).map_or(0, |old| old.len());
+        entries.bytes = entries.bytes + added - replaced;
     }
 
     /// Forgets an adapter's answers in every project (`None`: in `project` only).
     pub fn evict(&self, project: Option<&str>, adapter: &str) {
         let mut entries = self.entries.write().expect("cache lock");
         entries.generation += 1;
-        let before = entries.adapters.len();
         let mut removed = 0;
         entries.adapters.retain(|(p, a), answers| {
             let hit = a == adapter && project.is_none_or(|project| p == project);
             if hit {
-                removed += answers.len();
+                removed += answers.values().map(Bytes::len).sum::<usize>();
             }
             !hit
         });
-        if entries.adapters.len() != before {
-            entries.count -= removed;
-        }
+        entries.bytes -= removed;
     }
 
     fn clear(&self) {
         let mut entries = self.entries.write().expect("cache lock");
         entries.generation += 1;
         entries.adapters.clear();
-        entries.count = 0;
+        entries.bytes = 0;
     }
 
     fn set_listening(&self, on: bool) {
@@ -280,7 +277,7 @@ mod tests {
         cache.evict(None, "a");
         assert!(cache.get("q", "a", &entry).is_none());
         assert!(cache.get("p", "b", &entry).is_some());
-        assert_eq!(cache.entries.read().unwrap().count, 1);
+        assert_eq!(cache.entries.read().unwrap().bytes, 1);
     }
 
     #[test]
