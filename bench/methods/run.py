@@ -56,13 +56,15 @@ def module_shapes(model_dir: Path) -> dict:
                        for i in range(c["num_hidden_layers"]) for t in TARGETS))
 
 
-def in_use(method: dict, ranks: dict, shapes: dict) -> int:
+def in_use(method: dict, ranks: dict, shapes: dict, trainable: int) -> int:
     """Parameters of the ranks that exist at the end of training. The growing methods preallocate
     their largest size, and the trainer's `trainable_parameters` counts that whole allocation;
     here only the created ranks count: IncreLoRA's active triplets (A row, E, B column; its
     reserve is zeroed at the end) and TriAdaptLoRA's A rows, B columns and the entries of C that
-    exist (r^2 + the diagonal blocks' squares, which both triangles hold). Other methods train
-    every parameter they have throughout."""
+    exist (r^2 + the diagonal blocks' squares, which both triangles hold). The other methods
+    create every parameter at the start: for them this is `trainable`."""
+    if method["type"] not in ("increlora", "triadaptlora"):
+        return trainable
     total = 0
     for module, (inp, out) in shapes.items():
         r = ranks.get(module, 0)
@@ -100,7 +102,7 @@ def train(trainer: str, work: Path, name: str, method: dict, steps: int, seed: i
               for s, t, pm in RANKS.findall(ANSI.sub("", result.stderr))]
     return {"method": name, "seed": seed, "eval_loss": metrics["eval_loss"],
             "trainable": metrics["trainable_parameters"],
-            "in_use": in_use(method, ranks, shapes) or metrics["trainable_parameters"],
+            "in_use": in_use(method, ranks, shapes, metrics["trainable_parameters"]),
             "published": published, "ranks": ranks, "rank_events": events}
 
 
