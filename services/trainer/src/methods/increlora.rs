@@ -21,10 +21,11 @@
 //!   the top-k, and k is at most the number of modules that can still grow.
 //! - The first reserve exists from the start and trains from step 0 (the reference adds it
 //!   after step 0's backward, so its first gradient is step 1's).
-//! - A rank added at step `s` (0-based) steps at `s` with the learning rate of the job's
-//!   schedule restarted at `s` (0 on its first step under warmup); the reference's new group
-//!   takes its first step at the peak rate before `Multi_LambdaLR` sees it, and always decays
-//!   linearly. Ranks present from the start use the job's schedule.
+//! - A rank added at step `s` (0-based) was masked in `s`'s forward, so, like the reference's
+//!   new group (whose gradient is `None` at `s`, which AdamW skips), it first steps at `s + 1`
+//!   with bias correction from 1. Its learning rate is the job's schedule restarted at `s`
+//!   (`warmup⁻¹` of the peak on that first step under warmup, as `Multi_LambdaLR` gives); the
+//!   reference always decays it linearly. Ranks present from the start use the job's schedule.
 //! - With gradient accumulation the importance uses the step's whole ∂L/∂ΔW (the reference's
 //!   hook sees the last micro-batch's).
 //! - Growth stops once the total reaches the budget even if ties overshoot it (the reference
@@ -99,9 +100,10 @@ struct GrowingModule {
     e: Tensor,
     b: Tensor,
     moments: [Moments; 3],
-    /// Per rank `(K, 1)`: the step (from 0) from which its A row and B column train, or UNBORN.
+    /// Per rank `(K, 1)`: the step (from 0) of its A row's and B column's first update, or
+    /// UNBORN.
     ab_born: Tensor,
-    /// Per rank: the step from which its E trains (its activation), or UNBORN.
+    /// Per rank: the step of its E's first update (the one after its activation), or UNBORN.
     e_born: Tensor,
     /// Per rank, 1 where active (counted in the rank and the scale).
     active: Tensor,
@@ -143,19 +145,21 @@ impl GrowingModule {
     }
 
     /// The reference's growth of one module at step `now`: the `add` reserve ranks become
-    /// active (their E trains from now), and `add` new reserve ranks follow them.
+    /// active, and `add` new reserve ranks follow them. What starts training now had no part
+    /// in `now`'s forward, so its first update is the next step's.
     fn grow(&mut self, now: i64, add: i64, advance_learn: bool) {
         let n = self.rank();
+        let first = (now + 1) as f64;
         let (activated, fresh) = (n, n + add);
         let _ = self.active.narrow(0, activated, add).fill_(1.0);
         let _ = self.reserve.narrow(0, activated, add).fill_(0.0);
-        let _ = self.e_born.narrow(0, activated, add).fill_(now as f64);
+        let _ = self.e_born.narrow(0, activated, add).fill_(first);
         if !advance_learn {
-            let _ = self.ab_born.narrow(0, activated, add).fill_(now as f64);
+            let _ = self.ab_born.narrow(0, activated, add).fill_(first);
         }
         let _ = self.reserve.narrow(0, fresh, add).fill_(1.0);
         let (e, born) = match advance_learn {
-            true => (RESERVE_E, now as f64),
+            true => (RESERVE_E, first),
             false => (0.0, UNBORN),
         };
         let _ = self.e.narrow(0, fresh, add).fill_(e);
@@ -281,20 +285,21 @@ impl IncreLora {
         self.modules.iter().map(GrowingModule::rank).sum()
     }
 
-    /// The learning rate at `step` of ranks created at step `born` (from 0): the job's
-    /// schedule for those present from the start (and all of them without `multi_lr`), the
-    /// same schedule restarted at `born` for the others (`Multi_LambdaLR`).
+    /// The learning rate at `step` of ranks first updated at step `born` (from 0), so created
+    /// at `born - 1`: the job's schedule for those present from the start (and all of them
+    /// without `multi_lr`), the same schedule restarted at their creation for the others
+    /// (`Multi_LambdaLR`).
     fn rank_lr(&self, born: f64, step: StepInfo) -> f64 {
         if born <= 0.0 || !self.config.multi_lr {
             return step.lr;
         }
-        let born = born as u32;
+        let created = born as u32 - 1;
         learning_rate(
             self.training.schedule,
             self.training.learning_rate,
-            step.index.saturating_sub(born),
+            step.index.saturating_sub(created),
             self.training.warmup_steps,
-            step.total.saturating_sub(born),
+            step.total.saturating_sub(created),
         )
     }
 
@@ -470,6 +475,7 @@ mod tests {
     use super::*;
     use crate::lora::attach_frozen;
     use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::optimizer::EPSILON;
     use crate::seeds::torch_rng_turn;
 
     fn config(json: serde_json::Value) -> IncreLoraConfig {
@@ -495,12 +501,7 @@ mod tests {
         mut inspect: impl FnMut(u32, Vec<i64>, &IncreLora),
     ) {
         for index in steps {
-            method.before_step(index);
-            crate::optimizer::zero_grads(&method.store.trainable_variables());
-            let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
-            let loss = model.forward(&ids, true).square().mean(Kind::Float)
-                + method.extra_loss().unwrap_or_else(|| Tensor::from(0.0f32));
-            loss.backward();
+            forward_backward(model, method, index);
             let before = ranks(method);
             method.after_step(StepInfo {
                 index,
@@ -509,6 +510,17 @@ mod tests {
             });
             inspect(index, before, method);
         }
+    }
+
+    /// Step `index` up to `after_step`: gradients of a loss through every adapted layer
+    /// (plus the regulariser).
+    fn forward_backward(model: &LlamaModel, method: &mut IncreLora, index: u32) {
+        method.before_step(index);
+        crate::optimizer::zero_grads(&method.store.trainable_variables());
+        let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+        let loss = model.forward(&ids, true).square().mean(Kind::Float)
+            + method.extra_loss().unwrap_or_else(|| Tensor::from(0.0f32));
+        loss.backward();
     }
 
     fn ranks(method: &IncreLora) -> Vec<i64> {
@@ -667,15 +679,87 @@ mod tests {
             lr: 0.123,
         };
         assert_eq!(method.rank_lr(0.0, step(7)), 0.123);
-        // Created at step 5 (0-based): its steps 6, 7, 8 (1-based) are its 1st to 3rd.
-        assert_eq!(method.rank_lr(5.0, step(6)), 0.0);
-        assert_eq!(method.rank_lr(5.0, step(7)), 0.005);
-        assert_eq!(method.rank_lr(5.0, step(8)), 0.01);
+        // Created at step 5 (0-based), first updated at 6: its steps 7, 8 (1-based) are the
+        // 2nd and 3rd of the restarted schedule (the 1st, rate 0, is the step it was masked in).
+        assert_eq!(method.rank_lr(6.0, step(7)), 0.005);
+        assert_eq!(method.rank_lr(6.0, step(8)), 0.01);
         // Then linear decay to 0 at the end of training: 13 steps of decay after warmup.
-        assert!((method.rank_lr(5.0, step(14)) - 0.01 * 7.0 / 13.0).abs() < 1e-12);
+        assert!((method.rank_lr(6.0, step(14)) - 0.01 * 7.0 / 13.0).abs() < 1e-12);
         c.multi_lr = false;
         let method =
             IncreLora::attach(&mut fixture.load(), &c, &training(20, 2), Device::Cpu).unwrap();
-        assert_eq!(method.rank_lr(5.0, step(6)), 0.123);
+        assert_eq!(method.rank_lr(6.0, step(7)), 0.123);
+    }
+
+    /// What a growth creates at step `s` was masked in `s`'s forward: it is left untouched
+    /// then (no moments, no weight decay), and its first update at `s + 1` is a fresh AdamW's
+    /// first step on that step's gradient: `p (1 - lr wd) - lr g / (|g| + eps)`.
+    #[test]
+    fn created_ranks_first_step_is_a_fresh_adamws_first() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(11);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 1, "target_rank": 3, "init_warmup": 0, "incre_interval": 1, "top_h": 1,
+            "incre_rank_num": 1, "multi_lr": false, "target_modules": ["q_proj"]
+        }));
+        let mut training = training(6, 0);
+        training.weight_decay = 0.1;
+        let mut method = IncreLora::attach(&mut model, &c, &training, Device::Cpu).unwrap();
+        let (lr, wd) = (0.01, 0.1);
+        let info = |index| StepInfo {
+            index,
+            total: 6,
+            lr,
+        };
+        // What the growth at step 1 (index 2) creates in the module that grows: the
+        // activated reserve's E (rank 1) and the new reserve's A row and B column (rank 2).
+        let created = |m: &GrowingModule| {
+            [
+                m.e.get(1).copy(),
+                m.a.get(2).copy(),
+                m.b.select(1, 2).copy(),
+            ]
+        };
+        let grads = |m: &GrowingModule| {
+            [
+                m.e.grad().get(1).copy(),
+                m.a.grad().get(2).copy(),
+                m.b.grad().select(1, 2).copy(),
+            ]
+        };
+        run_steps(&model, &mut method, 1..=1, 6, |_, _, _| {});
+        forward_backward(&model, &mut method, 2);
+        let before: Vec<_> = method.modules.iter().map(created).collect();
+        method.after_step(info(2));
+        let grown = ranks(&method).iter().position(|&r| r == 2).unwrap();
+        assert_eq!(
+            ranks(&method).iter().sum::<i64>(),
+            method.modules.len() as i64 + 1
+        );
+        for (b, a) in before[grown].iter().zip(created(&method.modules[grown])) {
+            assert_eq!(max_abs_diff(b, &a), 0.0, "untouched at its creation step");
+        }
+
+        forward_backward(&model, &mut method, 3);
+        let m = &method.modules[grown];
+        let (values, g) = (created(m), grads(m));
+        assert!(g
+            .iter()
+            .all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+        let want: Vec<Tensor> = values
+            .iter()
+            .zip(&g)
+            .map(|(p, g)| {
+                let (p, g) = (p.to_kind(Kind::Double), g.to_kind(Kind::Double));
+                p * (1.0 - lr * wd) - &g * lr / (g.abs() + EPSILON)
+            })
+            .collect();
+        method.after_step(info(3));
+        for (got, want) in created(&method.modules[grown]).iter().zip(&want) {
+            let diff = max_abs_diff(&got.to_kind(Kind::Double), want);
+            assert!(diff < 1e-7, "{diff}: {got} vs {want}");
+        }
     }
 }
