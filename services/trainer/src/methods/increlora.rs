@@ -11,8 +11,10 @@
 //! updated. The factors are stepped here, not by the loop's AdamW, by [`RankAdam`]: every rank
 //! starts its moments and bias correction where the reference adds its parameter group, and
 //! with `multi_lr` its learning rate restarts the job's warmup and schedule from that step.
-//! While the budget is not reached, the branch runs through the materialised ΔW plus a zero
-//! "probe" whose gradient is ∂L/∂ΔW (the reference's backward hook); after, factored.
+//! While a module can still grow (budget not reached, a module below its cap, an allocation
+//! step ahead in `training.max_steps`), the branch runs through the materialised ΔW plus a
+//! zero "probe" whose gradient is ∂L/∂ΔW (the reference's backward hook); after, factored, and
+//! the probes are freed.
 //!
 //! Chosen where the reference differs or is silent:
 //! - `max_module_rank` (not in the reference) caps each module's active rank, bounding its
@@ -72,7 +74,7 @@ struct GrowingBranch {
     dropout: f64,
     /// A zero leaf added to ΔW, so that its gradient is ∂L/∂ΔW.
     probe: Tensor,
-    /// Whether importance is still measured (the budget is not reached).
+    /// Whether importance is still measured (a module can still grow).
     collecting: Arc<AtomicBool>,
 }
 
@@ -164,6 +166,19 @@ impl GrowingModule {
         };
         let _ = self.e.narrow(0, fresh, add).fill_(e);
         let _ = self.ab_born.narrow(0, fresh, add).fill_(born);
+    }
+
+    /// Releases the probe and its gradient (ΔW-sized each) once importance is no longer
+    /// measured; the branch shares the tensor, so it sees the release too.
+    fn free_probe(&mut self) {
+        tch::no_grad(|| {
+            let empty = Tensor::empty([0], (Kind::Float, self.probe.device()));
+            let mut grad = self.probe.grad();
+            if grad.defined() {
+                grad.set_data(&empty);
+            }
+            self.probe.set_data(&empty);
+        });
     }
 
     fn zero_reserve(&mut self) {
@@ -271,6 +286,22 @@ impl IncreLora {
             .target_total_rank
             .map(i64::from)
             .unwrap_or(i64::from(config.target_rank) * modules.len() as i64);
+        let count = modules.len() as i64;
+        let reachable_total = (count * capacity).min(
+            count * r0
+                + i64::from(config.allocation_steps(training.max_steps))
+                    * i64::from(config.top_h)
+                    * add,
+        );
+        if reachable_total < target_total {
+            tracing::warn!(
+                target_total,
+                reachable_total,
+                "increlora: the growth schedule (init_warmup, incre_interval, top_h, \
+                 incre_rank_num, max_module_rank) cannot reach the rank budget in \
+                 training.max_steps"
+            );
+        }
         Ok(IncreLora {
             config: config.clone(),
             training: training.clone(),
@@ -283,6 +314,19 @@ impl IncreLora {
 
     fn total_rank(&self) -> i64 {
         self.modules.iter().map(GrowingModule::rank).sum()
+    }
+
+    /// Whether an allocation at step `now` (from 0) or later can still add a rank: the budget
+    /// is not reached, a module is below its cap, and an allocation step is ahead. Once false,
+    /// it stays false.
+    fn can_grow(&self, now: i64) -> bool {
+        let add = i64::from(self.config.rank_step());
+        let interval = i64::from(self.config.incre_interval.max(1));
+        let first = (i64::from(self.config.init_warmup) / interval + 1) * interval;
+        let next = first.max((now + interval - 1) / interval * interval);
+        next < i64::from(self.training.max_steps)
+            && self.modules.iter().any(|m| m.rank() + add <= m.capacity)
+            && self.total_rank() < self.target_total
     }
 
     /// The learning rate at `step` of ranks first updated at step `born` (from 0), so created
@@ -349,11 +393,15 @@ impl AdapterMethod for IncreLora {
         Vec::new()
     }
 
-    fn before_step(&mut self, _step: u32) {
-        self.collecting
-            .store(self.total_rank() < self.target_total, Ordering::Relaxed);
+    fn before_step(&mut self, step: u32) {
+        let collecting = self.can_grow(i64::from(step) - 1);
+        let was = self.collecting.swap(collecting, Ordering::Relaxed);
         for m in &mut self.modules {
-            m.probe.zero_grad();
+            match (collecting, was) {
+                (true, _) => m.probe.zero_grad(),
+                (false, true) => m.free_probe(),
+                (false, false) => {}
+            }
         }
     }
 
@@ -388,7 +436,7 @@ impl AdapterMethod for IncreLora {
         let (alpha, beta1, beta2) = (c.alpha, c.beta1, c.beta2);
         let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
         tch::no_grad(|| {
-            if self.total_rank() < self.target_total {
+            if self.collecting.load(Ordering::Relaxed) {
                 for m in &mut self.modules {
                     m.update_importance(alpha, beta1, beta2);
                 }
@@ -761,5 +809,60 @@ mod tests {
             let diff = max_abs_diff(&got.to_kind(Kind::Double), want);
             assert!(diff < 1e-7, "{diff}: {got} vs {want}");
         }
+    }
+
+    /// The probe path stops, and the probes are freed, once no allocation can add a rank
+    /// although the budget is not reached: every module at its cap, or no allocation step
+    /// left. Training goes on factored.
+    #[test]
+    fn importance_stops_when_no_growth_is_possible() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(13);
+        let fixture = FixtureModel::create();
+        let probes = |method: &IncreLora| -> Vec<i64> {
+            method
+                .modules
+                .iter()
+                .map(|m| m.probe.numel() as i64)
+                .collect()
+        };
+        // Every module reaches its cap (2) at step 1 (0-based), far below the budget.
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 1, "target_rank": 2, "max_module_rank": 2, "target_total_rank": 100,
+            "init_warmup": 0, "incre_interval": 1, "top_h": 10, "incre_rank_num": 1,
+            "target_modules": ["q_proj", "v_proj"]
+        }));
+        let mut method = IncreLora::attach(&mut model, &c, &training(6, 0), Device::Cpu).unwrap();
+        let mut collecting = Vec::new();
+        run_steps(&model, &mut method, 1..=6, 6, |index, _, method| {
+            collecting.push(method.collecting.load(Ordering::Relaxed));
+            if index >= 3 {
+                assert!(probes(method).iter().all(|&n| n == 0), "step {index}");
+                assert!(method.modules.iter().all(|m| m.probe.grad().numel() == 0));
+            } else {
+                assert!(probes(method).iter().all(|&n| n > 0), "step {index}");
+            }
+        });
+        assert_eq!(collecting, [true, true, false, false, false, false]);
+        assert!(ranks(&method).iter().all(|&r| r == 2));
+
+        // One allocation step (4) in 6 steps: one module grows, then none can.
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 1, "target_rank": 4, "init_warmup": 0, "incre_interval": 4, "top_h": 1,
+            "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj"]
+        }));
+        let mut method = IncreLora::attach(&mut model, &c, &training(6, 0), Device::Cpu).unwrap();
+        let mut collecting = Vec::new();
+        run_steps(&model, &mut method, 1..=6, 6, |_, _, method| {
+            collecting.push(method.collecting.load(Ordering::Relaxed));
+        });
+        assert_eq!(collecting, [true, true, true, true, true, false]);
+        assert!(probes(&method).iter().all(|&n| n == 0));
+        assert_eq!(
+            ranks(&method).iter().sum::<i64>(),
+            method.modules.len() as i64 + 1
+        );
     }
 }
