@@ -116,9 +116,21 @@ struct GrowingModule {
     uncertainty: Tensor,
     probe: Tensor,
     capacity: i64,
+    /// The host's copy of the active rank and births, so that a step reads the device once
+    /// for all modules ([`IncreLora::read_ranks`]).
+    host: HostRanks,
+}
+
+/// What the host knows of one module's ranks.
+#[derive(Default)]
+struct HostRanks {
+    rank: i64,
+    ab_born: Vec<f64>,
+    e_born: Vec<f64>,
 }
 
 impl GrowingModule {
+    /// The active rank as the store holds it (a device read, for the export).
     fn rank(&self) -> i64 {
         self.active.sum(Kind::Int64).int64_value(&[])
     }
@@ -142,6 +154,7 @@ impl GrowingModule {
         self.uncertainty.copy_(&uncertainty);
     }
 
+    #[cfg(test)]
     fn score(&self) -> f64 {
         (&self.sensitivity * &self.uncertainty).double_value(&[0])
     }
@@ -150,7 +163,7 @@ impl GrowingModule {
     /// active, and `add` new reserve ranks follow them. What starts training now had no part
     /// in `now`'s forward, so its first update is the next step's.
     fn grow(&mut self, now: i64, add: i64, advance_learn: bool) {
-        let n = self.rank();
+        let n = self.host.rank;
         let first = (now + 1) as f64;
         let (activated, fresh) = (n, n + add);
         let _ = self.active.narrow(0, activated, add).fill_(1.0);
@@ -166,6 +179,15 @@ impl GrowingModule {
         };
         let _ = self.e.narrow(0, fresh, add).fill_(e);
         let _ = self.ab_born.narrow(0, fresh, add).fill_(born);
+        let host = &mut self.host;
+        host.rank += add;
+        let (activated, fresh) = (activated as usize, fresh as usize);
+        let add = add as usize;
+        host.e_born[activated..fresh].fill(first);
+        if !advance_learn {
+            host.ab_born[activated..fresh].fill(first);
+        }
+        host.ab_born[fresh..fresh + add].fill(born);
     }
 
     /// Releases the probe and its gradient (ΔW-sized each) once importance is no longer
@@ -274,6 +296,7 @@ impl IncreLora {
                 uncertainty,
                 probe,
                 capacity,
+                host: HostRanks::default(),
             });
         }
         if modules.is_empty() {
@@ -302,18 +325,46 @@ impl IncreLora {
                  training.max_steps"
             );
         }
-        Ok(IncreLora {
+        let mut method = IncreLora {
             config: config.clone(),
             training: training.clone(),
             store,
             modules,
             target_total,
             collecting,
-        })
+        };
+        method.read_ranks();
+        Ok(method)
+    }
+
+    /// Refreshes every module's [`HostRanks`] from the store (which a checkpoint restore may
+    /// have replaced) in one device read.
+    fn read_ranks(&mut self) {
+        let columns: Vec<&Tensor> = self
+            .modules
+            .iter()
+            .flat_map(|m| [&m.active, &m.ab_born, &m.e_born])
+            .collect();
+        // (slots, 3 per module), to (module, field, slot) on the host.
+        let all = Tensor::cat(&columns, 1)
+            .tr()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu);
+        let values = Vec::<f64>::try_from(all.contiguous().view([-1])).unwrap_or_default();
+        let slots = values.len() / (3 * self.modules.len());
+        for (m, fields) in self.modules.iter_mut().zip(values.chunks(3 * slots)) {
+            let (active, births) = fields.split_at(slots);
+            let (ab_born, e_born) = births.split_at(slots);
+            m.host = HostRanks {
+                rank: active.iter().map(|&a| a as i64).sum(),
+                ab_born: ab_born.to_vec(),
+                e_born: e_born.to_vec(),
+            };
+        }
     }
 
     fn total_rank(&self) -> i64 {
-        self.modules.iter().map(GrowingModule::rank).sum()
+        self.modules.iter().map(|m| m.host.rank).sum()
     }
 
     /// Whether an allocation at step `now` (from 0) or later can still add a rank: the budget
@@ -325,7 +376,7 @@ impl IncreLora {
         let first = (i64::from(self.config.init_warmup) / interval + 1) * interval;
         let next = first.max((now + interval - 1) / interval * interval);
         next < i64::from(self.training.max_steps)
-            && self.modules.iter().any(|m| m.rank() + add <= m.capacity)
+            && self.modules.iter().any(|m| m.host.rank + add <= m.capacity)
             && self.total_rank() < self.target_total
     }
 
@@ -347,13 +398,27 @@ impl IncreLora {
         )
     }
 
-    fn rank_lrs(&self, born: &Tensor, step: StepInfo) -> Tensor {
-        let births =
-            Vec::<f64>::try_from(&born.to_kind(Kind::Double).view([-1])).unwrap_or_default();
-        let lrs: Vec<f64> = births.iter().map(|&b| self.rank_lr(b, step)).collect();
+    /// Every rank's learning rate at `step`, `(module, [A and B, E], slot, 1)`, in one upload:
+    /// each distinct birth's rate is computed once.
+    fn rank_lrs(&self, step: StepInfo) -> Tensor {
+        let mut by_birth: Vec<(f64, f64)> = Vec::new();
+        let mut lrs = Vec::new();
+        for m in &self.modules {
+            for &born in m.host.ab_born.iter().chain(&m.host.e_born) {
+                let lr = match by_birth.iter().find(|(b, _)| *b == born) {
+                    Some(&(_, lr)) => lr,
+                    None => {
+                        let lr = self.rank_lr(born, step);
+                        by_birth.push((born, lr));
+                        lr
+                    }
+                };
+                lrs.push(lr);
+            }
+        }
         Tensor::from_slice(&lrs)
-            .view([-1, 1])
-            .to_device(born.device())
+            .view([self.modules.len() as i64, 2, -1, 1])
+            .to_device(self.store.device())
     }
 
     /// `increase_to_target_rank`: the `k = min(top_h, budget left)` highest-scoring modules
@@ -361,10 +426,16 @@ impl IncreLora {
     /// the k-th score, so ties may add more).
     fn allocate(&mut self, now: i64) {
         let add = i64::from(self.config.rank_step());
+        let stacked = |pick: fn(&GrowingModule) -> &Tensor| {
+            Tensor::cat(&self.modules.iter().map(pick).collect::<Vec<_>>(), 0)
+        };
+        let all = stacked(|m| &m.sensitivity) * stacked(|m| &m.uncertainty);
+        let all = Vec::<f64>::try_from(all.to_kind(Kind::Double)).unwrap_or_default();
         let scores: Vec<Option<f64>> = self
             .modules
             .iter()
-            .map(|m| (m.rank() + add <= m.capacity).then(|| m.score()))
+            .zip(all)
+            .map(|(m, score)| (m.host.rank + add <= m.capacity).then_some(score))
             .collect();
         let mut growable: Vec<f64> = scores.iter().flatten().copied().collect();
         growable.sort_by(|x, y| y.total_cmp(x));
@@ -394,6 +465,7 @@ impl AdapterMethod for IncreLora {
     }
 
     fn before_step(&mut self, step: u32) {
+        self.read_ranks();
         let collecting = self.can_grow(i64::from(step) - 1);
         let was = self.collecting.swap(collecting, Ordering::Relaxed);
         for m in &mut self.modules {
@@ -457,23 +529,15 @@ impl AdapterMethod for IncreLora {
             let adam = RankAdam {
                 weight_decay: self.training.weight_decay,
             };
-            for i in 0..self.modules.len() {
-                let m = &self.modules[i];
-                let (ab_lr, e_lr) = (
-                    self.rank_lrs(&m.ab_born, step),
-                    self.rank_lrs(&m.e_born, step),
-                );
-                let m = &mut self.modules[i];
+            let lrs = self.rank_lrs(step);
+            for (i, m) in self.modules.iter_mut().enumerate() {
+                let lrs = lrs.get(i as i64);
+                let ab = adam.factors(&m.ab_born, &lrs.get(0), now);
+                let e = adam.factors(&m.e_born, &lrs.get(1), now);
                 let [ma, me, mb] = &mut m.moments;
-                adam.step(&m.a, ma, &m.ab_born, &ab_lr, now);
-                adam.step(&m.e, me, &m.e_born, &e_lr, now);
-                adam.step(
-                    &m.b,
-                    mb,
-                    &m.ab_born.view([1, -1]),
-                    &ab_lr.view([1, -1]),
-                    now,
-                );
+                adam.apply(&m.a, ma, &ab);
+                adam.apply(&m.e, me, &e);
+                adam.apply(&m.b, mb, &ab.transposed());
             }
         });
     }
@@ -483,7 +547,7 @@ impl AdapterMethod for IncreLora {
         let per_module = self
             .modules
             .iter()
-            .map(|m| (m.module_path.clone(), m.rank() as u32))
+            .map(|m| (m.module_path.clone(), m.host.rank as u32))
             .collect();
         Some(RankAllocation {
             per_module,

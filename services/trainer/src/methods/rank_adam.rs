@@ -35,6 +35,33 @@ pub struct RankAdam {
     pub weight_decay: f64,
 }
 
+/// The per-rank factors of one step, shaped like the `born` they come from (they broadcast to
+/// the parameter): parameters sharing births share them.
+pub struct StepFactors {
+    /// Whether the element is updated at all.
+    live: Tensor,
+    /// `lr / (1 - beta1^t)`, f32.
+    step_size: Tensor,
+    /// `sqrt(1 - beta2^t)`, f32.
+    bias_correction2_sqrt: Tensor,
+    /// `1 - lr * weight_decay`, f32, absent without weight decay.
+    decay: Option<Tensor>,
+}
+
+impl StepFactors {
+    /// The same factors for a parameter whose ranks lie along its columns (`born` of shape
+    /// `(K, 1)` viewed as `(1, K)`).
+    pub fn transposed(&self) -> StepFactors {
+        let t = |x: &Tensor| x.view([1, -1]);
+        StepFactors {
+            live: t(&self.live),
+            step_size: t(&self.step_size),
+            bias_correction2_sqrt: t(&self.bias_correction2_sqrt),
+            decay: self.decay.as_ref().map(t),
+        }
+    }
+}
+
 impl RankAdam {
     /// One step at optimizer step `now` (counted from 0) on the elements of `param` born at
     /// or before `now`. `born` (the 0-based step of an element's first update, or [`UNBORN`])
@@ -48,10 +75,12 @@ impl RankAdam {
         lr: &Tensor,
         now: i64,
     ) {
-        let grad = param.grad();
-        if !grad.defined() {
-            return;
-        }
+        self.apply(param, moments, &self.factors(born, lr, now));
+    }
+
+    /// The factors of [`RankAdam::step`] for `born` and `lr`, to apply to every parameter that
+    /// shares them.
+    pub fn factors(&self, born: &Tensor, lr: &Tensor, now: i64) -> StepFactors {
         tch::no_grad(|| {
             let born = born.to_kind(Kind::Double);
             let live = born.ge(0.0).logical_and(&born.le(now as f64));
@@ -60,23 +89,40 @@ impl RankAdam {
             let lr = lr.to_kind(Kind::Double);
             let bias_correction1 = -(&t * BETA1.ln()).exp() + 1.0;
             let bias_correction2_sqrt = (-(&t * BETA2.ln()).exp() + 1.0).sqrt();
-            let step_size = (&lr / bias_correction1).to_kind(Kind::Float);
+            StepFactors {
+                live,
+                step_size: (&lr / bias_correction1).to_kind(Kind::Float),
+                bias_correction2_sqrt: bias_correction2_sqrt.to_kind(Kind::Float),
+                decay: (self.weight_decay != 0.0)
+                    .then(|| (-&lr * self.weight_decay + 1.0).to_kind(Kind::Float)),
+            }
+        })
+    }
+
+    /// [`RankAdam::step`] with its factors computed.
+    pub fn apply(&self, param: &Tensor, moments: &mut Moments, factors: &StepFactors) {
+        let grad = param.grad();
+        if !grad.defined() {
+            return;
+        }
+        tch::no_grad(|| {
+            let live = &factors.live;
             let mut value = param.copy();
-            if self.weight_decay != 0.0 {
-                value *= (-&lr * self.weight_decay + 1.0).to_kind(Kind::Float);
+            if let Some(decay) = &factors.decay {
+                value *= decay;
             }
             let exp_avg = moments.exp_avg.lerp(&grad, 1.0 - BETA1);
             let exp_avg_sq = &moments.exp_avg_sq * BETA2 + &grad * (1.0 - BETA2) * &grad;
-            let denom = exp_avg_sq.sqrt() / bias_correction2_sqrt.to_kind(Kind::Float) + EPSILON;
-            let value = value + &exp_avg * (-step_size) / denom;
+            let denom = exp_avg_sq.sqrt() / &factors.bias_correction2_sqrt + EPSILON;
+            let value = value + &exp_avg * (-&factors.step_size) / denom;
             moments
                 .exp_avg
-                .copy_(&exp_avg.where_self(&live, &moments.exp_avg));
+                .copy_(&exp_avg.where_self(live, &moments.exp_avg));
             moments
                 .exp_avg_sq
-                .copy_(&exp_avg_sq.where_self(&live, &moments.exp_avg_sq));
+                .copy_(&exp_avg_sq.where_self(live, &moments.exp_avg_sq));
             let mut param = param.shallow_clone();
-            param.copy_(&value.where_self(&live, &param));
+            param.copy_(&value.where_self(live, &param));
         });
     }
 }
