@@ -929,4 +929,102 @@ mod tests {
             method.modules.len() as i64 + 1
         );
     }
+
+    /// A branch adding `x ΔWᵀ` for a given ΔW, to take ∂L/∂ΔW by autograd.
+    struct ExplicitDelta(Tensor);
+
+    impl LinearAdapter for ExplicitDelta {
+        fn forward(&self, x: &Tensor, _train: bool) -> Tensor {
+            x.to_kind(Kind::Float)
+                .linear::<Tensor>(&self.0, None)
+                .to_kind(x.kind())
+        }
+    }
+
+    /// The importance update against its definition: a second model adds every module's ΔW
+    /// explicitly, module 0's as a leaf, and autograd gives ∂L/∂ΔW for the same batch; then
+    /// `ipt = Σ|ΔW ⊙ ∂L/∂ΔW| / √numel`, `sensitivity' = β1 s + (1 - β1) ipt` and
+    /// `uncertainty' = β2 u + (1 - β2) |ipt - sensitivity'|`.
+    #[test]
+    fn importance_is_the_smoothed_sensitivity_of_the_explicit_delta() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(17);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "lora_r": 2, "target_rank": 4, "init_warmup": 100, "incre_interval": 10,
+            "beta1": 0.7, "beta2": 0.6, "reg_orth_coef": 0.0,
+            "target_modules": ["q_proj", "v_proj"]
+        }));
+        let mut method = IncreLora::attach(&mut model, &c, &training(200, 0), Device::Cpu).unwrap();
+        // E away from 0 and the EMAs away from their start.
+        run_steps(&model, &mut method, 1..=3, 200, |_, _, _| {});
+        let (s0, u0) = (
+            method.modules[0].sensitivity.double_value(&[0]),
+            method.modules[0].uncertainty.double_value(&[0]),
+        );
+        assert!(s0 > 0.0 && u0 > 0.0, "{s0} {u0}");
+
+        let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+        method.before_step(4);
+        crate::optimizer::zero_grads(&method.store.trainable_variables());
+        model
+            .forward(&ids, true)
+            .square()
+            .mean(Kind::Float)
+            .backward();
+        let deltas: Vec<Tensor> = tch::no_grad(|| {
+            method
+                .modules
+                .iter()
+                .map(|m| m.delta_weight(c.alpha))
+                .collect()
+        });
+        let leaf = deltas[0].copy().set_requires_grad(true);
+        let mut explicit = fixture.load();
+        let names: Vec<String> = method
+            .modules
+            .iter()
+            .map(|m| m.module_path.clone())
+            .collect();
+        for (name, linear) in explicit.linears_mut(&c.target_modules) {
+            let i = names.iter().position(|n| *n == name).unwrap();
+            let delta = match i {
+                0 => leaf.shallow_clone(),
+                _ => deltas[i].shallow_clone(),
+            };
+            linear.attach(Box::new(ExplicitDelta(delta)));
+        }
+        explicit
+            .forward(&ids, true)
+            .square()
+            .mean(Kind::Float)
+            .backward();
+        let grad = leaf.grad().to_kind(Kind::Double);
+        let delta = deltas[0].to_kind(Kind::Double);
+        let ipt = (&delta * &grad).abs().sum(Kind::Double).double_value(&[])
+            / (delta.numel() as f64).sqrt();
+        assert!(ipt > 0.0);
+        let sensitivity = 0.7 * s0 + 0.3 * ipt;
+        let uncertainty = 0.6 * u0 + 0.4 * (ipt - sensitivity).abs();
+
+        method.after_step(StepInfo {
+            index: 4,
+            total: 200,
+            lr: 0.01,
+        });
+        let m = &method.modules[0];
+        let (got_s, got_u) = (
+            m.sensitivity.double_value(&[0]),
+            m.uncertainty.double_value(&[0]),
+        );
+        assert!(
+            (got_s - sensitivity).abs() <= 1e-5 * sensitivity,
+            "{got_s} vs {sensitivity}"
+        );
+        assert!(
+            (got_u - uncertainty).abs() <= 1e-4 * uncertainty,
+            "{got_u} vs {uncertainty}"
+        );
+    }
 }
