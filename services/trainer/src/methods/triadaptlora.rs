@@ -9,7 +9,7 @@
 //! times the run's progress (linear) or its power (non-linear).
 //!
 //! Ranks are preallocated per module (shapes never change; checkpoints restore by name and
-//! shape): each rank's creation step (`born`) says which entries exist; a `C_row` entry
+//! shape): each rank's birth (`born`, the step of its first update) says which entries exist; a `C_row` entry
 //! (p, q) exists when rank q is no younger than rank p, a `C_col` entry when rank p is no
 //! younger than q, and an entry is born with the later of its two ranks. The factors are
 //! stepped here by [`RankAdam`]: fresh moments and bias correction per added block, as the
@@ -26,6 +26,11 @@
 //! - The reference has no per-module cap; `max_module_rank` caps each module's rank, further
 //!   lowered to what the schedule can reach in `training.max_steps`. Modules at their cap take
 //!   no part in an allocation: `n` is at most the number that can still grow.
+//! - The progress `mul` uses the run's real length (`StepInfo.total`, shorter than
+//!   `training.max_steps` when `training.epochs` ends the run), the reference's `total_step`.
+//! - Ranks added at step `s` are born at `s + 1`: they were masked in step `s`'s forward pass,
+//!   so their gradient there is 0, and PyTorch's AdamW skips a new group until its first real
+//!   gradient (bias correction from 1 at `s + 1`, no weight decay at `s`).
 //! - `top_k` (unused by the reference's growth) is not a field. The allocation runs before the
 //!   optimizer step, as IncreLoRA's `update_and_increase`, the code it derives from.
 //! - Published as plain LoRA with C folded into A: `A' = C A`, `B' = B · alpha / (rank + 1e-5)`.
@@ -105,7 +110,8 @@ struct TriangularModule {
     c_row: Tensor,
     c_col: Tensor,
     moments: [Moments; 4],
-    /// Per rank `(K, 1)`: the step (from 0) it was created at, 0 for the first ones, or UNBORN.
+    /// Per rank `(K, 1)`: the step (from 0) of its first update, 0 for the first ones, the
+    /// step after its allocation for added ones, or UNBORN.
     born: Tensor,
     /// `||C||_F / blocks` at the previous allocation (`preNormValue`), shape `(1)`.
     previous_norm: Tensor,
@@ -230,12 +236,12 @@ impl TriAdaptLora {
         self.modules.iter().map(TriangularModule::rank).sum()
     }
 
-    /// `compute_threshold`'s count of growing modules at step `now`: the budget left times
-    /// the progress `mul` (linear), or the budget left to the power `mul` (non-linear), at
-    /// least 1 and at most the modules that can grow.
-    fn growing_count(&self, now: i64, growable: usize) -> usize {
+    /// `compute_threshold`'s count of growing modules at step `now` of a `total`-step run:
+    /// the budget left times the progress `mul` (linear), or the budget left to the power
+    /// `mul` (non-linear), at least 1 and at most the modules that can grow.
+    fn growing_count(&self, now: i64, total: u32, growable: usize) -> usize {
         let warmup = f64::from(self.config.init_warmup);
-        let mul = (now as f64 - warmup) / (f64::from(self.training.max_steps) - warmup);
+        let mul = (now as f64 - warmup) / (f64::from(total) - warmup);
         let left = (self.target_total - self.total_rank()) as f64;
         let n = match self.config.rank_growth_model {
             RankGrowthModel::Linear => (left * mul) as i64,
@@ -245,8 +251,9 @@ impl TriAdaptLora {
     }
 
     /// `increase_to_target_rank`: every module's score, then the modules scoring at least the
-    /// n-th highest among those below their cap grow by `incre_rank_num` ranks.
-    fn allocate(&mut self, now: i64) {
+    /// n-th highest among those below their cap grow by `incre_rank_num` ranks, born at the
+    /// next step.
+    fn allocate(&mut self, now: i64, total: u32) {
         let (r0, add) = (
             i64::from(self.config.init_rank),
             i64::from(self.config.rank_step()),
@@ -260,7 +267,7 @@ impl TriAdaptLora {
             })
             .collect();
         let mut growable: Vec<f64> = scores.iter().flatten().copied().collect();
-        let n = self.growing_count(now, growable.len());
+        let n = self.growing_count(now, total, growable.len());
         if n == 0 {
             return;
         }
@@ -268,7 +275,7 @@ impl TriAdaptLora {
         let threshold = growable[n - 1];
         for (m, score) in self.modules.iter_mut().zip(scores) {
             if score.is_some_and(|s| s >= threshold) {
-                let _ = m.born.narrow(0, m.rank(), add).fill_(now as f64);
+                let _ = m.born.narrow(0, m.rank(), add).fill_((now + 1) as f64);
             }
         }
     }
@@ -313,17 +320,18 @@ impl AdapterMethod for TriAdaptLora {
         let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
         tch::no_grad(|| {
             if allocates && self.total_rank() < self.target_total {
-                self.allocate(now);
+                self.allocate(now, step.total);
             }
             let adam = RankAdam {
                 weight_decay: self.training.weight_decay,
             };
-            let lr = Tensor::from(step.lr);
+            let device = self.store.device();
+            let lr = Tensor::from(step.lr).to_device(device);
+            let unborn = Tensor::from(UNBORN as f32).to_device(device);
             for m in &mut self.modules {
                 let layout = Layout::new(&m.born);
                 // An entry of C is born with the later of its row's and column's ranks.
                 let later = m.born.view([-1, 1]).maximum(&m.born.view([1, -1]));
-                let unborn = Tensor::from(UNBORN as f32);
                 let lower_born = later.where_self(&layout.lower.gt(0.5), &unborn);
                 let upper_born = later.where_self(&layout.upper.gt(0.5), &unborn);
                 let [ma, mb, mrow, mcol] = &mut m.moments;
@@ -401,7 +409,8 @@ mod tests {
     /// Trains `steps` steps as the loop does and checks every allocation: at steps above
     /// init_warmup that incre_interval divides, the `n` modules with the largest change of
     /// `||C||_F / blocks` grow by incre_rank_num, n from the budget left and the progress
-    /// (`expected_n(left, mul)`). Returns the trained model and method.
+    /// (`expected_n(left, mul)`), the progress from the run's length (12 steps, cut short of
+    /// `training.max_steps` = 40 as an `epochs` limit does). Returns the trained model and method.
     fn grow_and_check(
         growth: &str,
         expected_n: impl Fn(f64, f64) -> i64,
@@ -414,8 +423,7 @@ mod tests {
             "target_modules": ["q_proj", "v_proj"]
         }));
         let total = 12;
-        let mut method =
-            TriAdaptLora::attach(&mut model, &c, &training(total), Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training(40), Device::Cpu).unwrap();
         let modules = method.modules.len();
         assert!(modules >= 4, "the fixture has {modules} modules");
         let target = 4 * modules as i64;
@@ -490,6 +498,71 @@ mod tests {
             grow_and_check("nonlinear", |left, mul| (mul * left.ln()).exp() as i64);
         assert_eq!(allocations, 5);
         assert!(ranks(&method).iter().any(|&r| r > 1));
+    }
+
+    /// A rank added at step s was masked in s's forward pass (gradient 0): as a parameter
+    /// group PyTorch's AdamW skips until its first gradient, it is left untouched at s (no
+    /// weight decay) and takes AdamW's first step (bias correction from 1) at s + 1.
+    #[test]
+    fn added_ranks_take_their_first_adam_step_at_their_first_gradient() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(29);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 1, "reference_rank": 4, "incre_rank_num": 1, "init_warmup": 0,
+            "incre_interval": 1, "orth_reg_weight": 0.0, "target_modules": ["q_proj"]
+        }));
+        let (lr, wd) = (0.01, 0.1);
+        let training: TrainingConfig = serde_json::from_value(serde_json::json!({
+            "max_steps": 6, "learning_rate": lr, "weight_decay": wd
+        }))
+        .unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training, Device::Cpu).unwrap();
+        let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+        // Every module's second rank: its row of A and that row's gradient.
+        let rows = |method: &TriAdaptLora| -> Vec<(Tensor, Tensor)> {
+            let rows = method.modules.iter();
+            rows.map(|m| (m.a.get(1).copy(), m.a.grad().get(1).copy()))
+                .collect()
+        };
+        let mut grown = None;
+        for index in 1..=3 {
+            crate::optimizer::zero_grads(&method.store.trainable_variables());
+            model
+                .forward(&ids, true)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+            let before = rows(&method);
+            method.after_step(StepInfo {
+                index,
+                total: 6,
+                lr,
+            });
+            let after = rows(&method);
+            match index {
+                1 => assert!(ranks(&method).iter().all(|&r| r == 1)),
+                // Step 1 (from 0) adds a module's rank 1: masked, so no gradient, and left as
+                // it is.
+                2 => {
+                    let m = ranks(&method).iter().position(|&r| r == 2).unwrap();
+                    let ((row, grad), (row_after, _)) = (&before[m], &after[m]);
+                    assert_eq!(grad.abs().max().double_value(&[]), 0.0);
+                    assert!(max_abs_diff(row_after, row) == 0.0);
+                    grown = Some(m);
+                }
+                // Its first real gradient: AdamW's first step, `-lr g / (|g| + eps)`.
+                _ => {
+                    let m = grown.unwrap();
+                    let ((row, grad), (row_after, _)) = (&before[m], &after[m]);
+                    assert!(grad.abs().max().double_value(&[]) > 1e-6);
+                    let want = row * (1.0 - lr * wd) - grad / (grad.abs() + 1e-8) * lr;
+                    let diff = max_abs_diff(row_after, &want);
+                    assert!(diff < 1e-6, "{diff}");
+                }
+            }
+        }
     }
 
     /// The stored reference initialises B = 0 and C = 0 together, which leaves every gradient
