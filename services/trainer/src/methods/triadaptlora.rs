@@ -164,6 +164,33 @@ impl TriAdaptLora {
         let births: Vec<f32> = (0..capacity)
             .map(|i| if i < r0 { 0.0 } else { UNBORN as f32 })
             .collect();
+        let count = model.linears_mut(&config.target_modules).count() as i64;
+        if count == 0 {
+            return Err(user_error(format!(
+                "the model has none of the target modules {:?}",
+                config.target_modules
+            )));
+        }
+        let target_total = config
+            .target_total_rank
+            .map(i64::from)
+            .unwrap_or(i64::from(config.reference_rank) * count);
+        // Growth needs `total_rank < target_total`: a budget already met at the start would
+        // train a fixed init_rank LoRA under this method's name.
+        if target_total <= r0 * count {
+            let budget = match config.target_total_rank {
+                Some(_) => format!("method.target_total_rank ({target_total})"),
+                None => format!(
+                    "method.reference_rank x modules ({} x {count} = {target_total})",
+                    config.reference_rank
+                ),
+            };
+            return Err(user_error(format!(
+                "the rank budget {budget} must exceed init_rank x modules ({r0} x {count} = {}), \
+                 the rank at the start: otherwise no rank is ever added",
+                r0 * count
+            )));
+        }
         let mut modules = Vec::new();
         for (path_name, linear) in model.linears_mut(&config.target_modules) {
             let (inp, out) = (linear.in_features(), linear.out_features());
@@ -213,16 +240,6 @@ impl TriAdaptLora {
                 capacity,
             });
         }
-        if modules.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
-        }
-        let target_total = config
-            .target_total_rank
-            .map(i64::from)
-            .unwrap_or(i64::from(config.reference_rank) * modules.len() as i64);
         Ok(TriAdaptLora {
             config: config.clone(),
             training: training.clone(),
@@ -563,6 +580,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A budget the first ranks already meet is the user's error, naming the field.
+    #[test]
+    fn a_budget_met_at_the_start_is_refused() {
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let modules = model.linears_mut(&["q_proj"]).count() as u32;
+        for (json, field) in [
+            (
+                serde_json::json!({"init_rank": 2, "target_total_rank": 2 * modules,
+                                   "target_modules": ["q_proj"]}),
+                "method.target_total_rank",
+            ),
+            (
+                serde_json::json!({"init_rank": 3, "reference_rank": 3,
+                                   "target_modules": ["q_proj"]}),
+                "method.reference_rank",
+            ),
+        ] {
+            let err = TriAdaptLora::attach(&mut model, &config(json), &training(10), Device::Cpu)
+                .err()
+                .unwrap();
+            assert!(crate::error::classify(&err).is_some_and(|f| matches!(
+                f,
+                crate::error::Failure::User(m) if m.contains(field)
+            )));
+        }
+        let one_more = config(serde_json::json!({
+            "init_rank": 2, "target_total_rank": 2 * modules + 1, "target_modules": ["q_proj"]
+        }));
+        assert!(TriAdaptLora::attach(&mut model, &one_more, &training(10), Device::Cpu).is_ok());
     }
 
     /// The stored reference initialises B = 0 and C = 0 together, which leaves every gradient
