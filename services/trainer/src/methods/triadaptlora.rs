@@ -44,10 +44,12 @@ use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::method::{RankGrowthModel, TriAdaptLoraConfig};
 use loraforge_spec::TrainingConfig;
-use tch::nn::VarStore;
+use tch::nn::{Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
-/// Which ranks exist, and which entries of the two triangles, from each rank's birth `(K, 1)`.
+/// Which ranks exist, and which entries of the two triangles, derived from each rank's birth
+/// `(K, 1)`. Kept in the store (non-trainable) so that no forward pass rebuilds it: a growth
+/// re-derives it ([`Layout::update`]) and a checkpoint restores it with the births.
 struct Layout {
     /// `(K, 1)`, 1 for created ranks.
     created: Tensor,
@@ -55,27 +57,55 @@ struct Layout {
     lower: Tensor,
     /// `(K, K)`: `C_col` entry (p, q) exists when p is no younger than q (block upper part).
     upper: Tensor,
+    /// `(1)`: `alpha / (rank + 1e-5)`.
+    scale: Tensor,
 }
 
 impl Layout {
-    fn new(born: &Tensor) -> Layout {
+    fn derive(born: &Tensor, alpha: f64) -> Layout {
         let created = born.ge(0.0);
         let (p, q) = (born.view([-1, 1]), born.view([1, -1]));
         let both = created.view([-1, 1]).logical_and(&created.view([1, -1]));
+        let created = created.to_kind(Kind::Float);
         Layout {
             lower: both.logical_and(&q.le_tensor(&p)).to_kind(Kind::Float),
             upper: both.logical_and(&p.le_tensor(&q)).to_kind(Kind::Float),
-            created: created.to_kind(Kind::Float),
+            scale: ((created.sum(Kind::Float) + 1e-5).reciprocal() * alpha).view([1]),
+            created,
+        }
+    }
+
+    /// The layout of `born`, as variables under `path`.
+    fn add(path: &Path, born: &Tensor, alpha: f64) -> Layout {
+        let derived = Layout::derive(born, alpha);
+        Layout {
+            created: path.add("layout_created", derived.created, false),
+            lower: path.add("layout_lower", derived.lower, false),
+            upper: path.add("layout_upper", derived.upper, false),
+            scale: path.add("layout_scale", derived.scale, false),
+        }
+    }
+
+    /// Re-derives the stored layout after `born` changed.
+    fn update(&mut self, born: &Tensor, alpha: f64) {
+        let derived = Layout::derive(born, alpha);
+        self.created.copy_(&derived.created);
+        self.lower.copy_(&derived.lower);
+        self.upper.copy_(&derived.upper);
+        self.scale.copy_(&derived.scale);
+    }
+
+    fn shallow_clone(&self) -> Layout {
+        Layout {
+            created: self.created.shallow_clone(),
+            lower: self.lower.shallow_clone(),
+            upper: self.upper.shallow_clone(),
+            scale: self.scale.shallow_clone(),
         }
     }
 
     fn core(&self, c_row: &Tensor, c_col: &Tensor) -> Tensor {
         c_row * &self.lower + c_col * &self.upper
-    }
-
-    /// `alpha / (rank + 1e-5)`.
-    fn scale(&self, alpha: f64) -> Tensor {
-        (self.created.sum(Kind::Float) + 1e-5).reciprocal() * alpha
     }
 }
 
@@ -84,20 +114,19 @@ struct TriangularBranch {
     b: Tensor,
     c_row: Tensor,
     c_col: Tensor,
-    born: Tensor,
-    alpha: f64,
+    layout: Layout,
     dropout: f64,
 }
 
 impl LinearAdapter for TriangularBranch {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
-        let layout = Layout::new(&self.born);
+        let layout = &self.layout;
         let delta = x32
             .linear::<Tensor>(&(&self.a * &layout.created), None)
             .linear::<Tensor>(&layout.core(&self.c_row, &self.c_col), None)
             .linear::<Tensor>(&(&self.b * layout.created.view([1, -1])), None)
-            * layout.scale(self.alpha);
+            * &layout.scale;
         delta.to_kind(x.kind())
     }
 }
@@ -113,30 +142,18 @@ struct TriangularModule {
     /// Per rank `(K, 1)`: the step (from 0) of its first update, 0 for the first ones, the
     /// step after its allocation for added ones, or UNBORN.
     born: Tensor,
+    layout: Layout,
     /// `||C||_F / blocks` at the previous allocation (`preNormValue`), shape `(1)`.
     previous_norm: Tensor,
     capacity: i64,
 }
 
 impl TriangularModule {
-    fn rank(&self) -> i64 {
-        self.born.ge(0.0).sum(Kind::Int64).int64_value(&[])
-    }
-
-    /// `||C||_F / blocks`, blocks counting the first one and every growth since.
-    fn normalized_norm(&self, initial: i64, add: i64) -> Tensor {
-        let blocks = 1 + (self.rank() - initial) / add;
-        let layout = Layout::new(&self.born);
-        layout.core(&self.c_row, &self.c_col).norm() / blocks as f64
-    }
-
-    /// `compute_score`: the change of the normalised norm since the last call, which it
-    /// records.
-    fn score(&mut self, initial: i64, add: i64) -> f64 {
-        let norm = self.normalized_norm(initial, add);
-        let score = (&norm - &self.previous_norm).double_value(&[0]);
-        self.previous_norm.copy_(&norm.view([1]));
-        score
+    /// `||C||_F / blocks` `(1)` at rank `rank`, blocks counting the first one and every growth
+    /// since.
+    fn normalized_norm(&self, rank: i64, initial: i64, add: i64) -> Tensor {
+        let blocks = 1 + (rank - initial) / add;
+        (self.layout.core(&self.c_row, &self.c_col).norm() / blocks as f64).view([1])
     }
 }
 
@@ -215,8 +232,8 @@ impl TriAdaptLora {
                     .to_device(device),
                 false,
             );
+            let layout = Layout::add(&path, &born, config.alpha);
             // `reset_lora_parameters` records the first norm.
-            let layout = Layout::new(&born);
             let norm = layout.core(&c_row, &c_col).norm().detach().view([1]);
             let previous_norm = path.add("previous_norm", norm, false);
             linear.attach(Box::new(TriangularBranch {
@@ -224,8 +241,7 @@ impl TriAdaptLora {
                 b: b.shallow_clone(),
                 c_row: c_row.shallow_clone(),
                 c_col: c_col.shallow_clone(),
-                born: born.shallow_clone(),
-                alpha: config.alpha,
+                layout: layout.shallow_clone(),
                 dropout: config.dropout,
             }));
             modules.push(TriangularModule {
@@ -236,6 +252,7 @@ impl TriAdaptLora {
                 c_col,
                 moments,
                 born,
+                layout,
                 previous_norm,
                 capacity,
             });
@@ -249,17 +266,23 @@ impl TriAdaptLora {
         })
     }
 
-    fn total_rank(&self) -> i64 {
-        self.modules.iter().map(TriangularModule::rank).sum()
+    /// Every module's rank, with one copy to the host.
+    fn ranks(&self) -> Vec<i64> {
+        let born: Vec<Tensor> = self.modules.iter().map(|m| m.born.view([1, -1])).collect();
+        let counts =
+            Tensor::cat(&born, 0)
+                .ge(0.0)
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+        Vec::<i64>::try_from(&counts).expect("one count per module")
     }
 
     /// `compute_threshold`'s count of growing modules at step `now` of a `total`-step run:
     /// the budget left times the progress `mul` (linear), or the budget left to the power
     /// `mul` (non-linear), at least 1 and at most the modules that can grow.
-    fn growing_count(&self, now: i64, total: u32, growable: usize) -> usize {
+    fn growing_count(&self, now: i64, total: u32, total_rank: i64, growable: usize) -> usize {
         let warmup = f64::from(self.config.init_warmup);
         let mul = (now as f64 - warmup) / (f64::from(total) - warmup);
-        let left = (self.target_total - self.total_rank()) as f64;
+        let left = (self.target_total - total_rank) as f64;
         let n = match self.config.rank_growth_model {
             RankGrowthModel::Linear => (left * mul) as i64,
             RankGrowthModel::Nonlinear => (mul * left.ln()).exp() as i64,
@@ -267,32 +290,46 @@ impl TriAdaptLora {
         (n.max(1) as usize).min(growable)
     }
 
-    /// `increase_to_target_rank`: every module's score, then the modules scoring at least the
-    /// n-th highest among those below their cap grow by `incre_rank_num` ranks, born at the
-    /// next step.
-    fn allocate(&mut self, now: i64, total: u32) {
+    /// `increase_to_target_rank` at the modules' ranks `ranks`: every module's score (the
+    /// change of its normalised norm since the last call, which it records, as
+    /// `compute_score`), then the modules scoring at least the n-th highest among those below
+    /// their cap grow by `incre_rank_num` ranks, born at the next step.
+    fn allocate(&mut self, now: i64, total: u32, ranks: &[i64]) {
         let (r0, add) = (
             i64::from(self.config.init_rank),
             i64::from(self.config.rank_step()),
         );
+        let norms: Vec<Tensor> = self
+            .modules
+            .iter()
+            .zip(ranks)
+            .map(|(m, &rank)| m.normalized_norm(rank, r0, add))
+            .collect();
+        let previous: Vec<&Tensor> = self.modules.iter().map(|m| &m.previous_norm).collect();
+        let norms = Tensor::cat(&norms, 0);
+        let changes = (&norms - Tensor::cat(&previous, 0)).to_kind(Kind::Double);
+        let changes = Vec::<f64>::try_from(&changes).expect("one score per module");
+        for (i, m) in self.modules.iter_mut().enumerate() {
+            m.previous_norm.copy_(&norms.narrow(0, i as i64, 1));
+        }
         let scores: Vec<Option<f64>> = self
             .modules
-            .iter_mut()
-            .map(|m| {
-                let score = m.score(r0, add);
-                (m.rank() + add <= m.capacity).then_some(score)
-            })
+            .iter()
+            .zip(ranks.iter().zip(changes))
+            .map(|(m, (&rank, score))| (rank + add <= m.capacity).then_some(score))
             .collect();
         let mut growable: Vec<f64> = scores.iter().flatten().copied().collect();
-        let n = self.growing_count(now, total, growable.len());
+        let n = self.growing_count(now, total, ranks.iter().sum(), growable.len());
         if n == 0 {
             return;
         }
         growable.sort_by(|x, y| y.total_cmp(x));
         let threshold = growable[n - 1];
-        for (m, score) in self.modules.iter_mut().zip(scores) {
+        let alpha = self.config.alpha;
+        for ((m, score), &rank) in self.modules.iter_mut().zip(scores).zip(ranks) {
             if score.is_some_and(|s| s >= threshold) {
-                let _ = m.born.narrow(0, m.rank(), add).fill_((now + 1) as f64);
+                let _ = m.born.narrow(0, rank, add).fill_((now + 1) as f64);
+                m.layout.update(&m.born, alpha);
             }
         }
     }
@@ -318,12 +355,8 @@ impl AdapterMethod for TriAdaptLora {
             .modules
             .iter()
             .flat_map(|m| {
-                let created = Layout::new(&m.born).created;
-                orthogonality(
-                    &(&m.a * &created),
-                    &(&m.b * created.view([1, -1])),
-                    &created,
-                )
+                let created = &m.layout.created;
+                orthogonality(&(&m.a * created), &(&m.b * created.view([1, -1])), created)
             })
             .collect();
         let count = norms.len() as f64;
@@ -336,8 +369,11 @@ impl AdapterMethod for TriAdaptLora {
         let c = &self.config;
         let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
         tch::no_grad(|| {
-            if allocates && self.total_rank() < self.target_total {
-                self.allocate(now, step.total);
+            if allocates {
+                let ranks = self.ranks();
+                if ranks.iter().sum::<i64>() < self.target_total {
+                    self.allocate(now, step.total, &ranks);
+                }
             }
             let adam = RankAdam {
                 weight_decay: self.training.weight_decay,
@@ -346,7 +382,7 @@ impl AdapterMethod for TriAdaptLora {
             let lr = Tensor::from(step.lr).to_device(device);
             let unborn = Tensor::from(UNBORN as f32).to_device(device);
             for m in &mut self.modules {
-                let layout = Layout::new(&m.born);
+                let layout = &m.layout;
                 // An entry of C is born with the later of its row's and column's ranks.
                 let later = m.born.view([-1, 1]).maximum(&m.born.view([1, -1]));
                 let lower_born = later.where_self(&layout.lower.gt(0.5), &unborn);
@@ -364,7 +400,8 @@ impl AdapterMethod for TriAdaptLora {
         let per_module = self
             .modules
             .iter()
-            .map(|m| (m.module_path.clone(), m.rank() as u32))
+            .zip(self.ranks())
+            .map(|(m, rank)| (m.module_path.clone(), rank as u32))
             .collect();
         Some(RankAllocation {
             per_module,
@@ -376,13 +413,14 @@ impl AdapterMethod for TriAdaptLora {
         let modules = self
             .modules
             .iter()
-            .map(|m| {
-                let layout = Layout::new(&m.born);
+            .zip(self.ranks())
+            .map(|(m, rank)| {
+                let layout = &m.layout;
                 let keep = layout.created.view([-1]).gt(0.5);
                 let folded = layout
                     .core(&m.c_row, &m.c_col)
                     .matmul(&(&m.a * &layout.created));
-                let scale = self.config.alpha / (m.rank() as f64 + 1e-5);
+                let scale = self.config.alpha / (rank as f64 + 1e-5);
                 ExportedFactors {
                     module_path: m.module_path.clone(),
                     a: select(&folded, 0, &keep),
@@ -420,7 +458,7 @@ mod tests {
     }
 
     fn ranks(method: &TriAdaptLora) -> Vec<i64> {
-        method.modules.iter().map(TriangularModule::rank).collect()
+        method.ranks()
     }
 
     /// Trains `steps` steps as the loop does and checks every allocation: at steps above
@@ -457,7 +495,10 @@ mod tests {
             let scores: Vec<f64> = method
                 .modules
                 .iter()
-                .map(|m| (m.normalized_norm(1, 1) - &m.previous_norm).double_value(&[0]))
+                .zip(&was)
+                .map(|(m, &rank)| {
+                    (m.normalized_norm(rank, 1, 1) - &m.previous_norm).double_value(&[0])
+                })
                 .collect();
             method.after_step(StepInfo {
                 index,
@@ -661,9 +702,11 @@ mod tests {
             "target_modules": ["q_proj", "up_proj"]
         }));
         let mut method = TriAdaptLora::attach(&mut model, &c, &training(10), Device::Cpu).unwrap();
+        let alpha = method.config.alpha;
         tch::no_grad(|| {
             let m = &mut method.modules[0];
             let _ = m.born.narrow(0, 2, 2).fill_(3.0);
+            m.layout.update(&m.born, alpha);
             let _ = m.b.normal_(0.0, 0.1);
         });
         let got = method.extra_loss().unwrap().double_value(&[]);
