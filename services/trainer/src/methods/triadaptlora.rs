@@ -558,6 +558,72 @@ mod tests {
         assert!(ranks(&method).iter().any(|&r| r > 1));
     }
 
+    /// The layout against methods.md 5(a) built block by block: after the first block of
+    /// `init_rank` ranks and growths by 3 and then 5 ranks (R_i = 2, 5, 10), `C` is the
+    /// vertical stack of `C_row_i` (add_r x R_i) zero-padded on the right plus the horizontal
+    /// stack of `C_col_i` (R_i x add_r) zero-padded at the bottom, the diagonal blocks taking
+    /// both; ranks past R are absent and the scale is `alpha / (R + 1e-5)`.
+    #[test]
+    fn the_layout_is_the_block_triangular_c_of_the_reference() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(31);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 2, "reference_rank": 8, "incre_rank_num": 3, "target_modules": ["q_proj"]
+        }));
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training(40), Device::Cpu).unwrap();
+        let capacity = method.modules[0].capacity;
+        assert!(capacity >= 12, "capacity {capacity}");
+        tch::no_grad(|| {
+            for m in &mut method.modules {
+                let _ = m.c_row.normal_(0.0, 1.0);
+                let _ = m.c_col.normal_(0.0, 1.0);
+            }
+            // Late in the run every module grows (n = the budget left x 39/40, above 2).
+            for (now, add) in [(38, 3), (39, 5)] {
+                method.config.incre_rank_num = Some(add);
+                let ranks = method.ranks();
+                method.allocate(now, 40, &ranks);
+            }
+        });
+        assert!(
+            method.ranks().iter().all(|&r| r == 10),
+            "{:?}",
+            method.ranks()
+        );
+        let opts = (Kind::Float, Device::Cpu);
+        for m in &method.modules {
+            let (rows, cols) = (
+                Tensor::zeros([capacity, capacity], opts),
+                Tensor::zeros([capacity, capacity], opts),
+            );
+            let mut start = 0;
+            for end in [2, 5, 10] {
+                let add = end - start;
+                // C_row_i: rows start..end, columns 0..R_i; C_col_i: rows 0..R_i, its columns.
+                rows.narrow(0, start, add)
+                    .narrow(1, 0, end)
+                    .copy_(&m.c_row.narrow(0, start, add).narrow(1, 0, end));
+                cols.narrow(0, 0, end)
+                    .narrow(1, start, add)
+                    .copy_(&m.c_col.narrow(0, 0, end).narrow(1, start, add));
+                start = end;
+            }
+            let want = rows + cols;
+            let got = m.layout.core(&m.c_row, &m.c_col);
+            assert_eq!(max_abs_diff(&got, &want), 0.0);
+            let created = Vec::<f32>::try_from(&m.layout.created.view([-1])).unwrap();
+            let want_created: Vec<f32> = (0..capacity).map(|i| f32::from(i < 10)).collect();
+            assert_eq!(created, want_created);
+            let scale = m.layout.scale.double_value(&[0]);
+            assert!((scale - c.alpha / (10.0 + 1e-5)).abs() < 1e-6 * scale);
+            // The births: the first block at 0, each added one at the step after its growth.
+            let born = Vec::<f32>::try_from(&m.born.view([-1]).narrow(0, 0, 11)).unwrap();
+            assert_eq!(born, [0., 0., 39., 39., 39., 40., 40., 40., 40., 40., -1.]);
+        }
+    }
+
     /// A rank added at step s was masked in s's forward pass (gradient 0): as a parameter
     /// group PyTorch's AdamW skips until its first gradient, it is left untouched at s (no
     /// weight decay) and takes AdamW's first step (bias correction from 1) at s + 1.
