@@ -115,7 +115,7 @@ impl MethodConfig {
             // The reference skips its schedule when lambda_step is 0: the threshold would stay
             // at 0 and nothing would ever be pruned, so such a plan is refused instead. (An
             // invalid lambda_num or dense_iters is already reported by `validate`.)
-            let schedulable = c.lambda_num >= 1 && (0.0..1.0).contains(&c.dense_iters);
+            let schedulable = c.lambda_num >= 2 && (0.0..1.0).contains(&c.dense_iters);
             if schedulable && c.lambda_step(training.max_steps) == 0 {
                 errors.push(FieldError::new(
                     "method.lambda_num",
@@ -576,6 +576,7 @@ impl IncreLoraConfig {
                 ),
             ));
         }
+        check_room_to_grow(prefix, "lora_r", self.lora_r, self.rank_step(), cap, errors);
         check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
         for (field, value) in [
             ("incre_interval", self.incre_interval),
@@ -730,6 +731,14 @@ impl TriAdaptLoraConfig {
                 ),
             ));
         }
+        check_room_to_grow(
+            prefix,
+            "init_rank",
+            self.init_rank,
+            self.rank_step(),
+            cap,
+            errors,
+        );
         check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
         if self.incre_interval == 0 {
             errors.push(FieldError::new(
@@ -748,6 +757,31 @@ impl TriAdaptLoraConfig {
             &self.target_modules,
             errors,
         );
+    }
+}
+
+/// A growing method's cap must leave room for one growth (`initial + rank_step`): below that
+/// no module can ever grow. Checked only when the cap and the step are themselves valid
+/// (otherwise they are already reported).
+fn check_room_to_grow(
+    prefix: &str,
+    initial_field: &str,
+    initial: u32,
+    rank_step: u32,
+    cap: u32,
+    errors: &mut Vec<FieldError>,
+) {
+    let field = format!("{prefix}.max_module_rank");
+    let needed = initial.saturating_add(rank_step);
+    let step_valid = (1..=MAX_RANK).contains(&rank_step);
+    if step_valid && cap < needed && !errors.iter().any(|e| e.field == field) {
+        errors.push(FieldError::new(
+            field,
+            format!(
+                "must be at least {initial_field} + incre_rank_num ({initial} + {rank_step} = \
+                 {needed}), or no module can ever grow; got {cap}"
+            ),
+        ));
     }
 }
 
@@ -776,10 +810,11 @@ pub struct CodyraConfig {
     #[serde(default = "default_targets")]
     pub target_modules: Vec<String>,
     /// The largest soft threshold κ of the proximal step on the gates (not scaled by the
-    /// learning rate), reached at the end of the schedule.
+    /// learning rate), reached at the end of the schedule; above 0 (at 0 nothing is pruned).
     #[serde(default = "default_max_kappa")]
     pub max_kappa: f64,
-    /// How many thresholds the schedule has, evenly spaced from 0 to `max_kappa`.
+    /// How many thresholds the schedule has, evenly spaced from 0 to `max_kappa`; at least 2
+    /// (a single one is 0, which prunes nothing).
     #[serde(default = "default_lambda_num")]
     pub lambda_num: u32,
     /// The fraction of `training.max_steps` trained densely (threshold 0, no proximal step).
@@ -836,16 +871,20 @@ impl CodyraConfig {
                 "must be in [0, 1)",
             ));
         }
-        if !(self.max_kappa.is_finite() && self.max_kappa >= 0.0) {
+        if !(self.max_kappa.is_finite() && self.max_kappa > 0.0) {
             errors.push(FieldError::new(
                 format!("{prefix}.max_kappa"),
-                "must be a non-negative number",
+                "must be a positive number (at 0 the threshold stays 0 and nothing is pruned)",
             ));
         }
-        if self.lambda_num == 0 {
+        if self.lambda_num < 2 {
             errors.push(FieldError::new(
                 format!("{prefix}.lambda_num"),
-                "must be at least 1",
+                format!(
+                    "must be at least 2 (linspace(0, max_kappa, 1) is [0]: the threshold would \
+                     stay 0 and nothing be pruned), got {}",
+                    self.lambda_num
+                ),
             ));
         }
         if !(self.dense_iters.is_finite() && (0.0..1.0).contains(&self.dense_iters)) {
@@ -994,7 +1033,17 @@ mod tests {
                 "method.max_kappa",
             ),
             (
+                r#"{"type":"codyra","max_kappa":0}"#,
+                100,
+                "method.max_kappa",
+            ),
+            (
                 r#"{"type":"codyra","lambda_num":0}"#,
+                100,
+                "method.lambda_num",
+            ),
+            (
+                r#"{"type":"codyra","lambda_num":1}"#,
                 100,
                 "method.lambda_num",
             ),
@@ -1049,6 +1098,18 @@ mod tests {
                 5000,
                 "method.max_module_rank",
             ),
+            // lora_r 2 + incre_rank_num 3 = 5 > the cap: no module could ever grow.
+            (
+                r#"{"type":"increlora","target_rank":4,"lora_r":2,"incre_rank_num":3,"max_module_rank":4}"#,
+                5000,
+                "method.max_module_rank",
+            ),
+            // The default incre_rank_num, target_rank / 2 = 2: 4 + 2 > 5.
+            (
+                r#"{"type":"increlora","target_rank":4,"lora_r":4,"max_module_rank":5}"#,
+                5000,
+                "method.max_module_rank",
+            ),
             (
                 r#"{"type":"increlora","incre_interval":0}"#,
                 5000,
@@ -1088,6 +1149,17 @@ mod tests {
                 100,
                 "method.max_module_rank",
             ),
+            // init_rank 8 + the default incre_rank_num 4 = 12 > the cap.
+            (
+                r#"{"type":"triadaptlora","init_rank":8,"max_module_rank":11}"#,
+                100,
+                "method.max_module_rank",
+            ),
+            (
+                r#"{"type":"triadaptlora","init_rank":2,"incre_rank_num":7,"max_module_rank":8}"#,
+                100,
+                "method.max_module_rank",
+            ),
             (
                 r#"{"type":"triadaptlora","target_total_rank":0}"#,
                 100,
@@ -1122,6 +1194,18 @@ mod tests {
         // The same schedules fit a longer run.
         assert!(parse(r#"{"type":"adalora","tinit":60,"tfinal":40}"#, 101).is_ok());
         assert!(parse(r#"{"type":"codyra","lambda_num":51}"#, 102).is_ok());
+        // A cap of exactly one growth above the start.
+        assert!(parse(
+            r#"{"type":"increlora","target_rank":4,"lora_r":2,"incre_rank_num":3,"max_module_rank":5}"#,
+            5000
+        )
+        .is_ok());
+        assert!(parse(
+            r#"{"type":"triadaptlora","init_rank":8,"max_module_rank":12}"#,
+            100
+        )
+        .is_ok());
+        assert!(parse(r#"{"type":"codyra","max_kappa":1e-9,"lambda_num":2}"#, 100).is_ok());
         // Step 100 (the 101st) is above init_warmup 90 and a multiple of 10.
         assert!(parse(
             r#"{"type":"increlora","init_warmup":90,"incre_interval":10}"#,

@@ -23,7 +23,8 @@
 //! `dense_iters = dense_iters · T` is kept unrounded, as the reference compares iterations with
 //! the float; `lambda_step` is the reference's `int((T - dense) // lambda_num)` with Python's
 //! float floor division (`CodyraConfig::lambda_step`). Where that is 0 the reference silently
-//! never raises κ; the spec refuses such a plan (`method.lambda_num`) instead.
+//! never raises κ; the spec refuses such a plan (`method.lambda_num`) instead, and likewise
+//! `lambda_num = 1` (`linspace(0, κ, 1) = [0]`) and `max_kappa = 0`, which never prune.
 //! The schedule position (`threshold_id`) is in the store, so a resumed run continues it.
 //!
 //! Published as the reference merges at the end of a task, `W += B[:, g≠0] diag(g≠0) A[g≠0]`:
@@ -53,14 +54,14 @@ struct ThresholdSchedule {
 }
 
 impl ThresholdSchedule {
+    /// `config.lambda_num` is at least 2 (the spec's check).
     fn new(config: &CodyraConfig, total: u32) -> ThresholdSchedule {
-        let n = config.lambda_num.max(1) as usize;
-        // NumPy: `i * (stop / (n - 1))`, the last value exactly `stop`; `[start]` when n = 1.
+        let n = config.lambda_num as usize;
+        // NumPy: `i * (stop / (n - 1))`, the last value exactly `stop`.
         let lambdas = (0..n)
-            .map(|i| match n {
-                1 => 0.0,
-                _ if i == n - 1 => config.max_kappa,
-                _ => i as f64 * (config.max_kappa / (n - 1) as f64),
+            .map(|i| match i == n - 1 {
+                true => config.max_kappa,
+                false => i as f64 * (config.max_kappa / (n - 1) as f64),
             })
             .collect();
         ThresholdSchedule {

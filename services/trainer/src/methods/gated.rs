@@ -83,15 +83,19 @@ pub fn attach_gated(
 }
 
 /// Per module, the ranks whose gate is not exactly zero; and the fraction of all gates at zero.
+/// The loop asks every step: one count over all gates (every gate is `(1, r)` with the same
+/// `r`) and one copy to the host.
 pub fn gate_allocation(modules: &[GatedModule]) -> RankAllocation {
+    let gates: Vec<&Tensor> = modules.iter().map(|m| &m.gate).collect();
+    let open =
+        Tensor::cat(&gates, 0)
+            .ne(0.0)
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+    let open = Vec::<i64>::try_from(&open).expect("one count per module");
     let per_module: BTreeMap<String, u32> = modules
         .iter()
-        .map(|m| {
-            (
-                m.module_path.clone(),
-                m.gate.ne(0.0).sum(Kind::Int64).int64_value(&[]) as u32,
-            )
-        })
+        .zip(open)
+        .map(|(m, n)| (m.module_path.clone(), n as u32))
         .collect();
     let total_gates: i64 = modules.iter().map(|m| m.gate.numel() as i64).sum();
     let open: u32 = per_module.values().sum();

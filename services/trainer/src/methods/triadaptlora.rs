@@ -9,7 +9,7 @@
 //! times the run's progress (linear) or its power (non-linear).
 //!
 //! Ranks are preallocated per module (shapes never change; checkpoints restore by name and
-//! shape): each rank's creation step (`born`) says which entries exist; a `C_row` entry
+//! shape): each rank's birth (`born`, the step of its first update) says which entries exist; a `C_row` entry
 //! (p, q) exists when rank q is no younger than rank p, a `C_col` entry when rank p is no
 //! younger than q, and an entry is born with the later of its two ranks. The factors are
 //! stepped here by [`RankAdam`]: fresh moments and bias correction per added block, as the
@@ -26,6 +26,11 @@
 //! - The reference has no per-module cap; `max_module_rank` caps each module's rank, further
 //!   lowered to what the schedule can reach in `training.max_steps`. Modules at their cap take
 //!   no part in an allocation: `n` is at most the number that can still grow.
+//! - The progress `mul` uses the run's real length (`StepInfo.total`, shorter than
+//!   `training.max_steps` when `training.epochs` ends the run), the reference's `total_step`.
+//! - Ranks added at step `s` are born at `s + 1`: they were masked in step `s`'s forward pass,
+//!   so their gradient there is 0, and PyTorch's AdamW skips a new group until its first real
+//!   gradient (bias correction from 1 at `s + 1`, no weight decay at `s`).
 //! - `top_k` (unused by the reference's growth) is not a field. The allocation runs before the
 //!   optimizer step, as IncreLoRA's `update_and_increase`, the code it derives from.
 //! - Published as plain LoRA with C folded into A: `A' = C A`, `B' = B · alpha / (rank + 1e-5)`.
@@ -39,10 +44,12 @@ use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::method::{RankGrowthModel, TriAdaptLoraConfig};
 use loraforge_spec::TrainingConfig;
-use tch::nn::VarStore;
+use tch::nn::{Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
-/// Which ranks exist, and which entries of the two triangles, from each rank's birth `(K, 1)`.
+/// Which ranks exist, and which entries of the two triangles, derived from each rank's birth
+/// `(K, 1)`. Kept in the store (non-trainable) so that no forward pass rebuilds it: a growth
+/// re-derives it ([`Layout::update`]) and a checkpoint restores it with the births.
 struct Layout {
     /// `(K, 1)`, 1 for created ranks.
     created: Tensor,
@@ -50,27 +57,55 @@ struct Layout {
     lower: Tensor,
     /// `(K, K)`: `C_col` entry (p, q) exists when p is no younger than q (block upper part).
     upper: Tensor,
+    /// `(1)`: `alpha / (rank + 1e-5)`.
+    scale: Tensor,
 }
 
 impl Layout {
-    fn new(born: &Tensor) -> Layout {
+    fn derive(born: &Tensor, alpha: f64) -> Layout {
         let created = born.ge(0.0);
         let (p, q) = (born.view([-1, 1]), born.view([1, -1]));
         let both = created.view([-1, 1]).logical_and(&created.view([1, -1]));
+        let created = created.to_kind(Kind::Float);
         Layout {
             lower: both.logical_and(&q.le_tensor(&p)).to_kind(Kind::Float),
             upper: both.logical_and(&p.le_tensor(&q)).to_kind(Kind::Float),
-            created: created.to_kind(Kind::Float),
+            scale: ((created.sum(Kind::Float) + 1e-5).reciprocal() * alpha).view([1]),
+            created,
+        }
+    }
+
+    /// The layout of `born`, as variables under `path`.
+    fn add(path: &Path, born: &Tensor, alpha: f64) -> Layout {
+        let derived = Layout::derive(born, alpha);
+        Layout {
+            created: path.add("layout_created", derived.created, false),
+            lower: path.add("layout_lower", derived.lower, false),
+            upper: path.add("layout_upper", derived.upper, false),
+            scale: path.add("layout_scale", derived.scale, false),
+        }
+    }
+
+    /// Re-derives the stored layout after `born` changed.
+    fn update(&mut self, born: &Tensor, alpha: f64) {
+        let derived = Layout::derive(born, alpha);
+        self.created.copy_(&derived.created);
+        self.lower.copy_(&derived.lower);
+        self.upper.copy_(&derived.upper);
+        self.scale.copy_(&derived.scale);
+    }
+
+    fn shallow_clone(&self) -> Layout {
+        Layout {
+            created: self.created.shallow_clone(),
+            lower: self.lower.shallow_clone(),
+            upper: self.upper.shallow_clone(),
+            scale: self.scale.shallow_clone(),
         }
     }
 
     fn core(&self, c_row: &Tensor, c_col: &Tensor) -> Tensor {
         c_row * &self.lower + c_col * &self.upper
-    }
-
-    /// `alpha / (rank + 1e-5)`.
-    fn scale(&self, alpha: f64) -> Tensor {
-        (self.created.sum(Kind::Float) + 1e-5).reciprocal() * alpha
     }
 }
 
@@ -79,20 +114,19 @@ struct TriangularBranch {
     b: Tensor,
     c_row: Tensor,
     c_col: Tensor,
-    born: Tensor,
-    alpha: f64,
+    layout: Layout,
     dropout: f64,
 }
 
 impl LinearAdapter for TriangularBranch {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
-        let layout = Layout::new(&self.born);
+        let layout = &self.layout;
         let delta = x32
             .linear::<Tensor>(&(&self.a * &layout.created), None)
             .linear::<Tensor>(&layout.core(&self.c_row, &self.c_col), None)
             .linear::<Tensor>(&(&self.b * layout.created.view([1, -1])), None)
-            * layout.scale(self.alpha);
+            * &layout.scale;
         delta.to_kind(x.kind())
     }
 }
@@ -105,32 +139,21 @@ struct TriangularModule {
     c_row: Tensor,
     c_col: Tensor,
     moments: [Moments; 4],
-    /// Per rank `(K, 1)`: the step (from 0) it was created at, 0 for the first ones, or UNBORN.
+    /// Per rank `(K, 1)`: the step (from 0) of its first update, 0 for the first ones, the
+    /// step after its allocation for added ones, or UNBORN.
     born: Tensor,
+    layout: Layout,
     /// `||C||_F / blocks` at the previous allocation (`preNormValue`), shape `(1)`.
     previous_norm: Tensor,
     capacity: i64,
 }
 
 impl TriangularModule {
-    fn rank(&self) -> i64 {
-        self.born.ge(0.0).sum(Kind::Int64).int64_value(&[])
-    }
-
-    /// `||C||_F / blocks`, blocks counting the first one and every growth since.
-    fn normalized_norm(&self, initial: i64, add: i64) -> Tensor {
-        let blocks = 1 + (self.rank() - initial) / add;
-        let layout = Layout::new(&self.born);
-        layout.core(&self.c_row, &self.c_col).norm() / blocks as f64
-    }
-
-    /// `compute_score`: the change of the normalised norm since the last call, which it
-    /// records.
-    fn score(&mut self, initial: i64, add: i64) -> f64 {
-        let norm = self.normalized_norm(initial, add);
-        let score = (&norm - &self.previous_norm).double_value(&[0]);
-        self.previous_norm.copy_(&norm.view([1]));
-        score
+    /// `||C||_F / blocks` `(1)` at rank `rank`, blocks counting the first one and every growth
+    /// since.
+    fn normalized_norm(&self, rank: i64, initial: i64, add: i64) -> Tensor {
+        let blocks = 1 + (rank - initial) / add;
+        (self.layout.core(&self.c_row, &self.c_col).norm() / blocks as f64).view([1])
     }
 }
 
@@ -158,6 +181,33 @@ impl TriAdaptLora {
         let births: Vec<f32> = (0..capacity)
             .map(|i| if i < r0 { 0.0 } else { UNBORN as f32 })
             .collect();
+        let count = model.linears_mut(&config.target_modules).count() as i64;
+        if count == 0 {
+            return Err(user_error(format!(
+                "the model has none of the target modules {:?}",
+                config.target_modules
+            )));
+        }
+        let target_total = config
+            .target_total_rank
+            .map(i64::from)
+            .unwrap_or(i64::from(config.reference_rank) * count);
+        // Growth needs `total_rank < target_total`: a budget already met at the start would
+        // train a fixed init_rank LoRA under this method's name.
+        if target_total <= r0 * count {
+            let budget = match config.target_total_rank {
+                Some(_) => format!("method.target_total_rank ({target_total})"),
+                None => format!(
+                    "method.reference_rank x modules ({} x {count} = {target_total})",
+                    config.reference_rank
+                ),
+            };
+            return Err(user_error(format!(
+                "the rank budget {budget} must exceed init_rank x modules ({r0} x {count} = {}), \
+                 the rank at the start: otherwise no rank is ever added",
+                r0 * count
+            )));
+        }
         let mut modules = Vec::new();
         for (path_name, linear) in model.linears_mut(&config.target_modules) {
             let (inp, out) = (linear.in_features(), linear.out_features());
@@ -182,8 +232,8 @@ impl TriAdaptLora {
                     .to_device(device),
                 false,
             );
+            let layout = Layout::add(&path, &born, config.alpha);
             // `reset_lora_parameters` records the first norm.
-            let layout = Layout::new(&born);
             let norm = layout.core(&c_row, &c_col).norm().detach().view([1]);
             let previous_norm = path.add("previous_norm", norm, false);
             linear.attach(Box::new(TriangularBranch {
@@ -191,8 +241,7 @@ impl TriAdaptLora {
                 b: b.shallow_clone(),
                 c_row: c_row.shallow_clone(),
                 c_col: c_col.shallow_clone(),
-                born: born.shallow_clone(),
-                alpha: config.alpha,
+                layout: layout.shallow_clone(),
                 dropout: config.dropout,
             }));
             modules.push(TriangularModule {
@@ -203,20 +252,11 @@ impl TriAdaptLora {
                 c_col,
                 moments,
                 born,
+                layout,
                 previous_norm,
                 capacity,
             });
         }
-        if modules.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
-        }
-        let target_total = config
-            .target_total_rank
-            .map(i64::from)
-            .unwrap_or(i64::from(config.reference_rank) * modules.len() as i64);
         Ok(TriAdaptLora {
             config: config.clone(),
             training: training.clone(),
@@ -226,17 +266,23 @@ impl TriAdaptLora {
         })
     }
 
-    fn total_rank(&self) -> i64 {
-        self.modules.iter().map(TriangularModule::rank).sum()
+    /// Every module's rank, with one copy to the host.
+    fn ranks(&self) -> Vec<i64> {
+        let born: Vec<Tensor> = self.modules.iter().map(|m| m.born.view([1, -1])).collect();
+        let counts =
+            Tensor::cat(&born, 0)
+                .ge(0.0)
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+        Vec::<i64>::try_from(&counts).expect("one count per module")
     }
 
-    /// `compute_threshold`'s count of growing modules at step `now`: the budget left times
-    /// the progress `mul` (linear), or the budget left to the power `mul` (non-linear), at
-    /// least 1 and at most the modules that can grow.
-    fn growing_count(&self, now: i64, growable: usize) -> usize {
+    /// `compute_threshold`'s count of growing modules at step `now` of a `total`-step run:
+    /// the budget left times the progress `mul` (linear), or the budget left to the power
+    /// `mul` (non-linear), at least 1 and at most the modules that can grow.
+    fn growing_count(&self, now: i64, total: u32, total_rank: i64, growable: usize) -> usize {
         let warmup = f64::from(self.config.init_warmup);
-        let mul = (now as f64 - warmup) / (f64::from(self.training.max_steps) - warmup);
-        let left = (self.target_total - self.total_rank()) as f64;
+        let mul = (now as f64 - warmup) / (f64::from(total) - warmup);
+        let left = (self.target_total - total_rank) as f64;
         let n = match self.config.rank_growth_model {
             RankGrowthModel::Linear => (left * mul) as i64,
             RankGrowthModel::Nonlinear => (mul * left.ln()).exp() as i64,
@@ -244,31 +290,46 @@ impl TriAdaptLora {
         (n.max(1) as usize).min(growable)
     }
 
-    /// `increase_to_target_rank`: every module's score, then the modules scoring at least the
-    /// n-th highest among those below their cap grow by `incre_rank_num` ranks.
-    fn allocate(&mut self, now: i64) {
+    /// `increase_to_target_rank` at the modules' ranks `ranks`: every module's score (the
+    /// change of its normalised norm since the last call, which it records, as
+    /// `compute_score`), then the modules scoring at least the n-th highest among those below
+    /// their cap grow by `incre_rank_num` ranks, born at the next step.
+    fn allocate(&mut self, now: i64, total: u32, ranks: &[i64]) {
         let (r0, add) = (
             i64::from(self.config.init_rank),
             i64::from(self.config.rank_step()),
         );
+        let norms: Vec<Tensor> = self
+            .modules
+            .iter()
+            .zip(ranks)
+            .map(|(m, &rank)| m.normalized_norm(rank, r0, add))
+            .collect();
+        let previous: Vec<&Tensor> = self.modules.iter().map(|m| &m.previous_norm).collect();
+        let norms = Tensor::cat(&norms, 0);
+        let changes = (&norms - Tensor::cat(&previous, 0)).to_kind(Kind::Double);
+        let changes = Vec::<f64>::try_from(&changes).expect("one score per module");
+        for (i, m) in self.modules.iter_mut().enumerate() {
+            m.previous_norm.copy_(&norms.narrow(0, i as i64, 1));
+        }
         let scores: Vec<Option<f64>> = self
             .modules
-            .iter_mut()
-            .map(|m| {
-                let score = m.score(r0, add);
-                (m.rank() + add <= m.capacity).then_some(score)
-            })
+            .iter()
+            .zip(ranks.iter().zip(changes))
+            .map(|(m, (&rank, score))| (rank + add <= m.capacity).then_some(score))
             .collect();
         let mut growable: Vec<f64> = scores.iter().flatten().copied().collect();
-        let n = self.growing_count(now, growable.len());
+        let n = self.growing_count(now, total, ranks.iter().sum(), growable.len());
         if n == 0 {
             return;
         }
         growable.sort_by(|x, y| y.total_cmp(x));
         let threshold = growable[n - 1];
-        for (m, score) in self.modules.iter_mut().zip(scores) {
+        let alpha = self.config.alpha;
+        for ((m, score), &rank) in self.modules.iter_mut().zip(scores).zip(ranks) {
             if score.is_some_and(|s| s >= threshold) {
-                let _ = m.born.narrow(0, m.rank(), add).fill_(now as f64);
+                let _ = m.born.narrow(0, rank, add).fill_((now + 1) as f64);
+                m.layout.update(&m.born, alpha);
             }
         }
     }
@@ -294,12 +355,8 @@ impl AdapterMethod for TriAdaptLora {
             .modules
             .iter()
             .flat_map(|m| {
-                let created = Layout::new(&m.born).created;
-                orthogonality(
-                    &(&m.a * &created),
-                    &(&m.b * created.view([1, -1])),
-                    &created,
-                )
+                let created = &m.layout.created;
+                orthogonality(&(&m.a * created), &(&m.b * created.view([1, -1])), created)
             })
             .collect();
         let count = norms.len() as f64;
@@ -312,18 +369,22 @@ impl AdapterMethod for TriAdaptLora {
         let c = &self.config;
         let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
         tch::no_grad(|| {
-            if allocates && self.total_rank() < self.target_total {
-                self.allocate(now);
+            if allocates {
+                let ranks = self.ranks();
+                if ranks.iter().sum::<i64>() < self.target_total {
+                    self.allocate(now, step.total, &ranks);
+                }
             }
             let adam = RankAdam {
                 weight_decay: self.training.weight_decay,
             };
-            let lr = Tensor::from(step.lr);
+            let device = self.store.device();
+            let lr = Tensor::from(step.lr).to_device(device);
+            let unborn = Tensor::from(UNBORN as f32).to_device(device);
             for m in &mut self.modules {
-                let layout = Layout::new(&m.born);
+                let layout = &m.layout;
                 // An entry of C is born with the later of its row's and column's ranks.
                 let later = m.born.view([-1, 1]).maximum(&m.born.view([1, -1]));
-                let unborn = Tensor::from(UNBORN as f32);
                 let lower_born = later.where_self(&layout.lower.gt(0.5), &unborn);
                 let upper_born = later.where_self(&layout.upper.gt(0.5), &unborn);
                 let [ma, mb, mrow, mcol] = &mut m.moments;
@@ -339,7 +400,8 @@ impl AdapterMethod for TriAdaptLora {
         let per_module = self
             .modules
             .iter()
-            .map(|m| (m.module_path.clone(), m.rank() as u32))
+            .zip(self.ranks())
+            .map(|(m, rank)| (m.module_path.clone(), rank as u32))
             .collect();
         Some(RankAllocation {
             per_module,
@@ -351,13 +413,14 @@ impl AdapterMethod for TriAdaptLora {
         let modules = self
             .modules
             .iter()
-            .map(|m| {
-                let layout = Layout::new(&m.born);
+            .zip(self.ranks())
+            .map(|(m, rank)| {
+                let layout = &m.layout;
                 let keep = layout.created.view([-1]).gt(0.5);
                 let folded = layout
                     .core(&m.c_row, &m.c_col)
                     .matmul(&(&m.a * &layout.created));
-                let scale = self.config.alpha / (m.rank() as f64 + 1e-5);
+                let scale = self.config.alpha / (rank as f64 + 1e-5);
                 ExportedFactors {
                     module_path: m.module_path.clone(),
                     a: select(&folded, 0, &keep),
@@ -395,13 +458,14 @@ mod tests {
     }
 
     fn ranks(method: &TriAdaptLora) -> Vec<i64> {
-        method.modules.iter().map(TriangularModule::rank).collect()
+        method.ranks()
     }
 
     /// Trains `steps` steps as the loop does and checks every allocation: at steps above
     /// init_warmup that incre_interval divides, the `n` modules with the largest change of
     /// `||C||_F / blocks` grow by incre_rank_num, n from the budget left and the progress
-    /// (`expected_n(left, mul)`). Returns the trained model and method.
+    /// (`expected_n(left, mul)`), the progress from the run's length (12 steps, cut short of
+    /// `training.max_steps` = 40 as an `epochs` limit does). Returns the trained model and method.
     fn grow_and_check(
         growth: &str,
         expected_n: impl Fn(f64, f64) -> i64,
@@ -414,8 +478,7 @@ mod tests {
             "target_modules": ["q_proj", "v_proj"]
         }));
         let total = 12;
-        let mut method =
-            TriAdaptLora::attach(&mut model, &c, &training(total), Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training(40), Device::Cpu).unwrap();
         let modules = method.modules.len();
         assert!(modules >= 4, "the fixture has {modules} modules");
         let target = 4 * modules as i64;
@@ -432,7 +495,10 @@ mod tests {
             let scores: Vec<f64> = method
                 .modules
                 .iter()
-                .map(|m| (m.normalized_norm(1, 1) - &m.previous_norm).double_value(&[0]))
+                .zip(&was)
+                .map(|(m, &rank)| {
+                    (m.normalized_norm(rank, 1, 1) - &m.previous_norm).double_value(&[0])
+                })
                 .collect();
             method.after_step(StepInfo {
                 index,
@@ -492,6 +558,169 @@ mod tests {
         assert!(ranks(&method).iter().any(|&r| r > 1));
     }
 
+    /// The layout against methods.md 5(a) built block by block: after the first block of
+    /// `init_rank` ranks and growths by 3 and then 5 ranks (R_i = 2, 5, 10), `C` is the
+    /// vertical stack of `C_row_i` (add_r x R_i) zero-padded on the right plus the horizontal
+    /// stack of `C_col_i` (R_i x add_r) zero-padded at the bottom, the diagonal blocks taking
+    /// both; ranks past R are absent and the scale is `alpha / (R + 1e-5)`.
+    #[test]
+    fn the_layout_is_the_block_triangular_c_of_the_reference() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(31);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 2, "reference_rank": 8, "incre_rank_num": 3, "target_modules": ["q_proj"]
+        }));
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training(40), Device::Cpu).unwrap();
+        let capacity = method.modules[0].capacity;
+        assert!(capacity >= 12, "capacity {capacity}");
+        tch::no_grad(|| {
+            for m in &mut method.modules {
+                let _ = m.c_row.normal_(0.0, 1.0);
+                let _ = m.c_col.normal_(0.0, 1.0);
+            }
+            // Late in the run every module grows (n = the budget left x 39/40, above 2).
+            for (now, add) in [(38, 3), (39, 5)] {
+                method.config.incre_rank_num = Some(add);
+                let ranks = method.ranks();
+                method.allocate(now, 40, &ranks);
+            }
+        });
+        assert!(
+            method.ranks().iter().all(|&r| r == 10),
+            "{:?}",
+            method.ranks()
+        );
+        let opts = (Kind::Float, Device::Cpu);
+        for m in &method.modules {
+            let (rows, cols) = (
+                Tensor::zeros([capacity, capacity], opts),
+                Tensor::zeros([capacity, capacity], opts),
+            );
+            let mut start = 0;
+            for end in [2, 5, 10] {
+                let add = end - start;
+                // C_row_i: rows start..end, columns 0..R_i; C_col_i: rows 0..R_i, its columns.
+                rows.narrow(0, start, add)
+                    .narrow(1, 0, end)
+                    .copy_(&m.c_row.narrow(0, start, add).narrow(1, 0, end));
+                cols.narrow(0, 0, end)
+                    .narrow(1, start, add)
+                    .copy_(&m.c_col.narrow(0, 0, end).narrow(1, start, add));
+                start = end;
+            }
+            let want = rows + cols;
+            let got = m.layout.core(&m.c_row, &m.c_col);
+            assert_eq!(max_abs_diff(&got, &want), 0.0);
+            let created = Vec::<f32>::try_from(&m.layout.created.view([-1])).unwrap();
+            let want_created: Vec<f32> = (0..capacity).map(|i| f32::from(i < 10)).collect();
+            assert_eq!(created, want_created);
+            let scale = m.layout.scale.double_value(&[0]);
+            assert!((scale - c.alpha / (10.0 + 1e-5)).abs() < 1e-6 * scale);
+            // The births: the first block at 0, each added one at the step after its growth.
+            let born = Vec::<f32>::try_from(&m.born.view([-1]).narrow(0, 0, 11)).unwrap();
+            assert_eq!(born, [0., 0., 39., 39., 39., 40., 40., 40., 40., 40., -1.]);
+        }
+    }
+
+    /// A rank added at step s was masked in s's forward pass (gradient 0): as a parameter
+    /// group PyTorch's AdamW skips until its first gradient, it is left untouched at s (no
+    /// weight decay) and takes AdamW's first step (bias correction from 1) at s + 1.
+    #[test]
+    fn added_ranks_take_their_first_adam_step_at_their_first_gradient() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(29);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 1, "reference_rank": 4, "incre_rank_num": 1, "init_warmup": 0,
+            "incre_interval": 1, "orth_reg_weight": 0.0, "target_modules": ["q_proj"]
+        }));
+        let (lr, wd) = (0.01, 0.1);
+        let training: TrainingConfig = serde_json::from_value(serde_json::json!({
+            "max_steps": 6, "learning_rate": lr, "weight_decay": wd
+        }))
+        .unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &training, Device::Cpu).unwrap();
+        let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+        // Every module's second rank: its row of A and that row's gradient.
+        let rows = |method: &TriAdaptLora| -> Vec<(Tensor, Tensor)> {
+            let rows = method.modules.iter();
+            rows.map(|m| (m.a.get(1).copy(), m.a.grad().get(1).copy()))
+                .collect()
+        };
+        let mut grown = None;
+        for index in 1..=3 {
+            crate::optimizer::zero_grads(&method.store.trainable_variables());
+            model
+                .forward(&ids, true)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+            let before = rows(&method);
+            method.after_step(StepInfo {
+                index,
+                total: 6,
+                lr,
+            });
+            let after = rows(&method);
+            match index {
+                1 => assert!(ranks(&method).iter().all(|&r| r == 1)),
+                // Step 1 (from 0) adds a module's rank 1: masked, so no gradient, and left as
+                // it is.
+                2 => {
+                    let m = ranks(&method).iter().position(|&r| r == 2).unwrap();
+                    let ((row, grad), (row_after, _)) = (&before[m], &after[m]);
+                    assert_eq!(grad.abs().max().double_value(&[]), 0.0);
+                    assert!(max_abs_diff(row_after, row) == 0.0);
+                    grown = Some(m);
+                }
+                // Its first real gradient: AdamW's first step, `-lr g / (|g| + eps)`.
+                _ => {
+                    let m = grown.unwrap();
+                    let ((row, grad), (row_after, _)) = (&before[m], &after[m]);
+                    assert!(grad.abs().max().double_value(&[]) > 1e-6);
+                    let want = row * (1.0 - lr * wd) - grad / (grad.abs() + 1e-8) * lr;
+                    let diff = max_abs_diff(row_after, &want);
+                    assert!(diff < 1e-6, "{diff}");
+                }
+            }
+        }
+    }
+
+    /// A budget the first ranks already meet is the user's error, naming the field.
+    #[test]
+    fn a_budget_met_at_the_start_is_refused() {
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let modules = model.linears_mut(&["q_proj"]).count() as u32;
+        for (json, field) in [
+            (
+                serde_json::json!({"init_rank": 2, "target_total_rank": 2 * modules,
+                                   "target_modules": ["q_proj"]}),
+                "method.target_total_rank",
+            ),
+            (
+                serde_json::json!({"init_rank": 3, "reference_rank": 3,
+                                   "target_modules": ["q_proj"]}),
+                "method.reference_rank",
+            ),
+        ] {
+            let err = TriAdaptLora::attach(&mut model, &config(json), &training(10), Device::Cpu)
+                .err()
+                .unwrap();
+            assert!(crate::error::classify(&err).is_some_and(|f| matches!(
+                f,
+                crate::error::Failure::User(m) if m.contains(field)
+            )));
+        }
+        let one_more = config(serde_json::json!({
+            "init_rank": 2, "target_total_rank": 2 * modules + 1, "target_modules": ["q_proj"]
+        }));
+        assert!(TriAdaptLora::attach(&mut model, &one_more, &training(10), Device::Cpu).is_ok());
+    }
+
     /// The stored reference initialises B = 0 and C = 0 together, which leaves every gradient
     /// zero; with C random, one step moves B and C and the output.
     #[test]
@@ -539,9 +768,11 @@ mod tests {
             "target_modules": ["q_proj", "up_proj"]
         }));
         let mut method = TriAdaptLora::attach(&mut model, &c, &training(10), Device::Cpu).unwrap();
+        let alpha = method.config.alpha;
         tch::no_grad(|| {
             let m = &mut method.modules[0];
             let _ = m.born.narrow(0, 2, 2).fill_(3.0);
+            m.layout.update(&m.born, alpha);
             let _ = m.b.normal_(0.0, 0.1);
         });
         let got = method.extra_loss().unwrap().double_value(&[]);
