@@ -537,46 +537,17 @@ impl IncreLoraConfig {
     }
 
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
-        if self.target_rank == 0 || self.target_rank > MAX_RANK {
-            errors.push(FieldError::new(
-                format!("{prefix}.target_rank"),
-                format!("must be between 1 and {MAX_RANK}, got {}", self.target_rank),
-            ));
+        GrowthRanks {
+            target_field: "target_rank",
+            target: self.target_rank,
+            initial_field: "lora_r",
+            initial: self.lora_r,
+            target_total_rank: self.target_total_rank,
+            incre_rank_num: self.incre_rank_num,
+            rank_step: self.rank_step(),
+            cap: self.module_rank_cap(),
         }
-        if self.target_total_rank == Some(0) {
-            errors.push(FieldError::new(
-                format!("{prefix}.target_total_rank"),
-                "must be at least 1",
-            ));
-        }
-        if self.lora_r == 0 || self.lora_r > self.target_rank {
-            errors.push(FieldError::new(
-                format!("{prefix}.lora_r"),
-                format!(
-                    "must be between 1 and target_rank ({}), got {}",
-                    self.target_rank, self.lora_r
-                ),
-            ));
-        }
-        if let Some(n) = self.incre_rank_num {
-            if n == 0 || n > MAX_RANK {
-                errors.push(FieldError::new(
-                    format!("{prefix}.incre_rank_num"),
-                    format!("must be between 1 and {MAX_RANK}, got {n}"),
-                ));
-            }
-        }
-        let cap = self.module_rank_cap();
-        if cap < self.target_rank || cap > MAX_RANK {
-            errors.push(FieldError::new(
-                format!("{prefix}.max_module_rank"),
-                format!(
-                    "must be between target_rank ({}) and {MAX_RANK}, got {cap}",
-                    self.target_rank
-                ),
-            ));
-        }
-        check_room_to_grow(prefix, "lora_r", self.lora_r, self.rank_step(), cap, errors);
+        .check(prefix, errors);
         check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
         for (field, value) in [
             ("incre_interval", self.incre_interval),
@@ -689,56 +660,17 @@ impl TriAdaptLoraConfig {
     }
 
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
-        if self.reference_rank == 0 || self.reference_rank > MAX_RANK {
-            errors.push(FieldError::new(
-                format!("{prefix}.reference_rank"),
-                format!(
-                    "must be between 1 and {MAX_RANK}, got {}",
-                    self.reference_rank
-                ),
-            ));
+        GrowthRanks {
+            target_field: "reference_rank",
+            target: self.reference_rank,
+            initial_field: "init_rank",
+            initial: self.init_rank,
+            target_total_rank: self.target_total_rank,
+            incre_rank_num: self.incre_rank_num,
+            rank_step: self.rank_step(),
+            cap: self.module_rank_cap(),
         }
-        if self.target_total_rank == Some(0) {
-            errors.push(FieldError::new(
-                format!("{prefix}.target_total_rank"),
-                "must be at least 1",
-            ));
-        }
-        if self.init_rank == 0 || self.init_rank > self.reference_rank {
-            errors.push(FieldError::new(
-                format!("{prefix}.init_rank"),
-                format!(
-                    "must be between 1 and reference_rank ({}), got {}",
-                    self.reference_rank, self.init_rank
-                ),
-            ));
-        }
-        if let Some(n) = self.incre_rank_num {
-            if n == 0 || n > MAX_RANK {
-                errors.push(FieldError::new(
-                    format!("{prefix}.incre_rank_num"),
-                    format!("must be between 1 and {MAX_RANK}, got {n}"),
-                ));
-            }
-        }
-        let cap = self.module_rank_cap();
-        if cap < self.reference_rank || cap > MAX_RANK {
-            errors.push(FieldError::new(
-                format!("{prefix}.max_module_rank"),
-                format!(
-                    "must be between reference_rank ({}) and {MAX_RANK}, got {cap}",
-                    self.reference_rank
-                ),
-            ));
-        }
-        check_room_to_grow(
-            prefix,
-            "init_rank",
-            self.init_rank,
-            self.rank_step(),
-            cap,
-            errors,
-        );
+        .check(prefix, errors);
         check_alpha_dropout(prefix, self.alpha, self.dropout, errors);
         if self.incre_interval == 0 {
             errors.push(FieldError::new(
@@ -760,28 +692,67 @@ impl TriAdaptLoraConfig {
     }
 }
 
-/// A growing method's cap must leave room for one growth (`initial + rank_step`): below that
-/// no module can ever grow. Checked only when the cap and the step are themselves valid
-/// (otherwise they are already reported).
-fn check_room_to_grow(
-    prefix: &str,
-    initial_field: &str,
+/// The rank fields IncreLoRA and TriAdaptLoRA share: a target rank per module, the rank every
+/// module starts at, an optional total budget, the ranks added per growth and the per-module cap.
+struct GrowthRanks {
+    target_field: &'static str,
+    target: u32,
+    initial_field: &'static str,
     initial: u32,
+    target_total_rank: Option<u32>,
+    incre_rank_num: Option<u32>,
     rank_step: u32,
     cap: u32,
-    errors: &mut Vec<FieldError>,
-) {
-    let field = format!("{prefix}.max_module_rank");
-    let needed = initial.saturating_add(rank_step);
-    let step_valid = (1..=MAX_RANK).contains(&rank_step);
-    if step_valid && cap < needed && !errors.iter().any(|e| e.field == field) {
-        errors.push(FieldError::new(
-            field,
-            format!(
-                "must be at least {initial_field} + incre_rank_num ({initial} + {rank_step} = \
-                 {needed}), or no module can ever grow; got {cap}"
-            ),
-        ));
+}
+
+impl GrowthRanks {
+    fn check(&self, prefix: &str, errors: &mut Vec<FieldError>) {
+        let (target_field, target) = (self.target_field, self.target);
+        if target == 0 || target > MAX_RANK {
+            errors.push(FieldError::new(
+                format!("{prefix}.{target_field}"),
+                format!("must be between 1 and {MAX_RANK}, got {target}"),
+            ));
+        }
+        if self.target_total_rank == Some(0) {
+            errors.push(FieldError::new(
+                format!("{prefix}.target_total_rank"),
+                "must be at least 1",
+            ));
+        }
+        let (initial_field, initial) = (self.initial_field, self.initial);
+        if initial == 0 || initial > target {
+            errors.push(FieldError::new(
+                format!("{prefix}.{initial_field}"),
+                format!("must be between 1 and {target_field} ({target}), got {initial}"),
+            ));
+        }
+        if let Some(n) = self.incre_rank_num {
+            if n == 0 || n > MAX_RANK {
+                errors.push(FieldError::new(
+                    format!("{prefix}.incre_rank_num"),
+                    format!("must be between 1 and {MAX_RANK}, got {n}"),
+                ));
+            }
+        }
+        let (cap, step) = (self.cap, self.rank_step);
+        let field = format!("{prefix}.max_module_rank");
+        if cap < target || cap > MAX_RANK {
+            errors.push(FieldError::new(
+                field,
+                format!("must be between {target_field} ({target}) and {MAX_RANK}, got {cap}"),
+            ));
+        } else if (1..=MAX_RANK).contains(&step) && cap < initial.saturating_add(step) {
+            // Below one growth's room no module can ever grow.
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "must be at least {initial_field} + incre_rank_num ({initial} + {step} = {}), \
+                     or no module can ever grow; got {cap}",
+                    initial.saturating_add(step)
+                ),
+            ));
+        }
     }
 }
 
