@@ -1,10 +1,10 @@
 //! The adaptive-rank methods end to end: AdaLoRA against PEFT's AdaLoRA on the same initial
 //! triplets and batches; every method's published adapter loaded by PEFT and giving
-//! loraforge's logits.
+//! loraforge's logits; the rank allocation over time served as job events.
 
 mod common;
 
-use common::{python, run_ok, trainer_bin, Fixture};
+use common::{python, run_ok, trainer_bin, Fixture, TestApp};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -246,4 +246,60 @@ fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
         .zip(b.iter().flatten())
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
+}
+
+/// A job of a growing method, through the control plane: its `ranks` events, as a user (or a
+/// web page) reads them from the event log, show the total climbing from the initial ranks to
+/// the budget, with every module's rank by full path, and the published version has them.
+#[tokio::test]
+async fn rank_allocation_over_time_is_in_the_job_events() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let fixture = Fixture::create()?;
+    let mut body = fixture.job("growing");
+    body["method"] = json!({"type": "increlora", "target_rank": 2, "lora_r": 1, "init_warmup": 2,
+                            "incre_interval": 2, "top_h": 2, "incre_rank_num": 1,
+                            "target_modules": ["q_proj", "v_proj"]});
+    body["training"]["max_steps"] = json!(16);
+    let done = app.run_job(&body).await?;
+    let events = app.all_events(done["id"].as_str().unwrap()).await?;
+    let ranks: Vec<&Value> = events.iter().filter(|e| e["kind"] == "ranks").collect();
+    assert!(ranks.len() >= 3, "{ranks:?}");
+    // Two layers x (q_proj, v_proj) at rank 1, growing to the budget of 2 per module.
+    let totals: Vec<u64> = ranks.iter().map(|e| e["total"].as_u64().unwrap()).collect();
+    assert_eq!((totals[0], *totals.last().unwrap()), (4, 8), "{totals:?}");
+    assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
+    let steps: Vec<u64> = ranks.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    for event in &ranks {
+        assert_eq!(event["budget"], 8, "{event}");
+        let per_module = event["per_module"].as_object().unwrap();
+        assert_eq!(per_module.len(), 4, "{event}");
+        assert!(per_module.keys().all(|k| k.starts_with("model.layers.")
+            && (k.ends_with(".self_attn.q_proj") || k.ends_with(".self_attn.v_proj"))));
+        let sum: u64 = per_module.values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(Some(sum), event["total"].as_u64(), "{event}");
+    }
+    let last = ranks.last().unwrap()["per_module"].clone();
+    let version = done["adapter_version"]["version"].as_i64().unwrap();
+    let (code, config) = app
+        .get_json(&format!(
+            "/v1/adapters/growing/versions/{version}/files/adapter_config.json"
+        ))
+        .await?;
+    assert_eq!(code, 200, "{config}");
+    let published: std::collections::BTreeMap<String, u64> = config["rank_pattern"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    let reported: std::collections::BTreeMap<String, u64> = last
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    assert_eq!(published, reported);
+    app.stop().await
 }

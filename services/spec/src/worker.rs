@@ -72,11 +72,16 @@ pub enum EventPayload {
     /// A free-form line from the worker (loading, device, data stats).
     Log { message: String },
     /// An adaptive-rank method's allocation after `step` (sent when it changes): the total
-    /// rank, each adapted module's rank (full module path; a pruned module has 0), and for
-    /// gated methods the fraction of gates at exactly zero.
+    /// rank, the budget the method steers the total toward, each adapted module's rank (full
+    /// module path; a pruned module has 0), and for gated methods the fraction of gates at
+    /// exactly zero.
     Ranks {
         step: u32,
         total: u32,
+        /// AdaLoRA's scheduled budget at this step, IncreLoRA's and TriAdaptLoRA's final one;
+        /// `null` for the gated methods, whose threshold alone decides.
+        #[serde(default)]
+        budget: Option<u32>,
         per_module: std::collections::BTreeMap<String, u32>,
         sparsity: Option<f64>,
     },

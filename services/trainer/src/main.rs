@@ -336,10 +336,18 @@ impl Reporter for LogReporter {
             EventPayload::Ranks {
                 step,
                 total,
+                budget,
                 per_module,
                 sparsity,
             } => {
-                tracing::info!(step, total, ?per_module, ?sparsity, "rank allocation")
+                tracing::info!(
+                    step,
+                    total,
+                    ?budget,
+                    ?per_module,
+                    ?sparsity,
+                    "rank allocation"
+                )
             }
             EventPayload::Status { status, .. } => tracing::info!(%status, "status"),
         }

@@ -39,6 +39,8 @@ pub struct StepInfo {
 pub struct RankAllocation {
     /// Every adapted module by full path, 0 where pruned.
     pub per_module: BTreeMap<String, u32>,
+    /// The total rank the method is steering toward now, where it has one.
+    pub budget: Option<u32>,
     /// The fraction of gates at exactly zero, for gated methods.
     pub sparsity: Option<f64>,
 }
@@ -48,6 +50,7 @@ impl RankAllocation {
         EventPayload::Ranks {
             step,
             total: self.per_module.values().sum(),
+            budget: self.budget,
             per_module: self.per_module.clone(),
             sparsity: self.sparsity,
         }

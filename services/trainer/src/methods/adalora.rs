@@ -112,6 +112,8 @@ pub struct AdaLora {
     total_step: u32,
     store: VarStore,
     modules: Vec<Triplets>,
+    /// The budget of the last step (derived from the step, so a resumed run recomputes it).
+    scheduled_budget: i64,
 }
 
 impl AdaLora {
@@ -169,11 +171,13 @@ impl AdaLora {
                 config.target_modules
             )));
         }
+        let scheduled_budget = i64::from(config.init_r) * modules.len() as i64;
         Ok(AdaLora {
             config: config.clone(),
             total_step,
             store,
             modules,
+            scheduled_budget,
         })
     }
 
@@ -253,6 +257,7 @@ impl AdapterMethod for AdaLora {
         let global = i64::from(step.index) - 1;
         let freeze_at = i64::from(self.total_step) - i64::from(self.config.tfinal);
         let (beta1, beta2) = (self.config.beta1, self.config.beta2);
+        self.scheduled_budget = self.budget(global.min(freeze_at)).0;
         tch::no_grad(|| {
             if global < freeze_at {
                 for m in &mut self.modules {
@@ -280,19 +285,20 @@ impl AdapterMethod for AdaLora {
         });
     }
 
+    /// The loop asks every step: every module's kept count in one copy to the host.
     fn rank_allocation(&self) -> Option<RankAllocation> {
+        let keeps: Vec<&Tensor> = self.modules.iter().map(|m| &m.keep).collect();
+        let kept = Tensor::cat(&keeps, 1).sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        let kept = Vec::<f32>::try_from(&kept).expect("one count per module");
         let per_module = self
             .modules
             .iter()
-            .map(|m| {
-                (
-                    m.module_path.clone(),
-                    m.keep.sum(Kind::Float).double_value(&[]) as u32,
-                )
-            })
+            .zip(kept)
+            .map(|(m, n)| (m.module_path.clone(), n as u32))
             .collect();
         Some(RankAllocation {
             per_module,
+            budget: Some(self.scheduled_budget as u32),
             sparsity: None,
         })
     }
@@ -408,17 +414,19 @@ mod tests {
         use crate::train::{train, Reporter, TrainingInputs};
         use loraforge_spec::worker::EventPayload;
 
-        struct Ranks(Vec<(u32, u32, usize)>);
+        struct Ranks(Vec<(u32, u32, usize)>, Vec<Option<u32>>);
         impl Reporter for Ranks {
             fn report(&mut self, event: EventPayload) {
                 if let EventPayload::Ranks {
                     step,
                     total,
+                    budget,
                     per_module,
                     ..
                 } = event
                 {
                     self.0.push((step, total, per_module.len()));
+                    self.1.push(budget);
                 }
             }
         }
@@ -445,7 +453,7 @@ mod tests {
             parent: None,
             resume: None,
         };
-        let mut ranks = Ranks(Vec::new());
+        let mut ranks = Ranks(Vec::new(), Vec::new());
         let outcome = train(
             &spec,
             inputs,
@@ -455,14 +463,31 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let reported = ranks.0;
+        let (reported, budgets) = (ranks.0, ranks.1);
         assert_eq!(reported.first(), Some(&(1, 16, 4)), "{reported:?}");
         assert_eq!(reported.last().map(|r| r.1), Some(4), "{reported:?}");
+        // PEFT's schedule for 12 steps, tinit 2, tfinal 3: 16 up to step 2 (from 0), then
+        // 4 + 12 (1 - (t - 2) / 7)^3, and the target from step 9.
+        let schedule = |t: f64| (12.0 * (1.0 - (t - 2.0) / 7.0).powi(3) + 4.0) as u32;
+        assert_eq!(budgets.first(), Some(&Some(16)));
+        assert_eq!(budgets.last(), Some(&Some(4)));
+        let steps: Vec<u32> = reported.iter().map(|r| r.0).collect();
+        for (&step, budget) in steps.iter().zip(&budgets) {
+            let global = f64::from(step - 1);
+            let want = match global {
+                g if g <= 2.0 => 16,
+                g if g >= 9.0 => 4,
+                g => schedule(g),
+            };
+            assert_eq!(*budget, Some(want), "step {step}: {budgets:?}");
+        }
+        // An event whenever the allocation or the budget changes, never a repeat.
         assert!(
             reported
                 .windows(2)
-                .all(|w| w[0].0 < w[1].0 && w[0].1 != w[1].1),
-            "{reported:?}"
+                .zip(budgets.windows(2))
+                .all(|(w, b)| w[0].0 < w[1].0 && (w[0].1 != w[1].1 || b[0] != b[1])),
+            "{reported:?} {budgets:?}"
         );
         let published: i64 = outcome
             .adapter

@@ -101,6 +101,7 @@ pub fn gate_allocation(modules: &[GatedModule]) -> RankAllocation {
     let open: u32 = per_module.values().sum();
     RankAllocation {
         per_module,
+        budget: None,
         sparsity: Some(1.0 - f64::from(open) / total_gates as f64),
     }
 }

@@ -551,6 +551,7 @@ impl AdapterMethod for IncreLora {
             .collect();
         Some(RankAllocation {
             per_module,
+            budget: Some(self.target_total as u32),
             sparsity: None,
         })
     }

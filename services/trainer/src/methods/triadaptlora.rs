@@ -405,6 +405,7 @@ impl AdapterMethod for TriAdaptLora {
             .collect();
         Some(RankAllocation {
             per_module,
+            budget: Some(self.target_total as u32),
             sparsity: None,
         })
     }
