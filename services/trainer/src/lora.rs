@@ -80,7 +80,7 @@ impl Lora {
         let store = VarStore::new(device);
         let r = i64::from(config.r);
         let mut factors = Vec::new();
-        for (module_path, linear) in model.linears_mut(&config.target_modules) {
+        for (module_path, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let mut a = Tensor::empty([r, inp], (Kind::Float, device));
             let a = tch::no_grad(|| match config.init {
@@ -106,12 +106,6 @@ impl Lora {
                 config.dropout,
             )));
             factors.push(LoraFactors { module_path, a, b });
-        }
-        if factors.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
         }
         Ok(Lora {
             config: config.clone(),

@@ -287,6 +287,21 @@ impl LlamaModel {
             })
     }
 
+    /// [`LlamaModel::linears_mut`] for an adapter: a target list that matches no layer is the
+    /// user's error (a typo would otherwise train nothing under the method's name).
+    pub fn target_linears<'a, S: AsRef<str> + std::fmt::Debug>(
+        &'a mut self,
+        modules: &'a [S],
+    ) -> anyhow::Result<Vec<(String, &'a mut Linear)>> {
+        let linears: Vec<_> = self.linears_mut(modules).collect();
+        if linears.is_empty() {
+            return Err(user_error(format!(
+                "the model has none of the target modules {modules:?}"
+            )));
+        }
+        Ok(linears)
+    }
+
     /// Logits `(batch, seq, vocab)` in the base dtype for token ids `(batch, seq)`.
     pub fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
         let seq_len = input_ids.size()[1];

@@ -15,7 +15,6 @@
 //! - Published as plain LoRA: `A' = A_kept ⊙ E_kept`, `B' = B_kept · alpha / (init_r + 1e-5)`.
 
 use super::{module_path, per_module_lora, refuse_parent, select, ExportedFactors};
-use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
@@ -128,7 +127,7 @@ impl AdaLora {
         let r = i64::from(config.init_r);
         let scaling = config.alpha / (f64::from(config.init_r) + 1e-5);
         let mut modules = Vec::new();
-        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+        for (path_name, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let path = module_path(&store, &path_name);
             let opts = (Kind::Float, device);
@@ -164,12 +163,6 @@ impl AdaLora {
                 importance,
                 keep,
             });
-        }
-        if modules.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
         }
         let scheduled_budget = i64::from(config.init_r) * modules.len() as i64;
         Ok(AdaLora {

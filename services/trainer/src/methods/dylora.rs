@@ -10,7 +10,6 @@
 //! the published adapter use the rank `export_r` (default r).
 
 use super::{kaiming_uniform, module_path, per_module_lora, refuse_parent, ExportedFactors};
-use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::AdapterMethod;
 use crate::model::{LinearAdapter, LlamaModel};
@@ -92,7 +91,7 @@ impl DyLora {
         let train_rank = Arc::new(AtomicI64::new(r));
         let eval_rank = i64::from(config.export_r.unwrap_or(config.r));
         let mut modules = Vec::new();
-        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+        for (path_name, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let path = module_path(&store, &path_name);
             let a = path.add("lora_A", kaiming_uniform(r, inp, device), true);
@@ -114,12 +113,6 @@ impl DyLora {
                 a,
                 b,
             });
-        }
-        if modules.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
         }
         Ok(DyLora {
             config: config.clone(),

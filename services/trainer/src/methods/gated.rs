@@ -4,7 +4,6 @@
 //! ranks whose gate is exactly zero.
 
 use super::{kaiming_uniform, module_path, per_module_lora, select, ExportedFactors};
-use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::RankAllocation;
 use crate::model::{LinearAdapter, LlamaModel};
@@ -53,7 +52,7 @@ pub fn attach_gated(
     let r = i64::from(r);
     let device = store.device();
     let mut modules = Vec::new();
-    for (path_name, linear) in model.linears_mut(target_modules) {
+    for (path_name, linear) in model.target_linears(target_modules)? {
         let (inp, out) = (linear.in_features(), linear.out_features());
         let path = module_path(store, &path_name);
         let opts = (Kind::Float, device);
@@ -73,11 +72,6 @@ pub fn attach_gated(
             b,
             gate,
         });
-    }
-    if modules.is_empty() {
-        return Err(user_error(format!(
-            "the model has none of the target modules {target_modules:?}"
-        )));
     }
     Ok(modules)
 }

@@ -38,7 +38,6 @@
 
 use super::rank_adam::{Moments, RankAdam, UNBORN};
 use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
-use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
@@ -250,7 +249,7 @@ impl IncreLora {
         };
         let collecting = Arc::new(AtomicBool::new(true));
         let mut modules = Vec::new();
-        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+        for (path_name, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let path = module_path(&store, &path_name);
             let opts = (Kind::Float, device);
@@ -298,12 +297,6 @@ impl IncreLora {
                 capacity,
                 host: HostRanks::default(),
             });
-        }
-        if modules.is_empty() {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
         }
         let target_total = config
             .target_total_rank

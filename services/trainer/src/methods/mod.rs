@@ -164,3 +164,27 @@ pub mod testing {
         (a - b).abs().max().double_value(&[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testing::FixtureModel;
+    use crate::error::{classify, Failure};
+
+    /// Every method attaches through `target_linears`: a list naming no layer of the model is
+    /// the user's error, named, and nothing is attached.
+    #[test]
+    fn targets_matching_no_layer_are_the_users_error() {
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let err = model
+            .target_linears(&["lm_head"])
+            .err()
+            .expect("no layer matches");
+        assert!(matches!(classify(&err), Some(Failure::User(_))), "{err:#}");
+        assert!(err.to_string().contains("[\"lm_head\"]"), "{err:#}");
+        assert_eq!(
+            model.target_linears(&["q_proj", "v_proj"]).unwrap().len(),
+            4
+        );
+    }
+}

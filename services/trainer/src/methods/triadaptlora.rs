@@ -181,13 +181,7 @@ impl TriAdaptLora {
         let births: Vec<f32> = (0..capacity)
             .map(|i| if i < r0 { 0.0 } else { UNBORN as f32 })
             .collect();
-        let count = model.linears_mut(&config.target_modules).count() as i64;
-        if count == 0 {
-            return Err(user_error(format!(
-                "the model has none of the target modules {:?}",
-                config.target_modules
-            )));
-        }
+        let count = model.target_linears(&config.target_modules)?.len() as i64;
         let target_total = config
             .target_total_rank
             .map(i64::from)
@@ -209,7 +203,7 @@ impl TriAdaptLora {
             )));
         }
         let mut modules = Vec::new();
-        for (path_name, linear) in model.linears_mut(&config.target_modules) {
+        for (path_name, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let path = module_path(&store, &path_name);
             let opts = (Kind::Float, device);
