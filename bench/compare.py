@@ -38,11 +38,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    cuda = args.device == "cuda"
-    shape = args.shape or ("tinyllama" if cuda else "small")
-    seq = args.seq or (2048 if cuda else 256)
-    batch = args.batch or ((8 if shape == "tinyllama" else 4) if cuda else 4)
-    warmup = 3 if cuda else 2
+    cuda, shape, seq, batch, warmup = workload(args)
     common = ["--device", args.device, "--shape", shape, "--seq", str(seq), "--batch", str(batch)]
     baseline = [sys.executable, str(HERE / "peft_baseline.py"), *common]
 
@@ -77,6 +73,15 @@ def main() -> None:
     print(f"| HF PEFT | {p:.1f} | {', '.join(f'{x:.1f}' for x in peft)} |")
     print(f"| loraforge | {o:.1f} | {', '.join(f'{x:.1f}' for x in ours)} |")
     print(f"| ratio loraforge/PEFT | {o / p:.3f} | |")
+
+
+def workload(args) -> tuple:
+    """(cuda, shape, seq, batch, warm-up steps) from --device/--shape/--seq/--batch and the defaults."""
+    cuda = args.device == "cuda"
+    shape = args.shape or ("tinyllama" if cuda else "small")
+    seq = args.seq or (2048 if cuda else 256)
+    batch = args.batch or ((8 if shape == "tinyllama" else 4) if cuda else 4)
+    return cuda, shape, seq, batch, 3 if cuda else 2
 
 
 def run(command: list) -> str:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compare import TARGETS, run, steady_rate, write_job  # noqa: E402
+from compare import TARGETS, run, steady_rate, workload, write_job  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    cuda = args.device == "cuda"
-    shape = args.shape or ("tinyllama" if cuda else "small")
-    seq = args.seq or (2048 if cuda else 256)
-    batch = args.batch or ((8 if shape == "tinyllama" else 4) if cuda else 4)
-    warmup = 3 if cuda else 2
+    _, shape, seq, batch, warmup = workload(args)
     total = warmup + args.steps
     env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
     rates: dict = {name: [] for name in methods(total)}
