@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let app = Application::build(settings).await?;
     let addr = app.local_addr();
-    let pool = app.state().pool.clone();
+    let pool = app.context().pool.clone();
     populate(&pool, per_adapter).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server_task = tokio::spawn(app.run_until(async move {

@@ -1,58 +1,29 @@
 //! Wiring: database, migrations, store, executor, background loops and the HTTP server.
 
-use crate::executor::{self, Executor};
-use crate::registry::cache::{self, ReadCache};
-use crate::settings::Settings;
-use crate::{api, lease, scheduler, webhooks};
-use anyhow::Context;
+use anyhow::Context as _;
+use loraforge_core::executor::{self, WorkerExit};
+use loraforge_core::metrics::Metrics;
+use loraforge_core::registry::cache::{self, ReadCache};
+use loraforge_core::settings::Settings;
+use loraforge_core::{db, lease, scheduler, webhooks, Context};
 use loraforge_storage::Store;
-use sqlx::migrate::{MigrateDatabase, Migrator};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres};
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-
-pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
-
-/// What every request handler and background loop shares.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    pub store: Store,
-    pub settings: Arc<Settings>,
-    pub executor: Arc<dyn Executor>,
-    /// The control plane's URL as workers reach it.
-    pub worker_api_url: String,
-    /// Serialized registry answers, evicted on change (see `registry::cache`).
-    pub read_cache: Arc<ReadCache>,
-}
 
 pub struct Application {
     listener: tokio::net::TcpListener,
-    state: AppState,
-    exits: mpsc::UnboundedReceiver<crate::jobs::WorkerExit>,
+    ctx: Context,
+    registry: Registry,
+    exits: mpsc::UnboundedReceiver<WorkerExit>,
 }
 
 /// The database (created if missing, migrated) and the artifact store.
 pub async fn connect(settings: &Settings) -> anyhow::Result<(PgPool, Store)> {
-    if !Postgres::database_exists(&settings.database_url)
-        .await
-        .context("connecting to Postgres")?
-    {
-        Postgres::create_database(&settings.database_url)
-            .await
-            .context("creating the database")?;
-    }
-    let pool = PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&settings.database_url)
-        .await
-        .context("connecting to Postgres")?;
-    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    let pool = db::connect(settings).await?;
     let store = Store::create(&settings.storage_url).context("opening the artifact store")?;
     Ok((pool, store))
 }
@@ -72,17 +43,22 @@ impl Application {
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let executor = executor::build(&settings, exits_tx);
         tracing::info!(%addr, executor = executor.name(), storage = settings.storage_url, "control plane ready");
-        let state = AppState {
+        let read_cache = Arc::new(ReadCache::default());
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry, &read_cache));
+        let ctx = Context {
             pool,
             store,
             settings: Arc::new(settings),
             executor,
             worker_api_url,
-            read_cache: Arc::default(),
+            read_cache,
+            metrics,
         };
         Ok(Application {
             listener,
-            state,
+            ctx,
+            registry,
             exits,
         })
     }
@@ -93,8 +69,8 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
-    pub fn state(&self) -> &AppState {
-        &self.state
+    pub fn context(&self) -> &Context {
+        &self.ctx
     }
 
     /// Serves until `shutdown` resolves, then stops claiming work and returns.
@@ -103,29 +79,28 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let ctx = self.ctx;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let scheduler = tokio::spawn(scheduler::run(
-            self.state.clone(),
-            self.exits,
-            stop_rx.clone(),
-        ));
-        let monitor = tokio::spawn(lease::run(self.state.clone(), stop_rx.clone()));
-        let dispatcher = tokio::spawn(webhooks::run_dispatcher(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        let cache_listener = tokio::spawn(cache::listen(self.state.clone(), stop_rx));
-        let router = api::router(self.state.clone());
+        let loops = [
+            tokio::spawn(scheduler::run(ctx.clone(), self.exits, stop_rx.clone())),
+            tokio::spawn(lease::run(ctx.clone(), stop_rx.clone())),
+            tokio::spawn(webhooks::run_dispatcher(
+                ctx.pool.clone(),
+                ctx.settings.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(cache::listen(ctx.pool.clone(), ctx.read_cache.clone(), stop_rx)),
+        ];
+        let router = loraforge_api::router(ctx, self.registry);
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 let _ = stop_tx.send(true);
             })
             .await?;
-        let _ = scheduler.await;
-        let _ = monitor.await;
-        let _ = dispatcher.await;
-        let _ = cache_listener.await;
+        for task in loops {
+            let _ = task.await;
+        }
         Ok(())
     }
 }

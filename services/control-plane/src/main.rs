@@ -77,14 +77,14 @@ async fn main() -> anyhow::Result<()> {
             app.run_until(shutdown_signal()).await
         }
         Command::Migrate => {
-            loraforge::app::connect(&settings)
+            loraforge::connect(&settings)
                 .await
                 .context("migrating")?;
             println!("migrations applied");
             Ok(())
         }
         Command::Keys { command } => {
-            let (pool, _) = loraforge::app::connect(&settings).await?;
+            let (pool, _) = loraforge::connect(&settings).await?;
             match command {
                 KeysCommand::Create { project, scope } => {
                     let key = loraforge::auth::create_key(&pool, &project, scope).await?;
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gc { apply, grace_secs } => {
-            let (pool, store) = loraforge::app::connect(&settings).await?;
+            let (pool, store) = loraforge::connect(&settings).await?;
             let grace = std::time::Duration::from_secs(grace_secs);
             let report = loraforge::registry::gc::collect(&pool, &store, grace, !apply).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -16,7 +16,8 @@ pub struct JobSpec {
     pub adapter_name: AdapterName,
     /// A Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`):
     /// its URI, or the name of a registered base model.
-    pub base_model: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub base_model: InputRef,
     pub dataset: DatasetSpec,
     pub method: MethodConfig,
     pub training: TrainingConfig,
@@ -47,14 +48,127 @@ pub fn is_uri(reference: &str) -> bool {
     reference.contains("://")
 }
 
-fn check_input_ref(field: &str, reference: &str, errors: &mut Vec<FieldError>) {
-    let checked = if is_uri(reference) {
-        check_data_uri(reference)
-    } else {
-        AdapterName::parse(reference).map(drop)
-    };
-    if let Err(m) = checked {
-        errors.push(FieldError::new(field, m));
+/// A job input (base model or dataset) as the user wrote it: a URI, or the name of a
+/// registered input that the control plane resolves once, at submission
+/// ([`ResolvedJobSpec`]). On the wire it is the plain string either way.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum InputRef {
+    Uri(String),
+    Name(String),
+}
+
+impl InputRef {
+    pub fn parse(reference: impl Into<String>) -> InputRef {
+        let reference = reference.into();
+        if is_uri(&reference) {
+            InputRef::Uri(reference)
+        } else {
+            InputRef::Name(reference)
+        }
+    }
+
+    /// The string as written (a URI or a name).
+    pub fn as_str(&self) -> &str {
+        match self {
+            InputRef::Uri(s) | InputRef::Name(s) => s,
+        }
+    }
+
+    pub fn uri(&self) -> Option<&str> {
+        match self {
+            InputRef::Uri(u) => Some(u),
+            InputRef::Name(_) => None,
+        }
+    }
+
+    fn check(&self, field: &str, errors: &mut Vec<FieldError>) {
+        let checked = match self {
+            InputRef::Uri(u) => check_data_uri(u),
+            InputRef::Name(n) => AdapterName::parse(n).map(drop),
+        };
+        if let Err(m) = checked {
+            errors.push(FieldError::new(field, m));
+        }
+    }
+}
+
+impl fmt::Display for InputRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for InputRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for InputRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(InputRef::parse)
+    }
+}
+
+/// A job spec whose inputs are all URIs: what the control plane stores after resolving
+/// registered names at submission, and what a worker trains. Reading one back refuses a
+/// name, so a worker never has to resolve anything.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ResolvedJobSpec(JobSpec);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{field} is {name:?}, a name; a resolved spec holds URIs only")]
+pub struct UnresolvedInput {
+    pub field: &'static str,
+    pub name: String,
+}
+
+impl ResolvedJobSpec {
+    /// Accepts a spec whose inputs are already URIs.
+    pub fn new(spec: JobSpec) -> Result<ResolvedJobSpec, UnresolvedInput> {
+        let named = |field: &'static str, r: &InputRef| match r {
+            InputRef::Name(n) => Err(UnresolvedInput {
+                field,
+                name: n.clone(),
+            }),
+            InputRef::Uri(_) => Ok(()),
+        };
+        named("base_model", &spec.base_model)?;
+        named("dataset.train", &spec.dataset.train)?;
+        if let Some(v) = &spec.dataset.validation {
+            named("dataset.validation", v)?;
+        }
+        Ok(ResolvedJobSpec(spec))
+    }
+
+    pub fn base_model_uri(&self) -> &str {
+        self.0.base_model.as_str()
+    }
+
+    pub fn train_uri(&self) -> &str {
+        self.0.dataset.train.as_str()
+    }
+
+    pub fn validation_uri(&self) -> Option<&str> {
+        self.0.dataset.validation.as_ref().map(InputRef::as_str)
+    }
+
+    pub fn into_inner(self) -> JobSpec {
+        self.0
+    }
+}
+
+impl std::ops::Deref for ResolvedJobSpec {
+    type Target = JobSpec;
+    fn deref(&self) -> &JobSpec {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ResolvedJobSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ResolvedJobSpec::new(JobSpec::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -65,10 +179,12 @@ pub struct DatasetSpec {
     /// JSONL file (URI or registered dataset name). Each line is one example:
     /// `{"messages": [{"role", "content"}, …]}` (chat; loss on assistant turns only),
     /// `{"prompt": …, "completion": …}` (loss on the completion only), or `{"text": …}`.
-    pub train: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub train: InputRef,
     /// A separate validation file; or see `validation_fraction`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub validation: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub validation: Option<InputRef>,
     /// Hold out this fraction of the training examples (deterministically, by seed) for
     /// validation when no validation file is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,10 +342,10 @@ impl JobSpec {
 
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut errors = Vec::new();
-        check_input_ref("base_model", &self.base_model, &mut errors);
-        check_input_ref("dataset.train", &self.dataset.train, &mut errors);
+        self.base_model.check("base_model", &mut errors);
+        self.dataset.train.check("dataset.train", &mut errors);
         if let Some(v) = &self.dataset.validation {
-            check_input_ref("dataset.validation", v, &mut errors);
+            v.check("dataset.validation", &mut errors);
         }
         if let Some(f) = self.dataset.validation_fraction {
             if !(f.is_finite() && f > 0.0 && f <= 0.5) {
@@ -267,12 +383,16 @@ impl JobSpec {
     }
 }
 
-/// Where a job is in its life; see DESIGN.md "Job lifecycle".
+/// Where a job is in its life (docs/architecture.md draws the lifecycle). Stored as text.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "sqlx",
+    derive(sqlx::Type),
+    sqlx(type_name = "text", rename_all = "snake_case")
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
-    Validating,
     Queued,
     Scheduled,
     Running,
@@ -285,8 +405,7 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 10] = [
-        JobStatus::Validating,
+    pub const ALL: [JobStatus; 9] = [
         JobStatus::Queued,
         JobStatus::Scheduled,
         JobStatus::Running,
@@ -300,7 +419,6 @@ impl JobStatus {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            JobStatus::Validating => "validating",
             JobStatus::Queued => "queued",
             JobStatus::Scheduled => "scheduled",
             JobStatus::Running => "running",
@@ -320,16 +438,8 @@ impl JobStatus {
         )
     }
 
-    /// States in which a worker owns the job and must keep its lease alive.
-    pub fn is_leased(self) -> bool {
-        matches!(
-            self,
-            JobStatus::Scheduled
-                | JobStatus::Running
-                | JobStatus::Evaluating
-                | JobStatus::Publishing
-        )
-    }
+    /// The final states, for queries that bind them as a text array.
+    pub const FINAL: [&'static str; 3] = ["succeeded", "failed", "cancelled"];
 
     /// The transitions of the lifecycle diagram; everything else is refused.
     pub fn can_become(self, next: JobStatus) -> bool {
@@ -341,16 +451,12 @@ impl JobStatus {
             Failed => true,
             CancelRequested => self != CancelRequested,
             Cancelled => true,
-            Queued => matches!(
-                self,
-                Validating | Scheduled | Running | Evaluating | Publishing
-            ),
+            Queued => matches!(self, Scheduled | Running | Evaluating | Publishing),
             Scheduled => self == Queued,
             Running => self == Scheduled,
             Evaluating => self == Running,
             Publishing => matches!(self, Running | Evaluating),
             Succeeded => self == Publishing,
-            Validating => false,
         }
     }
 }
@@ -373,6 +479,11 @@ impl FromStr for JobStatus {
 
 /// Why a job failed. Only `SystemError` is worth retrying.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "sqlx",
+    derive(sqlx::Type),
+    sqlx(type_name = "text", rename_all = "snake_case")
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -465,5 +576,41 @@ mod tests {
         for s in JobStatus::ALL {
             assert_eq!(s.as_str().parse::<JobStatus>().unwrap(), s);
         }
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn the_final_set_is_what_is_final() {
+        let finals: Vec<&str> = JobStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(JobStatus::as_str)
+            .collect();
+        assert_eq!(finals, JobStatus::FINAL);
+    }
+
+    #[test]
+    fn inputs_are_uris_or_names_and_a_resolved_spec_holds_uris_only() {
+        assert_eq!(InputRef::parse("s3://b/k"), InputRef::Uri("s3://b/k".into()));
+        assert_eq!(InputRef::parse("my-data"), InputRef::Name("my-data".into()));
+        let spec: JobSpec = serde_json::from_str(
+            r#"{"adapter_name":"a","base_model":"base","dataset":{"train":"file:///d.jsonl"},
+                "method":{"type":"lora"},"training":{"max_steps":1,"learning_rate":0.1}}"#,
+        )
+        .unwrap();
+        assert_eq!(serde_json::to_value(&spec).unwrap()["base_model"], "base");
+        let refused = ResolvedJobSpec::new(spec.clone()).unwrap_err();
+        assert_eq!(refused.field, "base_model");
+        let mut resolved = spec;
+        resolved.base_model = InputRef::Uri("file:///m".into());
+        let resolved = ResolvedJobSpec::new(resolved).unwrap();
+        assert_eq!(resolved.base_model_uri(), "file:///m");
+        let back: ResolvedJobSpec =
+            serde_json::from_value(serde_json::to_value(&resolved).unwrap()).unwrap();
+        assert_eq!(back, resolved);
     }
 }

@@ -17,7 +17,8 @@ pub mod worker;
 
 pub use error::{FieldError, SpecError};
 pub use job::{
-    DatasetSpec, DeviceChoice, ErrorKind, JobSpec, JobStatus, LrSchedule, ParentRef, TrainingConfig,
+    DatasetSpec, DeviceChoice, ErrorKind, InputRef, JobSpec, JobStatus, LrSchedule, ParentRef,
+    ResolvedJobSpec, TrainingConfig,
 };
 pub use manifest::{AdapterManifest, DigestRef, FileDigest, TrainingMetrics};
 pub use method::{LoraConfig, LoraInit, MethodConfig};

@@ -61,3 +61,119 @@ impl PeftLoraConfig {
 pub fn lora_key(module_path: &str, factor: char) -> String {
     format!("base_model.model.{module_path}.lora_{factor}.weight")
 }
+
+/// The largest safetensors header we read (a LoRA's is a few KiB; this bounds a bad file).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
+
+/// Name -> shape of every tensor, from a safetensors header: the JSON that follows the
+/// file's first 8 bytes (its little-endian length).
+pub fn safetensors_shapes(header: &[u8]) -> Result<BTreeMap<String, Vec<u64>>, String> {
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("safetensors header: {e}"))?;
+    let mut shapes = BTreeMap::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape = info
+            .get("shape")
+            .and_then(|s| serde_json::from_value::<Vec<u64>>(s.clone()).ok())
+            .ok_or_else(|| format!("safetensors: tensor {name} has no shape"))?;
+        shapes.insert(name, shape);
+    }
+    Ok(shapes)
+}
+
+impl PeftLoraConfig {
+    /// The rank PEFT gives a module: `rank_pattern` keys match module paths as suffixes on
+    /// a dot boundary; anything unmatched has `r`.
+    pub fn rank_of(&self, module_path: &str) -> u32 {
+        self.rank_pattern
+            .iter()
+            .find(|(k, _)| module_path == k.as_str() || module_path.ends_with(&format!(".{k}")))
+            .map_or(self.r, |(_, r)| *r)
+    }
+
+    /// Checks that `tensors` (name -> shape) is a LoRA that PEFT loads with this config:
+    /// only `lora_A`/`lora_B` keys of target modules, in pairs, with this config's ranks.
+    pub fn check_tensors(&self, tensors: &BTreeMap<String, Vec<u64>>) -> Result<(), String> {
+        if tensors.is_empty() {
+            return Err("the adapter holds no tensors".into());
+        }
+        for (name, shape) in tensors {
+            let module = name
+                .strip_prefix("base_model.model.")
+                .and_then(|n| {
+                    n.strip_suffix(".lora_A.weight")
+                        .or_else(|| n.strip_suffix(".lora_B.weight"))
+                })
+                .ok_or_else(|| format!("{name} is not a PEFT LoRA key"))?;
+            let leaf = module.rsplit('.').next().unwrap_or(module);
+            if !self.target_modules.iter().any(|t| t == leaf) {
+                return Err(format!("{name}: {leaf} is not among target_modules"));
+            }
+            let a = tensors.get(&lora_key(module, 'A'));
+            let b = tensors.get(&lora_key(module, 'B'));
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(format!("{module}: lora_A and lora_B must come in pairs"));
+            };
+            let rank = self.rank_of(module);
+            if a.len() != 2
+                || b.len() != 2
+                || a[0] != rank as u64
+                || b[1] != rank as u64
+                || shape.len() != 2
+            {
+                return Err(format!(
+                    "{module}: lora_A {a:?} / lora_B {b:?} do not match rank {rank}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tensor_tests {
+    use super::*;
+
+    fn config() -> PeftLoraConfig {
+        let mut c = PeftLoraConfig::from_lora(
+            &serde_json::from_str(r#"{"r": 4, "target_modules": ["q_proj"]}"#).unwrap(),
+            "m",
+        );
+        c.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 2);
+        c
+    }
+
+    fn pair(module: &str, r: u64) -> [(String, Vec<u64>); 2] {
+        [
+            (lora_key(module, 'A'), vec![r, 8]),
+            (lora_key(module, 'B'), vec![8, r]),
+        ]
+    }
+
+    #[test]
+    fn ranks_follow_the_pattern_and_pairs_are_required() {
+        let c = config();
+        let mut t: BTreeMap<String, Vec<u64>> = pair("model.layers.0.self_attn.q_proj", 4)
+            .into_iter()
+            .chain(pair("model.layers.1.self_attn.q_proj", 2))
+            .collect();
+        assert_eq!(c.check_tensors(&t), Ok(()));
+        t.remove(&lora_key("model.layers.1.self_attn.q_proj", 'B'));
+        assert!(c.check_tensors(&t).unwrap_err().contains("pairs"));
+        let wrong_rank: BTreeMap<_, _> = pair("model.layers.1.self_attn.q_proj", 4).into_iter().collect();
+        assert!(c.check_tensors(&wrong_rank).unwrap_err().contains("rank 2"));
+        let foreign: BTreeMap<_, _> = pair("model.layers.0.mlp.up_proj", 4).into_iter().collect();
+        assert!(c.check_tensors(&foreign).unwrap_err().contains("target_modules"));
+        assert!(c.check_tensors(&BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn header_shapes_skip_metadata() {
+        let h = br#"{"__metadata__": {"format": "pt"}, "x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}"#;
+        assert_eq!(safetensors_shapes(h).unwrap()["x"], vec![2, 3]);
+        assert!(safetensors_shapes(br#"{"x": {"dtype": "F32"}}"#).is_err());
+    }
+}

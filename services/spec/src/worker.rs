@@ -4,10 +4,10 @@
 //! (env `LORAFORGE_WORKER_TOKEN`, never argv). Then, under `/v1/worker/jobs/{id}`:
 //! `GET` the assignment, `POST events`, `POST heartbeat`, `POST versions` to reserve
 //! the version number (job -> publishing), upload, `POST complete` (the control plane
-//! verifies the files, then the version is `ready`), or `POST fail`.
+//! reads the stored `manifest.json`, the one declaration of what was published, and
+//! verifies every file it lists; then the version is `ready`), or `POST fail`.
 
-use crate::job::{ErrorKind, JobSpec, JobStatus};
-use crate::manifest::{AdapterManifest, FileDigest};
+use crate::job::{ErrorKind, JobStatus, ResolvedJobSpec};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -19,7 +19,9 @@ pub struct WorkerAssignment {
     pub job_id: Uuid,
     pub attempt: i32,
     pub project: String,
-    pub spec: JobSpec,
+    /// The job's spec with every input a URI (registered names resolved at submission).
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::job::JobSpec))]
+    pub spec: ResolvedJobSpec,
     /// Root URL of the artifact store (`file:///…`, `s3://bucket/prefix`).
     pub storage_url: String,
     /// The version to continue from, when the job names a parent.
@@ -133,9 +135,9 @@ pub struct ReservedVersion {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompleteRequest {
     pub version: i32,
-    pub manifest: AdapterManifest,
-    /// Every uploaded file, the manifest included.
-    pub files: Vec<FileDigest>,
+    /// sha256 of the `manifest.json` the worker uploaded: the manifest lists every other
+    /// file with its digest, so this one value pins the whole version.
+    pub manifest_sha256: String,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

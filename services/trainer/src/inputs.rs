@@ -22,7 +22,7 @@ pub struct LocalInputs {
 
 /// Makes the job's base model and data files local; downloads go under `scratch`.
 pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<LocalInputs> {
-    let (model_dir, model_files) = match local_path(&spec.base_model)? {
+    let (model_dir, model_files) = match local_path(spec.base_model.as_str())? {
         Some(dir) => {
             if !dir.is_dir() {
                 return Err(user_error(format!(
@@ -35,14 +35,14 @@ pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<Loca
         }
         None => {
             let dir = scratch.join("model");
-            let files = rt.block_on(download_tree(&spec.base_model, &dir))?;
+            let files = rt.block_on(download_tree(spec.base_model.as_str(), &dir))?;
             (dir, files)
         }
     };
     let (dataset, dataset_sha) = fetch_file(
         rt,
         "dataset.train",
-        &spec.dataset.train,
+        spec.dataset.train.as_str(),
         &scratch.join("train.jsonl"),
     )?;
     let validation = match &spec.dataset.validation {
@@ -50,7 +50,7 @@ pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<Loca
             fetch_file(
                 rt,
                 "dataset.validation",
-                uri,
+                uri.as_str(),
                 &scratch.join("validation.jsonl"),
             )?
             .0,
@@ -62,11 +62,11 @@ pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<Loca
         dataset,
         validation,
         base_model: DigestRef {
-            uri: spec.base_model.clone(),
+            uri: spec.base_model.to_string(),
             sha256: sha256_hex(tree_digest_input(&model_files).as_bytes()),
         },
         dataset_ref: DigestRef {
-            uri: spec.dataset.train.clone(),
+            uri: spec.dataset.train.to_string(),
             sha256: dataset_sha,
         },
     })

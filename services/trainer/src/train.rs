@@ -377,7 +377,7 @@ fn train_unguarded(
     };
     Ok(TrainOutcome {
         metrics,
-        adapter: method.export(&spec.base_model),
+        adapter: method.export(spec.base_model.as_str()),
     })
 }
 

@@ -209,7 +209,7 @@ fn execute(
         }),
         device: device_label(device),
     };
-    let (manifest, files) = write_artifact(
+    let (_manifest, files) = write_artifact(
         &artifact_dir,
         spec,
         provenance,
@@ -233,10 +233,14 @@ fn execute(
         }
         anyhow::Ok(())
     })?;
+    let manifest_sha256 = files
+        .iter()
+        .find(|f| f.name == MANIFEST_FILE)
+        .map(|f| f.sha256.clone())
+        .context("the artifact has no manifest")?;
     let complete = CompleteRequest {
         version: reserved.version,
-        manifest,
-        files,
+        manifest_sha256,
     };
     runtime.block_on(control_plane.post::<_, ()>("complete", Some(&complete)))?;
     // Published: the checkpoints have served. Any left behind are gc's to remove.

@@ -1,0 +1,102 @@
+//! The route table and the OpenAPI document, from one list: each route is registered once
+//! with `routes!`, which takes its path and method from the handler's `#[utoipa::path]`,
+//! so what is served and what is documented cannot drift. Served at `/openapi.json`.
+
+use crate::routes::{adapters, inputs, jobs, probes, safety, webhooks, worker};
+use crate::ApiState;
+use axum::routing::get;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "loraforge", description = "Train LoRA-family adapters and keep them as versioned, traceable artifacts."),
+    modifiers(&SecuritySchemes),
+    security(("api_key" = [])),
+    tags(
+        (name = "jobs", description = "Submit training jobs and follow them"),
+        (name = "registry", description = "Adapters, versions, aliases, lineage, downloads"),
+        (name = "inputs", description = "Registered base models and datasets"),
+        (name = "webhooks", description = "Subscriptions and their delivery log"),
+        (name = "safety", description = "The project's safety gate policy"),
+        (name = "worker", description = "The protocol between the control plane and its workers"),
+    )
+)]
+struct ApiDoc;
+
+/// Every route, documented ones through `routes!`; the probes, `/metrics` and
+/// `/openapi.json` itself are not part of the API document.
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(jobs::submit))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::stream_events))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(adapters::list))
+        .routes(routes!(adapters::versions))
+        .routes(routes!(adapters::version, adapters::delete_version))
+        .routes(routes!(adapters::lineage))
+        .routes(routes!(adapters::descendants))
+        .routes(routes!(adapters::download))
+        .routes(routes!(adapters::presign))
+        .routes(routes!(adapters::put_tag, adapters::delete_tag))
+        .routes(routes!(adapters::put_alias, adapters::delete_alias))
+        .routes(routes!(adapters::resolve))
+        .routes(routes!(inputs::register_base_model, inputs::list_base_models))
+        .routes(routes!(inputs::get_base_model))
+        .routes(routes!(inputs::register_dataset, inputs::list_datasets))
+        .routes(routes!(inputs::get_dataset))
+        .routes(routes!(safety::get, safety::put))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(worker::assignment))
+        .routes(routes!(worker::stage))
+        .routes(routes!(worker::events))
+        .routes(routes!(worker::heartbeat))
+        .routes(routes!(worker::reserve_version))
+        .routes(routes!(worker::complete))
+        .routes(routes!(worker::fail))
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
+        .route("/metrics", get(crate::metrics::metrics))
+        .route("/openapi.json", get(document))
+}
+
+/// The API document, as served.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("lf_… API key of a project"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "worker_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("per-attempt worker token"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+async fn document() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(openapi())
+}

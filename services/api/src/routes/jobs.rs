@@ -1,0 +1,212 @@
+//! User routes for jobs: submit, read, events (paged and streamed), cancel.
+
+use crate::auth::Caller;
+use crate::extract::{ApiBody, ApiPath, ApiQuery};
+use crate::problem::{problems, ApiError};
+use crate::ApiState;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::{Stream, StreamExt};
+use loraforge_core::auth::Scope;
+use loraforge_core::jobs::{self, submission, submission::Submitted};
+use loraforge_core::views::{EventView, JobView};
+use loraforge_spec::JobSpec;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::time::Duration;
+use uuid::Uuid;
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = loraforge_spec::JobSpec,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job")),
+    responses((status = 201, body = JobView), (status = 200, description = "replayed by Idempotency-Key", body = JobView),
+              problems::BadRequest, problems::Conflict, problems::Unprocessable))]
+pub async fn submit(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Submit)?;
+    let spec = JobSpec::parse(&body)?;
+    let key = idempotency_key(&headers)?;
+    let (status, job) = match submission::submit(&state, &caller.project, spec, key.as_deref()).await? {
+        Submitted::Created(job) => (StatusCode::CREATED, job),
+        Submitted::Replayed(job) => (StatusCode::OK, job),
+    };
+    let location = format!("/v1/jobs/{}", job.id);
+    Ok((status, [(header::LOCATION, location)], Json(JobView::from(job))).into_response())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_string())).ok_or_else(|| {
+        ApiError::invalid("Idempotency-Key", "must be 1-255 visible ASCII characters")
+    })
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = JobView), problems::NotFound))]
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<JobView>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(jobs::find(&state.pool, &caller.project, id).await?.into()))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Return events after this sequence number (exclusive).
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventsPage {
+    events: Vec<EventView>,
+    /// Pass as `after` to get the next page; `null` when this page was not full.
+    next_after: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
+    responses((status = 200, body = EventsPage), problems::NotFound, problems::Unprocessable))]
+pub async fn events(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
+    caller.require(Scope::Read)?;
+    if !(1..=1000).contains(&q.limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
+    }
+    jobs::find(&state.pool, &caller.project, id).await?;
+    let events: Vec<EventView> = jobs::events(&state.pool, id, q.after, q.limit)
+        .await?
+        .into_iter()
+        .map(EventView::from)
+        .collect();
+    let next_after = (events.len() as i64 == q.limit)
+        .then(|| events.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(EventsPage { events, next_after }))
+}
+
+/// Cancels a job from any unfinished state: a queued job at once; a running one is
+/// asked to stop (its worker is signalled) and ends `cancelled`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 202, body = JobView), problems::Conflict, problems::NotFound))]
+pub async fn cancel(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    caller.require(Scope::Submit)?;
+    let job = jobs::cancel(&state, &caller.project, id).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.into())))
+}
+
+/// How often the stream looks for new events.
+const STREAM_POLL: Duration = Duration::from_millis(500);
+
+/// Server-sent events of a job: every event after `Last-Event-ID` (or `after`), then new
+/// ones as they happen; the stream ends once the job is final and all are sent. If the
+/// database fails mid-stream, the stream says so in an `error` event and ends; the client
+/// resumes with `Last-Event-ID`.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events/stream", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
+    responses((status = 200, description = "text/event-stream of events; `id` is the event's seq", content_type = "text/event-stream"),
+              problems::NotFound))]
+pub async fn stream_events(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller.require(Scope::Read)?;
+    jobs::find(&state.pool, &caller.project, id).await?;
+    let resume_from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(q.after);
+    let pool = state.pool.clone();
+    let project = caller.project.clone();
+    // `None` as the cursor: an error was sent, the stream is over.
+    let stream = futures::stream::unfold(Some(resume_from), move |after| {
+        let (pool, project) = (pool.clone(), project.clone());
+        async move {
+            let after = after?;
+            loop {
+                match next_batch(&pool, &project, id, after).await {
+                    Ok(Batch::Events(events)) => {
+                        let last = events.last().map_or(after, |e| e.seq);
+                        let sse: Vec<Result<Event, Infallible>> = events
+                            .into_iter()
+                            .map(|e| Ok(sse_event(&EventView::from(e))))
+                            .collect();
+                        return Some((futures::stream::iter(sse), Some(last)));
+                    }
+                    Ok(Batch::Finished) => return None,
+                    Ok(Batch::Nothing) => tokio::time::sleep(STREAM_POLL).await,
+                    Err(e) => {
+                        tracing::warn!(job_id = %id, error = %e, "event stream failed");
+                        let event = Event::default()
+                            .event("error")
+                            .data("reading events failed; reconnect with Last-Event-ID");
+                        return Some((futures::stream::iter(vec![Ok(event)]), None));
+                    }
+                }
+            }
+        }
+    })
+    .flatten();
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+enum Batch {
+    Events(Vec<jobs::EventRow>),
+    Finished,
+    Nothing,
+}
+
+async fn next_batch(pool: &sqlx::PgPool, project: &str, id: Uuid, after: i64) -> Result<Batch, sqlx::Error> {
+    // Read the status before the events: a final status seen here means every event it
+    // wrote is already visible to the query below.
+    let finished = jobs::get(pool, project, id)
+        .await?
+        .is_none_or(|j| j.status.is_final());
+    let batch = jobs::events(pool, id, after, 500).await?;
+    Ok(if !batch.is_empty() {
+        Batch::Events(batch)
+    } else if finished {
+        Batch::Finished
+    } else {
+        Batch::Nothing
+    })
+}
+
+fn sse_event(e: &EventView) -> Event {
+    let data = serde_json::to_string(e).unwrap_or_default();
+    Event::default().id(e.seq.to_string()).data(data)
+}

@@ -1,0 +1,10 @@
+//! Handlers, one module per resource. Each takes the caller, parses, calls the core and
+//! shapes the answer; the `#[utoipa::path]` beside it is its OpenAPI entry.
+
+pub mod adapters;
+pub mod inputs;
+pub mod jobs;
+pub mod probes;
+pub mod safety;
+pub mod webhooks;
+pub mod worker;

@@ -1,0 +1,379 @@
+//! The job queue and lifecycle. Every status change goes through [`transition`],
+//! which enforces `JobStatus::can_become` in SQL and records a status event in the
+//! same transaction, so the event log and the job row never disagree. How an attempt
+//! ends is decided in [`attempts`] alone; what a submission must satisfy, in [`submission`].
+
+pub mod attempts;
+pub mod submission;
+pub mod worker;
+
+use crate::error::{Error, Result};
+use crate::webhooks;
+use crate::Context;
+use chrono::{DateTime, Utc};
+use loraforge_spec::worker::EventPayload;
+use loraforge_spec::{ErrorKind, JobStatus, ResolvedJobSpec};
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// NOTIFY channel that wakes the scheduler when work arrives.
+pub const QUEUE_CHANNEL: &str = "loraforge_jobs";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub project: String,
+    pub adapter_name: String,
+    pub spec: Json<ResolvedJobSpec>,
+    pub status: JobStatus,
+    pub error_kind: Option<ErrorKind>,
+    pub error_message: Option<String>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub adapter_version: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub parent_adapter: Option<String>,
+    pub parent_version: Option<i32>,
+    pub safety_policy: Option<Json<loraforge_spec::safety::EffectivePolicy>>,
+}
+
+impl JobRow {
+    /// The parent version it continues from, if any.
+    pub fn parent(&self) -> Option<(String, i32)> {
+        match (&self.parent_adapter, self.parent_version) {
+            (Some(adapter), Some(version)) => Some((adapter.clone(), version)),
+            _ => None,
+        }
+    }
+}
+
+/// The columns of [`JobRow`], as a literal so queries stay static strings.
+macro_rules! job_columns {
+    () => {
+        "id, project, adapter_name, spec, status, error_kind, error_message, attempt, \
+         max_attempts, adapter_version, created_at, updated_at, started_at, finished_at, parent_adapter, parent_version, safety_policy"
+    };
+}
+pub(crate) use job_columns;
+
+pub async fn get(pool: &PgPool, project: &str, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM jobs WHERE project = $1 AND id = $2"
+    ))
+    .bind(project)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The job, or `NotFound`.
+pub async fn find(pool: &PgPool, project: &str, id: Uuid) -> Result<JobRow> {
+    get(pool, project, id).await?.ok_or(Error::NotFound("job"))
+}
+
+pub async fn record_event(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    event: &EventPayload,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO job_events (job_id, kind, payload) VALUES ($1, $2, $3)")
+        .bind(job_id)
+        .bind(event.kind())
+        .bind(Json(event))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Most events one worker call may carry.
+pub const MAX_EVENTS_PER_BATCH: usize = 1000;
+
+/// Records what a worker reports. Status events are the control plane's own (written by
+/// [`transition`]); a worker may not send them.
+pub async fn record_worker_events(ctx: &Context, job: &JobRow, events: &[EventPayload]) -> Result<()> {
+    if events.iter().any(|e| matches!(e, EventPayload::Status { .. })) {
+        return Err(Error::invalid(
+            "events",
+            "status events are written by the control plane only",
+        ));
+    }
+    if events.len() > MAX_EVENTS_PER_BATCH {
+        return Err(Error::invalid(
+            "events",
+            format!("at most {MAX_EVENTS_PER_BATCH} events per batch"),
+        ));
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
+    let payloads: Vec<Json<&EventPayload>> = events.iter().map(Json).collect();
+    sqlx::query(
+        "INSERT INTO job_events (job_id, kind, payload)
+         SELECT $1, k, p FROM UNNEST($2::text[], $3::jsonb[]) AS t(k, p)",
+    )
+    .bind(job.id)
+    .bind(kinds)
+    .bind(payloads)
+    .execute(&ctx.pool)
+    .await?;
+    for event in events {
+        ctx.metrics.training.observe(job, event);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub seq: i64,
+    pub created_at: DateTime<Utc>,
+    pub payload: Json<EventPayload>,
+}
+
+/// Events of a job after `after` (exclusive), oldest first.
+pub async fn events(
+    pool: &PgPool,
+    job_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT seq, created_at, payload FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(job_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// What else changes with a transition.
+#[derive(Debug, Default)]
+pub struct TransitionEffects<'a> {
+    pub error: Option<(ErrorKind, &'a str)>,
+    /// Hand the job back to the queue: drop the lease and the worker token.
+    pub release_lease: bool,
+}
+
+/// Moves a job to `to` if the lifecycle allows it from its current status (checked in
+/// the UPDATE itself, so concurrent transitions cannot both win). Returns false if not.
+/// Leaving a job final also drops its lease and worker token.
+pub async fn transition(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    to: JobStatus,
+    message: Option<&str>,
+    effects: TransitionEffects<'_>,
+) -> Result<bool, sqlx::Error> {
+    let from: Vec<JobStatus> = JobStatus::ALL
+        .into_iter()
+        .filter(|s| s.can_become(to))
+        .collect();
+    let (error_kind, error_message) = match effects.error {
+        Some((k, m)) => (Some(k), Some(m)),
+        None => (None, None),
+    };
+    let release = effects.release_lease || to.is_final();
+    let updated: Option<(String, String)> = sqlx::query_as(
+        "UPDATE jobs SET status = $2, updated_at = now(),
+                error_kind = COALESCE($4, error_kind), error_message = COALESCE($5, error_message),
+                started_at = CASE WHEN $2 = 'running' THEN COALESCE(started_at, now()) ELSE started_at END,
+                finished_at = CASE WHEN $7 THEN now() ELSE finished_at END,
+                lease_expires_at = CASE WHEN $6 THEN NULL ELSE lease_expires_at END,
+                worker_token_sha256 = CASE WHEN $6 THEN NULL ELSE worker_token_sha256 END
+         WHERE id = $1 AND status = ANY($3)
+         RETURNING project, adapter_name",
+    )
+    .bind(job_id)
+    .bind(to)
+    .bind(&from)
+    .bind(error_kind)
+    .bind(error_message)
+    .bind(release)
+    .bind(to.is_final())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((project, adapter_name)) = updated else {
+        return Ok(false);
+    };
+    let message = message.or(error_message).map(str::to_string);
+    record_event(
+        conn,
+        job_id,
+        &EventPayload::Status {
+            status: to,
+            message,
+        },
+    )
+    .await?;
+    let hook = match to {
+        JobStatus::Succeeded => Some(webhooks::JOB_SUCCEEDED),
+        JobStatus::Failed => Some(webhooks::JOB_FAILED),
+        _ => None,
+    };
+    if let Some(event) = hook {
+        let data = serde_json::json!({
+            "job_id": job_id, "adapter_name": adapter_name, "status": to,
+            "error": effects.error.map(|(kind, message)| serde_json::json!({"kind": kind, "message": message})),
+        });
+        webhooks::enqueue(conn, &project, event, data).await?;
+    }
+    Ok(true)
+}
+
+/// Wakes the schedulers of every replica (inside the caller's transaction: on commit).
+pub async fn wake_scheduler(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(QUEUE_CHANNEL)
+        .bind(job_id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A job claimed for one attempt.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job_id: Uuid,
+    pub attempt: i32,
+}
+
+/// Claims the next queued job (priority, then age) as a lease: a short transaction
+/// with `FOR UPDATE SKIP LOCKED`, never one held while the job runs.
+pub async fn claim(
+    pool: &PgPool,
+    lease: Duration,
+    token_sha256: &[u8],
+) -> Result<Option<Claimed>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let claimed: Option<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE jobs SET status = 'scheduled', attempt = attempt + 1, updated_at = now(),
+                lease_expires_at = now() + make_interval(secs => $1), worker_token_sha256 = $2
+         WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())
+                     ORDER BY priority DESC, created_at, id
+                     FOR UPDATE SKIP LOCKED LIMIT 1)
+         RETURNING id, attempt",
+    )
+    .bind(lease.as_secs_f64())
+    .bind(token_sha256)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((job_id, attempt)) = claimed else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    let message = format!("attempt {attempt}");
+    record_event(
+        &mut tx,
+        job_id,
+        &EventPayload::Status {
+            status: JobStatus::Scheduled,
+            message: Some(message),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Claimed { job_id, attempt }))
+}
+
+/// Queued jobs claimable now, and jobs whose worker holds a lease.
+pub async fn queue_and_leases(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())),
+                count(*) FILTER (WHERE lease_expires_at IS NOT NULL)
+         FROM jobs WHERE status <> ALL($1)",
+    )
+    .bind(&JobStatus::FINAL[..])
+    .fetch_one(pool)
+    .await
+}
+
+/// The job a worker token belongs to, if the token is current and the job unfinished.
+pub async fn authenticate_worker(
+    pool: &PgPool,
+    job_id: Uuid,
+    token_sha256: &[u8],
+) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM jobs WHERE id = $1 AND worker_token_sha256 = $2 AND status <> ALL($3)"
+    ))
+    .bind(job_id)
+    .bind(token_sha256)
+    .bind(&JobStatus::FINAL[..])
+    .fetch_optional(pool)
+    .await
+}
+
+/// Extends the lease; returns the job's status after the heartbeat.
+pub async fn heartbeat(
+    pool: &PgPool,
+    job_id: Uuid,
+    lease: Duration,
+) -> Result<Option<JobStatus>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
+         WHERE id = $1 AND lease_expires_at IS NOT NULL RETURNING status",
+    )
+    .bind(job_id)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// A worker moves its job on (`running`, `evaluating`); nothing else is its to report.
+pub async fn worker_stage(pool: &PgPool, job: &JobRow, to: JobStatus) -> Result<()> {
+    if !matches!(to, JobStatus::Running | JobStatus::Evaluating) {
+        return Err(Error::invalid(
+            "status",
+            "a worker may only report running or evaluating",
+        ));
+    }
+    let mut conn = pool.acquire().await?;
+    if !transition(&mut conn, job.id, to, None, TransitionEffects::default()).await? {
+        return Err(Error::conflict(
+            "invalid_state",
+            format!("job is {}; it cannot become {to}", job.status),
+        ));
+    }
+    Ok(())
+}
+
+/// Cancels a job from any unfinished state: a queued job at once; one with a worker is
+/// asked to stop (the executor signals it) and ends `cancelled` when the worker is gone.
+pub async fn cancel(ctx: &Context, project: &str, id: Uuid) -> Result<JobRow> {
+    // A concurrent transition can win the race; re-read and try again.
+    for _ in 0..3 {
+        let job = find(&ctx.pool, project, id).await?;
+        if job.status.is_final() {
+            return Err(Error::conflict(
+                "job_finished",
+                format!("job is already {}", job.status),
+            ));
+        }
+        let target = match job.status {
+            JobStatus::Queued => JobStatus::Cancelled,
+            JobStatus::CancelRequested => break,
+            _ => JobStatus::CancelRequested,
+        };
+        let mut conn = ctx.pool.acquire().await?;
+        let effects = TransitionEffects {
+            error: None,
+            release_lease: target == JobStatus::Cancelled,
+        };
+        if transition(&mut conn, id, target, Some("cancelled by the user"), effects).await? {
+            if target == JobStatus::CancelRequested {
+                if let Err(e) = ctx.executor.stop(id).await {
+                    tracing::warn!(job_id = %id, error = %e, "could not signal the worker; it stops at its next heartbeat");
+                }
+            }
+            break;
+        }
+    }
+    find(&ctx.pool, project, id).await
+}

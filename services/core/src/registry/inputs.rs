@@ -1,0 +1,331 @@
+//! Registered inputs: base models and datasets, each with a digest computed once at
+//! registration. Jobs may name them instead of giving a URI.
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use loraforge_spec::model::ModelConfigSummary;
+use loraforge_spec::{AdapterName, InputRef};
+use loraforge_storage::{StorageError, Store};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    BaseModel,
+    Dataset,
+}
+
+impl InputKind {
+    fn noun(self) -> &'static str {
+        match self {
+            InputKind::BaseModel => "base model",
+            InputKind::Dataset => "dataset",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct InputRow {
+    pub name: String,
+    pub uri: String,
+    pub sha256: String,
+    pub size: i64,
+    pub format: String,
+    /// For a base model made by merging an adapter version: that version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_adapter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_version: Option<i32>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterInput {
+    pub name: AdapterName,
+    pub uri: String,
+    /// The adapter version a merged base model came from.
+    #[serde(default)]
+    pub source: Option<SourceVersion>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceVersion {
+    pub adapter: AdapterName,
+    pub version: i32,
+}
+
+/// A job input after resolution: where to read it, and what we know of it.
+#[derive(Debug, Clone)]
+pub struct ResolvedInput {
+    pub uri: String,
+    pub name: Option<String>,
+}
+
+/// Registers an input after reading it whole for its digest. Registering the same
+/// name again with the same URI and content is a no-op; anything else is a conflict.
+pub async fn register(
+    pool: &PgPool,
+    roots: &[std::path::PathBuf],
+    project: &str,
+    kind: InputKind,
+    req: RegisterInput,
+) -> Result<(InputRow, bool)> {
+    loraforge_spec::uri::check_data_uri(&req.uri).map_err(|m| Error::invalid("uri", m))?;
+    check(&req.uri, roots, kind)
+        .await
+        .map_err(|m| Error::invalid("uri", m))?;
+    let (sha256, size, format) = match kind {
+        InputKind::BaseModel => {
+            let store =
+                Store::open(&req.uri).map_err(|e| Error::invalid("uri", unreadable(e)))?;
+            let (sha, size, _) = store
+                .tree_digest("")
+                .await
+                .map_err(|e| Error::invalid("uri", unreadable(e)))?;
+            (sha, size, "hf-safetensors")
+        }
+        InputKind::Dataset => {
+            let (store, name) = Store::open_object(&req.uri)
+                .map_err(|e| Error::invalid("uri", unreadable(e)))?;
+            let (sha, size) = store
+                .digest(&name)
+                .await
+                .map_err(|e| Error::invalid("uri", unreadable(e)))?;
+            (sha, size, "jsonl")
+        }
+    };
+    let (source_adapter, source_version) = match (&req.source, kind) {
+        (Some(s), InputKind::BaseModel) => {
+            let exists = super::get_version(pool, project, s.adapter.as_str(), s.version)
+                .await?
+                .is_some();
+            if !exists {
+                return Err(Error::invalid(
+                    "source",
+                    format!("no version {} of adapter {}", s.version, s.adapter),
+                ));
+            }
+            (Some(s.adapter.to_string()), Some(s.version))
+        }
+        (Some(_), InputKind::Dataset) => {
+            return Err(Error::invalid(
+                "source",
+                "only base models have a source",
+            ))
+        }
+        (None, _) => (None, None),
+    };
+    let inserted: Option<InputRow> = match kind {
+        InputKind::BaseModel => {
+            sqlx::query_as(
+                "INSERT INTO base_models (project, name, uri, sha256, size, format, source_adapter, source_version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (project, name) DO NOTHING
+                 RETURNING name, uri, sha256, size, format, source_adapter, source_version, created_at",
+            )
+            .bind(project)
+            .bind(req.name.as_str())
+            .bind(&req.uri)
+            .bind(&sha256)
+            .bind(size as i64)
+            .bind(format)
+            .bind(source_adapter)
+            .bind(source_version)
+            .fetch_optional(pool)
+            .await?
+        }
+        InputKind::Dataset => {
+            sqlx::query_as(
+                "INSERT INTO datasets (project, name, uri, sha256, size, format)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project, name) DO NOTHING
+                 RETURNING name, uri, sha256, size, format,
+                           NULL::text AS source_adapter, NULL::int AS source_version, created_at",
+            )
+            .bind(project)
+            .bind(req.name.as_str())
+            .bind(&req.uri)
+            .bind(&sha256)
+            .bind(size as i64)
+            .bind(format)
+            .fetch_optional(pool)
+            .await?
+        }
+    };
+    if let Some(row) = inserted {
+        return Ok((row, true));
+    }
+    let existing = get(pool, project, kind, req.name.as_str())
+        .await?
+        .ok_or(Error::NotFound("input"))?;
+    if existing.uri == req.uri && existing.sha256 == sha256 {
+        Ok((existing, false))
+    } else {
+        Err(Error::conflict(
+            "name_taken",
+            format!(
+                "{} {} is already registered with other content",
+                kind.noun(),
+                req.name
+            ),
+        ))
+    }
+}
+
+pub async fn get(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+    name: &str,
+) -> Result<Option<InputRow>, sqlx::Error> {
+    match kind {
+        InputKind::BaseModel => sqlx::query_as(
+            "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
+             FROM base_models WHERE project = $1 AND name = $2",
+        ),
+        InputKind::Dataset => sqlx::query_as(
+            "SELECT name, uri, sha256, size, format, NULL::text AS source_adapter, NULL::int AS source_version, created_at
+             FROM datasets WHERE project = $1 AND name = $2",
+        ),
+    }
+    .bind(project)
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn list(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+) -> Result<Vec<InputRow>, sqlx::Error> {
+    match kind {
+        InputKind::BaseModel => sqlx::query_as(
+            "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
+             FROM base_models WHERE project = $1 ORDER BY name",
+        ),
+        InputKind::Dataset => sqlx::query_as(
+            "SELECT name, uri, sha256, size, format, NULL::text AS source_adapter, NULL::int AS source_version, created_at
+             FROM datasets WHERE project = $1 ORDER BY name",
+        ),
+    }
+    .bind(project)
+    .fetch_all(pool)
+    .await
+}
+
+/// Turns a job's reference (URI or registered name) into a URI it can be read from.
+pub async fn resolve(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+    field: &str,
+    reference: &InputRef,
+) -> Result<ResolvedInput> {
+    let reference = match reference {
+        InputRef::Uri(uri) => {
+            return Ok(ResolvedInput {
+                uri: uri.clone(),
+                name: None,
+            })
+        }
+        InputRef::Name(name) => name.as_str(),
+    };
+    match get(pool, project, kind, reference).await? {
+        Some(row) => Ok(ResolvedInput {
+            uri: row.uri,
+            name: Some(row.name),
+        }),
+        None => Err(Error::invalid(
+            field,
+            format!("no registered {} named {reference:?}", kind.noun()),
+        )),
+    }
+}
+
+/// `file://` inputs must lie under a configured root, so a request cannot make the
+/// control plane (or a worker) read arbitrary local files. Symlinks are resolved first.
+pub fn confine(uri: &str, roots: &[std::path::PathBuf]) -> Result<(), String> {
+    let Ok(url) = url::Url::parse(uri) else {
+        return Err(format!("{uri:?} is not a URI"));
+    };
+    if url.scheme() != "file" {
+        return Ok(());
+    }
+    let path = url
+        .to_file_path()
+        .map_err(|_| format!("{uri:?} is not an absolute local path"))?;
+    let path = path.canonicalize().unwrap_or(path);
+    let allowed = roots
+        .iter()
+        .any(|root| path.starts_with(root.canonicalize().unwrap_or_else(|_| root.clone())));
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{uri} is outside the directories this server reads from (LORAFORGE_FILE_ROOTS)"
+        ))
+    }
+}
+
+/// Checks that an input is one we may read and that it is there (and, for a model,
+/// that we can train it).
+pub async fn check(uri: &str, roots: &[std::path::PathBuf], kind: InputKind) -> Result<(), String> {
+    confine(uri, roots)?;
+    match kind {
+        InputKind::BaseModel => inspect_model(uri).await,
+        InputKind::Dataset => inspect_object(uri).await,
+    }
+}
+
+/// Checks that a URI names a model directory we can train.
+pub async fn inspect_model(uri: &str) -> Result<(), String> {
+    let store = Store::open(uri).map_err(unreadable)?;
+    let config = match store.get("config.json").await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound(_)) => {
+            return Err(format!(
+                "{uri} has no config.json; expected a Hugging Face model directory"
+            ))
+        }
+        Err(e) => return Err(unreadable(e)),
+    };
+    let summary: ModelConfigSummary = serde_json::from_slice(&config)
+        .map_err(|e| format!("{uri}/config.json is not valid: {e}"))?;
+    summary.check_supported()?;
+    if store
+        .size("tokenizer.json")
+        .await
+        .map_err(unreadable)?
+        .is_none()
+    {
+        return Err(format!("{uri} has no tokenizer.json"));
+    }
+    let single = store.size("model.safetensors").await.map_err(unreadable)?;
+    let sharded = store
+        .size("model.safetensors.index.json")
+        .await
+        .map_err(unreadable)?;
+    if single.is_none() && sharded.is_none() {
+        return Err(format!(
+            "{uri} has neither model.safetensors nor model.safetensors.index.json"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a URI names an existing object.
+pub async fn inspect_object(uri: &str) -> Result<(), String> {
+    let (store, name) = Store::open_object(uri).map_err(unreadable)?;
+    match store.size(&name).await.map_err(unreadable)? {
+        Some(_) => Ok(()),
+        None => Err(format!("no object at {uri}")),
+    }
+}
+
+pub fn unreadable(e: StorageError) -> String {
+    match e {
+        StorageError::NotFound(uri) => format!("nothing found at {uri}"),
+        e => format!("cannot be read: {e}"),
+    }
+}
