@@ -191,7 +191,7 @@ async fn populate(pool: &sqlx::PgPool, per_adapter: i64) -> anyhow::Result<()> {
                                        hyperparameters, metrics, base_model_uri, base_model_sha256, dataset_uri, dataset_sha256, ready_at)
          SELECT 'default', 'bench-' || a, v, 'ready', $1, 'adapters/default/bench-' || a || '/v' || v,
                 '[{\"name\":\"adapter_config.json\",\"sha256\":\"00\",\"size\":800},{\"name\":\"adapter_model.safetensors\",\"sha256\":\"11\",\"size\":9000000},{\"name\":\"manifest.json\",\"sha256\":\"22\",\"size\":2000}]',
-                '{\"type\":\"lora\",\"r\":16,\"alpha\":32}', '{\"max_steps\":1000,\"learning_rate\":0.0002}', '{\"final_loss\":1.2}',
+                '{\"type\":\"lora\",\"r\":16,\"alpha\":32}', '{\"max_steps\":1000,\"learning_rate\":0.0002}', '{\"steps\":1000,\"tokens\":8192000,\"initial_loss\":2.1,\"final_loss\":1.2,\"train_seconds\":600.0,\"tokens_per_second\":13653.0,\"trainable_parameters\":4194304}',
                 'file:///models/base', repeat('a', 64), 'file:///data/train.jsonl', repeat('b', 64), now()
          FROM generate_series(0, $2 - 1) a, generate_series(1, $3) v",
     )

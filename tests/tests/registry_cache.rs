@@ -32,7 +32,8 @@ async fn insert_version(app: &TestApp, adapter: &str, v: i32) -> anyhow::Result<
         "INSERT INTO adapter_versions (project, adapter_name, version, status, job_id, storage_prefix, files, method,
                                        hyperparameters, base_model_uri, dataset_uri, ready_at)
          VALUES ('default', $1, $2, 'ready', $3, 'adapters/default/' || $1 || '/v' || $2,
-                 '[{\"name\":\"adapter_config.json\",\"sha256\":\"00\",\"size\":800}]', '{\"type\":\"lora\"}', '{}',
+                 '[{\"name\":\"adapter_config.json\",\"sha256\":\"00\",\"size\":800}]',
+                 '{\"type\":\"lora\",\"r\":4}', '{\"max_steps\":1,\"learning_rate\":0.001}',
                  'file:///models/base', 'file:///data/train.jsonl', now())",
     )
     .bind(adapter)

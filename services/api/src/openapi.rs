@@ -13,6 +13,8 @@ use utoipa_axum::routes;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "loraforge", description = "Train LoRA-family adapters and keep them as versioned, traceable artifacts."),
+    // The problem document is referenced by every route's problem answers.
+    components(schemas(crate::problem::Problem)),
     modifiers(&SecuritySchemes),
     security(("api_key" = [])),
     tags(
@@ -66,9 +68,10 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .route("/openapi.json", get(document))
 }
 
-/// The API document, as served.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().into_openapi()
+/// The API document, as served (built once).
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| routes().into_openapi())
 }
 
 struct SecuritySchemes;
@@ -97,6 +100,6 @@ impl Modify for SecuritySchemes {
     }
 }
 
-async fn document() -> axum::Json<utoipa::openapi::OpenApi> {
+async fn document() -> axum::Json<&'static utoipa::openapi::OpenApi> {
     axum::Json(openapi())
 }

@@ -93,6 +93,10 @@ impl Metrics {
             cache.requests.clone(),
         );
         m.training.register(r);
+        // Both series from the start, so a dashboard sees 0 rather than nothing.
+        for result in ["hit", "miss"] {
+            cache.requests.get_or_create(&vec![("result", result)]);
+        }
         m
     }
 

@@ -209,7 +209,7 @@ pub struct SafetyVerdict {
     pub breaches: Vec<String>,
 }
 
-/// What the worker measured, base vs adapted (see DESIGN.md "Safety evaluation").
+/// What the worker measured, base vs adapted (docs/safety.md).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SafetyReport {
