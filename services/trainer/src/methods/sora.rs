@@ -19,11 +19,12 @@ use super::gated::{
     attach_gated, export_gated, gate_allocation, sequential_soft_threshold, GatedModule, GATE,
 };
 use super::{module_path, refuse_parent};
+use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::LlamaModel;
 use anyhow::Result;
-use loraforge_spec::method::SoraConfig;
+use loraforge_spec::methods::SoraConfig;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -44,9 +45,12 @@ pub struct Sora {
     moments: Vec<GateMoments>,
 }
 
-impl Sora {
+impl Attach for Sora {
+    type Config = SoraConfig;
+
     /// The reference's init: A Kaiming-uniform, `B = 0`, `g ~ N(0, 1)`.
-    pub fn attach(model: &mut LlamaModel, config: &SoraConfig, device: Device) -> Result<Sora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let device = ctx.device;
         let store = VarStore::new(device);
         let modules = attach_gated(
             model,
@@ -142,8 +146,8 @@ impl AdapterMethod for Sora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
 
     #[test]
@@ -171,7 +175,7 @@ mod tests {
             "r": 8, "threshold": 0.6, "target_modules": ["q_proj", "v_proj"]
         }))
         .unwrap();
-        let mut sora = Sora::attach(&mut model, &config, Device::Cpu).unwrap();
+        let mut sora = Sora::attach(&mut model, &config, &cpu(&plan(1, 0))).unwrap();
         tch::no_grad(|| {
             for m in &mut sora.modules {
                 let _ =
