@@ -22,7 +22,7 @@ use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::AdaLoraConfig;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The branch `dropout(x) (A ⊙ E)^T B^T · alpha / (init_r + 1e-5)` on one layer.
 struct SvdBranch {
@@ -330,6 +330,7 @@ mod tests {
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     fn config(json: serde_json::Value) -> AdaLoraConfig {
         serde_json::from_value(json).unwrap()
@@ -369,10 +370,9 @@ mod tests {
         let mut ada = AdaLora::attach(&mut model, &c, &cpu(&plan(10, 0))).unwrap();
         tch::no_grad(|| {
             for m in &mut ada.modules {
-                let _ =
-                    m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
+                m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
                 let [a, _, b] = &mut m.importance;
-                let _ = a.sensitivity.copy_(&Tensor::rand(
+                a.sensitivity.copy_(&Tensor::rand(
                     a.sensitivity.size(),
                     (Kind::Float, Device::Cpu),
                 ));

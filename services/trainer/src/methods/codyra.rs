@@ -41,7 +41,7 @@ use crate::model::LlamaModel;
 use anyhow::Result;
 use loraforge_spec::methods::CodyraConfig;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The reference's `torch.optim.AdamW(..., betas=(0.9, 0.9999))`.
 const BETAS: (f64, f64) = (0.9, 0.9999);
@@ -188,6 +188,7 @@ mod tests {
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     fn config(value: serde_json::Value) -> CodyraConfig {
         serde_json::from_value(value).unwrap()

@@ -19,7 +19,7 @@ use loraforge_spec::methods::DyLoraConfig;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 struct NestedBranch {
     a: Tensor,
@@ -182,6 +182,7 @@ mod tests {
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     /// Truncated to rank b, the adapter's forward is exactly its exported rank-b adapter.
     #[test]
@@ -200,9 +201,8 @@ mod tests {
             let dylora = DyLora::attach(&mut model, &config, &cpu(&plan(1, 0))).unwrap();
             tch::no_grad(|| {
                 for m in &dylora.modules {
-                    let _ =
-                        m.b.shallow_clone()
-                            .copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
+                    m.b.shallow_clone()
+                        .copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
                 }
             });
             let mut exported = fixture.load();

@@ -26,7 +26,7 @@ use crate::model::LlamaModel;
 use anyhow::Result;
 use loraforge_spec::methods::SoraConfig;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 const GATE_BETA1: f64 = 0.9;
 const GATE_BETA2: f64 = 0.999;
@@ -149,6 +149,7 @@ mod tests {
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     #[test]
     fn soft_threshold_is_the_references_proximal_step() {
@@ -178,12 +179,11 @@ mod tests {
         let mut sora = Sora::attach(&mut model, &config, &cpu(&plan(1, 0))).unwrap();
         tch::no_grad(|| {
             for m in &mut sora.modules {
-                let _ =
-                    m.b.copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
+                m.b.copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
             }
             // One module loses every rank.
             let low = sora.modules[1].gate.zeros_like() + 0.1;
-            let _ = sora.modules[1].gate.copy_(&low);
+            sora.modules[1].gate.copy_(&low);
         });
         sora.after_step(StepInfo {
             index: 1,

@@ -46,7 +46,7 @@ use anyhow::Result;
 use loraforge_spec::methods::{RankGrowthModel, TriAdaptLoraConfig};
 use loraforge_spec::TrainingConfig;
 use tch::nn::{Path, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Which ranks exist, and which entries of the two triangles, derived from each rank's birth
 /// `(K, 1)`. Kept in the store (non-trainable) so that no forward pass rebuilds it: a growth
@@ -443,6 +443,7 @@ mod tests {
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     fn config(json: serde_json::Value) -> TriAdaptLoraConfig {
         serde_json::from_value(json).unwrap()
