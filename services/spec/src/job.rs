@@ -368,9 +368,7 @@ impl JobSpec {
                 ));
             }
         }
-        self.method.validate(&mut errors);
-        self.method
-            .validate_with_training(&self.training, &mut errors);
+        errors.extend(self.method.validate(&self.training));
         self.training.validate(&mut errors);
         if errors.is_empty() {
             Ok(())

@@ -7,7 +7,7 @@ pub mod error;
 pub mod job;
 pub mod manifest;
 pub mod merge;
-pub mod method;
+pub mod methods;
 pub mod model;
 pub mod names;
 pub mod peft;
@@ -21,5 +21,7 @@ pub use job::{
     ResolvedJobSpec, TrainingConfig,
 };
 pub use manifest::{AdapterManifest, DigestRef, FileDigest, TrainingMetrics};
-pub use method::{LoraConfig, LoraInit, MethodConfig};
+/// The methods' old path (`loraforge_spec::method::AdaLoraConfig`), kept for its users.
+pub use methods as method;
+pub use methods::{LoraConfig, LoraInit, MethodConfig, MethodParams};
 pub use names::AdapterName;

@@ -2,7 +2,7 @@
 //! came from (lineage) and how it did (metrics).
 
 use crate::job::TrainingConfig;
-use crate::method::MethodConfig;
+use crate::methods::MethodConfig;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 

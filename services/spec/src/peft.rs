@@ -1,7 +1,7 @@
 //! The PEFT `adapter_config.json` we publish, so that `PeftModel.from_pretrained`,
 //! vLLM and LoRAX load our adapters as they are.
 
-use crate::method::{LoraConfig, LoraInit};
+use crate::methods::{LoraConfig, LoraInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

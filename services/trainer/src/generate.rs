@@ -9,7 +9,7 @@ use crate::chat_template::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::user_error;
 use crate::export::PeftAdapter;
-use crate::lora;
+use crate::methods::lora;
 use crate::model::LlamaModel;
 use crate::tokenizer_config::TokenizerConfig;
 use anyhow::Result;

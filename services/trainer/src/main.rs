@@ -11,7 +11,6 @@ mod export;
 mod fixture;
 mod generate;
 mod inputs;
-mod lora;
 mod merge;
 mod method;
 mod methods;
@@ -419,7 +418,7 @@ fn print_logits(
     }
     let mut model = LlamaModel::load(model_dir, config, device)?;
     if let Some(dir) = adapter {
-        lora::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
+        methods::lora::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
     }
     let input = tch::Tensor::from_slice(tokens)
         .unsqueeze(0)

@@ -1,5 +1,5 @@
-//! Adapter methods: one trait, one module per method (`lora`, and the adaptive-rank ones in
-//! `methods/`), one registration line each in [`attach_method`].
+//! Adapter methods: what the training loop sees of one, [`AdapterMethod`]. The methods
+//! themselves are in `methods/`, one module each, registered in [`attach_method`].
 //!
 //! The training loop stays generic: per step it calls [`AdapterMethod::before_step`], adds
 //! [`AdapterMethod::extra_loss`] to the task loss, runs its AdamW over
@@ -10,18 +10,12 @@
 //! non-trainable variables, so checkpoints save and restore it with the factors.
 
 use crate::export::PeftAdapter;
-use crate::lora::Lora;
-use crate::methods::{
-    adalora::AdaLora, codyra::Codyra, dylora::DyLora, increlora::IncreLora, sora::Sora,
-    triadaptlora::TriAdaptLora,
-};
-use crate::model::LlamaModel;
+pub use crate::methods::attach_method;
 use anyhow::Result;
 use loraforge_spec::worker::EventPayload;
-use loraforge_spec::{JobSpec, MethodConfig};
 use std::collections::BTreeMap;
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// Where the loop is when a per-step hook runs.
 #[derive(Debug, Clone, Copy)]
@@ -103,37 +97,4 @@ pub trait AdapterMethod {
     /// fresh ones. A factor it lacks, has in another shape, or has for a layer this method does
     /// not adapt is the user's error.
     fn start_from(&mut self, parent: &PeftAdapter) -> Result<()>;
-}
-
-/// Attaches the method a job asks for to the model's target layers.
-pub fn attach_method(
-    model: &mut LlamaModel,
-    spec: &JobSpec,
-    device: Device,
-) -> Result<Box<dyn AdapterMethod>> {
-    Ok(match &spec.method {
-        MethodConfig::Lora(config) => Box::new(Lora::attach(model, config, device)?),
-        MethodConfig::AdaLora(config) => Box::new(AdaLora::attach(
-            model,
-            config,
-            spec.training.max_steps,
-            device,
-        )?),
-        MethodConfig::Sora(config) => Box::new(Sora::attach(model, config, device)?),
-        MethodConfig::DyLora(config) => {
-            Box::new(DyLora::attach(model, config, spec.training.seed, device)?)
-        }
-        MethodConfig::IncreLora(config) => {
-            Box::new(IncreLora::attach(model, config, &spec.training, device)?)
-        }
-        MethodConfig::TriAdaptLora(config) => {
-            Box::new(TriAdaptLora::attach(model, config, &spec.training, device)?)
-        }
-        MethodConfig::Codyra(config) => Box::new(Codyra::attach(
-            model,
-            config,
-            spec.training.max_steps,
-            device,
-        )?),
-    })
 }

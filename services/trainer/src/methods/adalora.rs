@@ -15,13 +15,14 @@
 //! - Published as plain LoRA: `A' = A_kept ⊙ E_kept`, `B' = B_kept · alpha / (init_r + 1e-5)`.
 
 use super::{module_path, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
-use loraforge_spec::method::AdaLoraConfig;
+use loraforge_spec::methods::AdaLoraConfig;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The branch `dropout(x) (A ⊙ E)^T B^T · alpha / (init_r + 1e-5)` on one layer.
 struct SvdBranch {
@@ -115,14 +116,12 @@ pub struct AdaLora {
     scheduled_budget: i64,
 }
 
-impl AdaLora {
+impl Attach for AdaLora {
+    type Config = AdaLoraConfig;
+
     /// PEFT's `reset_lora_parameters`: `E = 0`, `A, B ~ N(0, 0.02)`, so ΔW = 0 at start.
-    pub fn attach(
-        model: &mut LlamaModel,
-        config: &AdaLoraConfig,
-        total_step: u32,
-        device: Device,
-    ) -> Result<AdaLora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let (total_step, device) = (ctx.training.max_steps, ctx.device);
         let store = VarStore::new(device);
         let r = i64::from(config.init_r);
         let scaling = config.alpha / (f64::from(config.init_r) + 1e-5);
@@ -173,7 +172,9 @@ impl AdaLora {
             scheduled_budget,
         })
     }
+}
 
+impl AdaLora {
     fn initial_budget(&self) -> i64 {
         i64::from(self.config.init_r) * self.modules.len() as i64
     }
@@ -326,9 +327,10 @@ impl AdapterMethod for AdaLora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     fn config(json: serde_json::Value) -> AdaLoraConfig {
         serde_json::from_value(json).unwrap()
@@ -343,7 +345,7 @@ mod tests {
             serde_json::json!({"init_r": 6, "target_r": 2, "tinit": 3, "tfinal": 5, "delta_t": 2,
                                           "target_modules": ["q_proj", "v_proj"]}),
         );
-        let ada = AdaLora::attach(&mut fixture.load(), &c, 20, Device::Cpu).unwrap();
+        let ada = AdaLora::attach(&mut fixture.load(), &c, &cpu(&plan(20, 0))).unwrap();
         // 4 matrices: 24 triplets at first, 8 at the end; 12 steps of decay from step 3.
         let expected = |s: i64| (16.0 * (1.0 - (s - 3) as f64 / 12.0).powi(3) + 8.0) as i64;
         assert_eq!(ada.budget(3), (24, false));
@@ -365,13 +367,12 @@ mod tests {
         let c = config(
             serde_json::json!({"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"]}),
         );
-        let mut ada = AdaLora::attach(&mut model, &c, 10, Device::Cpu).unwrap();
+        let mut ada = AdaLora::attach(&mut model, &c, &cpu(&plan(10, 0))).unwrap();
         tch::no_grad(|| {
             for m in &mut ada.modules {
-                let _ =
-                    m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
+                m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
                 let [a, _, b] = &mut m.importance;
-                let _ = a.sensitivity.copy_(&Tensor::rand(
+                a.sensitivity.copy_(&Tensor::rand(
                     a.sensitivity.size(),
                     (Kind::Float, Device::Cpu),
                 ));

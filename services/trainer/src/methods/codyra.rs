@@ -34,13 +34,14 @@ use super::gated::{
     attach_gated, export_gated, gate_allocation, sequential_soft_threshold, GatedModule,
 };
 use super::refuse_parent;
+use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::LlamaModel;
 use anyhow::Result;
-use loraforge_spec::method::CodyraConfig;
+use loraforge_spec::methods::CodyraConfig;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The reference's `torch.optim.AdamW(..., betas=(0.9, 0.9999))`.
 const BETAS: (f64, f64) = (0.9, 0.9999);
@@ -98,15 +99,13 @@ pub struct Codyra {
     threshold_id: Tensor,
 }
 
-impl Codyra {
+impl Attach for Codyra {
+    type Config = CodyraConfig;
+
     /// The reference's init: A Kaiming-uniform, `B = 0`, `g ~ N(0, 1)`, for a run of
     /// `max_steps` steps.
-    pub fn attach(
-        model: &mut LlamaModel,
-        config: &CodyraConfig,
-        max_steps: u32,
-        device: Device,
-    ) -> Result<Codyra> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let (max_steps, device) = (ctx.training.max_steps, ctx.device);
         let store = VarStore::new(device);
         let modules = attach_gated(
             model,
@@ -129,7 +128,9 @@ impl Codyra {
             threshold_id,
         })
     }
+}
 
+impl Codyra {
     /// The current soft threshold κ.
     fn threshold(&self) -> f64 {
         self.schedule.threshold(self.threshold_id.int64_value(&[0]))
@@ -184,9 +185,10 @@ impl AdapterMethod for Codyra {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     fn config(value: serde_json::Value) -> CodyraConfig {
         serde_json::from_value(value).unwrap()
@@ -236,7 +238,7 @@ mod tests {
             "r": 4, "max_kappa": 0.25, "lambda_num": 3, "dense_iters": 0.5,
             "target_modules": ["q_proj"]
         }));
-        let mut codyra = Codyra::attach(&mut fixture.load(), &cfg, 16, Device::Cpu).unwrap();
+        let mut codyra = Codyra::attach(&mut fixture.load(), &cfg, &cpu(&plan(16, 0))).unwrap();
         let start = [1.0f32, -1.0, 2.0, 0.0625];
         set_gates(&codyra, 0, &start);
         let mut thresholds = Vec::new();
@@ -253,7 +255,7 @@ mod tests {
             }
             if index == 11 {
                 // What `restore` does with a checkpoint written after step 11.
-                let other = Codyra::attach(&mut fixture.load(), &cfg, 16, Device::Cpu).unwrap();
+                let other = Codyra::attach(&mut fixture.load(), &cfg, &cpu(&plan(16, 0))).unwrap();
                 let saved = codyra.store.variables();
                 for (name, mut variable) in other.store.variables() {
                     tch::no_grad(|| variable.copy_(&saved[&name]));
@@ -287,8 +289,7 @@ mod tests {
         let codyra = Codyra::attach(
             &mut fixture.load(),
             &config(serde_json::json!({"r": 2})),
-            100,
-            Device::Cpu,
+            &cpu(&plan(100, 0)),
         )
         .unwrap();
         let names: Vec<String> = codyra
@@ -314,7 +315,7 @@ mod tests {
             "r": 8, "max_kappa": 0.3, "lambda_num": 2, "dense_iters": 0.0,
             "target_modules": ["q_proj", "v_proj"]
         }));
-        let mut codyra = Codyra::attach(&mut model, &cfg, 16, Device::Cpu).unwrap();
+        let mut codyra = Codyra::attach(&mut model, &cfg, &cpu(&plan(16, 0))).unwrap();
         tch::no_grad(|| {
             for m in &mut codyra.modules {
                 m.b.copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
@@ -364,8 +365,7 @@ mod tests {
         let mut codyra = Codyra::attach(
             &mut fixture.load(),
             &config(serde_json::json!({})),
-            100,
-            Device::Cpu,
+            &cpu(&plan(100, 0)),
         )
         .unwrap();
         let parent = codyra.export("file:///m");

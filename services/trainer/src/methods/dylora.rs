@@ -10,15 +10,16 @@
 //! the published adapter use the rank `export_r` (default r).
 
 use super::{kaiming_uniform, module_path, per_module_lora, refuse_parent, ExportedFactors};
+use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::AdapterMethod;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
-use loraforge_spec::method::DyLoraConfig;
+use loraforge_spec::methods::DyLoraConfig;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 struct NestedBranch {
     a: Tensor,
@@ -78,14 +79,12 @@ pub struct DyLora {
     train_rank: Arc<AtomicI64>,
 }
 
-impl DyLora {
+impl Attach for DyLora {
+    type Config = DyLoraConfig;
+
     /// loralib's init: A Kaiming-uniform, `B = 0`.
-    pub fn attach(
-        model: &mut LlamaModel,
-        config: &DyLoraConfig,
-        seed: u64,
-        device: Device,
-    ) -> Result<DyLora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let (seed, device) = (ctx.training.seed, ctx.device);
         let store = VarStore::new(device);
         let r = i64::from(config.r);
         let train_rank = Arc::new(AtomicI64::new(r));
@@ -122,7 +121,9 @@ impl DyLora {
             train_rank,
         })
     }
+}
 
+impl DyLora {
     /// The rank step `step` trains: uniform over `[min_r, r]`, from (seed, step) alone.
     pub fn rank_for_step(&self, step: u32) -> i64 {
         let span = u64::from(self.config.r - self.config.min_r + 1);
@@ -178,9 +179,10 @@ impl AdapterMethod for DyLora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     /// Truncated to rank b, the adapter's forward is exactly its exported rank-b adapter.
     #[test]
@@ -196,12 +198,11 @@ mod tests {
             .unwrap();
             // The same factors for every b.
             tch::manual_seed(5);
-            let dylora = DyLora::attach(&mut model, &config, 0, Device::Cpu).unwrap();
+            let dylora = DyLora::attach(&mut model, &config, &cpu(&plan(1, 0))).unwrap();
             tch::no_grad(|| {
                 for m in &dylora.modules {
-                    let _ =
-                        m.b.shallow_clone()
-                            .copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
+                    m.b.shallow_clone()
+                        .copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
                 }
             });
             let mut exported = fixture.load();
@@ -227,7 +228,7 @@ mod tests {
         let fixture = FixtureModel::create();
         let config: DyLoraConfig =
             serde_json::from_value(serde_json::json!({"r": 6, "min_r": 2})).unwrap();
-        let dylora = DyLora::attach(&mut fixture.load(), &config, 9, Device::Cpu).unwrap();
+        let dylora = DyLora::attach(&mut fixture.load(), &config, &cpu(&plan(1, 9))).unwrap();
         let ranks: Vec<i64> = (1..=600).map(|s| dylora.rank_for_step(s)).collect();
         for rank in 2..=6 {
             let n = ranks.iter().filter(|&&r| r == rank).count();

@@ -38,12 +38,13 @@
 
 use super::rank_adam::{Moments, RankAdam, UNBORN};
 use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
 use crate::optimizer::learning_rate;
 use anyhow::Result;
-use loraforge_spec::method::IncreLoraConfig;
+use loraforge_spec::methods::IncreLoraConfig;
 use loraforge_spec::TrainingConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -216,16 +217,14 @@ pub struct IncreLora {
     collecting: Arc<AtomicBool>,
 }
 
-impl IncreLora {
+impl Attach for IncreLora {
+    type Config = IncreLoraConfig;
+
     /// `reset_parameters`: `E = 0`, `A, B ~ N(0, 0.02)`; the reserve (`add_reserve_param`)
     /// likewise with `E = 1e-5` (0 without `advance_learn`). Ranks beyond them are drawn now
     /// too, and stay masked until created.
-    pub fn attach(
-        model: &mut LlamaModel,
-        config: &IncreLoraConfig,
-        training: &TrainingConfig,
-        device: Device,
-    ) -> Result<IncreLora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let (training, device) = (ctx.training, ctx.device);
         let store = VarStore::new(device);
         let (r0, add) = (i64::from(config.lora_r), i64::from(config.rank_step()));
         let reachable = r0 + add * i64::from(config.allocation_steps(training.max_steps));
@@ -329,7 +328,9 @@ impl IncreLora {
         method.read_ranks();
         Ok(method)
     }
+}
 
+impl IncreLora {
     /// Refreshes every module's [`HostRanks`] from the store (which a checkpoint restore may
     /// have replaced) in one device read.
     fn read_ranks(&mut self) {
@@ -579,8 +580,8 @@ impl AdapterMethod for IncreLora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, FixtureModel};
     use crate::optimizer::EPSILON;
     use crate::seeds::torch_rng_turn;
 
@@ -657,7 +658,7 @@ mod tests {
             "lora_r": 1, "target_rank": 2, "init_warmup": 2, "incre_interval": 2, "top_h": 3,
             "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj"]
         }));
-        let mut method = IncreLora::attach(&mut model, &c, &training(12, 0), Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(12, 0))).unwrap();
         let n = method.modules.len() as i64;
         assert!(n >= 4, "the fixture has {n} modules");
         let target = 2 * n;
@@ -717,7 +718,7 @@ mod tests {
             "init_warmup": 0, "incre_interval": 1, "top_h": 10, "incre_rank_num": 1,
             "target_modules": ["q_proj", "v_proj"]
         }));
-        let mut method = IncreLora::attach(&mut model, &c, &training(6, 0), Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(6, 0))).unwrap();
         // Two active ranks at most, plus the reserve.
         assert!(method.modules.iter().all(|m| m.a.size()[0] == 3));
         run_steps(&model, &mut method, 1..=6, 6, |_, _, _| {});
@@ -750,7 +751,7 @@ mod tests {
             "lora_r": 2, "target_rank": 4, "incre_rank_num": 1, "reg_orth_coef": 0.3,
             "init_warmup": 0, "incre_interval": 1, "target_modules": ["q_proj", "down_proj"]
         }));
-        let mut method = IncreLora::attach(&mut model, &c, &training(20, 0), Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(20, 0))).unwrap();
         tch::no_grad(|| method.modules[0].grow(0, 1, true));
         let got = method.extra_loss().unwrap().double_value(&[]);
         let mut norms = Vec::new();
@@ -777,8 +778,7 @@ mod tests {
             "lora_r": 1, "target_rank": 2, "init_warmup": 0, "incre_interval": 1,
             "target_modules": ["q_proj"]
         }));
-        let method =
-            IncreLora::attach(&mut fixture.load(), &c, &training(20, 2), Device::Cpu).unwrap();
+        let method = IncreLora::attach(&mut fixture.load(), &c, &cpu(&training(20, 2))).unwrap();
         let step = |index| StepInfo {
             index,
             total: 20,
@@ -792,8 +792,7 @@ mod tests {
         // Then linear decay to 0 at the end of training: 13 steps of decay after warmup.
         assert!((method.rank_lr(6.0, step(14)) - 0.01 * 7.0 / 13.0).abs() < 1e-12);
         c.multi_lr = false;
-        let method =
-            IncreLora::attach(&mut fixture.load(), &c, &training(20, 2), Device::Cpu).unwrap();
+        let method = IncreLora::attach(&mut fixture.load(), &c, &cpu(&training(20, 2))).unwrap();
         assert_eq!(method.rank_lr(6.0, step(7)), 0.123);
     }
 
@@ -812,7 +811,7 @@ mod tests {
         }));
         let mut training = training(6, 0);
         training.weight_decay = 0.1;
-        let mut method = IncreLora::attach(&mut model, &c, &training, Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training)).unwrap();
         let (lr, wd) = (0.01, 0.1);
         let info = |index| StepInfo {
             index,
@@ -891,7 +890,7 @@ mod tests {
             "init_warmup": 0, "incre_interval": 1, "top_h": 10, "incre_rank_num": 1,
             "target_modules": ["q_proj", "v_proj"]
         }));
-        let mut method = IncreLora::attach(&mut model, &c, &training(6, 0), Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(6, 0))).unwrap();
         let mut collecting = Vec::new();
         run_steps(&model, &mut method, 1..=6, 6, |index, _, method| {
             collecting.push(method.collecting.load(Ordering::Relaxed));
@@ -911,7 +910,7 @@ mod tests {
             "lora_r": 1, "target_rank": 4, "init_warmup": 0, "incre_interval": 4, "top_h": 1,
             "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj"]
         }));
-        let mut method = IncreLora::attach(&mut model, &c, &training(6, 0), Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(6, 0))).unwrap();
         let mut collecting = Vec::new();
         run_steps(&model, &mut method, 1..=6, 6, |_, _, method| {
             collecting.push(method.collecting.load(Ordering::Relaxed));
@@ -950,7 +949,7 @@ mod tests {
             "beta1": 0.7, "beta2": 0.6, "reg_orth_coef": 0.0,
             "target_modules": ["q_proj", "v_proj"]
         }));
-        let mut method = IncreLora::attach(&mut model, &c, &training(200, 0), Device::Cpu).unwrap();
+        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(200, 0))).unwrap();
         // E away from 0 and the EMAs away from their start.
         run_steps(&model, &mut method, 1..=3, 200, |_, _, _| {});
         let (s0, u0) = (

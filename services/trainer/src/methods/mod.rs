@@ -1,22 +1,79 @@
-//! The adaptive-rank adapter methods (specifications in DESIGN.md's `methods.md`), and what
-//! they share: every one publishes a plain PEFT LoRA whose ranks differ per module.
+//! The adapter methods, one module per method, and the registry that attaches the one a job
+//! asks for: [`attach_method`], one line per method. Every method implements [`Attach`] (the
+//! same `attach(model, config, &ctx)` for all) and [`AdapterMethod`]. The spec side mirrors
+//! this in `loraforge_spec::methods`; docs/methods.md says how to add a method and what each
+//! one does. Besides LoRA, every method here publishes a plain PEFT LoRA whose ranks differ
+//! per module.
 
 pub mod adalora;
 pub mod codyra;
 pub mod dylora;
 pub mod gated;
 pub mod increlora;
+pub mod lora;
 pub mod rank_adam;
 pub mod sora;
 pub mod triadaptlora;
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
+use crate::method::AdapterMethod;
+use crate::model::LlamaModel;
 use anyhow::Result;
 use loraforge_spec::peft::{lora_key, PeftLoraConfig};
+use loraforge_spec::{JobSpec, MethodConfig, TrainingConfig};
 use std::collections::BTreeMap;
 use tch::nn::{Path, VarStore};
 use tch::{Device, Kind, Tensor};
+
+/// What attaching a method may need besides its own parameters: the run's plan (its length
+/// for schedules, its seed) and the device the adapter lives on.
+pub struct AttachContext<'a> {
+    pub training: &'a TrainingConfig,
+    pub device: Device,
+}
+
+/// How a method attaches itself to a model; one implementation per method.
+pub trait Attach: AdapterMethod + Sized + 'static {
+    /// The method's parameters, as the job spec has them.
+    type Config;
+
+    /// Adds the method's freshly initialised adapter to the model's target layers
+    /// (`model.target_linears`), its variables in a store of its own on `ctx.device`.
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self>;
+}
+
+/// The registry: attaches the method a job asks for, one line per method (the match is
+/// exhaustive, so a method declared in the spec but not here does not compile).
+pub fn attach_method(
+    model: &mut LlamaModel,
+    spec: &JobSpec,
+    device: Device,
+) -> Result<Box<dyn AdapterMethod>> {
+    let ctx = AttachContext {
+        training: &spec.training,
+        device,
+    };
+    match &spec.method {
+        MethodConfig::Lora(config) => boxed::<lora::Lora>(model, config, &ctx),
+        MethodConfig::AdaLora(config) => boxed::<adalora::AdaLora>(model, config, &ctx),
+        MethodConfig::Sora(config) => boxed::<sora::Sora>(model, config, &ctx),
+        MethodConfig::DyLora(config) => boxed::<dylora::DyLora>(model, config, &ctx),
+        MethodConfig::IncreLora(config) => boxed::<increlora::IncreLora>(model, config, &ctx),
+        MethodConfig::TriAdaptLora(config) => {
+            boxed::<triadaptlora::TriAdaptLora>(model, config, &ctx)
+        }
+        MethodConfig::Codyra(config) => boxed::<codyra::Codyra>(model, config, &ctx),
+    }
+}
+
+fn boxed<M: Attach>(
+    model: &mut LlamaModel,
+    config: &M::Config,
+    ctx: &AttachContext,
+) -> Result<Box<dyn AdapterMethod>> {
+    Ok(Box::new(M::attach(model, config, ctx)?))
+}
 
 /// One module's factors as published: `a (r, in)`, `b (out, r)`, the branch's whole scale
 /// already folded into `b`, so the module adds exactly `x a^T b^T`.
@@ -129,9 +186,27 @@ pub fn select(t: &Tensor, dim: i64, keep: &Tensor) -> Tensor {
 pub mod testing {
     //! The fixture model, loaded as many times as a test needs, and its logits.
 
+    use super::AttachContext;
     use crate::config::ModelConfig;
     use crate::model::LlamaModel;
+    use loraforge_spec::TrainingConfig;
     use tch::{Device, Kind, Tensor};
+
+    /// A run of `max_steps` steps with seed `seed`, the rest defaults.
+    pub fn plan(max_steps: u32, seed: u64) -> TrainingConfig {
+        serde_json::from_value(serde_json::json!({
+            "max_steps": max_steps, "learning_rate": 0.01, "seed": seed
+        }))
+        .unwrap()
+    }
+
+    /// Attaching for `training` on the CPU.
+    pub fn cpu(training: &TrainingConfig) -> AttachContext<'_> {
+        AttachContext {
+            training,
+            device: Device::Cpu,
+        }
+    }
 
     pub struct FixtureModel {
         pub dir: tempfile::TempDir,
@@ -169,6 +244,34 @@ pub mod testing {
 mod tests {
     use super::testing::FixtureModel;
     use crate::error::{classify, Failure};
+    use loraforge_spec::{JobSpec, MethodConfig};
+    use tch::Device;
+
+    /// The two registries agree: every method the spec declares attaches here, with the
+    /// parameters it gets when a job names only its `type`, to the layers those name.
+    #[test]
+    fn every_spec_method_attaches() {
+        let fixture = FixtureModel::create();
+        for tag in MethodConfig::TAGS {
+            let method = MethodConfig::example(tag).unwrap();
+            let body = serde_json::json!({
+                "adapter_name": "demo", "base_model": "file:///m",
+                "dataset": {"train": "file:///d.jsonl"}, "method": method,
+                "training": {"max_steps": 5000, "learning_rate": 0.001}
+            });
+            let spec = JobSpec::parse(body.to_string().as_bytes()).unwrap();
+            let mut model = fixture.load();
+            let attached = super::attach_method(&mut model, &spec, Device::Cpu)
+                .unwrap_or_else(|e| panic!("{tag}: {e:#}"));
+            let variables = attached.var_store().variables();
+            for (path, _) in model.target_linears(method.target_modules()).unwrap() {
+                assert!(
+                    variables.keys().any(|k| k.starts_with(&format!("{path}."))),
+                    "{tag} has no variable for {path}"
+                );
+            }
+        }
+    }
 
     /// Every method attaches through `target_linears`: a list naming no layer of the model is
     /// the user's error, named, and nothing is attached.

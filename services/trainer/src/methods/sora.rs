@@ -19,13 +19,14 @@ use super::gated::{
     attach_gated, export_gated, gate_allocation, sequential_soft_threshold, GatedModule, GATE,
 };
 use super::{module_path, refuse_parent};
+use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::LlamaModel;
 use anyhow::Result;
-use loraforge_spec::method::SoraConfig;
+use loraforge_spec::methods::SoraConfig;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 const GATE_BETA1: f64 = 0.9;
 const GATE_BETA2: f64 = 0.999;
@@ -44,9 +45,12 @@ pub struct Sora {
     moments: Vec<GateMoments>,
 }
 
-impl Sora {
+impl Attach for Sora {
+    type Config = SoraConfig;
+
     /// The reference's init: A Kaiming-uniform, `B = 0`, `g ~ N(0, 1)`.
-    pub fn attach(model: &mut LlamaModel, config: &SoraConfig, device: Device) -> Result<Sora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let device = ctx.device;
         let store = VarStore::new(device);
         let modules = attach_gated(
             model,
@@ -142,9 +146,10 @@ impl AdapterMethod for Sora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     #[test]
     fn soft_threshold_is_the_references_proximal_step() {
@@ -171,15 +176,14 @@ mod tests {
             "r": 8, "threshold": 0.6, "target_modules": ["q_proj", "v_proj"]
         }))
         .unwrap();
-        let mut sora = Sora::attach(&mut model, &config, Device::Cpu).unwrap();
+        let mut sora = Sora::attach(&mut model, &config, &cpu(&plan(1, 0))).unwrap();
         tch::no_grad(|| {
             for m in &mut sora.modules {
-                let _ =
-                    m.b.copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
+                m.b.copy_(&(Tensor::randn(m.b.size(), (Kind::Float, Device::Cpu)) * 0.2));
             }
             // One module loses every rank.
             let low = sora.modules[1].gate.zeros_like() + 0.1;
-            let _ = sora.modules[1].gate.copy_(&low);
+            sora.modules[1].gate.copy_(&low);
         });
         sora.after_step(StepInfo {
             index: 1,

@@ -37,15 +37,16 @@
 
 use super::rank_adam::{Moments, RankAdam, UNBORN};
 use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::{Attach, AttachContext};
 use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
-use loraforge_spec::method::{RankGrowthModel, TriAdaptLoraConfig};
+use loraforge_spec::methods::{RankGrowthModel, TriAdaptLoraConfig};
 use loraforge_spec::TrainingConfig;
 use tch::nn::{Path, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Which ranks exist, and which entries of the two triangles, derived from each rank's birth
 /// `(K, 1)`. Kept in the store (non-trainable) so that no forward pass rebuilds it: a growth
@@ -165,15 +166,13 @@ pub struct TriAdaptLora {
     target_total: i64,
 }
 
-impl TriAdaptLora {
+impl Attach for TriAdaptLora {
+    type Config = TriAdaptLoraConfig;
+
     /// `A ~ N(0, 0.02)`, `C_row, C_col ~ N(0, 0.02)`, `B = 0` everywhere (see the module
     /// docs); ranks not yet created are masked until then.
-    pub fn attach(
-        model: &mut LlamaModel,
-        config: &TriAdaptLoraConfig,
-        training: &TrainingConfig,
-        device: Device,
-    ) -> Result<TriAdaptLora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let (training, device) = (ctx.training, ctx.device);
         let store = VarStore::new(device);
         let (r0, add) = (i64::from(config.init_rank), i64::from(config.rank_step()));
         let reachable = r0 + add * i64::from(config.allocation_steps(training.max_steps));
@@ -259,7 +258,9 @@ impl TriAdaptLora {
             target_total,
         })
     }
+}
 
+impl TriAdaptLora {
     /// Every module's rank, with one copy to the host.
     fn ranks(&self) -> Vec<i64> {
         let born: Vec<Tensor> = self.modules.iter().map(|m| m.born.view([1, -1])).collect();
@@ -439,9 +440,10 @@ impl AdapterMethod for TriAdaptLora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::attach_frozen;
-    use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
+    use crate::methods::lora::attach_frozen;
+    use crate::methods::testing::{cpu, logits, max_abs_diff, FixtureModel};
     use crate::seeds::torch_rng_turn;
+    use tch::Device;
 
     fn config(json: serde_json::Value) -> TriAdaptLoraConfig {
         serde_json::from_value(json).unwrap()
@@ -473,7 +475,7 @@ mod tests {
             "target_modules": ["q_proj", "v_proj"]
         }));
         let total = 12;
-        let mut method = TriAdaptLora::attach(&mut model, &c, &training(40), Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &cpu(&training(40))).unwrap();
         let modules = method.modules.len();
         assert!(modules >= 4, "the fixture has {modules} modules");
         let target = 4 * modules as i64;
@@ -553,7 +555,7 @@ mod tests {
         assert!(ranks(&method).iter().any(|&r| r > 1));
     }
 
-    /// The layout against methods.md 5(a) built block by block: after the first block of
+    /// The layout of docs/methods.md (TriAdaptLoRA) built block by block: after the first block of
     /// `init_rank` ranks and growths by 3 and then 5 ranks (R_i = 2, 5, 10), `C` is the
     /// vertical stack of `C_row_i` (add_r x R_i) zero-padded on the right plus the horizontal
     /// stack of `C_col_i` (R_i x add_r) zero-padded at the bottom, the diagonal blocks taking
@@ -567,7 +569,7 @@ mod tests {
         let c = config(serde_json::json!({
             "init_rank": 2, "reference_rank": 8, "incre_rank_num": 3, "target_modules": ["q_proj"]
         }));
-        let mut method = TriAdaptLora::attach(&mut model, &c, &training(40), Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &cpu(&training(40))).unwrap();
         let capacity = method.modules[0].capacity;
         assert!(capacity >= 12, "capacity {capacity}");
         tch::no_grad(|| {
@@ -637,7 +639,7 @@ mod tests {
             "max_steps": 6, "learning_rate": lr, "weight_decay": wd
         }))
         .unwrap();
-        let mut method = TriAdaptLora::attach(&mut model, &c, &training, Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &cpu(&training)).unwrap();
         let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         // Every module's second rank: its row of A and that row's gradient.
         let rows = |method: &TriAdaptLora| -> Vec<(Tensor, Tensor)> {
@@ -702,7 +704,7 @@ mod tests {
                 "method.reference_rank",
             ),
         ] {
-            let err = TriAdaptLora::attach(&mut model, &config(json), &training(10), Device::Cpu)
+            let err = TriAdaptLora::attach(&mut model, &config(json), &cpu(&training(10)))
                 .err()
                 .unwrap();
             assert!(crate::error::classify(&err).is_some_and(|f| matches!(
@@ -713,7 +715,7 @@ mod tests {
         let one_more = config(serde_json::json!({
             "init_rank": 2, "target_total_rank": 2 * modules + 1, "target_modules": ["q_proj"]
         }));
-        assert!(TriAdaptLora::attach(&mut model, &one_more, &training(10), Device::Cpu).is_ok());
+        assert!(TriAdaptLora::attach(&mut model, &one_more, &cpu(&training(10))).is_ok());
     }
 
     /// The stored reference initialises B = 0 and C = 0 together, which leaves every gradient
@@ -725,7 +727,7 @@ mod tests {
         let fixture = FixtureModel::create();
         let mut model = fixture.load();
         let c = config(serde_json::json!({"target_modules": ["q_proj"]}));
-        let mut method = TriAdaptLora::attach(&mut model, &c, &training(10), Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &cpu(&training(10))).unwrap();
         assert!(max_abs_diff(&logits(&model), &logits(&fixture.load())) == 0.0);
         let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         model
@@ -762,7 +764,7 @@ mod tests {
             "init_rank": 2, "reference_rank": 4, "orth_reg_weight": 0.4,
             "target_modules": ["q_proj", "up_proj"]
         }));
-        let mut method = TriAdaptLora::attach(&mut model, &c, &training(10), Device::Cpu).unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &cpu(&training(10))).unwrap();
         let alpha = method.config.alpha;
         tch::no_grad(|| {
             let m = &mut method.modules[0];

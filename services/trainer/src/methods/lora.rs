@@ -1,6 +1,7 @@
 //! LoRA (Hu et al., 2021) with PEFT's semantics: `y = W x + dropout(x) A^T B^T * scaling`,
 //! `A (r, in)`, `B (out, r)`, B starting at zero so training starts from the base model.
 
+use super::{Attach, AttachContext};
 use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::AdapterMethod;
@@ -72,11 +73,14 @@ pub struct Lora {
     factors: Vec<LoraFactors>,
 }
 
-impl Lora {
+impl Attach for Lora {
+    type Config = LoraConfig;
+
     /// Adds freshly initialised factors to every layer named in `config.target_modules`:
     /// `A` Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), as PEFT and
     /// `nn.Linear` do, or N(0, 1/r) for `gaussian`; `B = 0`.
-    pub fn attach(model: &mut LlamaModel, config: &LoraConfig, device: Device) -> Result<Lora> {
+    fn attach(model: &mut LlamaModel, config: &Self::Config, ctx: &AttachContext) -> Result<Self> {
+        let device = ctx.device;
         let store = VarStore::new(device);
         let r = i64::from(config.r);
         let mut factors = Vec::new();
