@@ -328,7 +328,7 @@ mod tests {
     use super::*;
     use crate::lora::attach_frozen;
     use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
 
     fn config(json: serde_json::Value) -> AdaLoraConfig {
         serde_json::from_value(json).unwrap()
@@ -404,7 +404,7 @@ mod tests {
     /// then a shrinking total that ends at the target budget.
     #[test]
     fn the_training_loop_reports_the_allocation_as_it_shrinks() {
-        use crate::train::{train, Reporter, TrainingInputs};
+        use crate::training::{train, Reporter, TrainingInputs};
         use loraforge_spec::worker::EventPayload;
 
         struct Ranks(Vec<(u32, u32, usize)>, Vec<Option<u32>>);

@@ -186,7 +186,7 @@ mod tests {
     use super::*;
     use crate::lora::attach_frozen;
     use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
 
     fn config(value: serde_json::Value) -> CodyraConfig {
         serde_json::from_value(value).unwrap()

@@ -180,7 +180,7 @@ mod tests {
     use super::*;
     use crate::lora::attach_frozen;
     use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
 
     /// Truncated to rank b, the adapter's forward is exactly its exported rank-b adapter.
     #[test]

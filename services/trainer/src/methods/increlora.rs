@@ -41,7 +41,7 @@ use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, 
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
-use crate::optimizer::learning_rate;
+use crate::training::optimizer::learning_rate;
 use anyhow::Result;
 use loraforge_spec::method::IncreLoraConfig;
 use loraforge_spec::TrainingConfig;
@@ -581,8 +581,8 @@ mod tests {
     use super::*;
     use crate::lora::attach_frozen;
     use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
-    use crate::optimizer::EPSILON;
-    use crate::seeds::torch_rng_turn;
+    use crate::training::optimizer::EPSILON;
+    use crate::training::seeds::torch_rng_turn;
 
     fn config(json: serde_json::Value) -> IncreLoraConfig {
         serde_json::from_value(json).unwrap()
@@ -622,7 +622,7 @@ mod tests {
     /// (plus the regulariser).
     fn forward_backward(model: &LlamaModel, method: &mut IncreLora, index: u32) {
         method.before_step(index);
-        crate::optimizer::zero_grads(&method.store.trainable_variables());
+        crate::training::optimizer::zero_grads(&method.store.trainable_variables());
         let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         let loss = model.forward(&ids, true).square().mean(Kind::Float)
             + method.extra_loss().unwrap_or_else(|| Tensor::from(0.0f32));
@@ -961,7 +961,7 @@ mod tests {
 
         let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         method.before_step(4);
-        crate::optimizer::zero_grads(&method.store.trainable_variables());
+        crate::training::optimizer::zero_grads(&method.store.trainable_variables());
         model
             .forward(&ids, true)
             .square()

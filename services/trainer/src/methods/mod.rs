@@ -129,8 +129,8 @@ pub fn select(t: &Tensor, dim: i64, keep: &Tensor) -> Tensor {
 pub mod testing {
     //! The fixture model, loaded as many times as a test needs, and its logits.
 
-    use crate::config::ModelConfig;
     use crate::model::LlamaModel;
+    use crate::model::ModelConfig;
     use tch::{Device, Kind, Tensor};
 
     pub struct FixtureModel {

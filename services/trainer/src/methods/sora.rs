@@ -144,7 +144,7 @@ mod tests {
     use super::*;
     use crate::lora::attach_frozen;
     use crate::methods::testing::{logits, max_abs_diff, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
 
     #[test]
     fn soft_threshold_is_the_references_proximal_step() {

@@ -5,8 +5,8 @@
 //! than the data asked, visible without running the model.
 
 use crate::export::PeftAdapter;
-use crate::merge::deltas;
-use crate::weights::{read_safetensors, weight_files};
+use crate::model::merge::deltas;
+use crate::model::weights::{read_safetensors, weight_files};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn a_new_dominant_direction_is_an_intruder_and_small_updates_are_not() {
-        let _turn = crate::seeds::torch_rng_turn();
+        let _turn = crate::training::seeds::torch_rng_turn();
         tch::manual_seed(3);
         let opts = (Kind::Float, Device::Cpu);
         let (out, inp) = (64, 96);

@@ -3,35 +3,14 @@
 //! scaling and sliding-window attention as transformers computes them. Base weights are
 //! frozen; every linear layer has a slot for a trainable adapter branch.
 
-use crate::config::{ModelConfig, RopeScaling};
 use crate::error::user_error;
-use crate::weights::load_model_weights;
+use crate::model::architecture::{ModelConfig, RopeScaling};
+use crate::model::device::base_kind;
+use crate::model::weights::load_model_weights;
 use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-/// The dtype of the frozen base: bf16 where the hardware makes it fast, fp32 on the CPU.
-pub fn base_kind(device: Device) -> Kind {
-    if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    }
-}
-
-/// The device and base dtype in words, for logs and manifests: `cpu fp32`, `cuda:0 bf16`.
-pub fn device_label(device: Device) -> String {
-    let dtype = if base_kind(device) == Kind::BFloat16 {
-        "bf16"
-    } else {
-        "fp32"
-    };
-    match device {
-        Device::Cuda(index) => format!("cuda:{index} {dtype}"),
-        other => format!("{} {dtype}", format!("{other:?}").to_lowercase()),
-    }
-}
 
 /// A trainable branch added to the output of a frozen linear layer (LoRA and its relatives).
 pub trait LinearAdapter {

@@ -20,7 +20,7 @@ pub mod prompts;
 
 use crate::data::{ExampleSet, TokenizedDataset};
 use crate::export::PeftAdapter;
-use crate::generate::{Generator, Prompt, Sampling};
+use crate::model::generate::{Generator, Prompt, Sampling};
 use anyhow::{anyhow, Result};
 use judge::KeywordJudge;
 use loraforge_spec::safety::SafetyReport;
@@ -139,7 +139,7 @@ fn evaluate_unguarded(
     };
 
     check_cancel()?;
-    let vocab_size = crate::config::ModelConfig::load(model_dir)?.vocab_size;
+    let vocab_size = crate::model::ModelConfig::load(model_dir)?.vocab_size;
     let base = measure(
         &generator,
         &requests,
@@ -223,7 +223,7 @@ fn measure(
     )?;
     let validation_perplexity = match validation {
         Some(data) => {
-            let (loss, _) = crate::train::evaluate(
+            let (loss, _) = crate::eval::validation::validation_loss(
                 model,
                 &ExampleSet::all(data),
                 settings.seq_len,

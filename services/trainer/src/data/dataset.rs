@@ -16,11 +16,11 @@
 //! read back in an order that depends only on (seed, epoch), one example per row (truncated to
 //! `seq_len`) or packed: each epoch's examples concatenated and cut into rows of `seq_len`.
 
-use crate::chat_template::ChatTemplate;
-use crate::config::ModelConfig;
 use crate::error::user_error;
-use crate::seeds::{derive_seed, SeedUse};
-use crate::tokenizer_config::TokenizerConfig;
+use crate::model::chat_template::ChatTemplate;
+use crate::model::tokenizer_config::TokenizerConfig;
+use crate::model::ModelConfig;
+use crate::training::seeds::{derive_seed, SeedUse};
 use anyhow::{Context, Result};
 use minijinja::Value;
 use rand::rngs::StdRng;
@@ -627,8 +627,8 @@ impl Batch {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::chat_template::tests::{tokens, SMOLLM2};
     use crate::error::{classify, Failure};
+    use crate::model::chat_template::tests::{tokens, SMOLLM2};
     use chrono::Utc;
 
     const WORDS: [&str; 19] = [
