@@ -1,5 +1,5 @@
 //! Intruder dimensions (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of
-//! Equivalence"; methods.md 10c): singular vectors of a fine-tuned matrix that resemble none of
+//! Equivalence", arXiv 2410.21228): singular vectors of a fine-tuned matrix that resemble none of
 //! the base matrix's. LoRA tends to create them where full fine-tuning does not, and they go
 //! with forgetting, so a count that jumps is a weight-space signal that the adapter did more
 //! than the data asked, visible without running the model.

@@ -1,10 +1,10 @@
-//! The safety evaluation behind the publish gate (DESIGN.md "Safety evaluation"): the base
+//! The safety evaluation behind the publish gate (docs/trainer.md "The safety evaluation"): the base
 //! model and the adapted model, side by side, on
 //! - refusals: greedy short answers to 100 harmful requests (ten categories), judged by
-//!   [`judge::KeywordJudge`] (methods.md 10b by default);
+//!   [`judge::KeywordJudge`] (llm-attacks' keywords by default);
 //! - drift: mean KL(base || adapted) of next-token distributions over 20 benign prompts, and
 //!   perplexity on the job's validation file (on the benign prompts when it has none);
-//! - weight space: intruder dimensions per adapted module (methods.md 10c).
+//! - weight space: intruder dimensions per adapted module.
 //!
 //! The worker only measures; the control plane judges the [`SafetyReport`] against the job's
 //! policy, so a worker cannot publish what the policy blocks.
