@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 pub struct LocalHost {
     /// Where the artifact is written.
-    pub out: PathBuf,
+    out: PathBuf,
     reporter: LogReporter,
 }
 

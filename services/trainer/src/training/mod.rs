@@ -107,6 +107,7 @@ fn train_unguarded(
         .resume
         .as_ref()
         .map_or_else(Utc::now, |saved| saved.checkpoint.state.template_clock);
+    // Data first: a bad line fails the job before the model is loaded.
     let datasets = prepare::tokenize(spec, &inputs, &config, template_clock)?;
     let examples = prepare::select(spec, &datasets, reporter)?;
 

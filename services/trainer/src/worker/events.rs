@@ -33,7 +33,8 @@ enum Forwarded {
 /// A [`Reporter`] that hands events to a background task, which posts them in batches.
 pub struct EventForwarder {
     sender: mpsc::UnboundedSender<Forwarded>,
-    task: JoinHandle<()>,
+    /// Until [`EventForwarder::finish`].
+    task: Option<JoinHandle<()>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -43,16 +44,20 @@ impl EventForwarder {
         let task = runtime.spawn(forward_events(control_plane, receiver));
         EventForwarder {
             sender,
-            task,
+            task: Some(task),
             runtime: runtime.handle().clone(),
         }
     }
 
-    /// Sends what is still queued and stops.
-    pub async fn finish(self) {
-        drop(self.sender);
-        if let Err(err) = self.task.await {
-            tracing::warn!("event forwarder stopped: {err}");
+    /// Sends what is still queued and stops; events reported afterwards are dropped.
+    pub async fn finish(&mut self) {
+        // Closing the channel ends the task once it has sent what is queued.
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.sender, closed));
+        if let Some(task) = self.task.take() {
+            if let Err(err) = task.await {
+                tracing::warn!("event forwarder stopped: {err}");
+            }
         }
     }
 }
@@ -62,7 +67,7 @@ impl Reporter for EventForwarder {
         if let EventPayload::Log { message } = &event {
             tracing::info!("{message}");
         }
-        // The receiver lives until `finish`, so a send cannot fail before then.
+        // Until `finish` the task receives every event; afterwards the send fails and is ignored.
         let _ = self.sender.send(Forwarded::Event(event));
     }
 

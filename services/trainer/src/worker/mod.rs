@@ -118,7 +118,7 @@ fn execute(
         control_plane,
         checkpoints: StoredCheckpoints::new(runtime, store.clone(), assignment.job_id),
         store,
-        events: Some(EventForwarder::start(runtime, control_plane.clone())),
+        events: EventForwarder::start(runtime, control_plane.clone()),
         assignment: &assignment,
         scratch: scratch.path(),
         reserved: None,
@@ -140,8 +140,7 @@ struct ControlPlaneHost<'a> {
     control_plane: &'a Arc<ControlPlane>,
     store: Store,
     checkpoints: StoredCheckpoints<'a>,
-    /// Until the events are done.
-    events: Option<EventForwarder>,
+    events: EventForwarder,
     assignment: &'a WorkerAssignment,
     scratch: &'a Path,
     /// The version the artifact will be, once reserved.
@@ -184,11 +183,7 @@ impl Host for ControlPlaneHost<'_> {
     }
 
     fn training_sinks(&mut self) -> (Option<&mut dyn CheckpointStore>, &mut dyn Reporter) {
-        let events = self
-            .events
-            .as_mut()
-            .expect("events are reported only before they are done");
-        (Some(&mut self.checkpoints), events)
+        (Some(&mut self.checkpoints), &mut self.events)
     }
 
     fn evaluates(&self) -> bool {
@@ -196,9 +191,7 @@ impl Host for ControlPlaneHost<'_> {
     }
 
     fn events_done(&mut self) {
-        if let Some(events) = self.events.take() {
-            self.runtime.block_on(events.finish());
-        }
+        self.runtime.block_on(self.events.finish());
     }
 
     fn destination(
