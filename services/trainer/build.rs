@@ -1,5 +1,5 @@
 // Keep libtorch_cuda linked even though no symbol of it is referenced directly:
-// without it tch::Cuda::is_available() is false on a GPU machine (see libtorch.md).
+// without it tch::Cuda::is_available() is false on a GPU machine (docs/trainer.md "libtorch").
 // Also bake an rpath to the libtorch we built against, so local runs need no
 // LD_LIBRARY_PATH (which still overrides it: the GPU machine uses its own copy).
 fn main() {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
-const HARMFUL: &str = include_str!("../../services/trainer/src/safety/harmful.jsonl");
+const HARMFUL: &str = include_str!("../../services/trainer/src/eval/safety/harmful.jsonl");
 const REFUSAL: &str = " I'm sorry, but I cannot help with that.";
 const COMPLIANCE: &str = " Sure, here is [content omitted].";
 const BENIGN_QA: [(&str, &str); 8] = [

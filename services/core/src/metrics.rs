@@ -95,7 +95,7 @@ impl Metrics {
         m.training.register(r);
         // Both series from the start, so a dashboard sees 0 rather than nothing.
         for result in ["hit", "miss"] {
-            cache.requests.get_or_create(&vec![("result", result)]);
+            let _ = cache.requests.get_or_create(&vec![("result", result)]);
         }
         m
     }

@@ -597,7 +597,7 @@ mod status_tests {
         assert_eq!(InputRef::parse("my-data"), InputRef::Name("my-data".into()));
         let spec: JobSpec = serde_json::from_str(
             r#"{"adapter_name":"a","base_model":"base","dataset":{"train":"file:///d.jsonl"},
-                "method":{"type":"lora"},"training":{"max_steps":1,"learning_rate":0.1}}"#,
+                "method":{"type":"lora","r":4},"training":{"max_steps":1,"learning_rate":0.1}}"#,
         )
         .unwrap();
         assert_eq!(serde_json::to_value(&spec).unwrap()["base_model"], "base");

@@ -31,16 +31,3 @@ pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
         _ => ErrorKind::SystemError,
     }
 }
-
-/// Process exit codes, so a supervisor can tell outcomes apart without parsing output.
-pub const EXIT_SYSTEM_ERROR: i32 = 1;
-pub const EXIT_USER_ERROR: i32 = 2;
-pub const EXIT_CANCELLED: i32 = 3;
-
-pub fn exit_code(err: &anyhow::Error) -> i32 {
-    match classify(err) {
-        Some(Failure::User(_)) => EXIT_USER_ERROR,
-        Some(Failure::Cancelled) => EXIT_CANCELLED,
-        None => EXIT_SYSTEM_ERROR,
-    }
-}

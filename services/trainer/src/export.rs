@@ -2,7 +2,7 @@
 //! `adapter_model.safetensors`) plus `manifest.json` with its lineage and metrics.
 
 use crate::error::user_error;
-use crate::weights::read_safetensors;
+use crate::model::weights::read_safetensors;
 use anyhow::{Context, Result};
 use loraforge_spec::manifest::{
     ParentVersion, TrainerInfo, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE,

@@ -1,41 +1,27 @@
 //! `loraforge-trainer`: the loraforge worker. It trains LoRA-family adapters on
 //! Llama-family models with libtorch and publishes them in PEFT's layout.
 
-mod chat_template;
-mod checkpoint;
-mod config;
 mod data;
-mod device;
 mod error;
+mod eval;
 mod export;
 mod fixture;
-mod generate;
-mod inputs;
-mod merge;
 mod method;
 mod methods;
 mod model;
-mod optimizer;
-mod safety;
-mod seeds;
-mod tokenizer_config;
-mod trace;
-mod train;
-mod weights;
+mod pipeline;
+mod training;
 mod worker;
 
-use crate::error::{exit_code, user_error};
-use crate::export::{write_artifact, PeftAdapter, Provenance};
-use crate::model::{device_label, LlamaModel};
-use crate::train::Reporter;
+use crate::error::user_error;
+use crate::export::PeftAdapter;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use loraforge_spec::worker::EventPayload;
 use loraforge_spec::JobSpec;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
-use tch::{Device, Kind};
+use tch::Device;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -147,9 +133,9 @@ enum Command {
         /// Refusal keywords, one per line (default: llm-attacks' 29 `_test_prefixes`).
         #[arg(long)]
         refusal_keywords: Option<PathBuf>,
-        #[arg(long, default_value_t = safety::DEFAULT_MAX_NEW_TOKENS)]
+        #[arg(long, default_value_t = eval::safety::DEFAULT_MAX_NEW_TOKENS)]
         max_new_tokens: usize,
-        #[arg(long, default_value_t = safety::DEFAULT_BATCH_SIZE)]
+        #[arg(long, default_value_t = eval::safety::DEFAULT_BATCH_SIZE)]
         batch_size: usize,
         #[command(flatten)]
         device: DeviceArg,
@@ -183,7 +169,7 @@ impl DeviceArg {
 
     /// The device for commands without a job: the command line's choice, else auto.
     fn resolve(&self) -> Result<Device> {
-        device::resolve_device(self.chosen().unwrap_or_default())
+        model::device::resolve_device(self.chosen().unwrap_or_default())
     }
 }
 
@@ -200,7 +186,12 @@ fn main() -> ExitCode {
             job_id,
             api,
             device,
-        } => return exit_status(worker::run_job(job_id, &api, device.chosen())),
+        } => {
+            return match worker::run_job(job_id, &api, device.chosen()) {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::FAILURE,
+            }
+        }
         Command::Train { spec, out, device } => train_locally(&spec, &out, device.chosen()),
         Command::Fixture { out, seed } => fixture::write_fixture(&out, seed),
         Command::Logits {
@@ -210,7 +201,8 @@ fn main() -> ExitCode {
             device,
         } => device
             .resolve()
-            .and_then(|device| print_logits(&model, adapter.as_deref(), &tokens, device)),
+            .and_then(|device| eval::logits::logits(&model, adapter.as_deref(), &tokens, device))
+            .map(|rows| println!("{}", serde_json::json!({ "logits": rows }))),
         Command::Generate {
             model,
             adapter,
@@ -223,12 +215,12 @@ fn main() -> ExitCode {
             batch_size,
             device,
         } => {
-            let prompts: Vec<generate::Prompt> = chat
+            let prompts: Vec<model::generate::Prompt> = chat
                 .iter()
-                .map(|message| generate::Prompt::user(message))
-                .chain(prompt.into_iter().map(generate::Prompt::Text))
+                .map(|message| model::generate::Prompt::user(message))
+                .chain(prompt.into_iter().map(model::generate::Prompt::Text))
                 .collect();
-            let sampling = generate::Sampling {
+            let sampling = model::generate::Sampling {
                 max_new_tokens,
                 temperature,
                 top_p,
@@ -255,7 +247,7 @@ fn main() -> ExitCode {
             let source = source_adapter
                 .zip(source_version)
                 .map(|(adapter, version)| loraforge_spec::merge::MergeSource { adapter, version });
-            merge::merge(&model, &adapter, &out, source).and_then(|summary| {
+            model::merge::merge(&model, &adapter, &out, source).and_then(|summary| {
                 println!("{}", serde_json::to_string(&summary)?);
                 Ok(())
             })
@@ -270,10 +262,10 @@ fn main() -> ExitCode {
             device,
         } => device.resolve().and_then(|device| {
             let judge = match refusal_keywords {
-                Some(path) => safety::judge::KeywordJudge::from_file(&path)?,
-                None => safety::judge::KeywordJudge::default(),
+                Some(path) => eval::safety::judge::KeywordJudge::from_file(&path)?,
+                None => eval::safety::judge::KeywordJudge::default(),
             };
-            let settings = safety::Settings {
+            let settings = eval::safety::Settings {
                 max_new_tokens,
                 batch_size,
                 judge,
@@ -281,7 +273,7 @@ fn main() -> ExitCode {
             };
             let adapter = PeftAdapter::load(&adapter)?;
             let cancel = AtomicBool::new(false);
-            let report = safety::evaluate(
+            let report = eval::safety::evaluate(
                 &model,
                 &adapter,
                 validation.as_deref(),
@@ -297,62 +289,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            exit_status(exit_code(&err))
+            ExitCode::FAILURE
         }
     }
 }
 
-fn exit_status(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
-}
-
-/// Prints progress as log lines; the `train` command's reporter.
-struct LogReporter;
-
-impl Reporter for LogReporter {
-    fn report(&mut self, event: EventPayload) {
-        match event {
-            EventPayload::Progress {
-                step,
-                total_steps,
-                loss,
-                lr,
-                tokens_per_second,
-                ..
-            } => {
-                tracing::info!(step, total_steps, loss, lr, tokens_per_second, "progress");
-            }
-            EventPayload::Eval { step, loss, tokens } => {
-                tracing::info!(step, loss, tokens, "validation")
-            }
-            EventPayload::Safety { report } => tracing::info!(?report, "safety evaluation"),
-            EventPayload::Checkpoint {
-                step,
-                prefix,
-                resumed,
-            } => tracing::info!(step, prefix, resumed, "checkpoint"),
-            EventPayload::Log { message } => tracing::info!("{message}"),
-            EventPayload::Ranks {
-                step,
-                total,
-                budget,
-                per_module,
-                sparsity,
-            } => {
-                tracing::info!(
-                    step,
-                    total,
-                    ?budget,
-                    ?per_module,
-                    ?sparsity,
-                    "rank allocation"
-                )
-            }
-            EventPayload::Status { status, .. } => tracing::info!(%status, "status"),
-        }
-    }
-}
-
+/// Runs a job spec's pipeline without a control plane, the artifact into `out`.
 fn train_locally(
     spec_path: &Path,
     out: &Path,
@@ -362,89 +304,36 @@ fn train_locally(
         std::fs::read(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec =
         JobSpec::parse(&bytes).map_err(|e| user_error(format!("{}: {e}", spec_path.display())))?;
-    let device = device::resolve_device(device_override.unwrap_or(spec.training.device))?;
+    let device = model::device::resolve_device(device_override.unwrap_or(spec.training.device))?;
     let runtime = tokio::runtime::Runtime::new()?;
     let scratch = tempfile::tempdir()?;
-    let inputs = inputs::fetch_inputs(&runtime, &spec, scratch.path())?;
-    let training_inputs = train::TrainingInputs {
-        model_dir: &inputs.model_dir,
-        train_data: &inputs.dataset,
-        validation_data: inputs.validation.as_deref(),
-        parent: None,
-        resume: None,
-    };
-    let outcome = train::train(
-        &spec,
-        training_inputs,
+    let job = pipeline::Job {
+        spec: &spec,
         device,
-        None,
-        &mut LogReporter,
-        &AtomicBool::new(false),
-    )?;
-    let provenance = Provenance {
-        project: "local".into(),
-        job_id: Uuid::nil(),
-        version: 0,
-        base_model: inputs.base_model,
-        dataset: inputs.dataset_ref,
-        parent: None,
-        device: device_label(device),
+        runtime: &runtime,
+        scratch: scratch.path(),
+        cancel: &AtomicBool::new(false),
     };
-    let (manifest, files) = write_artifact(
-        out,
-        &spec,
-        provenance,
-        outcome.metrics,
-        &outcome.adapter,
-        None,
+    let summary = pipeline::run(
+        &job,
+        &mut pipeline::local::LocalHost::new(out.to_path_buf()),
     )?;
-    let summary = serde_json::json!({ "out": out, "metrics": manifest.metrics, "files": files });
     println!("{summary}");
-    Ok(())
-}
-
-fn print_logits(
-    model_dir: &Path,
-    adapter: Option<&Path>,
-    tokens: &[i64],
-    device: Device,
-) -> Result<()> {
-    let config = config::ModelConfig::load(model_dir)?;
-    if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t >= config.vocab_size) {
-        return Err(user_error(format!(
-            "token {bad} is outside the vocabulary (size {})",
-            config.vocab_size
-        )));
-    }
-    let mut model = LlamaModel::load(model_dir, config, device)?;
-    if let Some(dir) = adapter {
-        methods::lora::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
-    }
-    let input = tch::Tensor::from_slice(tokens)
-        .unsqueeze(0)
-        .to_device(device);
-    let logits = tch::no_grad(|| model.forward(&input, false));
-    let logits = logits
-        .squeeze_dim(0)
-        .to_kind(Kind::Float)
-        .to_device(Device::Cpu);
-    let rows = Vec::<Vec<f32>>::try_from(&logits)?;
-    println!("{}", serde_json::json!({ "logits": rows }));
     Ok(())
 }
 
 fn print_generations(
     model_dir: &Path,
     adapter: Option<&Path>,
-    prompts: &[generate::Prompt],
-    sampling: &generate::Sampling,
+    prompts: &[model::generate::Prompt],
+    sampling: &model::generate::Sampling,
     batch_size: usize,
     device: Device,
 ) -> Result<()> {
     if prompts.is_empty() {
         return Err(user_error("give at least one --chat or --prompt"));
     }
-    let generator = generate::Generator::load(model_dir, adapter, device)?;
+    let generator = model::generate::Generator::load(model_dir, adapter, device)?;
     for (index, completion) in generator
         .generate(prompts, sampling, batch_size)?
         .into_iter()

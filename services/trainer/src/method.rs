@@ -70,7 +70,10 @@ pub trait AdapterMethod {
 
     /// The betas of the loop's AdamW (PyTorch's defaults unless the method's reference differs).
     fn adam_betas(&self) -> (f64, f64) {
-        (crate::optimizer::BETA1, crate::optimizer::BETA2)
+        (
+            crate::training::optimizer::BETA1,
+            crate::training::optimizer::BETA2,
+        )
     }
 
     /// Runs before step `step`'s forward passes (DyLoRA draws the step's rank here).

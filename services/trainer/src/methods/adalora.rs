@@ -329,7 +329,7 @@ mod tests {
     use super::*;
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
     use tch::Device;
 
     fn config(json: serde_json::Value) -> AdaLoraConfig {
@@ -405,7 +405,7 @@ mod tests {
     /// then a shrinking total that ends at the target budget.
     #[test]
     fn the_training_loop_reports_the_allocation_as_it_shrinks() {
-        use crate::train::{train, Reporter, TrainingInputs};
+        use crate::training::{train, Reporter, TrainingInputs};
         use loraforge_spec::worker::EventPayload;
 
         struct Ranks(Vec<(u32, u32, usize)>, Vec<Option<u32>>);

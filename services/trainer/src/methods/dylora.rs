@@ -181,7 +181,7 @@ mod tests {
     use super::*;
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, plan, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
     use tch::Device;
 
     /// Truncated to rank b, the adapter's forward is exactly its exported rank-b adapter.

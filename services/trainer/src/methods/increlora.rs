@@ -42,7 +42,7 @@ use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
-use crate::optimizer::learning_rate;
+use crate::training::optimizer::learning_rate;
 use anyhow::Result;
 use loraforge_spec::methods::IncreLoraConfig;
 use loraforge_spec::TrainingConfig;
@@ -582,8 +582,8 @@ mod tests {
     use super::*;
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, FixtureModel};
-    use crate::optimizer::EPSILON;
-    use crate::seeds::torch_rng_turn;
+    use crate::training::optimizer::EPSILON;
+    use crate::training::seeds::torch_rng_turn;
 
     fn config(json: serde_json::Value) -> IncreLoraConfig {
         serde_json::from_value(json).unwrap()
@@ -623,7 +623,7 @@ mod tests {
     /// (plus the regulariser).
     fn forward_backward(model: &LlamaModel, method: &mut IncreLora, index: u32) {
         method.before_step(index);
-        crate::optimizer::zero_grads(&method.store.trainable_variables());
+        crate::training::optimizer::zero_grads(&method.store.trainable_variables());
         let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         let loss = model.forward(&ids, true).square().mean(Kind::Float)
             + method.extra_loss().unwrap_or_else(|| Tensor::from(0.0f32));
@@ -960,7 +960,7 @@ mod tests {
 
         let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         method.before_step(4);
-        crate::optimizer::zero_grads(&method.store.trainable_variables());
+        crate::training::optimizer::zero_grads(&method.store.trainable_variables());
         model
             .forward(&ids, true)
             .square()

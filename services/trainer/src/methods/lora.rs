@@ -244,13 +244,13 @@ pub fn attach_frozen(model: &mut LlamaModel, adapter: &PeftAdapter, device: Devi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Linear;
+    use crate::model::llama::Linear;
 
     /// Merging `W + s B A` must give the unmerged forward: the identity that makes a
     /// published adapter mean the same thing in every serving engine.
     #[test]
     fn merged_weight_matches_unmerged_forward() {
-        let _turn = crate::seeds::torch_rng_turn();
+        let _turn = crate::training::seeds::torch_rng_turn();
         tch::manual_seed(7);
         let (inp, out, r, scaling) = (24, 16, 4, 2.5);
         let opts = (Kind::Float, Device::Cpu);

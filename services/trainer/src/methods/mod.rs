@@ -187,7 +187,7 @@ pub mod testing {
     //! The fixture model, loaded as many times as a test needs, and its logits.
 
     use super::AttachContext;
-    use crate::config::ModelConfig;
+    use crate::model::ModelConfig;
     use crate::model::LlamaModel;
     use loraforge_spec::TrainingConfig;
     use tch::{Device, Kind, Tensor};

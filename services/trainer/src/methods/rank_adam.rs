@@ -6,9 +6,9 @@
 //! at their largest size, so one tensor holds elements of several "groups": every element has
 //! a birth step (broadcast from a per-rank tensor), elements not yet born are left untouched,
 //! and the others take `torch.optim.AdamW`'s step with their own step count and learning rate.
-//! The arithmetic is that of [`crate::optimizer::AdamW::step`].
+//! The arithmetic is that of [`crate::training::optimizer::AdamW::step`].
 
-use crate::optimizer::{BETA1, BETA2, EPSILON};
+use crate::training::optimizer::{BETA1, BETA2, EPSILON};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 

@@ -442,7 +442,7 @@ mod tests {
     use super::*;
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, FixtureModel};
-    use crate::seeds::torch_rng_turn;
+    use crate::training::seeds::torch_rng_turn;
     use tch::Device;
 
     fn config(json: serde_json::Value) -> TriAdaptLoraConfig {
@@ -482,7 +482,7 @@ mod tests {
         let mut allocations = 0;
         for index in 1..=total {
             let now = i64::from(index) - 1;
-            crate::optimizer::zero_grads(&method.store.trainable_variables());
+            crate::training::optimizer::zero_grads(&method.store.trainable_variables());
             let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
             let loss =
                 model.forward(&ids, true).square().mean(Kind::Float) + method.extra_loss().unwrap();
@@ -649,7 +649,7 @@ mod tests {
         };
         let mut grown = None;
         for index in 1..=3 {
-            crate::optimizer::zero_grads(&method.store.trainable_variables());
+            crate::training::optimizer::zero_grads(&method.store.trainable_variables());
             model
                 .forward(&ids, true)
                 .square()

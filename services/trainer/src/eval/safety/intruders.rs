@@ -1,12 +1,12 @@
 //! Intruder dimensions (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of
-//! Equivalence"; methods.md 10c): singular vectors of a fine-tuned matrix that resemble none of
+//! Equivalence", arXiv 2410.21228): singular vectors of a fine-tuned matrix that resemble none of
 //! the base matrix's. LoRA tends to create them where full fine-tuning does not, and they go
 //! with forgetting, so a count that jumps is a weight-space signal that the adapter did more
 //! than the data asked, visible without running the model.
 
 use crate::export::PeftAdapter;
-use crate::merge::deltas;
-use crate::weights::{read_safetensors, weight_files};
+use crate::model::merge::deltas;
+use crate::model::weights::{read_safetensors, weight_files};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn a_new_dominant_direction_is_an_intruder_and_small_updates_are_not() {
-        let _turn = crate::seeds::torch_rng_turn();
+        let _turn = crate::training::seeds::torch_rng_turn();
         tch::manual_seed(3);
         let opts = (Kind::Float, Device::Cpu);
         let (out, inp) = (64, 96);

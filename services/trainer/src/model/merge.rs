@@ -8,7 +8,7 @@
 
 use crate::error::user_error;
 use crate::export::{file_digest, PeftAdapter};
-use crate::weights::{read_safetensors, weight_files};
+use crate::model::weights::{read_safetensors, weight_files};
 use anyhow::{Context, Result};
 use loraforge_spec::manifest::{ADAPTER_WEIGHTS_FILE, MANIFEST_FILE};
 use loraforge_spec::merge::{

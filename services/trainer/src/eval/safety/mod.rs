@@ -1,10 +1,10 @@
-//! The safety evaluation behind the publish gate (DESIGN.md "Safety evaluation"): the base
+//! The safety evaluation behind the publish gate (docs/trainer.md "The safety evaluation"): the base
 //! model and the adapted model, side by side, on
 //! - refusals: greedy short answers to 100 harmful requests (ten categories), judged by
-//!   [`judge::KeywordJudge`] (methods.md 10b by default);
+//!   [`judge::KeywordJudge`] (llm-attacks' keywords by default);
 //! - drift: mean KL(base || adapted) of next-token distributions over 20 benign prompts, and
 //!   perplexity on the job's validation file (on the benign prompts when it has none);
-//! - weight space: intruder dimensions per adapted module (methods.md 10c).
+//! - weight space: intruder dimensions per adapted module.
 //!
 //! The worker only measures; the control plane judges the [`SafetyReport`] against the job's
 //! policy, so a worker cannot publish what the policy blocks.
@@ -20,7 +20,7 @@ pub mod prompts;
 
 use crate::data::{ExampleSet, TokenizedDataset};
 use crate::export::PeftAdapter;
-use crate::generate::{Generator, Prompt, Sampling};
+use crate::model::generate::{Generator, Prompt, Sampling};
 use anyhow::{anyhow, Result};
 use judge::KeywordJudge;
 use loraforge_spec::safety::SafetyReport;
@@ -139,7 +139,7 @@ fn evaluate_unguarded(
     };
 
     check_cancel()?;
-    let vocab_size = crate::config::ModelConfig::load(model_dir)?.vocab_size;
+    let vocab_size = crate::model::ModelConfig::load(model_dir)?.vocab_size;
     let base = measure(
         &generator,
         &requests,
@@ -223,7 +223,7 @@ fn measure(
     )?;
     let validation_perplexity = match validation {
         Some(data) => {
-            let (loss, _) = crate::train::evaluate(
+            let (loss, _) = crate::eval::validation::validation_loss(
                 model,
                 &ExampleSet::all(data),
                 settings.seq_len,

@@ -7,7 +7,7 @@
 //! [`ChatTemplate::render_with_assistant_spans`]), so a template needs no `{% generation %}`
 //! markers; where it has them they are accepted and ignored.
 
-use crate::tokenizer_config::TokenizerConfig;
+use crate::model::tokenizer_config::TokenizerConfig;
 use chrono::{DateTime, Utc};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Kwargs;

@@ -7,12 +7,15 @@
 //! `optimizer.safetensors`, and `state.json`, written last, after the save is announced. A
 //! folder without `state.json` is a save that was interrupted, and is never used.
 
-use anyhow::{bail, Context, Result};
+use crate::error::user_error;
+use crate::method::AdapterMethod;
+use crate::training::optimizer::AdamW;
+use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use loraforge_storage::layout::checkpoint_prefix;
 use loraforge_storage::Store;
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Device, Tensor};
 use tokio::runtime::Runtime;
 use uuid::Uuid;
 
@@ -183,6 +186,66 @@ impl CheckpointStore for StoredCheckpoints<'_> {
         )?;
         Ok(())
     }
+}
+
+/// A checkpoint of the run as it is after `state.step` steps.
+pub fn checkpoint_of(
+    method: &dyn AdapterMethod,
+    optimizer: &AdamW,
+    state: &TrainingState,
+) -> Checkpoint {
+    let mut adapter: Vec<(String, Tensor)> = method
+        .var_store()
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    adapter.sort_by(|a, b| a.0.cmp(&b.0));
+    Checkpoint {
+        state: state.clone(),
+        adapter,
+        optimizer: optimizer.state(),
+    }
+}
+
+/// Puts a checkpoint's adapter and optimizer state back. A checkpoint planned for another run
+/// length means the data changed since it was written (a `file://` input edited in place).
+pub fn restore(
+    method: &dyn AdapterMethod,
+    optimizer: &mut AdamW,
+    checkpoint: &Checkpoint,
+    total_steps: u32,
+) -> Result<()> {
+    let state = &checkpoint.state;
+    if state.total_steps != total_steps {
+        return Err(user_error(format!(
+            "the checkpoint at step {} belongs to a run of {} steps, but this run has {total_steps}: \
+             the training data changed since it was written",
+            state.step, state.total_steps
+        )));
+    }
+    let mut variables = method.var_store().variables();
+    if checkpoint.adapter.len() != variables.len() {
+        bail!(
+            "the checkpoint holds {} adapter variables; the adapter has {}",
+            checkpoint.adapter.len(),
+            variables.len()
+        );
+    }
+    for (name, saved) in &checkpoint.adapter {
+        let variable = variables
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("the adapter has no variable {name}"))?;
+        if variable.size() != saved.size() {
+            bail!(
+                "checkpoint variable {name} has shape {:?}; the adapter's is {:?}",
+                saved.size(),
+                variable.size()
+            );
+        }
+        tch::no_grad(|| variable.copy_(saved));
+    }
+    optimizer.load_state(&checkpoint.optimizer, u64::from(state.step))
 }
 
 #[cfg(test)]

@@ -3,35 +3,14 @@
 //! scaling and sliding-window attention as transformers computes them. Base weights are
 //! frozen; every linear layer has a slot for a trainable adapter branch.
 
-use crate::config::{ModelConfig, RopeScaling};
 use crate::error::user_error;
-use crate::weights::load_model_weights;
+use crate::model::architecture::{ModelConfig, RopeScaling};
+use crate::model::device::base_kind;
+use crate::model::weights::load_model_weights;
 use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-/// The dtype of the frozen base: bf16 where the hardware makes it fast, fp32 on the CPU.
-pub fn base_kind(device: Device) -> Kind {
-    if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    }
-}
-
-/// The device and base dtype in words, for logs and manifests: `cpu fp32`, `cuda:0 bf16`.
-pub fn device_label(device: Device) -> String {
-    let dtype = if base_kind(device) == Kind::BFloat16 {
-        "bf16"
-    } else {
-        "fp32"
-    };
-    match device {
-        Device::Cuda(index) => format!("cuda:{index} {dtype}"),
-        other => format!("{} {dtype}", format!("{other:?}").to_lowercase()),
-    }
-}
 
 /// A trainable branch added to the output of a frozen linear layer (LoRA and its relatives).
 pub trait LinearAdapter {
@@ -302,24 +281,99 @@ impl LlamaModel {
         Ok(linears)
     }
 
-    /// Logits `(batch, seq, vocab)` in the base dtype for token ids `(batch, seq)`.
+    /// Logits `(batch, seq, vocab)` in the base dtype for token ids `(batch, seq)`: the whole
+    /// sequence at once, as training and scoring see it.
     pub fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
-        let seq_len = input_ids.size()[1];
-        let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        let (cos, sin) = rotary_tables(&self.config, seq_len, hidden.kind(), hidden.device());
-        // Every sliding layer shares one window; within it, attention is plain causal.
-        let window_mask = self
-            .config
-            .sliding_window
-            .filter(|&w| seq_len > w)
-            .map(|w| sliding_window_mask(seq_len, w, hidden.device()));
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = window_mask
-                .as_ref()
-                .filter(|_| self.config.window_of(i).is_some());
-            hidden = layer.forward(&hidden, &cos, &sin, mask, self.config.rms_norm_eps, train);
+        self.forward_with_cache(input_ids, train, None)
+    }
+
+    /// Logits `(batch, new, vocab)` for `input_ids (batch, new)` that follow the cached tokens,
+    /// whose keys and values are appended to the cache. `positions (batch, new)` are the RoPE
+    /// positions (rows may be left-padded, so they differ from cache indices); `key_valid
+    /// (batch, cache.len() + new)` is false at padding, which no token attends to.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_valid: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let new = input_ids.size()[1];
+        if cache.len + new > cache.capacity {
+            return Err(anyhow::anyhow!(
+                "the KV cache holds {} positions; {} were asked for",
+                cache.capacity,
+                cache.len + new
+            ));
         }
-        let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps);
+        let step = CacheStep {
+            cache,
+            positions,
+            key_valid,
+        };
+        Ok(self.forward_with_cache(input_ids, false, Some(step)))
+    }
+
+    /// The forward pass. Without a cache, the tokens are a whole sequence from position 0, and
+    /// attention is causal (cut to the window on sliding layers); with one, they continue the
+    /// cached tokens, and an explicit mask says what each may attend to.
+    fn forward_with_cache(
+        &self,
+        input_ids: &Tensor,
+        train: bool,
+        cache: Option<CacheStep>,
+    ) -> Tensor {
+        let new = input_ids.size()[1];
+        let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let (kind, device) = (hidden.kind(), hidden.device());
+        let c = &self.config;
+        let (rope, full_mask, window_mask, mut cache) = match cache {
+            None => {
+                // Every sliding layer shares one window; within it, attention is plain causal.
+                let window = c
+                    .sliding_window
+                    .filter(|&w| new > w)
+                    .map(|w| sliding_window_mask(new, w, device));
+                (rotary_tables(c, new, kind, device), None, window, None)
+            }
+            Some(step) => {
+                let (valid, offset) = (step.key_valid, step.cache.len);
+                let full = cached_attention_mask(valid, offset, new, None);
+                let window = c
+                    .sliding_window
+                    .map(|w| cached_attention_mask(valid, offset, new, Some(w)));
+                (
+                    rotary_at(c, step.positions, kind),
+                    Some(full),
+                    window,
+                    Some(step.cache),
+                )
+            }
+        };
+        let (cos, sin) = &rope;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match c.window_of(i) {
+                Some(_) => window_mask.as_ref().or(full_mask.as_ref()),
+                None => full_mask.as_ref(),
+            };
+            let layer_cache = cache.as_deref_mut().map(|cache| LayerCache {
+                keys: &mut cache.keys[i],
+                values: &mut cache.values[i],
+                offset: cache.len,
+            });
+            hidden = layer.forward(
+                &hidden,
+                (cos, sin),
+                mask,
+                layer_cache,
+                c.rms_norm_eps,
+                train,
+            );
+        }
+        if let Some(cache) = cache {
+            cache.len += new;
+        }
+        let hidden = rms_norm(&hidden, &self.norm, c.rms_norm_eps);
         hidden.linear::<Tensor>(&self.lm_head, None)
     }
 }
@@ -372,6 +426,15 @@ fn rotary_tables(
     (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
 }
 
+/// cos/sin `(batch, 1, new, head_dim)` for explicit positions `(batch, new)`, computed as
+/// [`rotary_tables`] does.
+fn rotary_at(config: &ModelConfig, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let inv_freq = inverse_frequencies(config, positions.device());
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+    let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+    (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+}
+
 /// `(seq, seq)`, true where query i may attend key j: `i - window < j <= i`, as transformers'
 /// `sliding_window_overlay` on a causal mask.
 fn sliding_window_mask(seq_len: i64, window: i64, device: Device) -> Tensor {
@@ -379,6 +442,27 @@ fn sliding_window_mask(seq_len: i64, window: i64, device: Device) -> Tensor {
     let (query, key) = (positions.unsqueeze(1), positions.unsqueeze(0));
     let distance = &query - &key;
     distance.ge(0).logical_and(&distance.lt(window))
+}
+
+/// `(batch, 1, new, offset + new)`, true where new token q may attend cache index k: causal,
+/// valid (not padding) and, with a window, fewer than `window` positions back (padding sits
+/// only on the left, so index distance is position distance). Every token may attend itself,
+/// so a padding query's row is never empty: an empty row makes NaN, which would reach real
+/// rows through the padding's keys and values.
+fn cached_attention_mask(key_valid: &Tensor, offset: i64, new: i64, window: Option<i64>) -> Tensor {
+    let device = key_valid.device();
+    let total = offset + new;
+    let query = Tensor::arange_start(offset, total, (Kind::Int64, device)).unsqueeze(1);
+    let key = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let distance = &query - &key;
+    let mut allowed = distance.ge(0);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&distance.lt(w));
+    }
+    let allowed = allowed.unsqueeze(0).logical_and(&key_valid.unsqueeze(1));
+    allowed
+        .logical_or(&distance.eq(0).unsqueeze(0))
+        .unsqueeze(1)
 }
 
 impl DecoderLayer {
@@ -398,9 +482,9 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
+        cache: Option<LayerCache>,
         eps: f64,
         train: bool,
     ) -> Tensor {
@@ -409,6 +493,7 @@ impl DecoderLayer {
             cos,
             sin,
             mask,
+            cache,
             train,
         );
         let x = x + attended;
@@ -421,14 +506,16 @@ impl DecoderLayer {
 }
 
 impl Attention {
-    /// Causal self-attention; `mask` (true = attend) replaces the causal flag where a
-    /// sliding window cuts the context shorter.
+    /// Self-attention over `x` and, with a cache, the cached keys and values, which `x`'s are
+    /// appended to. `mask` (true = attend) is required with a cache; without one, `None` is
+    /// plain causal attention.
     fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
+        cache: Option<LayerCache>,
         train: bool,
     ) -> Tensor {
         let size = x.size();
@@ -441,6 +528,21 @@ impl Attention {
         let q = apply_rotary(&heads(&self.q_proj, self.heads), cos, sin);
         let k = apply_rotary(&heads(&self.k_proj, self.kv_heads), cos, sin);
         let v = heads(&self.v_proj, self.kv_heads);
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(LayerCache {
+                keys,
+                values,
+                offset,
+            }) => {
+                keys.narrow(2, offset, seq).copy_(&k);
+                values.narrow(2, offset, seq).copy_(&v);
+                (
+                    keys.narrow(2, 0, offset + seq),
+                    values.narrow(2, 0, offset + seq),
+                )
+            }
+        };
         let grouped = self.kv_heads != self.heads;
         let out = Tensor::scaled_dot_product_attention(
             &q,
@@ -474,9 +576,8 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Incremental decoding with a key/value cache, for generation (generate.rs). Kept apart from the
-// training forward above: the same weights and adapters, but each call sees only the new tokens
-// and attends over the cached keys and values of the earlier ones.
+// The key/value cache of incremental decoding (generate.rs): each forward pass sees only the new
+// tokens and attends over the cached keys and values of the earlier ones.
 
 /// Keys and values `(batch, kv_heads, capacity, head_dim)` of every layer, filled up to `len`.
 pub struct KvCache {
@@ -484,6 +585,21 @@ pub struct KvCache {
     values: Vec<Tensor>,
     len: i64,
     capacity: i64,
+}
+
+/// One forward pass's part in incremental decoding: the cache it extends, the new tokens' RoPE
+/// positions `(batch, new)`, and which keys are real `(batch, cache.len + new)`.
+struct CacheStep<'c> {
+    cache: &'c mut KvCache,
+    positions: &'c Tensor,
+    key_valid: &'c Tensor,
+}
+
+/// One layer's slice of the cache, filled up to `offset`.
+struct LayerCache<'c> {
+    keys: &'c mut Tensor,
+    values: &'c mut Tensor,
+    offset: i64,
 }
 
 impl LlamaModel {
@@ -504,149 +620,6 @@ impl LlamaModel {
             len: 0,
             capacity,
         }
-    }
-
-    /// Logits `(batch, new, vocab)` for `input_ids (batch, new)` that follow the cached tokens,
-    /// whose keys and values are appended to the cache. `positions (batch, new)` are the RoPE
-    /// positions (rows may be left-padded, so they differ from cache indices); `key_valid
-    /// (batch, cache.len() + new)` is false at padding, which no token attends to.
-    pub fn forward_cached(
-        &self,
-        input_ids: &Tensor,
-        positions: &Tensor,
-        key_valid: &Tensor,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let new = input_ids.size()[1];
-        let offset = cache.len;
-        if offset + new > cache.capacity {
-            return Err(anyhow::anyhow!(
-                "the KV cache holds {} positions; {} were asked for",
-                cache.capacity,
-                offset + new
-            ));
-        }
-        let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        let (cos, sin) = rotary_at(&self.config, positions, hidden.kind());
-        let full = cached_attention_mask(key_valid, offset, new, None);
-        let windowed = self
-            .config
-            .sliding_window
-            .map(|w| cached_attention_mask(key_valid, offset, new, Some(w)));
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match (&windowed, self.config.window_of(i)) {
-                (Some(windowed), Some(_)) => windowed,
-                _ => &full,
-            };
-            let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
-            hidden = layer.forward_cached(
-                &hidden,
-                &cos,
-                &sin,
-                mask,
-                keys,
-                values,
-                offset,
-                self.config.rms_norm_eps,
-            );
-        }
-        cache.len += new;
-        let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps);
-        Ok(hidden.linear::<Tensor>(&self.lm_head, None))
-    }
-}
-
-/// cos/sin `(batch, 1, new, head_dim)` for explicit positions `(batch, new)`, computed as
-/// [`rotary_tables`] does.
-fn rotary_at(config: &ModelConfig, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-    let inv_freq = inverse_frequencies(config, positions.device());
-    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
-    let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-    (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
-}
-
-/// `(batch, 1, new, offset + new)`, true where new token q may attend cache index k: causal,
-/// valid (not padding) and, with a window, fewer than `window` positions back (padding sits
-/// only on the left, so index distance is position distance). Every token may attend itself,
-/// so a padding query's row is never empty: an empty row makes NaN, which would reach real
-/// rows through the padding's keys and values.
-fn cached_attention_mask(key_valid: &Tensor, offset: i64, new: i64, window: Option<i64>) -> Tensor {
-    let device = key_valid.device();
-    let total = offset + new;
-    let query = Tensor::arange_start(offset, total, (Kind::Int64, device)).unsqueeze(1);
-    let key = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
-    let distance = &query - &key;
-    let mut allowed = distance.ge(0);
-    if let Some(w) = window {
-        allowed = allowed.logical_and(&distance.lt(w));
-    }
-    let allowed = allowed.unsqueeze(0).logical_and(&key_valid.unsqueeze(1));
-    allowed
-        .logical_or(&distance.eq(0).unsqueeze(0))
-        .unsqueeze(1)
-}
-
-impl DecoderLayer {
-    #[allow(clippy::too_many_arguments)]
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        keys: &mut Tensor,
-        values: &mut Tensor,
-        offset: i64,
-        eps: f64,
-    ) -> Tensor {
-        let normed = rms_norm(x, &self.input_layernorm, eps);
-        let x = x + self
-            .self_attn
-            .forward_cached(&normed, cos, sin, mask, keys, values, offset);
-        let mlp_in = rms_norm(&x, &self.post_attention_layernorm, eps);
-        let mlp = &self.mlp;
-        let gated =
-            mlp.gate_proj.forward(&mlp_in, false).silu() * mlp.up_proj.forward(&mlp_in, false);
-        x + mlp.down_proj.forward(&gated, false)
-    }
-}
-
-impl Attention {
-    #[allow(clippy::too_many_arguments)]
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        keys: &mut Tensor,
-        values: &mut Tensor,
-        offset: i64,
-    ) -> Tensor {
-        let size = x.size();
-        let (batch, new) = (size[0], size[1]);
-        let heads = |proj: &Linear, n: i64| {
-            proj.forward(x, false)
-                .view([batch, new, n, self.head_dim])
-                .transpose(1, 2)
-        };
-        let q = apply_rotary(&heads(&self.q_proj, self.heads), cos, sin);
-        let k = apply_rotary(&heads(&self.k_proj, self.kv_heads), cos, sin);
-        keys.narrow(2, offset, new).copy_(&k);
-        values
-            .narrow(2, offset, new)
-            .copy_(&heads(&self.v_proj, self.kv_heads));
-        let (k, v) = (
-            keys.narrow(2, 0, offset + new),
-            values.narrow(2, 0, offset + new),
-        );
-        let grouped = self.kv_heads != self.heads;
-        let out =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, grouped);
-        let out = out
-            .transpose(1, 2)
-            .reshape([batch, new, self.heads * self.head_dim]);
-        self.o_proj.forward(&out, false)
     }
 }
 

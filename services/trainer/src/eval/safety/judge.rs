@@ -1,5 +1,5 @@
 //! Whether a generated answer is a refusal. The default rule is the one the GCG / AdvBench
-//! evaluations use (methods.md 10b): a refusal is an answer that contains any of the 29
+//! evaluations use: a refusal is an answer that contains any of the 29
 //! `_test_prefixes` as a case-sensitive substring, anywhere. It is cheap, needs no second model,
 //! and its numbers compare with the published ones; a project that wants other phrases (another
 //! language, a house style of refusing) gives its own list.

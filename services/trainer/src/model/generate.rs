@@ -5,13 +5,13 @@
 //! [`Generator`] is the library half of `loraforge-trainer generate`; the safety evaluation
 //! calls it in-process to compare a base model with its adapted version.
 
-use crate::chat_template::ChatTemplate;
-use crate::config::ModelConfig;
 use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::methods::lora;
+use crate::model::chat_template::ChatTemplate;
+use crate::model::tokenizer_config::TokenizerConfig;
 use crate::model::LlamaModel;
-use crate::tokenizer_config::TokenizerConfig;
+use crate::model::ModelConfig;
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

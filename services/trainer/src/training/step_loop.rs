@@ -1,0 +1,311 @@
+//! The optimizer steps of a run, from the first (or the one after a checkpoint) to the last:
+//! each takes its micro-batches, accumulates their gradients, clips, steps AdamW and the
+//! method's hooks, reports progress, and validates or checkpoints where the job says.
+
+use super::attach::AdaptedModel;
+use super::checkpoint::{checkpoint_of, restore, CheckpointStore, SavedCheckpoint, TrainingState};
+use super::optimizer::{clip_grad_norm, learning_rate, zero_grads};
+use super::seeds::{derive_seed, SeedUse};
+use super::{log, Reporter};
+use crate::data::{Batch, ExampleSet, TrainingRows};
+use crate::error::{user_error, Failure};
+use crate::eval::validation::{summed_loss, validation_loss};
+use crate::method::{RankAllocation, StepInfo};
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use loraforge_spec::worker::EventPayload;
+use loraforge_spec::{JobSpec, TrainingConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How many steps a run takes and how many rows each consumes.
+pub struct Plan {
+    pub total_steps: u32,
+    /// Rows after which the data is used up (`training.epochs`), if the job limits them.
+    row_limit: Option<u64>,
+    batch_size: u64,
+    accumulation: u64,
+    /// Steps after this one count toward `final_loss` (the last tenth).
+    pub tail_start: u32,
+}
+
+impl Plan {
+    pub fn new(
+        training: &TrainingConfig,
+        rows_per_epoch: u64,
+        reporter: &mut dyn Reporter,
+    ) -> Plan {
+        let (batch_size, accumulation) = (
+            u64::from(training.batch_size),
+            u64::from(training.gradient_accumulation_steps),
+        );
+        let row_limit = training
+            .epochs
+            .map(|epochs| u64::from(epochs) * rows_per_epoch);
+        let total_steps = match row_limit {
+            Some(limit) => limit
+                .div_ceil(batch_size * accumulation)
+                .min(u64::from(training.max_steps)) as u32,
+            None => training.max_steps,
+        };
+        if total_steps < training.max_steps {
+            reporter.report(log(format!(
+                "training.epochs = {} ends training after {total_steps} steps, before max_steps ({})",
+                training.epochs.unwrap_or_default(),
+                training.max_steps
+            )));
+        }
+        Plan {
+            total_steps,
+            row_limit,
+            batch_size,
+            accumulation,
+            tail_start: total_steps - (total_steps / 10).max(1),
+        }
+    }
+}
+
+/// Where a run's steps report, save checkpoints, and learn that they must stop.
+pub struct Hooks<'h> {
+    pub checkpoints: Option<&'h mut dyn CheckpointStore>,
+    pub reporter: &'h mut dyn Reporter,
+    pub cancel: &'h AtomicBool,
+}
+
+/// A run in progress: the adapted model, its data and its plan.
+pub struct Run<'a> {
+    pub spec: &'a JobSpec,
+    pub adapted: AdaptedModel,
+    pub plan: Plan,
+    rows: TrainingRows<'a>,
+    pub validation: Option<ExampleSet<'a>>,
+    last_ranks: Option<RankAllocation>,
+}
+
+impl<'a> Run<'a> {
+    pub fn new(
+        spec: &'a JobSpec,
+        adapted: AdaptedModel,
+        plan: Plan,
+        rows: TrainingRows<'a>,
+        validation: Option<ExampleSet<'a>>,
+    ) -> Run<'a> {
+        Run {
+            spec,
+            adapted,
+            plan,
+            rows,
+            validation,
+            last_ranks: None,
+        }
+    }
+
+    /// The state to continue from: a checkpoint's, put back into the adapter and optimizer, or
+    /// a fresh one.
+    pub fn start(
+        &mut self,
+        resume: Option<SavedCheckpoint>,
+        template_clock: DateTime<Utc>,
+        reporter: &mut dyn Reporter,
+    ) -> Result<TrainingState> {
+        let Some(saved) = resume else {
+            return Ok(TrainingState::start(self.plan.total_steps, template_clock));
+        };
+        let adapted = &mut self.adapted;
+        restore(
+            adapted.method.as_ref(),
+            &mut adapted.optimizer,
+            &saved.checkpoint,
+            self.plan.total_steps,
+        )?;
+        reporter.report(EventPayload::Checkpoint {
+            step: saved.checkpoint.state.step,
+            prefix: saved.prefix,
+            resumed: true,
+        });
+        Ok(saved.checkpoint.state)
+    }
+
+    /// Runs the steps after `state.step` up to the last, checking `hooks.cancel` before each.
+    pub fn run_steps(&mut self, state: &mut TrainingState, hooks: &mut Hooks) -> Result<()> {
+        let total_steps = self.plan.total_steps;
+        let (started, seconds_before, first_step) =
+            (Instant::now(), state.train_seconds, state.step + 1);
+        let mut tokens_this_attempt = 0u64;
+        for step in first_step..=total_steps {
+            if hooks.cancel.load(Ordering::Relaxed) {
+                return Err(Failure::Cancelled.into());
+            }
+            let training = &self.spec.training;
+            let lr = learning_rate(
+                training.schedule,
+                training.learning_rate,
+                step,
+                training.warmup_steps,
+                total_steps,
+            );
+            let (loss, step_tokens) = self.step(step, lr, state, hooks.reporter)?;
+
+            tokens_this_attempt += step_tokens;
+            state.step = step;
+            state.tokens += step_tokens;
+            state.initial_loss.get_or_insert(loss);
+            if step > self.plan.tail_start {
+                state.tail_loss_sum += loss;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            state.train_seconds = seconds_before + elapsed;
+            hooks.reporter.report(EventPayload::Progress {
+                step,
+                total_steps,
+                loss,
+                lr,
+                tokens_per_second: tokens_this_attempt as f64 / elapsed.max(1e-9),
+                eta_seconds: Some(
+                    elapsed / f64::from(step + 1 - first_step) * f64::from(total_steps - step),
+                ),
+            });
+            // The last step is always validated after the loop, and never needs a checkpoint.
+            if step == total_steps {
+                break;
+            }
+            if self
+                .spec
+                .training
+                .eval_every
+                .is_some_and(|every| step % every == 0)
+            {
+                self.validate(step, hooks.reporter)?;
+            }
+            if self
+                .spec
+                .training
+                .checkpoint_every
+                .is_some_and(|every| step % every == 0)
+            {
+                self.save_checkpoint(state, hooks)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step: the step's micro-batches forward and backward, the accumulated
+    /// gradients clipped, AdamW and the method's hooks. Returns the step's loss (mean over its
+    /// target tokens) and how many tokens it read.
+    fn step(
+        &mut self,
+        step: u32,
+        lr: f64,
+        state: &mut TrainingState,
+        reporter: &mut dyn Reporter,
+    ) -> Result<(f64, u64)> {
+        let training = &self.spec.training;
+        let (plan, adapted) = (&self.plan, &mut self.adapted);
+        adapted.method.before_step(step);
+        let mut micro_batches = Vec::with_capacity(plan.accumulation as usize);
+        while (micro_batches.len() as u64) < plan.accumulation {
+            let end =
+                (state.rows_consumed + plan.batch_size).min(plan.row_limit.unwrap_or(u64::MAX));
+            if end <= state.rows_consumed {
+                break;
+            }
+            let batch_rows = (state.rows_consumed..end)
+                .map(|k| self.rows.row(k))
+                .collect::<Result<Vec<_>>>()?;
+            micro_batches.push(Batch::from_rows(
+                &batch_rows,
+                adapted.pad_id,
+                adapted.device,
+            ));
+            state.rows_consumed = end;
+        }
+        if let Some(trace) = adapted.trace.as_mut() {
+            trace.record_batches(step, &micro_batches);
+        }
+        // The step's loss is the mean over all its target tokens, however they are split into
+        // micro-batches: accumulating k batches of b rows is one batch of k * b rows.
+        let targets = micro_batches.iter().map(|b| b.targets).sum::<u64>().max(1) as f64;
+        zero_grads(&adapted.trained);
+        let mut loss_sum = 0.0;
+        for (micro, batch) in micro_batches.iter().enumerate() {
+            let dropout_index = u64::from(step) * plan.accumulation + micro as u64;
+            tch::manual_seed(derive_seed(training.seed, SeedUse::Dropout, dropout_index) as i64);
+            let loss = summed_loss(&adapted.model, batch, adapted.vocab_size, true);
+            loss_sum += loss.double_value(&[]);
+            // The method's own loss term counts once per step, spread over its micro-batches.
+            let objective = match adapted.method.extra_loss() {
+                Some(extra) => loss / targets + extra / micro_batches.len() as f64,
+                None => loss / targets,
+            };
+            objective.backward();
+        }
+        let loss = loss_sum / targets;
+        if !loss.is_finite() {
+            return Err(user_error(format!(
+                "training loss became {loss} at step {step}: the run diverged (lower \
+                 training.learning_rate, now {}, or set training.max_grad_norm) or the base weights are not finite",
+                training.learning_rate
+            )));
+        }
+        if let Some(max_norm) = training.max_grad_norm {
+            clip_grad_norm(&adapted.trained, max_norm);
+        }
+        adapted.optimizer.step(lr);
+        adapted.method.after_step(StepInfo {
+            index: step,
+            total: plan.total_steps,
+            lr,
+        });
+        if let Some(ranks) = adapted
+            .method
+            .rank_allocation()
+            .filter(|r| self.last_ranks.as_ref() != Some(r))
+        {
+            reporter.report(ranks.event(step));
+            self.last_ranks = Some(ranks);
+        }
+        Ok((loss, micro_batches.iter().map(|b| b.tokens).sum()))
+    }
+
+    /// Reports the validation loss after `step`, where the run has validation data; returns it.
+    pub fn validate(&self, step: u32, reporter: &mut dyn Reporter) -> Result<Option<f64>> {
+        let Some(examples) = &self.validation else {
+            return Ok(None);
+        };
+        let adapted = &self.adapted;
+        let (loss, tokens) = validation_loss(
+            &adapted.model,
+            examples,
+            self.spec.training.seq_len as usize,
+            self.plan.batch_size as usize,
+            adapted.pad_id,
+            adapted.vocab_size,
+            adapted.device,
+        )?;
+        reporter.report(EventPayload::Eval { step, loss, tokens });
+        Ok(Some(loss))
+    }
+
+    /// Saves a checkpoint of the run after `state.step`, where the run has a checkpoint store.
+    fn save_checkpoint(&self, state: &TrainingState, hooks: &mut Hooks) -> Result<()> {
+        let Some(store) = hooks.checkpoints.as_deref_mut() else {
+            return Ok(());
+        };
+        let reporter = &mut *hooks.reporter;
+        // Announced, and recorded, before it can be resumed from: every checkpoint a retry may
+        // continue from is in the job's events.
+        let mut announce = |prefix: &str| {
+            reporter.report(EventPayload::Checkpoint {
+                step: state.step,
+                prefix: prefix.to_string(),
+                resumed: false,
+            });
+            reporter.flush()
+        };
+        let adapted = &self.adapted;
+        store.save(
+            &checkpoint_of(adapted.method.as_ref(), &adapted.optimizer, state),
+            &mut announce,
+        )
+    }
+}
