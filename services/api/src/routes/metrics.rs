@@ -12,41 +12,31 @@ use std::fmt::Write;
 
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let by_status: Vec<(String, i64)> =
-        sqlx::query!(r#"SELECT status, count(*) AS "count!" FROM jobs GROUP BY status"#)
+        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
             .fetch_all(&state.pool)
-            .await?
-            .into_iter()
-            .map(|r| (r.status, r.count))
-            .collect();
-    let counts = sqlx::query!(
-        r#"SELECT count(*) FILTER (WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())) AS "queued_ready!",
-                  count(*) FILTER (WHERE attempt > 1) AS "retried!"
-           FROM jobs"#,
+            .await?;
+    let (queued_ready, retried): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())),
+                count(*) FILTER (WHERE attempt > 1)
+         FROM jobs",
     )
     .fetch_one(&state.pool)
     .await?;
-    let (queued_ready, retried) = (counts.queued_ready, counts.retried);
     let versions: Vec<(String, i64)> =
-        sqlx::query!(r#"SELECT status, count(*) AS "count!" FROM adapter_versions GROUP BY status"#)
+        sqlx::query_as("SELECT status, count(*) FROM adapter_versions GROUP BY status")
             .fetch_all(&state.pool)
-            .await?
-            .into_iter()
-            .map(|r| (r.status, r.count))
-            .collect();
-    let pending_hooks: i64 = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "count!" FROM webhook_deliveries WHERE status = 'pending'"#
-    )
-    .fetch_one(&state.pool)
-    .await?;
-    let durations: Option<(f64, f64, i64)> = sqlx::query!(
-        r#"SELECT COALESCE(sum(extract(epoch FROM finished_at - created_at)), 0)::float8 AS "sum!",
-                  COALESCE(max(extract(epoch FROM finished_at - created_at)), 0)::float8 AS "max!",
-                  count(*) AS "count!"
-           FROM jobs WHERE status = 'succeeded'"#,
+            .await?;
+    let pending_hooks: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'")
+            .fetch_one(&state.pool)
+            .await?;
+    let durations: Option<(f64, f64, i64)> = sqlx::query_as(
+        "SELECT COALESCE(sum(extract(epoch FROM finished_at - created_at)), 0)::float8,
+                COALESCE(max(extract(epoch FROM finished_at - created_at)), 0)::float8, count(*)
+         FROM jobs WHERE status = 'succeeded'",
     )
     .fetch_optional(&state.pool)
-    .await?
-    .map(|r| (r.sum, r.max, r.count));
+    .await?;
 
     let mut out = String::new();
     let _ = writeln!(
