@@ -241,13 +241,9 @@ pub async fn transition(
 
 /// Wakes the schedulers of every replica (inside the caller's transaction: on commit).
 pub async fn wake_scheduler(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"SELECT pg_notify($1, $2) AS "notified: ()""#,
-        QUEUE_CHANNEL,
-        job_id.to_string(),
-    )
-    .execute(conn)
-    .await?;
+    sqlx::query!("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, job_id.to_string())
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
