@@ -29,10 +29,22 @@ TORCH_LIB=$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch
 export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 # --- Rust ------------------------------------------------------------------------------------
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LORAFORGE_CACHE/target}
+# Lead's note (do not commit): worktrees sharing one target dir overwrite each other's
+# workspace crates (cargo hashes path crates by their path relative to the workspace), so
+# this worktree builds in its own.
+export CARGO_TARGET_DIR=/root/.cache/loraforge/target-sqlx
 if ! command -v cargo >/dev/null; then
   log "cargo not found: install Rust (rustup) first"; exit 1
 fi
+# The sqlx query macros check every query against .sqlx/ (committed; .ci/sqlx-prepare
+# regenerates it from a migrated database), so a build needs no database.
+export SQLX_OFFLINE=true
+TOOLS=$LORAFORGE_CACHE/tools
+if ! command -v cargo-sqlx >/dev/null && [ ! -x "$TOOLS/bin/cargo-sqlx" ]; then
+  log "installing sqlx-cli 0.9.0 into $TOOLS"
+  cargo install sqlx-cli --version 0.9.0 --locked --no-default-features --features postgres --root "$TOOLS"
+fi
+export PATH=$TOOLS/bin:$PATH
 
 # --- Postgres: DATABASE_URL if set, else the local server, else a private cluster --------------
 if [ -z "${DATABASE_URL:-}" ]; then

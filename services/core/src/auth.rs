@@ -65,12 +65,13 @@ impl Caller {
 
 /// The caller a key belongs to, if it is a live key.
 pub async fn authenticate(pool: &PgPool, key: &str) -> Result<Option<Caller>> {
-    let found: Option<(String, String)> = sqlx::query_as(
+    let found = sqlx::query!(
         "SELECT project, scope FROM api_keys WHERE key_sha256 = $1 AND revoked_at IS NULL",
+        Sha256::digest(key.as_bytes()).to_vec(),
     )
-    .bind(Sha256::digest(key.as_bytes()).to_vec())
     .fetch_optional(pool)
-    .await?;
+    .await?
+    .map(|r| (r.project, r.scope));
     let Some((project, scope)) = found else {
         return Ok(None);
     };
@@ -101,14 +102,14 @@ pub async fn create_key(
     let prefix = hex::encode(prefix);
     let key = format!("lf_{prefix}_{}", hex::encode(secret));
     let id = Uuid::new_v4();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO api_keys (id, project, scope, prefix, key_sha256) VALUES ($1, $2, $3, $4, $5)",
+        id,
+        project,
+        scope.as_str(),
+        &prefix,
+        Sha256::digest(key.as_bytes()).to_vec(),
     )
-    .bind(id)
-    .bind(project)
-    .bind(scope.as_str())
-    .bind(&prefix)
-    .bind(Sha256::digest(key.as_bytes()).to_vec())
     .execute(pool)
     .await?;
     Ok(CreatedKey {
@@ -120,10 +121,10 @@ pub async fn create_key(
 }
 
 pub async fn revoke_key(pool: &PgPool, prefix: &str) -> Result<bool, sqlx::Error> {
-    let n = sqlx::query(
+    let n = sqlx::query!(
         "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
+        prefix,
     )
-    .bind(prefix)
     .execute(pool)
     .await?;
     Ok(n.rows_affected() > 0)

@@ -25,12 +25,15 @@ pub async fn run(ctx: Context, mut stop: watch::Receiver<bool>) {
 
 /// One pass; returns how many attempts it ended.
 pub async fn expire_leases(ctx: &Context) -> Result<usize, sqlx::Error> {
-    let expired: Vec<(Uuid, i32)> = sqlx::query_as(
+    let expired: Vec<(Uuid, i32)> = sqlx::query!(
         "SELECT id, attempt FROM jobs WHERE lease_expires_at < now() AND status <> ALL($1)",
+        &JobStatus::FINAL[..] as &[&str],
     )
-    .bind(&JobStatus::FINAL[..])
     .fetch_all(&ctx.pool)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.attempt))
+    .collect();
     for (job_id, attempt) in &expired {
         if let Err(e) = ctx.executor.stop(*job_id).await {
             tracing::warn!(%job_id, error = %e, "could not stop the worker of an expired lease");

@@ -123,15 +123,21 @@ impl Metrics {
     /// Reads the totals over all replicas from Postgres (see the module docs).
     pub async fn refresh_totals(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         let jobs: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+            sqlx::query!(r#"SELECT status, count(*) AS "count!" FROM jobs GROUP BY status"#)
                 .fetch_all(pool)
-                .await?;
+                .await?
+                .into_iter()
+                .map(|r| (r.status, r.count))
+                .collect();
         let versions: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM adapter_versions GROUP BY status")
+            sqlx::query!(r#"SELECT status, count(*) AS "count!" FROM adapter_versions GROUP BY status"#)
                 .fetch_all(pool)
-                .await?;
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'",
+                .await?
+                .into_iter()
+                .map(|r| (r.status, r.count))
+                .collect();
+        let pending: i64 = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM webhook_deliveries WHERE status = 'pending'"#,
         )
         .fetch_one(pool)
         .await?;

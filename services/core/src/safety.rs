@@ -9,10 +9,12 @@ use sqlx::PgPool;
 /// The project's policy, or the default one when it has none.
 pub async fn project_policy(pool: &PgPool, project: &str) -> Result<SafetyPolicy, sqlx::Error> {
     let stored: Option<Json<SafetyPolicy>> =
-        sqlx::query_scalar("SELECT policy FROM safety_policies WHERE project = $1")
-            .bind(project)
-            .fetch_optional(pool)
-            .await?;
+        sqlx::query_scalar!(
+            r#"SELECT policy AS "policy: Json<SafetyPolicy>" FROM safety_policies WHERE project = $1"#,
+            project,
+        )
+        .fetch_optional(pool)
+        .await?;
     Ok(stored.map(|p| p.0).unwrap_or_default())
 }
 
@@ -22,12 +24,12 @@ pub async fn set_project_policy(
     policy: &SafetyPolicy,
 ) -> Result<()> {
     policy.validate()?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO safety_policies (project, policy) VALUES ($1, $2)
          ON CONFLICT (project) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+        project,
+        Json(policy) as _,
     )
-    .bind(project)
-    .bind(Json(policy))
     .execute(pool)
     .await?;
     Ok(())

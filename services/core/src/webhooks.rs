@@ -107,15 +107,16 @@ pub async fn create(
             format!("whsec_{}", hex::encode(bytes))
         }
     };
-    let webhook: WebhookRow = sqlx::query_as(
+    let webhook: WebhookRow = sqlx::query_as!(
+        WebhookRow,
         "INSERT INTO webhooks (id, project, url, secret, events) VALUES ($1, $2, $3, $4, $5)
          RETURNING id, url, events, created_at",
+        Uuid::new_v4(),
+        project,
+        url,
+        &secret,
+        &new.events[..],
     )
-    .bind(Uuid::new_v4())
-    .bind(project)
-    .bind(url)
-    .bind(&secret)
-    .bind(&new.events)
     .fetch_one(pool)
     .await?;
     Ok(CreatedWebhook { webhook, secret })
@@ -130,18 +131,17 @@ fn url_ok(raw: &str) -> Result<String, String> {
 }
 
 pub async fn list(pool: &PgPool, project: &str) -> Result<Vec<WebhookRow>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        WebhookRow,
         "SELECT id, url, events, created_at FROM webhooks WHERE project = $1 ORDER BY created_at",
+        project,
     )
-    .bind(project)
     .fetch_all(pool)
     .await
 }
 
 pub async fn delete(pool: &PgPool, project: &str, id: Uuid) -> Result<()> {
-    let n = sqlx::query("DELETE FROM webhooks WHERE project = $1 AND id = $2")
-        .bind(project)
-        .bind(id)
+    let n = sqlx::query!("DELETE FROM webhooks WHERE project = $1 AND id = $2", project, id)
         .execute(pool)
         .await?;
     if n.rows_affected() == 0 {
@@ -156,17 +156,17 @@ pub async fn deliveries(
     id: Uuid,
 ) -> Result<Vec<DeliveryRow>> {
     let exists: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM webhooks WHERE project = $1 AND id = $2")
-            .bind(project)
-            .bind(id)
+        sqlx::query_scalar!("SELECT id FROM webhooks WHERE project = $1 AND id = $2", project, id)
             .fetch_optional(pool)
             .await?;
     exists.ok_or(Error::NotFound("webhook"))?;
-    Ok(sqlx::query_as(
-        "SELECT id, event, payload, status, attempts, last_status, last_error, created_at, delivered_at
-         FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY created_at, id",
+    Ok(sqlx::query_as!(
+        DeliveryRow,
+        r#"SELECT id, event, payload AS "payload: Json<serde_json::Value>", status, attempts, last_status,
+                  last_error, created_at, delivered_at
+           FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY created_at, id"#,
+        id,
     )
-    .bind(id)
     .fetch_all(pool)
     .await?)
 }
@@ -180,13 +180,13 @@ pub async fn enqueue(
     data: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     let payload = serde_json::json!({"event": event, "project": project, "occurred_at": Utc::now(), "data": data});
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO webhook_deliveries (id, webhook_id, event, payload, status)
          SELECT gen_random_uuid(), id, $2, $3, 'pending' FROM webhooks WHERE project = $1 AND $2 = ANY(events)",
+        project,
+        event,
+        Json(payload) as _,
     )
-    .bind(project)
-    .bind(event)
-    .bind(Json(payload))
     .execute(conn)
     .await?;
     Ok(())
@@ -223,16 +223,19 @@ pub async fn run_dispatcher(pool: PgPool, settings: std::sync::Arc<Settings>, mu
 /// Sends the deliveries that are due; returns how many it tried.
 async fn dispatch_due(pool: &PgPool, settings: &Settings, client: &reqwest::Client) -> Result<usize, sqlx::Error> {
     // Claim by pushing the next attempt out, so another dispatcher skips these meanwhile.
-    let due: Vec<(Uuid, String, Json<serde_json::Value>, i32, String, String)> = sqlx::query_as(
-        "UPDATE webhook_deliveries d SET next_attempt_at = now() + interval '60 seconds'
-         FROM webhooks w
-         WHERE w.id = d.webhook_id AND d.id IN (
-             SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
-             ORDER BY next_attempt_at LIMIT 16 FOR UPDATE SKIP LOCKED)
-         RETURNING d.id, d.event, d.payload, d.attempts, w.url, w.secret",
+    let due: Vec<(Uuid, String, Json<serde_json::Value>, i32, String, String)> = sqlx::query!(
+        r#"UPDATE webhook_deliveries d SET next_attempt_at = now() + interval '60 seconds'
+           FROM webhooks w
+           WHERE w.id = d.webhook_id AND d.id IN (
+               SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
+               ORDER BY next_attempt_at LIMIT 16 FOR UPDATE SKIP LOCKED)
+           RETURNING d.id, d.event, d.payload AS "payload: Json<serde_json::Value>", d.attempts, w.url, w.secret"#,
     )
     .fetch_all(pool)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.event, r.payload, r.attempts, r.url, r.secret))
+    .collect();
     for (id, event, payload, attempts, url, secret) in &due {
         let body = serde_json::to_vec(&payload.0).unwrap_or_default();
         let timestamp = Utc::now().timestamp();
@@ -256,20 +259,20 @@ async fn dispatch_due(pool: &PgPool, settings: &Settings, client: &reqwest::Clie
         };
         let attempts = attempts + 1;
         let backoff = settings.webhook_backoff.as_secs_f64() * 2f64.powi(attempts - 1);
-        sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = $2, last_status = $3, last_error = $4,
-                    status = CASE WHEN $5 THEN 'delivered' WHEN $2 >= $6 THEN 'failed' ELSE 'pending' END,
+        sqlx::query!(
+            "UPDATE webhook_deliveries SET attempts = $2::int, last_status = $3, last_error = $4,
+                    status = CASE WHEN $5 THEN 'delivered' WHEN $2::int >= $6::int THEN 'failed' ELSE 'pending' END,
                     delivered_at = CASE WHEN $5 THEN now() END,
                     next_attempt_at = now() + make_interval(secs => $7)
              WHERE id = $1",
+            id,
+            attempts,
+            status,
+            error,
+            ok,
+            MAX_ATTEMPTS,
+            backoff.min(3600.0),
         )
-        .bind(id)
-        .bind(attempts)
-        .bind(status)
-        .bind(error)
-        .bind(ok)
-        .bind(MAX_ATTEMPTS)
-        .bind(backoff.min(3600.0))
         .execute(pool)
         .await?;
     }

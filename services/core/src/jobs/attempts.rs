@@ -108,11 +108,13 @@ pub async fn settle(
     outcome: &Outcome,
     backoff: Duration,
 ) -> Result<Settlement, sqlx::Error> {
-    let row: Option<(JobStatus, i32, i32)> =
-        sqlx::query_as("SELECT status, attempt, max_attempts FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(job_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row = sqlx::query!(
+        r#"SELECT status AS "status: JobStatus", attempt, max_attempts FROM jobs WHERE id = $1 FOR UPDATE"#,
+        job_id,
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(|r| (r.status, r.attempt, r.max_attempts));
     let stale = Settlement {
         settled: Settled::Stale,
         orphaned_prefixes: Vec::new(),
@@ -142,11 +144,11 @@ pub async fn settle(
                 if !transition(conn, job_id, JobStatus::Queued, Some(&note), released(None)).await? {
                     return Ok(stale);
                 }
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE jobs SET not_before = now() + make_interval(secs => $2) WHERE id = $1",
+                    job_id,
+                    delay.as_secs_f64(),
                 )
-                .bind(job_id)
-                .bind(delay.as_secs_f64())
                 .execute(&mut *conn)
                 .await?;
                 wake_scheduler(conn, job_id).await?;

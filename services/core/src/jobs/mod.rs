@@ -52,25 +52,34 @@ impl JobRow {
     }
 }
 
-/// The columns of [`JobRow`], as a literal so queries stay static strings.
-macro_rules! job_columns {
-    () => {
-        "id, project, adapter_name, spec, status, error_kind, error_message, attempt, \
-         max_attempts, adapter_version, created_at, updated_at, started_at, finished_at, parent_adapter, parent_version, safety_policy"
-    };
+/// `sqlx::query_as!` of [`JobRow`]s: `$head`, the columns of [`JobRow`] with their Rust
+/// types, then `$tail`. The macros take string literals only, so the one column list lives
+/// here, next to the struct, and every query that reads whole jobs goes through it.
+macro_rules! query_jobs {
+    ($head:literal, $tail:literal $(, $arg:expr)* $(,)?) => {{
+        // The column types below, in scope wherever this expands.
+        use loraforge_spec::safety::EffectivePolicy;
+        use loraforge_spec::{ErrorKind, JobStatus, ResolvedJobSpec};
+        use sqlx::types::Json;
+        sqlx::query_as!(
+            $crate::jobs::JobRow,
+            $head
+                + r#"id, project, adapter_name, spec AS "spec: Json<ResolvedJobSpec>",
+                     status AS "status: JobStatus", error_kind AS "error_kind: ErrorKind",
+                     error_message, attempt, max_attempts, adapter_version, created_at, updated_at,
+                     started_at, finished_at, parent_adapter, parent_version,
+                     safety_policy AS "safety_policy: Json<EffectivePolicy>""#
+                + $tail
+            $(, $arg)*
+        )
+    }};
 }
-pub(crate) use job_columns;
+pub(crate) use query_jobs;
 
 pub async fn get(pool: &PgPool, project: &str, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE project = $1 AND id = $2"
-    ))
-    .bind(project)
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+    query_jobs!("SELECT ", " FROM jobs WHERE project = $1 AND id = $2", project, id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// The job, or `NotFound`.
@@ -83,12 +92,14 @@ pub async fn record_event(
     job_id: Uuid,
     event: &EventPayload,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO job_events (job_id, kind, payload) VALUES ($1, $2, $3)")
-        .bind(job_id)
-        .bind(event.kind())
-        .bind(Json(event))
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO job_events (job_id, kind, payload) VALUES ($1, $2, $3)",
+        job_id,
+        event.kind(),
+        Json(event) as _,
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -112,13 +123,13 @@ pub async fn record_worker_events(ctx: &Context, job: &JobRow, events: &[EventPa
     }
     let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
     let payloads: Vec<Json<&EventPayload>> = events.iter().map(Json).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO job_events (job_id, kind, payload)
          SELECT $1, k, p FROM UNNEST($2::text[], $3::jsonb[]) AS t(k, p)",
+        job.id,
+        &kinds[..] as &[&str],
+        &payloads[..] as &[Json<&EventPayload>],
     )
-    .bind(job.id)
-    .bind(kinds)
-    .bind(payloads)
     .execute(&ctx.pool)
     .await?;
     for event in events {
@@ -141,12 +152,14 @@ pub async fn events(
     after: i64,
     limit: i64,
 ) -> Result<Vec<EventRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT seq, created_at, payload FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    sqlx::query_as!(
+        EventRow,
+        r#"SELECT seq, created_at, payload AS "payload: Json<EventPayload>"
+           FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"#,
+        job_id,
+        after,
+        limit,
     )
-    .bind(job_id)
-    .bind(after)
-    .bind(limit)
     .fetch_all(pool)
     .await
 }
@@ -178,7 +191,7 @@ pub async fn transition(
         None => (None, None),
     };
     let release = effects.release_lease || to.is_final();
-    let updated: Option<(String, String)> = sqlx::query_as(
+    let updated = sqlx::query!(
         "UPDATE jobs SET status = $2, updated_at = now(),
                 error_kind = COALESCE($4, error_kind), error_message = COALESCE($5, error_message),
                 started_at = CASE WHEN $2 = 'running' THEN COALESCE(started_at, now()) ELSE started_at END,
@@ -187,16 +200,17 @@ pub async fn transition(
                 worker_token_sha256 = CASE WHEN $6 THEN NULL ELSE worker_token_sha256 END
          WHERE id = $1 AND status = ANY($3)
          RETURNING project, adapter_name",
+        job_id,
+        to as JobStatus,
+        &from[..] as &[JobStatus],
+        error_kind as Option<ErrorKind>,
+        error_message,
+        release,
+        to.is_final(),
     )
-    .bind(job_id)
-    .bind(to)
-    .bind(&from)
-    .bind(error_kind)
-    .bind(error_message)
-    .bind(release)
-    .bind(to.is_final())
     .fetch_optional(&mut *conn)
-    .await?;
+    .await?
+    .map(|r| (r.project, r.adapter_name));
     let Some((project, adapter_name)) = updated else {
         return Ok(false);
     };
@@ -227,9 +241,7 @@ pub async fn transition(
 
 /// Wakes the schedulers of every replica (inside the caller's transaction: on commit).
 pub async fn wake_scheduler(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(QUEUE_CHANNEL)
-        .bind(job_id.to_string())
+    sqlx::query!("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, job_id.to_string())
         .execute(conn)
         .await?;
     Ok(())
@@ -250,18 +262,19 @@ pub async fn claim(
     token_sha256: &[u8],
 ) -> Result<Option<Claimed>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let claimed: Option<(Uuid, i32)> = sqlx::query_as(
+    let claimed = sqlx::query!(
         "UPDATE jobs SET status = 'scheduled', attempt = attempt + 1, updated_at = now(),
                 lease_expires_at = now() + make_interval(secs => $1), worker_token_sha256 = $2
          WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())
                      ORDER BY priority DESC, created_at, id
                      FOR UPDATE SKIP LOCKED LIMIT 1)
          RETURNING id, attempt",
+        lease.as_secs_f64(),
+        token_sha256,
     )
-    .bind(lease.as_secs_f64())
-    .bind(token_sha256)
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(|r| (r.id, r.attempt));
     let Some((job_id, attempt)) = claimed else {
         tx.rollback().await?;
         return Ok(None);
@@ -282,14 +295,15 @@ pub async fn claim(
 
 /// Queued jobs claimable now, and jobs whose worker holds a lease.
 pub async fn queue_and_leases(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())),
-                count(*) FILTER (WHERE lease_expires_at IS NOT NULL)
-         FROM jobs WHERE status <> ALL($1)",
+    let row = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())) AS "queued!",
+                  count(*) FILTER (WHERE lease_expires_at IS NOT NULL) AS "leased!"
+           FROM jobs WHERE status <> ALL($1)"#,
+        &JobStatus::FINAL[..] as &[&str],
     )
-    .bind(&JobStatus::FINAL[..])
     .fetch_one(pool)
-    .await
+    .await?;
+    Ok((row.queued, row.leased))
 }
 
 /// The job a worker token belongs to, if the token is current and the job unfinished.
@@ -298,14 +312,13 @@ pub async fn authenticate_worker(
     job_id: Uuid,
     token_sha256: &[u8],
 ) -> Result<Option<JobRow>, sqlx::Error> {
-    sqlx::query_as(concat!(
+    query_jobs!(
         "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE id = $1 AND worker_token_sha256 = $2 AND status <> ALL($3)"
-    ))
-    .bind(job_id)
-    .bind(token_sha256)
-    .bind(&JobStatus::FINAL[..])
+        " FROM jobs WHERE id = $1 AND worker_token_sha256 = $2 AND status <> ALL($3)",
+        job_id,
+        token_sha256,
+        &JobStatus::FINAL[..] as &[&str],
+    )
     .fetch_optional(pool)
     .await
 }
@@ -316,12 +329,12 @@ pub async fn heartbeat(
     job_id: Uuid,
     lease: Duration,
 ) -> Result<Option<JobStatus>, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
-         WHERE id = $1 AND lease_expires_at IS NOT NULL RETURNING status",
+    sqlx::query_scalar!(
+        r#"UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
+           WHERE id = $1 AND lease_expires_at IS NOT NULL RETURNING status AS "status: JobStatus""#,
+        job_id,
+        lease.as_secs_f64(),
     )
-    .bind(job_id)
-    .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await
 }

@@ -3,7 +3,7 @@
 //! is reported at once, and the job is inserted as `queued` with its first event and a
 //! queue wake-up in one transaction. An `Idempotency-Key` makes a retry return the same job.
 
-use super::{get, job_columns, record_event, wake_scheduler, JobRow};
+use super::{get, query_jobs, record_event, wake_scheduler, JobRow};
 use crate::error::{Error, Result};
 use crate::registry::inputs::{self, InputKind};
 use crate::registry::{self, aliases, VersionStatus};
@@ -11,7 +11,6 @@ use crate::{safety, Context};
 use loraforge_spec::worker::EventPayload;
 use loraforge_spec::{FieldError, InputRef, JobSpec, JobStatus, ParentRef, ResolvedJobSpec, SpecError};
 use sha2::{Digest, Sha256};
-use sqlx::types::Json;
 use uuid::Uuid;
 
 pub enum Submitted {
@@ -43,37 +42,38 @@ pub async fn submit(
     let request_sha256 = Sha256::digest(spec_json).to_vec();
     let mut tx = ctx.pool.begin().await?;
     let id = Uuid::new_v4();
-    let inserted: Option<JobRow> = sqlx::query_as(concat!(
+    let inserted: Option<JobRow> = query_jobs!(
         "INSERT INTO jobs (id, project, adapter_name, spec, status, idempotency_key, request_sha256, max_attempts,
                            base_model_name, dataset_name, parent_adapter, parent_version, safety_policy)
          VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12)
          ON CONFLICT (project, idempotency_key) DO NOTHING
          RETURNING ",
-        job_columns!()
-    ))
-    .bind(id)
-    .bind(project)
-    .bind(spec.adapter_name.as_str())
-    .bind(Json(&spec))
-    .bind(idempotency_key)
-    .bind(&request_sha256)
-    .bind(ctx.settings.max_attempts)
-    .bind(&found.base_model_name)
-    .bind(&found.dataset_name)
-    .bind(found.parent.as_ref().map(|p| p.0.as_str()))
-    .bind(found.parent.as_ref().map(|p| p.1))
-    .bind(Json(&safety))
+        "",
+        id,
+        project,
+        spec.adapter_name.as_str(),
+        Json(&spec) as _,
+        idempotency_key,
+        &request_sha256,
+        ctx.settings.max_attempts,
+        found.base_model_name.as_deref(),
+        found.dataset_name.as_deref(),
+        found.parent.as_ref().map(|p| p.0.as_str()),
+        found.parent.as_ref().map(|p| p.1),
+        Json(&safety) as _,
+    )
     .fetch_optional(&mut *tx)
     .await?;
     let Some(job) = inserted else {
         tx.rollback().await?;
-        let (existing, sha): (Uuid, Vec<u8>) = sqlx::query_as(
+        let first = sqlx::query!(
             "SELECT id, request_sha256 FROM jobs WHERE project = $1 AND idempotency_key = $2",
+            project,
+            idempotency_key,
         )
-        .bind(project)
-        .bind(idempotency_key)
         .fetch_one(&ctx.pool)
         .await?;
+        let (existing, sha) = (first.id, first.request_sha256);
         if sha != request_sha256 {
             return Err(Error::conflict(
                 "idempotency_key_reused",

@@ -41,23 +41,24 @@ pub async fn set(
         ));
     }
     let mut tx = ctx.pool.begin().await?;
-    let previous: Option<i32> = sqlx::query_scalar(
+    let previous: Option<i32> = sqlx::query_scalar!(
         "SELECT version FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3 FOR UPDATE",
+        project,
+        adapter,
+        alias,
     )
-    .bind(project)
-    .bind(adapter)
-    .bind(alias)
     .fetch_optional(&mut *tx)
     .await?;
-    let row: AliasRow = sqlx::query_as(
+    let row: AliasRow = sqlx::query_as!(
+        AliasRow,
         "INSERT INTO adapter_aliases (project, adapter_name, alias, version) VALUES ($1, $2, $3, $4)
          ON CONFLICT (project, adapter_name, alias) DO UPDATE SET version = EXCLUDED.version, updated_at = now()
          RETURNING alias, version, updated_at",
+        project,
+        adapter,
+        alias,
+        version,
     )
-    .bind(project)
-    .bind(adapter)
-    .bind(alias)
-    .bind(version)
     .fetch_one(&mut *tx)
     .await?;
     if previous != Some(version) {
@@ -70,12 +71,12 @@ pub async fn set(
 }
 
 pub async fn delete(ctx: &Context, project: &str, adapter: &str, alias: &str) -> Result<()> {
-    let deleted = sqlx::query(
+    let deleted = sqlx::query!(
         "DELETE FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3",
+        project,
+        adapter,
+        alias,
     )
-    .bind(project)
-    .bind(adapter)
-    .bind(alias)
     .execute(&ctx.pool)
     .await?
     .rows_affected();
@@ -91,11 +92,12 @@ pub async fn list(
     project: &str,
     adapter: &str,
 ) -> Result<Vec<AliasRow>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        AliasRow,
         "SELECT alias, version, updated_at FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 ORDER BY alias",
+        project,
+        adapter,
     )
-    .bind(project)
-    .bind(adapter)
     .fetch_all(pool)
     .await
 }
@@ -127,19 +129,18 @@ pub async fn resolve(
 ) -> Result<Resolved> {
     // One round trip: serving engines call this on every adapter load.
     let number = reference.parse::<i32>().ok();
-    let row: VersionRow = sqlx::query_as(concat!(
+    let row: VersionRow = query_versions!(
         "SELECT ",
-        version_columns!(),
         " FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version = (CASE
              WHEN $4::int IS NOT NULL THEN $4
              WHEN $3 = 'latest' THEN (SELECT max(version) FROM adapter_versions
                                       WHERE project = $1 AND adapter_name = $2 AND status = 'ready')
-             ELSE (SELECT version FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3) END)"
-    ))
-    .bind(project)
-    .bind(adapter)
-    .bind(reference)
-    .bind(number)
+             ELSE (SELECT version FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND alias = $3) END)",
+        project,
+        adapter,
+        reference,
+        number,
+    )
     .fetch_optional(pool)
     .await?
     .ok_or(Error::NotFound("adapter version"))?;

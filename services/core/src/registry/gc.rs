@@ -79,16 +79,17 @@ async fn verdict(pool: &PgPool, located: &Located<'_>, grace: Duration) -> Resul
             adapter,
             version,
         } => {
-            let row: Option<(VersionStatus, bool)> = sqlx::query_as(
-                "SELECT status, created_at < now() - make_interval(secs => $4) FROM adapter_versions
-                 WHERE project = $1 AND adapter_name = $2 AND version = $3",
+            let row = sqlx::query!(
+                r#"SELECT status AS "status: VersionStatus", created_at < now() - make_interval(secs => $4) AS "stale!"
+                   FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version = $3"#,
+                project,
+                adapter,
+                version,
+                grace.as_secs_f64(),
             )
-            .bind(project)
-            .bind(adapter)
-            .bind(version)
-            .bind(grace.as_secs_f64())
             .fetch_optional(pool)
-            .await?;
+            .await?
+            .map(|r| (r.status, r.stale));
             Ok(match row {
                 None => Some("no such version in the registry".into()),
                 Some((VersionStatus::Ready | VersionStatus::Quarantined, _)) => None,
@@ -101,8 +102,7 @@ async fn verdict(pool: &PgPool, located: &Located<'_>, grace: Duration) -> Resul
         Located::Checkpoint { job_id } => {
             let status: Option<JobStatus> = match uuid::Uuid::parse_str(job_id) {
                 Ok(id) => {
-                    sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-                        .bind(id)
+                    sqlx::query_scalar!(r#"SELECT status AS "status: JobStatus" FROM jobs WHERE id = $1"#, id)
                         .fetch_optional(pool)
                         .await?
                 }

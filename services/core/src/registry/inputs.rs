@@ -119,35 +119,37 @@ pub async fn register(
     };
     let inserted: Option<InputRow> = match kind {
         InputKind::BaseModel => {
-            sqlx::query_as(
+            sqlx::query_as!(
+                InputRow,
                 "INSERT INTO base_models (project, name, uri, sha256, size, format, source_adapter, source_version)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (project, name) DO NOTHING
                  RETURNING name, uri, sha256, size, format, source_adapter, source_version, created_at",
+                project,
+                req.name.as_str(),
+                &req.uri,
+                &sha256,
+                size as i64,
+                format,
+                source_adapter,
+                source_version,
             )
-            .bind(project)
-            .bind(req.name.as_str())
-            .bind(&req.uri)
-            .bind(&sha256)
-            .bind(size as i64)
-            .bind(format)
-            .bind(source_adapter)
-            .bind(source_version)
             .fetch_optional(pool)
             .await?
         }
         InputKind::Dataset => {
-            sqlx::query_as(
-                "INSERT INTO datasets (project, name, uri, sha256, size, format)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project, name) DO NOTHING
-                 RETURNING name, uri, sha256, size, format,
-                           NULL::text AS source_adapter, NULL::int AS source_version, created_at",
+            sqlx::query_as!(
+                InputRow,
+                r#"INSERT INTO datasets (project, name, uri, sha256, size, format)
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project, name) DO NOTHING
+                   RETURNING name, uri, sha256, size, format,
+                             NULL::text AS "source_adapter?", NULL::int AS "source_version?", created_at"#,
+                project,
+                req.name.as_str(),
+                &req.uri,
+                &sha256,
+                size as i64,
+                format,
             )
-            .bind(project)
-            .bind(req.name.as_str())
-            .bind(&req.uri)
-            .bind(&sha256)
-            .bind(size as i64)
-            .bind(format)
             .fetch_optional(pool)
             .await?
         }
@@ -178,20 +180,31 @@ pub async fn get(
     kind: InputKind,
     name: &str,
 ) -> Result<Option<InputRow>, sqlx::Error> {
+    // Two statements: each macro call has a type of its own.
     match kind {
-        InputKind::BaseModel => sqlx::query_as(
-            "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
-             FROM base_models WHERE project = $1 AND name = $2",
-        ),
-        InputKind::Dataset => sqlx::query_as(
-            "SELECT name, uri, sha256, size, format, NULL::text AS source_adapter, NULL::int AS source_version, created_at
-             FROM datasets WHERE project = $1 AND name = $2",
-        ),
+        InputKind::BaseModel => {
+            sqlx::query_as!(
+                InputRow,
+                "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
+                 FROM base_models WHERE project = $1 AND name = $2",
+                project,
+                name,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        InputKind::Dataset => {
+            sqlx::query_as!(
+                InputRow,
+                r#"SELECT name, uri, sha256, size, format, NULL::text AS "source_adapter?", NULL::int AS "source_version?", created_at
+                   FROM datasets WHERE project = $1 AND name = $2"#,
+                project,
+                name,
+            )
+            .fetch_optional(pool)
+            .await
+        }
     }
-    .bind(project)
-    .bind(name)
-    .fetch_optional(pool)
-    .await
 }
 
 pub async fn list(
@@ -200,18 +213,27 @@ pub async fn list(
     kind: InputKind,
 ) -> Result<Vec<InputRow>, sqlx::Error> {
     match kind {
-        InputKind::BaseModel => sqlx::query_as(
-            "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
-             FROM base_models WHERE project = $1 ORDER BY name",
-        ),
-        InputKind::Dataset => sqlx::query_as(
-            "SELECT name, uri, sha256, size, format, NULL::text AS source_adapter, NULL::int AS source_version, created_at
-             FROM datasets WHERE project = $1 ORDER BY name",
-        ),
+        InputKind::BaseModel => {
+            sqlx::query_as!(
+                InputRow,
+                "SELECT name, uri, sha256, size, format, source_adapter, source_version, created_at
+                 FROM base_models WHERE project = $1 ORDER BY name",
+                project,
+            )
+            .fetch_all(pool)
+            .await
+        }
+        InputKind::Dataset => {
+            sqlx::query_as!(
+                InputRow,
+                r#"SELECT name, uri, sha256, size, format, NULL::text AS "source_adapter?", NULL::int AS "source_version?", created_at
+                   FROM datasets WHERE project = $1 ORDER BY name"#,
+                project,
+            )
+            .fetch_all(pool)
+            .await
+        }
     }
-    .bind(project)
-    .fetch_all(pool)
-    .await
 }
 
 /// Turns a job's reference (URI or registered name) into a URI it can be read from.

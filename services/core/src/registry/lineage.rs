@@ -130,15 +130,16 @@ async fn merged_source(
     project: &str,
     v: &VersionRow,
 ) -> Result<Option<(String, i32)>, sqlx::Error> {
-    let row: Option<(Option<String>, Option<i32>)> = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT source_adapter, source_version FROM base_models
          WHERE project = $1 AND (name = $2 OR uri = $3) AND source_adapter IS NOT NULL LIMIT 1",
+        project,
+        v.base_model_name.as_deref(),
+        &v.base_model_uri,
     )
-    .bind(project)
-    .bind(&v.base_model_name)
-    .bind(&v.base_model_uri)
     .fetch_optional(pool)
-    .await?;
+    .await?
+    .map(|r| (r.source_adapter, r.source_version));
     Ok(row.and_then(|(a, n)| Some((a?, n?))))
 }
 
@@ -189,19 +190,18 @@ pub async fn descendants(
         if d >= depth {
             continue;
         }
-        let children: Vec<VersionRow> = sqlx::query_as(concat!(
+        let children: Vec<VersionRow> = query_versions!(
             "SELECT ",
-            version_columns!(),
             " FROM adapter_versions v WHERE project = $1 AND (
                  (parent_adapter = $2 AND parent_version = $3)
                  OR EXISTS (SELECT 1 FROM base_models b
                             WHERE b.project = v.project AND b.source_adapter = $2 AND b.source_version = $3
                               AND (v.base_model_name = b.name OR v.base_model_uri = b.uri)))
-               ORDER BY adapter_name, version"
-        ))
-        .bind(project)
-        .bind(&v.adapter_name)
-        .bind(v.version)
+               ORDER BY adapter_name, version",
+            project,
+            &v.adapter_name,
+            v.version,
+        )
         .fetch_all(pool)
         .await?;
         for child in children {

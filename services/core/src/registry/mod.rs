@@ -16,13 +16,32 @@ use sqlx::PgPool;
 use std::fmt;
 use uuid::Uuid;
 
-/// The columns of [`VersionRow`], as a literal so queries stay static strings.
-macro_rules! version_columns {
-    () => {
-        "project, adapter_name, version, status, job_id, storage_prefix, files, method, hyperparameters, \
-         metrics, base_model_uri, base_model_sha256, dataset_uri, dataset_sha256, parent_adapter, \
-         parent_version, created_at, ready_at, tags, base_model_name, dataset_name, evaluation, safety_verdict"
-    };
+/// `sqlx::query_as!` of [`VersionRow`]s: `$head`, the columns of [`VersionRow`] with their
+/// Rust types, then `$tail`. The macros take string literals only, so the one column list
+/// lives here and every query that reads whole versions goes through it.
+macro_rules! query_versions {
+    ($head:literal, $tail:literal $(, $arg:expr)* $(,)?) => {{
+        // The column types below, in scope wherever this expands.
+        use $crate::registry::VersionStatus;
+        use loraforge_spec::safety::{SafetyReport, SafetyVerdict};
+        use loraforge_spec::{FileDigest, MethodConfig, TrainingConfig, TrainingMetrics};
+        use sqlx::types::Json;
+        sqlx::query_as!(
+            $crate::registry::VersionRow,
+            $head
+                + r#"project, adapter_name, version, status AS "status: VersionStatus", job_id,
+                     storage_prefix, files AS "files: Json<Vec<FileDigest>>",
+                     method AS "method: Json<MethodConfig>",
+                     hyperparameters AS "hyperparameters: Json<TrainingConfig>",
+                     metrics AS "metrics: Json<TrainingMetrics>",
+                     base_model_uri, base_model_sha256, dataset_uri, dataset_sha256, parent_adapter,
+                     parent_version, created_at, ready_at, tags, base_model_name, dataset_name,
+                     evaluation AS "evaluation: Json<SafetyReport>",
+                     safety_verdict AS "safety_verdict: Json<SafetyVerdict>""#
+                + $tail
+            $(, $arg)*
+        )
+    }};
 }
 
 pub mod aliases;
@@ -108,14 +127,13 @@ pub async fn get_version(
     adapter: &str,
     version: i32,
 ) -> Result<Option<VersionRow>, sqlx::Error> {
-    sqlx::query_as(concat!(
+    query_versions!(
         "SELECT ",
-        version_columns!(),
-        " FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version = $3"
-    ))
-    .bind(project)
-    .bind(adapter)
-    .bind(version)
+        " FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version = $3",
+        project,
+        adapter,
+        version,
+    )
     .fetch_optional(pool)
     .await
 }
@@ -179,8 +197,9 @@ pub async fn list_adapters(
     f: &AdapterFilter,
     limit: i64,
 ) -> Result<Vec<AdapterSummary>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.name, count(v.version) AS versions,
+    sqlx::query_as!(
+        AdapterSummary,
+        r#"SELECT a.name, count(v.version) AS "versions!",
                 max(v.version) FILTER (WHERE v.status = 'ready') AS latest_ready, a.created_at
          FROM adapters a JOIN adapter_versions v ON v.project = a.project AND v.adapter_name = a.name
          WHERE a.project = $1 AND a.name > COALESCE($2, '')
@@ -191,15 +210,15 @@ pub async fn list_adapters(
                          AND ($5::text IS NULL OR m.tags @> ARRAY[$5])
                          AND ($6::text IS NULL OR m.status = $6))
          GROUP BY a.project, a.name, a.created_at
-         ORDER BY a.name LIMIT $7",
+         ORDER BY a.name LIMIT $7"#,
+        project,
+        f.cursor.as_deref(),
+        f.base_model.as_deref(),
+        f.method.as_deref(),
+        f.tag.as_deref(),
+        f.status as Option<VersionStatus>,
+        limit,
     )
-    .bind(project)
-    .bind(&f.cursor)
-    .bind(&f.base_model)
-    .bind(&f.method)
-    .bind(&f.tag)
-    .bind(f.status)
-    .bind(limit)
     .fetch_all(pool)
     .await
 }
@@ -212,16 +231,15 @@ pub async fn list_versions(
     before: Option<i32>,
     limit: i64,
 ) -> Result<Vec<VersionRow>, sqlx::Error> {
-    sqlx::query_as(concat!(
+    query_versions!(
         "SELECT ",
-        version_columns!(),
         " FROM adapter_versions WHERE project = $1 AND adapter_name = $2 AND version < COALESCE($3, 2147483647)
-          ORDER BY version DESC LIMIT $4"
-    ))
-    .bind(project)
-    .bind(adapter)
-    .bind(before)
-    .bind(limit)
+          ORDER BY version DESC LIMIT $4",
+        project,
+        adapter,
+        before,
+        limit,
+    )
     .fetch_all(pool)
     .await
 }
@@ -230,12 +248,12 @@ pub async fn list_versions(
 /// is refused: move or delete the alias first, so serving never resolves to nothing.
 pub async fn delete_version(ctx: &Context, project: &str, adapter: &str, version: i32) -> Result<()> {
     let mut tx = ctx.pool.begin().await?;
-    let aliased: Vec<String> = sqlx::query_scalar(
+    let aliased: Vec<String> = sqlx::query_scalar!(
         "SELECT alias FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND version = $3",
+        project,
+        adapter,
+        version,
     )
-    .bind(project)
-    .bind(adapter)
-    .bind(version)
     .fetch_all(&mut *tx)
     .await?;
     if !aliased.is_empty() {
@@ -244,14 +262,14 @@ pub async fn delete_version(ctx: &Context, project: &str, adapter: &str, version
             format!("aliases {aliased:?} point at version {version}; move them first"),
         ));
     }
-    let prefix: Option<String> = sqlx::query_scalar(
+    let prefix: Option<String> = sqlx::query_scalar!(
         "UPDATE adapter_versions SET status = 'deleted', deleted_at = now()
          WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status IN ('ready', 'quarantined', 'failed')
          RETURNING storage_prefix",
+        project,
+        adapter,
+        version,
     )
-    .bind(project)
-    .bind(adapter)
-    .bind(version)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(prefix) = prefix else {
@@ -278,18 +296,18 @@ pub async fn set_tag(
     present: bool,
 ) -> Result<Vec<String>> {
     AdapterName::parse(tag).map_err(|m| Error::invalid("tag", m))?;
-    let tags: Option<Vec<String>> = sqlx::query_scalar(
+    let tags: Option<Vec<String>> = sqlx::query_scalar!(
         "UPDATE adapter_versions
          SET tags = CASE WHEN $5 THEN (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(array_append(tags, $4)) t)
                          ELSE array_remove(tags, $4) END
          WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status <> 'deleted'
          RETURNING tags",
+        project,
+        adapter,
+        version,
+        tag,
+        present,
     )
-    .bind(project)
-    .bind(adapter)
-    .bind(version)
-    .bind(tag)
-    .bind(present)
     .fetch_optional(&ctx.pool)
     .await?;
     ctx.read_cache.evict(Some(project), adapter);

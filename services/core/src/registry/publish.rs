@@ -44,13 +44,13 @@ pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVers
         ));
     }
     if let Some(version) = job.adapter_version {
-        let pending: Option<String> = sqlx::query_scalar(
+        let pending: Option<String> = sqlx::query_scalar!(
             "SELECT storage_prefix FROM adapter_versions
              WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status = 'pending'",
+            &job.project,
+            &job.adapter_name,
+            version,
         )
-        .bind(&job.project)
-        .bind(&job.adapter_name)
-        .bind(version)
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(prefix) = pending {
@@ -58,39 +58,37 @@ pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVers
             return Ok(ReservedVersion { version, prefix });
         }
     }
-    let version: i32 = sqlx::query_scalar(
-        "INSERT INTO adapters (project, name, next_version) VALUES ($1, $2, 2)
-         ON CONFLICT (project, name) DO UPDATE SET next_version = adapters.next_version + 1
-         RETURNING next_version - 1",
+    let version: i32 = sqlx::query_scalar!(
+        r#"INSERT INTO adapters (project, name, next_version) VALUES ($1, $2, 2)
+           ON CONFLICT (project, name) DO UPDATE SET next_version = adapters.next_version + 1
+           RETURNING next_version - 1 AS "version!""#,
+        &job.project,
+        &job.adapter_name,
     )
-    .bind(&job.project)
-    .bind(&job.adapter_name)
     .fetch_one(&mut *tx)
     .await?;
     let prefix = layout::adapter_version_prefix(&job.project, &job.adapter_name, version);
     let spec = &job.spec.0;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO adapter_versions (project, adapter_name, version, status, job_id, storage_prefix,
                                        method, hyperparameters, base_model_uri, dataset_uri,
                                        base_model_name, dataset_name, parent_adapter, parent_version)
          SELECT $1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9,
                 j.base_model_name, j.dataset_name, j.parent_adapter, j.parent_version
          FROM jobs j WHERE j.id = $4",
+        &job.project,
+        &job.adapter_name,
+        version,
+        job.id,
+        &prefix,
+        Json(&spec.method) as _,
+        Json(&spec.training) as _,
+        spec.base_model_uri(),
+        spec.train_uri(),
     )
-    .bind(&job.project)
-    .bind(&job.adapter_name)
-    .bind(version)
-    .bind(job.id)
-    .bind(&prefix)
-    .bind(Json(&spec.method))
-    .bind(Json(&spec.training))
-    .bind(spec.base_model_uri())
-    .bind(spec.train_uri())
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE jobs SET adapter_version = $2 WHERE id = $1")
-        .bind(job.id)
-        .bind(version)
+    sqlx::query!("UPDATE jobs SET adapter_version = $2 WHERE id = $1", job.id, version)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -133,23 +131,23 @@ pub async fn complete(ctx: &Context, job: &JobRow, req: &CompleteRequest) -> Res
         VersionStatus::Ready
     };
     let mut tx = ctx.pool.begin().await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE adapter_versions SET status = $9, ready_at = now(),
                 files = $4, manifest = $5, metrics = $6, base_model_sha256 = $7, dataset_sha256 = $8,
                 evaluation = $10, safety_verdict = $11
          WHERE project = $1 AND adapter_name = $2 AND version = $3 AND status = 'pending'",
+        &job.project,
+        &job.adapter_name,
+        req.version,
+        Json(&files) as _,
+        Json(&manifest) as _,
+        Json(&manifest.metrics) as _,
+        &manifest.base_model.sha256,
+        &manifest.dataset.sha256,
+        status as VersionStatus,
+        manifest.evaluation.as_ref().map(Json) as _,
+        verdict.as_ref().map(Json) as _,
     )
-    .bind(&job.project)
-    .bind(&job.adapter_name)
-    .bind(req.version)
-    .bind(Json(&files))
-    .bind(Json(&manifest))
-    .bind(Json(&manifest.metrics))
-    .bind(&manifest.base_model.sha256)
-    .bind(&manifest.dataset.sha256)
-    .bind(status)
-    .bind(manifest.evaluation.as_ref().map(Json))
-    .bind(verdict.as_ref().map(Json))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -203,10 +201,10 @@ pub async fn fail_pending_version(
     conn: &mut PgConnection,
     job_id: Uuid,
 ) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "UPDATE adapter_versions SET status = 'failed' WHERE job_id = $1 AND status = 'pending' RETURNING storage_prefix",
+        job_id,
     )
-    .bind(job_id)
     .fetch_all(conn)
     .await
 }
