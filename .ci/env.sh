@@ -29,10 +29,7 @@ TORCH_LIB=$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch
 export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 # --- Rust ------------------------------------------------------------------------------------
-# Lead's note (do not commit): worktrees sharing one target dir overwrite each other's
-# workspace crates (cargo hashes path crates by their path relative to the workspace), so
-# this worktree builds in its own.
-export CARGO_TARGET_DIR=/root/.cache/loraforge/target-sqlx
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LORAFORGE_CACHE/target}
 if ! command -v cargo >/dev/null; then
   log "cargo not found: install Rust (rustup) first"; exit 1
 fi
