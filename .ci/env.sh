@@ -36,12 +36,8 @@ fi
 # The sqlx query macros check every query against .sqlx/ (committed; .ci/sqlx-prepare
 # regenerates it from a migrated database), so a build needs no database.
 export SQLX_OFFLINE=true
-TOOLS=$LORAFORGE_CACHE/tools
-if ! command -v cargo-sqlx >/dev/null && [ ! -x "$TOOLS/bin/cargo-sqlx" ]; then
-  log "installing sqlx-cli 0.9.0 into $TOOLS"
-  cargo install sqlx-cli --version 0.9.0 --locked --no-default-features --features postgres --root "$TOOLS"
-fi
-export PATH=$TOOLS/bin:$PATH
+# Developer tools cargo installs (sqlx-cli, by .ci/sqlx-prepare) live here.
+export PATH=$LORAFORGE_CACHE/tools/bin:$PATH
 
 # --- Postgres: DATABASE_URL if set, else the local server, else a private cluster --------------
 if [ -z "${DATABASE_URL:-}" ]; then

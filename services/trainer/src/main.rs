@@ -17,7 +17,7 @@ use crate::error::user_error;
 use crate::export::PeftAdapter;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use loraforge_spec::JobSpec;
+use loraforge_spec::{JobSpec, ResolvedJobSpec};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -304,6 +304,13 @@ fn train_locally(
         std::fs::read(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec =
         JobSpec::parse(&bytes).map_err(|e| user_error(format!("{}: {e}", spec_path.display())))?;
+    // Without a control plane nothing resolves registered names: inputs must be URIs.
+    let spec = ResolvedJobSpec::new(spec).map_err(|e| {
+        user_error(format!(
+            "{}: {e} (registered names are resolved by the control plane; give a URI here)",
+            spec_path.display()
+        ))
+    })?;
     let device = model::device::resolve_device(device_override.unwrap_or(spec.training.device))?;
     let runtime = tokio::runtime::Runtime::new()?;
     let scratch = tempfile::tempdir()?;

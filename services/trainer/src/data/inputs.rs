@@ -6,7 +6,7 @@ use crate::error::user_error;
 use crate::export::file_digest;
 use anyhow::{Context, Result};
 use loraforge_spec::manifest::tree_digest_input;
-use loraforge_spec::{DigestRef, FileDigest, JobSpec};
+use loraforge_spec::{DigestRef, FileDigest, ResolvedJobSpec};
 use loraforge_storage::{sha256_hex, StorageError, Store};
 use std::path::{Path, PathBuf};
 use tokio::runtime::Runtime;
@@ -21,13 +21,13 @@ pub struct LocalInputs {
 }
 
 /// Makes the job's base model and data files local; downloads go under `scratch`.
-pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<LocalInputs> {
-    let (model_dir, model_files) = match local_path(spec.base_model.as_str())? {
+pub fn fetch_inputs(rt: &Runtime, spec: &ResolvedJobSpec, scratch: &Path) -> Result<LocalInputs> {
+    let base_model = spec.base_model_uri();
+    let (model_dir, model_files) = match local_path(base_model)? {
         Some(dir) => {
             if !dir.is_dir() {
                 return Err(user_error(format!(
-                    "base_model {}: no such directory",
-                    spec.base_model
+                    "base_model {base_model}: no such directory"
                 )));
             }
             let files = digest_tree(&dir)?;
@@ -35,22 +35,22 @@ pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<Loca
         }
         None => {
             let dir = scratch.join("model");
-            let files = rt.block_on(download_tree(spec.base_model.as_str(), &dir))?;
+            let files = rt.block_on(download_tree(base_model, &dir))?;
             (dir, files)
         }
     };
     let (dataset, dataset_sha) = fetch_file(
         rt,
         "dataset.train",
-        spec.dataset.train.as_str(),
+        spec.train_uri(),
         &scratch.join("train.jsonl"),
     )?;
-    let validation = match &spec.dataset.validation {
+    let validation = match spec.validation_uri() {
         Some(uri) => Some(
             fetch_file(
                 rt,
                 "dataset.validation",
-                uri.as_str(),
+                uri,
                 &scratch.join("validation.jsonl"),
             )?
             .0,
@@ -62,11 +62,11 @@ pub fn fetch_inputs(rt: &Runtime, spec: &JobSpec, scratch: &Path) -> Result<Loca
         dataset,
         validation,
         base_model: DigestRef {
-            uri: spec.base_model.to_string(),
+            uri: base_model.to_string(),
             sha256: sha256_hex(tree_digest_input(&model_files).as_bytes()),
         },
         dataset_ref: DigestRef {
-            uri: spec.dataset.train.to_string(),
+            uri: spec.train_uri().to_string(),
             sha256: dataset_sha,
         },
     })

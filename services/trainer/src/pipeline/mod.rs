@@ -15,7 +15,7 @@ use crate::training::{train, Reporter, TrainOutcome, TrainingInputs};
 use anyhow::Result;
 use loraforge_spec::safety::SafetyReport;
 use loraforge_spec::worker::EventPayload;
-use loraforge_spec::{AdapterManifest, FileDigest, JobSpec, JobStatus};
+use loraforge_spec::{AdapterManifest, FileDigest, JobStatus, ResolvedJobSpec};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use tch::Device;
@@ -23,7 +23,8 @@ use tokio::runtime::Runtime;
 
 /// A job to run, and what it runs with.
 pub struct Job<'a> {
-    pub spec: &'a JobSpec,
+    /// Its inputs are URIs: the control plane resolved any registered names.
+    pub spec: &'a ResolvedJobSpec,
     pub device: Device,
     /// For downloads (inputs, checkpoints) and uploads.
     pub runtime: &'a Runtime,
