@@ -43,7 +43,11 @@ impl FromRequestParts<ApiState> for Caller {
 }
 
 /// The job whose current attempt's token the worker presents; any other token is refused.
-pub async fn worker_job(state: &ApiState, job_id: Uuid, headers: &HeaderMap) -> Result<JobRow, ApiError> {
+pub async fn worker_job(
+    state: &ApiState,
+    job_id: Uuid,
+    headers: &HeaderMap,
+) -> Result<JobRow, ApiError> {
     let token = bearer(headers).ok_or(Error::Unauthenticated)?;
     let sha = Sha256::digest(token.as_bytes());
     Ok(jobs::authenticate_worker(&state.pool, job_id, &sha)

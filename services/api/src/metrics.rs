@@ -63,7 +63,11 @@ pub async fn track(State(m): State<Arc<HttpMetrics>>, req: Request, next: Next) 
         .get_or_create(&vec![("method", method.clone()), ("route", route.clone())])
         .observe(seconds);
     m.requests
-        .get_or_create(&vec![("method", method), ("route", route), ("status", status)])
+        .get_or_create(&vec![
+            ("method", method),
+            ("route", route),
+            ("status", status),
+        ])
         .inc();
     response
 }
@@ -72,7 +76,8 @@ pub async fn track(State(m): State<Arc<HttpMetrics>>, req: Request, next: Next) 
 pub async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     state.metrics.refresh_totals(&state.pool).await?;
     let mut text = String::new();
-    encode(&mut text, &state.registry).map_err(|e| loraforge_core::Error::Internal(e.to_string()))?;
+    encode(&mut text, &state.registry)
+        .map_err(|e| loraforge_core::Error::Internal(e.to_string()))?;
     Ok((
         [(
             header::CONTENT_TYPE,

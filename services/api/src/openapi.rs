@@ -47,7 +47,10 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(adapters::put_tag, adapters::delete_tag))
         .routes(routes!(adapters::put_alias, adapters::delete_alias))
         .routes(routes!(adapters::resolve))
-        .routes(routes!(inputs::register_base_model, inputs::list_base_models))
+        .routes(routes!(
+            inputs::register_base_model,
+            inputs::list_base_models
+        ))
         .routes(routes!(inputs::get_base_model))
         .routes(routes!(inputs::register_dataset, inputs::list_datasets))
         .routes(routes!(inputs::get_dataset))

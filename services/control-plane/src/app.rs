@@ -89,7 +89,11 @@ impl Application {
                 ctx.settings.clone(),
                 stop_rx.clone(),
             )),
-            tokio::spawn(cache::listen(ctx.pool.clone(), ctx.read_cache.clone(), stop_rx)),
+            tokio::spawn(cache::listen(
+                ctx.pool.clone(),
+                ctx.read_cache.clone(),
+                stop_rx,
+            )),
         ];
         let router = loraforge_api::router(ctx, self.registry);
         axum::serve(self.listener, router)

@@ -77,9 +77,7 @@ async fn main() -> anyhow::Result<()> {
             app.run_until(shutdown_signal()).await
         }
         Command::Migrate => {
-            loraforge::connect(&settings)
-                .await
-                .context("migrating")?;
+            loraforge::connect(&settings).await.context("migrating")?;
             println!("migrations applied");
             Ok(())
         }

@@ -40,8 +40,17 @@ fn dependencies(name: &str) -> BTreeSet<String> {
 fn the_core_knows_no_http_framework() {
     let deps = dependencies("loraforge-core");
     // (tower-http may come in through reqwest, the webhook client; the server side may not.)
-    for forbidden in ["axum", "axum-core", "utoipa-axum", "loraforge-api", "loraforge"] {
-        assert!(!deps.contains(forbidden), "loraforge-core depends on {forbidden}");
+    for forbidden in [
+        "axum",
+        "axum-core",
+        "utoipa-axum",
+        "loraforge-api",
+        "loraforge",
+    ] {
+        assert!(
+            !deps.contains(forbidden),
+            "loraforge-core depends on {forbidden}"
+        );
     }
     assert!(deps.contains("sqlx"), "the check reads the real graph");
 }
@@ -49,7 +58,10 @@ fn the_core_knows_no_http_framework() {
 #[test]
 fn the_api_does_not_reach_up_and_nothing_but_the_trainer_links_libtorch() {
     let api = dependencies("loraforge-api");
-    assert!(!api.contains("loraforge"), "loraforge-api depends on the binary's crate");
+    assert!(
+        !api.contains("loraforge"),
+        "loraforge-api depends on the binary's crate"
+    );
     for control_plane in ["loraforge", "loraforge-api", "loraforge-core"] {
         assert!(
             !dependencies(control_plane).contains("tch"),

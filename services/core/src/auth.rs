@@ -89,11 +89,7 @@ pub struct CreatedKey {
 }
 
 /// Creates a key; the returned secret is the only copy.
-pub async fn create_key(
-    pool: &PgPool,
-    project: &str,
-    scope: Scope,
-) -> Result<CreatedKey> {
+pub async fn create_key(pool: &PgPool, project: &str, scope: Scope) -> Result<CreatedKey> {
     loraforge_spec::AdapterName::parse(project).map_err(|m| Error::invalid("project", m))?;
     let mut secret = [0u8; 24];
     rand::rng().fill_bytes(&mut secret);

@@ -62,14 +62,26 @@ impl Metrics {
             training: TrainingProgress::default(),
         };
         let r = registry.sub_registry_with_prefix("loraforge");
-        r.register("jobs_submitted", "Jobs accepted by this replica.", m.jobs_submitted.clone());
+        r.register(
+            "jobs_submitted",
+            "Jobs accepted by this replica.",
+            m.jobs_submitted.clone(),
+        );
         r.register(
             "attempts_settled",
             "Attempts this replica ended, by outcome and by what followed (requeued, failed, cancelled).",
             m.attempts_settled.clone(),
         );
-        r.register("queue_depth", "Queued jobs claimable now.", m.queue_depth.clone());
-        r.register("leases_active", "Jobs whose worker holds a lease.", m.leases_active.clone());
+        r.register(
+            "queue_depth",
+            "Queued jobs claimable now.",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "leases_active",
+            "Jobs whose worker holds a lease.",
+            m.leases_active.clone(),
+        );
         r.register(
             "executor_free_slots",
             "Workers this replica could still start.",
@@ -81,7 +93,11 @@ impl Metrics {
             m.job_duration.clone(),
         );
         r.register("jobs", "Jobs by status.", m.jobs.clone());
-        r.register("adapter_versions", "Adapter versions by status.", m.versions.clone());
+        r.register(
+            "adapter_versions",
+            "Adapter versions by status.",
+            m.versions.clone(),
+        );
         r.register(
             "webhook_deliveries_pending",
             "Webhook deliveries not yet delivered.",
@@ -129,13 +145,14 @@ impl Metrics {
                 .into_iter()
                 .map(|r| (r.status, r.count))
                 .collect();
-        let versions: Vec<(String, i64)> =
-            sqlx::query!(r#"SELECT status, count(*) AS "count!" FROM adapter_versions GROUP BY status"#)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(|r| (r.status, r.count))
-                .collect();
+        let versions: Vec<(String, i64)> = sqlx::query!(
+            r#"SELECT status, count(*) AS "count!" FROM adapter_versions GROUP BY status"#
+        )
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|r| (r.status, r.count))
+        .collect();
         let pending: i64 = sqlx::query_scalar!(
             r#"SELECT count(*) AS "count!" FROM webhook_deliveries WHERE status = 'pending'"#,
         )
@@ -164,8 +181,16 @@ pub struct TrainingProgress {
 
 impl TrainingProgress {
     fn register(&self, r: &mut Registry) {
-        r.register("training_step", "Last optimizer step of each running job.", self.step.clone());
-        r.register("training_loss", "Last training loss of each running job.", self.loss.clone());
+        r.register(
+            "training_step",
+            "Last optimizer step of each running job.",
+            self.step.clone(),
+        );
+        r.register(
+            "training_loss",
+            "Last training loss of each running job.",
+            self.loss.clone(),
+        );
         r.register(
             "training_tokens_per_second",
             "Training throughput of each running job.",
@@ -226,12 +251,17 @@ mod tests {
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry, &cache);
         m.queue_depth.set(3);
-        m.jobs.get_or_create(&vec![("status", "succeeded".into())]).set(1);
+        m.jobs
+            .get_or_create(&vec![("status", "succeeded".into())])
+            .set(1);
         cache.requests.get_or_create(&vec![("result", "hit")]).inc();
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         assert!(text.contains("loraforge_queue_depth 3"), "{text}");
-        assert!(text.contains("loraforge_jobs{status=\"succeeded\"} 1"), "{text}");
+        assert!(
+            text.contains("loraforge_jobs{status=\"succeeded\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("loraforge_registry_cache_requests_total{result=\"hit\"} 1"),
             "{text}"

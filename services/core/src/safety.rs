@@ -8,21 +8,16 @@ use sqlx::PgPool;
 
 /// The project's policy, or the default one when it has none.
 pub async fn project_policy(pool: &PgPool, project: &str) -> Result<SafetyPolicy, sqlx::Error> {
-    let stored: Option<Json<SafetyPolicy>> =
-        sqlx::query_scalar!(
-            r#"SELECT policy AS "policy: Json<SafetyPolicy>" FROM safety_policies WHERE project = $1"#,
-            project,
-        )
-        .fetch_optional(pool)
-        .await?;
+    let stored: Option<Json<SafetyPolicy>> = sqlx::query_scalar!(
+        r#"SELECT policy AS "policy: Json<SafetyPolicy>" FROM safety_policies WHERE project = $1"#,
+        project,
+    )
+    .fetch_optional(pool)
+    .await?;
     Ok(stored.map(|p| p.0).unwrap_or_default())
 }
 
-pub async fn set_project_policy(
-    pool: &PgPool,
-    project: &str,
-    policy: &SafetyPolicy,
-) -> Result<()> {
+pub async fn set_project_policy(pool: &PgPool, project: &str, policy: &SafetyPolicy) -> Result<()> {
     policy.validate()?;
     sqlx::query!(
         "INSERT INTO safety_policies (project, policy) VALUES ($1, $2)

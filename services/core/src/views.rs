@@ -123,8 +123,10 @@ pub struct ParentView {
 }
 
 fn parent_view(row: &VersionRow) -> Option<ParentView> {
-    row.parent()
-        .map(|(adapter_name, version)| ParentView { adapter_name, version })
+    row.parent().map(|(adapter_name, version)| ParentView {
+        adapter_name,
+        version,
+    })
 }
 
 impl VersionView {

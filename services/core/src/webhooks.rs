@@ -73,11 +73,7 @@ pub struct DeliveryRow {
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
-pub async fn create(
-    pool: &PgPool,
-    project: &str,
-    new: NewWebhook,
-) -> Result<CreatedWebhook> {
+pub async fn create(pool: &PgPool, project: &str, new: NewWebhook) -> Result<CreatedWebhook> {
     let url = url_ok(&new.url).map_err(|m| Error::invalid("url", m))?;
     if new.events.is_empty() {
         return Err(Error::invalid(
@@ -95,12 +91,7 @@ pub async fn create(
     }
     let secret = match new.secret {
         Some(s) if s.len() >= 16 => s,
-        Some(_) => {
-            return Err(Error::invalid(
-                "secret",
-                "must be at least 16 characters",
-            ))
-        }
+        Some(_) => return Err(Error::invalid("secret", "must be at least 16 characters")),
         None => {
             let mut bytes = [0u8; 24];
             rand::rng().fill_bytes(&mut bytes);
@@ -141,24 +132,27 @@ pub async fn list(pool: &PgPool, project: &str) -> Result<Vec<WebhookRow>, sqlx:
 }
 
 pub async fn delete(pool: &PgPool, project: &str, id: Uuid) -> Result<()> {
-    let n = sqlx::query!("DELETE FROM webhooks WHERE project = $1 AND id = $2", project, id)
-        .execute(pool)
-        .await?;
+    let n = sqlx::query!(
+        "DELETE FROM webhooks WHERE project = $1 AND id = $2",
+        project,
+        id
+    )
+    .execute(pool)
+    .await?;
     if n.rows_affected() == 0 {
         return Err(Error::NotFound("webhook"));
     }
     Ok(())
 }
 
-pub async fn deliveries(
-    pool: &PgPool,
-    project: &str,
-    id: Uuid,
-) -> Result<Vec<DeliveryRow>> {
-    let exists: Option<Uuid> =
-        sqlx::query_scalar!("SELECT id FROM webhooks WHERE project = $1 AND id = $2", project, id)
-            .fetch_optional(pool)
-            .await?;
+pub async fn deliveries(pool: &PgPool, project: &str, id: Uuid) -> Result<Vec<DeliveryRow>> {
+    let exists: Option<Uuid> = sqlx::query_scalar!(
+        "SELECT id FROM webhooks WHERE project = $1 AND id = $2",
+        project,
+        id
+    )
+    .fetch_optional(pool)
+    .await?;
     exists.ok_or(Error::NotFound("webhook"))?;
     Ok(sqlx::query_as!(
         DeliveryRow,
@@ -202,7 +196,11 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-pub async fn run_dispatcher(pool: PgPool, settings: std::sync::Arc<Settings>, mut stop: watch::Receiver<bool>) {
+pub async fn run_dispatcher(
+    pool: PgPool,
+    settings: std::sync::Arc<Settings>,
+    mut stop: watch::Receiver<bool>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -221,7 +219,11 @@ pub async fn run_dispatcher(pool: PgPool, settings: std::sync::Arc<Settings>, mu
 }
 
 /// Sends the deliveries that are due; returns how many it tried.
-async fn dispatch_due(pool: &PgPool, settings: &Settings, client: &reqwest::Client) -> Result<usize, sqlx::Error> {
+async fn dispatch_due(
+    pool: &PgPool,
+    settings: &Settings,
+    client: &reqwest::Client,
+) -> Result<usize, sqlx::Error> {
     // Claim by pushing the next attempt out, so another dispatcher skips these meanwhile.
     let due: Vec<(Uuid, String, Json<serde_json::Value>, i32, String, String)> = sqlx::query!(
         r#"UPDATE webhook_deliveries d SET next_attempt_at = now() + interval '60 seconds'

@@ -593,7 +593,10 @@ mod status_tests {
 
     #[test]
     fn inputs_are_uris_or_names_and_a_resolved_spec_holds_uris_only() {
-        assert_eq!(InputRef::parse("s3://b/k"), InputRef::Uri("s3://b/k".into()));
+        assert_eq!(
+            InputRef::parse("s3://b/k"),
+            InputRef::Uri("s3://b/k".into())
+        );
         assert_eq!(InputRef::parse("my-data"), InputRef::Name("my-data".into()));
         let spec: JobSpec = serde_json::from_str(
             r#"{"adapter_name":"a","base_model":"base","dataset":{"train":"file:///d.jsonl"},

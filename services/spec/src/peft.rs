@@ -163,10 +163,15 @@ mod tensor_tests {
         assert_eq!(c.check_tensors(&t), Ok(()));
         t.remove(&lora_key("model.layers.1.self_attn.q_proj", 'B'));
         assert!(c.check_tensors(&t).unwrap_err().contains("pairs"));
-        let wrong_rank: BTreeMap<_, _> = pair("model.layers.1.self_attn.q_proj", 4).into_iter().collect();
+        let wrong_rank: BTreeMap<_, _> = pair("model.layers.1.self_attn.q_proj", 4)
+            .into_iter()
+            .collect();
         assert!(c.check_tensors(&wrong_rank).unwrap_err().contains("rank 2"));
         let foreign: BTreeMap<_, _> = pair("model.layers.0.mlp.up_proj", 4).into_iter().collect();
-        assert!(c.check_tensors(&foreign).unwrap_err().contains("target_modules"));
+        assert!(c
+            .check_tensors(&foreign)
+            .unwrap_err()
+            .contains("target_modules"));
         assert!(c.check_tensors(&BTreeMap::new()).is_err());
     }
 

@@ -5,17 +5,17 @@ use crate::auth::Caller;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::problem::{problems, ApiError};
 use crate::ApiState;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use loraforge_core::auth::Scope;
 use loraforge_core::registry::aliases::{self, AliasRow, Resolved};
 use loraforge_core::registry::cache::Entry;
 use loraforge_core::registry::{self, lineage, AdapterFilter, AdapterSummary};
 use loraforge_core::views::{LineageView, VersionView};
 use loraforge_core::Error;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -205,14 +205,7 @@ pub async fn put_alias(
 ) -> Result<Json<AliasRow>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
-        aliases::set(
-            &state,
-            &caller.project,
-            &name,
-            &alias,
-            body.version,
-        )
-        .await?,
+        aliases::set(&state, &caller.project, &name, &alias, body.version).await?,
     ))
 }
 
@@ -237,15 +230,7 @@ pub async fn put_tag(
 ) -> Result<Json<Vec<String>>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
-        registry::set_tag(
-            &state,
-            &caller.project,
-            &name,
-            version,
-            &tag,
-            true,
-        )
-        .await?,
+        registry::set_tag(&state, &caller.project, &name, version, &tag, true).await?,
     ))
 }
 
@@ -258,15 +243,7 @@ pub async fn delete_tag(
 ) -> Result<Json<Vec<String>>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
-        registry::set_tag(
-            &state,
-            &caller.project,
-            &name,
-            version,
-            &tag,
-            false,
-        )
-        .await?,
+        registry::set_tag(&state, &caller.project, &name, version, &tag, false).await?,
     ))
 }
 
@@ -371,11 +348,7 @@ pub async fn download(
         )
             .into_response());
     }
-    let stream = state
-        .store
-        .get_stream(&path)
-        .await
-        .map_err(Error::from)?;
+    let stream = state.store.get_stream(&path).await.map_err(Error::from)?;
     Ok((
         StatusCode::OK,
         [
@@ -423,7 +396,8 @@ pub async fn presign(
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<PresignedUrl>, ApiError> {
     caller.require(Scope::Read)?;
-    let (row, _) = registry::listed_file(&state.pool, &caller.project, &name, version, &file).await?;
+    let (row, _) =
+        registry::listed_file(&state.pool, &caller.project, &name, version, &file).await?;
     let url = state
         .store
         .presigned_get(&format!("{}/{file}", row.storage_prefix), PRESIGN_TTL)

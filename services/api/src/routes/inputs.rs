@@ -4,12 +4,12 @@ use crate::auth::Caller;
 use crate::extract::{ApiJson, ApiPath};
 use crate::problem::{problems, ApiError};
 use crate::ApiState;
-use loraforge_core::auth::Scope;
-use loraforge_core::registry::inputs::{self, InputKind, InputRow, RegisterInput};
-use loraforge_core::Error;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use loraforge_core::auth::Scope;
+use loraforge_core::registry::inputs::{self, InputKind, InputRow, RegisterInput};
+use loraforge_core::Error;
 
 async fn register(
     state: &ApiState,

@@ -34,12 +34,18 @@ pub async fn submit(
     caller.require(Scope::Submit)?;
     let spec = JobSpec::parse(&body)?;
     let key = idempotency_key(&headers)?;
-    let (status, job) = match submission::submit(&state, &caller.project, spec, key.as_deref()).await? {
-        Submitted::Created(job) => (StatusCode::CREATED, job),
-        Submitted::Replayed(job) => (StatusCode::OK, job),
-    };
+    let (status, job) =
+        match submission::submit(&state, &caller.project, spec, key.as_deref()).await? {
+            Submitted::Created(job) => (StatusCode::CREATED, job),
+            Submitted::Replayed(job) => (StatusCode::OK, job),
+        };
     let location = format!("/v1/jobs/{}", job.id);
-    Ok((status, [(header::LOCATION, location)], Json(JobView::from(job))).into_response())
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(JobView::from(job)),
+    )
+        .into_response())
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -63,7 +69,9 @@ pub async fn get(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<JobView>, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(jobs::find(&state.pool, &caller.project, id).await?.into()))
+    Ok(Json(
+        jobs::find(&state.pool, &caller.project, id).await?.into(),
+    ))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -190,7 +198,12 @@ enum Batch {
     Nothing,
 }
 
-async fn next_batch(pool: &sqlx::PgPool, project: &str, id: Uuid, after: i64) -> Result<Batch, sqlx::Error> {
+async fn next_batch(
+    pool: &sqlx::PgPool,
+    project: &str,
+    id: Uuid,
+    after: i64,
+) -> Result<Batch, sqlx::Error> {
     // Read the status before the events: a final status seen here means every event it
     // wrote is already visible to the query below.
     let finished = jobs::get(pool, project, id)

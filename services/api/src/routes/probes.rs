@@ -10,6 +10,8 @@ pub async fn healthz() -> &'static str {
 
 /// Ready when Postgres answers.
 pub async fn readyz(State(state): State<ApiState>) -> Result<&'static str, ApiError> {
-    sqlx::query!(r#"SELECT 1 AS "one!""#).fetch_one(&state.pool).await?;
+    sqlx::query!(r#"SELECT 1 AS "one!""#)
+        .fetch_one(&state.pool)
+        .await?;
     Ok("ready")
 }

@@ -4,9 +4,9 @@ use crate::auth::Caller;
 use crate::extract::ApiJson;
 use crate::problem::{problems, ApiError};
 use crate::ApiState;
-use loraforge_core::auth::Scope;
 use axum::extract::State;
 use axum::Json;
+use loraforge_core::auth::Scope;
 use loraforge_spec::safety::SafetyPolicy;
 
 #[utoipa::path(get, path = "/v1/safety-policy", tag = "safety", responses((status = 200, body = SafetyPolicy)))]

@@ -4,11 +4,11 @@ use crate::auth::Caller;
 use crate::extract::{ApiJson, ApiPath};
 use crate::problem::{problems, ApiError};
 use crate::ApiState;
-use loraforge_core::auth::Scope;
-use loraforge_core::webhooks::{self, CreatedWebhook, DeliveryRow, NewWebhook, WebhookRow};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use loraforge_core::auth::Scope;
+use loraforge_core::webhooks::{self, CreatedWebhook, DeliveryRow, NewWebhook, WebhookRow};
 use uuid::Uuid;
 
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = NewWebhook, responses((status = 201, body = CreatedWebhook), problems::BadRequest, problems::Unprocessable))]

@@ -1,8 +1,8 @@
 //! Executors start and stop workers. The scheduler only knows this trait; a new
 //! executor is one new module plus one line in [`build`].
 
-use crate::settings::{ExecutorSettings, Settings};
 use crate::jobs::attempts::Outcome;
+use crate::settings::{ExecutorSettings, Settings};
 use async_trait::async_trait;
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;

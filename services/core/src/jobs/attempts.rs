@@ -131,7 +131,14 @@ pub async fn settle(
     };
     let settled = if status == JobStatus::CancelRequested {
         let note = format!("worker stopped ({})", outcome.label().replace('_', " "));
-        transition(conn, job_id, JobStatus::Cancelled, Some(&note), released(None)).await?;
+        transition(
+            conn,
+            job_id,
+            JobStatus::Cancelled,
+            Some(&note),
+            released(None),
+        )
+        .await?;
         Settled::Cancelled
     } else {
         match outcome.verdict(attempt) {
@@ -141,7 +148,8 @@ pub async fn settle(
                     "attempt {attempt} failed, retrying in {:.1}s: {message}",
                     delay.as_secs_f64()
                 );
-                if !transition(conn, job_id, JobStatus::Queued, Some(&note), released(None)).await? {
+                if !transition(conn, job_id, JobStatus::Queued, Some(&note), released(None)).await?
+                {
                     return Ok(stale);
                 }
                 sqlx::query!(
@@ -158,9 +166,8 @@ pub async fn settle(
                 });
             }
             Verdict::Retry(message) => {
-                let message = format!(
-                    "{message} (attempt {attempt} of {max_attempts}; no attempts left)"
-                );
+                let message =
+                    format!("{message} (attempt {attempt} of {max_attempts}; no attempts left)");
                 let error = Some((ErrorKind::SystemError, message.as_str()));
                 transition(conn, job_id, JobStatus::Failed, None, released(error)).await?;
                 Settled::Failed(ErrorKind::SystemError)
@@ -187,7 +194,14 @@ pub async fn settle_now(
     outcome: Outcome,
 ) -> Result<Settled, sqlx::Error> {
     let mut tx = ctx.pool.begin().await?;
-    let settlement = settle(&mut tx, job_id, attempt, &outcome, ctx.settings.retry_backoff).await?;
+    let settlement = settle(
+        &mut tx,
+        job_id,
+        attempt,
+        &outcome,
+        ctx.settings.retry_backoff,
+    )
+    .await?;
     tx.commit().await?;
     let settled = settlement.clean_up(&ctx.store).await;
     ctx.metrics.attempt_settled(&outcome, &settled);

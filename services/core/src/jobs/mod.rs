@@ -77,9 +77,14 @@ macro_rules! query_jobs {
 pub(crate) use query_jobs;
 
 pub async fn get(pool: &PgPool, project: &str, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {
-    query_jobs!("SELECT ", " FROM jobs WHERE project = $1 AND id = $2", project, id)
-        .fetch_optional(pool)
-        .await
+    query_jobs!(
+        "SELECT ",
+        " FROM jobs WHERE project = $1 AND id = $2",
+        project,
+        id
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// The job, or `NotFound`.
@@ -108,8 +113,15 @@ pub const MAX_EVENTS_PER_BATCH: usize = 1000;
 
 /// Records what a worker reports. Status events are the control plane's own (written by
 /// [`transition`]); a worker may not send them.
-pub async fn record_worker_events(ctx: &Context, job: &JobRow, events: &[EventPayload]) -> Result<()> {
-    if events.iter().any(|e| matches!(e, EventPayload::Status { .. })) {
+pub async fn record_worker_events(
+    ctx: &Context,
+    job: &JobRow,
+    events: &[EventPayload],
+) -> Result<()> {
+    if events
+        .iter()
+        .any(|e| matches!(e, EventPayload::Status { .. }))
+    {
         return Err(Error::invalid(
             "events",
             "status events are written by the control plane only",
@@ -241,9 +253,13 @@ pub async fn transition(
 
 /// Wakes the schedulers of every replica (inside the caller's transaction: on commit).
 pub async fn wake_scheduler(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query!("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, job_id.to_string())
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "SELECT pg_notify($1, $2)",
+        QUEUE_CHANNEL,
+        job_id.to_string()
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -379,7 +395,15 @@ pub async fn cancel(ctx: &Context, project: &str, id: Uuid) -> Result<JobRow> {
             error: None,
             release_lease: target == JobStatus::Cancelled,
         };
-        if transition(&mut conn, id, target, Some("cancelled by the user"), effects).await? {
+        if transition(
+            &mut conn,
+            id,
+            target,
+            Some("cancelled by the user"),
+            effects,
+        )
+        .await?
+        {
             if target == JobStatus::CancelRequested {
                 if let Err(e) = ctx.executor.stop(id).await {
                     tracing::warn!(job_id = %id, error = %e, "could not signal the worker; it stops at its next heartbeat");

@@ -9,7 +9,9 @@ use crate::registry::inputs::{self, InputKind};
 use crate::registry::{self, aliases, VersionStatus};
 use crate::{safety, Context};
 use loraforge_spec::worker::EventPayload;
-use loraforge_spec::{FieldError, InputRef, JobSpec, JobStatus, ParentRef, ResolvedJobSpec, SpecError};
+use loraforge_spec::{
+    FieldError, InputRef, JobSpec, JobStatus, ParentRef, ResolvedJobSpec, SpecError,
+};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -98,7 +100,11 @@ pub async fn submit(
 
 /// Resolves registered names to URIs and the parent reference to a version, and checks
 /// that every input exists and fits. All problems are reported together.
-async fn resolve(ctx: &Context, project: &str, mut spec: JobSpec) -> Result<(ResolvedJobSpec, Resolution)> {
+async fn resolve(
+    ctx: &Context,
+    project: &str,
+    mut spec: JobSpec,
+) -> Result<(ResolvedJobSpec, Resolution)> {
     let mut errors = Vec::new();
     let mut found = Resolution::default();
     let input = |kind, field: &'static str, reference: &InputRef| {
@@ -162,13 +168,14 @@ async fn resolve_parent(
     parent: &ParentRef,
 ) -> Result<Result<(String, i32), String>> {
     let adapter = parent.adapter.as_str();
-    let found = match aliases::resolve(&ctx.pool, &ctx.store, project, adapter, &parent.reference).await {
-        Ok(found) => found,
-        Err(e @ (Error::NotFound(_) | Error::Gone(_))) => {
-            return Ok(Err(format!("{adapter}@{}: {e}", parent.reference)))
-        }
-        Err(e) => return Err(e),
-    };
+    let found =
+        match aliases::resolve(&ctx.pool, &ctx.store, project, adapter, &parent.reference).await {
+            Ok(found) => found,
+            Err(e @ (Error::NotFound(_) | Error::Gone(_))) => {
+                return Ok(Err(format!("{adapter}@{}: {e}", parent.reference)))
+            }
+            Err(e) => return Err(e),
+        };
     if found.status != VersionStatus::Ready {
         return Ok(Err(format!(
             "{adapter} version {} is {}, not ready",

@@ -18,10 +18,10 @@
 
 use crate::notify::{Signal, Subscription};
 use bytes::Bytes;
-use sqlx::PgPool;
-use std::collections::HashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use sqlx::PgPool;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 use tokio::sync::watch;
@@ -149,7 +149,11 @@ impl ReadCache {
 }
 
 /// Evicts on every notification until `stop`; the cache is on only while listening.
-pub async fn listen(pool: PgPool, cache: std::sync::Arc<ReadCache>, mut stop: watch::Receiver<bool>) {
+pub async fn listen(
+    pool: PgPool,
+    cache: std::sync::Arc<ReadCache>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut subscription = Subscription::new(pool, CHANNEL);
     loop {
         let signal = tokio::select! {

@@ -30,7 +30,12 @@ pub struct GcReport {
 }
 
 /// Finds orphans; deletes them unless `dry_run`.
-pub async fn collect(pool: &PgPool, store: &Store, grace: Duration, dry_run: bool) -> Result<GcReport> {
+pub async fn collect(
+    pool: &PgPool,
+    store: &Store,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport> {
     let mut orphans = Vec::new();
     // One verdict per folder: `None` keeps it, `Some(reason)` condemns it.
     let mut verdicts: BTreeMap<String, Option<String>> = BTreeMap::new();
@@ -102,9 +107,12 @@ async fn verdict(pool: &PgPool, located: &Located<'_>, grace: Duration) -> Resul
         Located::Checkpoint { job_id } => {
             let status: Option<JobStatus> = match uuid::Uuid::parse_str(job_id) {
                 Ok(id) => {
-                    sqlx::query_scalar!(r#"SELECT status AS "status: JobStatus" FROM jobs WHERE id = $1"#, id)
-                        .fetch_optional(pool)
-                        .await?
+                    sqlx::query_scalar!(
+                        r#"SELECT status AS "status: JobStatus" FROM jobs WHERE id = $1"#,
+                        id
+                    )
+                    .fetch_optional(pool)
+                    .await?
                 }
                 Err(_) => None,
             };

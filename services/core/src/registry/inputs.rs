@@ -78,8 +78,7 @@ pub async fn register(
         .map_err(|m| Error::invalid("uri", m))?;
     let (sha256, size, format) = match kind {
         InputKind::BaseModel => {
-            let store =
-                Store::open(&req.uri).map_err(|e| Error::invalid("uri", unreadable(e)))?;
+            let store = Store::open(&req.uri).map_err(|e| Error::invalid("uri", unreadable(e)))?;
             let (sha, size, _) = store
                 .tree_digest("")
                 .await
@@ -87,8 +86,8 @@ pub async fn register(
             (sha, size, "hf-safetensors")
         }
         InputKind::Dataset => {
-            let (store, name) = Store::open_object(&req.uri)
-                .map_err(|e| Error::invalid("uri", unreadable(e)))?;
+            let (store, name) =
+                Store::open_object(&req.uri).map_err(|e| Error::invalid("uri", unreadable(e)))?;
             let (sha, size) = store
                 .digest(&name)
                 .await
@@ -110,10 +109,7 @@ pub async fn register(
             (Some(s.adapter.to_string()), Some(s.version))
         }
         (Some(_), InputKind::Dataset) => {
-            return Err(Error::invalid(
-                "source",
-                "only base models have a source",
-            ))
+            return Err(Error::invalid("source", "only base models have a source"))
         }
         (None, _) => (None, None),
     };

@@ -55,7 +55,9 @@ pub use publish::delete_objects;
 
 /// Where a version is in its life: `pending` while its worker uploads, then `ready` (or
 /// `quarantined` by the safety gate, or `failed`), and `deleted` at the end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum VersionStatus {
@@ -139,7 +141,12 @@ pub async fn get_version(
 }
 
 /// The version, or `NotFound`.
-pub async fn find_version(pool: &PgPool, project: &str, adapter: &str, version: i32) -> Result<VersionRow> {
+pub async fn find_version(
+    pool: &PgPool,
+    project: &str,
+    adapter: &str,
+    version: i32,
+) -> Result<VersionRow> {
     get_version(pool, project, adapter, version)
         .await?
         .ok_or(Error::NotFound("adapter version"))
@@ -155,7 +162,9 @@ pub async fn listed_file(
 ) -> Result<(VersionRow, FileDigest)> {
     let row = find_version(pool, project, adapter, version).await?;
     if row.status == VersionStatus::Deleted {
-        return Err(Error::Gone(format!("version {version} of {adapter} was deleted")));
+        return Err(Error::Gone(format!(
+            "version {version} of {adapter} was deleted"
+        )));
     }
     let digest = row
         .files
@@ -246,7 +255,12 @@ pub async fn list_versions(
 
 /// Marks a version `deleted` and removes its objects. A version an alias points to
 /// is refused: move or delete the alias first, so serving never resolves to nothing.
-pub async fn delete_version(ctx: &Context, project: &str, adapter: &str, version: i32) -> Result<()> {
+pub async fn delete_version(
+    ctx: &Context,
+    project: &str,
+    adapter: &str,
+    version: i32,
+) -> Result<()> {
     let mut tx = ctx.pool.begin().await?;
     let aliased: Vec<String> = sqlx::query_scalar!(
         "SELECT alias FROM adapter_aliases WHERE project = $1 AND adapter_name = $2 AND version = $3",

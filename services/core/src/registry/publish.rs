@@ -88,9 +88,13 @@ pub async fn reserve_version(pool: &PgPool, job: &JobRow) -> Result<ReservedVers
     )
     .execute(&mut *tx)
     .await?;
-    sqlx::query!("UPDATE jobs SET adapter_version = $2 WHERE id = $1", job.id, version)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "UPDATE jobs SET adapter_version = $2 WHERE id = $1",
+        job.id,
+        version
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(ReservedVersion { version, prefix })
 }
@@ -105,7 +109,10 @@ pub async fn complete(ctx: &Context, job: &JobRow, req: &CompleteRequest) -> Res
         .ok_or_else(|| {
             Error::conflict(
                 "invalid_state",
-                format!("version {} is not a pending version of this job", req.version),
+                format!(
+                    "version {} is not a pending version of this job",
+                    req.version
+                ),
             )
         })?;
     let (manifest, files) = match verify(&ctx.store, &row.storage_prefix, job, req).await {
@@ -227,7 +234,10 @@ async fn verify(
     req: &CompleteRequest,
 ) -> Result<(AdapterManifest, Vec<FileDigest>), String> {
     let path = |name: &str| format!("{prefix}/{name}");
-    let raw = store.get(&path(MANIFEST_FILE)).await.map_err(|e| e.to_string())?;
+    let raw = store
+        .get(&path(MANIFEST_FILE))
+        .await
+        .map_err(|e| e.to_string())?;
     let manifest_sha256 = hex::encode(Sha256::digest(&raw));
     if manifest_sha256 != req.manifest_sha256 {
         return Err(format!(
@@ -241,7 +251,9 @@ async fn verify(
         || manifest.version != req.version
         || manifest.adapter_name != job.adapter_name
     {
-        return Err(format!("{MANIFEST_FILE} names another job, adapter or version"));
+        return Err(format!(
+            "{MANIFEST_FILE} names another job, adapter or version"
+        ));
     }
     let mut files = manifest.files.clone();
     files.push(FileDigest {
@@ -251,7 +263,9 @@ async fn verify(
     });
     let declared: BTreeSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
     if declared.len() != files.len() {
-        return Err(format!("{MANIFEST_FILE} lists a file twice, or lists itself"));
+        return Err(format!(
+            "{MANIFEST_FILE} lists a file twice, or lists itself"
+        ));
     }
     for required in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
         if !declared.contains(required) {
@@ -277,7 +291,10 @@ async fn verify(
         ));
     }
     for f in &manifest.files {
-        let (sha, size) = store.digest(&path(&f.name)).await.map_err(|e| e.to_string())?;
+        let (sha, size) = store
+            .digest(&path(&f.name))
+            .await
+            .map_err(|e| e.to_string())?;
         if sha != f.sha256 || size != f.size {
             return Err(format!(
                 "{}: stored sha256 {sha} size {size}, {MANIFEST_FILE} says {} size {}",
@@ -292,7 +309,10 @@ async fn verify(
     check_input(&manifest.base_model, spec.base_model_uri(), "base_model")?;
     check_input(&manifest.dataset, spec.train_uri(), "dataset")?;
     let config: PeftLoraConfig = serde_json::from_slice(
-        &store.get(&path(ADAPTER_CONFIG_FILE)).await.map_err(|e| e.to_string())?,
+        &store
+            .get(&path(ADAPTER_CONFIG_FILE))
+            .await
+            .map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("{ADAPTER_CONFIG_FILE} is not a PEFT LoRA config: {e}"))?;
     if config.peft_type != "LORA" {
@@ -323,7 +343,10 @@ async fn read_safetensors_shapes(
     store: &Store,
     path: &str,
 ) -> Result<std::collections::BTreeMap<String, Vec<u64>>, String> {
-    let len = store.get_range(path, 0..8).await.map_err(|e| e.to_string())?;
+    let len = store
+        .get_range(path, 0..8)
+        .await
+        .map_err(|e| e.to_string())?;
     let len = u64::from_le_bytes(
         len.as_ref()
             .try_into()

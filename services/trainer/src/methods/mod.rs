@@ -187,8 +187,8 @@ pub mod testing {
     //! The fixture model, loaded as many times as a test needs, and its logits.
 
     use super::AttachContext;
-    use crate::model::ModelConfig;
     use crate::model::LlamaModel;
+    use crate::model::ModelConfig;
     use loraforge_spec::TrainingConfig;
     use tch::{Device, Kind, Tensor};
 
