@@ -191,6 +191,8 @@ pub struct AppOptions {
     pub max_attempts: i32,
     /// API keys required (off by default in tests, which act as the default project).
     pub auth: bool,
+    /// The worker binary the local executor starts (`None`: the real trainer).
+    pub trainer_bin: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -201,6 +203,7 @@ impl Default for AppOptions {
             slots: 2,
             max_attempts: 3,
             auth: false,
+            trainer_bin: None,
         }
     }
 }
@@ -225,7 +228,7 @@ impl TestApp {
             data_dir: data_dir.path().to_path_buf(),
             public_url: None,
             executor: ExecutorSettings::Local {
-                trainer_bin: trainer_bin(),
+                trainer_bin: options.trainer_bin.clone().unwrap_or_else(trainer_bin),
                 slots: options.slots,
             },
             lease: options.lease,
