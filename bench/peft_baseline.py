@@ -1,7 +1,7 @@
 """HF PEFT LoRA training throughput: the baseline loraforge is compared with (bench/README.md).
 
-The setup of ../shared/bench/peft_cpu_bench.py and peft_bench.py, kept here so the benchmarks
-run from a clone. A Llama with random weights (throughput does not depend on them), LoRA r=16
+The setup of the PEFT baseline scripts the project started from (a CPU and a GPU benchmark),
+kept here so the benchmarks run from a clone. A Llama with random weights (throughput does not depend on them), LoRA r=16
 alpha=32 on all seven projections, AdamW, random token ids as input and labels.
   --device cpu:  the small shape (hidden 512, 8 layers, 8/4 heads, intermediate 1408, vocab
                  8192) in fp32, --threads intra-op threads, 2 warm-up steps.

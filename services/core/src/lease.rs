@@ -42,9 +42,7 @@ pub async fn expire_leases(ctx: &Context) -> Result<usize, sqlx::Error> {
         tracing::warn!(%job_id, attempt, "lease expired");
     }
     if !expired.is_empty() {
-        let (queued, leased) = crate::jobs::queue_and_leases(&ctx.pool).await?;
-        ctx.metrics.queue_depth.set(queued);
-        ctx.metrics.leases_active.set(leased);
+        ctx.metrics.observe_queue(&ctx.pool).await?;
     }
     Ok(expired.len())
 }

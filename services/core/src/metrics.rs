@@ -35,8 +35,8 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 pub struct Metrics {
     pub jobs_submitted: Counter,
     attempts_settled: Family<Labels, Counter>,
-    pub queue_depth: Gauge,
-    pub leases_active: Gauge,
+    queue_depth: Gauge,
+    leases_active: Gauge,
     pub executor_free_slots: Family<Labels, Gauge>,
     job_duration: Histogram,
     jobs: Family<Labels, Gauge>,
@@ -109,11 +109,15 @@ impl Metrics {
             cache.requests.clone(),
         );
         m.training.register(r);
-        // Both series from the start, so a dashboard sees 0 rather than nothing.
-        for result in ["hit", "miss"] {
-            let _ = cache.requests.get_or_create(&vec![("result", result)]);
-        }
         m
+    }
+
+    /// Recounts the queue and the leases (after the code that changes them has run).
+    pub async fn observe_queue(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let (queued, leased) = crate::jobs::queue_and_leases(pool).await?;
+        self.queue_depth.set(queued);
+        self.leases_active.set(leased);
+        Ok(())
     }
 
     pub fn attempt_settled(&self, outcome: &Outcome, settled: &Settled) {

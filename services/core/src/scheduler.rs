@@ -53,9 +53,7 @@ async fn fill_slots(ctx: &Context) -> Result<(), sqlx::Error> {
             attempts::settle_now(ctx, claimed.job_id, claimed.attempt, outcome).await?;
         }
     }
-    let (queued, leased) = jobs::queue_and_leases(&ctx.pool).await?;
-    ctx.metrics.queue_depth.set(queued);
-    ctx.metrics.leases_active.set(leased);
+    ctx.metrics.observe_queue(&ctx.pool).await?;
     ctx.metrics
         .executor_free_slots
         .get_or_create(&vec![("executor", ctx.executor.name().to_string())])

@@ -31,3 +31,16 @@ pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
         _ => ErrorKind::SystemError,
     }
 }
+
+/// Runs `f`, turning a libtorch failure (which `tch` raises as a panic) during `what` into an
+/// error, so a job fails with the reason instead of the process dying.
+pub fn guard_libtorch<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(anyhow::anyhow!("libtorch failed during {what}: {message}"))
+    })
+}

@@ -228,10 +228,21 @@ pub async fn put_tag(
     caller: Caller,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<Vec<String>>, ApiError> {
+    set_tag(&state, &caller, &name, version, &tag, true).await
+}
+
+/// Both tag routes: admin only, answering the version's tags after.
+async fn set_tag(
+    state: &ApiState,
+    caller: &Caller,
+    name: &str,
+    version: i32,
+    tag: &str,
+    present: bool,
+) -> Result<Json<Vec<String>>, ApiError> {
     caller.require(Scope::Admin)?;
-    Ok(Json(
-        registry::set_tag(&state, &caller.project, &name, version, &tag, true).await?,
-    ))
+    let tags = registry::set_tag(state, &caller.project, name, version, tag, present).await?;
+    Ok(Json(tags))
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
@@ -241,10 +252,7 @@ pub async fn delete_tag(
     caller: Caller,
     ApiPath((name, version, tag)): ApiPath<(String, i32, String)>,
 ) -> Result<Json<Vec<String>>, ApiError> {
-    caller.require(Scope::Admin)?;
-    Ok(Json(
-        registry::set_tag(&state, &caller.project, &name, version, &tag, false).await?,
-    ))
+    set_tag(&state, &caller, &name, version, &tag, false).await
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -107,39 +107,40 @@ async fn resolve(
 ) -> Result<(ResolvedJobSpec, Resolution)> {
     let mut errors = Vec::new();
     let mut found = Resolution::default();
-    let input = |kind, field: &'static str, reference: &InputRef| {
-        let (pool, roots) = (&ctx.pool, &ctx.settings.file_roots);
-        let reference = reference.clone();
-        async move {
-            let resolved = inputs::resolve(pool, project, kind, field, &reference).await?;
-            let checked = inputs::check(&resolved.uri, roots, kind).await;
-            Ok::<_, Error>((resolved, checked.err().map(|m| FieldError::new(field, m))))
-        }
-    };
-    let outcome = |r: Result<_>, errors: &mut Vec<FieldError>| match r {
-        Ok((resolved, problem)) => {
-            errors.extend(problem);
-            Ok(Some(resolved))
-        }
-        Err(Error::Invalid(e)) => {
-            errors.extend(e.errors);
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    };
-    let base = input(InputKind::BaseModel, "base_model", &spec.base_model).await;
-    if let Some(r) = outcome(base, &mut errors)? {
+    let base = resolve_input(
+        ctx,
+        project,
+        InputKind::BaseModel,
+        "base_model",
+        &spec.base_model,
+        &mut errors,
+    );
+    if let Some(r) = base.await? {
         spec.base_model = InputRef::Uri(r.uri);
         found.base_model_name = r.name;
     }
-    let train = input(InputKind::Dataset, "dataset.train", &spec.dataset.train).await;
-    if let Some(r) = outcome(train, &mut errors)? {
+    let train = resolve_input(
+        ctx,
+        project,
+        InputKind::Dataset,
+        "dataset.train",
+        &spec.dataset.train,
+        &mut errors,
+    );
+    if let Some(r) = train.await? {
         spec.dataset.train = InputRef::Uri(r.uri);
         found.dataset_name = r.name;
     }
     if let Some(validation) = spec.dataset.validation.clone() {
-        let checked = input(InputKind::Dataset, "dataset.validation", &validation).await;
-        if let Some(r) = outcome(checked, &mut errors)? {
+        let checked = resolve_input(
+            ctx,
+            project,
+            InputKind::Dataset,
+            "dataset.validation",
+            &validation,
+            &mut errors,
+        );
+        if let Some(r) = checked.await? {
             spec.dataset.validation = Some(InputRef::Uri(r.uri));
         }
     }
@@ -157,6 +158,30 @@ async fn resolve(
     }
     let spec = ResolvedJobSpec::new(spec).map_err(|e| Error::Internal(e.to_string()))?;
     Ok((spec, found))
+}
+
+/// One input, resolved to a URI and checked to exist; the user's problems with it are added
+/// to `errors` (and give `None`), ours are returned.
+async fn resolve_input(
+    ctx: &Context,
+    project: &str,
+    kind: InputKind,
+    field: &str,
+    reference: &InputRef,
+    errors: &mut Vec<FieldError>,
+) -> Result<Option<inputs::ResolvedInput>> {
+    let resolved = match inputs::resolve(&ctx.pool, project, kind, field, reference).await {
+        Ok(resolved) => resolved,
+        Err(Error::Invalid(e)) => {
+            errors.extend(e.errors);
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Err(m) = inputs::check(&resolved.uri, &ctx.settings.file_roots, kind).await {
+        errors.push(FieldError::new(field, m));
+    }
+    Ok(Some(resolved))
 }
 
 /// The parent must be a ready version whose adapter has the job's shape; the inner error

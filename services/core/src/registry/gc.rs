@@ -43,16 +43,15 @@ pub async fn collect(
     objects.extend(store.list(layout::CHECKPOINTS).await?);
     for object in objects {
         let located = layout::locate(&object.path);
-        let verdict = match located.folder() {
-            None => Some("not in the storage layout".to_string()),
-            Some(folder) => match verdicts.get(&folder) {
-                Some(v) => v.clone(),
-                None => {
-                    let v = verdict(pool, &located, grace).await?;
-                    verdicts.insert(folder, v.clone());
-                    v
-                }
-            },
+        // An object outside the layout is its own folder.
+        let folder = located.folder().unwrap_or_else(|| object.path.clone());
+        let verdict = match verdicts.get(&folder) {
+            Some(v) => v.clone(),
+            None => {
+                let v = verdict(pool, &located, grace).await?;
+                verdicts.insert(folder, v.clone());
+                v
+            }
         };
         if let Some(reason) = verdict {
             orphans.push(Orphan {

@@ -32,7 +32,6 @@ use checkpoint::{CheckpointStore, SavedCheckpoint, TrainingState};
 use chrono::Utc;
 use loraforge_spec::worker::EventPayload;
 use loraforge_spec::{JobSpec, TrainingMetrics};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use step_loop::{Hooks, Plan, Run};
@@ -79,16 +78,8 @@ pub fn train(
     reporter: &mut dyn Reporter,
     cancel: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    catch_unwind(AssertUnwindSafe(|| {
+    crate::error::guard_libtorch("training", || {
         train_unguarded(spec, inputs, device, checkpoints, reporter, cancel)
-    }))
-    .unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
-        Err(anyhow!("libtorch failed during training: {message}"))
     })
 }
 

@@ -21,11 +21,10 @@ pub mod prompts;
 use crate::data::{ExampleSet, TokenizedDataset};
 use crate::export::PeftAdapter;
 use crate::model::generate::{Generator, Prompt, Sampling};
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use judge::KeywordJudge;
 use loraforge_spec::safety::SafetyReport;
 use std::collections::BTreeMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -76,18 +75,8 @@ pub fn evaluate(
     device: Device,
     cancel: &AtomicBool,
 ) -> Result<SafetyReport> {
-    catch_unwind(AssertUnwindSafe(|| {
+    crate::error::guard_libtorch("the safety evaluation", || {
         evaluate_unguarded(model_dir, adapter, validation, settings, device, cancel)
-    }))
-    .unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
-        Err(anyhow!(
-            "libtorch failed during the safety evaluation: {message}"
-        ))
     })
 }
 
