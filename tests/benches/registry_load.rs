@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         auth_enabled: false,
         default_project: "default".into(),
         file_roots: vec![],
+        reconcile_interval: Duration::from_secs(120),
     };
     let app = Application::build(settings).await?;
     let addr = app.local_addr();

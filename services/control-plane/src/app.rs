@@ -1,7 +1,7 @@
 //! Wiring: database, migrations, store, executor, background loops and the HTTP server.
 
 use anyhow::Context as _;
-use loraforge_core::executor::{self, WorkerExit};
+use loraforge_core::executor::{self, reconcile, WorkerReport};
 use loraforge_core::metrics::Metrics;
 use loraforge_core::registry::cache::{self, ReadCache};
 use loraforge_core::settings::Settings;
@@ -18,7 +18,7 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     ctx: Context,
     registry: Registry,
-    exits: mpsc::UnboundedReceiver<WorkerExit>,
+    reports: mpsc::UnboundedReceiver<WorkerReport>,
 }
 
 /// The database (created if missing, migrated) and the artifact store.
@@ -40,8 +40,10 @@ impl Application {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}"));
-        let (exits_tx, exits) = mpsc::unbounded_channel();
-        let executor = executor::build(&settings, exits_tx);
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let executor = executor::build(&settings, reports_tx)
+            .await
+            .with_context(|| format!("starting the {} executor", settings.executor.name()))?;
         tracing::info!(%addr, executor = executor.name(), storage = settings.storage_url, "control plane ready");
         let read_cache = Arc::new(ReadCache::default());
         let mut registry = Registry::default();
@@ -59,7 +61,7 @@ impl Application {
             listener,
             ctx,
             registry,
-            exits,
+            reports,
         })
     }
 
@@ -82,7 +84,8 @@ impl Application {
         let ctx = self.ctx;
         let (stop_tx, stop_rx) = watch::channel(false);
         let loops = [
-            tokio::spawn(scheduler::run(ctx.clone(), self.exits, stop_rx.clone())),
+            tokio::spawn(scheduler::run(ctx.clone(), self.reports, stop_rx.clone())),
+            tokio::spawn(reconcile::run(ctx.clone(), stop_rx.clone())),
             tokio::spawn(lease::run(ctx.clone(), stop_rx.clone())),
             tokio::spawn(webhooks::run_dispatcher(
                 ctx.pool.clone(),

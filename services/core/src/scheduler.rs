@@ -1,8 +1,9 @@
 //! The scheduler loop: claims queued jobs while the executor has free slots and hands
-//! them over; settles attempts whose workers exited. Woken by NOTIFY on new work, by
-//! worker exits, and by a polling fallback.
+//! them over; acts on what the executor reports (settles attempts whose workers exited,
+//! keeps the lease of those waiting to start). Woken by NOTIFY on new work, by executor
+//! reports, and by a polling fallback.
 
-use crate::executor::{WorkerExit, WorkerLaunch};
+use crate::executor::{Observed, WorkerLaunch, WorkerReport};
 use crate::jobs::attempts::{self, Outcome};
 use crate::jobs::{self, QUEUE_CHANNEL};
 use crate::notify::Subscription;
@@ -13,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 pub async fn run(
     ctx: Context,
-    mut exits: mpsc::UnboundedReceiver<WorkerExit>,
+    mut reports: mpsc::UnboundedReceiver<WorkerReport>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Notifications only wake us sooner; a lost one costs at most a poll interval.
@@ -24,7 +25,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = stop.changed() => break,
-            Some(exit) = exits.recv() => settle_exit(&ctx, exit).await,
+            Some(report) = reports.recv() => act_on(&ctx, report).await,
             _ = wake_ups.next() => {}
             _ = tokio::time::sleep(ctx.settings.poll_interval) => {}
         }
@@ -42,6 +43,8 @@ async fn fill_slots(ctx: &Context) -> Result<(), sqlx::Error> {
         let launch = WorkerLaunch {
             job_id: claimed.job_id,
             attempt: claimed.attempt,
+            project: claimed.project,
+            spec: claimed.spec,
             api_url: ctx.worker_api_url.clone(),
             token,
         };
@@ -61,9 +64,22 @@ async fn fill_slots(ctx: &Context) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-async fn settle_exit(ctx: &Context, exit: WorkerExit) {
-    if let Err(e) = attempts::settle_now(ctx, exit.job_id, exit.attempt, exit.outcome).await {
-        tracing::error!(job_id = %exit.job_id, error = %e, "could not settle a worker exit");
+async fn act_on(ctx: &Context, report: WorkerReport) {
+    let WorkerReport {
+        job_id, attempt, ..
+    } = report;
+    let done = match report.what {
+        Observed::Exited(outcome) => attempts::settle_now(ctx, job_id, attempt, outcome)
+            .await
+            .map(drop),
+        Observed::Waiting { event } => {
+            jobs::note_waiting(&ctx.pool, job_id, attempt, ctx.settings.lease, event.as_deref())
+                .await
+                .map(drop)
+        }
+    };
+    if let Err(e) = done {
+        tracing::error!(%job_id, attempt, error = %e, "could not act on a worker report");
     }
 }
 

@@ -34,12 +34,78 @@ pub struct Settings {
     /// `file://` inputs must lie under one of these directories (`LORAFORGE_FILE_ROOTS`,
     /// colon-separated; default: the data directory).
     pub file_roots: Vec<PathBuf>,
+    /// How often the executor's workers are reconciled with the jobs table (stale workers
+    /// removed, vanished ones failed).
+    pub reconcile_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub enum ExecutorSettings {
     /// Child processes on this machine.
     Local { trainer_bin: PathBuf, slots: usize },
+    /// One Kubernetes Job per attempt (`LORAFORGE_EXECUTOR=kubernetes`).
+    Kubernetes(KubernetesSettings),
+}
+
+/// The `kubernetes` executor's settings (`LORAFORGE_K8S_*`, `LORAFORGE_WORKER_IMAGE`). The
+/// cluster itself is found the usual way: the in-cluster service account, else
+/// `KUBECONFIG` or `~/.kube/config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesSettings {
+    /// Where worker Jobs go; default: the client's namespace (the service account's, or the
+    /// kubeconfig context's).
+    pub namespace: Option<String>,
+    /// The worker image: `loraforge-trainer` on its PATH (see `docker/`).
+    pub worker_image: String,
+    /// A Kueue LocalQueue for every job (`resources.queue` overrides it per job).
+    pub queue: Option<String>,
+    /// The node label `resources.gpu_type` is matched against.
+    pub gpu_label: String,
+    /// A Secret with the store's credentials, given to workers with `envFrom`.
+    pub storage_secret: Option<String>,
+    /// A PersistentVolumeClaim mounted read-only in workers at the same path the control
+    /// plane sees it: `file://` inputs under that path are allowed on this executor.
+    pub shared_volume: Option<SharedVolume>,
+    /// Most worker Jobs active at once (all replicas together, as the cluster shows them).
+    pub max_workers: usize,
+    /// The worker Pods' service account (for workload identity); none mounted when unset.
+    pub worker_service_account: Option<String>,
+    /// A Secret for pulling the worker image.
+    pub image_pull_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedVolume {
+    pub claim: String,
+    pub mount_path: PathBuf,
+}
+
+impl ExecutorSettings {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExecutorSettings::Local { .. } => "local",
+            ExecutorSettings::Kubernetes(_) => "kubernetes",
+        }
+    }
+
+    /// Why this executor cannot use an input at `uri`, if it cannot: a worker in a cluster
+    /// cannot read the control plane's disk, only object storage and a shared volume.
+    pub fn refuses_input(&self, uri: &str) -> Option<String> {
+        let ExecutorSettings::Kubernetes(k) = self else {
+            return None;
+        };
+        let path = uri.strip_prefix("file://")?;
+        match &k.shared_volume {
+            Some(v) if std::path::Path::new(path).starts_with(&v.mount_path) => None,
+            Some(v) => Some(format!(
+                "{uri}: workers on the kubernetes executor read files only under the shared volume {} (LORAFORGE_K8S_SHARED_VOLUME); use an object store URI (s3://, gs://, az://) or a path there",
+                v.mount_path.display()
+            )),
+            None => Some(format!(
+                "{uri}: workers on the kubernetes executor cannot read the control plane's files; use an object store URI (s3://, gs://, az://), or set LORAFORGE_K8S_SHARED_VOLUME to a volume workers mount"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +160,18 @@ impl Settings {
             storage_url,
             data_dir,
             public_url: var("LORAFORGE_PUBLIC_URL"),
-            executor: ExecutorSettings::Local {
-                trainer_bin,
-                slots: parse("LORAFORGE_LOCAL_SLOTS", 1usize)?,
+            executor: match var("LORAFORGE_EXECUTOR").as_deref() {
+                None | Some("local") => ExecutorSettings::Local {
+                    trainer_bin,
+                    slots: parse("LORAFORGE_LOCAL_SLOTS", 1usize)?,
+                },
+                Some("kubernetes") => ExecutorSettings::Kubernetes(kubernetes_from_env()?),
+                Some(other) => {
+                    return Err(SettingsError {
+                        name: "LORAFORGE_EXECUTOR",
+                        reason: format!("{other:?}: use local or kubernetes"),
+                    })
+                }
             },
             lease: Duration::from_secs(parse("LORAFORGE_LEASE_SECS", 60u64)?),
             poll_interval: Duration::from_millis(parse("LORAFORGE_POLL_MS", 1000u64)?),
@@ -115,8 +190,55 @@ impl Settings {
             },
             default_project: "default".into(),
             file_roots,
+            reconcile_interval: Duration::from_secs(parse("LORAFORGE_RECONCILE_SECS", 120u64)?),
         })
     }
+}
+
+fn kubernetes_from_env() -> Result<KubernetesSettings, SettingsError> {
+    use loraforge_spec::resources::{dns_label, dns_subdomain, qualified_name};
+    let checked = |name: &'static str, check: fn(&str) -> Result<(), String>| {
+        var(name)
+            .map(|v| check(&v).map(|()| v))
+            .transpose()
+            .map_err(|reason| SettingsError { name, reason })
+    };
+    let worker_image = var("LORAFORGE_WORKER_IMAGE").ok_or(SettingsError {
+        name: "LORAFORGE_WORKER_IMAGE",
+        reason: "required with LORAFORGE_EXECUTOR=kubernetes: the image with loraforge-trainer (see docker/)".into(),
+    })?;
+    let shared_volume = match var("LORAFORGE_K8S_SHARED_VOLUME") {
+        None => None,
+        Some(v) => {
+            let bad = |reason: String| SettingsError {
+                name: "LORAFORGE_K8S_SHARED_VOLUME",
+                reason,
+            };
+            let (claim, path) = v
+                .split_once(':')
+                .ok_or_else(|| bad(format!("{v:?}: expected <claim-name>:<absolute mount path>")))?;
+            dns_subdomain(claim).map_err(bad)?;
+            if !path.starts_with('/') {
+                return Err(bad(format!("{path:?}: the mount path must be absolute")));
+            }
+            Some(SharedVolume {
+                claim: claim.into(),
+                mount_path: PathBuf::from(path),
+            })
+        }
+    };
+    Ok(KubernetesSettings {
+        namespace: checked("LORAFORGE_K8S_NAMESPACE", dns_label)?,
+        worker_image,
+        queue: checked("LORAFORGE_K8S_QUEUE", dns_label)?,
+        gpu_label: checked("LORAFORGE_K8S_GPU_LABEL", qualified_name)?
+            .unwrap_or_else(|| "nvidia.com/gpu.product".into()),
+        storage_secret: checked("LORAFORGE_K8S_STORAGE_SECRET", dns_subdomain)?,
+        shared_volume,
+        max_workers: parse("LORAFORGE_K8S_MAX_WORKERS", 32usize)?,
+        worker_service_account: checked("LORAFORGE_K8S_WORKER_SERVICE_ACCOUNT", dns_subdomain)?,
+        image_pull_secret: checked("LORAFORGE_K8S_IMAGE_PULL_SECRET", dns_subdomain)?,
+    })
 }
 
 /// `loraforge-trainer` beside our own executable (how cargo and the release image lay

@@ -3,6 +3,7 @@
 use crate::error::{from_value, parse_json, FieldError, SpecError};
 use crate::method::MethodConfig;
 use crate::names::AdapterName;
+use crate::resources::Resources;
 use crate::uri::check_data_uri;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -27,6 +28,10 @@ pub struct JobSpec {
     /// Tighten the project's safety gate for this job (or switch it off, if allowed).
     #[serde(default)]
     pub safety: crate::safety::SafetyOverrides,
+    /// What the worker needs from the machine (GPUs, CPU, memory, placement); used by the
+    /// `kubernetes` executor.
+    #[serde(default, skip_serializing_if = "Resources::is_default")]
+    pub resources: Resources,
 }
 
 /// An adapter version by reference: `latest` (newest ready), an alias, or a number.
@@ -232,6 +237,11 @@ pub struct TrainingConfig {
     /// Where to train: `auto` (CUDA when present), `cpu` or `cuda`.
     #[serde(default)]
     pub device: DeviceChoice,
+    /// Wall-clock limit of one attempt (`90m`, `2h`, `1h30m`, `45s`): a worker still
+    /// running then is stopped and the job fails as a `user_error` naming this limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$", example = "2h"))]
+    pub max_duration: Option<String>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -324,7 +334,42 @@ impl TrainingConfig {
         if self.eval_every == Some(0) {
             bad("eval_every", "must be at least 1".into());
         }
+        if let Some(d) = &self.max_duration {
+            match parse_duration(d) {
+                Some(secs) if (1..=MAX_DURATION_SECS).contains(&secs) => {}
+                Some(_) => bad("max_duration", "must be between 1s and 30 days (720h)".into()),
+                None => bad(
+                    "max_duration",
+                    format!("{d:?} is not a duration; write hours, minutes and seconds, e.g. 2h, 90m, 1h30m, 45s"),
+                ),
+            }
+        }
     }
+
+    /// [`max_duration`](Self::max_duration) in seconds, once validated.
+    pub fn max_duration_secs(&self) -> Option<u64> {
+        self.max_duration.as_deref().and_then(parse_duration)
+    }
+}
+
+pub const MAX_DURATION_SECS: u64 = 30 * 24 * 3600;
+
+/// `1h30m`, `90m`, `45s`: hours, minutes and seconds, each at most once and in that order.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let mut rest = s;
+    let mut total: u64 = 0;
+    let mut seen = 0;
+    for (unit, secs) in [('h', 3600u64), ('m', 60), ('s', 1)] {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || rest[digits..].chars().next() != Some(unit) {
+            continue;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        total = total.checked_add(n.checked_mul(secs)?)?;
+        rest = &rest[digits + 1..];
+        seen += 1;
+    }
+    (seen > 0 && rest.is_empty()).then_some(total)
 }
 
 impl JobSpec {
@@ -370,6 +415,7 @@ impl JobSpec {
         }
         errors.extend(self.method.validate(&self.training));
         self.training.validate(&mut errors);
+        self.resources.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -489,6 +535,9 @@ pub enum ErrorKind {
     SystemError,
     SafetyBlocked,
     DeadlineExceeded,
+    /// The worker ran out of a resource it was given (its memory limit, GPU memory): the
+    /// same job would fail again, so it is not retried; the message says which limit.
+    ResourceExhausted,
 }
 
 impl ErrorKind {
@@ -498,6 +547,7 @@ impl ErrorKind {
             ErrorKind::SystemError => "system_error",
             ErrorKind::SafetyBlocked => "safety_blocked",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
         }
     }
 }
@@ -510,6 +560,7 @@ impl FromStr for ErrorKind {
             ErrorKind::SystemError,
             ErrorKind::SafetyBlocked,
             ErrorKind::DeadlineExceeded,
+            ErrorKind::ResourceExhausted,
         ]
         .into_iter()
         .find(|x| x.as_str() == s)
@@ -613,5 +664,22 @@ mod status_tests {
         let back: ResolvedJobSpec =
             serde_json::from_value(serde_json::to_value(&resolved).unwrap()).unwrap();
         assert_eq!(back, resolved);
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2h"), Some(7200));
+        assert_eq!(parse_duration("90m"), Some(5400));
+        assert_eq!(parse_duration("1h30m"), Some(5400));
+        assert_eq!(parse_duration("1h2m3s"), Some(3723));
+        assert_eq!(parse_duration("45s"), Some(45));
+        for bad in ["", "2", "h", "30m1h", "1h1h", "1d", "2 h", "-1h", "1.5h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }

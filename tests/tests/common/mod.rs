@@ -193,6 +193,10 @@ pub struct AppOptions {
     pub auth: bool,
     /// The worker binary the local executor starts (`None`: the real trainer).
     pub trainer_bin: Option<PathBuf>,
+    /// Another executor than the local one (then `slots` and `trainer_bin` are unused).
+    pub executor: Option<ExecutorSettings>,
+    /// The URL workers reach the control plane at (`None`: the bound address).
+    pub public_url: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -204,6 +208,8 @@ impl Default for AppOptions {
             max_attempts: 3,
             auth: false,
             trainer_bin: None,
+            executor: None,
+            public_url: None,
         }
     }
 }
@@ -226,11 +232,14 @@ impl TestApp {
             addr: "127.0.0.1:0".parse()?,
             storage_url,
             data_dir: data_dir.path().to_path_buf(),
-            public_url: None,
-            executor: ExecutorSettings::Local {
-                trainer_bin: options.trainer_bin.clone().unwrap_or_else(trainer_bin),
-                slots: options.slots,
-            },
+            public_url: options.public_url.clone(),
+            executor: options
+                .executor
+                .clone()
+                .unwrap_or_else(|| ExecutorSettings::Local {
+                    trainer_bin: options.trainer_bin.clone().unwrap_or_else(trainer_bin),
+                    slots: options.slots,
+                }),
             lease: options.lease,
             poll_interval: Duration::from_millis(200),
             max_attempts: options.max_attempts,
@@ -240,6 +249,7 @@ impl TestApp {
             default_project: "default".into(),
             // Fixtures live in temporary directories.
             file_roots: vec![std::env::temp_dir()],
+            reconcile_interval: Duration::from_secs(120),
         };
         let storage_url = settings.storage_url.clone();
         let app = Application::build(settings).await?;

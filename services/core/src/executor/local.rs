@@ -1,7 +1,8 @@
 //! The `local` executor: each worker is a `loraforge-trainer` child process in its own
-//! process group (so stopping it stops everything it started), with a slot limit.
+//! process group (so stopping it stops everything it started), with a slot limit. A job's
+//! `training.max_duration` is enforced here: the group is stopped when it runs out.
 
-use super::{Executor, ExecutorError, WorkerExit, WorkerLaunch};
+use super::{Executor, ExecutorError, Observed, WorkerLaunch, WorkerReport};
 use crate::jobs::attempts::Outcome;
 use async_trait::async_trait;
 use loraforge_spec::worker::TOKEN_ENV;
@@ -24,7 +25,7 @@ pub struct LocalExecutor {
     log_dir: PathBuf,
     /// job id -> process group id of its running worker.
     running: Arc<Mutex<HashMap<Uuid, i32>>>,
-    exits: UnboundedSender<WorkerExit>,
+    exits: UnboundedSender<WorkerReport>,
 }
 
 impl LocalExecutor {
@@ -32,7 +33,7 @@ impl LocalExecutor {
         trainer_bin: PathBuf,
         slots: usize,
         log_dir: PathBuf,
-        exits: UnboundedSender<WorkerExit>,
+        exits: UnboundedSender<WorkerReport>,
     ) -> Self {
         Self {
             trainer_bin,
@@ -92,8 +93,33 @@ impl Executor for LocalExecutor {
         let running = self.running.clone();
         let exits = self.exits.clone();
         let (job_id, attempt) = (launch.job_id, launch.attempt);
+        let limit = launch.spec.training.max_duration.clone();
+        let deadline = launch
+            .spec
+            .training
+            .max_duration_secs()
+            .map(Duration::from_secs);
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let out_of_time = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (status, timed_out) = tokio::select! {
+                status = child.wait() => (status, false),
+                () = out_of_time => {
+                    let _ = signal_group(pid, libc::SIGTERM);
+                    let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                        Ok(status) => status,
+                        Err(_) => {
+                            let _ = signal_group(pid, libc::SIGKILL);
+                            child.wait().await
+                        }
+                    };
+                    (status, true)
+                }
+            };
             running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -107,11 +133,23 @@ impl Executor for LocalExecutor {
                 log_path.display(),
                 log_tail(&log_path)
             );
-            tracing::info!(%job_id, attempt, status = how, "worker exited");
-            let _ = exits.send(WorkerExit {
+            tracing::info!(%job_id, attempt, status = how, timed_out, "worker exited");
+            let outcome = if timed_out {
+                Outcome::DeadlineExceeded {
+                    message: format!(
+                        "the attempt ran longer than training.max_duration ({}) and was stopped; raise the limit or train fewer steps; log {}:\n{}",
+                        limit.unwrap_or_default(),
+                        log_path.display(),
+                        log_tail(&log_path)
+                    ),
+                }
+            } else {
+                Outcome::WorkerExited { description }
+            };
+            let _ = exits.send(WorkerReport {
                 job_id,
                 attempt,
-                outcome: Outcome::WorkerExited { description },
+                what: Observed::Exited(outcome),
             });
         });
         Ok(())

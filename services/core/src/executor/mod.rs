@@ -4,25 +4,47 @@
 use crate::jobs::attempts::Outcome;
 use crate::settings::{ExecutorSettings, Settings};
 use async_trait::async_trait;
+use loraforge_spec::ResolvedJobSpec;
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
+pub mod kubernetes;
 pub mod local;
+pub mod reconcile;
 
-/// How a worker ended, as an executor saw it: which attempt, and why, as the
-/// [`Outcome`] the attempt is settled with.
+/// What an executor saw happen to one attempt's worker; the scheduler acts on it.
 #[derive(Debug, Clone)]
-pub struct WorkerExit {
+pub struct WorkerReport {
     pub job_id: Uuid,
     pub attempt: i32,
-    pub outcome: Outcome,
+    pub what: Observed,
 }
 
-/// Everything a worker needs to find its job.
+#[derive(Debug, Clone)]
+pub enum Observed {
+    /// The worker ended; the attempt is settled with this outcome (a no-op if the worker
+    /// already reported its result, or the attempt is no longer current).
+    Exited(Outcome),
+    /// The worker has not started and is waiting (for capacity, for admission, for its
+    /// image). It cannot heartbeat yet, so its attempt's lease is extended; `event` is
+    /// recorded on the job once (not again while it stays the newest event).
+    Waiting { event: Option<String> },
+}
+
+/// One attempt's worker, as an executor lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkerRef {
+    pub job_id: Uuid,
+    pub attempt: i32,
+}
+
+/// Everything a worker needs to find its job, and what it asks of the machine.
 pub struct WorkerLaunch {
     pub job_id: Uuid,
     pub attempt: i32,
+    pub project: String,
+    pub spec: ResolvedJobSpec,
     /// Base URL of the control plane as the worker reaches it.
     pub api_url: String,
     /// Valid for this job's current attempt only; passed by environment, never argv.
@@ -37,6 +59,10 @@ pub enum ExecutorError {
     Launch(String),
     #[error("could not stop the worker: {0}")]
     Stop(String),
+    #[error("could not list the workers: {0}")]
+    List(String),
+    #[error("could not connect to the cluster: {0}")]
+    Connect(String),
 }
 
 #[async_trait]
@@ -49,16 +75,32 @@ pub trait Executor: Send + Sync + 'static {
     async fn launch(&self, launch: WorkerLaunch) -> Result<(), ExecutorError>;
     /// Stops the job's worker if it runs here; a no-op otherwise.
     async fn stop(&self, job_id: Uuid) -> Result<(), ExecutorError>;
+    /// Every worker this executor can see, for [`reconcile`]; `None` when it cannot see
+    /// them all (the local executor knows only the workers it started itself).
+    async fn workers(&self) -> Result<Option<Vec<WorkerRef>>, ExecutorError> {
+        Ok(None)
+    }
+    /// Removes one attempt's worker and everything made for it; a no-op when it is gone.
+    async fn remove(&self, worker: WorkerRef) -> Result<(), ExecutorError> {
+        let _ = worker;
+        Ok(())
+    }
 }
 
-/// The executor the settings choose. Worker exits are sent to `exits`.
-pub fn build(settings: &Settings, exits: UnboundedSender<WorkerExit>) -> Arc<dyn Executor> {
-    match &settings.executor {
+/// The executor the settings choose; what it observes is sent to `reports`.
+pub async fn build(
+    settings: &Settings,
+    reports: UnboundedSender<WorkerReport>,
+) -> Result<Arc<dyn Executor>, ExecutorError> {
+    Ok(match &settings.executor {
         ExecutorSettings::Local { trainer_bin, slots } => Arc::new(local::LocalExecutor::new(
             trainer_bin.clone(),
             *slots,
             settings.data_dir.join("logs"),
-            exits,
+            reports,
         )),
-    }
+        ExecutorSettings::Kubernetes(k) => {
+            kubernetes::KubernetesExecutor::connect(k.clone(), settings.lease, reports).await?
+        }
+    })
 }

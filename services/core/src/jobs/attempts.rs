@@ -25,6 +25,15 @@ pub enum Outcome {
     /// The files the worker published failed verification: it broke the protocol or the
     /// store lost data. Not retried: another attempt of the same worker would do the same.
     PublishRejected { reason: String },
+    /// The machine under the worker failed it: its image could not be pulled or its
+    /// config was refused, its node was lost, it was evicted or preempted, or its worker
+    /// vanished. Retried; the next attempt resumes from the newest checkpoint.
+    Infrastructure { message: String },
+    /// The worker ran out of a limit it was given (memory, GPU memory). Not retried: the
+    /// same job would run out again; the message names the limit and what to change.
+    ResourceExhausted { message: String },
+    /// The attempt outlived `training.max_duration`. The user's limit: not retried.
+    DeadlineExceeded { message: String },
 }
 
 /// What an outcome calls for, attempts permitting.
@@ -54,6 +63,13 @@ impl Outcome {
                 ErrorKind::SystemError,
                 format!("published files failed verification: {reason}"),
             ),
+            Outcome::Infrastructure { message } => Verdict::Retry(message.clone()),
+            Outcome::ResourceExhausted { message } => {
+                Verdict::Fail(ErrorKind::ResourceExhausted, message.clone())
+            }
+            Outcome::DeadlineExceeded { message } => {
+                Verdict::Fail(ErrorKind::UserError, message.clone())
+            }
         }
     }
 
@@ -65,6 +81,9 @@ impl Outcome {
             Outcome::LeaseExpired => "lease_expired",
             Outcome::LaunchFailed { .. } => "launch_failed",
             Outcome::PublishRejected { .. } => "publish_rejected",
+            Outcome::Infrastructure { .. } => "infrastructure",
+            Outcome::ResourceExhausted { .. } => "resource_exhausted",
+            Outcome::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
 }

@@ -268,6 +268,8 @@ pub async fn wake_scheduler(conn: &mut PgConnection, job_id: Uuid) -> Result<(),
 pub struct Claimed {
     pub job_id: Uuid,
     pub attempt: i32,
+    pub project: String,
+    pub spec: ResolvedJobSpec,
 }
 
 /// Claims the next queued job (priority, then age) as a lease: a short transaction
@@ -279,22 +281,22 @@ pub async fn claim(
 ) -> Result<Option<Claimed>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let claimed = sqlx::query!(
-        "UPDATE jobs SET status = 'scheduled', attempt = attempt + 1, updated_at = now(),
+        r#"UPDATE jobs SET status = 'scheduled', attempt = attempt + 1, updated_at = now(), attempt_started_at = now(),
                 lease_expires_at = now() + make_interval(secs => $1), worker_token_sha256 = $2
          WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())
                      ORDER BY priority DESC, created_at, id
                      FOR UPDATE SKIP LOCKED LIMIT 1)
-         RETURNING id, attempt",
+         RETURNING id, attempt, project, spec AS "spec: Json<ResolvedJobSpec>""#,
         lease.as_secs_f64(),
         token_sha256,
     )
     .fetch_optional(&mut *tx)
-    .await?
-    .map(|r| (r.id, r.attempt));
-    let Some((job_id, attempt)) = claimed else {
+    .await?;
+    let Some(row) = claimed else {
         tx.rollback().await?;
         return Ok(None);
     };
+    let (job_id, attempt) = (row.id, row.attempt);
     let message = format!("attempt {attempt}");
     record_event(
         &mut tx,
@@ -306,7 +308,54 @@ pub async fn claim(
     )
     .await?;
     tx.commit().await?;
-    Ok(Some(Claimed { job_id, attempt }))
+    Ok(Some(Claimed {
+        job_id,
+        attempt,
+        project: row.project,
+        spec: row.spec.0,
+    }))
+}
+
+/// An attempt whose worker is waiting to start (for capacity, admission or its image)
+/// cannot heartbeat yet: the executor keeps its lease, and records `event` unless it is
+/// already the job's newest event (so watchers on several replicas record it once).
+/// Returns whether the attempt is still current.
+pub async fn note_waiting(
+    pool: &PgPool,
+    job_id: Uuid,
+    attempt: i32,
+    lease: Duration,
+    event: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let current = sqlx::query!(
+        "UPDATE jobs SET lease_expires_at = GREATEST(lease_expires_at, now() + make_interval(secs => $3))
+         WHERE id = $1 AND attempt = $2 AND status = 'scheduled'",
+        job_id,
+        attempt,
+        lease.as_secs_f64(),
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if let (true, Some(message)) = (current, event) {
+        let newest = sqlx::query_scalar!(
+            r#"SELECT payload->>'message' AS "message" FROM job_events WHERE job_id = $1 ORDER BY seq DESC LIMIT 1"#,
+            job_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+        if newest.as_deref() != Some(message) {
+            let payload = EventPayload::Log {
+                message: message.to_string(),
+            };
+            record_event(&mut tx, job_id, &payload).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(current)
 }
 
 /// Queued jobs claimable now, and jobs whose worker holds a lease.

@@ -178,7 +178,9 @@ async fn resolve_input(
         }
         Err(e) => return Err(e),
     };
-    if let Err(m) = inputs::check(&resolved.uri, &ctx.settings.file_roots, kind).await {
+    if let Some(m) = ctx.settings.executor.refuses_input(&resolved.uri) {
+        errors.push(FieldError::new(field, m));
+    } else if let Err(m) = inputs::check(&resolved.uri, &ctx.settings.file_roots, kind).await {
         errors.push(FieldError::new(field, m));
     }
     Ok(Some(resolved))
