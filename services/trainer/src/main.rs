@@ -174,8 +174,10 @@ impl DeviceArg {
 }
 
 fn main() -> ExitCode {
+    // Colour codes only on a terminal: worker logs end up in files, pod logs and job errors.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
