@@ -41,3 +41,24 @@ async fn a_worker_that_cannot_start_is_retried_then_fails_with_the_reason() -> a
     assert_eq!(app.count("adapter_versions").await, 0);
     app.stop().await
 }
+
+/// `training.max_duration` bounds an attempt on the local executor too: the worker is stopped
+/// and the job fails as the user's error, naming the limit, without another attempt.
+#[tokio::test]
+async fn an_attempt_past_its_max_duration_is_stopped_and_fails_naming_the_limit(
+) -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let app = TestApp::spawn().await?;
+    let mut job = fixture.job("too-slow");
+    job["training"]["max_steps"] = serde_json::json!(1_000_000);
+    job["training"]["max_duration"] = serde_json::json!("3s");
+    let (code, submitted) = app.submit(&job).await?;
+    assert_eq!(code, 201, "{submitted}");
+    let job = app.wait_for_job(submitted["id"].as_str().unwrap()).await?;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["kind"], "user_error", "{job}");
+    assert_eq!(job["attempt"], 1, "not retried: {job}");
+    let message = job["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("training.max_duration (3s)"), "{message}");
+    app.stop().await
+}

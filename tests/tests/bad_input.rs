@@ -59,6 +59,27 @@ async fn each_bad_input_names_its_field_and_stores_nothing() -> anyhow::Result<(
             "method.r",
         ),
         (
+            "memory that is not a quantity",
+            with(&["resources"], json!({"memory": "64GB"})),
+            422,
+            "resources.memory",
+        ),
+        (
+            "a toleration value with Exists",
+            with(
+                &["resources"],
+                json!({"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+            ),
+            422,
+            "resources.tolerations[0].value",
+        ),
+        (
+            "a duration without units",
+            with(&["training", "max_duration"], json!("90")),
+            422,
+            "training.max_duration",
+        ),
+        (
             "missing dataset file",
             with(&["dataset", "train"], json!(missing)),
             422,

@@ -3,9 +3,9 @@
 //! CI; a real cluster with `LORAFORGE_TEST_KUBECONFIG`), the test playing the cluster's
 //! controllers and kubelet, and the real trainer as the worker.
 
-mod common;
 #[path = "common/cluster.rs"]
 mod cluster;
+mod common;
 
 use cluster::{container, Cluster, NAMESPACE};
 use common::{AppOptions, Fixture, TestApp};
@@ -70,7 +70,10 @@ async fn wait_for_event(app: &TestApp, id: &str, needle: &str) -> Value {
 /// Runs the worker of `pod` to its end as the kubelet would, and reports it.
 async fn run_pod_to_completion(cluster: &Cluster, pod: &Pod) -> anyhow::Result<()> {
     cluster
-        .set_pod_status(pod, json!({"phase": "Running", "containerStatuses": container(json!({"running": {}}))}))
+        .set_pod_status(
+            pod,
+            json!({"phase": "Running", "containerStatuses": container(json!({"running": {}}))}),
+        )
         .await?;
     let mut worker = cluster.start_worker(pod).await?;
     let status = tokio::task::spawn_blocking(move || worker.wait()).await??;
@@ -106,13 +109,21 @@ async fn a_job_runs_as_a_kubernetes_job_and_publishes() -> anyhow::Result<()> {
     let spec = k8s_job.spec.clone().unwrap();
     assert_eq!(spec.backoff_limit, Some(0));
     let pod_spec = spec.template.spec.clone().unwrap();
-    let limits = pod_spec.containers[0].resources.clone().unwrap().limits.unwrap();
+    let limits = pod_spec.containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
     assert_eq!(limits["memory"].0, "2Gi");
     let secret_name = format!("lf-{id}-1-token");
     let token = cluster.secret_value(&secret_name, "token").await?;
     assert_eq!(token.len(), 64);
-    assert!(!text.contains(&token), "the worker token is in the Job: {text}");
+    assert!(
+        !text.contains(&token),
+        "the worker token is in the Job: {text}"
+    );
 
     // Pending and unschedulable: the job waits, scheduled, with the scheduler's reason.
     let pod = cluster.pod_of(&k8s_job).await?;
@@ -130,12 +141,18 @@ async fn a_job_runs_as_a_kubernetes_job_and_publishes() -> anyhow::Result<()> {
 
     // Capacity comes: the worker runs with the Pod's environment and publishes.
     run_pod_to_completion(&cluster, &pod).await?;
-    cluster.finish_job(&k8s_job, "Complete", "Completed").await?;
+    cluster
+        .finish_job(&k8s_job, "Complete", "Completed")
+        .await?;
     let done = app.wait_for_job(&id).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["adapter_version"]["version"], 1, "{done}");
     let (code, version) = app.get_json("/v1/adapters/on-k8s/versions/1").await?;
-    assert_eq!((code, version["status"].as_str()), (200, Some("ready")), "{version}");
+    assert_eq!(
+        (code, version["status"].as_str()),
+        (200, Some("ready")),
+        "{version}"
+    );
 
     // The finished attempt's Job and Secret are cleaned up.
     cluster.gone(&cluster.jobs(), &k8s_job.name_any()).await?;
@@ -155,9 +172,15 @@ async fn an_oom_killed_worker_fails_the_job_as_resource_exhausted() -> anyhow::R
     let k8s_job = cluster.job_of(&id, 1).await?;
     let pod = cluster.pod_of(&k8s_job).await?;
     cluster
-        .set_pod_status(&pod, json!({"phase": "Running", "containerStatuses": container(json!({"running": {}}))}))
+        .set_pod_status(
+            &pod,
+            json!({"phase": "Running", "containerStatuses": container(json!({"running": {}}))}),
+        )
         .await?;
-    std::fs::write(cluster.log_path(&pod), "loading the base model\nallocating 3.1 GiB of activations\n")?;
+    std::fs::write(
+        cluster.log_path(&pod),
+        "loading the base model\nallocating 3.1 GiB of activations\n",
+    )?;
     cluster
         .set_pod_status(
             &pod,
@@ -169,8 +192,15 @@ async fn an_oom_killed_worker_fails_the_job_as_resource_exhausted() -> anyhow::R
     assert_eq!(done["error"]["kind"], "resource_exhausted", "{done}");
     assert_eq!(done["attempt"], 1, "not retried: {done}");
     let message = done["error"]["message"].as_str().unwrap();
-    for needle in ["2Gi", "resources.memory", "training.batch_size", "allocating 3.1 GiB"] {
+    for needle in ["2Gi", "resources.memory", "training.batch_size"] {
         assert!(message.contains(needle), "{needle:?} not in {message:?}");
+    }
+    // The fake serves the Pod's log as a kubelet would; a real cluster here has no kubelet.
+    if !cluster.real {
+        assert!(
+            message.contains("allocating 3.1 GiB"),
+            "the log tail: {message:?}"
+        );
     }
     app.stop().await
 }
@@ -189,7 +219,10 @@ async fn an_evicted_worker_is_retried_and_resumes_from_its_checkpoint() -> anyho
     let first = cluster.job_of(&id, 1).await?;
     let pod = cluster.pod_of(&first).await?;
     cluster
-        .set_pod_status(&pod, json!({"phase": "Running", "containerStatuses": container(json!({"running": {}}))}))
+        .set_pod_status(
+            &pod,
+            json!({"phase": "Running", "containerStatuses": container(json!({"running": {}}))}),
+        )
         .await?;
     let mut worker = cluster.start_worker(&pod).await?;
     // Evicted once it saved a checkpoint: the node is drained, the worker killed.
@@ -212,14 +245,23 @@ async fn an_evicted_worker_is_retried_and_resumes_from_its_checkpoint() -> anyho
     run_pod_to_completion(&cluster, &pod).await?;
     cluster.finish_job(&second, "Complete", "Completed").await?;
     let done = app.wait_for_job(&id).await?;
-    assert_eq!((done["status"].as_str(), done["attempt"].as_i64()), (Some("succeeded"), Some(2)), "{done}");
+    assert_eq!(
+        (done["status"].as_str(), done["attempt"].as_i64()),
+        (Some("succeeded"), Some(2)),
+        "{done}"
+    );
     let events = events_of(&app, &id).await;
     let retried = events.iter().any(|e| {
-        e["kind"] == "status" && e["message"].as_str().is_some_and(|m| m.contains("attempt 1 failed") && m.contains("disrupted (TerminationByKubelet"))
+        e["kind"] == "status"
+            && e["message"].as_str().is_some_and(|m| {
+                m.contains("attempt 1 failed") && m.contains("disrupted (TerminationByKubelet")
+            })
     });
     assert!(retried, "{events:?}");
     assert!(
-        events.iter().any(|e| e["kind"] == "checkpoint" && e["resumed"] == true),
+        events
+            .iter()
+            .any(|e| e["kind"] == "checkpoint" && e["resumed"] == true),
         "attempt 2 resumed from a checkpoint: {events:?}"
     );
     cluster.gone(&cluster.jobs(), &first.name_any()).await?;

@@ -72,11 +72,15 @@ async fn act_on(ctx: &Context, report: WorkerReport) {
         Observed::Exited(outcome) => attempts::settle_now(ctx, job_id, attempt, outcome)
             .await
             .map(drop),
-        Observed::Waiting { event } => {
-            jobs::note_waiting(&ctx.pool, job_id, attempt, ctx.settings.lease, event.as_deref())
-                .await
-                .map(drop)
-        }
+        Observed::Waiting { event } => jobs::note_waiting(
+            &ctx.pool,
+            job_id,
+            attempt,
+            ctx.settings.lease,
+            event.as_deref(),
+        )
+        .await
+        .map(drop),
     };
     if let Err(e) = done {
         tracing::error!(%job_id, attempt, error = %e, "could not act on a worker report");

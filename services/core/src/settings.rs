@@ -214,9 +214,11 @@ fn kubernetes_from_env() -> Result<KubernetesSettings, SettingsError> {
                 name: "LORAFORGE_K8S_SHARED_VOLUME",
                 reason,
             };
-            let (claim, path) = v
-                .split_once(':')
-                .ok_or_else(|| bad(format!("{v:?}: expected <claim-name>:<absolute mount path>")))?;
+            let (claim, path) = v.split_once(':').ok_or_else(|| {
+                bad(format!(
+                    "{v:?}: expected <claim-name>:<absolute mount path>"
+                ))
+            })?;
             dns_subdomain(claim).map_err(bad)?;
             if !path.starts_with('/') {
                 return Err(bad(format!("{path:?}: the mount path must be absolute")));

@@ -240,7 +240,10 @@ pub struct TrainingConfig {
     /// Wall-clock limit of one attempt (`90m`, `2h`, `1h30m`, `45s`): a worker still
     /// running then is stopped and the job fails as a `user_error` naming this limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$", example = "2h"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$", example = "2h")
+    )]
     pub max_duration: Option<String>,
 }
 
@@ -361,7 +364,7 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     let mut seen = 0;
     for (unit, secs) in [('h', 3600u64), ('m', 60), ('s', 1)] {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 || rest[digits..].chars().next() != Some(unit) {
+        if digits == 0 || !rest[digits..].starts_with(unit) {
             continue;
         }
         let n: u64 = rest[..digits].parse().ok()?;

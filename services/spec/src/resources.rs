@@ -22,19 +22,40 @@ pub struct Resources {
     /// The GPU model, matched against the node label the operator configures
     /// (`LORAFORGE_K8S_GPU_LABEL`, default `nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(max_length = 63, pattern = r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            max_length = 63,
+            pattern = r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$"
+        )
+    )]
     pub gpu_type: Option<String>,
     /// CPU request and limit, as a Kubernetes quantity (`8`, `500m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+        )
+    )]
     pub cpu: Option<String>,
     /// Memory request and limit (`64Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+        )
+    )]
     pub memory: Option<String>,
     /// Scratch disk for downloaded inputs and checkpoints (`100Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+        )
+    )]
     pub ephemeral_storage: Option<String>,
     /// Taints the worker tolerates (GPU node pools are usually tainted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -147,9 +168,10 @@ impl Toleration {
             }
         }
         match self.operator {
-            TolerationOperator::Exists if self.value.is_some() => {
-                bad(&format!("{at}.value"), "must be empty with operator Exists".into())
-            }
+            TolerationOperator::Exists if self.value.is_some() => bad(
+                &format!("{at}.value"),
+                "must be empty with operator Exists".into(),
+            ),
             TolerationOperator::Equal if self.key.is_none() => bad(
                 &format!("{at}.key"),
                 "is required with operator Equal (use Exists to tolerate every taint)".into(),
@@ -255,10 +277,14 @@ mod tests {
 
     #[test]
     fn quantities() {
-        for good in ["1", "8", "500m", "0.5", ".5", "64Gi", "1e3", "2E-2", "+4", "100M", "1.5Ti"] {
+        for good in [
+            "1", "8", "500m", "0.5", ".5", "64Gi", "1e3", "2E-2", "+4", "100M", "1.5Ti",
+        ] {
             assert!(is_quantity(good), "{good} should parse");
         }
-        for bad in ["", "Gi", "1.2.3", "1GB", "-1", "1 Gi", "1e", "abc", ".", "1gi"] {
+        for bad in [
+            "", "Gi", "1.2.3", "1GB", "-1", "1 Gi", "1e", "abc", ".", "1gi",
+        ] {
             assert!(!is_quantity(bad), "{bad} should not parse");
         }
     }

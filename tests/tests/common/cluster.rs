@@ -176,7 +176,11 @@ impl Cluster {
         }
         let status = json!({"status": {"conditions": [{"type": condition, "status": "True", "reason": reason}]}});
         self.jobs()
-            .patch_status(&job.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+            .patch_status(
+                &job.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
             .await?;
         Ok(())
     }
@@ -206,11 +210,11 @@ impl Cluster {
         std::fs::create_dir_all(&scratch)?;
         worker.env("TMPDIR", &scratch).env("HOME", &scratch);
         let log = std::fs::File::create(self.log_path(pod))?;
-        Ok(worker
+        worker
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting the worker")?)
+            .context("starting the worker")
     }
 
     pub fn log_path(&self, pod: &Pod) -> PathBuf {

@@ -26,7 +26,11 @@ pub async fn run(ctx: Context, mut stop: watch::Receiver<bool>) {
     loop {
         match reconcile(&ctx).await {
             Ok(Some(r)) if r.removed + r.vanished > 0 => {
-                tracing::info!(removed = r.removed, vanished = r.vanished, "reconciled workers")
+                tracing::info!(
+                    removed = r.removed,
+                    vanished = r.vanished,
+                    "reconciled workers"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reconciling workers failed"),
@@ -160,15 +164,28 @@ mod tests {
         let workers = [w(1, 1), w(2, 2), w(3, 3)];
         let in_flight = [
             // job 1: its worker runs: kept.
-            InFlight { worker: w(1, 1), claimed_at: long_ago },
+            InFlight {
+                worker: w(1, 1),
+                claimed_at: long_ago,
+            },
             // job 2 moved on to attempt 3: the attempt-2 worker is stale.
-            InFlight { worker: w(3, 2), claimed_at: just_now },
+            InFlight {
+                worker: w(3, 2),
+                claimed_at: just_now,
+            },
             // job 4: claimed long ago, no worker: vanished.
-            InFlight { worker: w(1, 4), claimed_at: long_ago },
+            InFlight {
+                worker: w(1, 4),
+                claimed_at: long_ago,
+            },
         ];
         // job 3 is finished (not in flight): its worker goes.
         let p = plan(&workers, &in_flight, now);
         assert_eq!(p.remove, vec![w(2, 2), w(3, 3)]);
-        assert_eq!(p.vanished, vec![w(1, 4)], "attempt 3 of job 2 is within the launch grace");
+        assert_eq!(
+            p.vanished,
+            vec![w(1, 4)],
+            "attempt 3 of job 2 is within the launch grace"
+        );
     }
 }

@@ -46,8 +46,7 @@ fn ended(outcome: Outcome, with_log: bool) -> Seen {
 pub fn pod(pod: &Pod, deleted: bool) -> Seen {
     let status = pod.status.clone().unwrap_or_default();
     let phase = status.phase.as_deref().unwrap_or("Pending");
-    let containers: Vec<&ContainerStatus> =
-        status.container_statuses.iter().flatten().collect();
+    let containers: Vec<&ContainerStatus> = status.container_statuses.iter().flatten().collect();
 
     // Out of memory first: an OOM-killed worker's Pod also ends Failed.
     if let Some(term) = containers.iter().find_map(|c| {
@@ -84,9 +83,12 @@ pub fn pod(pod: &Pod, deleted: bool) -> Seen {
             false,
         );
     }
-    if let Some(c) = status.conditions.iter().flatten().find(|c| {
-        c.type_ == "DisruptionTarget" && c.status == "True"
-    }) {
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    {
         return ended(
             Outcome::Infrastructure {
                 message: format!(
@@ -161,7 +163,9 @@ pub fn pod(pod: &Pod, deleted: bool) -> Seen {
             event: unschedulable.map(|c| {
                 format!(
                     "waiting for capacity: {}",
-                    c.message.as_deref().unwrap_or("no node fits the worker yet")
+                    c.message
+                        .as_deref()
+                        .unwrap_or("no node fits the worker yet")
                 )
             }),
         };

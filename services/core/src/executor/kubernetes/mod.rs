@@ -95,7 +95,11 @@ impl KubernetesExecutor {
                 "the watch on Jobs did not complete its first listing within 30 s".into(),
             ));
         }
-        tracing::info!(namespace = executor.namespace, image = executor.settings.worker_image, "kubernetes executor watching");
+        tracing::info!(
+            namespace = executor.namespace,
+            image = executor.settings.worker_image,
+            "kubernetes executor watching"
+        );
         Ok(executor)
     }
 
@@ -265,7 +269,10 @@ impl KubernetesExecutor {
     }
 }
 
-fn with_log_tail(outcome: super::super::jobs::attempts::Outcome, log: &str) -> super::super::jobs::attempts::Outcome {
+fn with_log_tail(
+    outcome: super::super::jobs::attempts::Outcome,
+    log: &str,
+) -> super::super::jobs::attempts::Outcome {
     use crate::jobs::attempts::Outcome;
     let add = |m: String| format!("{m}; last lines of the worker's log:\n{log}");
     match outcome {
@@ -306,7 +313,8 @@ impl Executor for KubernetesExecutor {
             job_id: launch.job_id,
             attempt: launch.attempt,
         };
-        let err = |what: &str, e: kube::Error| ExecutorError::Launch(format!("{what}: {}", api_error(e)));
+        let err =
+            |what: &str, e: kube::Error| ExecutorError::Launch(format!("{what}: {}", api_error(e)));
         // The Secret first: a Pod that starts before its Secret exists fails to start.
         let secret = manifests::secret(&launch, &self.namespace);
         self.secrets
@@ -331,7 +339,11 @@ impl Executor for KubernetesExecutor {
             }]}});
             if let Err(e) = self
                 .secrets
-                .patch(&manifests::secret_name(worker), &PatchParams::default(), &Patch::Merge(&owner))
+                .patch(
+                    &manifests::secret_name(worker),
+                    &PatchParams::default(),
+                    &Patch::Merge(&owner),
+                )
                 .await
             {
                 tracing::warn!(job_id = %launch.job_id, error = api_error(e), "could not make the Job own its Secret; it is deleted with the attempt anyway");
@@ -342,7 +354,11 @@ impl Executor for KubernetesExecutor {
     }
 
     async fn stop(&self, job_id: Uuid) -> Result<(), ExecutorError> {
-        let selector = format!("{},{}={job_id}", manifests::SELECTOR, manifests::JOB_ID_LABEL);
+        let selector = format!(
+            "{},{}={job_id}",
+            manifests::SELECTOR,
+            manifests::JOB_ID_LABEL
+        );
         let listed = self
             .jobs
             .list(&ListParams::default().labels(&selector))
@@ -373,10 +389,15 @@ impl Executor for KubernetesExecutor {
     }
 
     async fn remove(&self, worker: WorkerRef) -> Result<(), ExecutorError> {
-        self.delete_attempt(worker).await.map_err(ExecutorError::Stop)
+        self.delete_attempt(worker)
+            .await
+            .map_err(ExecutorError::Stop)
     }
 }
 
+#[cfg(test)]
+#[path = "tests/common.rs"]
+mod test_support;
 #[cfg(test)]
 #[path = "tests/executor.rs"]
 mod tests;

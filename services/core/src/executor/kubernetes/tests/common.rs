@@ -1,5 +1,5 @@
 // Shared by the executor's unit tests: a launch and settings as a real deployment has them.
-use super::super::super::WorkerLaunch;
+use crate::executor::WorkerLaunch;
 use crate::settings::{KubernetesSettings, SharedVolume};
 use loraforge_spec::ResolvedJobSpec;
 use uuid::Uuid;

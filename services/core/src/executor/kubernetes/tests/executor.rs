@@ -1,10 +1,8 @@
 // The executor's calls against kube's tower-test mock: the test plays the API server and
 // checks each request the executor makes, in order.
 use super::*;
+use crate::executor::kubernetes::test_support::{launch, settings, TOKEN};
 use crate::executor::reconcile;
-#[path = "common.rs"]
-mod common;
-use common::{launch, settings, TOKEN};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::{json, Value};
@@ -50,11 +48,17 @@ async fn expect(
 }
 
 fn not_found() -> (u16, Value) {
-    (404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}))
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
 }
 
 fn list(items: Vec<Value>) -> (u16, Value) {
-    (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {"resourceVersion": "7"}, "items": items}))
+    (
+        200,
+        json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {"resourceVersion": "7"}, "items": items}),
+    )
 }
 
 fn listed_job(job_id: &str, attempt: i32) -> Value {
@@ -72,14 +76,26 @@ async fn launch_creates_the_secret_then_the_job_and_makes_the_job_own_the_secret
     let (executor, mut server) = executor();
     let run = tokio::spawn(async move { executor.launch(launch(json!({}))).await });
 
-    let (_, secret) = expect(&mut server, Method::POST, "/api/v1/namespaces/ml/secrets", (201, json!({}))).await;
+    let (_, secret) = expect(
+        &mut server,
+        Method::POST,
+        "/api/v1/namespaces/ml/secrets",
+        (201, json!({})),
+    )
+    .await;
     assert_eq!(secret["stringData"]["token"], TOKEN);
     assert_eq!(secret["metadata"]["name"], format!("lf-{JOB}-2-token"));
 
     let created = json!({"apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": format!("lf-{JOB}-2"), "namespace": "ml", "uid": "job-uid-1"},
         "spec": {"template": {"spec": {"containers": []}}}});
-    let (_, job) = expect(&mut server, Method::POST, "/apis/batch/v1/namespaces/ml/jobs", (201, created)).await;
+    let (_, job) = expect(
+        &mut server,
+        Method::POST,
+        "/apis/batch/v1/namespaces/ml/jobs",
+        (201, created),
+    )
+    .await;
     assert!(!job.to_string().contains(TOKEN));
     assert_eq!(job["spec"]["backoffLimit"], 0);
 
@@ -101,13 +117,37 @@ async fn launch_creates_the_secret_then_the_job_and_makes_the_job_own_the_secret
 async fn a_refused_job_takes_its_secret_with_it_and_says_why() {
     let (executor, mut server) = executor();
     let run = tokio::spawn(async move { executor.launch(launch(json!({}))).await });
-    expect(&mut server, Method::POST, "/api/v1/namespaces/ml/secrets", (201, json!({}))).await;
-    let refused = (422, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
-        "message": "Job.batch \"x\" is invalid: spec.template.spec.containers[0].resources.limits: exceeded quota"}));
-    expect(&mut server, Method::POST, "/apis/batch/v1/namespaces/ml/jobs", refused).await;
-    expect(&mut server, Method::DELETE, &format!("/api/v1/namespaces/ml/secrets/lf-{JOB}-2-token"), (200, json!({}))).await;
+    expect(
+        &mut server,
+        Method::POST,
+        "/api/v1/namespaces/ml/secrets",
+        (201, json!({})),
+    )
+    .await;
+    let refused = (
+        422,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+        "message": "Job.batch \"x\" is invalid: spec.template.spec.containers[0].resources.limits: exceeded quota"}),
+    );
+    expect(
+        &mut server,
+        Method::POST,
+        "/apis/batch/v1/namespaces/ml/jobs",
+        refused,
+    )
+    .await;
+    expect(
+        &mut server,
+        Method::DELETE,
+        &format!("/api/v1/namespaces/ml/secrets/lf-{JOB}-2-token"),
+        (200, json!({})),
+    )
+    .await;
     let err = run.await.unwrap().unwrap_err().to_string();
-    assert!(err.contains("creating the worker Job") && err.contains("exceeded quota"), "{err}");
+    assert!(
+        err.contains("creating the worker Job") && err.contains("exceeded quota"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -115,9 +155,21 @@ async fn cancel_deletes_the_jobs_of_the_job_in_the_foreground_and_their_secrets(
     let (executor, mut server) = executor();
     let job_id: Uuid = JOB.parse().unwrap();
     let run = tokio::spawn(async move { executor.stop(job_id).await });
-    let (query, _) = expect(&mut server, Method::GET, "/apis/batch/v1/namespaces/ml/jobs", list(vec![listed_job(JOB, 2)])).await;
-    let selector = query.replace("%3D", "=").replace("%2C", ",").replace("%2F", "/");
-    assert!(selector.contains(&format!("loraforge.dev/job-id={JOB}")), "{selector}");
+    let (query, _) = expect(
+        &mut server,
+        Method::GET,
+        "/apis/batch/v1/namespaces/ml/jobs",
+        list(vec![listed_job(JOB, 2)]),
+    )
+    .await;
+    let selector = query
+        .replace("%3D", "=")
+        .replace("%2C", ",")
+        .replace("%2F", "/");
+    assert!(
+        selector.contains(&format!("loraforge.dev/job-id={JOB}")),
+        "{selector}"
+    );
     let (_, delete) = expect(
         &mut server,
         Method::DELETE,
@@ -126,7 +178,13 @@ async fn cancel_deletes_the_jobs_of_the_job_in_the_foreground_and_their_secrets(
     )
     .await;
     assert_eq!(delete["propagationPolicy"], "Foreground");
-    expect(&mut server, Method::DELETE, &format!("/api/v1/namespaces/ml/secrets/lf-{JOB}-2-token"), not_found()).await;
+    expect(
+        &mut server,
+        Method::DELETE,
+        &format!("/api/v1/namespaces/ml/secrets/lf-{JOB}-2-token"),
+        not_found(),
+    )
+    .await;
     run.await.unwrap().unwrap();
 }
 
@@ -148,25 +206,58 @@ async fn after_a_restart_reconciliation_sees_every_worker_and_removes_a_stale_on
     )
     .await;
     let workers = listing.await.unwrap().unwrap().unwrap();
-    let stale = WorkerRef { job_id: JOB.parse().unwrap(), attempt: 1 };
-    assert_eq!(workers, vec![stale, WorkerRef { job_id: other.parse().unwrap(), attempt: 3 }]);
+    let stale = WorkerRef {
+        job_id: JOB.parse().unwrap(),
+        attempt: 1,
+    };
+    assert_eq!(
+        workers,
+        vec![
+            stale,
+            WorkerRef {
+                job_id: other.parse().unwrap(),
+                attempt: 3
+            }
+        ]
+    );
 
     // The jobs table says job JOB is on attempt 2 now: its attempt-1 Job goes.
     let plan = reconcile::plan(
         &workers,
-        &[reconcile::InFlight {
-            worker: WorkerRef { job_id: JOB.parse().unwrap(), attempt: 2 },
-            claimed_at: Some(chrono::Utc::now()),
-        }, reconcile::InFlight {
-            worker: WorkerRef { job_id: other.parse().unwrap(), attempt: 3 },
-            claimed_at: None,
-        }],
+        &[
+            reconcile::InFlight {
+                worker: WorkerRef {
+                    job_id: JOB.parse().unwrap(),
+                    attempt: 2,
+                },
+                claimed_at: Some(chrono::Utc::now()),
+            },
+            reconcile::InFlight {
+                worker: WorkerRef {
+                    job_id: other.parse().unwrap(),
+                    attempt: 3,
+                },
+                claimed_at: None,
+            },
+        ],
         chrono::Utc::now(),
     );
     assert_eq!(plan.remove, vec![stale]);
     assert!(plan.vanished.is_empty());
     let removing = tokio::spawn(async move { executor.remove(stale).await });
-    expect(&mut server, Method::DELETE, &format!("/apis/batch/v1/namespaces/ml/jobs/lf-{JOB}-1"), (200, json!({}))).await;
-    expect(&mut server, Method::DELETE, &format!("/api/v1/namespaces/ml/secrets/lf-{JOB}-1-token"), (200, json!({}))).await;
+    expect(
+        &mut server,
+        Method::DELETE,
+        &format!("/apis/batch/v1/namespaces/ml/jobs/lf-{JOB}-1"),
+        (200, json!({})),
+    )
+    .await;
+    expect(
+        &mut server,
+        Method::DELETE,
+        &format!("/api/v1/namespaces/ml/secrets/lf-{JOB}-1-token"),
+        (200, json!({})),
+    )
+    .await;
     removing.await.unwrap().unwrap();
 }

@@ -1,7 +1,5 @@
 use super::*;
-#[path = "common.rs"]
-mod common;
-use common::{launch, settings, TOKEN};
+use crate::executor::kubernetes::test_support::{launch, settings, TOKEN};
 use serde_json::json;
 
 fn job_json(launch: &WorkerLaunch, settings: &KubernetesSettings) -> serde_json::Value {
@@ -20,13 +18,22 @@ fn the_job_carries_labels_limits_and_placement_but_never_the_token() {
     }));
     let j = job_json(&launch, &settings());
     let text = j.to_string();
-    assert!(!text.contains(TOKEN), "the token must not be in the Job: {text}");
+    assert!(
+        !text.contains(TOKEN),
+        "the token must not be in the Job: {text}"
+    );
 
-    assert_eq!(j["metadata"]["name"], "lf-6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f-2");
+    assert_eq!(
+        j["metadata"]["name"],
+        "lf-6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f-2"
+    );
     assert_eq!(j["metadata"]["namespace"], "ml");
     let labels = &j["metadata"]["labels"];
     assert_eq!(labels["app.kubernetes.io/name"], "loraforge");
-    assert_eq!(labels["loraforge.dev/job-id"], "6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f");
+    assert_eq!(
+        labels["loraforge.dev/job-id"],
+        "6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f"
+    );
     assert_eq!(labels["loraforge.dev/attempt"], "2");
     assert_eq!(labels["loraforge.dev/project"], "ml-team");
     assert_eq!(j["spec"]["template"]["metadata"]["labels"], *labels);
@@ -36,7 +43,10 @@ fn the_job_carries_labels_limits_and_placement_but_never_the_token() {
 
     let pod = &j["spec"]["template"]["spec"];
     assert_eq!(pod["restartPolicy"], "Never");
-    assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.product"], "NVIDIA-H100-80GB-HBM3");
+    assert_eq!(
+        pod["nodeSelector"]["nvidia.com/gpu.product"],
+        "NVIDIA-H100-80GB-HBM3"
+    );
     assert_eq!(pod["priorityClassName"], "training");
     assert_eq!(
         pod["tolerations"],
@@ -49,7 +59,14 @@ fn the_job_carries_labels_limits_and_placement_but_never_the_token() {
     assert_eq!(c["image"], "registry.example.com/loraforge-worker:1.0");
     assert_eq!(
         c["command"],
-        json!(["loraforge-trainer", "run", "--job-id", "6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f", "--api", "http://loraforge.ml.svc:8080"])
+        json!([
+            "loraforge-trainer",
+            "run",
+            "--job-id",
+            "6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f",
+            "--api",
+            "http://loraforge.ml.svc:8080"
+        ])
     );
     let limits = &c["resources"]["limits"];
     assert_eq!(limits["nvidia.com/gpu"], "2");
@@ -67,11 +84,16 @@ fn the_job_carries_labels_limits_and_placement_but_never_the_token() {
         token_env["valueFrom"]["secretKeyRef"],
         json!({"name": "lf-6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f-2-token", "key": "token"})
     );
-    assert_eq!(c["envFrom"], json!([{"secretRef": {"name": "loraforge-store"}}]));
+    assert_eq!(
+        c["envFrom"],
+        json!([{"secretRef": {"name": "loraforge-store"}}])
+    );
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     let mounts = c["volumeMounts"].as_array().unwrap();
     assert!(mounts.contains(&json!({"name": "scratch", "mountPath": "/scratch"})));
-    assert!(mounts.contains(&json!({"name": "shared", "mountPath": "/mnt/datasets", "readOnly": true})));
+    assert!(
+        mounts.contains(&json!({"name": "shared", "mountPath": "/mnt/datasets", "readOnly": true}))
+    );
     let volumes = pod["volumes"].as_array().unwrap();
     assert!(volumes.contains(&json!({"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}})));
     assert!(volumes.contains(
@@ -108,21 +130,33 @@ fn kueue_jobs_start_suspended_with_their_queue() {
     s.queue = Some("team-a".into());
     let j = job_json(&launch(json!({})), &s);
     assert_eq!(j["spec"]["suspend"], true);
-    assert_eq!(j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], "team-a");
+    assert_eq!(
+        j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+        "team-a"
+    );
     // A job's own queue wins over the default.
     let j = job_json(&launch(json!({"resources": {"queue": "urgent"}})), &s);
-    assert_eq!(j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], "urgent");
+    assert_eq!(
+        j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+        "urgent"
+    );
 }
 
 #[test]
 fn the_secret_holds_the_token_under_the_attempts_labels() {
     let l = launch(json!({}));
     let s = serde_json::to_value(secret(&l, "ml")).unwrap();
-    assert_eq!(s["metadata"]["name"], "lf-6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f-2-token");
+    assert_eq!(
+        s["metadata"]["name"],
+        "lf-6f1c7d3e-2a4b-4c5d-8e9f-0a1b2c3d4e5f-2-token"
+    );
     assert_eq!(s["stringData"]["token"], TOKEN);
     assert_eq!(s["metadata"]["labels"]["loraforge.dev/attempt"], "2");
     assert_eq!(
         worker_of(secret(&l, "ml").metadata.labels.as_ref()),
-        Some(WorkerRef { job_id: l.job_id, attempt: 2 })
+        Some(WorkerRef {
+            job_id: l.job_id,
+            attempt: 2
+        })
     );
 }
