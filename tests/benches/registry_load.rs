@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         default_project: "default".into(),
         file_roots: vec![],
         reconcile_interval: Duration::from_secs(120),
+        operator: None,
     };
     let app = Application::build(settings).await?;
     let addr = app.local_addr();

@@ -5,7 +5,7 @@ use loraforge_core::executor::{self, reconcile, WorkerReport};
 use loraforge_core::metrics::Metrics;
 use loraforge_core::registry::cache::{self, ReadCache};
 use loraforge_core::settings::Settings;
-use loraforge_core::{db, lease, scheduler, webhooks, Context};
+use loraforge_core::{db, lease, operator, scheduler, webhooks, Context};
 use loraforge_storage::Store;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
@@ -83,7 +83,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let ctx = self.ctx;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let loops = [
+        let mut loops = vec![
             tokio::spawn(scheduler::run(ctx.clone(), self.reports, stop_rx.clone())),
             tokio::spawn(reconcile::run(ctx.clone(), stop_rx.clone())),
             tokio::spawn(lease::run(ctx.clone(), stop_rx.clone())),
@@ -95,9 +95,12 @@ impl Application {
             tokio::spawn(cache::listen(
                 ctx.pool.clone(),
                 ctx.read_cache.clone(),
-                stop_rx,
+                stop_rx.clone(),
             )),
         ];
+        if let Some(settings) = ctx.settings.operator.clone() {
+            loops.push(tokio::spawn(operator::run(ctx.clone(), settings, stop_rx)));
+        }
         let router = loraforge_api::router(ctx, self.registry);
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {

@@ -12,6 +12,7 @@
 //! The core's modules are re-exported under their old names for the CLI and the tests.
 
 mod app;
+pub mod crd;
 
 pub use app::{connect, Application};
-pub use loraforge_core::{auth, executor, jobs, registry, settings, Context, Settings};
+pub use loraforge_core::{auth, executor, jobs, operator, registry, settings, Context, Settings};

@@ -38,6 +38,8 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         grace_secs: u64,
     },
+    /// Print the LoraJob CustomResourceDefinition (YAML), for `kubectl apply -f -`.
+    Crd,
     /// Import base models (GGUF) and register model directories.
     Models {
         #[command(subcommand)]
@@ -66,8 +68,13 @@ enum KeysCommand {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     let cli = Cli::parse();
+    if let Command::Crd = cli.command {
+        print!("{}", loraforge::crd::yaml());
+        return Ok(());
+    }
     let settings = Settings::from_env()?;
     match cli.command {
+        Command::Crd => unreachable!("handled above: it needs no settings"),
         Command::Serve => {
             if !settings.auth_enabled {
                 tracing::warn!("LORAFORGE_AUTH=disabled: every request acts as an admin of the default project");

@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod lease;
 pub mod metrics;
 pub mod notify;
+pub mod operator;
 pub mod registry;
 pub mod safety;
 pub mod scheduler;

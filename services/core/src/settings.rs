@@ -37,6 +37,8 @@ pub struct Settings {
     /// How often the executor's workers are reconciled with the jobs table (stale workers
     /// removed, vanished ones failed).
     pub reconcile_interval: Duration,
+    /// The LoraJob operator, when `LORAFORGE_OPERATOR=enabled`.
+    pub operator: Option<crate::operator::OperatorSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,8 +193,42 @@ impl Settings {
             default_project: "default".into(),
             file_roots,
             reconcile_interval: Duration::from_secs(parse("LORAFORGE_RECONCILE_SECS", 120u64)?),
+            operator: operator_from_env()?,
         })
     }
+}
+
+fn operator_from_env() -> Result<Option<crate::operator::OperatorSettings>, SettingsError> {
+    use loraforge_spec::resources::dns_label;
+    match var("LORAFORGE_OPERATOR").as_deref() {
+        None | Some("disabled") => return Ok(None),
+        Some("enabled") => {}
+        Some(other) => {
+            return Err(SettingsError {
+                name: "LORAFORGE_OPERATOR",
+                reason: format!("{other:?}: use enabled or disabled"),
+            })
+        }
+    }
+    let namespace = var("LORAFORGE_OPERATOR_NAMESPACE")
+        .map(|n| dns_label(&n).map(|()| n))
+        .transpose()
+        .map_err(|reason| SettingsError {
+            name: "LORAFORGE_OPERATOR_NAMESPACE",
+            reason,
+        })?;
+    let mut projects = std::collections::HashMap::new();
+    for pair in var("LORAFORGE_OPERATOR_PROJECTS").iter().flat_map(|v| v.split(',')) {
+        let (ns, project) = pair.split_once('=').ok_or_else(|| SettingsError {
+            name: "LORAFORGE_OPERATOR_PROJECTS",
+            reason: format!("{pair:?}: expected namespace=project, comma-separated"),
+        })?;
+        projects.insert(ns.trim().to_string(), project.trim().to_string());
+    }
+    Ok(Some(crate::operator::OperatorSettings {
+        namespace,
+        projects,
+    }))
 }
 
 fn kubernetes_from_env() -> Result<KubernetesSettings, SettingsError> {

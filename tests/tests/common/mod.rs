@@ -197,6 +197,8 @@ pub struct AppOptions {
     pub executor: Option<ExecutorSettings>,
     /// The URL workers reach the control plane at (`None`: the bound address).
     pub public_url: Option<String>,
+    /// Run the LoraJob operator.
+    pub operator: Option<loraforge::operator::OperatorSettings>,
 }
 
 impl Default for AppOptions {
@@ -210,6 +212,7 @@ impl Default for AppOptions {
             trainer_bin: None,
             executor: None,
             public_url: None,
+            operator: None,
         }
     }
 }
@@ -250,6 +253,7 @@ impl TestApp {
             // Fixtures live in temporary directories.
             file_roots: vec![std::env::temp_dir()],
             reconcile_interval: Duration::from_secs(120),
+            operator: options.operator.clone(),
         };
         let storage_url = settings.storage_url.clone();
         let app = Application::build(settings).await?;

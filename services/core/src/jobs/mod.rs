@@ -87,6 +87,45 @@ pub async fn get(pool: &PgPool, project: &str, id: Uuid) -> Result<Option<JobRow
     .await
 }
 
+/// The job a project submitted with this idempotency key, if any.
+pub async fn by_idempotency_key(
+    pool: &PgPool,
+    project: &str,
+    key: &str,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    query_jobs!(
+        "SELECT ",
+        " FROM jobs WHERE project = $1 AND idempotency_key = $2",
+        project,
+        key
+    )
+    .fetch_optional(pool)
+    .await
+}
+
+/// The newest training progress of a job: (step, total steps, loss).
+pub async fn latest_progress(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<(u32, u32, f64)>, sqlx::Error> {
+    let payload = sqlx::query_scalar!(
+        r#"SELECT payload AS "payload: Json<EventPayload>" FROM job_events
+           WHERE job_id = $1 AND kind = 'progress' ORDER BY seq DESC LIMIT 1"#,
+        id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(match payload.map(|p| p.0) {
+        Some(EventPayload::Progress {
+            step,
+            total_steps,
+            loss,
+            ..
+        }) => Some((step, total_steps, loss)),
+        _ => None,
+    })
+}
+
 /// The job, or `NotFound`.
 pub async fn find(pool: &PgPool, project: &str, id: Uuid) -> Result<JobRow> {
     get(pool, project, id).await?.ok_or(Error::NotFound("job"))
