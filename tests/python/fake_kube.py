@@ -88,6 +88,8 @@ async def main():
     fake = FakeKube()
     fake.logs = pathlib.Path(sys.argv[1])
     fake.resources.load_bundled()
+    # The LoraJob custom resource (its CRD is not checked here: kmock validates nothing).
+    fake.resources["loraforge.dev/v1alpha1/lorajobs"] = {"kind": "LoraJob", "namespaced": True}
     async with kmock.Server(fake) as server:
         print(f"listening on {server.port}", flush=True)
         await asyncio.Event().wait()

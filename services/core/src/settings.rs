@@ -218,7 +218,10 @@ fn operator_from_env() -> Result<Option<crate::operator::OperatorSettings>, Sett
             reason,
         })?;
     let mut projects = std::collections::HashMap::new();
-    for pair in var("LORAFORGE_OPERATOR_PROJECTS").iter().flat_map(|v| v.split(',')) {
+    for pair in var("LORAFORGE_OPERATOR_PROJECTS")
+        .iter()
+        .flat_map(|v| v.split(','))
+    {
         let (ns, project) = pair.split_once('=').ok_or_else(|| SettingsError {
             name: "LORAFORGE_OPERATOR_PROJECTS",
             reason: format!("{pair:?}: expected namespace=project, comma-separated"),

@@ -6,6 +6,7 @@
 //! By default the API server is `tests/python/fake_kube.py` (kmock). With
 //! `LORAFORGE_TEST_KUBECONFIG` set, the same tests run against that real cluster instead
 //! (its own Job controller makes the Pods; docs/kubernetes.md records such a run).
+#![allow(dead_code)]
 
 use crate::common::{python, trainer_bin};
 use anyhow::{bail, Context, Result};

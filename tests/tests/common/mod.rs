@@ -173,6 +173,7 @@ pub async fn fresh_database() -> Result<String> {
 
 pub struct TestApp {
     pub base_url: String,
+    pub database_url: String,
     pub storage_url: String,
     pub client: reqwest::Client,
     pub pool: PgPool,
@@ -199,6 +200,8 @@ pub struct AppOptions {
     pub public_url: Option<String>,
     /// Run the LoraJob operator.
     pub operator: Option<loraforge::operator::OperatorSettings>,
+    /// An existing database (a restarted control plane); `None`: a fresh one.
+    pub database_url: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -213,6 +216,7 @@ impl Default for AppOptions {
             executor: None,
             public_url: None,
             operator: None,
+            database_url: None,
         }
     }
 }
@@ -223,7 +227,10 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: AppOptions) -> Result<TestApp> {
-        let database_url = fresh_database().await?;
+        let database_url = match &options.database_url {
+            Some(url) => url.clone(),
+            None => fresh_database().await?,
+        };
         let data_dir = tempfile::tempdir()?;
         let store_dir = data_dir.path().join("store");
         let storage_url = options
@@ -265,6 +272,7 @@ impl TestApp {
         let pool = PgPool::connect(&database_url).await?;
         Ok(TestApp {
             base_url,
+            database_url: database_url.clone(),
             storage_url,
             client: reqwest::Client::new(),
             pool,

@@ -1,11 +1,11 @@
 //! Leader election over a `coordination.k8s.io` Lease, so one control-plane replica runs
 //! the operator while the others wait: the holder renews the Lease; another replica takes
 //! it over only once it has not been renewed for its duration. Updates carry the Lease's
-//! resourceVersion, so two replicas racing for it cannot both win.
+//! resourceVersion (a conflict answers 409), so two replicas racing for it cannot both win.
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::time::Duration;
 
@@ -45,7 +45,11 @@ impl LeaderElection {
     /// Takes or renews the Lease; true when this replica holds it afterwards.
     pub async fn try_lead(&self) -> Result<bool, kube::Error> {
         let Some(current) = self.api.get_opt(&self.name).await? else {
-            return match self.api.create(&PostParams::default(), &self.lease(None, None)).await {
+            return match self
+                .api
+                .create(&PostParams::default(), &self.lease(None, None))
+                .await
+            {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
                 Err(e) => Err(e),
@@ -68,8 +72,15 @@ impl LeaderElection {
         } else {
             None
         };
+        // A merge patch that names the resourceVersion it read: the API server refuses it
+        // (409) if the Lease changed since.
         let lease = self.lease(current.metadata.resource_version.clone(), acquired);
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        let patch = Patch::Merge(&lease);
+        match self
+            .api
+            .patch(&self.name, &PatchParams::default(), &patch)
+            .await
+        {
             Ok(_) => Ok(true),
             // Someone else renewed or took it first.
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
@@ -80,5 +91,9 @@ impl LeaderElection {
 
 /// RFC 3339 with microseconds, as `MicroTime` is written.
 fn micro_time(t: Timestamp) -> String {
-    format!("{}.{:06}Z", t.strftime("%Y-%m-%dT%H:%M:%S"), t.subsec_microsecond())
+    format!(
+        "{}.{:06}Z",
+        t.strftime("%Y-%m-%dT%H:%M:%S"),
+        t.subsec_microsecond()
+    )
 }

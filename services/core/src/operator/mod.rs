@@ -51,7 +51,9 @@ pub struct OperatorSettings {
 
 impl OperatorSettings {
     pub fn project_of<'a>(&'a self, namespace: &'a str) -> &'a str {
-        self.projects.get(namespace).map_or(namespace, String::as_str)
+        self.projects
+            .get(namespace)
+            .map_or(namespace, String::as_str)
     }
 }
 
@@ -178,15 +180,27 @@ async fn reconcile(obj: Arc<LoraJob>, op: Arc<Operator>) -> Result<Action, Opera
         }
         Ok(spec) => match submission::submit(&op.ctx, &project, spec, Some(&job_key(&obj))).await {
             Ok(submission::Submitted::Created(job)) => {
-                publish(&op, &obj, EventType::Normal, "Submitted", format!("job {} queued in project {project}", job.id)).await;
+                publish(
+                    &op,
+                    &obj,
+                    EventType::Normal,
+                    "Submitted",
+                    format!("job {} queued in project {project}", job.id),
+                )
+                .await;
                 Some(job)
             }
             Ok(submission::Submitted::Replayed(job)) => Some(job),
-            Err(Error::Conflict { code: "idempotency_key_reused", .. }) => {
+            Err(Error::Conflict {
+                code: "idempotency_key_reused",
+                ..
+            }) => {
                 notes.push(spec_changed());
                 existing
             }
-            Err(e @ Error::Invalid(_)) if existing.is_none() => return reject(&op, &api, &obj, &e).await,
+            Err(e @ Error::Invalid(_)) if existing.is_none() => {
+                return reject(&op, &api, &obj, &e).await
+            }
             Err(e) => return Err(e.into()),
         },
     };
@@ -197,18 +211,21 @@ async fn reconcile(obj: Arc<LoraJob>, op: Arc<Operator>) -> Result<Action, Opera
     let before = obj.status.clone().unwrap_or_default();
     if before.phase != status.phase {
         if let Some(phase) = &status.phase {
+            // One reason per state: the recorder folds repeats of a reason into one Event.
             let (kind, reason) = match job.status {
-                JobStatus::Failed => (EventType::Warning, "Failed"),
-                JobStatus::Succeeded => (EventType::Normal, "Published"),
-                JobStatus::Cancelled => (EventType::Normal, "Cancelled"),
-                _ => (EventType::Normal, "Progressing"),
+                JobStatus::Failed => (EventType::Warning, "Failed".to_string()),
+                JobStatus::Succeeded => (EventType::Normal, "Published".to_string()),
+                other => (EventType::Normal, reason_word(other.as_str())),
             };
             let note = match (&job.error_message, &status.adapter_version) {
                 (Some(m), _) => format!("job {}: {phase}: {}", job.id, truncate(m, 900)),
-                (None, Some(v)) => format!("job {} published {}@{} at {}", job.id, v.name, v.version, v.uri),
+                (None, Some(v)) => format!(
+                    "job {} published {}@{} at {}",
+                    job.id, v.name, v.version, v.uri
+                ),
                 _ => format!("job {} is {phase}", job.id),
             };
-            publish(&op, &obj, kind, reason, note).await;
+            publish(&op, &obj, kind, &reason, note).await;
         }
     }
     if Some(&status) != obj.status.as_ref() {
@@ -245,7 +262,14 @@ async fn finish_deletion(
                     Ok(_) | Err(Error::Conflict { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                publish(op, obj, EventType::Normal, "Cancelling", format!("the object was deleted: cancelling job {}", job.id)).await;
+                publish(
+                    op,
+                    obj,
+                    EventType::Normal,
+                    "Cancelling",
+                    format!("the object was deleted: cancelling job {}", job.id),
+                )
+                .await;
             }
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
@@ -256,9 +280,14 @@ async fn finish_deletion(
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
     match api
-        .patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Ok(_) => {}
@@ -285,7 +314,14 @@ async fn reject(
         other => other.to_string(),
     };
     let before = obj.status.clone().unwrap_or_default();
-    let conditions = vec![condition(&before, obj, "Failed", true, "InvalidSpec", &message)];
+    let conditions = vec![condition(
+        &before,
+        obj,
+        "Failed",
+        true,
+        "InvalidSpec",
+        &message,
+    )];
     let status = LoraJobStatus {
         phase: Some("rejected".into()),
         conditions,
@@ -294,8 +330,12 @@ async fn reject(
     };
     if before != status {
         publish(op, obj, EventType::Warning, "InvalidSpec", message).await;
-        api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
-            .await?;
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": status})),
+        )
+        .await?;
     }
     Ok(Action::await_change())
 }
@@ -310,18 +350,33 @@ async fn status_of(
     let progress = jobs::latest_progress(&op.ctx.pool, job.id).await?;
     let max_steps = job.spec.training.max_steps;
     let version = match (&job.adapter_name, job.adapter_version) {
-        (name, Some(v)) => crate::registry::get_version(&op.ctx.pool, &job.project, name, v).await?,
+        (name, Some(v)) => {
+            crate::registry::get_version(&op.ctx.pool, &job.project, name, v).await?
+        }
         _ => None,
     };
     let s = job.status;
-    let failed_reason = job.error_kind.map(|k| k.as_str().to_string()).unwrap_or_default();
+    let failed_reason = job
+        .error_kind
+        .map(|k| k.as_str().to_string())
+        .unwrap_or_default();
     let mut conditions = vec![
-        condition(&before, obj, "Submitted", true, "Accepted", &format!("job {}", job.id)),
+        condition(
+            &before,
+            obj,
+            "Submitted",
+            true,
+            "Accepted",
+            &format!("job {}", job.id),
+        ),
         condition(
             &before,
             obj,
             "Running",
-            matches!(s, JobStatus::Running | JobStatus::Evaluating | JobStatus::Publishing),
+            matches!(
+                s,
+                JobStatus::Running | JobStatus::Evaluating | JobStatus::Publishing
+            ),
             s.as_str(),
             &format!("the job is {s}"),
         ),
@@ -330,7 +385,11 @@ async fn status_of(
             obj,
             "Published",
             s == JobStatus::Succeeded,
-            if s == JobStatus::Succeeded { "Published" } else { "NotPublished" },
+            if s == JobStatus::Succeeded {
+                "Published"
+            } else {
+                "NotPublished"
+            },
             &version
                 .as_ref()
                 .map(|v| format!("{}@{}", v.adapter_name, v.version))
@@ -341,8 +400,15 @@ async fn status_of(
             obj,
             "Failed",
             s == JobStatus::Failed,
-            if s == JobStatus::Failed { &failed_reason } else { "NotFailed" },
-            &job.error_message.as_deref().map(|m| truncate(m, 900)).unwrap_or_default(),
+            if s == JobStatus::Failed {
+                &failed_reason
+            } else {
+                "NotFailed"
+            },
+            &job.error_message
+                .as_deref()
+                .map(|m| truncate(m, 900))
+                .unwrap_or_default(),
         ),
     ];
     for (kind, message) in notes {

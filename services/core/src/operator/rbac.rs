@@ -6,7 +6,11 @@
 /// (API group, resource, verbs).
 pub const RULES: &[(&str, &str, &[&str])] = &[
     // The executor: worker Jobs (create, delete; watched and listed for reconciliation).
-    ("batch", "jobs", &["create", "delete", "get", "list", "watch"]),
+    (
+        "batch",
+        "jobs",
+        &["create", "delete", "get", "list", "watch"],
+    ),
     // Their Pods are watched, and a failed worker's log is read.
     ("", "pods", &["get", "list", "watch"]),
     ("", "pods/log", &["get"]),
@@ -16,10 +20,22 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
     ("", "events", &["create", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     // LoraJobs: watched, finalizer added and removed.
-    ("loraforge.dev", "lorajobs", &["get", "list", "watch", "patch", "update"]),
-    ("loraforge.dev", "lorajobs/status", &["get", "patch", "update"]),
+    (
+        "loraforge.dev",
+        "lorajobs",
+        &["get", "list", "watch", "patch", "update"],
+    ),
+    (
+        "loraforge.dev",
+        "lorajobs/status",
+        &["get", "patch", "update"],
+    ),
     // Leader election.
-    ("coordination.k8s.io", "leases", &["get", "create", "update"]),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    ),
 ];
 // Namespaces and nodes are never read: the namespace is configured, placement is the
 // scheduler's.
