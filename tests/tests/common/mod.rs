@@ -199,6 +199,8 @@ pub struct AppOptions {
     pub public_url: Option<String>,
     /// Run the LoraJob operator.
     pub operator: Option<loraforge::operator::OperatorSettings>,
+    /// The built web UI to serve at `/` (`None`: none).
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -213,6 +215,7 @@ impl Default for AppOptions {
             executor: None,
             public_url: None,
             operator: None,
+            web_dir: None,
         }
     }
 }
@@ -254,6 +257,7 @@ impl TestApp {
             file_roots: vec![std::env::temp_dir()],
             reconcile_interval: Duration::from_secs(120),
             operator: options.operator.clone(),
+            web_dir: options.web_dir.clone(),
         };
         let storage_url = settings.storage_url.clone();
         let app = Application::build(settings).await?;
