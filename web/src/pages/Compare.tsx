@@ -4,18 +4,12 @@ import type { ComponentChildren } from "preact";
 import { api, authHeaders, failedAnswer, unwrap, type VersionView } from "../api/client";
 import { Empty, ErrorState, Field, Loading, PageHead } from "../components/ui";
 import { fmtNumber, fmtValue } from "../lib/format";
+import { rankOf, type PeftConfig } from "../lib/peft";
 import { compareModules, shortModule } from "../lib/jobEvents";
 import { useQuery } from "../lib/query";
 import { href, navigate, seg } from "../lib/router";
 import type { PageProps } from "../main";
 
-interface PeftConfig {
-  r?: number;
-  lora_alpha?: number;
-  rank_pattern?: Record<string, number>;
-  alpha_pattern?: Record<string, number>;
-  target_modules?: string[] | string;
-}
 
 async function adapterConfig(v: VersionView): Promise<PeftConfig | null> {
   if (!v.files.some((f) => f.name === "adapter_config.json")) return null;
@@ -151,26 +145,18 @@ function CompareTable(props: { title: string; a: number; b: number; left: Record
   );
 }
 
-/** Each module's rank as exported: PEFT's `rank_pattern` entry, else the config's `r`. */
-function ranksOf(c: PeftConfig | null | undefined): Record<string, number> {
-  if (!c) return {};
-  const out: Record<string, number> = {};
-  for (const [m, r] of Object.entries(c.rank_pattern ?? {})) out[m] = r;
-  return out;
-}
 
 function RankPatterns({ a, b, ca, cb }: { a: number; b: number; ca: ConfigQuery; cb: ConfigQuery }) {
   if (ca.error || cb.error) return <ErrorState error={ca.error ?? cb.error} />;
   if (ca.data === undefined || cb.data === undefined) return <Loading label="Reading both adapter configs" />;
-  const ra = ranksOf(ca.data);
-  const rb = ranksOf(cb.data);
-  const modules = [...new Set([...Object.keys(ra), ...Object.keys(rb)])].sort(compareModules);
+  const modules = [...new Set([...Object.keys(ca.data?.rank_pattern ?? {}), ...Object.keys(cb.data?.rank_pattern ?? {})])].sort(compareModules);
   return (
     <section class="panel" aria-labelledby="cmp-ranks" data-testid="rank-patterns">
       <h2 id="cmp-ranks">Rank pattern</h2>
       <p class="muted small">
-        Default rank: v{a} r={ca.data?.r ?? "–"}, v{b} r={cb.data?.r ?? "–"}. Modules listed here have their own rank
-        (<code>rank_pattern</code> in adapter_config.json).
+        Modules with a rank of their own in either version (<code>rank_pattern</code> in adapter_config.json); the
+        others of a version's target modules have its default rank: v{a} r={ca.data?.r ?? "–"}, v{b} r=
+        {cb.data?.r ?? "–"}. A dash: the version does not adapt that module.
       </p>
       {modules.length === 0 ? (
         <p class="muted">Neither version has per-module ranks: every module has the default rank.</p>
@@ -190,8 +176,8 @@ function RankPatterns({ a, b, ca, cb }: { a: number; b: number; ca: ConfigQuery;
             </thead>
             <tbody>
               {modules.map((m) => {
-                const l = ra[m] ?? ca.data?.r;
-                const r = rb[m] ?? cb.data?.r;
+                const l = rankOf(ca.data, m);
+                const r = rankOf(cb.data, m);
                 return (
                   <tr key={m} class={l !== r ? "differs" : undefined}>
                     <th scope="row" class="mono small" title={m}>
