@@ -101,7 +101,7 @@ pub async fn list(
         .flatten();
     let ids: Vec<Uuid> = rows.iter().map(|j| j.id).collect();
     let mut progress: std::collections::HashMap<Uuid, JobProgress> =
-        jobs::latest_progress(&state.pool, &ids)
+        jobs::latest_progress_of(&state.pool, &ids)
             .await?
             .into_iter()
             .filter_map(|(id, event)| Some((id, JobProgress::of(&event)?)))

@@ -108,22 +108,18 @@ pub async fn latest_progress(
     pool: &PgPool,
     id: Uuid,
 ) -> Result<Option<(u32, u32, f64)>, sqlx::Error> {
-    let payload = sqlx::query_scalar!(
-        r#"SELECT payload AS "payload: Json<EventPayload>" FROM job_events
-           WHERE job_id = $1 AND kind = 'progress' ORDER BY seq DESC LIMIT 1"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(match payload.map(|p| p.0) {
-        Some(EventPayload::Progress {
-            step,
-            total_steps,
-            loss,
-            ..
-        }) => Some((step, total_steps, loss)),
-        _ => None,
-    })
+    Ok(latest_progress_of(pool, &[id])
+        .await?
+        .into_iter()
+        .find_map(|(_, event)| match event {
+            EventPayload::Progress {
+                step,
+                total_steps,
+                loss,
+                ..
+            } => Some((step, total_steps, loss)),
+            _ => None,
+        }))
 }
 
 /// The job, or `NotFound`.
@@ -228,8 +224,8 @@ pub async fn list(
     .await
 }
 
-/// The newest progress event of each of `jobs` that has one.
-pub async fn latest_progress(
+/// The newest progress event of each of `jobs` that has one (one index lookup per job).
+pub async fn latest_progress_of(
     pool: &PgPool,
     jobs: &[Uuid],
 ) -> Result<Vec<(Uuid, EventPayload)>, sqlx::Error> {
