@@ -627,6 +627,13 @@ export const KNOBS: KnobTable = {
       "minimum": 0
     },
     {
+      "name": "max_duration",
+      "kind": "string",
+      "required": false,
+      "nullable": true,
+      "description": "Wall-clock limit of one attempt (`90m`, `2h`, `1h30m`, `45s`): a worker still\nrunning then is stopped and the job fails as a `user_error` naming this limit."
+    },
+    {
       "name": "max_grad_norm",
       "kind": "number",
       "required": false,

@@ -725,7 +725,7 @@ export interface components {
          * @description Why a job failed. Only `SystemError` is worth retrying.
          * @enum {string}
          */
-        ErrorKind: "user_error" | "system_error" | "safety_blocked" | "deadline_exceeded";
+        ErrorKind: "user_error" | "system_error" | "safety_blocked" | "deadline_exceeded" | "resource_exhausted";
         EventBatch: {
             events: components["schemas"]["EventPayload"][];
         };
@@ -971,6 +971,11 @@ export interface components {
             dataset: components["schemas"]["DatasetSpec"];
             method: components["schemas"]["MethodConfig"];
             parent?: null | components["schemas"]["ParentRef"];
+            /**
+             * @description What the worker needs from the machine (GPUs, CPU, memory, placement); used by the
+             *     `kubernetes` executor.
+             */
+            resources?: components["schemas"]["Resources"];
             /** @description Tighten the project's safety gate for this job (or switch it off, if allowed). */
             safety?: components["schemas"]["SafetyOverrides"];
             training: components["schemas"]["TrainingConfig"];
@@ -1171,6 +1176,30 @@ export interface components {
             sha256?: string | null;
             uri: string;
         };
+        Resources: {
+            /** @description CPU request and limit, as a Kubernetes quantity (`8`, `500m`). */
+            cpu?: string | null;
+            /** @description Scratch disk for downloaded inputs and checkpoints (`100Gi`). */
+            ephemeral_storage?: string | null;
+            /**
+             * @description The GPU model, matched against the node label the operator configures
+             *     (`LORAFORGE_K8S_GPU_LABEL`, default `nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`.
+             */
+            gpu_type?: string | null;
+            /**
+             * Format: int32
+             * @description GPUs for the worker (`nvidia.com/gpu`). Default: 1 on the `kubernetes` executor.
+             */
+            gpus?: number | null;
+            /** @description Memory request and limit (`64Gi`). */
+            memory?: string | null;
+            /** @description A Kubernetes PriorityClass for the worker Pod. */
+            priority_class?: string | null;
+            /** @description A Kueue LocalQueue; overrides `LORAFORGE_K8S_QUEUE` for this job. */
+            queue?: string | null;
+            /** @description Taints the worker tolerates (GPU node pools are usually tainted). */
+            tolerations?: components["schemas"]["Toleration"][];
+        };
         /** @enum {string} */
         SafetyDecision: "publish" | "warn" | "quarantine";
         /** @description A job's request about the gate: tighter thresholds, or (if allowed) no gate. */
@@ -1284,6 +1313,22 @@ export interface components {
         StageRequest: {
             status: components["schemas"]["JobStatus"];
         };
+        /** @enum {string} */
+        TaintEffect: "NoSchedule" | "PreferNoSchedule" | "NoExecute";
+        Toleration: {
+            effect?: null | components["schemas"]["TaintEffect"];
+            /** @description The taint key; empty with `Exists` tolerates every taint. */
+            key?: string | null;
+            operator?: components["schemas"]["TolerationOperator"];
+            /**
+             * Format: int64
+             * @description With `NoExecute`: how long the Pod stays after the taint appears.
+             */
+            toleration_seconds?: number | null;
+            value?: string | null;
+        };
+        /** @enum {string} */
+        TolerationOperator: "Equal" | "Exists";
         TrainingConfig: {
             /** Format: int32 */
             batch_size?: number;
@@ -1312,6 +1357,12 @@ export interface components {
             gradient_accumulation_steps?: number;
             /** Format: double */
             learning_rate: number;
+            /**
+             * @description Wall-clock limit of one attempt (`90m`, `2h`, `1h30m`, `45s`): a worker still
+             *     running then is stopped and the job fails as a `user_error` naming this limit.
+             * @example 2h
+             */
+            max_duration?: string | null;
             /**
              * Format: double
              * @description Clip the global gradient norm to this value; `null` turns clipping off.
