@@ -106,14 +106,14 @@ async function main() {
   try {
     // --- Sign in: a wrong key is refused with the server's message, the right one works.
     await page.goto(`${BASE}/`);
-    await page.getByRole("heading", { name: "Sign in" }).waitFor();
+    await page.getByRole("heading", { name: "Sign in", exact: true }).waitFor();
     await visit(page, "signin");
     await page.getByLabel("API key", { exact: true }).fill("lf_00000000_wrong");
     await page.getByRole("button", { name: "Sign in" }).click();
     await waitForText(page.locator(".field-error"), /missing or invalid credentials/);
     await page.getByLabel("API key", { exact: true }).fill(KEY);
     await page.getByRole("button", { name: "Sign in" }).click();
-    await page.getByRole("heading", { name: "Jobs" }).waitFor();
+    await page.getByRole("heading", { name: "Jobs", exact: true }).waitFor();
     await page.getByText("No jobs yet").waitFor();
     check((await page.getByTestId("whoami").textContent()).includes("admin"), "the header names the key's scope");
     await visit(page, "jobs-empty");
@@ -121,7 +121,7 @@ async function main() {
 
     // --- A bad form: the server's field errors appear next to the fields they name.
     await page.getByRole("link", { name: "New job", exact: true }).first().click();
-    await page.getByRole("heading", { name: "New job" }).waitFor();
+    await page.getByRole("heading", { name: "New job", exact: true }).waitFor();
     await page.getByLabel("Adapter name", { exact: true }).fill(ADAPTER);
     // The registered inputs arrive with their own requests.
     await page.locator(`#f-base_model option[value="${BASE_MODEL}"]`).waitFor({ state: "attached" });
@@ -185,7 +185,7 @@ async function main() {
 
     // --- An adaptive method: its rank allocation as a heatmap. Followed from the live jobs table.
     await page.goto(`${BASE}/#/jobs/new?adapter=${ADAPTER}&method=adalora`);
-    await page.getByRole("heading", { name: "New job" }).waitFor();
+    await page.getByRole("heading", { name: "New job", exact: true }).waitFor();
     check((await page.getByLabel("Adapter method", { exact: true }).inputValue()) === "adalora", "the method comes from the link");
     for (const [k, v] of Object.entries({ init_r: "6", target_r: "2", tinit: "5", tfinal: "10", delta_t: "2", target_modules: "q_proj, v_proj, down_proj" })) {
       await fillKnob(page, `method.${k}`, v);
@@ -276,6 +276,15 @@ async function main() {
     await page.waitForURL(new RegExp(`#/jobs/${adaptiveId}$`));
     await page.getByTestId("job-status").waitFor();
     log("followed the job node to its page");
+
+    // --- A key the server stops accepting: the next request returns to sign-in with its message.
+    await page.evaluate(() => {
+      sessionStorage.setItem("loraforge.api-key", "lf_00000000_revoked");
+      location.hash = "#/adapters";
+    });
+    await page.getByRole("heading", { name: "Sign in", exact: true }).waitFor();
+    await waitForText(page.getByRole("alert"), /refused the request: missing or invalid credentials/);
+    log("a refused key returns to sign-in with the server's message");
 
     check(problems.length === 0, `the page logged errors:\n${problems.join("\n")}`);
     log(`done: ${axeReport.length} pages checked by axe`);
