@@ -39,6 +39,46 @@ export SQLX_OFFLINE=true
 # Developer tools cargo installs (sqlx-cli, by .ci/sqlx-prepare) live here.
 export PATH=$LORAFORGE_CACHE/tools/bin:$PATH
 
+# --- The web UI: its npm packages (web/node_modules, from package-lock.json) and its build
+# (web/dist, which the control plane serves at /). Each step reruns only when its inputs change.
+WEB=$ROOT/web
+if ! command -v npm >/dev/null; then
+  log "installing Node.js and npm"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+# The UI's tools need Node.js 20.19 or newer. Where the system's is older (Debian 12 ships 18),
+# npm fetches a newer one from the registry (node-linux-<arch>, the official build) into the cache.
+node_is_recent() {
+  command -v node >/dev/null && node -e 'const [a, b] = process.versions.node.split(".").map(Number);
+    process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'
+}
+if ! node_is_recent; then
+  NODE_PKG=node-linux-$(uname -m | sed 's/x86_64/x64/; s/aarch64/arm64/')
+  NODE_HOME=$LORAFORGE_CACHE/node
+  if [ ! -x "$NODE_HOME/node_modules/$NODE_PKG/bin/node" ]; then
+    log "Node.js $(node --version 2>/dev/null || echo is missing) is too old for the web UI: installing Node 22 ($NODE_PKG) into $NODE_HOME"
+    npm install --prefix "$NODE_HOME" --no-save --no-audit --no-fund --loglevel=error "$NODE_PKG@22"
+  fi
+  export PATH=$NODE_HOME/node_modules/$NODE_PKG/bin:$PATH
+  node_is_recent || { log "could not get Node.js 20.19 or newer"; exit 1; }
+fi
+want=$(sha256sum "$WEB/package-lock.json" | cut -d' ' -f1)
+if [ "$(cat "$WEB/node_modules/.package-lock.sha256" 2>/dev/null)" != "$want" ]; then
+  log "installing the web UI's npm packages (npm ci)"
+  (cd "$WEB" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$want" > "$WEB/node_modules/.package-lock.sha256"
+fi
+web_sources() {
+  (cd "$WEB" && cat package-lock.json index.html vite.config.ts tsconfig.json ../tests/snapshots/openapi.json \
+     $(find src scripts -type f | sort) | sha256sum | cut -d' ' -f1)
+}
+if [ "$(cat "$WEB/dist/.sources.sha256" 2>/dev/null)" != "$(web_sources)" ]; then
+  log "building the web UI (npm run build)"
+  (cd "$WEB" && npm run build --silent)
+  web_sources > "$WEB/dist/.sources.sha256"
+fi
+export LORAFORGE_WEB_DIR=${LORAFORGE_WEB_DIR:-$WEB/dist}
+
 # --- Postgres: DATABASE_URL if set, else the local server, else a private cluster --------------
 if [ -z "${DATABASE_URL:-}" ]; then
   if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then

@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         file_roots: vec![],
         reconcile_interval: Duration::from_secs(120),
         operator: None,
+        web_dir: None,
     };
     let app = Application::build(settings).await?;
     let addr = app.local_addr();

@@ -116,6 +116,26 @@ async fn keys_scopes_and_tenant_isolation() -> anyhow::Result<()> {
         .json()
         .await?;
     assert_eq!(listed["adapters"], json!([]));
+    let jobs = |key: &str| {
+        let req = call(Method::GET, "/v1/jobs", Some(key));
+        async move { req.send().await?.json::<serde_json::Value>().await }
+    };
+    assert_eq!(jobs(&b_admin).await?["jobs"], json!([]));
+    assert_eq!(jobs(&a_read).await?["jobs"][0]["id"], json!(id));
+    // Who each key is: its project and scope.
+    let me: serde_json::Value = call(Method::GET, "/v1/me", Some(&a_submit))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        me,
+        json!({"project": "team-a", "scope": "submit", "auth_enabled": true})
+    );
+    assert_eq!(
+        call(Method::GET, "/v1/me", None).send().await?.status(),
+        StatusCode::UNAUTHORIZED
+    );
     let alias = json!({"version": 1});
     assert_eq!(
         call(

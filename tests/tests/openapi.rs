@@ -22,6 +22,16 @@ async fn openapi_document_matches_the_snapshot() -> anyhow::Result<()> {
         assert!(paths.contains_key(path), "{path} missing from the document");
     }
     assert!(doc["components"]["schemas"]["JobSpec"].is_object());
+    // Generated clients (the web UI's, web/scripts/gen-api.mjs) need each operation named once.
+    let mut operation_ids = std::collections::BTreeMap::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_default().to_string();
+            if let Some(other) = operation_ids.insert(id.clone(), format!("{method} {path}")) {
+                panic!("operationId {id:?} of {method} {path} is also {other}'s");
+            }
+        }
+    }
     let rendered = serde_json::to_string_pretty(&doc)? + "\n";
     let snapshot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots/openapi.json");
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {

@@ -69,12 +69,13 @@ async fn a_job_trains_publishes_and_records_lineage() -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
         (1..=30).collect::<Vec<_>>()
     );
-    assert!(
-        progress
-            .iter()
-            .all(|e| e["tokens_per_second"].as_f64().unwrap() > 0.0
-                && e["lr"].as_f64().unwrap() > 0.0)
-    );
+    assert!(progress
+        .iter()
+        .all(|e| e["tokens_per_second"].as_f64().unwrap() > 0.0
+            && e["lr"].as_f64().unwrap() > 0.0
+            && e["grad_norm"]
+                .as_f64()
+                .is_some_and(|n| n > 0.0 && n.is_finite())));
 
     // The same events as a server-sent event stream, which ends because the job is final;
     // Last-Event-ID resumes after a given event.

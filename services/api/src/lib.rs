@@ -5,7 +5,7 @@
 //!
 //! Users: `/v1/jobs…`, `/v1/adapters…`, `/v1/base-models…`, `/v1/datasets…`,
 //! `/v1/webhooks…`, `/v1/safety-policy`; workers: `/v1/worker/jobs/{id}…`; probes:
-//! `/healthz`, `/readyz`; `/metrics`, `/openapi.json`.
+//! `/healthz`, `/readyz`; `/metrics`, `/openapi.json`; the web UI at `/` (`web.rs`).
 
 mod auth;
 mod extract;
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod problem;
 mod routes;
+mod web;
 
 pub use auth::Caller;
 pub use problem::ApiError;
@@ -51,6 +52,7 @@ pub fn router(core: Context, mut registry: Registry) -> Router {
     };
     let (router, _) = openapi::routes().split_for_parts();
     router
+        .merge(web::routes())
         .fallback(|| async { ApiError::from(loraforge_core::Error::NotFound("route")) })
         .layer(axum::middleware::from_fn_with_state(http, metrics::track))
         .layer(axum::middleware::from_fn(reject_nul_in_uri))

@@ -39,7 +39,13 @@ pub struct Settings {
     pub reconcile_interval: Duration,
     /// The LoraJob operator, when `LORAFORGE_OPERATOR=enabled`.
     pub operator: Option<crate::operator::OperatorSettings>,
+    /// The built web UI (`index.html` and `assets/`), served at `/`; `None` serves none.
+    /// `LORAFORGE_WEB_DIR`; default: this checkout's `web/dist` (`npm run build` in `web/`).
+    pub web_dir: Option<PathBuf>,
 }
+
+/// Where `npm run build` puts the UI in the checkout this binary was built from.
+pub const CHECKOUT_WEB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../web/dist");
 
 #[derive(Debug, Clone)]
 pub enum ExecutorSettings {
@@ -194,6 +200,9 @@ impl Settings {
             file_roots,
             reconcile_interval: Duration::from_secs(parse("LORAFORGE_RECONCILE_SECS", 120u64)?),
             operator: operator_from_env()?,
+            web_dir: Some(
+                var("LORAFORGE_WEB_DIR").map_or_else(|| CHECKOUT_WEB_DIR.into(), PathBuf::from),
+            ),
         })
     }
 }

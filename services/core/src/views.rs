@@ -34,6 +34,42 @@ pub struct JobView {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// A row of the job list: the job, and how far its training has come.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobSummary {
+    #[serde(flatten)]
+    pub job: JobView,
+    /// From the newest progress event; `null` before the first step.
+    pub progress: Option<JobProgress>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobProgress {
+    pub step: u32,
+    pub total_steps: u32,
+    /// The loss of that step.
+    pub loss: f64,
+}
+
+impl JobProgress {
+    /// What a progress event says; `None` for any other event.
+    pub fn of(event: &EventPayload) -> Option<JobProgress> {
+        match *event {
+            EventPayload::Progress {
+                step,
+                total_steps,
+                loss,
+                ..
+            } => Some(JobProgress {
+                step,
+                total_steps,
+                loss,
+            }),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobErrorView {
     pub kind: ErrorKind,

@@ -60,6 +60,9 @@ pub enum EventPayload {
         lr: f64,
         tokens_per_second: f64,
         eta_seconds: Option<f64>,
+        /// Global L2 norm of the step's gradients, before clipping (`null` from older workers).
+        #[serde(default)]
+        grad_norm: Option<f64>,
     },
     /// Validation loss at a step.
     Eval { step: u32, loss: f64, tokens: u64 },

@@ -202,6 +202,8 @@ pub struct AppOptions {
     pub operator: Option<loraforge::operator::OperatorSettings>,
     /// An existing database (a restarted control plane); `None`: a fresh one.
     pub database_url: Option<String>,
+    /// The built web UI to serve at `/` (`None`: none).
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -217,6 +219,7 @@ impl Default for AppOptions {
             public_url: None,
             operator: None,
             database_url: None,
+            web_dir: None,
         }
     }
 }
@@ -261,6 +264,7 @@ impl TestApp {
             file_roots: vec![std::env::temp_dir()],
             reconcile_interval: Duration::from_secs(120),
             operator: options.operator.clone(),
+            web_dir: options.web_dir.clone(),
         };
         let storage_url = settings.storage_url.clone();
         let app = Application::build(settings).await?;

@@ -40,7 +40,7 @@ pub struct AdapterPage {
     next_cursor: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/adapters", tag = "registry", params(AdapterFilter),
+#[utoipa::path(get, path = "/v1/adapters", tag = "registry", operation_id = "list_adapters", params(AdapterFilter),
     responses((status = 200, body = AdapterPage), problems::Unprocessable))]
 pub async fn list(
     State(state): State<ApiState>,

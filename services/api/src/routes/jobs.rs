@@ -1,4 +1,4 @@
-//! User routes for jobs: submit, read, events (paged and streamed), cancel.
+//! User routes for jobs: submit, list, read, events (paged and streamed), cancel.
 
 use crate::auth::Caller;
 use crate::extract::{ApiBody, ApiPath, ApiQuery};
@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use loraforge_core::auth::Scope;
-use loraforge_core::jobs::{self, submission, submission::Submitted};
-use loraforge_core::views::{EventView, JobView};
+use loraforge_core::jobs::{self, submission, submission::Submitted, JobCursor, JobFilter};
+use loraforge_core::views::{EventView, JobProgress, JobSummary, JobView};
 use loraforge_spec::JobSpec;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
@@ -61,7 +61,62 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     })
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct JobPage {
+    jobs: Vec<JobSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// The project's jobs, newest first, each with its latest training progress.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", operation_id = "list_jobs", params(JobFilter),
+    responses((status = 200, body = JobPage), problems::Unprocessable))]
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<JobFilter>,
+) -> Result<Json<JobPage>, ApiError> {
+    caller.require(Scope::Read)?;
+    let limit = filter.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    let rows = jobs::list(
+        &state.pool,
+        &caller.project,
+        &filter.statuses()?,
+        filter.adapter.as_deref(),
+        filter.cursor()?,
+        limit,
+    )
+    .await?;
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|j| JobCursor::after(j).to_string()))
+        .flatten();
+    let ids: Vec<Uuid> = rows.iter().map(|j| j.id).collect();
+    let mut progress: std::collections::HashMap<Uuid, JobProgress> =
+        jobs::latest_progress_of(&state.pool, &ids)
+            .await?
+            .into_iter()
+            .filter_map(|(id, event)| Some((id, JobProgress::of(&event)?)))
+            .collect();
+    let jobs = rows
+        .into_iter()
+        .map(|row| JobSummary {
+            progress: progress.remove(&row.id),
+            job: row.into(),
+        })
+        .collect();
+    Ok(Json(JobPage { jobs, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", operation_id = "get_job", params(("id" = Uuid, Path)),
     responses((status = 200, body = JobView), problems::NotFound))]
 pub async fn get(
     State(state): State<ApiState>,

@@ -2,6 +2,7 @@
 //! shapes the answer; the `#[utoipa::path]` beside it is its OpenAPI entry.
 
 pub mod adapters;
+pub mod identity;
 pub mod inputs;
 pub mod jobs;
 pub mod probes;

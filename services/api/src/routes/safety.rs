@@ -9,7 +9,7 @@ use axum::Json;
 use loraforge_core::auth::Scope;
 use loraforge_spec::safety::SafetyPolicy;
 
-#[utoipa::path(get, path = "/v1/safety-policy", tag = "safety", responses((status = 200, body = SafetyPolicy)))]
+#[utoipa::path(get, path = "/v1/safety-policy", tag = "safety", operation_id = "get_safety_policy", responses((status = 200, body = SafetyPolicy)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,

@@ -24,7 +24,7 @@ pub async fn create(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks", responses((status = 200, body = Vec<WebhookRow>)))]
+#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks", operation_id = "list_webhooks", responses((status = 200, body = Vec<WebhookRow>)))]
 pub async fn list(
     State(s): State<ApiState>,
     caller: Caller,

@@ -42,7 +42,7 @@ pub async fn stage(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/worker/jobs/{id}/events", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)), request_body = EventBatch,
+#[utoipa::path(post, path = "/v1/worker/jobs/{id}/events", tag = "worker", operation_id = "report_events", security(("worker_token" = [])), params(("id" = Uuid, Path)), request_body = EventBatch,
     responses((status = 204, description = "recorded"), problems::BadRequest, problems::Unauthorized, problems::NotFound, problems::Unprocessable))]
 pub async fn events(
     State(state): State<ApiState>,

@@ -108,27 +108,138 @@ pub async fn latest_progress(
     pool: &PgPool,
     id: Uuid,
 ) -> Result<Option<(u32, u32, f64)>, sqlx::Error> {
-    let payload = sqlx::query_scalar!(
-        r#"SELECT payload AS "payload: Json<EventPayload>" FROM job_events
-           WHERE job_id = $1 AND kind = 'progress' ORDER BY seq DESC LIMIT 1"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(match payload.map(|p| p.0) {
-        Some(EventPayload::Progress {
-            step,
-            total_steps,
-            loss,
-            ..
-        }) => Some((step, total_steps, loss)),
-        _ => None,
-    })
+    Ok(latest_progress_of(pool, &[id])
+        .await?
+        .into_iter()
+        .find_map(|(_, event)| match event {
+            EventPayload::Progress {
+                step,
+                total_steps,
+                loss,
+                ..
+            } => Some((step, total_steps, loss)),
+            _ => None,
+        }))
 }
 
 /// The job, or `NotFound`.
 pub async fn find(pool: &PgPool, project: &str, id: Uuid) -> Result<JobRow> {
     get(pool, project, id).await?.ok_or(Error::NotFound("job"))
+}
+
+/// Filters and paging of the job list (newest first).
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    /// Only jobs in one of these states, comma-separated (`queued,running`).
+    pub status: Option<String>,
+    /// Only jobs of this adapter.
+    pub adapter: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    pub limit: Option<i64>,
+}
+
+impl JobFilter {
+    /// The states named by `status`; empty for all.
+    pub fn statuses(&self) -> Result<Vec<JobStatus>> {
+        let Some(list) = self.status.as_deref().filter(|s| !s.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        list.split(',')
+            .map(|s| s.trim().parse().map_err(|m| Error::invalid("status", m)))
+            .collect()
+    }
+
+    pub fn cursor(&self) -> Result<Option<JobCursor>> {
+        self.cursor.as_deref().map(JobCursor::parse).transpose()
+    }
+}
+
+/// Where a page of the job list ends: the last job's creation time and id (the list's
+/// order), written `<microseconds>_<uuid>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+impl JobCursor {
+    pub fn after(job: &JobRow) -> JobCursor {
+        JobCursor {
+            created_at: job.created_at,
+            id: job.id,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<JobCursor> {
+        let bad = || Error::invalid("cursor", "not a cursor this API returned");
+        let (micros, id) = s.split_once('_').ok_or_else(bad)?;
+        // Years 1970 to 9999: anything else is no job's time (and some of it is beyond what
+        // Postgres can hold).
+        let micros: i64 = micros
+            .parse()
+            .ok()
+            .filter(|m| (0..=253_402_300_799_999_999).contains(m))
+            .ok_or_else(bad)?;
+        Ok(JobCursor {
+            created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+            id: id.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl std::fmt::Display for JobCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}_{}", self.created_at.timestamp_micros(), self.id)
+    }
+}
+
+/// A project's jobs, newest first: those in `statuses` (all when empty), of `adapter` if
+/// given, after `cursor`.
+pub async fn list(
+    pool: &PgPool,
+    project: &str,
+    statuses: &[JobStatus],
+    adapter: Option<&str>,
+    cursor: Option<JobCursor>,
+    limit: i64,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    query_jobs!(
+        "SELECT ",
+        " FROM jobs
+         WHERE project = $1 AND (cardinality($2::text[]) = 0 OR status = ANY($2))
+           AND ($3::text IS NULL OR adapter_name = $3)
+           AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
+         ORDER BY created_at DESC, id DESC LIMIT $6",
+        project,
+        statuses as &[JobStatus],
+        adapter,
+        cursor.map(|c| c.created_at),
+        cursor.map(|c| c.id),
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The newest progress event of each of `jobs` that has one (one index lookup per job).
+pub async fn latest_progress_of(
+    pool: &PgPool,
+    jobs: &[Uuid],
+) -> Result<Vec<(Uuid, EventPayload)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT j.id AS "id!", p.payload AS "payload!: Json<EventPayload>"
+           FROM UNNEST($1::uuid[]) AS j(id)
+           CROSS JOIN LATERAL (SELECT payload FROM job_events e
+                               WHERE e.job_id = j.id AND e.kind = 'progress'
+                               ORDER BY e.seq DESC LIMIT 1) p"#,
+        jobs,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.payload.0)).collect())
 }
 
 pub async fn record_event(
@@ -501,4 +612,44 @@ pub async fn cancel(ctx: &Context, project: &str, id: Uuid) -> Result<JobRow> {
         }
     }
     find(&ctx.pool, project, id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{JobCursor, JobFilter};
+    use loraforge_spec::JobStatus;
+
+    #[test]
+    fn a_cursor_reads_back_as_written() {
+        let cursor = JobCursor {
+            created_at: chrono::DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap(),
+            id: uuid::Uuid::new_v4(),
+        };
+        assert_eq!(JobCursor::parse(&cursor.to_string()).unwrap(), cursor);
+        let id = uuid::Uuid::nil();
+        for bad in [
+            "".to_string(),
+            "12".into(),
+            "x_y".into(),
+            "12_not-a-uuid".into(),
+            format!("-1_{id}"),
+            format!("{}_{id}", i64::MAX),
+        ] {
+            assert!(JobCursor::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_status_filter_is_a_comma_separated_list() {
+        let filter = |s: &str| JobFilter {
+            status: Some(s.into()),
+            ..JobFilter::default()
+        };
+        assert_eq!(
+            filter("queued, running").statuses().unwrap(),
+            [JobStatus::Queued, JobStatus::Running]
+        );
+        assert!(filter("").statuses().unwrap().is_empty());
+        assert!(filter("running,done").statuses().is_err());
+    }
 }

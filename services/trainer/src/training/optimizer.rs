@@ -145,16 +145,10 @@ pub fn zero_grads(params: &[Tensor]) {
 /// `clip_grad_norm_` does (`max_norm / (norm + 1e-6)`, capped at 1, always applied); returns
 /// the norm before clipping.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
-    let grads: Vec<Tensor> = params
-        .iter()
-        .map(Tensor::grad)
-        .filter(Tensor::defined)
-        .collect();
-    if grads.is_empty() {
+    let grads = defined_grads(params);
+    let Some(total) = global_norm(&grads) else {
         return 0.0;
-    }
-    let norms: Vec<Tensor> = grads.iter().map(Tensor::norm).collect();
-    let total = Tensor::stack(&norms, 0).norm();
+    };
     // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
     let coefficient = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
     tch::no_grad(|| {
@@ -163,6 +157,29 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         }
     });
     total.double_value(&[])
+}
+
+/// The global L2 norm of the gradients of `params`, unchanged: what the step reports when
+/// clipping is off (the same number [`clip_grad_norm`] returns).
+pub fn grad_norm(params: &[Tensor]) -> f64 {
+    global_norm(&defined_grads(params)).map_or(0.0, |total| total.double_value(&[]))
+}
+
+fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .collect()
+}
+
+/// The norm of the per-tensor norms, as `clip_grad_norm_` computes it; `None` without gradients.
+fn global_norm(grads: &[Tensor]) -> Option<Tensor> {
+    if grads.is_empty() {
+        return None;
+    }
+    let norms: Vec<Tensor> = grads.iter().map(Tensor::norm).collect();
+    Some(Tensor::stack(&norms, 0).norm())
 }
 
 /// The learning rate of optimizer step `step` (1-based) of `total`: Hugging Face's
@@ -264,6 +281,9 @@ mod tests {
             ((&a * &a).sum(Kind::Float) / 2.0 + (&b * &b).sum(Kind::Float) / 2.0).backward();
         };
         backward();
+        // Measuring leaves the gradients as they are; clipping reports the same norm.
+        assert_eq!(grad_norm(&params), 5.0);
+        assert_eq!(a.grad().double_value(&[0]), 3.0);
         assert_eq!(clip_grad_norm(&params, 1.0), 5.0);
         let clipped = Tensor::cat(&[a.grad(), b.grad()], 0);
         let norm = clipped.norm().double_value(&[]);

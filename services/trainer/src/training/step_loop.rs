@@ -4,7 +4,7 @@
 
 use super::attach::AdaptedModel;
 use super::checkpoint::{checkpoint_of, restore, CheckpointStore, SavedCheckpoint, TrainingState};
-use super::optimizer::{clip_grad_norm, learning_rate, zero_grads};
+use super::optimizer::{clip_grad_norm, grad_norm, learning_rate, zero_grads};
 use super::seeds::{derive_seed, SeedUse};
 use super::{log, Reporter};
 use crate::data::{Batch, ExampleSet, TrainingRows};
@@ -63,6 +63,16 @@ impl Plan {
             tail_start: total_steps - (total_steps / 10).max(1),
         }
     }
+}
+
+/// What one optimizer step reports.
+struct StepOutcome {
+    /// Mean over the step's target tokens.
+    loss: f64,
+    /// Tokens the step read.
+    tokens: u64,
+    /// Global gradient norm before clipping.
+    grad_norm: f64,
 }
 
 /// Where a run's steps report, save checkpoints, and learn that they must stop.
@@ -144,7 +154,11 @@ impl<'a> Run<'a> {
                 training.warmup_steps,
                 total_steps,
             );
-            let (loss, step_tokens) = self.step(step, lr, state, hooks.reporter)?;
+            let StepOutcome {
+                loss,
+                tokens: step_tokens,
+                grad_norm,
+            } = self.step(step, lr, state, hooks.reporter)?;
 
             tokens_this_attempt += step_tokens;
             state.step = step;
@@ -164,6 +178,7 @@ impl<'a> Run<'a> {
                 eta_seconds: Some(
                     elapsed / f64::from(step + 1 - first_step) * f64::from(total_steps - step),
                 ),
+                grad_norm: Some(grad_norm),
             });
             // The last step is always validated after the loop, and never needs a checkpoint.
             if step == total_steps {
@@ -190,15 +205,14 @@ impl<'a> Run<'a> {
     }
 
     /// One optimizer step: the step's micro-batches forward and backward, the accumulated
-    /// gradients clipped, AdamW and the method's hooks. Returns the step's loss (mean over its
-    /// target tokens) and how many tokens it read.
+    /// gradients clipped, AdamW and the method's hooks.
     fn step(
         &mut self,
         step: u32,
         lr: f64,
         state: &mut TrainingState,
         reporter: &mut dyn Reporter,
-    ) -> Result<(f64, u64)> {
+    ) -> Result<StepOutcome> {
         let training = &self.spec.training;
         let (plan, adapted) = (&self.plan, &mut self.adapted);
         adapted.method.before_step(step);
@@ -247,9 +261,10 @@ impl<'a> Run<'a> {
                 training.learning_rate
             )));
         }
-        if let Some(max_norm) = training.max_grad_norm {
-            clip_grad_norm(&adapted.trained, max_norm);
-        }
+        let norm = match training.max_grad_norm {
+            Some(max_norm) => clip_grad_norm(&adapted.trained, max_norm),
+            None => grad_norm(&adapted.trained),
+        };
         adapted.optimizer.step(lr);
         adapted.method.after_step(StepInfo {
             index: step,
@@ -264,7 +279,11 @@ impl<'a> Run<'a> {
             reporter.report(ranks.event(step));
             self.last_ranks = Some(ranks);
         }
-        Ok((loss, micro_batches.iter().map(|b| b.tokens).sum()))
+        Ok(StepOutcome {
+            loss,
+            tokens: micro_batches.iter().map(|b| b.tokens).sum(),
+            grad_norm: norm,
+        })
     }
 
     /// Reports the validation loss after `step`, where the run has validation data; returns it.
