@@ -229,8 +229,7 @@ async fn reconcile(obj: Arc<LoraJob>, op: Arc<Operator>) -> Result<Action, Opera
         }
     }
     if Some(&status) != obj.status.as_ref() {
-        let patch = json!({"status": status});
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        api.patch_status(&name, &PatchParams::default(), &status_patch(&status))
             .await?;
     }
     Ok(if job.status.is_final() {
@@ -238,6 +237,19 @@ async fn reconcile(obj: Arc<LoraJob>, op: Arc<Operator>) -> Result<Action, Opera
     } else {
         Action::requeue(REFRESH)
     })
+}
+
+/// A merge patch that sets the whole status: fields it lacks are cleared (`null`), so a
+/// rejected object keeps nothing from an earlier report.
+fn status_patch(status: &LoraJobStatus) -> Patch<serde_json::Value> {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    let full = serde_json::to_value(LoraJobStatus::full()).unwrap_or_default();
+    if let (Some(set), Some(all)) = (value.as_object_mut(), full.as_object()) {
+        for key in all.keys() {
+            set.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    Patch::Merge(json!({ "status": value }))
 }
 
 fn spec_changed() -> (String, String) {

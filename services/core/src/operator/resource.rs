@@ -85,3 +85,21 @@ pub struct Condition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
+
+impl LoraJobStatus {
+    /// A status with every field present (its keys name everything a status can hold).
+    pub fn full() -> LoraJobStatus {
+        LoraJobStatus {
+            phase: Some(String::new()),
+            conditions: vec![Condition::default()],
+            job_id: Some(String::new()),
+            attempt: Some(0),
+            step: Some(String::new()),
+            max_steps: Some(0),
+            loss: Some(0.0),
+            adapter_version: Some(AdapterVersionStatus::default()),
+            safety_decision: Some(String::new()),
+            observed_generation: Some(0),
+        }
+    }
+}
