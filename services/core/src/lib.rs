@@ -21,6 +21,8 @@ pub mod db;
 pub mod error;
 pub mod executor;
 pub mod jobs;
+#[cfg(test)]
+mod kube_mock;
 pub mod lease;
 pub mod metrics;
 pub mod notify;

@@ -97,3 +97,84 @@ fn micro_time(t: Timestamp) -> String {
         t.subsec_microsecond()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube_mock::{expect, mock_client, not_found, status};
+    use http::Method;
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ml/leases/loraforge-operator";
+
+    fn election(client: kube::Client, me: &str) -> LeaderElection {
+        LeaderElection::new(
+            Api::namespaced(client, "ml"),
+            "loraforge-operator",
+            me.into(),
+            Duration::from_secs(15),
+        )
+    }
+
+    fn lease(holder: &str, renewed: Timestamp) -> serde_json::Value {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "loraforge-operator", "namespace": "ml", "resourceVersion": "41"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                "acquireTime": micro_time(renewed), "renewTime": micro_time(renewed)}})
+    }
+
+    #[tokio::test]
+    async fn the_first_replica_creates_the_lease_and_leads() {
+        let (client, mut server) = mock_client();
+        let run = tokio::spawn(async move { election(client, "a").try_lead().await });
+        expect(&mut server, Method::GET, PATH, not_found()).await;
+        let (_, body) = expect(
+            &mut server,
+            Method::POST,
+            "/apis/coordination.k8s.io/v1/namespaces/ml/leases",
+            (201, json!({})),
+        )
+        .await;
+        assert_eq!(body["spec"]["holderIdentity"], "a");
+        assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        assert!(run.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_fresh_lease_of_another_replica_is_left_alone() {
+        let (client, mut server) = mock_client();
+        let run = tokio::spawn(async move { election(client, "b").try_lead().await });
+        expect(
+            &mut server,
+            Method::GET,
+            PATH,
+            (200, lease("a", Timestamp::now())),
+        )
+        .await;
+        assert!(
+            !run.await.unwrap().unwrap(),
+            "b must not lead while a renews"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_naming_the_version_read() {
+        let (client, mut server) = mock_client();
+        let run = tokio::spawn(async move { election(client, "b").try_lead().await });
+        let stale = Timestamp::now() - SignedDuration::from_secs(60);
+        expect(&mut server, Method::GET, PATH, (200, lease("a", stale))).await;
+        let (_, body) = expect(&mut server, Method::PATCH, PATH, (200, json!({}))).await;
+        assert_eq!(body["spec"]["holderIdentity"], "b");
+        assert_eq!(body["metadata"]["resourceVersion"], "41");
+        assert!(run.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn losing_the_race_for_a_lease_is_not_leading() {
+        let (client, mut server) = mock_client();
+        let run = tokio::spawn(async move { election(client, "b").try_lead().await });
+        let stale = Timestamp::now() - SignedDuration::from_secs(60);
+        expect(&mut server, Method::GET, PATH, (200, lease("a", stale))).await;
+        expect(&mut server, Method::PATCH, PATH, status(409, "Conflict")).await;
+        assert!(!run.await.unwrap().unwrap());
+    }
+}

@@ -3,55 +3,17 @@
 use super::*;
 use crate::executor::kubernetes::test_support::{launch, settings, TOKEN};
 use crate::executor::reconcile;
-use http::{Method, Request, Response};
-use kube::client::Body;
+use crate::kube_mock::{expect, mock_client, not_found, ApiServer};
+use http::Method;
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle};
-
-type ApiServer = Handle<Request<Body>, Response<Body>>;
 
 fn executor() -> (KubernetesExecutor, ApiServer) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (client, handle) = mock_client();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     // The reports channel is unused by these calls; keep the receiver alive anyway.
-    std::mem::forget(_rx);
+    std::mem::forget(rx);
     let executor = KubernetesExecutor::new(client, settings(), Duration::from_secs(60), tx);
     (executor, handle)
-}
-
-/// Answers the next request: asserts its method and path (and query, when given), and
-/// returns its JSON body for more checks.
-async fn expect(
-    server: &mut ApiServer,
-    method: Method,
-    path: &str,
-    answer: (u16, Value),
-) -> (String, Value) {
-    let (request, respond) = server.next_request().await.expect("a request");
-    assert_eq!(request.method(), method, "{}", request.uri());
-    assert_eq!(request.uri().path(), path);
-    let query = request.uri().query().unwrap_or_default().to_string();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    respond.send_response(
-        Response::builder()
-            .status(answer.0)
-            .body(Body::from(serde_json::to_vec(&answer.1).unwrap()))
-            .unwrap(),
-    );
-    (query, body)
-}
-
-fn not_found() -> (u16, Value) {
-    (
-        404,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-    )
 }
 
 fn list(items: Vec<Value>) -> (u16, Value) {
