@@ -59,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
         default_project: "default".into(),
         file_roots: vec![],
         reconcile_interval: Duration::from_secs(120),
+        header_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(300),
+        max_connections: 4096,
         operator: None,
         web_dir: None,
     };

@@ -2,12 +2,11 @@
 //! token of their attempt. Every user route takes a [`Caller`] and works inside its project
 //! only, so another project's objects simply do not exist (404).
 
-use crate::extract::bearer;
+use crate::extract::{bearer, ApiPath};
 use crate::problem::ApiError;
 use crate::ApiState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
 use loraforge_core::auth::{self, Scope};
 use loraforge_core::jobs::{self, JobRow};
 use loraforge_core::Error;
@@ -43,14 +42,23 @@ impl FromRequestParts<ApiState> for Caller {
 }
 
 /// The job whose current attempt's token the worker presents; any other token is refused.
-pub async fn worker_job(
-    state: &ApiState,
-    job_id: Uuid,
-    headers: &HeaderMap,
-) -> Result<JobRow, ApiError> {
-    let token = bearer(headers).ok_or(Error::Unauthenticated)?;
-    let sha = Sha256::digest(token.as_bytes());
-    Ok(jobs::authenticate_worker(&state.pool, job_id, &sha)
-        .await?
-        .ok_or(Error::Unauthenticated)?)
+/// The job a worker's request is for (`/v1/worker/jobs/{id}/…`), once its bearer token is
+/// checked against the attempt's. An extractor on the request's parts: it runs before any
+/// body extractor, so a request without a valid token is refused (401) unread.
+pub struct WorkerJob(pub JobRow);
+
+impl FromRequestParts<ApiState> for WorkerJob {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = bearer(&parts.headers)
+            .ok_or(Error::Unauthenticated)?
+            .to_string();
+        let ApiPath(job_id) = ApiPath::<Uuid>::from_request_parts(parts, state).await?;
+        let sha = Sha256::digest(token.as_bytes());
+        Ok(WorkerJob(
+            jobs::authenticate_worker(&state.pool, job_id, &sha)
+                .await?
+                .ok_or(Error::Unauthenticated)?,
+        ))
+    }
 }

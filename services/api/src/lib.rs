@@ -50,15 +50,44 @@ pub fn router(core: Context, mut registry: Registry) -> Router {
         core,
         registry: Arc::new(registry),
     };
+    let request_timeout = state.settings.request_timeout;
     let (router, _) = openapi::routes().split_for_parts();
     router
         .merge(web::routes())
         .fallback(|| async { ApiError::from(loraforge_core::Error::NotFound("route")) })
         .layer(axum::middleware::from_fn_with_state(http, metrics::track))
         .layer(axum::middleware::from_fn(reject_nul_in_uri))
+        .layer(axum::middleware::from_fn(close_after_refused_body))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// A request refused before its body was read (401, 413, …) leaves that body unread on the
+/// connection, which then cannot carry another request: say so with `Connection: close`, so
+/// keep-alive clients open a new one instead of seeing the old one fail.
+async fn close_after_refused_body(
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let headers = req.headers();
+    let has_body = headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    let mut response = next.run(req).await;
+    if has_body && (response.status().is_client_error() || response.status().is_server_error()) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Postgres cannot hold NUL in text; a `%00` anywhere in the path or query is refused

@@ -45,6 +45,21 @@ impl Application {
             .await
             .with_context(|| format!("starting the {} executor", settings.executor.name()))?;
         tracing::info!(%addr, executor = executor.name(), storage = settings.storage_url, "control plane ready");
+        // file:// inputs are read from these directories only; make the default one exist.
+        for root in &settings.file_roots {
+            if let Err(e) = std::fs::create_dir_all(root) {
+                tracing::warn!(root = %root.display(), error = %e, "cannot create an input directory");
+            }
+        }
+        let roots: Vec<String> = settings
+            .file_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        tracing::info!(
+            roots = roots.join(":"),
+            "file:// inputs are read from these directories (LORAFORGE_FILE_ROOTS)"
+        );
         let read_cache = Arc::new(ReadCache::default());
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry, &read_cache));
@@ -101,13 +116,16 @@ impl Application {
         if let Some(settings) = ctx.settings.operator.clone() {
             loops.push(tokio::spawn(operator::run(ctx.clone(), settings, stop_rx)));
         }
+        let limits = crate::serve::Limits {
+            header_timeout: ctx.settings.header_timeout,
+            max_connections: ctx.settings.max_connections,
+        };
         let router = loraforge_api::router(ctx, self.registry);
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = stop_tx.send(true);
-            })
-            .await?;
+        crate::serve::serve(self.listener, router, limits, async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
         for task in loops {
             let _ = task.await;
         }

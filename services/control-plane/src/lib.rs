@@ -13,6 +13,7 @@
 
 mod app;
 pub mod crd;
+mod serve;
 
 pub use app::{connect, Application};
 pub use loraforge_core::{auth, executor, jobs, operator, registry, settings, Context, Settings};

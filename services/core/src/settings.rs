@@ -32,11 +32,17 @@ pub struct Settings {
     /// The project of every request when auth is disabled.
     pub default_project: String,
     /// `file://` inputs must lie under one of these directories (`LORAFORGE_FILE_ROOTS`,
-    /// colon-separated; default: the data directory).
+    /// colon-separated; default: `inputs/` in the data directory, created at start).
     pub file_roots: Vec<PathBuf>,
     /// How often the executor's workers are reconciled with the jobs table (stale workers
     /// removed, vanished ones failed).
     pub reconcile_interval: Duration,
+    /// A request's headers must arrive within this, or its connection is closed.
+    pub header_timeout: Duration,
+    /// A request must be answered within this (a streamed answer: must start).
+    pub request_timeout: Duration,
+    /// Most connections open at once; past it new ones are closed at once.
+    pub max_connections: usize,
     /// The LoraJob operator, when `LORAFORGE_OPERATOR=enabled`.
     pub operator: Option<crate::operator::OperatorSettings>,
     /// The built web UI (`index.html` and `assets/`), served at `/`; `None` serves none.
@@ -86,6 +92,28 @@ pub struct KubernetesSettings {
 pub struct SharedVolume {
     pub claim: String,
     pub mount_path: PathBuf,
+}
+
+/// Where `file://` inputs may be read from: under one of `roots`, and never under
+/// `forbidden`, whatever the roots say: the artifact store (every project's adapters) and
+/// the worker logs are not inputs.
+#[derive(Debug, Clone, Default)]
+pub struct FileInputs {
+    pub roots: Vec<PathBuf>,
+    pub forbidden: Vec<PathBuf>,
+}
+
+impl Settings {
+    pub fn file_inputs(&self) -> FileInputs {
+        let mut forbidden = vec![self.data_dir.join("logs")];
+        if let Some(store) = self.storage_url.strip_prefix("file://") {
+            forbidden.push(PathBuf::from(store));
+        }
+        FileInputs {
+            roots: self.file_roots.clone(),
+            forbidden,
+        }
+    }
 }
 
 impl ExecutorSettings {
@@ -159,7 +187,7 @@ impl Settings {
         };
         let file_roots = match var("LORAFORGE_FILE_ROOTS") {
             Some(roots) => std::env::split_paths(&roots).collect(),
-            None => vec![data_dir.clone()],
+            None => vec![data_dir.join("inputs")],
         };
         Ok(Settings {
             database_url: var("DATABASE_URL")
@@ -199,6 +227,9 @@ impl Settings {
             default_project: "default".into(),
             file_roots,
             reconcile_interval: Duration::from_secs(parse("LORAFORGE_RECONCILE_SECS", 120u64)?),
+            header_timeout: Duration::from_secs(parse("LORAFORGE_HEADER_TIMEOUT_SECS", 10u64)?),
+            request_timeout: Duration::from_secs(parse("LORAFORGE_REQUEST_TIMEOUT_SECS", 300u64)?),
+            max_connections: parse("LORAFORGE_MAX_CONNECTIONS", 1024usize)?,
             operator: operator_from_env()?,
             web_dir: Some(
                 var("LORAFORGE_WEB_DIR").map_or_else(|| CHECKOUT_WEB_DIR.into(), PathBuf::from),

@@ -88,11 +88,7 @@ pub fn from_value<T: serde::de::DeserializeOwned>(
 /// Parses JSON into `T`, reporting the path of the field that failed (`method.r`).
 /// NUL characters are refused up front: Postgres cannot store them in text or jsonb.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
-    if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
-        return Err(SpecError::malformed(
-            "NUL characters (\\u0000) are not accepted".into(),
-        ));
-    }
+    refuse_nul(bytes)?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
@@ -114,4 +110,111 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Spe
     de.end()
         .map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+/// [`parse_json`] into a JSON value, refusing an object that names a key twice (serde's
+/// own `Value` keeps the last one silently, so `"adapter_name": "BAD NAME",
+/// "adapter_name": "ok"` would pass validation on the second). The error names the key.
+pub fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, SpecError> {
+    refuse_nul(bytes)?;
+    let duplicate = std::cell::RefCell::new(None);
+    let checked: Result<UniqueKeysChecked, SpecError> = {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let seed = UniqueKeys {
+            path: String::new(),
+            duplicate: &duplicate,
+        };
+        serde::de::DeserializeSeed::deserialize(seed, &mut de)
+            .map(|_| UniqueKeysChecked)
+            .map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))
+    };
+    if let Some(field) = duplicate.into_inner() {
+        return Err(SpecError::one(
+            field,
+            "is given twice; each key may appear once",
+        ));
+    }
+    checked?;
+    parse_json(bytes)
+}
+
+struct UniqueKeysChecked;
+
+/// Walks a JSON document, recording the path of the first key an object repeats.
+struct UniqueKeys<'a> {
+    path: String,
+    duplicate: &'a std::cell::RefCell<Option<String>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while seq
+            .next_element_seed(UniqueKeys {
+                path: format!("{}[{i}]", self.path),
+                duplicate: self.duplicate,
+            })?
+            .is_some()
+        {
+            i += 1;
+        }
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            if !seen.insert(key) {
+                *self.duplicate.borrow_mut() = Some(path);
+                return Err(serde::de::Error::custom("a key is given twice"));
+            }
+            map.next_value_seed(UniqueKeys {
+                path,
+                duplicate: self.duplicate,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn refuse_nul(bytes: &[u8]) -> Result<(), SpecError> {
+    if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Err(SpecError::malformed(
+            "NUL characters (\\u0000) are not accepted".into(),
+        ));
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! A training job as the user submits it, and the states it moves through.
 
-use crate::error::{from_value, parse_json, FieldError, SpecError};
+use crate::error::{from_value, parse_json_value, FieldError, SpecError};
 use crate::method::MethodConfig;
 use crate::names::AdapterName;
 use crate::resources::Resources;
@@ -379,7 +379,7 @@ impl JobSpec {
     /// Parses and validates a submitted job. Every problem found is reported, each
     /// naming its field, so a user can fix them all in one go.
     pub fn parse(bytes: &[u8]) -> Result<JobSpec, SpecError> {
-        let value: serde_json::Value = parse_json(bytes)?;
+        let value: serde_json::Value = parse_json_value(bytes)?;
         if let Some(method) = value.get("method") {
             MethodConfig::check_fields(method)?;
         }

@@ -27,6 +27,12 @@ pub fn check_data_uri(uri: &str) -> Result<(), String> {
     if rest.trim_matches('/').is_empty() {
         return Err(format!("{uri:?} names no object"));
     }
+    // One rule for every reader: `train.jsonl/` is not `train.jsonl` to a worker.
+    if rest.ends_with('/') {
+        return Err(format!(
+            "{uri:?} ends with '/': name the file or directory without a trailing slash"
+        ));
+    }
     Ok(())
 }
 

@@ -202,6 +202,10 @@ pub struct AppOptions {
     pub operator: Option<loraforge::operator::OperatorSettings>,
     /// An existing database (a restarted control plane); `None`: a fresh one.
     pub database_url: Option<String>,
+    /// How long a request's headers may take.
+    pub header_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
     /// The built web UI to serve at `/` (`None`: none).
     pub web_dir: Option<PathBuf>,
 }
@@ -219,6 +223,8 @@ impl Default for AppOptions {
             public_url: None,
             operator: None,
             database_url: None,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
             web_dir: None,
         }
     }
@@ -263,6 +269,9 @@ impl TestApp {
             // Fixtures live in temporary directories.
             file_roots: vec![std::env::temp_dir()],
             reconcile_interval: Duration::from_secs(120),
+            header_timeout: options.header_timeout,
+            request_timeout: Duration::from_secs(300),
+            max_connections: options.max_connections,
             operator: options.operator.clone(),
             web_dir: options.web_dir.clone(),
         };

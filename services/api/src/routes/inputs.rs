@@ -19,7 +19,7 @@ async fn register(
 ) -> Result<(StatusCode, Json<InputRow>), ApiError> {
     let (row, created) = inputs::register(
         &state.pool,
-        &state.settings.file_roots,
+        &state.settings.file_inputs(),
         caller.project.as_str(),
         kind,
         req,

@@ -1,12 +1,12 @@
 //! Worker routes (see `loraforge_spec::worker` for the protocol). Every call carries
 //! the attempt's bearer token; a stale or foreign token is refused.
 
-use crate::auth::worker_job;
-use crate::extract::{ApiJson, ApiPath};
+use crate::auth::WorkerJob;
+use crate::extract::ApiJson;
 use crate::problem::{problems, ApiError};
 use crate::ApiState;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use loraforge_core::jobs::attempts::{self, Outcome};
 use loraforge_core::jobs::{self, worker};
@@ -16,16 +16,13 @@ use loraforge_spec::worker::{
     WorkerAssignment,
 };
 use loraforge_spec::JobStatus;
-use uuid::Uuid;
 
 #[utoipa::path(get, path = "/v1/worker/jobs/{id}", tag = "worker", security(("worker_token" = [])), params(("id" = Uuid, Path)),
     responses((status = 200, body = WorkerAssignment), problems::Unauthorized, problems::NotFound))]
 pub async fn assignment(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
 ) -> Result<Json<WorkerAssignment>, ApiError> {
-    let job = worker_job(&state, id, &headers).await?;
     Ok(Json(worker::assignment(&state, job).await?))
 }
 
@@ -33,11 +30,9 @@ pub async fn assignment(
     responses((status = 204, description = "moved"), problems::BadRequest, problems::Unauthorized, problems::NotFound, problems::Conflict, problems::Unprocessable))]
 pub async fn stage(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
     ApiJson(req): ApiJson<StageRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let job = worker_job(&state, id, &headers).await?;
     jobs::worker_stage(&state.pool, &job, req.status).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -46,11 +41,9 @@ pub async fn stage(
     responses((status = 204, description = "recorded"), problems::BadRequest, problems::Unauthorized, problems::NotFound, problems::Unprocessable))]
 pub async fn events(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
     ApiJson(batch): ApiJson<EventBatch>,
 ) -> Result<StatusCode, ApiError> {
-    let job = worker_job(&state, id, &headers).await?;
     jobs::record_worker_events(&state, &job, &batch.events).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -59,11 +52,9 @@ pub async fn events(
     responses((status = 200, body = HeartbeatResponse), problems::Unauthorized, problems::NotFound))]
 pub async fn heartbeat(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    worker_job(&state, id, &headers).await?;
-    let status = jobs::heartbeat(&state.pool, id, state.settings.lease).await?;
+    let status = jobs::heartbeat(&state.pool, job.id, state.settings.lease).await?;
     Ok(Json(HeartbeatResponse {
         cancel_requested: status == Some(JobStatus::CancelRequested),
     }))
@@ -73,10 +64,8 @@ pub async fn heartbeat(
     responses((status = 200, body = ReservedVersion), problems::Unauthorized, problems::NotFound, problems::Conflict))]
 pub async fn reserve_version(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
 ) -> Result<Json<ReservedVersion>, ApiError> {
-    let job = worker_job(&state, id, &headers).await?;
     Ok(Json(publish::reserve_version(&state.pool, &job).await?))
 }
 
@@ -84,11 +73,9 @@ pub async fn reserve_version(
     responses((status = 204, description = "published"), problems::BadRequest, problems::Unauthorized, problems::NotFound, problems::Conflict, problems::Unprocessable))]
 pub async fn complete(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let job = worker_job(&state, id, &headers).await?;
     publish::complete(&state, &job, &req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -100,11 +87,9 @@ const MAX_FAILURE_MESSAGE: usize = 8000;
     responses((status = 204, description = "recorded"), problems::BadRequest, problems::Unauthorized, problems::NotFound, problems::Unprocessable))]
 pub async fn fail(
     State(state): State<ApiState>,
-    ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    WorkerJob(job): WorkerJob,
     ApiJson(req): ApiJson<FailRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let job = worker_job(&state, id, &headers).await?;
     let outcome = Outcome::WorkerFailed {
         kind: req.kind,
         message: req.message.chars().take(MAX_FAILURE_MESSAGE).collect(),

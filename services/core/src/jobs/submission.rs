@@ -180,7 +180,7 @@ async fn resolve_input(
     };
     if let Some(m) = ctx.settings.executor.refuses_input(&resolved.uri) {
         errors.push(FieldError::new(field, m));
-    } else if let Err(m) = inputs::check(&resolved.uri, &ctx.settings.file_roots, kind).await {
+    } else if let Err(m) = inputs::check(&resolved.uri, &ctx.settings.file_inputs(), kind).await {
         errors.push(FieldError::new(field, m));
     }
     Ok(Some(resolved))

@@ -2,12 +2,14 @@
 //! registration. Jobs may name them instead of giving a URI.
 
 use crate::error::{Error, Result};
+use crate::settings::FileInputs;
 use chrono::{DateTime, Utc};
 use loraforge_spec::model::ModelConfigSummary;
 use loraforge_spec::{AdapterName, InputRef};
 use loraforge_storage::{StorageError, Store};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
@@ -67,13 +69,13 @@ pub struct ResolvedInput {
 /// name again with the same URI and content is a no-op; anything else is a conflict.
 pub async fn register(
     pool: &PgPool,
-    roots: &[std::path::PathBuf],
+    files: &FileInputs,
     project: &str,
     kind: InputKind,
     req: RegisterInput,
 ) -> Result<(InputRow, bool)> {
     loraforge_spec::uri::check_data_uri(&req.uri).map_err(|m| Error::invalid("uri", m))?;
-    check(&req.uri, roots, kind)
+    check(&req.uri, files, kind)
         .await
         .map_err(|m| Error::invalid("uri", m))?;
     let (sha256, size, format) = match kind {
@@ -261,9 +263,11 @@ pub async fn resolve(
     }
 }
 
-/// `file://` inputs must lie under a configured root, so a request cannot make the
-/// control plane (or a worker) read arbitrary local files. Symlinks are resolved first.
-pub fn confine(uri: &str, roots: &[std::path::PathBuf]) -> Result<(), String> {
+/// `file://` inputs must lie under a configured root and outside the store and the logs,
+/// so a request cannot make the control plane (or a worker) read arbitrary local files or
+/// another project's artifacts. Every path is resolved first, and each file of a directory
+/// too, so a symlink cannot lead outside.
+pub fn confine(uri: &str, files: &FileInputs) -> Result<(), String> {
     let Ok(url) = url::Url::parse(uri) else {
         return Err(format!("{uri:?} is not a URI"));
     };
@@ -273,23 +277,64 @@ pub fn confine(uri: &str, roots: &[std::path::PathBuf]) -> Result<(), String> {
     let path = url
         .to_file_path()
         .map_err(|_| format!("{uri:?} is not an absolute local path"))?;
-    let path = path.canonicalize().unwrap_or(path);
-    let allowed = roots
-        .iter()
-        .any(|root| path.starts_with(root.canonicalize().unwrap_or_else(|_| root.clone())));
-    if allowed {
-        Ok(())
-    } else {
-        Err(format!(
-            "{uri} is outside the directories this server reads from (LORAFORGE_FILE_ROOTS)"
-        ))
+    let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+    let canonical = |dirs: &[PathBuf]| -> Vec<PathBuf> {
+        dirs.iter()
+            .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
+            .collect()
+    };
+    let (roots, forbidden) = (canonical(&files.roots), canonical(&files.forbidden));
+    let verdict = |real: &Path| {
+        if forbidden.iter().any(|f| real.starts_with(f)) {
+            Err("the artifact store and the worker logs are never read as inputs")
+        } else if roots.iter().any(|r| real.starts_with(r)) {
+            Ok(())
+        } else {
+            Err("outside the directories this server reads inputs from (LORAFORGE_FILE_ROOTS)")
+        }
+    };
+    verdict(&real).map_err(|why| format!("{uri}: {why}"))?;
+    if real.is_dir() {
+        for file in files_below(&real, 4, 10_000)? {
+            let resolved = file.canonicalize().unwrap_or_else(|_| file.clone());
+            if verdict(&resolved).is_err() {
+                let name = file.strip_prefix(&real).unwrap_or(&file).display();
+                return Err(format!(
+                    "{uri}: {name} is a link to a file outside the directories this server reads inputs from"
+                ));
+            }
+        }
     }
+    Ok(())
+}
+
+/// The entries below `dir` (not following directory links), to `depth` levels and at most
+/// `most` of them.
+fn files_below(dir: &Path, depth: usize, most: usize) -> Result<Vec<PathBuf>, String> {
+    let mut found = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), 0)];
+    while let Some((at, level)) = pending.pop() {
+        let entries =
+            std::fs::read_dir(&at).map_err(|e| format!("cannot list {}: {e}", at.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && level + 1 < depth {
+                pending.push((path.clone(), level + 1));
+            }
+            found.push(path);
+            if found.len() > most {
+                return Err(format!("{} holds more than {most} files", dir.display()));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Checks that an input is one we may read and that it is there (and, for a model,
 /// that we can train it).
-pub async fn check(uri: &str, roots: &[std::path::PathBuf], kind: InputKind) -> Result<(), String> {
-    confine(uri, roots)?;
+pub async fn check(uri: &str, files: &FileInputs, kind: InputKind) -> Result<(), String> {
+    confine(uri, files)?;
     match kind {
         InputKind::BaseModel => inspect_model(uri).await,
         InputKind::Dataset => inspect_object(uri).await,

@@ -10,6 +10,7 @@ pub mod classify;
 pub mod manifests;
 
 use super::{Executor, ExecutorError, Observed, WorkerLaunch, WorkerRef, WorkerReport};
+use crate::jobs::attempts::Outcome;
 use crate::settings::KubernetesSettings;
 use async_trait::async_trait;
 use classify::Seen;
@@ -203,16 +204,7 @@ impl KubernetesExecutor {
             .reflect(writer)
             .boxed();
         while let Some(event) = events.next().await {
-            let (job, deleted) = match event {
-                Ok(watcher::Event::Apply(j) | watcher::Event::InitApply(j)) => (j, false),
-                Ok(watcher::Event::Delete(j)) => (j, true),
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watch on worker Jobs failed; retrying");
-                    continue;
-                }
-            };
-            let Some(worker) = manifests::worker_of(job.metadata.labels.as_ref()) else {
+            let Some((job, worker, deleted)) = observed(event, "Jobs") else {
                 continue;
             };
             if let Some(seen) = classify::job(&job, deleted) {
@@ -228,16 +220,7 @@ impl KubernetesExecutor {
         let config = watcher::Config::default().labels(manifests::SELECTOR);
         let mut events = watcher(self.pods.clone(), config).default_backoff().boxed();
         while let Some(event) = events.next().await {
-            let (pod, deleted) = match event {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
-                Ok(watcher::Event::Delete(p)) => (p, true),
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watch on worker Pods failed; retrying");
-                    continue;
-                }
-            };
-            let Some(worker) = manifests::worker_of(pod.metadata.labels.as_ref()) else {
+            let Some((pod, worker, deleted)) = observed(event, "Pods") else {
                 continue;
             };
             let seen = classify::pod(&pod, deleted);
@@ -269,11 +252,26 @@ impl KubernetesExecutor {
     }
 }
 
-fn with_log_tail(
-    outcome: super::super::jobs::attempts::Outcome,
-    log: &str,
-) -> super::super::jobs::attempts::Outcome {
-    use crate::jobs::attempts::Outcome;
+/// A watch event on one of the executor's objects: the object, its attempt, and whether it
+/// is gone. Restarts of the watch and objects without our labels give `None`.
+fn observed<K: kube::Resource>(
+    event: Result<watcher::Event<K>, watcher::Error>,
+    what: &str,
+) -> Option<(K, WorkerRef, bool)> {
+    let (object, deleted) = match event {
+        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
+        Ok(watcher::Event::Delete(o)) => (o, true),
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "watch on worker {what} failed; retrying");
+            return None;
+        }
+    };
+    let worker = manifests::worker_of(object.meta().labels.as_ref())?;
+    Some((object, worker, deleted))
+}
+
+fn with_log_tail(outcome: Outcome, log: &str) -> Outcome {
     let add = |m: String| format!("{m}; last lines of the worker's log:\n{log}");
     match outcome {
         Outcome::WorkerExited { description } => Outcome::WorkerExited {
