@@ -313,3 +313,117 @@ async fn events_of(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Re
         }
     }
 }
+
+/// The status of a job, or `None` while the control plane does not answer.
+async fn status_of(client: &reqwest::Client, base: &str, id: &str) -> Option<Value> {
+    let r = client
+        .get(format!("{base}/v1/jobs/{id}"))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+/// A control plane that is SIGKILLed and back within two seconds costs a job nothing: its
+/// worker retries every call (stage, events, heartbeats, the version reservation and the
+/// completion) until the control plane answers again, within the lease. Killed once while
+/// the job trains and once when it reaches evaluation (just before it publishes), the job
+/// still succeeds on its first attempt.
+#[tokio::test]
+async fn a_short_outage_of_the_control_plane_costs_no_attempt() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let database_url = common::fresh_database().await?;
+    let data_dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cp = ControlPlane {
+        child: None,
+        envs: [
+            ("DATABASE_URL", database_url.as_str()),
+            ("LORAFORGE_ADDR", &format!("127.0.0.1:{port}")),
+            ("LORAFORGE_DATA_DIR", &data_dir.path().display().to_string()),
+            ("LORAFORGE_AUTH", "disabled"),
+            (
+                "LORAFORGE_FILE_ROOTS",
+                &std::env::temp_dir().display().to_string(),
+            ),
+            ("LORAFORGE_LEASE_SECS", "20"),
+            ("LORAFORGE_HEARTBEAT_SECS", "1"),
+            ("LORAFORGE_POLL_MS", "200"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        log: data_dir.path().join("control-plane.log"),
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    cp.start()?;
+    cp.wait_ready(&client).await?;
+    let mut job = fixture.job("outage");
+    job["training"]["max_steps"] = json!(300);
+    let created: Value = client
+        .post(format!("{}/v1/jobs", cp.base))
+        .json(&job)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = created["id"].as_str().expect("job id").to_string();
+
+    // Each outage starts when the job first shows the stage, and lasts two seconds.
+    for stage in ["running", "evaluating"] {
+        let start = Instant::now();
+        loop {
+            let job = status_of(&client, &cp.base, &id).await;
+            let status = job
+                .as_ref()
+                .and_then(|j| j["status"].as_str())
+                .unwrap_or("");
+            if status == stage {
+                break;
+            }
+            assert!(
+                !["succeeded", "failed", "cancelled"].contains(&status),
+                "the job ended before its {stage} outage: {job:?}"
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "never {stage}: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if stage == "running" {
+            // Let it train a little first.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        cp.kill();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cp.start()?;
+        cp.wait_ready(&client).await?;
+    }
+
+    let start = Instant::now();
+    let done = loop {
+        if let Some(job) = status_of(&client, &cp.base, &id).await {
+            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
+            {
+                break job;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the job never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (done["status"].as_str(), done["attempt"].as_i64()),
+        (Some("succeeded"), Some(1)),
+        "{done}"
+    );
+    Ok(())
+}

@@ -22,6 +22,7 @@ const LOG_TAIL_BYTES: usize = 2000;
 pub struct LocalExecutor {
     trainer_bin: PathBuf,
     slots: usize,
+    lease: Duration,
     log_dir: PathBuf,
     /// job id -> process group id of its running worker.
     running: Arc<Mutex<HashMap<Uuid, i32>>>,
@@ -32,12 +33,14 @@ impl LocalExecutor {
     pub fn new(
         trainer_bin: PathBuf,
         slots: usize,
+        lease: Duration,
         log_dir: PathBuf,
         exits: UnboundedSender<WorkerReport>,
     ) -> Self {
         Self {
             trainer_bin,
             slots,
+            lease,
             log_dir,
             running: Arc::default(),
             exits,
@@ -78,6 +81,11 @@ impl Executor for LocalExecutor {
             .arg("--api")
             .arg(&launch.api_url)
             .env(TOKEN_ENV, &launch.token)
+            // The worker rides out a control-plane outage for as long as its lease lasts.
+            .env(
+                "LORAFORGE_WORKER_RETRY_SECS",
+                self.lease.as_secs().max(1).to_string(),
+            )
             // The worker needs no database; keep its credentials out of the child.
             .env_remove("DATABASE_URL")
             .stdin(Stdio::null())

@@ -96,6 +96,7 @@ pub async fn build(
         ExecutorSettings::Local { trainer_bin, slots } => Arc::new(local::LocalExecutor::new(
             trainer_bin.clone(),
             *slots,
+            settings.lease,
             settings.data_dir.join("logs"),
             reports,
         )),

@@ -562,6 +562,10 @@ pub async fn worker_stage(pool: &PgPool, job: &JobRow, to: JobStatus) -> Result<
             "a worker may only report running or evaluating",
         ));
     }
+    // A worker that retries a stage whose answer it lost finds the job there already.
+    if job.status == to {
+        return Ok(());
+    }
     let mut conn = pool.acquire().await?;
     if !transition(&mut conn, job.id, to, None, TransitionEffects::default()).await? {
         return Err(Error::conflict(
