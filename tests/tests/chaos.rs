@@ -427,3 +427,125 @@ async fn a_short_outage_of_the_control_plane_costs_no_attempt() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Workers outlive a SIGKILLed control plane; the restarted one adopts them, so the slot
+/// count holds: with one slot, a second job waits while the first one's worker (started by
+/// the killed control plane) still runs, and cancelling the first stops the adopted worker.
+#[tokio::test]
+async fn a_restarted_control_plane_adopts_its_workers_and_keeps_the_slot_count(
+) -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let database_url = common::fresh_database().await?;
+    let data_dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cp = ControlPlane {
+        child: None,
+        envs: [
+            ("DATABASE_URL", database_url.as_str()),
+            ("LORAFORGE_ADDR", &format!("127.0.0.1:{port}")),
+            ("LORAFORGE_DATA_DIR", &data_dir.path().display().to_string()),
+            ("LORAFORGE_AUTH", "disabled"),
+            (
+                "LORAFORGE_FILE_ROOTS",
+                &std::env::temp_dir().display().to_string(),
+            ),
+            ("LORAFORGE_LOCAL_SLOTS", "1"),
+            ("LORAFORGE_LEASE_SECS", "30"),
+            ("LORAFORGE_HEARTBEAT_SECS", "1"),
+            ("LORAFORGE_POLL_MS", "200"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        log: data_dir.path().join("control-plane.log"),
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    cp.start()?;
+    cp.wait_ready(&client).await?;
+    let base = cp.base.clone();
+    let submit = |name: &str, steps: u64| {
+        let mut job = fixture.job(name);
+        job["training"]["max_steps"] = json!(steps);
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let created: Value = client
+                .post(format!("{base}/v1/jobs"))
+                .json(&job)
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(created["id"].as_str().expect("job id").to_string())
+        }
+    };
+    let long = submit("long", 1_000_000).await?;
+    let start = Instant::now();
+    while status_of(&client, &cp.base, &long)
+        .await
+        .and_then(|j| j["status"].as_str().map(String::from))
+        .as_deref()
+        != Some("running")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the long job never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cp.kill();
+    cp.start()?;
+    cp.wait_ready(&client).await?;
+    let short = submit("short", 20).await?;
+
+    // For a few seconds: the adopted worker holds the one slot, so the short job waits.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(4) {
+        let ids = [long.clone(), short.clone()];
+        assert!(
+            trainer_pids(&ids).len() <= 1,
+            "two workers ran with one slot"
+        );
+        let job = status_of(&client, &cp.base, &short)
+            .await
+            .expect("the short job");
+        assert_eq!(job["status"], "queued", "{job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        trainer_pids(std::slice::from_ref(&long)).len(),
+        1,
+        "the long job's worker survived the kill"
+    );
+
+    // Cancelling the long job stops the adopted worker; then the short one runs.
+    client
+        .post(format!("{}/v1/jobs/{long}/cancel", cp.base))
+        .send()
+        .await?;
+    let start = Instant::now();
+    let (long_done, short_done) = loop {
+        let l = status_of(&client, &cp.base, &long)
+            .await
+            .unwrap_or_default();
+        let s = status_of(&client, &cp.base, &short)
+            .await
+            .unwrap_or_default();
+        let finished = |j: &Value| {
+            ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
+        };
+        if finished(&l) && finished(&s) {
+            break (l, s);
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{l} {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(long_done["status"], "cancelled", "{long_done}");
+    assert_eq!(short_done["status"], "succeeded", "{short_done}");
+    assert!(trainer_pids(&[long]).is_empty());
+    Ok(())
+}

@@ -1,8 +1,15 @@
 //! The `local` executor: each worker is a `loraforge-trainer` child process in its own
 //! process group (so stopping it stops everything it started), with a slot limit. A job's
 //! `training.max_duration` is enforced here: the group is stopped when it runs out.
+//!
+//! Workers outlive a crash of the control plane (their own process group), so each one is
+//! recorded durably (`<data dir>/workers/<job>-<attempt>.json`: process group, attempt and
+//! the process's start time, which tells it from a later process with the same pid). A
+//! restarted executor adopts the recorded workers still alive: they hold their slots, are
+//! watched until they exit, and can be stopped; reconciliation stops those whose attempt is
+//! no longer current. So the slot count holds across restarts.
 
-use super::{Executor, ExecutorError, Observed, WorkerLaunch, WorkerReport};
+use super::{Executor, ExecutorError, Observed, WorkerLaunch, WorkerRef, WorkerReport};
 use crate::jobs::attempts::Outcome;
 use async_trait::async_trait;
 use loraforge_spec::worker::TOKEN_ENV;
@@ -24,9 +31,21 @@ pub struct LocalExecutor {
     slots: usize,
     lease: Duration,
     log_dir: PathBuf,
-    /// job id -> process group id of its running worker.
-    running: Arc<Mutex<HashMap<Uuid, i32>>>,
+    records: PathBuf,
+    /// job id -> (process group id, attempt) of its running worker.
+    running: Arc<Mutex<HashMap<Uuid, (i32, i32)>>>,
     exits: UnboundedSender<WorkerReport>,
+}
+
+/// What survives a restart about one running worker.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Record {
+    job_id: Uuid,
+    attempt: i32,
+    pgid: i32,
+    /// The process's start time (clock ticks since boot, `/proc/<pid>/stat`).
+    started: u64,
+    log: PathBuf,
 }
 
 impl LocalExecutor {
@@ -35,6 +54,7 @@ impl LocalExecutor {
         slots: usize,
         lease: Duration,
         log_dir: PathBuf,
+        records: PathBuf,
         exits: UnboundedSender<WorkerReport>,
     ) -> Self {
         Self {
@@ -42,16 +62,89 @@ impl LocalExecutor {
             slots,
             lease,
             log_dir,
+            records,
             running: Arc::default(),
             exits,
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, i32>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (i32, i32)>> {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn record_path(&self, job_id: Uuid, attempt: i32) -> PathBuf {
+        self.records.join(format!("{job_id}-{attempt}.json"))
+    }
+
+    /// Takes over the workers an earlier run of this executor left running; forgets the
+    /// records of those that are gone. Call once, at start.
+    pub fn adopt(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.records) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let record: Option<Record> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match record {
+                Some(r) if start_time(r.pgid) == Some(r.started) => {
+                    tracing::info!(job_id = %r.job_id, attempt = r.attempt, pgid = r.pgid, "adopted a worker left running by an earlier run");
+                    self.running().insert(r.job_id, (r.pgid, r.attempt));
+                    tokio::spawn(watch_adopted(
+                        r,
+                        path,
+                        self.running.clone(),
+                        self.exits.clone(),
+                    ));
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for an adopted worker (not our child: it cannot be waited for) to exit.
+async fn watch_adopted(
+    record: Record,
+    path: PathBuf,
+    running: Arc<Mutex<HashMap<Uuid, (i32, i32)>>>,
+    exits: UnboundedSender<WorkerReport>,
+) {
+    while start_time(record.pgid) == Some(record.started) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = std::fs::remove_file(&path);
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&record.job_id);
+    let description = format!(
+        "the worker (adopted after a restart) exited; log {}:\n{}",
+        record.log.display(),
+        log_tail(&record.log)
+    );
+    let _ = exits.send(WorkerReport {
+        job_id: record.job_id,
+        attempt: record.attempt,
+        what: Observed::Exited(Outcome::WorkerExited { description }),
+    });
+}
+
+/// A process's start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`), or
+/// `None` when there is no such process (or it is a zombie).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: skip past it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 #[async_trait]
@@ -95,7 +188,24 @@ impl Executor for LocalExecutor {
             .spawn()
             .map_err(|e| ExecutorError::Launch(format!("{}: {e}", self.trainer_bin.display())))?;
         let pid = child.id().map(|p| p as i32).unwrap_or_default();
-        self.running().insert(launch.job_id, pid);
+        self.running().insert(launch.job_id, (pid, launch.attempt));
+        let record = Record {
+            job_id: launch.job_id,
+            attempt: launch.attempt,
+            pgid: pid,
+            started: start_time(pid).unwrap_or_default(),
+            log: log_path.clone(),
+        };
+        let record_path = self.record_path(launch.job_id, launch.attempt);
+        let written = std::fs::create_dir_all(&self.records).and_then(|()| {
+            std::fs::write(
+                &record_path,
+                serde_json::to_vec(&record).unwrap_or_default(),
+            )
+        });
+        if let Err(e) = written {
+            tracing::warn!(job_id = %launch.job_id, error = %e, "could not record the worker; a restart will not adopt it");
+        }
         tracing::info!(job_id = %launch.job_id, attempt = launch.attempt, pid, log = %log_path.display(), "worker started");
 
         let running = self.running.clone();
@@ -132,6 +242,7 @@ impl Executor for LocalExecutor {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&job_id);
+            let _ = std::fs::remove_file(&record_path);
             let how = match status {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
@@ -164,7 +275,7 @@ impl Executor for LocalExecutor {
     }
 
     async fn stop(&self, job_id: Uuid) -> Result<(), ExecutorError> {
-        let Some(pgid) = self.running().get(&job_id).copied() else {
+        let Some((pgid, _)) = self.running().get(&job_id).copied() else {
             return Ok(());
         };
         signal_group(pgid, libc::SIGTERM).map_err(ExecutorError::Stop)?;
@@ -175,12 +286,42 @@ impl Executor for LocalExecutor {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&job_id)
-                == Some(&pgid)
+                .is_some_and(|(running, _)| *running == pgid)
             {
                 let _ = signal_group(pgid, libc::SIGKILL);
             }
         });
         Ok(())
+    }
+
+    fn sees_every_worker(&self) -> bool {
+        false
+    }
+
+    async fn workers(&self) -> Result<Option<Vec<WorkerRef>>, ExecutorError> {
+        Ok(Some(self.workers_here()))
+    }
+
+    async fn remove(&self, worker: WorkerRef) -> Result<(), ExecutorError> {
+        let current = self.running().get(&worker.job_id).map(|(_, a)| *a);
+        if current == Some(worker.attempt) {
+            self.stop(worker.job_id).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The local executor knows only the workers of this machine, so it takes part in
+/// reconciliation to stop stale ones, never to call others vanished.
+impl LocalExecutor {
+    fn workers_here(&self) -> Vec<WorkerRef> {
+        self.running()
+            .iter()
+            .map(|(job_id, (_, attempt))| WorkerRef {
+                job_id: *job_id,
+                attempt: *attempt,
+            })
+            .collect()
     }
 }
 

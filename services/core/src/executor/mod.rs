@@ -80,6 +80,11 @@ pub trait Executor: Send + Sync + 'static {
     async fn workers(&self) -> Result<Option<Vec<WorkerRef>>, ExecutorError> {
         Ok(None)
     }
+    /// Whether [`workers`](Self::workers) lists every worker of every replica, so that an
+    /// attempt without one has lost it (a cluster's executor), or only this machine's.
+    fn sees_every_worker(&self) -> bool {
+        true
+    }
     /// Removes one attempt's worker and everything made for it; a no-op when it is gone.
     async fn remove(&self, worker: WorkerRef) -> Result<(), ExecutorError> {
         let _ = worker;
@@ -93,13 +98,18 @@ pub async fn build(
     reports: UnboundedSender<WorkerReport>,
 ) -> Result<Arc<dyn Executor>, ExecutorError> {
     Ok(match &settings.executor {
-        ExecutorSettings::Local { trainer_bin, slots } => Arc::new(local::LocalExecutor::new(
-            trainer_bin.clone(),
-            *slots,
-            settings.lease,
-            settings.data_dir.join("logs"),
-            reports,
-        )),
+        ExecutorSettings::Local { trainer_bin, slots } => {
+            let local = local::LocalExecutor::new(
+                trainer_bin.clone(),
+                *slots,
+                settings.lease,
+                settings.data_dir.join("logs"),
+                settings.data_dir.join("workers"),
+                reports,
+            );
+            local.adopt();
+            Arc::new(local)
+        }
         ExecutorSettings::Kubernetes(k) => {
             kubernetes::KubernetesExecutor::connect(k.clone(), settings.lease, reports).await?
         }

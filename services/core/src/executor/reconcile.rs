@@ -121,7 +121,11 @@ pub async fn reconcile(ctx: &Context) -> Result<Option<Reconciled>, ReconcileErr
             claimed_at: r.attempt_started_at,
         })
         .collect();
-    let plan = plan(&workers, &in_flight, listed_at);
+    let mut plan = plan(&workers, &in_flight, listed_at);
+    if !ctx.executor.sees_every_worker() {
+        // Another machine's worker is not ours to call vanished; its lease decides.
+        plan.vanished.clear();
+    }
     for worker in &plan.remove {
         tracing::info!(job_id = %worker.job_id, attempt = worker.attempt, "removing the worker of an attempt that is over");
         ctx.executor.remove(*worker).await?;
