@@ -314,6 +314,46 @@ async fn events_of(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Re
     }
 }
 
+impl ControlPlane {
+    /// A control plane process on a fresh database and data dir (kept in `data_dir`), with
+    /// the local executor, dev auth, fast polling and `settings` on top; started and ready.
+    async fn started(
+        data_dir: &tempfile::TempDir,
+        client: &reqwest::Client,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<ControlPlane> {
+        let database_url = common::fresh_database().await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let base = [
+            ("DATABASE_URL", database_url.as_str()),
+            ("LORAFORGE_ADDR", &format!("127.0.0.1:{port}")),
+            ("LORAFORGE_DATA_DIR", &data_dir.path().display().to_string()),
+            ("LORAFORGE_AUTH", "disabled"),
+            (
+                "LORAFORGE_FILE_ROOTS",
+                &std::env::temp_dir().display().to_string(),
+            ),
+            ("LORAFORGE_HEARTBEAT_SECS", "1"),
+            ("LORAFORGE_POLL_MS", "200"),
+        ]
+        .iter()
+        .chain(settings)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut cp = ControlPlane {
+            child: None,
+            envs: base,
+            log: data_dir.path().join("control-plane.log"),
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        cp.start()?;
+        cp.wait_ready(client).await?;
+        Ok(cp)
+    }
+}
+
 /// The status of a job, or `None` while the control plane does not answer.
 async fn status_of(client: &reqwest::Client, base: &str, id: &str) -> Option<Value> {
     let r = client
@@ -332,37 +372,12 @@ async fn status_of(client: &reqwest::Client, base: &str, id: &str) -> Option<Val
 #[tokio::test]
 async fn a_short_outage_of_the_control_plane_costs_no_attempt() -> anyhow::Result<()> {
     let fixture = Fixture::create()?;
-    let database_url = common::fresh_database().await?;
     let data_dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cp = ControlPlane {
-        child: None,
-        envs: [
-            ("DATABASE_URL", database_url.as_str()),
-            ("LORAFORGE_ADDR", &format!("127.0.0.1:{port}")),
-            ("LORAFORGE_DATA_DIR", &data_dir.path().display().to_string()),
-            ("LORAFORGE_AUTH", "disabled"),
-            (
-                "LORAFORGE_FILE_ROOTS",
-                &std::env::temp_dir().display().to_string(),
-            ),
-            ("LORAFORGE_LEASE_SECS", "20"),
-            ("LORAFORGE_HEARTBEAT_SECS", "1"),
-            ("LORAFORGE_POLL_MS", "200"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect(),
-        log: data_dir.path().join("control-plane.log"),
-        base: format!("http://127.0.0.1:{port}"),
-    };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
-    cp.start()?;
-    cp.wait_ready(&client).await?;
+    let mut cp =
+        ControlPlane::started(&data_dir, &client, &[("LORAFORGE_LEASE_SECS", "20")]).await?;
     let mut job = fixture.job("outage");
     job["training"]["max_steps"] = json!(300);
     let created: Value = client
@@ -435,38 +450,19 @@ async fn a_short_outage_of_the_control_plane_costs_no_attempt() -> anyhow::Resul
 async fn a_restarted_control_plane_adopts_its_workers_and_keeps_the_slot_count(
 ) -> anyhow::Result<()> {
     let fixture = Fixture::create()?;
-    let database_url = common::fresh_database().await?;
     let data_dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cp = ControlPlane {
-        child: None,
-        envs: [
-            ("DATABASE_URL", database_url.as_str()),
-            ("LORAFORGE_ADDR", &format!("127.0.0.1:{port}")),
-            ("LORAFORGE_DATA_DIR", &data_dir.path().display().to_string()),
-            ("LORAFORGE_AUTH", "disabled"),
-            (
-                "LORAFORGE_FILE_ROOTS",
-                &std::env::temp_dir().display().to_string(),
-            ),
-            ("LORAFORGE_LOCAL_SLOTS", "1"),
-            ("LORAFORGE_LEASE_SECS", "30"),
-            ("LORAFORGE_HEARTBEAT_SECS", "1"),
-            ("LORAFORGE_POLL_MS", "200"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect(),
-        log: data_dir.path().join("control-plane.log"),
-        base: format!("http://127.0.0.1:{port}"),
-    };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
-    cp.start()?;
-    cp.wait_ready(&client).await?;
+    let mut cp = ControlPlane::started(
+        &data_dir,
+        &client,
+        &[
+            ("LORAFORGE_LOCAL_SLOTS", "1"),
+            ("LORAFORGE_LEASE_SECS", "30"),
+        ],
+    )
+    .await?;
     let base = cp.base.clone();
     let submit = |name: &str, steps: u64| {
         let mut job = fixture.job(name);
