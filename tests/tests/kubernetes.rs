@@ -15,10 +15,10 @@ use loraforge::settings::{ExecutorSettings, KubernetesSettings, SharedVolume};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-/// The control plane on the kubernetes executor, with the fixture's folder as the shared
+/// The control plane on the kubernetes executor (the cluster: `KUBECONFIG`, which
+/// `Cluster::start` sets), with the fixture's folder as the shared
 /// volume (so its file:// inputs are allowed) and the token Secret of each attempt.
-async fn app_on(cluster: &Cluster, fixture: &Fixture) -> anyhow::Result<TestApp> {
-    let _ = cluster;
+async fn app_on(fixture: &Fixture) -> anyhow::Result<TestApp> {
     let settings = KubernetesSettings {
         namespace: Some(NAMESPACE.into()),
         worker_image: "loraforge-worker:test".into(),
@@ -92,7 +92,7 @@ async fn run_pod_to_completion(cluster: &Cluster, pod: &Pod) -> anyhow::Result<(
 async fn a_job_runs_as_a_kubernetes_job_and_publishes() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     let fixture = Fixture::create()?;
-    let app = app_on(&cluster, &fixture).await?;
+    let app = app_on(&fixture).await?;
     let training = json!({"max_steps": 20, "learning_rate": 0.001, "batch_size": 4, "seq_len": 64, "device": "cpu"});
     let (code, job) = app.submit(&job_on(&fixture, "on-k8s", training)).await?;
     assert_eq!(code, 201, "{job}");
@@ -164,7 +164,7 @@ async fn a_job_runs_as_a_kubernetes_job_and_publishes() -> anyhow::Result<()> {
 async fn an_oom_killed_worker_fails_the_job_as_resource_exhausted() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     let fixture = Fixture::create()?;
-    let app = app_on(&cluster, &fixture).await?;
+    let app = app_on(&fixture).await?;
     let training = json!({"max_steps": 20, "learning_rate": 0.001, "batch_size": 4, "seq_len": 64, "device": "cpu"});
     let (code, job) = app.submit(&job_on(&fixture, "oom", training)).await?;
     assert_eq!(code, 201, "{job}");
@@ -209,7 +209,7 @@ async fn an_oom_killed_worker_fails_the_job_as_resource_exhausted() -> anyhow::R
 async fn an_evicted_worker_is_retried_and_resumes_from_its_checkpoint() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     let fixture = Fixture::create()?;
-    let app = app_on(&cluster, &fixture).await?;
+    let app = app_on(&fixture).await?;
     let training = json!({"max_steps": 60, "learning_rate": 0.001, "batch_size": 4, "seq_len": 64,
         "checkpoint_every": 10, "device": "cpu"});
     let (code, job) = app.submit(&job_on(&fixture, "evicted", training)).await?;

@@ -74,11 +74,13 @@ pub struct Plan {
 }
 
 /// The decision, from the workers listed at `listed_at` and the attempts in flight read
-/// after it.
+/// after it. Only an executor that `sees_every_worker` may call an attempt's worker
+/// vanished: another machine's worker is not in a local listing (its lease decides).
 pub fn plan(
     workers: &[WorkerRef],
     in_flight: &[InFlight],
     listed_at: chrono::DateTime<chrono::Utc>,
+    sees_every_worker: bool,
 ) -> Plan {
     let current: HashSet<WorkerRef> = in_flight.iter().map(|f| f.worker).collect();
     let seen: HashSet<WorkerRef> = workers.iter().copied().collect();
@@ -91,7 +93,7 @@ pub fn plan(
             .collect(),
         vanished: in_flight
             .iter()
-            .filter(|f| !seen.contains(&f.worker))
+            .filter(|f| sees_every_worker && !seen.contains(&f.worker))
             .filter(|f| f.claimed_at.is_none_or(|t| t + grace < listed_at))
             .map(|f| f.worker)
             .collect(),
@@ -121,11 +123,12 @@ pub async fn reconcile(ctx: &Context) -> Result<Option<Reconciled>, ReconcileErr
             claimed_at: r.attempt_started_at,
         })
         .collect();
-    let mut plan = plan(&workers, &in_flight, listed_at);
-    if !ctx.executor.sees_every_worker() {
-        // Another machine's worker is not ours to call vanished; its lease decides.
-        plan.vanished.clear();
-    }
+    let plan = plan(
+        &workers,
+        &in_flight,
+        listed_at,
+        ctx.executor.sees_every_worker(),
+    );
     for worker in &plan.remove {
         tracing::info!(job_id = %worker.job_id, attempt = worker.attempt, "removing the worker of an attempt that is over");
         ctx.executor.remove(*worker).await?;
@@ -184,12 +187,16 @@ mod tests {
             },
         ];
         // job 3 is finished (not in flight): its worker goes.
-        let p = plan(&workers, &in_flight, now);
+        let p = plan(&workers, &in_flight, now, true);
         assert_eq!(p.remove, vec![w(2, 2), w(3, 3)]);
         assert_eq!(
             p.vanished,
             vec![w(1, 4)],
             "attempt 3 of job 2 is within the launch grace"
         );
+        // A local listing knows only this machine's workers: it removes, never vanishes.
+        let p = plan(&workers, &in_flight, now, false);
+        assert_eq!(p.remove, vec![w(2, 2), w(3, 3)]);
+        assert!(p.vanished.is_empty());
     }
 }

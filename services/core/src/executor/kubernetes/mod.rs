@@ -240,11 +240,9 @@ impl KubernetesExecutor {
                 let Some(worker) = manifests::worker_of(job.metadata.labels.as_ref()) else {
                     continue;
                 };
-                let active = job.status.as_ref().and_then(|s| s.active).unwrap_or(0);
+                // Not finished and no Pod ready yet: suspended, pending or starting.
                 let ready = job.status.as_ref().and_then(|s| s.ready).unwrap_or(0);
-                let waiting = !classify::job_finished(&job) && (active == 0 || ready == 0);
-                let running_pod = ready > 0;
-                if waiting && !running_pod && !self.ended().contains(&worker) {
+                if !classify::job_finished(&job) && ready == 0 && !self.ended().contains(&worker) {
                     self.report(worker, Observed::Waiting { event: None });
                 }
             }

@@ -203,6 +203,7 @@ async fn after_a_restart_reconciliation_sees_every_worker_and_removes_a_stale_on
             },
         ],
         chrono::Utc::now(),
+        true,
     );
     assert_eq!(plan.remove, vec![stale]);
     assert!(plan.vanished.is_empty());
