@@ -171,19 +171,25 @@ impl Cluster {
     }
 
     /// Finishes a Job as its controller would once its Pod ended (a real one does it itself).
+    /// The control plane may have settled the attempt from the Pod alone and deleted the Job
+    /// already: a Job that is gone needs no finishing.
     pub async fn finish_job(&self, job: &Job, condition: &str, reason: &str) -> Result<()> {
         if self.real {
             return Ok(());
         }
         let status = json!({"status": {"conditions": [{"type": condition, "status": "True", "reason": reason}]}});
-        self.jobs()
+        let patched = self
+            .jobs()
             .patch_status(
                 &job.name_any(),
                 &PatchParams::default(),
                 &Patch::Merge(&status),
             )
-            .await?;
-        Ok(())
+            .await;
+        match patched {
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            other => other.map(drop).map_err(Into::into),
+        }
     }
 
     /// Starts the worker the way the kubelet would: the Pod's command (its
