@@ -5,6 +5,8 @@
 use crate::routes::{adapters, identity, inputs, jobs, probes, safety, webhooks, worker};
 use crate::ApiState;
 use axum::routing::get;
+use loraforge_spec::AdapterName;
+use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -73,10 +75,127 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .route("/openapi.json", get(document))
 }
 
-/// The API document, as served (built once).
-pub fn openapi() -> &'static utoipa::openapi::OpenApi {
-    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
-    DOC.get_or_init(|| routes().into_openapi())
+/// The API document, as served (built once): each route's own entry, completed by
+/// [`complete`] with what every route shares.
+pub fn openapi() -> &'static Value {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc =
+            serde_json::to_value(routes().into_openapi()).expect("the document serializes");
+        complete(&mut doc);
+        doc
+    })
+}
+
+/// Adds to each operation what it shares with the others, so that the document says what
+/// the server does without every handler repeating it:
+/// - the problems any route can answer: 400 (a NUL in the path or query, which Postgres
+///   cannot hold; a body that is not JSON), 422 where it takes a query, 401 (no or a bad key; a worker route's bad token), 403
+///   where the route needs more than the `read` scope (its `security` names the scope), 413
+///   where it takes a body, 503 (the database is unreachable);
+/// - the rule of names on the path parameters that are names (`name`, `alias`, `tag`), and
+///   that versions count from 1. A request that breaks them finds nothing (404) or is refused
+///   (422); the schema says so, so clients and fuzzers know before they ask.
+fn complete(doc: &mut Value) {
+    let name = serde_json::to_value(<AdapterName as utoipa::PartialSchema>::schema())
+        .expect("the name schema serializes");
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            let privileged = needs_scope(op);
+            let takes_body = op.get("requestBody").is_some();
+            let has_query = op
+                .get("parameters")
+                .and_then(Value::as_array)
+                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+            let responses = op["responses"]
+                .as_object_mut()
+                .expect("every operation answers");
+            let mut add = |status: &str, why: &str| {
+                responses
+                    .entry(status)
+                    .or_insert_with(|| problem_response(why));
+            };
+            add(
+                "400",
+                "problem: malformed (a NUL in the path or query, a body that is not JSON)",
+            );
+            add("401", "problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's)");
+            if privileged {
+                add(
+                    "403",
+                    "problem: the key's scope is below the one this route needs",
+                );
+            }
+            if takes_body {
+                add(
+                    "413",
+                    "problem: the request body is larger than the server accepts",
+                );
+            }
+            if has_query {
+                add(
+                    "422",
+                    "problem: a query parameter that does not parse or is out of range",
+                );
+            }
+            add(
+                "503",
+                "problem: the database is unreachable; try again shortly",
+            );
+            let params = op.get_mut("parameters").and_then(Value::as_array_mut);
+            for param in params.into_iter().flatten() {
+                let named = match (param["in"].as_str(), param["name"].as_str()) {
+                    (Some("path"), Some("name" | "tag")) => Some(name.clone()),
+                    // `latest` and numbers are the references aliases stand beside.
+                    (Some("path"), Some("alias")) => Some(json!({"allOf": [name],
+                        "not": {"anyOf": [{"const": "latest"}, {"pattern": "^[0-9]+$"}]}})),
+                    (Some("path"), Some("version")) => {
+                        Some(json!({"type": "integer", "format": "int32", "minimum": 1}))
+                    }
+                    _ => None,
+                };
+                match named {
+                    Some(schema) => param["schema"] = schema,
+                    None => without_nul(&mut param["schema"]),
+                }
+            }
+        }
+    }
+}
+
+/// A free-text parameter (a string with no pattern, format or enum of its own) holds no NUL:
+/// the server refuses `%00` anywhere in the query (400), since Postgres text cannot hold it.
+fn without_nul(schema: &mut Value) {
+    let free_text = schema["type"] == "string"
+        && ["pattern", "format", "enum"]
+            .iter()
+            .all(|k| schema.get(k).is_none());
+    if free_text {
+        schema["pattern"] = json!("^[^\\u0000]*$");
+    }
+}
+
+/// Whether the operation's `security` names a scope (`["submit"]`, `["admin"]`): routes
+/// open to every key of the project name none.
+fn needs_scope(op: &Value) -> bool {
+    let scopes = op["security"].as_array().into_iter().flatten();
+    scopes
+        .filter_map(Value::as_object)
+        .flat_map(|requirement| requirement.values())
+        .any(|s| s.as_array().is_some_and(|s| !s.is_empty()))
+}
+
+fn problem_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    })
 }
 
 struct SecuritySchemes;
@@ -105,6 +224,6 @@ impl Modify for SecuritySchemes {
     }
 }
 
-async fn document() -> axum::Json<&'static utoipa::openapi::OpenApi> {
+async fn document() -> axum::Json<&'static Value> {
     axum::Json(openapi())
 }

@@ -32,13 +32,31 @@ pub const EVENTS: &[&str] = &[
     ALIAS_MOVED,
 ];
 
+/// The API document's name for an event type: one of [`EVENTS`].
+pub struct EventName;
+
+impl utoipa::PartialSchema for EventName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(EVENTS.iter().copied()))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventName {}
+
 /// A delivery is abandoned (`failed`) after this many attempts.
 pub const MAX_ATTEMPTS: i32 = 8;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
+    /// An http(s) URL with a host (as WHATWG URL parsing reads it).
+    #[schema(pattern = "^[hH][tT][tT][pP][sS]?://")]
     pub url: String,
+    /// One or more event types.
+    #[schema(min_items = 1, value_type = Vec<EventName>)]
     pub events: Vec<String>,
     /// Optional: one is generated when absent. Returned only at creation.
     pub secret: Option<String>,

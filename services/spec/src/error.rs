@@ -85,36 +85,21 @@ pub fn from_value<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Parses JSON into `T`, reporting the path of the field that failed (`method.r`).
-/// NUL characters are refused up front: Postgres cannot store them in text or jsonb.
+/// Parses a JSON object into `T`, reporting the path of the field that failed (`method.r`),
+/// with the checks of [`parse_json_value`]. Only an object: serde would also read a struct
+/// from an array of its fields in order (so `[]` would be a struct of defaults).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
-    refuse_nul(bytes)?;
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." { String::new() } else { field };
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return SpecError::malformed(format!("malformed JSON: {inner}"));
-        }
-        let message = {
-            // serde appends " at line L column C"; the field path says where already.
-            let text = inner.to_string();
-            match text.rfind(" at line ") {
-                Some(i) => text[..i].to_string(),
-                None => text,
-            }
-        };
-        SpecError::one(field, message)
-    })?;
-    de.end()
-        .map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))?;
-    Ok(value)
+    let value = parse_json_value(bytes)?;
+    if !value.is_object() {
+        return Err(SpecError::one("", "the body must be a JSON object"));
+    }
+    from_value(value, "")
 }
 
-/// [`parse_json`] into a JSON value, refusing an object that names a key twice (serde's
-/// own `Value` keeps the last one silently, so `"adapter_name": "BAD NAME",
-/// "adapter_name": "ok"` would pass validation on the second). The error names the key.
+/// Parses JSON into a value. NUL characters are refused up front (Postgres cannot store them in
+/// text or jsonb), and so is an object that names a key twice (serde's own check covers struct
+/// fields only, not maps or flattened fields). A number without a fractional part is an integer
+/// (`3.0` is `3`), as JSON Schema, and so the API document, has it.
 pub fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, SpecError> {
     refuse_nul(bytes)?;
     let duplicate = std::cell::RefCell::new(None);
@@ -135,7 +120,28 @@ pub fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, SpecError> {
         ));
     }
     checked?;
-    parse_json(bytes)
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| SpecError::malformed(format!("malformed JSON: {e}")))?;
+    integral_numbers(&mut value);
+    Ok(value)
+}
+
+/// Rewrites each number that has no fractional part (and fits an `i64` exactly) as an integer.
+fn integral_numbers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                // Below 2^53 every integer is exact in an f64.
+                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                    *value = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
 }
 
 struct UniqueKeysChecked;
@@ -217,4 +223,53 @@ fn refuse_nul(bytes: &[u8]) -> Result<(), SpecError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Alias {
+        version: i32,
+        #[serde(default)]
+        weight: f64,
+    }
+
+    #[test]
+    fn integers_may_be_written_with_a_zero_fraction() {
+        let alias: Alias = parse_json(br#"{"version": 3.0, "weight": 2.0}"#).unwrap();
+        assert_eq!((alias.version, alias.weight), (3, 2.0));
+        let half = parse_json::<Alias>(br#"{"version": 3.5}"#).unwrap_err();
+        assert_eq!(half.errors[0].field, "version", "{half}");
+        assert!(!half.malformed);
+    }
+
+    #[test]
+    fn bodies_are_checked_before_they_are_read() {
+        let twice = parse_json::<Alias>(br#"{"version": 1, "version": 2}"#).unwrap_err();
+        assert_eq!(twice.errors[0].field, "version", "{twice}");
+        assert!(
+            parse_json::<Alias>(b"{\"version\": 1")
+                .unwrap_err()
+                .malformed
+        );
+        assert!(
+            parse_json::<Alias>(b"{\"version\": 1} x")
+                .unwrap_err()
+                .malformed
+        );
+        assert!(
+            parse_json::<Alias>(b"{\"version\": 1, \"w\\u0000\": 1}")
+                .unwrap_err()
+                .malformed
+        );
+        for not_an_object in ["[]", "[1]", "1", "null"] {
+            let refused = parse_json::<Alias>(not_an_object.as_bytes()).unwrap_err();
+            assert!(refused.to_string().contains("JSON object"), "{refused}");
+        }
+        let unknown = parse_json::<Alias>(br#"{"version": 1, "colour": 2}"#).unwrap_err();
+        assert!(unknown.to_string().contains("colour"), "{unknown}");
+    }
 }

@@ -24,11 +24,13 @@ pub struct SafetyPolicy {
     /// Largest tolerated fall of the refusal rate on the harmful-prompt set, in
     /// absolute terms (0.2 = twenty percentage points).
     #[serde(default = "default_max_refusal_drop")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0, maximum = 1.0))]
     pub max_refusal_drop: f64,
     /// Largest tolerated mean KL divergence (nats) of next-token distributions on
     /// benign prompts, adapted vs base. Unset by default: how much a fine-tune may move
     /// a model is the project's call, whereas losing refusals never is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0))]
     pub max_benign_kl: Option<f64>,
     #[serde(default = "default_action")]
     pub action: BreachAction,

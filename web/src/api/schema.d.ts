@@ -567,7 +567,7 @@ export interface components {
              */
             tinit?: number;
         };
-        /** @description An adapter's name: 1-63 characters of `a-z 0-9 . _ -`, starting with a letter or digit. */
+        /** @description A name: 1-63 characters of `a-z 0-9 . _ -`, starting with a letter or digit, no two dots in a row. */
         AdapterName: string;
         AdapterPage: {
             adapters: components["schemas"]["AdapterSummary"][];
@@ -729,6 +729,8 @@ export interface components {
         EventBatch: {
             events: components["schemas"]["EventPayload"][];
         };
+        /** @enum {string} */
+        EventName: "job.succeeded" | "job.failed" | "adapter_version.ready" | "adapter_version.quarantined" | "alias.moved";
         /** @description What happened in a job, as stored in `job_events` and streamed to users. */
         EventPayload: {
             /** @enum {string} */
@@ -1076,9 +1078,11 @@ export interface components {
             type: "codyra";
         });
         NewWebhook: {
-            events: string[];
+            /** @description One or more event types. */
+            events: components["schemas"]["EventName"][];
             /** @description Optional: one is generated when absent. Returned only at creation. */
             secret?: string | null;
+            /** @description An http(s) URL with a host (as WHATWG URL parsing reads it). */
             url: string;
         };
         Node: {
@@ -1154,6 +1158,7 @@ export interface components {
         RegisterInput: {
             name: components["schemas"]["AdapterName"];
             source?: null | components["schemas"]["SourceVersion"];
+            /** @description `file:///abs/path` (under the server's file roots), `s3://bucket/key`, `gs://…`, `az://…`. */
             uri: string;
         };
         ReservedVersion: {
@@ -1564,8 +1569,35 @@ export interface operations {
                     "application/json": components["schemas"]["AdapterPage"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1608,6 +1640,24 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -1626,8 +1676,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1656,8 +1724,44 @@ export interface operations {
                 };
                 content?: never;
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1688,6 +1792,24 @@ export interface operations {
                     "application/json": components["schemas"]["Resolved"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -1708,6 +1830,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1740,6 +1871,24 @@ export interface operations {
                     "application/json": components["schemas"]["VersionPage"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -1751,6 +1900,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1780,8 +1938,35 @@ export interface operations {
                     "application/json": components["schemas"]["VersionView"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1810,6 +1995,33 @@ export interface operations {
                 };
                 content?: never;
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -1821,6 +2033,15 @@ export interface operations {
             };
             /** @description problem */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1852,6 +2073,24 @@ export interface operations {
                     "application/json": components["schemas"]["Graph"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -1863,6 +2102,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1887,22 +2135,42 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description the file */
+            /** @description the file: `application/json` for `.json` files, else `application/octet-stream` */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
+                    "application/json": unknown;
                     "application/octet-stream": unknown;
                 };
             };
-            /** @description the requested range */
+            /** @description the requested range (content types as for 200) */
             206: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
+                    "application/json": unknown;
                     "application/octet-stream": unknown;
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
                 };
             };
             /** @description problem */
@@ -1930,6 +2198,15 @@ export interface operations {
                 };
                 content?: never;
             };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
         };
     };
     presign: {
@@ -1953,6 +2230,24 @@ export interface operations {
                     "application/json": components["schemas"]["PresignedUrl"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -1973,6 +2268,15 @@ export interface operations {
             };
             /** @description problem */
             410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2004,6 +2308,24 @@ export interface operations {
                     "application/json": components["schemas"]["LineageView"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -2015,6 +2337,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2045,6 +2376,33 @@ export interface operations {
                     "application/json": string[];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -2056,6 +2414,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2086,6 +2453,33 @@ export interface operations {
                     "application/json": string[];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -2097,6 +2491,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2121,6 +2524,33 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["InputRow"][];
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
                 };
             };
         };
@@ -2164,6 +2594,24 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             409: {
                 headers: {
@@ -2173,8 +2621,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2203,8 +2669,35 @@ export interface operations {
                     "application/json": components["schemas"]["InputRow"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2229,6 +2722,33 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["InputRow"][];
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
                 };
             };
         };
@@ -2272,6 +2792,24 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             409: {
                 headers: {
@@ -2281,8 +2819,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2311,8 +2867,35 @@ export interface operations {
                     "application/json": components["schemas"]["InputRow"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2347,8 +2930,35 @@ export interface operations {
                     "application/json": components["schemas"]["JobPage"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2400,6 +3010,24 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             409: {
                 headers: {
@@ -2409,8 +3037,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2439,8 +3085,35 @@ export interface operations {
                     "application/json": components["schemas"]["JobView"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2469,6 +3142,33 @@ export interface operations {
                     "application/json": components["schemas"]["JobView"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -2480,6 +3180,15 @@ export interface operations {
             };
             /** @description problem */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2512,6 +3221,24 @@ export interface operations {
                     "application/json": components["schemas"]["EventsPage"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -2523,6 +3250,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2556,8 +3292,44 @@ export interface operations {
                     "text/event-stream": unknown;
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2584,8 +3356,26 @@ export interface operations {
                     "application/json": components["schemas"]["Identity"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2612,6 +3402,33 @@ export interface operations {
                     "application/json": components["schemas"]["SafetyPolicy"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
         };
     };
     put: {
@@ -2635,8 +3452,53 @@ export interface operations {
                     "application/json": components["schemas"]["SafetyPolicy"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2661,6 +3523,42 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["WebhookRow"][];
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
                 };
             };
         };
@@ -2695,8 +3593,44 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2724,8 +3658,44 @@ export interface operations {
                 };
                 content?: never;
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2754,8 +3724,44 @@ export interface operations {
                     "application/json": components["schemas"]["DeliveryRow"][];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the key's scope is below the one this route needs */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2784,6 +3790,15 @@ export interface operations {
                     "application/json": components["schemas"]["WorkerAssignment"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             401: {
                 headers: {
@@ -2795,6 +3810,15 @@ export interface operations {
             };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2862,8 +3886,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2922,8 +3964,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2982,8 +4042,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3012,6 +4090,15 @@ export interface operations {
                     "application/json": components["schemas"]["HeartbeatResponse"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             401: {
                 headers: {
@@ -3023,6 +4110,15 @@ export interface operations {
             };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3090,8 +4186,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3120,6 +4234,15 @@ export interface operations {
                     "application/json": components["schemas"]["ReservedVersion"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             401: {
                 headers: {
@@ -3140,6 +4263,15 @@ export interface operations {
             };
             /** @description problem */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };

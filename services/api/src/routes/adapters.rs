@@ -66,6 +66,7 @@ pub async fn list(
 pub struct VersionsQuery {
     /// Versions below this number (the last one of the previous page).
     before: Option<i32>,
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 
@@ -85,6 +86,8 @@ pub async fn versions(
     ApiQuery(q): ApiQuery<VersionsQuery>,
 ) -> Result<Json<VersionPage>, ApiError> {
     caller.require(Scope::Read)?;
+    // A name no adapter can have names none (the list of an unused valid name is empty).
+    loraforge_spec::AdapterName::parse(&name).map_err(|_| Error::NotFound("adapter"))?;
     let limit = page_size(q.limit)?;
     let project = caller.project.as_str();
     let rows = registry::list_versions(&state.pool, project, &name, q.before, limit).await?;
@@ -123,7 +126,7 @@ pub async fn version(
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}", tag = "registry",
-    params(("name" = String, Path), ("version" = i32, Path)), responses((status = 204, description = "deleted"), problems::NotFound, problems::Conflict))]
+    security(("api_key" = ["admin"])), params(("name" = String, Path), ("version" = i32, Path)), responses((status = 204, description = "deleted"), problems::NotFound, problems::Conflict))]
 pub async fn delete_version(
     State(state): State<ApiState>,
     caller: Caller,
@@ -139,6 +142,7 @@ pub async fn delete_version(
 #[serde(deny_unknown_fields)]
 pub struct DepthQuery {
     #[serde(default = "one")]
+    #[param(minimum = 0, maximum = 32)]
     depth: u32,
 }
 
@@ -195,7 +199,7 @@ pub struct SetAlias {
     version: i32,
 }
 
-#[utoipa::path(put, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry", request_body = SetAlias,
+#[utoipa::path(put, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry", security(("api_key" = ["admin"])), request_body = SetAlias,
     params(("name" = String, Path), ("alias" = String, Path)), responses((status = 200, body = AliasRow), problems::BadRequest, problems::NotFound, problems::Conflict, problems::Unprocessable))]
 pub async fn put_alias(
     State(state): State<ApiState>,
@@ -210,7 +214,7 @@ pub async fn put_alias(
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/aliases/{alias}", tag = "registry",
-    params(("name" = String, Path), ("alias" = String, Path)), responses((status = 204, description = "deleted"), problems::NotFound))]
+    security(("api_key" = ["admin"])), params(("name" = String, Path), ("alias" = String, Path)), responses((status = 204, description = "deleted"), problems::NotFound))]
 pub async fn delete_alias(
     State(state): State<ApiState>,
     caller: Caller,
@@ -222,7 +226,7 @@ pub async fn delete_alias(
 }
 
 #[utoipa::path(put, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
-    params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), problems::NotFound, problems::Unprocessable))]
+    security(("api_key" = ["admin"])), params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), problems::NotFound, problems::Unprocessable))]
 pub async fn put_tag(
     State(state): State<ApiState>,
     caller: Caller,
@@ -246,7 +250,7 @@ async fn set_tag(
 }
 
 #[utoipa::path(delete, path = "/v1/adapters/{name}/versions/{version}/tags/{tag}", tag = "registry",
-    params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), problems::NotFound, problems::Unprocessable))]
+    security(("api_key" = ["admin"])), params(("name" = String, Path), ("version" = i32, Path), ("tag" = String, Path)), responses((status = 200, body = Vec<String>), problems::NotFound, problems::Unprocessable))]
 pub async fn delete_tag(
     State(state): State<ApiState>,
     caller: Caller,
@@ -311,8 +315,10 @@ async fn cached_json<T: Serialize>(
 
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/files/{file}", tag = "registry",
     params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path), ("Range" = Option<String>, Header)),
-    responses((status = 200, description = "the file", content_type = "application/octet-stream"),
-               (status = 206, description = "the requested range", content_type = "application/octet-stream"),
+    responses((status = 200, description = "the file: `application/json` for `.json` files, else `application/octet-stream`",
+                content(("application/octet-stream"), ("application/json"))),
+               (status = 206, description = "the requested range (content types as for 200)",
+                content(("application/octet-stream"), ("application/json"))),
                (status = 416, description = "range not satisfiable"), problems::NotFound, problems::Gone))]
 /// Streams a file; honours a single `Range: bytes=…` (206, or 416 if unsatisfiable).
 pub async fn download(

@@ -45,7 +45,7 @@ async fn get(
     Ok(Json(row.ok_or(Error::NotFound("input"))?))
 }
 
-#[utoipa::path(post, path = "/v1/base-models", tag = "inputs", request_body = RegisterInput,
+#[utoipa::path(post, path = "/v1/base-models", tag = "inputs", security(("api_key" = ["submit"])), request_body = RegisterInput,
     responses((status = 201, body = InputRow), (status = 200, description = "already registered", body = InputRow), problems::BadRequest, problems::Conflict, problems::Unprocessable))]
 pub async fn register_base_model(
     State(s): State<ApiState>,
@@ -56,7 +56,7 @@ pub async fn register_base_model(
     register(&s, &caller, InputKind::BaseModel, req).await
 }
 
-#[utoipa::path(post, path = "/v1/datasets", tag = "inputs", request_body = RegisterInput,
+#[utoipa::path(post, path = "/v1/datasets", tag = "inputs", security(("api_key" = ["submit"])), request_body = RegisterInput,
     responses((status = 201, body = InputRow), (status = 200, description = "already registered", body = InputRow), problems::BadRequest, problems::Conflict, problems::Unprocessable))]
 pub async fn register_dataset(
     State(s): State<ApiState>,

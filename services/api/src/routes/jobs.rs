@@ -21,8 +21,9 @@ use uuid::Uuid;
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
-#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = loraforge_spec::JobSpec,
-    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job")),
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", security(("api_key" = ["submit"])), request_body = loraforge_spec::JobSpec,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same job",
+        pattern = "^[!-~]{1,255}$")),
     responses((status = 201, body = JobView), (status = 200, description = "replayed by Idempotency-Key", body = JobView),
               problems::BadRequest, problems::Conflict, problems::Unprocessable))]
 pub async fn submit(
@@ -137,6 +138,7 @@ pub struct EventsQuery {
     #[serde(default)]
     after: i64,
     #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     limit: i64,
 }
 
@@ -177,7 +179,7 @@ pub async fn events(
 
 /// Cancels a job from any unfinished state: a queued job at once; a running one is
 /// asked to stop (its worker is signalled) and ends `cancelled`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security(("api_key" = ["submit"])), params(("id" = Uuid, Path)),
     responses((status = 202, body = JobView), problems::Conflict, problems::NotFound))]
 pub async fn cancel(
     State(state): State<ApiState>,

@@ -20,7 +20,7 @@ pub async fn get(
     ))
 }
 
-#[utoipa::path(put, path = "/v1/safety-policy", tag = "safety", request_body = SafetyPolicy,
+#[utoipa::path(put, path = "/v1/safety-policy", tag = "safety", security(("api_key" = ["admin"])), request_body = SafetyPolicy,
     responses((status = 200, body = SafetyPolicy), problems::Unprocessable))]
 pub async fn put(
     State(state): State<ApiState>,

@@ -11,7 +11,7 @@ use loraforge_core::auth::Scope;
 use loraforge_core::webhooks::{self, CreatedWebhook, DeliveryRow, NewWebhook, WebhookRow};
 use uuid::Uuid;
 
-#[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = NewWebhook, responses((status = 201, body = CreatedWebhook), problems::BadRequest, problems::Unprocessable))]
+#[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", security(("api_key" = ["admin"])), request_body = NewWebhook, responses((status = 201, body = CreatedWebhook), problems::BadRequest, problems::Unprocessable))]
 pub async fn create(
     State(s): State<ApiState>,
     caller: Caller,
@@ -24,7 +24,7 @@ pub async fn create(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks", operation_id = "list_webhooks", responses((status = 200, body = Vec<WebhookRow>)))]
+#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks", security(("api_key" = ["admin"])), operation_id = "list_webhooks", responses((status = 200, body = Vec<WebhookRow>)))]
 pub async fn list(
     State(s): State<ApiState>,
     caller: Caller,
@@ -35,7 +35,7 @@ pub async fn list(
     ))
 }
 
-#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)), responses((status = 204, description = "deleted"), problems::NotFound))]
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", security(("api_key" = ["admin"])), params(("id" = Uuid, Path)), responses((status = 204, description = "deleted"), problems::NotFound))]
 pub async fn delete(
     State(s): State<ApiState>,
     caller: Caller,
@@ -46,7 +46,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks", params(("id" = Uuid, Path)), responses((status = 200, body = Vec<DeliveryRow>), problems::NotFound))]
+#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks", security(("api_key" = ["admin"])), params(("id" = Uuid, Path)), responses((status = 200, body = Vec<DeliveryRow>), problems::NotFound))]
 pub async fn deliveries(
     State(s): State<ApiState>,
     caller: Caller,

@@ -133,11 +133,18 @@ pub async fn find(pool: &PgPool, project: &str, id: Uuid) -> Result<JobRow> {
 #[serde(deny_unknown_fields)]
 pub struct JobFilter {
     /// Only jobs in one of these states, comma-separated (`queued,running`).
+    #[param(
+        pattern = r"^((queued|scheduled|running|evaluating|publishing|succeeded|failed|cancel_requested|cancelled)(,(queued|scheduled|running|evaluating|publishing|succeeded|failed|cancel_requested|cancelled))*)?$"
+    )]
     pub status: Option<String>,
     /// Only jobs of this adapter.
     pub adapter: Option<String>,
     /// `next_cursor` of the previous page.
+    #[param(
+        pattern = r"^[0-9]{1,18}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
@@ -148,7 +155,7 @@ impl JobFilter {
             return Ok(Vec::new());
         };
         list.split(',')
-            .map(|s| s.trim().parse().map_err(|m| Error::invalid("status", m)))
+            .map(|s| s.parse().map_err(|m| Error::invalid("status", m)))
             .collect()
     }
 
@@ -176,13 +183,16 @@ impl JobCursor {
     pub fn parse(s: &str) -> Result<JobCursor> {
         let bad = || Error::invalid("cursor", "not a cursor this API returned");
         let (micros, id) = s.split_once('_').ok_or_else(bad)?;
-        // Years 1970 to 9999: anything else is no job's time (and some of it is beyond what
-        // Postgres can hold).
-        let micros: i64 = micros
-            .parse()
-            .ok()
-            .filter(|m| (0..=253_402_300_799_999_999).contains(m))
-            .ok_or_else(bad)?;
+        // What `Display` writes (the API document's pattern says the same): 1-18 digits, the
+        // time of some job (1970 to about 33,600, all of which Postgres holds), and a
+        // hyphenated UUID.
+        if micros.is_empty() || micros.len() > 18 || !micros.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        if id.len() != 36 {
+            return Err(bad());
+        }
+        let micros: i64 = micros.parse().map_err(|_| bad())?;
         Ok(JobCursor {
             created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
             id: id.parse().map_err(|_| bad())?,
@@ -637,7 +647,9 @@ mod tests {
             "x_y".into(),
             "12_not-a-uuid".into(),
             format!("-1_{id}"),
+            format!("+1_{id}"),
             format!("{}_{id}", i64::MAX),
+            format!("1_{}", id.simple()),
         ] {
             assert!(JobCursor::parse(&bad).is_err(), "{bad:?}");
         }
@@ -650,10 +662,13 @@ mod tests {
             ..JobFilter::default()
         };
         assert_eq!(
-            filter("queued, running").statuses().unwrap(),
+            filter("queued,running").statuses().unwrap(),
             [JobStatus::Queued, JobStatus::Running]
         );
         assert!(filter("").statuses().unwrap().is_empty());
-        assert!(filter("running,done").statuses().is_err());
+        // Exactly the API document's pattern: no spaces, no empty items, known states.
+        for bad in ["running,done", "queued, running", "queued,", ",queued"] {
+            assert!(filter(bad).statuses().is_err(), "{bad:?}");
+        }
     }
 }

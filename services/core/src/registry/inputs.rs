@@ -45,6 +45,8 @@ pub struct InputRow {
 #[serde(deny_unknown_fields)]
 pub struct RegisterInput {
     pub name: AdapterName,
+    /// `file:///abs/path` (under the server's file roots), `s3://bucket/key`, `gs://…`, `az://…`.
+    #[schema(pattern = "^(file|s3|s3a|gs|az|azure|abfs|abfss)://.")]
     pub uri: String,
     /// The adapter version a merged base model came from.
     #[serde(default)]

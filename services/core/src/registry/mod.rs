@@ -187,6 +187,7 @@ pub struct AdapterFilter {
     pub status: Option<VersionStatus>,
     /// The last adapter name of the previous page.
     pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
