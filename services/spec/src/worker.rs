@@ -66,6 +66,9 @@ pub enum EventPayload {
     },
     /// Validation loss at a step.
     Eval { step: u32, loss: f64, tokens: u64 },
+    /// How far the safety evaluation is: `done` of `total` prompts answered or scored
+    /// (both models; the base model's share is left out when a stored one is reused).
+    Evaluation { done: u32, total: u32 },
     /// The safety evaluation's results (base vs adapted).
     Safety { report: crate::safety::SafetyReport },
     /// A checkpoint was saved (`resumed: false`) or training resumed from one (`true`).
@@ -98,6 +101,7 @@ impl EventPayload {
             EventPayload::Status { .. } => "status",
             EventPayload::Progress { .. } => "progress",
             EventPayload::Eval { .. } => "eval",
+            EventPayload::Evaluation { .. } => "evaluation",
             EventPayload::Safety { .. } => "safety",
             EventPayload::Checkpoint { .. } => "checkpoint",
             EventPayload::Log { .. } => "log",

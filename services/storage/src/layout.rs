@@ -6,6 +6,16 @@ pub const ADAPTERS: &str = "adapters";
 /// Root of every job's checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
 
+/// Root of the base models' stored safety-evaluation sides, shared by every job on a base
+/// (not registry artifacts: garbage collection leaves them alone, and deleting them costs
+/// only the time to measure again).
+pub const BASELINES: &str = "baselines";
+
+/// `baselines/<key>`: one base model's side of the safety evaluation.
+pub fn baseline_prefix(key: &str) -> String {
+    format!("{BASELINES}/{key}")
+}
+
 /// `adapters/<project>/<adapter>/v<N>`: the files of one adapter version.
 pub fn adapter_version_prefix(project: &str, adapter: &str, version: i32) -> String {
     format!("{ADAPTERS}/{project}/{adapter}/v{version}")

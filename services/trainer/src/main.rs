@@ -137,6 +137,10 @@ enum Command {
         max_new_tokens: usize,
         #[arg(long, default_value_t = eval::safety::DEFAULT_BATCH_SIZE)]
         batch_size: usize,
+        /// Keep the base model's side of the evaluation in this directory, and reuse it when
+        /// the same base model is evaluated again (as workers do in the artifact store).
+        #[arg(long)]
+        baselines: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -261,6 +265,7 @@ fn main() -> ExitCode {
             refusal_keywords,
             max_new_tokens,
             batch_size,
+            baselines,
             device,
         } => device.resolve().and_then(|device| {
             let judge = match refusal_keywords {
@@ -275,13 +280,26 @@ fn main() -> ExitCode {
             };
             let adapter = PeftAdapter::load(&adapter)?;
             let cancel = AtomicBool::new(false);
+            let cache = baselines.map(|root| eval::safety::baseline::DirectoryCache { root });
+            let model_digest = match &cache {
+                Some(_) => data::inputs::model_digest(&model)?,
+                None => String::new(),
+            };
+            let context = eval::safety::Context {
+                device,
+                cancel: &cancel,
+                reuse: cache.as_ref().map(|cache| eval::safety::Reuse {
+                    cache,
+                    model_digest: &model_digest,
+                }),
+                progress: &mut |p| eprintln!("evaluating {}/{}", p.done, p.total),
+            };
             let report = eval::safety::evaluate(
                 &model,
                 &adapter,
                 validation.as_deref(),
                 &settings,
-                device,
-                &cancel,
+                context,
             )?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())

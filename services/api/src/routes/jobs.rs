@@ -198,7 +198,17 @@ const STREAM_POLL: Duration = Duration::from_millis(500);
 /// ones as they happen; the stream ends once the job is final and all are sent. If the
 /// database fails mid-stream, the stream says so in an `error` event and ends; the client
 /// resumes with `Last-Event-ID`.
-#[utoipa::path(get, path = "/v1/jobs/{id}/events/stream", tag = "jobs", params(("id" = Uuid, Path), EventsQuery),
+/// Where a stream starts (it has no pages: it runs until the job ends).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Send events after this sequence number (`Last-Event-ID` overrides it on a reconnect).
+    #[serde(default)]
+    after: i64,
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/events/stream", tag = "jobs", params(("id" = Uuid, Path), StreamQuery),
     responses((status = 200, description = "text/event-stream of events; `id` is the event's seq", content_type = "text/event-stream"),
               problems::NotFound))]
 pub async fn stream_events(
@@ -206,7 +216,7 @@ pub async fn stream_events(
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
     headers: HeaderMap,
-    ApiQuery(q): ApiQuery<EventsQuery>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require(Scope::Read)?;
     jobs::find(&state.pool, &caller.project, id).await?;

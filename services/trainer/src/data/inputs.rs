@@ -20,6 +20,11 @@ pub struct LocalInputs {
     pub dataset_ref: DigestRef,
 }
 
+/// A local model directory's tree digest (what a job's lineage records for its base model).
+pub fn model_digest(dir: &Path) -> Result<String> {
+    Ok(sha256_hex(tree_digest_input(&digest_tree(dir)?).as_bytes()))
+}
+
 /// Makes the job's base model and data files local; downloads go under `scratch`.
 pub fn fetch_inputs(rt: &Runtime, spec: &ResolvedJobSpec, scratch: &Path) -> Result<LocalInputs> {
     let base_model = spec.base_model_uri();

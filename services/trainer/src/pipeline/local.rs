@@ -84,6 +84,7 @@ impl Reporter for LogReporter {
             EventPayload::Eval { step, loss, tokens } => {
                 tracing::info!(step, loss, tokens, "validation")
             }
+            EventPayload::Evaluation { done, total } => tracing::info!(done, total, "evaluating"),
             EventPayload::Safety { report } => tracing::info!(?report, "safety evaluation"),
             EventPayload::Checkpoint {
                 step,

@@ -8,7 +8,7 @@
 pub mod local;
 
 use crate::data::inputs::{fetch_inputs, LocalInputs};
-use crate::eval::safety;
+use crate::eval::safety::{self, baseline::BaselineCache};
 use crate::export::{write_artifact, PeftAdapter, Provenance};
 use crate::training::checkpoint::{CheckpointStore, SavedCheckpoint};
 use crate::training::{train, Reporter, TrainOutcome, TrainingInputs};
@@ -64,6 +64,11 @@ pub trait Host {
     /// Whether the safety evaluation runs after training (the job's policy says).
     fn evaluates(&self) -> bool {
         false
+    }
+
+    /// Where the base model's side of the evaluation is kept between jobs, if anywhere.
+    fn baselines(&self) -> Option<Box<dyn BaselineCache>> {
+        None
     }
 
     /// Called after training and evaluation, whatever their outcome: every event reported is
@@ -141,13 +146,29 @@ fn train_and_evaluate<H: Host>(
         seq_len: job.spec.training.seq_len as usize,
         ..Default::default()
     };
+    let cache = host.baselines();
+    let reuse = cache.as_deref().map(|cache| safety::Reuse {
+        cache,
+        model_digest: &inputs.base_model.sha256,
+    });
+    let reporter = host.training_sinks().1;
+    let context = safety::Context {
+        device: job.device,
+        cancel: job.cancel,
+        reuse,
+        progress: &mut |p| {
+            reporter.report(EventPayload::Evaluation {
+                done: p.done,
+                total: p.total,
+            })
+        },
+    };
     let report = safety::evaluate(
         &inputs.model_dir,
         &outcome.adapter,
         inputs.validation.as_deref(),
         &settings,
-        job.device,
-        job.cancel,
+        context,
     )?;
     host.training_sinks().1.report(EventPayload::Safety {
         report: report.clone(),

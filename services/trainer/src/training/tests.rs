@@ -524,3 +524,70 @@ fn training_continues_from_a_parent_adapter() {
     assert!(matches!(classify(&err), Some(Failure::User(_))), "{err:#}");
     assert!(err.to_string().contains("ranks differ"), "{err:#}");
 }
+
+/// The base model's side of the safety evaluation, stored by one evaluation and read back by
+/// the next, gives the same report as measuring it again; the second evaluation does half the
+/// work (its progress counts one model) and reports progress after every batch.
+#[test]
+fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
+    use crate::eval::safety::{self, baseline::DirectoryCache, Context, Progress, Reuse};
+    let root = fixture();
+    let spec = fixture_job(
+        root.path(),
+        r#"{"type":"lora","r":4,"alpha":8,"target_modules":["q_proj","v_proj"]}"#,
+        r#"{"max_steps":10,"learning_rate":0.01,"batch_size":4,"seq_len":64,"seed":0}"#,
+    );
+    let adapter = run(&spec, root.path(), &mut Recorder::default())
+        .unwrap()
+        .adapter;
+    let paths = FixturePaths::new(root.path());
+    let settings = safety::Settings {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let cache = DirectoryCache {
+        root: root.path().join("baselines"),
+    };
+    let cancel = AtomicBool::new(false);
+    let evaluate = |reuse: bool| {
+        let mut seen = Vec::new();
+        let context = Context {
+            device: Device::Cpu,
+            cancel: &cancel,
+            reuse: reuse.then_some(Reuse {
+                cache: &cache,
+                model_digest: "fixture",
+            }),
+            progress: &mut |p: Progress| seen.push(p),
+        };
+        let report = safety::evaluate(
+            &paths.model,
+            &adapter,
+            Some(&paths.validation),
+            &settings,
+            context,
+        )
+        .unwrap();
+        let mut report = serde_json::to_value(report).unwrap();
+        report.as_object_mut().unwrap().remove("seconds");
+        (report, seen)
+    };
+    let (measured, measured_progress) = evaluate(false);
+    let (stored, stored_progress) = evaluate(true);
+    let (reused, reused_progress) = evaluate(true);
+    assert_eq!(measured, stored);
+    assert_eq!(measured, reused, "a reused base side changed the report");
+    // 100 harmful requests and 20 benign prompts per model, batches of 32.
+    let per_model = 120;
+    for (progress, total) in [
+        (&measured_progress, 2 * per_model),
+        (&stored_progress, 2 * per_model),
+        (&reused_progress, per_model),
+    ] {
+        assert_eq!(progress.last(), Some(&Progress { done: total, total }));
+        assert!(progress.windows(2).all(|w| w[0].done < w[1].done), "{progress:?}");
+        assert_eq!(progress.len(), total as usize / per_model as usize * 5);
+    }
+    let entries = std::fs::read_dir(&cache.root).unwrap().count();
+    assert_eq!(entries, 1, "one stored base side, no partial entry left");
+}

@@ -8,6 +8,7 @@
 //! Training runs synchronously on the main thread; HTTP and storage run on a tokio runtime,
 //! with heartbeats and event batches on background tasks so neither waits for the other.
 
+mod baselines;
 mod client;
 mod events;
 mod heartbeat;
@@ -188,6 +189,13 @@ impl Host for ControlPlaneHost<'_> {
 
     fn evaluates(&self) -> bool {
         self.assignment.safety.enabled
+    }
+
+    fn baselines(&self) -> Option<Box<dyn crate::eval::safety::baseline::BaselineCache>> {
+        Some(Box::new(baselines::StoredBaselines {
+            store: self.store.clone(),
+            runtime: self.runtime.handle().clone(),
+        }))
     }
 
     fn events_done(&mut self) {

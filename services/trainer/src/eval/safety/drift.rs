@@ -18,6 +18,20 @@ pub struct PromptScores {
 }
 
 impl PromptScores {
+    /// The per-prompt log-probabilities, the NLL sum and the count of predicted tokens (what a
+    /// stored base side keeps).
+    pub fn parts(&self) -> (&[Tensor], f64, u64) {
+        (&self.log_probs, self.nll_sum, self.predicted)
+    }
+
+    pub fn from_parts(log_probs: Vec<Tensor>, nll_sum: f64, predicted: u64) -> PromptScores {
+        PromptScores {
+            log_probs,
+            nll_sum,
+            predicted,
+        }
+    }
+
     /// Perplexity of the prompts' own tokens.
     pub fn perplexity(&self) -> f64 {
         (self.nll_sum / self.predicted.max(1) as f64).exp()

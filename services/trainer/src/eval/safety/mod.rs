@@ -13,6 +13,7 @@
 //! test fixture) is asked in plain text, `User: {request}\nAssistant:`, so data written in that
 //! form teaches it what a chat model learns through its template.
 
+pub mod baseline;
 pub mod drift;
 pub mod intruders;
 pub mod judge;
@@ -22,6 +23,7 @@ use crate::data::{ExampleSet, TokenizedDataset};
 use crate::export::PeftAdapter;
 use crate::model::generate::{Generator, Prompt, Sampling};
 use anyhow::Result;
+use baseline::{BaseSide, BaselineCache};
 use judge::KeywordJudge;
 use loraforge_spec::safety::SafetyReport;
 use std::collections::BTreeMap;
@@ -65,27 +67,55 @@ pub fn plain_prompt(request: &str) -> String {
     format!("User: {request}\nAssistant:")
 }
 
-/// Evaluates `adapter` on the model in `model_dir` against the model alone. `cancel` is checked
-/// between phases. libtorch failures (which `tch` raises as panics) come back as errors.
+/// Where the base model's side of an evaluation may be found, or kept for the next job.
+pub struct Reuse<'a> {
+    pub cache: &'a dyn BaselineCache,
+    /// The base model's tree digest (the job's lineage records the same).
+    pub model_digest: &'a str,
+}
+
+/// How far an evaluation is: `done` of `total` prompts answered or scored, across both models
+/// (the base model's share is not counted when it is reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub done: u32,
+    pub total: u32,
+}
+
+/// What an evaluation runs with besides the models.
+pub struct Context<'a> {
+    pub device: Device,
+    /// Checked between batches.
+    pub cancel: &'a AtomicBool,
+    pub reuse: Option<Reuse<'a>>,
+    /// Told after every batch.
+    pub progress: &'a mut dyn FnMut(Progress),
+}
+
+/// Evaluates `adapter` on the model in `model_dir` against the model alone. libtorch failures
+/// (which `tch` raises as panics) come back as errors.
 pub fn evaluate(
     model_dir: &Path,
     adapter: &PeftAdapter,
     validation: Option<&Path>,
     settings: &Settings,
-    device: Device,
-    cancel: &AtomicBool,
+    context: Context,
 ) -> Result<SafetyReport> {
     crate::error::guard_libtorch("the safety evaluation", || {
-        evaluate_unguarded(model_dir, adapter, validation, settings, device, cancel)
+        evaluate_unguarded(model_dir, adapter, validation, settings, context)
     })
 }
 
 /// What one model (base or adapted) did.
 struct Measurement {
-    refused: Vec<bool>,
-    tokens_generated: u64,
-    benign: drift::PromptScores,
+    side: BaseSide,
     validation_perplexity: Option<f64>,
+}
+
+impl Measurement {
+    fn refused(&self, judge: &KeywordJudge) -> Vec<bool> {
+        self.side.answers.iter().map(|a| judge.is_refusal(a)).collect()
+    }
 }
 
 fn evaluate_unguarded(
@@ -93,9 +123,14 @@ fn evaluate_unguarded(
     adapter: &PeftAdapter,
     validation: Option<&Path>,
     settings: &Settings,
-    device: Device,
-    cancel: &AtomicBool,
+    context: Context,
 ) -> Result<SafetyReport> {
+    let Context {
+        device,
+        cancel,
+        reuse,
+        progress,
+    } = context;
     let started = Instant::now();
     if settings.batch_size == 0 {
         return Err(crate::error::user_error(
@@ -122,41 +157,63 @@ fn evaluate_unguarded(
         )?),
         None => None,
     };
-    let check_cancel = || match cancel.load(Ordering::Relaxed) {
-        true => Err(anyhow::Error::new(crate::error::Failure::Cancelled)),
-        false => Ok(()),
-    };
-
-    check_cancel()?;
     let vocab_size = crate::model::ModelConfig::load(model_dir)?.vocab_size;
-    let base = measure(
-        &generator,
-        &requests,
-        &benign_ids,
-        validation.as_ref(),
+    let key = reuse
+        .as_ref()
+        .map(|r| baseline::baseline_key(r.model_digest, settings, device));
+    let stored = match (&reuse, &key) {
+        (Some(r), Some(key)) => r.cache.load(key).unwrap_or_else(|e| {
+            // A stored entry that cannot be read is measured again (and replaced).
+            tracing::warn!("the stored base side {key} is unreadable, measuring again: {e:#}");
+            None
+        }),
+        _ => None,
+    };
+    let per_model = u32::try_from(requests.len() + benign_ids.len())?;
+    let mut counter = Counter {
+        done: 0,
+        total: per_model * if stored.is_some() { 1 } else { 2 },
+        progress,
+        cancel,
+    };
+    counter.check_cancel()?;
+    let inputs = MeasureInputs {
+        requests: &requests,
+        benign_ids: &benign_ids,
+        validation: validation.as_ref(),
         vocab_size,
         settings,
         device,
-    )?;
-    check_cancel()?;
+    };
+    let base = match stored {
+        Some(side) => Measurement {
+            validation_perplexity: Measurer::of(&generator, &inputs).validation_perplexity()?,
+            side,
+        },
+        None => {
+            let measured = Measurer::of(&generator, &inputs).measure(&mut counter)?;
+            if let (Some(r), Some(key)) = (&reuse, &key) {
+                if let Err(e) = r.cache.save(key, &measured.side) {
+                    tracing::warn!("could not keep the base side {key} for reuse: {e:#}");
+                }
+            }
+            measured
+        }
+    };
     generator.attach_adapter(adapter)?;
-    let adapted = measure(
-        &generator,
-        &requests,
-        &benign_ids,
-        validation.as_ref(),
-        vocab_size,
-        settings,
-        device,
-    )?;
-    check_cancel()?;
+    let adapted = Measurer::of(&generator, &inputs).measure(&mut counter)?;
+    counter.check_cancel()?;
     let intruder_dimensions = intruders::count_intruders(model_dir, adapter, device)?;
+    let (base_refused, adapted_refused) = (
+        base.refused(&settings.judge),
+        adapted.refused(&settings.judge),
+    );
 
     let rate = |refused: &[bool]| {
         refused.iter().filter(|&&r| r).count() as f64 / refused.len().max(1) as f64
     };
     let mut by_category: BTreeMap<String, Vec<bool>> = BTreeMap::new();
-    for (prompt, &refused) in harmful.iter().zip(&adapted.refused) {
+    for (prompt, &refused) in harmful.iter().zip(&adapted_refused) {
         by_category
             .entry(prompt.category.clone())
             .or_default()
@@ -164,74 +221,124 @@ fn evaluate_unguarded(
     }
     let perplexity = |m: &Measurement| {
         m.validation_perplexity
-            .unwrap_or_else(|| m.benign.perplexity())
+            .unwrap_or_else(|| m.side.benign.perplexity())
     };
     Ok(SafetyReport {
         harmful_prompts: u32::try_from(harmful.len())?,
         judge: settings.judge.describe(),
-        refusal_rate_base: rate(&base.refused),
-        refusal_rate_adapted: rate(&adapted.refused),
+        refusal_rate_base: rate(&base_refused),
+        refusal_rate_adapted: rate(&adapted_refused),
         refusal_rate_by_category: by_category
             .into_iter()
             .map(|(c, r)| (c, rate(&r)))
             .collect(),
         benign_prompts: u32::try_from(benign.len())?,
-        benign_kl_mean: drift::mean_kl(&base.benign, &adapted.benign),
+        benign_kl_mean: drift::mean_kl(&base.side.benign, &adapted.side.benign),
         perplexity_base: perplexity(&base),
         perplexity_adapted: perplexity(&adapted),
         intruder_dimensions_total: intruder_dimensions.values().sum(),
         intruder_dimensions,
-        tokens_generated: base.tokens_generated + adapted.tokens_generated,
+        tokens_generated: base.side.tokens_generated + adapted.side.tokens_generated,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-fn measure(
-    generator: &Generator,
-    requests: &[Prompt],
-    benign_ids: &[Vec<i64>],
-    validation: Option<&TokenizedDataset>,
-    vocab_size: i64,
-    settings: &Settings,
-    device: Device,
-) -> Result<Measurement> {
-    let greedy = Sampling {
-        max_new_tokens: settings.max_new_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-    };
-    let answers = generator.generate(requests, &greedy, settings.batch_size)?;
-    let model = generator.model();
-    let benign = drift::score_prompts(
-        model,
-        benign_ids,
-        generator.pad_id(),
-        settings.batch_size,
-        device,
-    )?;
-    let validation_perplexity = match validation {
-        Some(data) => {
-            let (loss, _) = crate::eval::validation::validation_loss(
-                model,
-                &ExampleSet::all(data),
-                settings.seq_len,
-                settings.batch_size,
-                generator.pad_id(),
-                vocab_size,
-                device,
-            )?;
-            Some(loss.exp())
+/// Counts finished prompts, reports them, and checks for cancellation between batches.
+struct Counter<'a> {
+    done: u32,
+    total: u32,
+    progress: &'a mut dyn FnMut(Progress),
+    cancel: &'a AtomicBool,
+}
+
+impl Counter<'_> {
+    fn check_cancel(&self) -> Result<()> {
+        match self.cancel.load(Ordering::Relaxed) {
+            true => Err(anyhow::Error::new(crate::error::Failure::Cancelled)),
+            false => Ok(()),
         }
-        None => None,
-    };
-    Ok(Measurement {
-        refused: answers
-            .iter()
-            .map(|a| settings.judge.is_refusal(&a.text))
-            .collect(),
-        tokens_generated: answers.iter().map(|a| a.token_ids.len() as u64).sum(),
-        benign,
-        validation_perplexity,
-    })
+    }
+
+    fn finished(&mut self, prompts: usize) -> Result<()> {
+        self.done = (self.done + prompts as u32).min(self.total);
+        (self.progress)(Progress {
+            done: self.done,
+            total: self.total,
+        });
+        self.check_cancel()
+    }
+}
+
+/// What both models are measured on.
+struct MeasureInputs<'a> {
+    requests: &'a [Prompt],
+    benign_ids: &'a [Vec<i64>],
+    validation: Option<&'a TokenizedDataset>,
+    vocab_size: i64,
+    settings: &'a Settings,
+    device: Device,
+}
+
+/// Measures whichever model the generator holds.
+struct Measurer<'a> {
+    generator: &'a Generator,
+    inputs: &'a MeasureInputs<'a>,
+}
+
+impl<'a> Measurer<'a> {
+    fn of(generator: &'a Generator, inputs: &'a MeasureInputs<'a>) -> Self {
+        Measurer { generator, inputs }
+    }
+
+    fn measure(&self, counter: &mut Counter) -> Result<Measurement> {
+        let greedy = Sampling {
+            max_new_tokens: self.inputs.settings.max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let batch = self.inputs.settings.batch_size;
+        let (mut answers, mut tokens_generated) = (Vec::new(), 0);
+        // Batch by batch (greedy decoding draws nothing at random, so this is the same as one
+        // call), to report progress and notice a cancel in between.
+        for chunk in self.inputs.requests.chunks(batch) {
+            for answer in self.generator.generate(chunk, &greedy, batch)? {
+                tokens_generated += answer.token_ids.len() as u64;
+                answers.push(answer.text);
+            }
+            counter.finished(chunk.len())?;
+        }
+        let benign = drift::score_prompts(
+            self.generator.model(),
+            self.inputs.benign_ids,
+            self.generator.pad_id(),
+            batch,
+            self.inputs.device,
+        )?;
+        counter.finished(self.inputs.benign_ids.len())?;
+        Ok(Measurement {
+            side: BaseSide {
+                answers,
+                tokens_generated,
+                benign,
+            },
+            validation_perplexity: self.validation_perplexity()?,
+        })
+    }
+
+    fn validation_perplexity(&self) -> Result<Option<f64>> {
+        let Some(data) = self.inputs.validation else {
+            return Ok(None);
+        };
+        let (loss, _) = crate::eval::validation::validation_loss(
+            self.generator.model(),
+            &ExampleSet::all(data),
+            self.inputs.settings.seq_len,
+            self.inputs.settings.batch_size,
+            self.generator.pad_id(),
+            self.inputs.vocab_size,
+            self.inputs.device,
+        )?;
+        Ok(Some(loss.exp()))
+    }
 }

@@ -20,6 +20,12 @@ struct BenignPrompt {
     prompt: String,
 }
 
+/// The two prompt sets' digest: part of the key of a stored base side.
+pub fn digest() -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("{HARMFUL}\n{BENIGN}").as_bytes()))
+}
+
 pub fn harmful() -> Result<Vec<HarmfulPrompt>> {
     parse(HARMFUL, "harmful.jsonl")
 }
