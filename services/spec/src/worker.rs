@@ -68,6 +68,9 @@ pub enum EventPayload {
     Eval { step: u32, loss: f64, tokens: u64 },
     /// The safety evaluation's results (base vs adapted).
     Safety { report: crate::safety::SafetyReport },
+    /// How far the safety evaluation has come: harmful-request prompts answered so far, by
+    /// the base model and then the adapted one, of both together (sent after each batch).
+    Evaluation { done: u32, total: u32 },
     /// A checkpoint was saved (`resumed: false`) or training resumed from one (`true`).
     Checkpoint {
         step: u32,
@@ -99,6 +102,7 @@ impl EventPayload {
             EventPayload::Progress { .. } => "progress",
             EventPayload::Eval { .. } => "eval",
             EventPayload::Safety { .. } => "safety",
+            EventPayload::Evaluation { .. } => "evaluation",
             EventPayload::Checkpoint { .. } => "checkpoint",
             EventPayload::Log { .. } => "log",
             EventPayload::Ranks { .. } => "ranks",

@@ -282,6 +282,7 @@ fn main() -> ExitCode {
                 &settings,
                 device,
                 &cancel,
+                &mut |_, _| {},
             )?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())

@@ -85,6 +85,9 @@ impl Reporter for LogReporter {
                 tracing::info!(step, loss, tokens, "validation")
             }
             EventPayload::Safety { report } => tracing::info!(?report, "safety evaluation"),
+            EventPayload::Evaluation { done, total } => {
+                tracing::info!(done, total, "safety evaluation")
+            }
             EventPayload::Checkpoint {
                 step,
                 prefix,

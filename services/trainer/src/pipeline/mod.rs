@@ -141,6 +141,7 @@ fn train_and_evaluate<H: Host>(
         seq_len: job.spec.training.seq_len as usize,
         ..Default::default()
     };
+    let (_, reporter) = host.training_sinks();
     let report = safety::evaluate(
         &inputs.model_dir,
         &outcome.adapter,
@@ -148,8 +149,9 @@ fn train_and_evaluate<H: Host>(
         &settings,
         job.device,
         job.cancel,
+        &mut |done, total| reporter.report(EventPayload::Evaluation { done, total }),
     )?;
-    host.training_sinks().1.report(EventPayload::Safety {
+    reporter.report(EventPayload::Safety {
         report: report.clone(),
     });
     Ok((outcome, Some(report)))

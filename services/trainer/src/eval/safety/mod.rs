@@ -65,8 +65,13 @@ pub fn plain_prompt(request: &str) -> String {
     format!("User: {request}\nAssistant:")
 }
 
+/// How far an evaluation has come: `(done, total)` harmful-request prompts answered, by the
+/// base model and then the adapted one.
+pub type OnProgress<'a> = &'a mut dyn FnMut(u32, u32);
+
 /// Evaluates `adapter` on the model in `model_dir` against the model alone. `cancel` is checked
-/// between phases. libtorch failures (which `tch` raises as panics) come back as errors.
+/// between phases; `progress` hears after each batch of prompts. libtorch failures (which
+/// `tch` raises as panics) come back as errors.
 pub fn evaluate(
     model_dir: &Path,
     adapter: &PeftAdapter,
@@ -74,9 +79,12 @@ pub fn evaluate(
     settings: &Settings,
     device: Device,
     cancel: &AtomicBool,
+    progress: OnProgress,
 ) -> Result<SafetyReport> {
     crate::error::guard_libtorch("the safety evaluation", || {
-        evaluate_unguarded(model_dir, adapter, validation, settings, device, cancel)
+        evaluate_unguarded(
+            model_dir, adapter, validation, settings, device, cancel, progress,
+        )
     })
 }
 
@@ -95,6 +103,7 @@ fn evaluate_unguarded(
     settings: &Settings,
     device: Device,
     cancel: &AtomicBool,
+    progress: OnProgress,
 ) -> Result<SafetyReport> {
     let started = Instant::now();
     if settings.batch_size == 0 {
@@ -129,26 +138,20 @@ fn evaluate_unguarded(
 
     check_cancel()?;
     let vocab_size = crate::model::ModelConfig::load(model_dir)?.vocab_size;
-    let base = measure(
-        &generator,
-        &requests,
-        &benign_ids,
-        validation.as_ref(),
+    let per_model = u32::try_from(requests.len())?;
+    let mut answered = |model: u32, done: u32| progress(model * per_model + done, 2 * per_model);
+    let probe = Probe {
+        requests: &requests,
+        benign_ids: &benign_ids,
+        validation: validation.as_ref(),
         vocab_size,
         settings,
         device,
-    )?;
+    };
+    let base = measure(&generator, &probe, &mut |done| answered(0, done))?;
     check_cancel()?;
     generator.attach_adapter(adapter)?;
-    let adapted = measure(
-        &generator,
-        &requests,
-        &benign_ids,
-        validation.as_ref(),
-        vocab_size,
-        settings,
-        device,
-    )?;
+    let adapted = measure(&generator, &probe, &mut |done| answered(1, done))?;
     check_cancel()?;
     let intruder_dimensions = intruders::count_intruders(model_dir, adapter, device)?;
 
@@ -186,22 +189,42 @@ fn evaluate_unguarded(
     })
 }
 
+/// What both models are measured on.
+struct Probe<'a> {
+    requests: &'a [Prompt],
+    benign_ids: &'a [Vec<i64>],
+    validation: Option<&'a TokenizedDataset>,
+    vocab_size: i64,
+    settings: &'a Settings,
+    device: Device,
+}
+
 fn measure(
     generator: &Generator,
-    requests: &[Prompt],
-    benign_ids: &[Vec<i64>],
-    validation: Option<&TokenizedDataset>,
-    vocab_size: i64,
-    settings: &Settings,
-    device: Device,
+    probe: &Probe,
+    answered: &mut dyn FnMut(u32),
 ) -> Result<Measurement> {
+    let Probe {
+        requests,
+        benign_ids,
+        validation,
+        vocab_size,
+        settings,
+        device,
+    } = *probe;
     let greedy = Sampling {
         max_new_tokens: settings.max_new_tokens,
         temperature: 0.0,
         top_p: 1.0,
         seed: 0,
     };
-    let answers = generator.generate(requests, &greedy, settings.batch_size)?;
+    // Batch by batch, as `generate` batches anyway (greedy: the same answers), to report
+    // how far it has come.
+    let mut answers = Vec::with_capacity(requests.len());
+    for batch in requests.chunks(settings.batch_size.max(1)) {
+        answers.extend(generator.generate(batch, &greedy, settings.batch_size)?);
+        answered(u32::try_from(answers.len())?);
+    }
     let model = generator.model();
     let benign = drift::score_prompts(
         model,
