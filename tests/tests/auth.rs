@@ -232,3 +232,120 @@ async fn keys_scopes_and_tenant_isolation() -> anyhow::Result<()> {
     assert!(stored.iter().all(|row| !row.contains(&a_admin[10..])));
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_projects_admins_manage_its_keys_through_the_api() -> anyhow::Result<()> {
+    let app = TestApp::spawn_with(AppOptions {
+        auth: true,
+        ..Default::default()
+    })
+    .await?;
+    let admin = create_key(&app.pool, "team-a", Scope::Admin).await?.key;
+    let submit = create_key(&app.pool, "team-a", Scope::Submit).await?.key;
+    let other = create_key(&app.pool, "team-b", Scope::Admin).await?;
+    let call = |method: Method, path: &str, key: &str| {
+        app.client
+            .request(method, app.url(path))
+            .bearer_auth(key.to_string())
+    };
+
+    // Created in the caller's project, answered once, not cached on the way.
+    let created = call(Method::POST, "/v1/keys", &admin)
+        .json(&json!({"scope": "read"}))
+        .send()
+        .await?;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()["cache-control"], "no-store");
+    let created: serde_json::Value = created.json().await?;
+    assert_eq!(created["project"], "team-a");
+    assert_eq!(created["scope"], "read");
+    let key = created["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with(&format!("lf_{}_", created["prefix"].as_str().unwrap())));
+    let me: serde_json::Value = call(Method::GET, "/v1/me", &key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        (me["project"].as_str(), me["scope"].as_str()),
+        (Some("team-a"), Some("read"))
+    );
+
+    // Only admins; a scope that does not exist is named.
+    for (body, key, status) in [
+        (json!({"scope": "read"}), &submit, StatusCode::FORBIDDEN),
+        (
+            json!({"scope": "root"}),
+            &admin,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"scope": "read", "project": "team-b"}),
+            &admin,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let answer = call(Method::POST, "/v1/keys", key)
+            .json(&body)
+            .send()
+            .await?;
+        assert_eq!(answer.status(), status, "{body}");
+    }
+    assert_eq!(
+        call(Method::GET, "/v1/keys", &submit)
+            .send()
+            .await?
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+
+    // The listing: the project's keys only, never a key or its hash.
+    let listed: serde_json::Value = call(Method::GET, "/v1/keys", &admin)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 3, "{listed}");
+    assert_eq!(keys[0]["id"], created["id"], "newest first");
+    for k in keys {
+        let fields: Vec<&str> = k.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            fields,
+            ["created_at", "id", "prefix", "revoked_at", "scope"],
+            "{k}"
+        );
+    }
+
+    // Revoked: refused at once; again is fine; another project's key is not found.
+    let id = created["id"].as_str().unwrap();
+    let path = format!("/v1/keys/{id}");
+    assert_eq!(
+        call(Method::DELETE, &path, &admin).send().await?.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(Method::GET, "/v1/me", &key).send().await?.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(Method::DELETE, &path, &admin).send().await?.status(),
+        StatusCode::NO_CONTENT
+    );
+    let foreign = format!("/v1/keys/{}", other.id);
+    assert_eq!(
+        call(Method::DELETE, &foreign, &admin)
+            .send()
+            .await?
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(Method::GET, "/v1/me", &other.key)
+            .send()
+            .await?
+            .status(),
+        StatusCode::OK
+    );
+    app.stop().await
+}

@@ -120,6 +120,8 @@ async fn merged_model_equals_base_plus_adapter_and_keeps_its_lineage() -> anyhow
         "demo-merged",
         "--api",
         &app.base_url,
+        "-o",
+        "json",
     ]);
     let stdout = run_ok_async(register).await;
     let row: Value = serde_json::from_str(&stdout)?;

@@ -3,7 +3,7 @@
 //! live in the core. Every error is `application/problem+json` ([`problem`]), and the
 //! OpenAPI document is built from the same route list that serves ([`openapi`]).
 //!
-//! Users: `/v1/jobs…`, `/v1/adapters…`, `/v1/base-models…`, `/v1/datasets…`,
+//! Users: `/v1/me`, `/v1/keys…`, `/v1/jobs…`, `/v1/adapters…`, `/v1/base-models…`, `/v1/datasets…`,
 //! `/v1/webhooks…`, `/v1/safety-policy`; workers: `/v1/worker/jobs/{id}…`; probes:
 //! `/healthz`, `/readyz`; `/metrics`, `/openapi.json`; the web UI at `/` (`web.rs`).
 

@@ -2,7 +2,7 @@
 //! with `routes!`, which takes its path and method from the handler's `#[utoipa::path]`,
 //! so what is served and what is documented cannot drift. Served at `/openapi.json`.
 
-use crate::routes::{adapters, identity, inputs, jobs, probes, safety, webhooks, worker};
+use crate::routes::{adapters, identity, inputs, jobs, keys, probes, safety, webhooks, worker};
 use crate::ApiState;
 use axum::routing::get;
 use loraforge_spec::AdapterName;
@@ -20,7 +20,7 @@ use utoipa_axum::routes;
     modifiers(&SecuritySchemes),
     security(("api_key" = [])),
     tags(
-        (name = "auth", description = "Who the caller is"),
+        (name = "auth", description = "Who the caller is, and the project's API keys"),
         (name = "jobs", description = "Submit training jobs and follow them"),
         (name = "registry", description = "Adapters, versions, aliases, lineage, downloads"),
         (name = "inputs", description = "Registered base models and datasets"),
@@ -36,11 +36,14 @@ struct ApiDoc;
 pub fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(identity::me))
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::revoke))
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::get))
         .routes(routes!(jobs::events))
         .routes(routes!(jobs::stream_events))
         .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::logs))
         .routes(routes!(adapters::list))
         .routes(routes!(adapters::versions))
         .routes(routes!(adapters::version, adapters::delete_version))

@@ -3,14 +3,19 @@
 mod models_command;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use loraforge::{Application, Settings};
+use loraforge_cli::keys::{KeysArgs, KeysCommand};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
     name = "loraforge",
     version,
-    about = "Train LoRA-family adapters and keep them as versioned artifacts"
+    about = "Train LoRA-family adapters and keep them as versioned artifacts",
+    after_help = "Server: serve, migrate, gc, crd, models import, keys create --project / revoke --prefix.\n\
+                  Client (over the HTTP API; LORAFORGE_URL, LORAFORGE_API_KEY or ~/.config/loraforge/config.toml): \
+                  jobs, adapters, lineage, datasets, models register|list|get, keys, whoami. docs/cli.md has the details."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,11 +28,9 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
-    /// Manage API keys.
-    Keys {
-        #[command(subcommand)]
-        command: KeysCommand,
-    },
+    /// API keys: create, list, revoke (through the API; with --project or --prefix, directly
+    /// in the database, the bootstrap path for a project's first key).
+    Keys(KeysArgs),
     /// Find objects in the artifact store that no registry entry accounts for; with
     /// --apply, delete them. Prints a JSON report.
     Gc {
@@ -40,80 +43,136 @@ enum Command {
     },
     /// Print the LoraJob CustomResourceDefinition (YAML), for `kubectl apply -f -`.
     Crd,
-    /// Import base models (GGUF) and register model directories.
-    Models {
-        #[command(subcommand)]
-        command: models_command::ModelsCommand,
+    /// Base models: import a GGUF file; register, list and get registered ones.
+    Models(models_command::ModelsArgs),
+    /// Print a shell completion script: `loraforge completions bash > /etc/bash_completion.d/loraforge`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Create a key and print it once (it is stored only as a hash).
-    Create {
-        #[arg(long)]
-        project: String,
-        /// read, submit or admin
-        #[arg(long)]
-        scope: loraforge::auth::Scope,
-    },
-    /// Revoke the key with this prefix (the part after `lf_`).
-    Revoke {
-        #[arg(long)]
-        prefix: String,
-    },
+    #[command(flatten)]
+    Client(loraforge_cli::ClientCommand),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    init_tracing();
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Crd = cli.command {
-        print!("{}", loraforge::crd::yaml());
-        return Ok(());
-    }
-    let settings = Settings::from_env()?;
-    match cli.command {
-        Command::Crd => unreachable!("handled above: it needs no settings"),
-        Command::Serve => {
-            if !settings.auth_enabled {
-                tracing::warn!("LORAFORGE_AUTH=disabled: every request acts as an admin of the default project");
-            }
-            let app = Application::build(settings).await?;
-            println!("loraforge listening on http://{}", app.local_addr());
-            app.run_until(shutdown_signal()).await
+    let code = match cli.command {
+        Command::Client(command) => loraforge_cli::run(command).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "loraforge",
+                &mut std::io::stdout(),
+            );
+            0
         }
+        Command::Models(args) => models_command::run(args).await,
+        Command::Keys(args) => match args.command {
+            KeysCommand::Create {
+                project: Some(project),
+                scope,
+            } => {
+                server(keys_in_database(
+                    KeysInDatabase::Create(project, scope),
+                    args.common.output,
+                ))
+                .await
+            }
+            KeysCommand::Revoke {
+                prefix: Some(prefix),
+                ..
+            } => {
+                server(keys_in_database(
+                    KeysInDatabase::Revoke(prefix),
+                    args.common.output,
+                ))
+                .await
+            }
+            _ => loraforge_cli::finish(loraforge_cli::keys::run(args).await),
+        },
+        Command::Serve => server(serve()).await,
         Command::Migrate => {
-            loraforge::connect(&settings).await.context("migrating")?;
-            println!("migrations applied");
-            Ok(())
-        }
-        Command::Keys { command } => {
-            let (pool, _) = loraforge::connect(&settings).await?;
-            match command {
-                KeysCommand::Create { project, scope } => {
-                    let key = loraforge::auth::create_key(&pool, &project, scope).await?;
-                    println!("{}", serde_json::to_string_pretty(&key)?);
-                    eprintln!("store this key now: it cannot be shown again");
-                }
-                KeysCommand::Revoke { prefix } => {
-                    if !loraforge::auth::revoke_key(&pool, &prefix).await? {
-                        anyhow::bail!("no active key with prefix {prefix}");
-                    }
-                    println!("revoked");
-                }
-            }
-            Ok(())
+            server(async {
+                let settings = Settings::from_env()?;
+                loraforge::connect(&settings).await.context("migrating")?;
+                println!("migrations applied");
+                Ok(())
+            })
+            .await
         }
         Command::Gc { apply, grace_secs } => {
-            let (pool, store) = loraforge::connect(&settings).await?;
-            let grace = std::time::Duration::from_secs(grace_secs);
-            let report = loraforge::registry::gc::collect(&pool, &store, grace, !apply).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            server(async move {
+                let settings = Settings::from_env()?;
+                let (pool, store) = loraforge::connect(&settings).await?;
+                let grace = std::time::Duration::from_secs(grace_secs);
+                let report = loraforge::registry::gc::collect(&pool, &store, grace, !apply).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
+            })
+            .await
         }
-        Command::Models { command } => models_command::run(command).await,
+        Command::Crd => {
+            print!("{}", loraforge::crd::yaml());
+            0
+        }
+    };
+    ExitCode::from(code)
+}
+
+/// A server-side command: logs through tracing; an error is printed and exits 1.
+async fn server(command: impl std::future::Future<Output = anyhow::Result<()>>) -> u8 {
+    init_tracing();
+    match command.await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            1
+        }
     }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    if !settings.auth_enabled {
+        tracing::warn!(
+            "LORAFORGE_AUTH=disabled: every request acts as an admin of the default project"
+        );
+    }
+    let app = Application::build(settings).await?;
+    println!("loraforge listening on http://{}", app.local_addr());
+    app.run_until(shutdown_signal()).await
+}
+
+enum KeysInDatabase {
+    Create(String, loraforge_cli::keys::Scope),
+    Revoke(String),
+}
+
+/// `keys create --project` and `keys revoke --prefix`: straight to the database, for the
+/// first key of a project (no key exists yet to call the API with).
+async fn keys_in_database(
+    what: KeysInDatabase,
+    output: loraforge_cli::Output,
+) -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    let (pool, _) = loraforge::connect(&settings).await?;
+    match what {
+        KeysInDatabase::Create(project, scope) => {
+            let scope = scope.as_str().parse().map_err(anyhow::Error::msg)?;
+            let key = loraforge::auth::create_key(&pool, &project, scope).await?;
+            loraforge_cli::keys::print_created(output, &serde_json::to_value(&key)?);
+        }
+        KeysInDatabase::Revoke(prefix) => {
+            let prefix = loraforge_cli::keys::prefix_of(&prefix);
+            if !loraforge::auth::revoke_key(&pool, prefix).await? {
+                anyhow::bail!("no active key with prefix {prefix}");
+            }
+            println!("revoked");
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing() {

@@ -1,17 +1,28 @@
 //! `loraforge models ...`: bringing base models in from outside the Hugging Face layout
 //! (GGUF files) and registering model directories with a running control plane.
 
-use anyhow::{bail, Context, Result};
-use loraforge_spec::merge::{MergeRecord, MERGE_RECORD_FILE};
+use anyhow::{Context, Result};
+use loraforge_cli::{exit, Common};
 use loraforge_spec::AdapterName;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The control plane's URL: the older name of --url (also as LORAFORGE_API).
+    #[arg(long, global = true, hide = true)]
+    api: Option<String>,
+    #[command(subcommand)]
+    command: ModelsCommand,
+}
 
 #[derive(clap::Subcommand)]
 pub enum ModelsCommand {
     /// Convert a GGUF file (llama.cpp's format) into a Hugging Face model directory
     /// (config.json, model.safetensors in f32, tokenizer.json, tokenizer_config.json); with
-    /// --api, also register it as a base model. Prints a JSON summary.
+    /// --register (or --url), also register it as a base model. Prints a JSON summary.
     Import {
         /// The .gguf file.
         file: PathBuf,
@@ -22,86 +33,103 @@ pub enum ModelsCommand {
         /// lower-cased (SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct.q4_1).
         #[arg(long)]
         name: Option<String>,
-        #[command(flatten)]
-        api: ApiArgs,
+        /// Register the imported directory with the configured control plane.
+        #[arg(long)]
+        register: bool,
     },
-    /// Register a local model directory as a base model. A merged model's
-    /// loraforge_merge.json names the adapter version it came from, recorded as its source.
+    /// Register a base model: a local model directory (sent as its file:// URI, which the
+    /// server must be able to read) or a URI (s3://, gs://, az://, file://). A merged
+    /// model's loraforge_merge.json names the adapter version it came from, recorded as its
+    /// source.
     Register {
-        dir: PathBuf,
+        #[arg(value_name = "DIR|URI")]
+        location: String,
         #[arg(long)]
         name: String,
-        #[command(flatten)]
-        api: ApiArgs,
     },
+    /// The project's registered base models.
+    List,
+    /// One registered base model: URI, sha256, size, format, source.
+    Get { name: String },
 }
 
-#[derive(clap::Args)]
-pub struct ApiArgs {
-    /// The control plane to register with, e.g. http://127.0.0.1:8080.
-    #[arg(long, env = "LORAFORGE_API")]
-    api: Option<String>,
-    /// An API key with the submit scope (not needed when the server runs without auth).
-    #[arg(long, env = "LORAFORGE_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-}
-
-pub async fn run(command: ModelsCommand) -> Result<()> {
+pub async fn run(args: ModelsArgs) -> u8 {
+    let ModelsArgs {
+        mut common,
+        api,
+        command,
+    } = args;
+    // `--api` and LORAFORGE_API: what these commands took before `--url`.
+    let legacy = api.clone().or_else(|| {
+        std::env::var(loraforge_cli::config::URL_ENV)
+            .is_err()
+            .then(|| std::env::var("LORAFORGE_API").ok())
+            .flatten()
+    });
+    let url_given = common.connection.url.is_some() || api.is_some();
+    if common.connection.url.is_none() {
+        common.connection.url = legacy;
+    }
     match command {
         ModelsCommand::Import {
             file,
             out,
             name,
-            api,
-        } => {
-            let name = match name {
-                Some(name) => name,
-                None => default_name(&file)?,
-            };
-            let name = AdapterName::parse(&name)
-                .map_err(anyhow::Error::msg)
-                .context("--name")?;
-            let (source, target) = (file.clone(), out.clone());
-            let summary = tokio::task::spawn_blocking(move || {
-                loraforge_models::import_gguf(&source, &target)
-            })
-            .await?
-            .with_context(|| format!("importing {}", file.display()))?;
-            let mut report = json!({ "out": out, "model": summary });
-            if let Some(url) = &api.api {
-                report["registered"] =
-                    register(url, api.api_key.as_deref(), &name, &out, None).await?;
+            register,
+        } => match import(&common, file, out, name, register || url_given).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                exit::FAILURE
             }
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+        },
+        ModelsCommand::Register { location, name } => {
+            let result = match AdapterName::parse(&name) {
+                Ok(_) => loraforge_cli::inputs::register_model(&common, &location, &name).await,
+                Err(m) => Err(loraforge_cli::CliError::usage(format!("--name: {m}"))),
+            };
+            loraforge_cli::finish(result)
         }
-        ModelsCommand::Register { dir, name, api } => {
-            let Some(url) = &api.api else {
-                bail!("--api (or LORAFORGE_API) is required to register")
-            };
-            let name = AdapterName::parse(&name)
-                .map_err(anyhow::Error::msg)
-                .context("--name")?;
-            let record_path = dir.join(MERGE_RECORD_FILE);
-            let source = match std::fs::read(&record_path) {
-                Ok(bytes) => {
-                    let record: MergeRecord =
-                        serde_json::from_slice(&bytes).with_context(|| {
-                            format!("{} is not a merge record", record_path.display())
-                        })?;
-                    record.source
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {}", record_path.display()))
-                }
-            };
-            let source = source.map(|s| json!({ "adapter": s.adapter, "version": s.version }));
-            let row = register(url, api.api_key.as_deref(), &name, &dir, source).await?;
-            println!("{}", serde_json::to_string_pretty(&row)?);
-            Ok(())
+        ModelsCommand::List => {
+            loraforge_cli::finish(loraforge_cli::inputs::list_models(&common).await)
+        }
+        ModelsCommand::Get { name } => {
+            loraforge_cli::finish(loraforge_cli::inputs::get_model(&common, &name).await)
         }
     }
+}
+
+async fn import(
+    common: &Common,
+    file: PathBuf,
+    out: PathBuf,
+    name: Option<String>,
+    register: bool,
+) -> Result<()> {
+    let name = match name {
+        Some(name) => name,
+        None => default_name(&file)?,
+    };
+    let name = AdapterName::parse(&name)
+        .map_err(anyhow::Error::msg)
+        .context("--name")?;
+    let (source, target) = (file.clone(), out.clone());
+    let summary =
+        tokio::task::spawn_blocking(move || loraforge_models::import_gguf(&source, &target))
+            .await?
+            .with_context(|| format!("importing {}", file.display()))?;
+    let mut report = json!({ "out": out, "model": summary });
+    if register {
+        let client = common.client().map_err(|e| anyhow::anyhow!(e.render()))?;
+        let location = out.to_string_lossy();
+        report["registered"] =
+            loraforge_cli::inputs::register_model_row(&client, &location, name.as_str())
+                .await
+                .map_err(|e| anyhow::anyhow!("registering: {}", e.render().trim_end()))?;
+    }
+    // The import report is JSON whatever -o says: it has no table form.
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 /// A registrable name from the file name: lower-cased, other characters as `-`.
@@ -133,48 +161,6 @@ fn default_name(file: &Path) -> Result<String> {
                 file.display()
             )
         })
-}
-
-/// `POST /v1/base-models` with the directory as a `file://` URI; returns the registry's row.
-async fn register(
-    api: &str,
-    key: Option<&str>,
-    name: &AdapterName,
-    dir: &Path,
-    source: Option<Value>,
-) -> Result<Value> {
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", dir.display()))?;
-    let uri = url::Url::from_directory_path(&dir)
-        .map_err(|_| anyhow::anyhow!("{} is not an absolute path", dir.display()))?
-        .to_string();
-    let uri = uri.trim_end_matches('/').to_string();
-    let mut body = json!({ "name": name.as_str(), "uri": uri });
-    if let Some(source) = source {
-        body["source"] = source;
-    }
-    let endpoint = format!("{}/v1/base-models", api.trim_end_matches('/'));
-    // The server reads the whole model for its digest before it answers: minutes for a large one.
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .timeout(std::time::Duration::from_secs(1800))
-        .build()?;
-    let mut request = client.post(&endpoint).json(&body);
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("POST {endpoint}"))?;
-    let status = response.status();
-    let text = response.text().await?;
-    if !status.is_success() {
-        bail!("registering {name} at {endpoint} answered {status}: {text}");
-    }
-    serde_json::from_str(&text)
-        .with_context(|| format!("{endpoint} answered {status} with {text:?}"))
 }
 
 #[cfg(test)]

@@ -69,3 +69,23 @@ fn the_api_does_not_reach_up_and_nothing_but_the_trainer_links_libtorch() {
         );
     }
 }
+
+#[test]
+fn the_cli_is_a_client_of_the_http_api_only() {
+    // (Read from the workspace's resolve, where features are unified: loraforge-spec's
+    // optional sqlx, which the core turns on, shows up here; the CLI's own build has none.)
+    let cli = dependencies("loraforge-cli");
+    for forbidden in [
+        "loraforge-core",
+        "loraforge-api",
+        "loraforge",
+        "axum",
+        "tch",
+    ] {
+        assert!(
+            !cli.contains(forbidden),
+            "loraforge-cli depends on {forbidden}"
+        );
+    }
+    assert!(cli.contains("reqwest"), "the check reads the real graph");
+}

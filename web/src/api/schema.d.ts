@@ -316,6 +316,63 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/jobs/{id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * What the job's worker printed (stdout and stderr), the end of it: where the executor
+         *     keeps it (the local executor: every attempt's log file; kubernetes: the Pod's log while
+         *     the Pod exists). 404 where there is none; the job's events and its error (which carries
+         *     a failed worker's last lines) remain.
+         */
+        get: operations["job_logs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's project's keys, newest first, revoked ones included. */
+        get: operations["list_keys"];
+        put?: never;
+        /** Creates a key in the caller's project. The answer holds the whole key, once. */
+        post: operations["create_key"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/keys/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** Revokes a key of the caller's project at once (revoking it again is fine). */
+        delete: operations["revoke_key"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/me": {
         parameters: {
             query?: never;
@@ -643,6 +700,22 @@ export interface components {
             /** Format: int32 */
             version: number;
         };
+        CreateKey: {
+            /** @description read < submit < admin */
+            scope: components["schemas"]["Scope"];
+        };
+        CreatedKey: {
+            /** Format: date-time */
+            created_at: string;
+            /** Format: uuid */
+            id: string;
+            /** @description The whole key. It is not stored and cannot be shown again. */
+            key: string;
+            /** @description The part after `lf_` that listings show, to recognise the key by. */
+            prefix: string;
+            project: string;
+            scope: components["schemas"]["Scope"];
+        };
         CreatedWebhook: components["schemas"]["WebhookRow"] & {
             secret: string;
         };
@@ -770,6 +843,13 @@ export interface components {
             /** @enum {string} */
             kind: "safety";
             report: components["schemas"]["SafetyReport"];
+        } | {
+            /** Format: int32 */
+            done: number;
+            /** @enum {string} */
+            kind: "evaluation";
+            /** Format: int32 */
+            total: number;
         } | {
             /** @enum {string} */
             kind: "checkpoint";
@@ -1014,6 +1094,23 @@ export interface components {
             status: components["schemas"]["JobStatus"];
             /** Format: date-time */
             updated_at: string;
+        };
+        /** @description A key as listings show it: never the key itself, nor its hash. */
+        KeyInfo: {
+            /** Format: date-time */
+            created_at: string;
+            /** Format: uuid */
+            id: string;
+            prefix: string;
+            /**
+             * Format: date-time
+             * @description `null` while the key works.
+             */
+            revoked_at?: string | null;
+            scope: components["schemas"]["Scope"];
+        };
+        KeyList: {
+            keys: components["schemas"]["KeyInfo"][];
         };
         LineageInput: {
             /** @description The registered name, when the job named it so. */
@@ -3330,6 +3427,167 @@ export interface operations {
             };
             /** @description problem: the database is unreachable; try again shortly */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    job_logs: {
+        parameters: {
+            query?: {
+                /** @description Which attempt's worker (default: the newest). */
+                attempt?: number;
+                /** @description At most this many bytes, from the end (default 65536, at most 1048576). */
+                tail_bytes?: number;
+            };
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the worker's output, UTF-8 text; the `X-Loraforge-Attempt` header names the attempt */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": unknown;
+                };
+            };
+            /** @description problem */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_keys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["KeyList"];
+                };
+            };
+            /** @description problem */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    create_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateKey"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CreatedKey"];
+                };
+            };
+            /** @description problem */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    revoke_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description revoked */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description problem */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -296,6 +296,8 @@ function describe(e: EventView): string {
       return `total rank ${e.total}${e.budget != null ? ` (budget ${e.budget})` : ""} at step ${e.step}`;
     case "safety":
       return `refusal rate ${fmtNumber(e.report.refusal_rate_base)} → ${fmtNumber(e.report.refusal_rate_adapted)}`;
+    case "evaluation":
+      return `safety evaluation: ${fmtInt(e.done)}/${fmtInt(e.total)} prompts answered`;
     case "log":
       return e.message;
   }
@@ -303,14 +305,17 @@ function describe(e: EventView): string {
 
 const LOG_LIMIT = 500;
 
+/** Progress-like events (a step, a batch of the safety evaluation) are shown on request. */
+const isProgress = (e: EventView) => e.kind === "progress" || e.kind === "evaluation";
+
 function EventLog({ events, version }: { events: EventView[]; version: number }) {
   const [progress, setProgress] = useState(false);
   const box = useRef<HTMLDivElement>(null);
   const shown = useMemo(() => {
-    const list = progress ? events : events.filter((e) => e.kind !== "progress");
+    const list = progress ? events : events.filter((e) => !isProgress(e));
     return list.slice(-LOG_LIMIT);
   }, [version, progress, events.length]);
-  const hidden = (progress ? events.length : events.filter((e) => e.kind !== "progress").length) - shown.length;
+  const hidden = (progress ? events.length : events.filter((e) => !isProgress(e)).length) - shown.length;
 
   // Follow the newest events while the reader is at the bottom.
   useEffect(() => {

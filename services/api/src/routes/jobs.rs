@@ -191,6 +191,72 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(job.into())))
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// Which attempt's worker (default: the newest).
+    attempt: Option<i32>,
+    /// At most this many bytes, from the end (default 65536, at most 1048576).
+    tail_bytes: Option<u64>,
+}
+
+const DEFAULT_LOG_BYTES: u64 = 64 * 1024;
+const MAX_LOG_BYTES: u64 = 1024 * 1024;
+/// The response header naming the attempt whose log this is.
+pub const ATTEMPT_HEADER: &str = "x-loraforge-attempt";
+
+/// What the job's worker printed (stdout and stderr), the end of it: where the executor
+/// keeps it (the local executor: every attempt's log file; kubernetes: the Pod's log while
+/// the Pod exists). 404 where there is none; the job's events and its error (which carries
+/// a failed worker's last lines) remain.
+#[utoipa::path(get, path = "/v1/jobs/{id}/logs", tag = "jobs", operation_id = "job_logs", params(("id" = Uuid, Path), LogsQuery),
+    responses((status = 200, description = "the worker's output, UTF-8 text; the `X-Loraforge-Attempt` header names the attempt", content_type = "text/plain"),
+              problems::NotFound, problems::Unprocessable))]
+pub async fn logs(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let tail = q.tail_bytes.unwrap_or(DEFAULT_LOG_BYTES);
+    if !(1..=MAX_LOG_BYTES).contains(&tail) {
+        return Err(ApiError::invalid(
+            "tail_bytes",
+            format!("must be between 1 and {MAX_LOG_BYTES}"),
+        ));
+    }
+    let job = jobs::find(&state.pool, &caller.project, id).await?;
+    let attempt = q.attempt.unwrap_or(job.attempt);
+    if attempt < 1 || attempt > job.attempt {
+        return Err(loraforge_core::Error::NotFound("attempt").into());
+    }
+    let worker = loraforge_core::executor::WorkerRef {
+        job_id: id,
+        attempt,
+    };
+    let log = state.executor.worker_log(worker, tail).await.map_err(|e| {
+        tracing::warn!(job_id = %id, attempt, error = %e, "reading a worker's log failed");
+        loraforge_core::Error::NotFound("worker log")
+    })?;
+    let log = log.ok_or(loraforge_core::Error::NotFound("worker log"))?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static(ATTEMPT_HEADER),
+                attempt.to_string(),
+            ),
+        ],
+        log,
+    )
+        .into_response())
+}
+
 /// How often the stream looks for new events.
 const STREAM_POLL: Duration = Duration::from_millis(500);
 

@@ -74,6 +74,11 @@ impl LocalExecutor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Where an attempt's worker writes its stdout and stderr (kept after it exits).
+    fn log_path(&self, job_id: Uuid, attempt: i32) -> PathBuf {
+        self.log_dir.join(format!("{job_id}-attempt{attempt}.log"))
+    }
+
     fn record_path(&self, job_id: Uuid, attempt: i32) -> PathBuf {
         self.records.join(format!("{job_id}-{attempt}.json"))
     }
@@ -163,9 +168,7 @@ impl Executor for LocalExecutor {
         }
         let err = |e: std::io::Error| ExecutorError::Launch(e.to_string());
         std::fs::create_dir_all(&self.log_dir).map_err(err)?;
-        let log_path = self
-            .log_dir
-            .join(format!("{}-attempt{}.log", launch.job_id, launch.attempt));
+        let log_path = self.log_path(launch.job_id, launch.attempt);
         let log = std::fs::File::create(&log_path).map_err(err)?;
         let mut child = tokio::process::Command::new(&self.trainer_bin)
             .arg("run")
@@ -298,6 +301,24 @@ impl Executor for LocalExecutor {
         false
     }
 
+    async fn worker_log(
+        &self,
+        worker: WorkerRef,
+        max_bytes: u64,
+    ) -> Result<Option<String>, ExecutorError> {
+        let path = self.log_path(worker.job_id, worker.attempt);
+        let read = tokio::task::spawn_blocking(move || read_tail(&path, max_bytes))
+            .await
+            .map_err(|e| ExecutorError::List(e.to_string()))?;
+        match read {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ExecutorError::List(format!(
+                "reading the worker's log: {e}"
+            ))),
+        }
+    }
+
     async fn workers(&self) -> Result<Option<Vec<WorkerRef>>, ExecutorError> {
         Ok(Some(self.workers_here()))
     }
@@ -338,8 +359,45 @@ fn signal_group(pgid: i32, signal: i32) -> Result<(), String> {
     }
 }
 
+/// The last `max_bytes` of a file, as text (a character cut at the start is dropped).
+fn read_tail(path: &std::path::Path, max_bytes: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max_bytes);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    // A multi-byte character cut by the seek becomes U+FFFD at the very start: drop it.
+    Ok(match start {
+        0 => text.into_owned(),
+        _ => text.trim_start_matches('\u{FFFD}').to_string(),
+    })
+}
+
 fn log_tail(path: &std::path::Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(LOG_TAIL_BYTES);
     String::from_utf8_lossy(&text[start..]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_tail;
+
+    #[test]
+    fn a_log_tail_is_its_last_bytes_on_a_character_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        std::fs::write(&path, "first line\nsecond é line\n").unwrap();
+        assert_eq!(
+            read_tail(&path, 1000).unwrap(),
+            "first line\nsecond é line\n"
+        );
+        assert_eq!(read_tail(&path, 5).unwrap(), "line\n");
+        // The cut falls inside "é" (2 bytes): the half character is dropped.
+        assert_eq!(read_tail(&path, 7).unwrap(), " line\n");
+        assert!(read_tail(&dir.path().join("none.log"), 10).is_err());
+    }
 }

@@ -85,11 +85,32 @@ pub trait Executor: Send + Sync + 'static {
     fn sees_every_worker(&self) -> bool {
         true
     }
+    /// The end (at most `max_bytes`) of what one attempt's worker printed, where this
+    /// executor keeps it; `None` where it does not (a worker of another machine, or one
+    /// whose Pod is gone).
+    async fn worker_log(
+        &self,
+        worker: WorkerRef,
+        max_bytes: u64,
+    ) -> Result<Option<String>, ExecutorError> {
+        let _ = (worker, max_bytes);
+        Ok(None)
+    }
     /// Removes one attempt's worker and everything made for it; a no-op when it is gone.
     async fn remove(&self, worker: WorkerRef) -> Result<(), ExecutorError> {
         let _ = worker;
         Ok(())
     }
+}
+
+/// The last `max_bytes` of `text`, starting at a character boundary.
+pub fn tail_of(text: &str, max_bytes: u64) -> &str {
+    let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
 }
 
 /// The executor the settings choose; what it observes is sent to `reports`.

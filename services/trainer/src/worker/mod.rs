@@ -180,6 +180,11 @@ impl Host for ControlPlaneHost<'_> {
     }
 
     fn stage(&mut self, status: JobStatus) -> Result<()> {
+        // Events reported before the stage change come before it in the job's event log (the
+        // forwarder batches them), so followers see the last steps before "evaluating".
+        if let Err(e) = crate::training::Reporter::flush(&mut self.events) {
+            tracing::warn!("{e:#}");
+        }
         self.post_stage(status)
     }
 

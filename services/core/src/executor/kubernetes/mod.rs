@@ -29,6 +29,9 @@ use uuid::Uuid;
 
 /// Lines of a failed worker's log that go into the job's error.
 const LOG_TAIL_LINES: i64 = 200;
+/// Lines of a worker's log `GET /v1/jobs/{id}/logs` asks the API server for (then cut to
+/// the bytes asked for).
+const WORKER_LOG_LINES: i64 = 20_000;
 
 pub struct KubernetesExecutor {
     jobs: Api<Job>,
@@ -382,6 +385,45 @@ impl Executor for KubernetesExecutor {
                 .filter_map(|j| manifests::worker_of(j.metadata.labels.as_ref()))
                 .collect(),
         ))
+    }
+
+    /// The newest Pod of the attempt's Job, while it exists (finished attempts are cleaned
+    /// up, and with them their Pods and logs).
+    async fn worker_log(
+        &self,
+        worker: WorkerRef,
+        max_bytes: u64,
+    ) -> Result<Option<String>, ExecutorError> {
+        let selector = format!(
+            "{}={},{}={}",
+            manifests::JOB_ID_LABEL,
+            worker.job_id,
+            manifests::ATTEMPT_LABEL,
+            worker.attempt
+        );
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| ExecutorError::List(api_error(e)))?;
+        let newest = pods
+            .items
+            .iter()
+            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let Some(pod) = newest else {
+            return Ok(None);
+        };
+        let params = LogParams {
+            container: Some(manifests::CONTAINER.into()),
+            tail_lines: Some(WORKER_LOG_LINES),
+            ..LogParams::default()
+        };
+        match self.pods.logs(&pod.name_any(), &params).await {
+            Ok(log) => Ok(Some(super::tail_of(&log, max_bytes).to_string())),
+            // Gone meanwhile, or its container has not started yet: no log (yet).
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 400 => Ok(None),
+            Err(e) => Err(ExecutorError::List(api_error(e))),
+        }
     }
 
     async fn remove(&self, worker: WorkerRef) -> Result<(), ExecutorError> {

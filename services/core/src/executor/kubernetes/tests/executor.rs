@@ -224,3 +224,74 @@ async fn after_a_restart_reconciliation_sees_every_worker_and_removes_a_stale_on
     .await;
     removing.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_workers_log_is_read_from_its_newest_pod_while_it_exists() {
+    let (executor, mut server) = executor();
+    let executor = Arc::new(executor);
+    let worker = WorkerRef {
+        job_id: JOB.parse().unwrap(),
+        attempt: 2,
+    };
+    let reading = {
+        let executor = executor.clone();
+        tokio::spawn(async move { executor.worker_log(worker, 12).await })
+    };
+    let pod = |name: &str, created: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ml", "creationTimestamp": created}})
+    };
+    let (query, _) = expect(
+        &mut server,
+        Method::GET,
+        "/api/v1/namespaces/ml/pods",
+        (
+            200,
+            json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
+                pod("old", "2026-12-06T09:00:00Z"), pod("new", "2026-12-06T09:05:00Z")]}),
+        ),
+    )
+    .await;
+    let selector = query
+        .replace("%3D", "=")
+        .replace("%2C", ",")
+        .replace("%2F", "/");
+    assert!(
+        selector.contains(&format!(
+            "loraforge.dev/job-id={JOB},loraforge.dev/attempt=2"
+        )),
+        "{selector}"
+    );
+    // The log is text, not JSON: answered by hand.
+    let (request, respond) = server.next_request().await.expect("a request");
+    assert_eq!(request.uri().path(), "/api/v1/namespaces/ml/pods/new/log");
+    assert!(request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .contains("container=worker"));
+    respond.send_response(
+        http::Response::builder()
+            .status(200)
+            .body(kube::client::Body::from(
+                b"loading\nstep 1/2\nstep 2/2\n".to_vec(),
+            ))
+            .unwrap(),
+    );
+    let log = reading.await.unwrap().unwrap();
+    assert_eq!(log.as_deref(), Some("/2\nstep 2/2\n"), "the last 12 bytes");
+
+    // No Pod (the attempt was cleaned up): no log.
+    let reading = tokio::spawn(async move { executor.worker_log(worker, 100).await });
+    expect(
+        &mut server,
+        Method::GET,
+        "/api/v1/namespaces/ml/pods",
+        (
+            200,
+            json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []}),
+        ),
+    )
+    .await;
+    assert_eq!(reading.await.unwrap().unwrap(), None);
+}
