@@ -4,8 +4,10 @@
 //! OpenAPI document is built from the same route list that serves ([`openapi`]).
 //!
 //! Users: `/v1/jobs…`, `/v1/adapters…`, `/v1/base-models…`, `/v1/datasets…`,
-//! `/v1/webhooks…`, `/v1/safety-policy`; workers: `/v1/worker/jobs/{id}…`; probes:
-//! `/healthz`, `/readyz`; `/metrics`, `/openapi.json`; the web UI at `/` (`web.rs`).
+//! `/v1/webhooks…`, `/v1/safety-policy`; OpenAI-compatible fine-tuning: `/v1/files…`,
+//! `/v1/fine_tuning/jobs…` (`routes::openai`, with OpenAI's error body); workers:
+//! `/v1/worker/jobs/{id}…`; probes: `/healthz`, `/readyz`; `/metrics`, `/openapi.json`; the web
+//! UI at `/` (`web.rs`).
 
 mod auth;
 mod extract;

@@ -5,6 +5,7 @@ pub mod adapters;
 pub mod identity;
 pub mod inputs;
 pub mod jobs;
+pub mod openai;
 pub mod probes;
 pub mod safety;
 pub mod webhooks;
