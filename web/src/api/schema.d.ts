@@ -1378,7 +1378,7 @@ export interface components {
             sha256: string;
             uri: string;
         };
-        /** @description A page of files. */
+        /** @description A page of a list; pass `last_id` as `after` for the next while `has_more`. */
         OpenAiFileList: {
             data: components["schemas"]["OpenAiFile"][];
             first_id?: string | null;

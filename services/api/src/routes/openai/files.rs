@@ -64,29 +64,7 @@ impl HasId for FileObject {
     }
 }
 
-/// A page of files.
-#[derive(Serialize, utoipa::ToSchema)]
-#[schema(as = OpenAiFileList)]
-pub struct FileList {
-    /// Always `list`.
-    pub object: &'static str,
-    pub data: Vec<FileObject>,
-    pub has_more: bool,
-    pub first_id: Option<String>,
-    pub last_id: Option<String>,
-}
-
-impl From<ListPage<FileObject>> for FileList {
-    fn from(p: ListPage<FileObject>) -> Self {
-        FileList {
-            object: p.object,
-            data: p.data,
-            has_more: p.has_more,
-            first_id: p.first_id,
-            last_id: p.last_id,
-        }
-    }
-}
+super::list_type!(FileList, OpenAiFileList, FileObject);
 
 /// The id of a dataset's file.
 pub fn file_id(dataset: &str) -> String {

@@ -572,7 +572,7 @@ impl Related {
 }
 
 async fn one_job(state: &ApiState, row: JobRow) -> Result<FineTuningJob, OpenAiError> {
-    let related = Related::of(state, &row.project.clone(), std::slice::from_ref(&row)).await?;
+    let related = Related::of(state, &row.project, std::slice::from_ref(&row)).await?;
     Ok(related.job(row))
 }
 
@@ -594,37 +594,9 @@ pub struct PageQuery {
     limit: Option<i64>,
 }
 
-macro_rules! list_type {
-    ($name:ident, $schema:ident, $item:ty) => {
-        /// A page of a list; pass `last_id` as `after` for the next while `has_more`.
-        #[derive(Serialize, utoipa::ToSchema)]
-        #[schema(as = $schema)]
-        pub struct $name {
-            /// Always `list`.
-            pub object: &'static str,
-            pub data: Vec<$item>,
-            pub has_more: bool,
-            pub first_id: Option<String>,
-            pub last_id: Option<String>,
-        }
-
-        impl From<ListPage<$item>> for $name {
-            fn from(p: ListPage<$item>) -> Self {
-                $name {
-                    object: p.object,
-                    data: p.data,
-                    has_more: p.has_more,
-                    first_id: p.first_id,
-                    last_id: p.last_id,
-                }
-            }
-        }
-    };
-}
-
-list_type!(JobList, OpenAiJobList, FineTuningJob);
-list_type!(EventList, OpenAiEventList, JobEvent);
-list_type!(CheckpointList, OpenAiCheckpointList, JobCheckpoint);
+super::list_type!(JobList, OpenAiJobList, FineTuningJob);
+super::list_type!(EventList, OpenAiEventList, JobEvent);
+super::list_type!(CheckpointList, OpenAiCheckpointList, JobCheckpoint);
 
 /// The project's jobs, newest first (default 20 a page, at most 100).
 #[utoipa::path(get, path = "/v1/fine_tuning/jobs", tag = "openai", operation_id = "openai_list_jobs", params(PageQuery),

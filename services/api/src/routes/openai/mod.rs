@@ -201,6 +201,36 @@ pub struct ListPage<T> {
     pub last_id: Option<String>,
 }
 
+/// A list type of the OpenAPI document (`$name`, shown as `$schema`) for pages of `$item`.
+macro_rules! list_type {
+    ($name:ident, $schema:ident, $item:ty) => {
+        /// A page of a list; pass `last_id` as `after` for the next while `has_more`.
+        #[derive(serde::Serialize, utoipa::ToSchema)]
+        #[schema(as = $schema)]
+        pub struct $name {
+            /// Always `list`.
+            pub object: &'static str,
+            pub data: Vec<$item>,
+            pub has_more: bool,
+            pub first_id: Option<String>,
+            pub last_id: Option<String>,
+        }
+
+        impl From<$crate::routes::openai::ListPage<$item>> for $name {
+            fn from(p: $crate::routes::openai::ListPage<$item>) -> Self {
+                $name {
+                    object: p.object,
+                    data: p.data,
+                    has_more: p.has_more,
+                    first_id: p.first_id,
+                    last_id: p.last_id,
+                }
+            }
+        }
+    };
+}
+pub(crate) use list_type;
+
 /// Objects with an id, for [`ListPage`].
 pub trait HasId {
     fn id(&self) -> &str;
