@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(300),
         max_connections: 4096,
         operator: None,
+        max_upload_bytes: loraforge::settings::DEFAULT_MAX_UPLOAD_BYTES,
         web_dir: None,
     };
     let app = Application::build(settings).await?;

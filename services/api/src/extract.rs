@@ -18,7 +18,9 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
             .map(ApiBody)
             .map_err(|e| {
                 if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge(MAX_BODY_BYTES)
+                    ApiError::Core(Error::TooLarge(format!(
+                        "the request body is larger than {MAX_BODY_BYTES} bytes"
+                    )))
                 } else {
                     ApiError::malformed(e.body_text())
                 }

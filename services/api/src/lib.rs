@@ -3,9 +3,11 @@
 //! live in the core. Every error is `application/problem+json` ([`problem`]), and the
 //! OpenAPI document is built from the same route list that serves ([`openapi`]).
 //!
-//! Users: `/v1/me`, `/v1/keys…`, `/v1/jobs…`, `/v1/adapters…`, `/v1/base-models…`, `/v1/datasets…`,
-//! `/v1/webhooks…`, `/v1/safety-policy`; workers: `/v1/worker/jobs/{id}…`; probes:
-//! `/healthz`, `/readyz`; `/metrics`, `/openapi.json`; the web UI at `/` (`web.rs`).
+//! Users: `/v1/me`, `/v1/keys…`, `/v1/jobs…`, `/v1/adapters…`, `/v1/base-models…`,
+//! `/v1/datasets…`, `/v1/webhooks…`, `/v1/safety-policy`; OpenAI-compatible fine-tuning:
+//! `/v1/files…`, `/v1/fine_tuning/jobs…` (`routes::openai`, with OpenAI's error body); workers:
+//! `/v1/worker/jobs/{id}…`; probes: `/healthz`, `/readyz`; `/metrics`, `/openapi.json`; the web
+//! UI at `/` (`web.rs`).
 
 mod auth;
 mod extract;
@@ -100,7 +102,15 @@ async fn reject_nul_in_uri(req: Request, next: axum::middleware::Next) -> axum::
             .any(|w| w.eq_ignore_ascii_case(b"%00"))
     };
     if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return ApiError::malformed("NUL characters (%00) are not accepted").into_response();
+        let refused = ApiError::malformed("NUL characters (%00) are not accepted");
+        // The OpenAI-compatible routes answer in OpenAI's error shape, as their document says.
+        let openai = ["/v1/files", "/v1/fine_tuning/"]
+            .iter()
+            .any(|p| uri.path().starts_with(p));
+        return match openai {
+            true => routes::openai::OpenAiError(refused).into_response(),
+            false => refused.into_response(),
+        };
     }
     next.run(req).await
 }

@@ -2,8 +2,10 @@
 //! with `routes!`, which takes its path and method from the handler's `#[utoipa::path]`,
 //! so what is served and what is documented cannot drift. Served at `/openapi.json`.
 
+use crate::routes::openai::{files as oa_files, jobs as oa_jobs};
 use crate::routes::{adapters, identity, inputs, jobs, keys, probes, safety, webhooks, worker};
 use crate::ApiState;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use loraforge_spec::AdapterName;
 use serde_json::{json, Value};
@@ -15,8 +17,9 @@ use utoipa_axum::routes;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "loraforge", description = "Train LoRA-family adapters and keep them as versioned, traceable artifacts."),
-    // The problem document is referenced by every route's problem answers.
-    components(schemas(crate::problem::Problem)),
+    // The problem document is referenced by every route's problem answers, OpenAI's error
+    // body by the OpenAI-compatible routes' answers.
+    components(schemas(crate::problem::Problem, crate::routes::openai::ErrorBody)),
     modifiers(&SecuritySchemes),
     security(("api_key" = [])),
     tags(
@@ -27,6 +30,7 @@ use utoipa_axum::routes;
         (name = "webhooks", description = "Subscriptions and their delivery log"),
         (name = "safety", description = "The project's safety gate policy"),
         (name = "worker", description = "The protocol between the control plane and its workers"),
+        (name = "openai", description = "OpenAI-compatible fine-tuning: files and fine_tuning.jobs, in OpenAI's shapes and error body (docs/openai-api.md)"),
     )
 )]
 struct ApiDoc;
@@ -61,10 +65,25 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(inputs::get_base_model))
         .routes(routes!(inputs::register_dataset, inputs::list_datasets))
         .routes(routes!(inputs::get_dataset))
+        .routes(routes!(inputs::upload_dataset))
         .routes(routes!(safety::get, safety::put))
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::delete))
         .routes(routes!(webhooks::deliveries))
+        .merge(
+            // A file upload is bounded by LORAFORGE_MAX_UPLOAD_BYTES as it streams, not by the
+            // request body limit of every other route.
+            OpenApiRouter::new()
+                .routes(routes!(oa_files::create, oa_files::list))
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .routes(routes!(oa_files::retrieve))
+        .routes(routes!(oa_files::content))
+        .routes(routes!(oa_jobs::create, oa_jobs::list))
+        .routes(routes!(oa_jobs::retrieve))
+        .routes(routes!(oa_jobs::cancel))
+        .routes(routes!(oa_jobs::events))
+        .routes(routes!(oa_jobs::checkpoints))
         .routes(routes!(worker::assignment))
         .routes(routes!(worker::stage))
         .routes(routes!(worker::events))
@@ -112,6 +131,10 @@ fn complete(doc: &mut Value) {
         for op in item.values_mut() {
             let privileged = needs_scope(op);
             let takes_body = op.get("requestBody").is_some();
+            // The OpenAI-compatible routes answer with OpenAI's error body (routes::openai).
+            let openai = op["tags"]
+                .as_array()
+                .is_some_and(|tags| tags.iter().any(|t| t == "openai"));
             let has_query = op
                 .get("parameters")
                 .and_then(Value::as_array)
@@ -122,7 +145,7 @@ fn complete(doc: &mut Value) {
             let mut add = |status: &str, why: &str| {
                 responses
                     .entry(status)
-                    .or_insert_with(|| problem_response(why));
+                    .or_insert_with(|| error_response(why, openai));
             };
             add(
                 "400",
@@ -194,10 +217,14 @@ fn needs_scope(op: &Value) -> bool {
         .any(|s| s.as_array().is_some_and(|s| !s.is_empty()))
 }
 
-fn problem_response(description: &str) -> Value {
+fn error_response(description: &str, openai: bool) -> Value {
+    let (content_type, schema) = match openai {
+        true => ("application/json", "OpenAiErrorBody"),
+        false => ("application/problem+json", "Problem"),
+    };
     json!({
         "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {content_type: {"schema": {"$ref": format!("#/components/schemas/{schema}")}}},
     })
 }
 

@@ -12,8 +12,6 @@ use serde::Serialize;
 pub enum ApiError {
     #[error(transparent)]
     Core(#[from] Error),
-    #[error("the request body is larger than {0} bytes")]
-    TooLarge(usize),
 }
 
 /// An RFC 9457 problem document.
@@ -46,16 +44,7 @@ impl ApiError {
     }
 
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
-        let e = match self {
-            ApiError::TooLarge(_) => {
-                return (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "Request body too large",
-                )
-            }
-            ApiError::Core(e) => e,
-        };
+        let ApiError::Core(e) = self;
         match e {
             Error::Invalid(e) if e.malformed => (
                 StatusCode::BAD_REQUEST,
@@ -70,6 +59,11 @@ impl ApiError {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             Error::Conflict { code, .. } => (StatusCode::CONFLICT, code, "Conflict"),
             Error::Gone(_) => (StatusCode::GONE, "gone", "Gone"),
+            Error::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "Request body too large",
+            ),
             Error::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             e if e.is_unavailable() => (
@@ -98,10 +92,21 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+/// What an error says, in either error shape (problem+json here, OpenAI's in `routes::openai`).
+pub(crate) struct Described<'a> {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub errors: &'a [FieldError],
+}
+
+impl ApiError {
+    /// Status, code and what to tell the client; server-side failures are logged here, with
+    /// their cause, and described opaquely. Call once per answer.
+    pub(crate) fn describe(&self) -> Described<'_> {
         let (status, code, title) = self.parts();
-        let (detail, errors): (String, &[FieldError]) = match &self {
+        let (detail, errors): (String, &[FieldError]) = match self {
             ApiError::Core(Error::Invalid(e)) => (e.to_string(), &e.errors),
             ApiError::Core(e) if status == StatusCode::SERVICE_UNAVAILABLE => {
                 tracing::warn!(error = %e, "database unavailable");
@@ -116,6 +121,25 @@ impl IntoResponse for ApiError {
             }
             other => (other.to_string(), &[]),
         };
+        Described {
+            status,
+            code,
+            title,
+            detail,
+            errors,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let Described {
+            status,
+            code,
+            title,
+            detail,
+            errors,
+        } = self.describe();
         let problem = Problem {
             type_: format!("urn:loraforge:problem:{code}"),
             title: title.into(),
@@ -154,6 +178,7 @@ pub mod problems {
         NotFound = 404,
         Conflict = 409,
         Gone = 410,
+        TooLarge = 413,
         Unprocessable = 422,
     }
 }

@@ -21,6 +21,9 @@ pub enum Error {
     /// The caller may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// The request's content is larger than a configured limit (which the message names).
+    #[error("{0}")]
+    TooLarge(String),
     /// The caller presented no valid credentials.
     #[error("missing or invalid credentials")]
     Unauthenticated,

@@ -45,10 +45,16 @@ pub struct Settings {
     pub max_connections: usize,
     /// The LoraJob operator, when `LORAFORGE_OPERATOR=enabled`.
     pub operator: Option<crate::operator::OperatorSettings>,
+    /// Largest dataset upload accepted (`LORAFORGE_MAX_UPLOAD_BYTES`, default 1 GiB): a
+    /// bigger one is refused (413) while it streams, and nothing of it is kept.
+    pub max_upload_bytes: u64,
     /// The built web UI (`index.html` and `assets/`), served at `/`; `None` serves none.
     /// `LORAFORGE_WEB_DIR`; default: this checkout's `web/dist` (`npm run build` in `web/`).
     pub web_dir: Option<PathBuf>,
 }
+
+/// `LORAFORGE_MAX_UPLOAD_BYTES` when unset: 1 GiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Where `npm run build` puts the UI in the checkout this binary was built from.
 pub const CHECKOUT_WEB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../web/dist");
@@ -231,6 +237,7 @@ impl Settings {
             request_timeout: Duration::from_secs(parse("LORAFORGE_REQUEST_TIMEOUT_SECS", 300u64)?),
             max_connections: parse("LORAFORGE_MAX_CONNECTIONS", 1024usize)?,
             operator: operator_from_env()?,
+            max_upload_bytes: parse("LORAFORGE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)?,
             web_dir: Some(
                 var("LORAFORGE_WEB_DIR").map_or_else(|| CHECKOUT_WEB_DIR.into(), PathBuf::from),
             ),

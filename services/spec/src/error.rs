@@ -9,6 +9,10 @@ pub struct FieldError {
     /// Dotted path of the field (`method.target_modules[1]`); empty for the body as a whole.
     pub field: String,
     pub message: String,
+    /// The line of an uploaded file the problem is on (1-based), for problems with a file's
+    /// content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
 }
 
 impl FieldError {
@@ -16,7 +20,13 @@ impl FieldError {
         Self {
             field: field.into(),
             message: message.into(),
+            line: None,
         }
+    }
+
+    pub fn at_line(mut self, line: u64) -> Self {
+        self.line = Some(line);
+        self
     }
 }
 
@@ -51,7 +61,8 @@ impl SpecError {
         }
     }
 
-    fn malformed(message: String) -> Self {
+    /// A document that is not even well-formed (no field to blame).
+    pub fn malformed(message: impl Into<String>) -> Self {
         Self {
             errors: vec![FieldError::new("", message)],
             malformed: true,
@@ -219,7 +230,7 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys<'_> {
 fn refuse_nul(bytes: &[u8]) -> Result<(), SpecError> {
     if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
         return Err(SpecError::malformed(
-            "NUL characters (\\u0000) are not accepted".into(),
+            "NUL characters (\\u0000) are not accepted",
         ));
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! what gets published (`AdapterManifest`, PEFT `adapter_config.json`), and the
 //! validation that keeps bad values out of all of them. No heavy dependencies here.
 
+pub mod dataset;
 pub mod error;
 pub mod job;
 pub mod manifest;

@@ -5,6 +5,9 @@
 pub const ADAPTERS: &str = "adapters";
 /// Root of every job's checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Root of every uploaded dataset. Registered datasets are never deleted, so garbage
+/// collection does not look here.
+pub const DATASETS: &str = "datasets";
 
 /// Root of the base models' stored safety-evaluation sides, shared by every job on a base
 /// (not registry artifacts: garbage collection leaves them alone, and deleting them costs
@@ -24,6 +27,17 @@ pub fn adapter_version_prefix(project: &str, adapter: &str, version: i32) -> Str
 /// `checkpoints/<job>/<step>`: a training checkpoint.
 pub fn checkpoint_prefix(job_id: &str, step: u32) -> String {
     format!("{CHECKPOINTS}/{job_id}/{step:09}")
+}
+
+/// `datasets/<project>`: the folder of a project's uploaded datasets.
+pub fn datasets_prefix(project: &str) -> String {
+    format!("{DATASETS}/{project}")
+}
+
+/// `datasets/<project>/<upload id>.jsonl`: one uploaded dataset file. The id is fresh for each
+/// upload, so two uploads never write the same object.
+pub fn dataset_upload_path(project: &str, upload_id: &str) -> String {
+    format!("{}/{upload_id}.jsonl", datasets_prefix(project))
 }
 
 /// What a stored object's path is, by the layout above.

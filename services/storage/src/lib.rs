@@ -209,6 +209,21 @@ impl Store {
         Ok(())
     }
 
+    /// Starts writing an object in parts, for content too large to hold in memory: nothing is
+    /// visible at `rel` until [`Upload::commit`], and [`Upload::abort`] (or dropping the upload)
+    /// leaves nothing behind.
+    pub async fn upload(&self, rel: &str) -> Result<Upload> {
+        let multipart = self
+            .inner
+            .put_multipart(&self.path(rel))
+            .await
+            .map_err(self.backend(rel))?;
+        Ok(Upload {
+            writer: Some(WriteMultipart::new(multipart)),
+            uri: self.uri_of(rel),
+        })
+    }
+
     pub async fn get(&self, rel: &str) -> Result<Bytes> {
         let got = self
             .inner
@@ -357,6 +372,81 @@ impl Store {
     }
 }
 
+/// Parts of one upload in flight at once; the writer waits beyond that (back pressure on the
+/// producer, so memory holds a few parts, not the object).
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// An object being written in parts ([`Store::upload`]).
+pub struct Upload {
+    /// `None` once committed or aborted.
+    writer: Option<WriteMultipart>,
+    uri: String,
+}
+
+impl Upload {
+    /// The URI the object will have once committed.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Appends bytes; waits while too many parts are in flight.
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        let writer = self
+            .writer
+            .as_mut()
+            .expect("an upload is written before it ends");
+        writer
+            .wait_for_capacity(UPLOAD_CONCURRENCY)
+            .await
+            .map_err(|e| backend_error(&self.uri, e))?;
+        writer.write(data);
+        Ok(())
+    }
+
+    /// Makes the object visible, whole.
+    pub async fn commit(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("an upload ends once");
+        writer
+            .finish()
+            .await
+            .map(drop)
+            .map_err(|e| backend_error(&self.uri, e))
+    }
+
+    /// Discards what was written.
+    pub async fn abort(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("an upload ends once");
+        writer
+            .abort()
+            .await
+            .map_err(|e| backend_error(&self.uri, e))
+    }
+}
+
+impl Drop for Upload {
+    /// An upload dropped midway (its request gone) is aborted in the background, so no staged
+    /// parts stay behind.
+    fn drop(&mut self) {
+        if let (Some(writer), Ok(runtime)) =
+            (self.writer.take(), tokio::runtime::Handle::try_current())
+        {
+            let uri = std::mem::take(&mut self.uri);
+            runtime.spawn(async move {
+                if let Err(e) = writer.abort().await {
+                    tracing::warn!(%uri, error = %e, "aborting an abandoned upload failed");
+                }
+            });
+        }
+    }
+}
+
+fn backend_error(uri: &str, e: object_store::Error) -> StorageError {
+    StorageError::Backend {
+        uri: uri.to_string(),
+        source: e,
+    }
+}
+
 fn bucket_prefix(url: &url::Url) -> String {
     url.path().trim_matches('/').to_string()
 }
@@ -440,5 +530,42 @@ mod tests {
         assert_eq!(name, "b.jsonl");
         assert!(s2.url().ends_with("/a"));
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_visible_only_once_committed() {
+        let dir = tempfile_dir("upload");
+        let store = Store::create(&format!("file://{}", dir.display())).unwrap();
+        let mut upload = store.upload("d/a.jsonl").await.unwrap();
+        assert!(upload.uri().ends_with("/d/a.jsonl"));
+        let part = vec![b'x'; 3 * 1024 * 1024];
+        for _ in 0..3 {
+            upload.write(&part).await.unwrap();
+        }
+        assert_eq!(store.size("d/a.jsonl").await.unwrap(), None);
+        upload.commit().await.unwrap();
+        assert_eq!(
+            store.size("d/a.jsonl").await.unwrap(),
+            Some(9 * 1024 * 1024)
+        );
+
+        let mut aborted = store.upload("d/b.jsonl").await.unwrap();
+        aborted.write(b"partial").await.unwrap();
+        aborted.abort().await.unwrap();
+        let mut dropped = store.upload("d/c.jsonl").await.unwrap();
+        dropped.write(b"partial").await.unwrap();
+        drop(dropped);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Nothing left of either, staged parts included.
+        let names: Vec<_> = std::fs::read_dir(dir.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["a.jsonl"]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("lf-store-{name}-{}", std::process::id()))
     }
 }

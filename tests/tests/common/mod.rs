@@ -208,6 +208,8 @@ pub struct AppOptions {
     pub max_connections: usize,
     /// The built web UI to serve at `/` (`None`: none).
     pub web_dir: Option<PathBuf>,
+    /// Largest dataset upload accepted.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for AppOptions {
@@ -226,6 +228,7 @@ impl Default for AppOptions {
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
             web_dir: None,
+            max_upload_bytes: loraforge::settings::DEFAULT_MAX_UPLOAD_BYTES,
         }
     }
 }
@@ -273,6 +276,7 @@ impl TestApp {
             request_timeout: Duration::from_secs(300),
             max_connections: options.max_connections,
             operator: options.operator.clone(),
+            max_upload_bytes: options.max_upload_bytes,
             web_dir: options.web_dir.clone(),
         };
         let storage_url = settings.storage_url.clone();

@@ -39,6 +39,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
+        /**
+         * Which version a serving engine should load. `name` may carry the reference itself,
+         *     `name@ref` (`demo@3`, `demo@prod`): the form a fine-tuning job's `fine_tuned_model` takes.
+         */
         get: operations["resolve"];
         put?: never;
         post?: never;
@@ -225,6 +229,171 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/datasets/{name}/upload": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Uploads a JSONL dataset and registers it under `name`: the body is the file itself (any
+         *     content type). It is stored in the artifact store as it streams, its sha256 computed and
+         *     every line checked against the three formats; only a file that passes is kept and
+         *     registered. A refused one (422 naming the first bad lines, 413 over the server's
+         *     `LORAFORGE_MAX_UPLOAD_BYTES`) leaves nothing behind.
+         */
+        post: operations["upload_dataset"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/files": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The project's datasets, as files. */
+        get: operations["openai_list_files"];
+        put?: never;
+        /**
+         * Uploads a training file (`multipart/form-data` with `purpose` = `fine-tune` and `file`):
+         *     checked line by line and registered as a dataset.
+         */
+        post: operations["openai_create_file"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/files/{file_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["openai_retrieve_file"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/files/{file_id}/content": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The file's bytes. */
+        get: operations["openai_file_content"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The project's jobs, newest first (default 20 a page, at most 100). */
+        get: operations["openai_list_jobs"];
+        put?: never;
+        /** Creates a job. */
+        post: operations["openai_create_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["openai_retrieve_job"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Cancels a job: a queued one at once, a running one is stopped (`cancelled` from then on,
+         *     `loraforge.status` says `cancel_requested` until the worker is gone).
+         */
+        post: operations["openai_cancel_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The job's checkpoints, newest first (default 10 a page, at most 100). */
+        get: operations["openai_list_job_checkpoints"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The job's events, newest first (default 20 a page, at most 1000). */
+        get: operations["openai_list_job_events"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/jobs": {
         parameters: {
             query?: never;
@@ -301,12 +470,6 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /**
-         * Server-sent events of a job: every event after `Last-Event-ID` (or `after`), then new
-         *     ones as they happen; the stream ends once the job is final and all are sent. If the
-         *     database fails mid-stream, the stream says so in an `error` event and ends; the client
-         *     resumes with `Last-Event-ID`.
-         */
         get: operations["stream_events"];
         put?: never;
         post?: never;
@@ -840,16 +1003,16 @@ export interface components {
             /** Format: int64 */
             tokens: number;
         } | {
-            /** @enum {string} */
-            kind: "safety";
-            report: components["schemas"]["SafetyReport"];
-        } | {
             /** Format: int32 */
             done: number;
             /** @enum {string} */
             kind: "evaluation";
             /** Format: int32 */
             total: number;
+        } | {
+            /** @enum {string} */
+            kind: "safety";
+            report: components["schemas"]["SafetyReport"];
         } | {
             /** @enum {string} */
             kind: "checkpoint";
@@ -903,6 +1066,12 @@ export interface components {
         FieldError: {
             /** @description Dotted path of the field (`method.target_modules[1]`); empty for the body as a whole. */
             field: string;
+            /**
+             * Format: int64
+             * @description The line of an uploaded file the problem is on (1-based), for problems with a file's
+             *     content.
+             */
+            line?: number | null;
             message: string;
         };
         /** @description A stored file of an artifact, as the registry records and verifies it. */
@@ -1210,6 +1379,280 @@ export interface components {
             /** @enum {string} */
             type: "base_model";
             uri: string;
+        };
+        /** @description A page of a list; pass `last_id` as `after` for the next while `has_more`. */
+        OpenAiCheckpointList: {
+            data: components["schemas"]["OpenAiJobCheckpoint"][];
+            first_id?: string | null;
+            has_more: boolean;
+            last_id?: string | null;
+            /** @description Always `list`. */
+            object: string;
+        };
+        OpenAiCheckpointMetrics: {
+            /** Format: int32 */
+            step: number;
+            /**
+             * Format: double
+             * @description The loss of the last step up to the checkpoint.
+             */
+            train_loss?: number | null;
+            /**
+             * Format: double
+             * @description The validation loss at the checkpoint's step, where one was computed there.
+             */
+            valid_loss?: number | null;
+        };
+        /** @description `POST /v1/fine_tuning/jobs`, as OpenAI defines it, plus the `loraforge` extension. */
+        OpenAiCreateJob: {
+            hyperparameters?: null | components["schemas"]["OpenAiHyperparameters"];
+            /** @description Not supported: a non-empty list is refused. */
+            integrations?: Record<string, never>[] | null;
+            loraforge?: null | components["schemas"]["OpenAiLoraforgeOptions"];
+            /** @description Accepted and not stored. */
+            metadata?: Record<string, never> | null;
+            method?: null | components["schemas"]["OpenAiMethodRequest"];
+            /** @description The name of a registered base model. */
+            model: string;
+            /** Format: int64 */
+            seed?: number | null;
+            /** @description The adapter's name (lowercased); default `<model>-ft`. */
+            suffix?: string | null;
+            /** @description A file id (`file-…`) or a registered dataset's name. */
+            training_file: string;
+            validation_file?: string | null;
+        };
+        /** @description OpenAI's error body. */
+        OpenAiErrorBody: {
+            error: components["schemas"]["OpenAiErrorDetail"];
+        };
+        OpenAiErrorDetail: {
+            /**
+             * @description The stable code the native API's problem documents carry (`validation_failed`,
+             *     `not_found`, …); `invalid_api_key` for a missing or wrong key.
+             */
+            code?: string | null;
+            message: string;
+            /** @description The request field at fault, in OpenAI's names (`model`, `training_file`, …). */
+            param?: string | null;
+            /** @description `invalid_request_error`, or `server_error` for our failures. */
+            type: string;
+        };
+        /** @description A page of a list; pass `last_id` as `after` for the next while `has_more`. */
+        OpenAiEventList: {
+            data: components["schemas"]["OpenAiJobEvent"][];
+            first_id?: string | null;
+            has_more: boolean;
+            last_id?: string | null;
+            /** @description Always `list`. */
+            object: string;
+        };
+        /** @description OpenAI's `file` object. */
+        OpenAiFile: {
+            /** Format: int64 */
+            bytes: number;
+            /** Format: int64 */
+            created_at: number;
+            /** Format: int64 */
+            expires_at?: number | null;
+            filename: string;
+            /** @description `file-` and the dataset's name. */
+            id: string;
+            /** @description The dataset behind the file, as the native API shows it. */
+            loraforge: components["schemas"]["OpenAiFileExtension"];
+            /** @description Always `file`. */
+            object: string;
+            /** @description Always `fine-tune`. */
+            purpose: string;
+            /** @description Always `processed`: a file is checked before it is kept. */
+            status: string;
+            status_details?: string | null;
+        };
+        OpenAiFileExtension: {
+            dataset: string;
+            sha256: string;
+            uri: string;
+        };
+        /** @description A page of a list; pass `last_id` as `after` for the next while `has_more`. */
+        OpenAiFileList: {
+            data: components["schemas"]["OpenAiFile"][];
+            first_id?: string | null;
+            has_more: boolean;
+            last_id?: string | null;
+            /** @description Always `list`. */
+            object: string;
+        };
+        /** @description OpenAI's `fine_tuning.job`. */
+        OpenAiFineTuningJob: {
+            /** Format: int64 */
+            created_at: number;
+            error?: null | components["schemas"]["OpenAiJobError"];
+            /**
+             * Format: int64
+             * @description From the newest progress event's ETA, while running.
+             */
+            estimated_finish?: number | null;
+            /**
+             * @description The published adapter as `name@version` (what `GET /v1/adapters/{name}/resolve`
+             *     accepts); `null` until the job succeeds.
+             */
+            fine_tuned_model?: string | null;
+            /** Format: int64 */
+            finished_at?: number | null;
+            hyperparameters: components["schemas"]["OpenAiHyperparametersOut"];
+            /** @description `ftjob-` and our job id's 32 hex digits. */
+            id: string;
+            integrations: Record<string, never>[];
+            /** @description The job as we know it. */
+            loraforge: components["schemas"]["OpenAiJobLoraforge"];
+            metadata?: Record<string, never> | null;
+            method: components["schemas"]["OpenAiMethod"];
+            /** @description The registered base model's name (its URI for a native job that named none). */
+            model: string;
+            object: string;
+            /** @description The project. */
+            organization_id: string;
+            result_files: string[];
+            /** Format: int64 */
+            seed: number;
+            /**
+             * @description `queued`, `running`, `succeeded`, `failed` or `cancelled` (`validating_files` never:
+             *     files are checked at upload, jobs at submission).
+             */
+            status: string;
+            /** Format: int64 */
+            trained_tokens?: number | null;
+            training_file: string;
+            user_provided_suffix?: string | null;
+            validation_file?: string | null;
+        };
+        /** @description Each `"auto"` or a number. */
+        OpenAiHyperparameters: {
+            /** @description `"auto"` (4) or a number: `training.batch_size`. */
+            batch_size?: unknown;
+            /** @description `"auto"` (1) or a number: `training.learning_rate` = 2e-4 × this. */
+            learning_rate_multiplier?: unknown;
+            /** @description `"auto"` (3) or a number: `training.epochs`. */
+            n_epochs?: unknown;
+        };
+        OpenAiHyperparametersOut: {
+            /** Format: int32 */
+            batch_size: number;
+            /** Format: double */
+            learning_rate_multiplier: number;
+            /**
+             * Format: int32
+             * @description `null` for a job bounded by steps alone.
+             */
+            n_epochs?: number | null;
+        };
+        /**
+         * @description OpenAI's `fine_tuning.job.checkpoint`: a checkpoint the job saved (its adapter, optimizer
+         *     and data position under `checkpoints/<job>/<step>` in the store, kept while the job runs).
+         */
+        OpenAiJobCheckpoint: {
+            /** Format: int64 */
+            created_at: number;
+            /** @description The checkpoint's folder in the artifact store. */
+            fine_tuned_model_checkpoint: string;
+            fine_tuning_job_id: string;
+            /** @description `ftckpt-` and the checkpoint event's sequence number. */
+            id: string;
+            metrics: components["schemas"]["OpenAiCheckpointMetrics"];
+            object: string;
+            /** Format: int32 */
+            step_number: number;
+        };
+        OpenAiJobError: {
+            /** @description Our error kind: `user_error`, `system_error`, `safety_blocked`, … */
+            code: string;
+            message: string;
+            param?: string | null;
+        };
+        /** @description OpenAI's `fine_tuning.job.event`. */
+        OpenAiJobEvent: {
+            /** Format: int64 */
+            created_at: number;
+            /**
+             * @description The event as the native API shows it (`kind` and its fields); progress events add
+             *     OpenAI's `train_loss`, eval events `valid_loss`.
+             */
+            data: Record<string, never>;
+            /** @description `ftevent-` and the event's sequence number. */
+            id: string;
+            /** @description `info`, `warn` or `error`. */
+            level: string;
+            message: string;
+            object: string;
+            /** @description `metrics` for training and validation losses, else `message`. */
+            type: string;
+        };
+        /** @description A page of a list; pass `last_id` as `after` for the next while `has_more`. */
+        OpenAiJobList: {
+            data: components["schemas"]["OpenAiFineTuningJob"][];
+            first_id?: string | null;
+            has_more: boolean;
+            last_id?: string | null;
+            /** @description Always `list`. */
+            object: string;
+        };
+        OpenAiJobLoraforge: {
+            adapter_name: string;
+            /** Format: int32 */
+            attempt: number;
+            /** Format: uuid */
+            job_id: string;
+            /** @description The adapter method (`lora`, `adalora`, …). */
+            method: string;
+            /** @description Our status, finer than OpenAI's. */
+            status: components["schemas"]["JobStatus"];
+        };
+        /** @description The `loraforge` object of a job request (with the SDK: `extra_body={"loraforge": {…}}`). */
+        OpenAiLoraforgeOptions: {
+            /** @description The adapter's name, over `suffix`. */
+            adapter_name?: string | null;
+            /**
+             * @description Any of our methods, as `JobSpec.method` (`{"type": "adalora", …}`); default
+             *     `{"type": "lora", "r": 8}`.
+             */
+            method?: Record<string, never> | null;
+            /** @description As `JobSpec.parent`, `safety` and `resources`. */
+            parent?: Record<string, never> | null;
+            resources?: Record<string, never> | null;
+            safety?: Record<string, never> | null;
+            /**
+             * @description `JobSpec.training` fields, over what the hyperparameters say (`max_steps`,
+             *     `seq_len`, `schedule`, …).
+             */
+            training?: Record<string, never> | null;
+            /** Format: double */
+            validation_fraction?: number | null;
+        };
+        OpenAiMethod: {
+            supervised: components["schemas"]["OpenAiSupervised"];
+            /** @description Always `supervised`, whatever the adapter method (`loraforge.method`). */
+            type: string;
+        };
+        OpenAiMethodRequest: {
+            supervised?: null | components["schemas"]["OpenAiSupervisedRequest"];
+            /** @description `supervised` only. */
+            type: string;
+        };
+        OpenAiSupervised: {
+            hyperparameters: components["schemas"]["OpenAiHyperparametersOut"];
+        };
+        OpenAiSupervisedRequest: {
+            hyperparameters?: null | components["schemas"]["OpenAiHyperparameters"];
+        };
+        /** @description The form of `POST /v1/files`. */
+        OpenAiUploadForm: {
+            /**
+             * Format: binary
+             * @description The JSONL training file.
+             */
+            file: string;
+            /** @description `fine-tune`. */
+            purpose: string;
         };
         /** @description A published adapter version the worker starts from. */
         ParentArtifact: {
@@ -1871,10 +2314,12 @@ export interface operations {
     resolve: {
         parameters: {
             query?: {
+                /** @description `latest` (the default: the newest ready version), an alias or a version number. */
                 ref?: string;
             };
             header?: never;
             path: {
+                /** @description the adapter's name, or `name@ref` */
                 name: string;
             };
             cookie?: never;
@@ -3002,6 +3447,736 @@ export interface operations {
             };
         };
     };
+    upload_dataset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the name to register it under */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description the JSONL file: one example per line, `{"messages": [...]}`, `{"prompt", "completion"}` or `{"text"}` */
+        requestBody: {
+            content: {
+                "application/octet-stream": string;
+            };
+        };
+        responses: {
+            /** @description the same content is already registered under this name */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InputRow"];
+                };
+            };
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InputRow"];
+                };
+            };
+            /** @description problem */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    openai_list_files: {
+        parameters: {
+            query?: {
+                /** @description Only files of this purpose (all are `fine-tune`). */
+                purpose?: string;
+                /** @description Default 10000, at most 10000. */
+                limit?: number;
+                /** @description `desc` (newest first, the default) or `asc`. */
+                order?: string;
+                /** @description The last id of the previous page. */
+                after?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiFileList"];
+                };
+            };
+            /** @description OpenAI-style error */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_create_file: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["OpenAiUploadForm"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiFile"];
+                };
+            };
+            /** @description OpenAI-style error */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_retrieve_file: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiFile"];
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_file_content: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the file */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": unknown;
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_list_jobs: {
+        parameters: {
+            query?: {
+                /** @description The last id of the previous page. */
+                after?: string;
+                limit?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiJobList"];
+                };
+            };
+            /** @description OpenAI-style error */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_create_job: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description retries with the same key return the same job */
+                "Idempotency-Key"?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["OpenAiCreateJob"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiFineTuningJob"];
+                };
+            };
+            /** @description OpenAI-style error */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_retrieve_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                fine_tuning_job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiFineTuningJob"];
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_cancel_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                fine_tuning_job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiFineTuningJob"];
+                };
+            };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_list_job_checkpoints: {
+        parameters: {
+            query?: {
+                /** @description The last id of the previous page. */
+                after?: string;
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                fine_tuning_job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiCheckpointList"];
+                };
+            };
+            /** @description OpenAI-style error */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_list_job_events: {
+        parameters: {
+            query?: {
+                /** @description The last id of the previous page. */
+                after?: string;
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                fine_tuning_job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiEventList"];
+                };
+            };
+            /** @description OpenAI-style error */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description OpenAI-style error */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiErrorBody"];
+                };
+            };
+        };
+    };
     list_jobs: {
         parameters: {
             query?: {
@@ -3368,9 +4543,8 @@ export interface operations {
     stream_events: {
         parameters: {
             query?: {
-                /** @description Return events after this sequence number (exclusive). */
+                /** @description Send events after this sequence number (`Last-Event-ID` overrides it on a reconnect). */
                 after?: number;
-                limit?: number;
             };
             header?: never;
             path: {
@@ -3461,6 +4635,24 @@ export interface operations {
                     "text/plain": unknown;
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: no credentials, or credentials that are not valid (revoked, expired, another attempt's) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -3472,6 +4664,15 @@ export interface operations {
             };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3498,8 +4699,26 @@ export interface operations {
                     "application/json": components["schemas"]["KeyList"];
                 };
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3548,8 +4767,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the request body is larger than the server accepts */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3577,6 +4814,15 @@ export interface operations {
                 };
                 content?: never;
             };
+            /** @description problem: malformed (a NUL in the path or query, a body that is not JSON) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             401: {
                 headers: {
@@ -3588,6 +4834,15 @@ export interface operations {
             };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the database is unreachable; try again shortly */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -263,15 +263,15 @@ pub async fn delete_tag(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveQuery {
-    #[serde(rename = "ref", default = "latest")]
-    reference: String,
+    /// `latest` (the default: the newest ready version), an alias or a version number.
+    #[serde(rename = "ref")]
+    reference: Option<String>,
 }
 
-fn latest() -> String {
-    "latest".into()
-}
-
-#[utoipa::path(get, path = "/v1/adapters/{name}/resolve", tag = "registry", params(("name" = String, Path), ResolveQuery),
+/// Which version a serving engine should load. `name` may carry the reference itself,
+/// `name@ref` (`demo@3`, `demo@prod`): the form a fine-tuning job's `fine_tuned_model` takes.
+#[utoipa::path(get, path = "/v1/adapters/{name}/resolve", tag = "registry",
+    params(("name" = String, Path, description = "the adapter's name, or `name@ref`"), ResolveQuery),
     responses((status = 200, body = Resolved), problems::NotFound, problems::Gone, problems::Unprocessable))]
 pub async fn resolve(
     State(state): State<ApiState>,
@@ -280,10 +280,20 @@ pub async fn resolve(
     ApiQuery(q): ApiQuery<ResolveQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
+    let (name, reference) = match (name.split_once('@'), q.reference) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "ref",
+                "the name already says which version (name@ref): give the reference once",
+            ))
+        }
+        (Some((name, reference)), None) => (name.to_string(), reference.to_string()),
+        (None, reference) => (name, reference.unwrap_or_else(|| "latest".into())),
+    };
     let project = caller.project.as_str();
-    let entry = Entry::Resolve(q.reference.clone());
+    let entry = Entry::Resolve(reference.clone());
     cached_json(&state, project, &name, entry, async {
-        Ok(aliases::resolve(&state.pool, &state.store, project, &name, &q.reference).await?)
+        Ok(aliases::resolve(&state.pool, &state.store, project, &name, &reference).await?)
     })
     .await
 }

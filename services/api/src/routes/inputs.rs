@@ -1,15 +1,19 @@
-//! User routes for registered inputs: base models and datasets.
+//! User routes for registered inputs: base models and datasets, registered by URI or (datasets)
+//! uploaded.
 
 use crate::auth::Caller;
 use crate::extract::{ApiJson, ApiPath};
 use crate::problem::{problems, ApiError};
 use crate::ApiState;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use loraforge_core::auth::Scope;
 use loraforge_core::registry::inputs::{self, InputKind, InputRow, RegisterInput};
+use loraforge_core::registry::uploads::{self, DatasetName};
 use loraforge_core::Error;
+use loraforge_spec::AdapterName;
 
 async fn register(
     state: &ApiState,
@@ -65,6 +69,60 @@ pub async fn register_dataset(
 ) -> Result<(StatusCode, Json<InputRow>), ApiError> {
     caller.require(Scope::Submit)?;
     register(&s, &caller, InputKind::Dataset, req).await
+}
+
+/// Uploads a JSONL dataset and registers it under `name`: the body is the file itself (any
+/// content type). It is stored in the artifact store as it streams, its sha256 computed and
+/// every line checked against the three formats; only a file that passes is kept and
+/// registered. A refused one (422 naming the first bad lines, 413 over the server's
+/// `LORAFORGE_MAX_UPLOAD_BYTES`) leaves nothing behind.
+#[utoipa::path(post, path = "/v1/datasets/{name}/upload", tag = "inputs", operation_id = "upload_dataset",
+    params(("name" = String, Path, description = "the name to register it under")),
+    request_body(content = String, content_type = "application/octet-stream",
+        description = "the JSONL file: one example per line, `{\"messages\": [...]}`, `{\"prompt\", \"completion\"}` or `{\"text\"}`"),
+    responses((status = 201, body = InputRow), (status = 200, description = "the same content is already registered under this name", body = InputRow),
+              problems::BadRequest, problems::Conflict, problems::TooLarge, problems::Unprocessable))]
+pub async fn upload_dataset(
+    State(s): State<ApiState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<InputRow>), ApiError> {
+    caller.require(Scope::Submit)?;
+    let name = AdapterName::parse(&name).map_err(|m| ApiError::invalid("name", m))?;
+    let max = s.settings.max_upload_bytes;
+    // Refused unread when the client says up front that it is too large.
+    if content_length(&headers).is_some_and(|n| n > max) {
+        return Err(uploads::too_large(max).into());
+    }
+    let staged = uploads::stage(
+        &s.store,
+        &caller.project,
+        body.into_data_stream(),
+        max,
+        "body",
+    )
+    .await?;
+    let (row, created) = staged
+        .register(&s.pool, &s.store, &caller.project, DatasetName::Given(name))
+        .await?;
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(row),
+    ))
+}
+
+/// The request's declared `Content-Length`, if any.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[utoipa::path(get, path = "/v1/base-models/{name}", tag = "inputs", params(("name" = String, Path)), responses((status = 200, body = InputRow), problems::NotFound))]

@@ -6,6 +6,7 @@ pub mod identity;
 pub mod inputs;
 pub mod jobs;
 pub mod keys;
+pub mod openai;
 pub mod probes;
 pub mod safety;
 pub mod webhooks;

@@ -336,6 +336,48 @@ pub async fn events(
     .await
 }
 
+/// Events of a job newest first, before `before` (exclusive; `None`: from the newest), of
+/// one `kind` if given.
+pub async fn events_newest_first(
+    pool: &PgPool,
+    job_id: Uuid,
+    before: Option<i64>,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as!(
+        EventRow,
+        r#"SELECT seq, created_at, payload AS "payload: Json<EventPayload>"
+           FROM job_events
+           WHERE job_id = $1 AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR kind = $3)
+           ORDER BY seq DESC LIMIT $4"#,
+        job_id,
+        before,
+        kind,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The names the jobs' inputs were registered under, where they named registered inputs:
+/// (job, base model name, dataset name).
+pub async fn input_names(
+    pool: &PgPool,
+    jobs: &[Uuid],
+) -> Result<Vec<(Uuid, Option<String>, Option<String>)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        "SELECT id, base_model_name, dataset_name FROM jobs WHERE id = ANY($1)",
+        jobs,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.id, r.base_model_name, r.dataset_name))
+        .collect())
+}
+
 /// What else changes with a transition.
 #[derive(Debug, Default)]
 pub struct TransitionEffects<'a> {

@@ -6,6 +6,7 @@
 use super::{get, query_jobs, record_event, wake_scheduler, JobRow};
 use crate::error::{Error, Result};
 use crate::registry::inputs::{self, InputKind};
+use crate::registry::uploads;
 use crate::registry::{self, aliases, VersionStatus};
 use crate::{safety, Context};
 use loraforge_spec::worker::EventPayload;
@@ -178,8 +179,17 @@ async fn resolve_input(
         }
         Err(e) => return Err(e),
     };
+    // An uploaded dataset lies in the artifact store, which a `file://` input may never name:
+    // registered by upload (and only by upload: the name was looked up), it is read there.
+    let uploaded = resolved.name.is_some()
+        && kind == InputKind::Dataset
+        && uploads::is_upload_of(&ctx.store, project, &resolved.uri);
     if let Some(m) = ctx.settings.executor.refuses_input(&resolved.uri) {
         errors.push(FieldError::new(field, m));
+    } else if uploaded {
+        if let Err(m) = inputs::inspect_object(&resolved.uri).await {
+            errors.push(FieldError::new(field, m));
+        }
     } else if let Err(m) = inputs::check(&resolved.uri, &ctx.settings.file_inputs(), kind).await {
         errors.push(FieldError::new(field, m));
     }

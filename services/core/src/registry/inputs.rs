@@ -137,21 +137,8 @@ pub async fn register(
             .await?
         }
         InputKind::Dataset => {
-            sqlx::query_as!(
-                InputRow,
-                r#"INSERT INTO datasets (project, name, uri, sha256, size, format)
-                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project, name) DO NOTHING
-                   RETURNING name, uri, sha256, size, format,
-                             NULL::text AS "source_adapter?", NULL::int AS "source_version?", created_at"#,
-                project,
-                req.name.as_str(),
-                &req.uri,
-                &sha256,
-                size as i64,
-                format,
-            )
-            .fetch_optional(pool)
-            .await?
+            insert_dataset(pool, project, req.name.as_str(), &req.uri, &sha256, size, format)
+                .await?
         }
     };
     if let Some(row) = inserted {
@@ -172,6 +159,33 @@ pub async fn register(
             ),
         ))
     }
+}
+
+/// Adds a dataset row; `None` if the project has one of that name already.
+pub(crate) async fn insert_dataset(
+    pool: &PgPool,
+    project: &str,
+    name: &str,
+    uri: &str,
+    sha256: &str,
+    size: u64,
+    format: &str,
+) -> Result<Option<InputRow>, sqlx::Error> {
+    sqlx::query_as!(
+        InputRow,
+        r#"INSERT INTO datasets (project, name, uri, sha256, size, format)
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project, name) DO NOTHING
+                   RETURNING name, uri, sha256, size, format,
+                             NULL::text AS "source_adapter?", NULL::int AS "source_version?", created_at"#,
+        project,
+        name,
+        uri,
+        sha256,
+        size as i64,
+        format,
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 pub async fn get(
@@ -260,10 +274,52 @@ pub async fn resolve(
         }),
         None => Err(Error::invalid(
             field,
-            format!("no registered {} named {reference:?}", kind.noun()),
+            unknown_name(pool, project, kind, reference).await?,
         )),
     }
 }
+
+/// Most registered names an "unknown name" message lists.
+const NAMES_LISTED: usize = 20;
+
+/// Why `name` names nothing, with the names that do (or how to register one): the message a
+/// newcomer who mistypes a model or dataset name needs.
+pub async fn unknown_name(
+    pool: &PgPool,
+    project: &str,
+    kind: InputKind,
+    name: &str,
+) -> Result<String, sqlx::Error> {
+    let names: Vec<String> = list(pool, project, kind)
+        .await?
+        .into_iter()
+        .map(|row| row.name)
+        .collect();
+    let (noun, route) = match kind {
+        InputKind::BaseModel => ("base model", "POST /v1/base-models"),
+        InputKind::Dataset => (
+            "dataset",
+            "POST /v1/datasets, or upload one with POST /v1/datasets/{name}/upload",
+        ),
+    };
+    let known = match names.len() {
+        0 => format!("no {noun} is registered in this project yet; register one with {route}"),
+        n if n <= NAMES_LISTED => format!("the registered {noun}s are: {}", names.join(", ")),
+        n => format!(
+            "the registered {noun}s include: {} (and {} more; GET /v1/{}s lists them all)",
+            names[..NAMES_LISTED].join(", "),
+            n - NAMES_LISTED,
+            match kind {
+                InputKind::BaseModel => "base-model",
+                InputKind::Dataset => "dataset",
+            }
+        ),
+    };
+    Ok(format!("no registered {noun} named {name:?}; {known}"))
+}
+
+/// What [`confine`] says of a path outside every root.
+const OUTSIDE_ROOTS: &str = "outside the directories this server reads inputs from";
 
 /// `file://` inputs must lie under a configured root and outside the store and the logs,
 /// so a request cannot make the control plane (or a worker) read arbitrary local files or
@@ -288,11 +344,24 @@ pub fn confine(uri: &str, files: &FileInputs) -> Result<(), String> {
     let (roots, forbidden) = (canonical(&files.roots), canonical(&files.forbidden));
     let verdict = |real: &Path| {
         if forbidden.iter().any(|f| real.starts_with(f)) {
-            Err("the artifact store and the worker logs are never read as inputs")
+            Err("the artifact store and the worker logs are never read as inputs".to_string())
         } else if roots.iter().any(|r| real.starts_with(r)) {
             Ok(())
         } else {
-            Err("outside the directories this server reads inputs from (LORAFORGE_FILE_ROOTS)")
+            let listed: Vec<String> = files
+                .roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect();
+            Err(format!(
+                "{OUTSIDE_ROOTS} ({}); to allow it, add its directory to the server's \
+                 LORAFORGE_FILE_ROOTS setting (colon-separated) and restart the server",
+                if listed.is_empty() {
+                    "none is configured".to_string()
+                } else {
+                    listed.join(":")
+                }
+            ))
         }
     };
     verdict(&real).map_err(|why| format!("{uri}: {why}"))?;
@@ -336,7 +405,13 @@ fn files_below(dir: &Path, depth: usize, most: usize) -> Result<Vec<PathBuf>, St
 /// Checks that an input is one we may read and that it is there (and, for a model,
 /// that we can train it).
 pub async fn check(uri: &str, files: &FileInputs, kind: InputKind) -> Result<(), String> {
-    confine(uri, files)?;
+    confine(uri, files).map_err(|m| {
+        if kind == InputKind::Dataset && m.contains(OUTSIDE_ROOTS) {
+            format!("{m}; or upload the file instead: POST /v1/datasets/{{name}}/upload")
+        } else {
+            m
+        }
+    })?;
     match kind {
         InputKind::BaseModel => inspect_model(uri).await,
         InputKind::Dataset => inspect_object(uri).await,

@@ -50,6 +50,7 @@ pub mod gc;
 pub mod inputs;
 pub mod lineage;
 pub mod publish;
+pub mod uploads;
 
 pub use publish::delete_objects;
 

@@ -9,6 +9,7 @@ use super::encode::{parse_example, ExampleEncoder, TokenizedExample, IGNORE_INDE
 use crate::error::user_error;
 use crate::training::seeds::{derive_seed, SeedUse};
 use anyhow::{Context, Result};
+use loraforge_spec::dataset::FormatCounts;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -47,6 +48,8 @@ impl TokenizedDataset {
         let mut reader = BufReader::new(file);
         let mut cache = BufWriter::new(tempfile::tempfile().context("creating the token cache")?);
         let (mut examples, mut dropped, mut offset) = (Vec::new(), 0, 0u64);
+        // What the lines were read as, for the message when none has anything to learn.
+        let mut formats = FormatCounts::default();
         let mut line = Vec::new();
         for number in 1u64.. {
             line.clear();
@@ -64,9 +67,9 @@ impl TokenizedDataset {
             if text.trim().is_empty() {
                 continue;
             }
-            let mut example = parse_example(text)
-                .and_then(|e| encoder.encode(e))
-                .map_err(bad_line)?;
+            let example = parse_example(text).map_err(&bad_line)?;
+            formats.add(example.format());
+            let mut example = encoder.encode(example).map_err(bad_line)?;
             if let Some(len) = truncate_to {
                 example.truncate(len);
             }
@@ -93,10 +96,13 @@ impl TokenizedDataset {
             return Err(user_error(match dropped {
                 0 => format!("dataset {} has no examples", path.display()),
                 n => format!(
-                    "dataset {}: none of its {n} examples has a token to learn (no assistant turn or \
-                     completion{})",
+                    "dataset {}: none of its {n} examples has a token to learn{}. It was read as {}: {}",
                     path.display(),
-                    truncate_to.map_or(String::new(), |len| format!(" within the first {len} tokens"))
+                    truncate_to.map_or(String::new(), |len| format!(
+                        " within the first {len} tokens (training.seq_len)"
+                    )),
+                    formats.describe(),
+                    formats.learned_from(),
                 ),
             }));
         }
@@ -450,6 +456,37 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("has no examples"), "{err:#}");
+    }
+
+    #[test]
+    fn a_dataset_with_nothing_to_learn_says_how_it_was_read() {
+        let tokenizer = word_tokenizer();
+        let encoder = ExampleEncoder::new(
+            &tokenizer,
+            &TokenizerConfig::default(),
+            NO_TEMPLATE,
+            &word_model(),
+        )
+        .unwrap();
+        // Cut to two tokens, neither prompt leaves a completion token to learn.
+        let (_dir, path) = write_lines(&[
+            r#"{"prompt": "Q the cat ", "completion": "yes"}"#,
+            r#"{"prompt": "Q the cat sat ", "completion": "no"}"#,
+        ]);
+        let err = TokenizedDataset::build(&path, &encoder, Some(2))
+            .err()
+            .expect("nothing to learn fails");
+        assert!(matches!(classify(&err), Some(Failure::User(_))), "{err:#}");
+        let message = err.to_string();
+        assert!(
+            message
+                .contains("none of its 2 examples has a token to learn within the first 2 tokens")
+                && message.contains(
+                    "read as prompt-completion (\"prompt\", \"completion\") for all 2 examples"
+                )
+                && message.contains("learned from the completion"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -1,11 +1,10 @@
-//! Examples and their tokens. A dataset line is one of three formats; a file may mix them,
-//! since each line's keys say which it is:
+//! Examples and their tokens. A dataset line is one of three formats (`loraforge_spec::dataset`
+//! reads them; a file may mix them):
 //! - chat `{"messages": [{"role", "content"}, ...], "tools": [...]?}`, rendered with the model's
 //!   chat template; loss on the assistant turns only (see `chat_template` for how they are found);
 //! - `{"prompt", "completion"}`, the two texts concatenated; loss on the completion only;
 //! - `{"text"}`, loss on all of it.
 //!
-//! Other keys are ignored, so exported datasets carrying ids or metadata load as they are.
 //! Prompt-completion and text examples start with what the tokenizer puts before a text (the BOS
 //! token, where the model has one) and end with EOS, so the model learns to stop; a chat
 //! template's output already holds its special tokens as text and is tokenized as it is.
@@ -16,98 +15,26 @@ use crate::model::tokenizer_config::TokenizerConfig;
 use crate::model::ModelConfig;
 use anyhow::Result;
 use minijinja::Value;
-use serde::Deserialize;
 use std::ops::Range;
 use tokenizers::{Encoding, Tokenizer};
 
 /// Label value that cross-entropy skips: padding, prompts, and positions with nothing to predict.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// One JSONL line; which fields are set decides its format.
-#[derive(Deserialize)]
-struct Record {
-    #[serde(default)]
-    messages: Option<Vec<Value>>,
-    #[serde(default)]
-    tools: Option<Value>,
-    #[serde(default)]
-    prompt: Option<String>,
-    #[serde(default)]
-    completion: Option<String>,
-    #[serde(default)]
-    text: Option<String>,
-}
+/// One example, its chat messages held as template values.
+pub(super) type Example = loraforge_spec::dataset::Example<Value>;
 
-pub(super) enum Example {
-    Chat { messages: Vec<Value>, tools: Value },
-    PromptCompletion { prompt: String, completion: String },
-    Text(String),
-}
-
+/// Parses one JSONL line by the formats `loraforge_spec::dataset` defines (the control plane
+/// checks uploads with the same reader).
 pub(super) fn parse_example(line: &str) -> Result<Example, String> {
-    // serde would read a JSON array positionally into the record's fields.
-    if !line.trim_start().starts_with('{') {
-        return Err(
-            "expected a JSON object with \"messages\", \"prompt\" and \"completion\", or \"text\""
-                .into(),
-        );
-    }
-    let record: Record = serde_json::from_str(line).map_err(|e| {
-        // serde_json's message ends with its own position ("at line 1 column 9"); ours says which line.
-        let detail = e.to_string();
-        let detail = detail
-            .rsplit_once(" at line ")
-            .map_or(detail.as_str(), |(text, _)| text);
-        format!("column {}: {detail}", e.column())
-    })?;
-    let formats = [
-        record.messages.is_some(),
-        record.prompt.is_some() || record.completion.is_some(),
-        record.text.is_some(),
-    ];
-    if formats.iter().filter(|&&present| present).count() > 1 {
-        return Err(
-            "has the keys of more than one format; use one of \"messages\", \"prompt\"/\"completion\" or \"text\""
-                .into(),
-        );
-    }
-    match record {
-        Record {
-            messages: Some(messages),
-            tools,
-            ..
-        } => {
-            if messages.is_empty() {
-                return Err("\"messages\" is empty".into());
-            }
-            for (i, message) in messages.iter().enumerate() {
-                let role = message.get_attr("role").ok();
-                if role.as_ref().and_then(Value::as_str).is_none() {
-                    return Err(format!("message {} has no \"role\" string", i + 1));
-                }
-            }
-            Ok(Example::Chat {
-                messages,
-                tools: tools.unwrap_or(Value::from(())),
-            })
-        }
-        Record {
-            prompt: Some(prompt),
-            completion: Some(completion),
-            ..
-        } => Ok(Example::PromptCompletion { prompt, completion }),
-        Record {
-            prompt: Some(_), ..
-        } => Err("has \"prompt\" but no \"completion\"".into()),
-        Record {
-            completion: Some(_),
-            ..
-        } => Err("has \"completion\" but no \"prompt\"".into()),
-        Record {
-            text: Some(text), ..
-        } => Ok(Example::Text(text)),
-        _ => Err("expected \"messages\", \"prompt\" and \"completion\", or \"text\"".into()),
-    }
+    loraforge_spec::dataset::parse_example(line, |message: &Value| {
+        message
+            .get_attr("role")
+            .ok()
+            .as_ref()
+            .and_then(Value::as_str)
+            .is_some()
+    })
 }
 
 /// Token ids of one example and which of them the model learns to predict.
@@ -203,6 +130,7 @@ impl<'a> ExampleEncoder<'a> {
                 let template = self
                     .chat_template
                     .map_err(|why| format!("is a chat example, but {why}"))?;
+                let tools = tools.unwrap_or(Value::from(()));
                 let (text, spans) = template.render_with_assistant_spans(&messages, &tools)?;
                 let encoding = self.tokenize(&text)?;
                 let offsets = encoding.get_offsets();

@@ -585,7 +585,10 @@ fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
         (&reused_progress, per_model),
     ] {
         assert_eq!(progress.last(), Some(&Progress { done: total, total }));
-        assert!(progress.windows(2).all(|w| w[0].done < w[1].done), "{progress:?}");
+        assert!(
+            progress.windows(2).all(|w| w[0].done < w[1].done),
+            "{progress:?}"
+        );
         assert_eq!(progress.len(), total as usize / per_model as usize * 5);
     }
     let entries = std::fs::read_dir(&cache.root).unwrap().count();

@@ -114,7 +114,11 @@ struct Measurement {
 
 impl Measurement {
     fn refused(&self, judge: &KeywordJudge) -> Vec<bool> {
-        self.side.answers.iter().map(|a| judge.is_refusal(a)).collect()
+        self.side
+            .answers
+            .iter()
+            .map(|a| judge.is_refusal(a))
+            .collect()
     }
 }
 
