@@ -196,8 +196,10 @@ pub async fn cancel(
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Which attempt's worker (default: the newest).
+    #[param(minimum = 1)]
     attempt: Option<i32>,
     /// At most this many bytes, from the end (default 65536, at most 1048576).
+    #[param(minimum = 1, maximum = 1048576)]
     tail_bytes: Option<u64>,
 }
 
