@@ -193,7 +193,8 @@ async fn jobs_and_the_registry_from_the_command_line() -> anyhow::Result<()> {
         "status running",
         "training · step 12/12 · loss ",
         "status evaluating",
-        "evaluating 200/200 · step 12/12 · ",
+        // 100 harmful requests and 20 benign prompts, for each model.
+        "evaluating 240/240 · step 12/12 · ",
         "safety: refusals ",
         "status publishing",
         "status succeeded",
