@@ -29,14 +29,7 @@ async fn register(
         req,
     )
     .await?;
-    Ok((
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
-        Json(row),
-    ))
+    Ok(registered(row, created))
 }
 
 async fn get(
@@ -107,14 +100,7 @@ pub async fn upload_dataset(
     let (row, created) = staged
         .register(&s.pool, &s.store, &caller.project, DatasetName::Given(name))
         .await?;
-    Ok((
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
-        Json(row),
-    ))
+    Ok(registered(row, created))
 }
 
 /// The request's declared `Content-Length`, if any.
@@ -165,4 +151,14 @@ pub async fn list_datasets(
     Ok(Json(
         inputs::list(&s.pool, caller.project.as_str(), InputKind::Dataset).await?,
     ))
+}
+
+/// A registration's answer: 201 with the row when it is new, 200 when the same input was
+/// registered already.
+fn registered(row: InputRow, created: bool) -> (StatusCode, Json<InputRow>) {
+    let status = match created {
+        true => StatusCode::CREATED,
+        false => StatusCode::OK,
+    };
+    (status, Json(row))
 }
