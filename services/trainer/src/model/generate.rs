@@ -10,6 +10,7 @@ use crate::export::PeftAdapter;
 use crate::methods::lora;
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer_config::TokenizerConfig;
+use crate::model::llama::Logits;
 use crate::model::LlamaModel;
 use crate::model::ModelConfig;
 use anyhow::Result;
@@ -236,17 +237,34 @@ impl Generator {
         sampling: &Sampling,
         batch_size: usize,
     ) -> Result<Vec<Completion>> {
+        self.generate_reporting(prompts, sampling, batch_size, &mut |_| Ok(()))
+    }
+
+    /// [`Generator::generate`], calling `after_batch` with the number of prompts each batch
+    /// finished (an error from it stops generation: a cancelled job). Prompts are batched in
+    /// order of length, so a batch's rows need little padding; completions come back in the
+    /// prompts' order.
+    pub fn generate_reporting(
+        &self,
+        prompts: &[Prompt],
+        sampling: &Sampling,
+        batch_size: usize,
+        after_batch: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<Vec<Completion>> {
         sampling.check()?;
         let encoded = prompts
             .iter()
             .map(|p| self.encode(p))
             .collect::<Result<Vec<_>>>()?;
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| encoded[i].1.len());
         let mut rng = StdRng::seed_from_u64(sampling.seed);
-        let mut completions = Vec::with_capacity(prompts.len());
-        for chunk in encoded.chunks(batch_size.max(1)) {
-            let ids: Vec<&[i64]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let mut completions: Vec<Option<Completion>> = vec![None; prompts.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let ids: Vec<&[i64]> = chunk.iter().map(|&i| encoded[i].1.as_slice()).collect();
             let generated = tch::no_grad(|| self.generate_batch(&ids, sampling, &mut rng))?;
-            for ((text, prompt_ids), (token_ids, finish_reason)) in chunk.iter().zip(generated) {
+            for (&i, (token_ids, finish_reason)) in chunk.iter().zip(generated) {
+                let (text, prompt_ids) = &encoded[i];
                 let shown: Vec<u32> = token_ids
                     .iter()
                     .filter(|id| !self.stop_ids.contains(id))
@@ -255,7 +273,7 @@ impl Generator {
                 let completion_text = self.tokenizer.decode(&shown, true).map_err(|e| {
                     user_error(format!("the tokenizer cannot decode the completion: {e}"))
                 })?;
-                completions.push(Completion {
+                completions[i] = Some(Completion {
                     prompt: text.clone(),
                     prompt_tokens: prompt_ids.len(),
                     text: completion_text,
@@ -263,12 +281,15 @@ impl Generator {
                     finish_reason,
                 });
             }
+            after_batch(chunk.len())?;
         }
-        Ok(completions)
+        Ok(completions.into_iter().flatten().collect())
     }
 
-    /// One batch: prefill the left-padded prompts, then one position per step for every row
-    /// until each has stopped or the budget is spent.
+    /// One batch: prefill the prompts, then one position per step for every row until each
+    /// has stopped or the budget is spent. The tokens every prompt starts with (a chat
+    /// template's system turn) are prefilled once and shared; the rest of each prompt follows
+    /// them left-padded, the padding masked out, so a row computes what it computes alone.
     fn generate_batch(
         &self,
         prompts: &[&[i64]],
@@ -284,27 +305,59 @@ impl Generator {
                 sampling.max_new_tokens, self.config.max_position_embeddings
             )));
         }
+        // Every row keeps at least one token of its own, whose logits start its answer. Not
+        // with a sliding window: the window is measured in cache slots, and the padding after
+        // a shared prefix would count in it.
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(1);
+        let shared = match self.config.sliding_window {
+            Some(_) => 0,
+            None => shared_prefix(prompts).min(shortest - 1),
+        };
+        let mut cache = if shared > 0 {
+            let prefix = &prompts[0][..shared];
+            let shape = [1, shared as i64];
+            let mut one = self.model.new_cache(1, total as i64);
+            // Only the keys and values are wanted; the logits of its last position are dropped.
+            let _ = self.model.forward_cached(
+                &Tensor::from_slice(prefix).reshape(shape).to_device(self.device),
+                &Tensor::arange(shared as i64, (Kind::Int64, self.device)).reshape(shape),
+                &Tensor::ones(shape, (Kind::Bool, self.device)),
+                &mut one,
+                Logits::Last,
+            )?;
+            one.repeated(batch as i64)
+        } else {
+            self.model.new_cache(batch as i64, total as i64)
+        };
+        let rest = longest - shared;
         let (mut ids, mut positions, mut valid) = (Vec::new(), Vec::new(), Vec::new());
         for prompt in prompts {
-            let padding = longest - prompt.len();
-            ids.extend(std::iter::repeat_n(self.pad_id, padding).chain(prompt.iter().copied()));
-            positions.extend(std::iter::repeat_n(0, padding).chain(0..prompt.len() as i64));
+            let own = &prompt[shared..];
+            let padding = rest - own.len();
+            ids.extend(std::iter::repeat_n(self.pad_id, padding).chain(own.iter().copied()));
+            positions.extend(
+                std::iter::repeat_n(0, padding).chain(shared as i64..prompt.len() as i64),
+            );
             valid.extend(
-                std::iter::repeat_n(false, padding).chain(std::iter::repeat_n(true, prompt.len())),
+                std::iter::repeat_n(true, shared)
+                    .chain(std::iter::repeat_n(false, padding))
+                    .chain(std::iter::repeat_n(true, own.len())),
             );
         }
-        let shape = [batch as i64, longest as i64];
-        let to_device = |t: Tensor| t.reshape(shape).to_device(self.device);
-        let mut key_valid = to_device(Tensor::from_slice(&valid));
+        let to_device = |t: Tensor, columns: usize| {
+            t.reshape([batch as i64, columns as i64])
+                .to_device(self.device)
+        };
+        let mut key_valid = to_device(Tensor::from_slice(&valid), longest);
         let mut next_position: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-        let mut cache = self.model.new_cache(batch as i64, total as i64);
         let logits = self.model.forward_cached(
-            &to_device(Tensor::from_slice(&ids)),
-            &to_device(Tensor::from_slice(&positions)),
+            &to_device(Tensor::from_slice(&ids), rest),
+            &to_device(Tensor::from_slice(&positions), rest),
             &key_valid,
             &mut cache,
+            Logits::Last,
         )?;
-        let mut last = logits.select(1, longest as i64 - 1);
+        let mut last = logits.select(1, 0);
 
         let mut outputs: Vec<(Vec<i64>, Option<FinishReason>)> = vec![(Vec::new(), None); batch];
         for step in 0..sampling.max_new_tokens {
@@ -336,7 +389,13 @@ impl Generator {
             );
             last = self
                 .model
-                .forward_cached(&input, &step_positions, &key_valid, &mut cache)?
+                .forward_cached(
+                    &input,
+                    &step_positions,
+                    &key_valid,
+                    &mut cache,
+                    Logits::Last,
+                )?
                 .select(1, 0);
             next_position.iter_mut().for_each(|p| *p += 1);
         }
@@ -364,6 +423,20 @@ impl Generator {
             .map(|row| nucleus_sample(row, sampling.top_p, rng))
             .collect())
     }
+}
+
+/// How many tokens every prompt starts with.
+fn shared_prefix(prompts: &[&[i64]]) -> usize {
+    let Some((first, others)) = prompts.split_first() else {
+        return 0;
+    };
+    others.iter().fold(first.len(), |shared, prompt| {
+        first[..shared]
+            .iter()
+            .zip(prompt.iter())
+            .take_while(|(a, b)| a == b)
+            .count()
+    })
 }
 
 /// Draws from the smallest set of most likely tokens whose probability reaches `top_p`
@@ -465,6 +538,7 @@ mod tests {
                 &positions,
                 &valid(prefix),
                 &mut cache,
+                Logits::All,
             )
         })
         .unwrap()];
@@ -476,6 +550,7 @@ mod tests {
                     &positions,
                     &valid(i + 1),
                     &mut cache,
+                    Logits::Last,
                 )
             });
             pieces.push(step.unwrap());
@@ -516,6 +591,36 @@ mod tests {
             .unwrap();
         let again = generator.generate(&[long, short], &sampled, 2).unwrap();
         assert_eq!(once[1].token_ids, again[1].token_ids);
+    }
+
+    /// A prefix the prompts share is prefilled once: each row still generates what it
+    /// generates alone, and prompts come back in their order though batched by length.
+    #[test]
+    fn a_shared_prefix_changes_no_row() {
+        let (_dir, model_dir) = fixture();
+        let generator = Generator::load(&model_dir, None, Device::Cpu).unwrap();
+        let prompts: Vec<Prompt> = [
+            "the rules: answer briefly. count one two three four",
+            "the rules: answer briefly. red",
+            "the rules: answer briefly. the blue dog runs",
+        ]
+        .iter()
+        .map(|t| Prompt::Text(t.to_string()))
+        .collect();
+        let ids: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| generator.encode(p).unwrap().1)
+            .collect();
+        let slices: Vec<&[i64]> = ids.iter().map(Vec::as_slice).collect();
+        assert!(shared_prefix(&slices) >= 4, "{ids:?}");
+        let together = generator.generate(&prompts, &greedy(10), 3).unwrap();
+        for (prompt, batched) in prompts.iter().zip(&together) {
+            let alone = generator
+                .generate(std::slice::from_ref(prompt), &greedy(10), 1)
+                .unwrap();
+            assert_eq!(alone[0].token_ids, batched.token_ids);
+            assert_eq!(alone[0].prompt, batched.prompt);
+        }
     }
 
     #[test]

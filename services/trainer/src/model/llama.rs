@@ -284,19 +284,21 @@ impl LlamaModel {
     /// Logits `(batch, seq, vocab)` in the base dtype for token ids `(batch, seq)`: the whole
     /// sequence at once, as training and scoring see it.
     pub fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
-        self.forward_with_cache(input_ids, train, None)
+        self.forward_with_cache(input_ids, train, None, Logits::All)
     }
 
-    /// Logits `(batch, new, vocab)` for `input_ids (batch, new)` that follow the cached tokens,
-    /// whose keys and values are appended to the cache. `positions (batch, new)` are the RoPE
-    /// positions (rows may be left-padded, so they differ from cache indices); `key_valid
-    /// (batch, cache.len() + new)` is false at padding, which no token attends to.
+    /// Logits for `input_ids (batch, new)` that follow the cached tokens, whose keys and values
+    /// are appended to the cache: `(batch, new, vocab)`, or `(batch, 1, vocab)` of the last
+    /// position with [`Logits::Last`]. `positions (batch, new)` are the RoPE positions (rows may
+    /// be left-padded, so they differ from cache indices); `key_valid (batch, cache.len() + new)`
+    /// is false at padding, which no token attends to.
     pub fn forward_cached(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
         key_valid: &Tensor,
         cache: &mut KvCache,
+        logits: Logits,
     ) -> Result<Tensor> {
         let new = input_ids.size()[1];
         if cache.len + new > cache.capacity {
@@ -311,7 +313,7 @@ impl LlamaModel {
             positions,
             key_valid,
         };
-        Ok(self.forward_with_cache(input_ids, false, Some(step)))
+        Ok(self.forward_with_cache(input_ids, false, Some(step), logits))
     }
 
     /// The forward pass. Without a cache, the tokens are a whole sequence from position 0, and
@@ -322,6 +324,7 @@ impl LlamaModel {
         input_ids: &Tensor,
         train: bool,
         cache: Option<CacheStep>,
+        logits: Logits,
     ) -> Tensor {
         let new = input_ids.size()[1];
         let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
@@ -373,9 +376,22 @@ impl LlamaModel {
         if let Some(cache) = cache {
             cache.len += new;
         }
+        let hidden = match logits {
+            Logits::All => hidden,
+            Logits::Last => hidden.narrow(1, new - 1, 1),
+        };
         let hidden = rms_norm(&hidden, &self.norm, c.rms_norm_eps);
         hidden.linear::<Tensor>(&self.lm_head, None)
     }
+}
+
+/// Which positions a forward pass computes logits for. A prompt's prefill needs only its last
+/// position's: the vocabulary projection of the others is most of a small model's prefill
+/// work (SmolLM2-135M: 28M of its 135M weights) and a `(batch, len, vocab)` f32 tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
 }
 
 /// RoPE inverse frequencies `(head_dim / 2)` in fp32, op for op as transformers computes them
@@ -619,6 +635,25 @@ impl LlamaModel {
             values: (0..layers).map(|_| empty()).collect(),
             len: 0,
             capacity,
+        }
+    }
+}
+
+impl KvCache {
+    /// The cache of one row, copied to `batch` rows: a prefix every prompt of a batch shares is
+    /// computed once and continued by each.
+    pub fn repeated(&self, batch: i64) -> KvCache {
+        let repeat = |tensors: &[Tensor]| {
+            tensors
+                .iter()
+                .map(|t| t.expand([batch, -1, -1, -1], false).contiguous())
+                .collect()
+        };
+        KvCache {
+            keys: repeat(&self.keys),
+            values: repeat(&self.values),
+            len: self.len,
+            capacity: self.capacity,
         }
     }
 }

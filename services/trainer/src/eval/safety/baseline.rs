@@ -16,7 +16,7 @@ use tch::Device;
 
 /// Bumped whenever what is stored, or how it is computed, changes: old entries are then
 /// simply never asked for again.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// What the base model did, as the evaluation measures it.
 pub struct BaseSide {

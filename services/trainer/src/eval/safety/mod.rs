@@ -264,7 +264,7 @@ impl Counter<'_> {
     }
 
     fn finished(&mut self, prompts: usize) -> Result<()> {
-        self.done = (self.done + prompts as u32).min(self.total);
+        self.done += prompts as u32;
         (self.progress)(Progress {
             done: self.done,
             total: self.total,
@@ -303,14 +303,16 @@ impl<'a> Measurer<'a> {
         };
         let batch = self.inputs.settings.batch_size;
         let (mut answers, mut tokens_generated) = (Vec::new(), 0);
-        // Batch by batch (greedy decoding draws nothing at random, so this is the same as one
-        // call), to report progress and notice a cancel in between.
-        for chunk in self.inputs.requests.chunks(batch) {
-            for answer in self.generator.generate(chunk, &greedy, batch)? {
-                tokens_generated += answer.token_ids.len() as u64;
-                answers.push(answer.text);
-            }
-            counter.finished(chunk.len())?;
+        // Progress is reported, and a cancel noticed, after every batch.
+        let completions = self.generator.generate_reporting(
+            self.inputs.requests,
+            &greedy,
+            batch,
+            &mut |prompts| counter.finished(prompts),
+        )?;
+        for answer in completions {
+            tokens_generated += answer.token_ids.len() as u64;
+            answers.push(answer.text);
         }
         let benign = drift::score_prompts(
             self.generator.model(),
