@@ -240,16 +240,17 @@ impl Generator {
         self.generate_reporting(prompts, sampling, batch_size, &mut |_| Ok(()))
     }
 
-    /// [`Generator::generate`], calling `after_batch` with the number of prompts each batch
-    /// finished (an error from it stops generation: a cancelled job). Prompts are batched in
-    /// order of length, so a batch's rows need little padding; completions come back in the
-    /// prompts' order.
+    /// [`Generator::generate`], telling `progress` how many more prompts are done after every
+    /// decoding step (a batch's prompts count as done in proportion to the steps it has taken,
+    /// all of them once it ends); an error from `progress` stops generation (a cancelled job).
+    /// Prompts are batched in order of length, so a batch's rows need little padding;
+    /// completions come back in the prompts' order.
     pub fn generate_reporting(
         &self,
         prompts: &[Prompt],
         sampling: &Sampling,
         batch_size: usize,
-        after_batch: &mut dyn FnMut(usize) -> Result<()>,
+        progress: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<Vec<Completion>> {
         sampling.check()?;
         let encoded = prompts
@@ -262,7 +263,8 @@ impl Generator {
         let mut completions: Vec<Option<Completion>> = vec![None; prompts.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let ids: Vec<&[i64]> = chunk.iter().map(|&i| encoded[i].1.as_slice()).collect();
-            let generated = tch::no_grad(|| self.generate_batch(&ids, sampling, &mut rng))?;
+            let generated =
+                tch::no_grad(|| self.generate_batch(&ids, sampling, &mut rng, progress))?;
             for (&i, (token_ids, finish_reason)) in chunk.iter().zip(generated) {
                 let (text, prompt_ids) = &encoded[i];
                 let shown: Vec<u32> = token_ids
@@ -281,7 +283,6 @@ impl Generator {
                     finish_reason,
                 });
             }
-            after_batch(chunk.len())?;
         }
         Ok(completions.into_iter().flatten().collect())
     }
@@ -295,6 +296,7 @@ impl Generator {
         prompts: &[&[i64]],
         sampling: &Sampling,
         rng: &mut StdRng,
+        progress: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<Vec<(Vec<i64>, FinishReason)>> {
         let batch = prompts.len();
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -360,6 +362,7 @@ impl Generator {
         let mut last = logits.select(1, 0);
 
         let mut outputs: Vec<(Vec<i64>, Option<FinishReason>)> = vec![(Vec::new(), None); batch];
+        let mut reported = 0;
         for step in 0..sampling.max_new_tokens {
             let chosen = self.choose(&last, sampling, rng)?;
             for ((tokens, finished), &token) in outputs.iter_mut().zip(&chosen) {
@@ -370,8 +373,14 @@ impl Generator {
                     }
                 }
             }
+            let done = batch * (step + 1) / sampling.max_new_tokens;
             if step + 1 == sampling.max_new_tokens || outputs.iter().all(|(_, f)| f.is_some()) {
+                progress(batch - reported)?;
                 break;
+            }
+            if done > reported {
+                progress(done - reported)?;
+                reported = done;
             }
             // Finished rows keep stepping (a batch moves together); their tokens are dropped.
             let input = Tensor::from_slice(&chosen)

@@ -144,6 +144,7 @@ fn train_and_evaluate<H: Host>(
     host.stage(JobStatus::Evaluating)?;
     let settings = safety::Settings {
         seq_len: job.spec.training.seq_len as usize,
+        validation_batch_size: job.spec.training.batch_size as usize,
         ..Default::default()
     };
     let cache = host.baselines();

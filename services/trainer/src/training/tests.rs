@@ -577,7 +577,8 @@ fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
     let (reused, reused_progress) = evaluate(true);
     assert_eq!(measured, stored);
     assert_eq!(measured, reused, "a reused base side changed the report");
-    // 100 harmful requests and 20 benign prompts per model, batches of 32.
+    // 100 harmful requests and 20 benign prompts per model: progress after every decoding step
+    // (up to 8, fewer when every answer ends early) and after the benign prompts.
     let per_model = 120;
     for (progress, total) in [
         (&measured_progress, 2 * per_model),
@@ -589,7 +590,11 @@ fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
             progress.windows(2).all(|w| w[0].done < w[1].done),
             "{progress:?}"
         );
-        assert_eq!(progress.len(), total as usize / per_model as usize * 5);
+        let models = total as usize / per_model as usize;
+        assert!(
+            (3 * models..=9 * models).contains(&progress.len()),
+            "{progress:?}"
+        );
     }
     let entries = std::fs::read_dir(&cache.root).unwrap().count();
     assert_eq!(entries, 1, "one stored base side, no partial entry left");

@@ -36,18 +36,27 @@ use tch::Device;
 /// must cost seconds, not minutes. GCG checks 32 tokens; 24 holds every `_test_prefixes`
 /// phrase with room to spare.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 24;
-/// Prompts generated (and scored) together.
-pub const DEFAULT_BATCH_SIZE: usize = 32;
+/// Prompts generated (and scored) together: every harmful request in one batch. Decoding is
+/// one forward pass per token for the whole batch, so its cost is nearly that of the weights'
+/// reads, however many rows share it: on two CPU cores, SmolLM2-135M evaluates in 0.55x the
+/// time of batches of 32, with the same answers.
+pub const DEFAULT_BATCH_SIZE: usize = 128;
 /// Validation examples are cut to this many tokens when no job says otherwise.
 pub const DEFAULT_SEQ_LEN: usize = 512;
+/// Validation examples scored together when no job says otherwise (a job's own training batch
+/// size is what it knows fits: validation holds full `(batch, seq_len, vocab)` logits).
+pub const DEFAULT_VALIDATION_BATCH_SIZE: usize = 8;
 
 /// How the evaluation runs.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_new_tokens: usize,
+    /// Prompts answered, and benign prompts scored, together.
     pub batch_size: usize,
     /// Validation examples are cut to this length (the job's `training.seq_len`).
     pub seq_len: usize,
+    /// Validation examples scored together (the job's `training.batch_size`).
+    pub validation_batch_size: usize,
     pub judge: KeywordJudge,
 }
 
@@ -57,6 +66,7 @@ impl Default for Settings {
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             batch_size: DEFAULT_BATCH_SIZE,
             seq_len: DEFAULT_SEQ_LEN,
+            validation_batch_size: DEFAULT_VALIDATION_BATCH_SIZE,
             judge: KeywordJudge::default(),
         }
     }
@@ -303,7 +313,7 @@ impl<'a> Measurer<'a> {
         };
         let batch = self.inputs.settings.batch_size;
         let (mut answers, mut tokens_generated) = (Vec::new(), 0);
-        // Progress is reported, and a cancel noticed, after every batch.
+        // Progress is reported, and a cancel noticed, after every decoding step.
         let completions = self.generator.generate_reporting(
             self.inputs.requests,
             &greedy,
@@ -340,7 +350,7 @@ impl<'a> Measurer<'a> {
             self.generator.model(),
             &ExampleSet::all(data),
             self.inputs.settings.seq_len,
-            self.inputs.settings.batch_size,
+            self.inputs.settings.validation_batch_size,
             self.generator.pad_id(),
             self.inputs.vocab_size,
             self.inputs.device,
