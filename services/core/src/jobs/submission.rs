@@ -208,7 +208,7 @@ async fn resolve_parent(
     let found =
         match aliases::resolve(&ctx.pool, &ctx.store, project, adapter, &parent.reference).await {
             Ok(found) => found,
-            Err(e @ (Error::NotFound(_) | Error::Gone(_))) => {
+            Err(e @ (Error::NotFound(_) | Error::Gone(_) | Error::Conflict { .. })) => {
                 return Ok(Err(format!("{adapter}@{}: {e}", parent.reference)))
             }
             Err(e) => return Err(e),
