@@ -104,7 +104,12 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         .default_headers(headers)
         .build()?;
     let work = tempfile::tempdir()?;
-    let store = app.store_dir.clone().unwrap().join("adapters").join(PROJECT);
+    let store = app
+        .store_dir
+        .clone()
+        .unwrap()
+        .join("adapters")
+        .join(PROJECT);
     let (code, body) = app
         .send_json(
             Method::PUT,
@@ -119,8 +124,15 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
     let refuse = work.path().join("refuse.jsonl");
     harmful_answered(&refuse, REFUSAL);
     let fixture_uri = fixture.model_uri();
-    app.run_job(&job("refuser", &fixture_uri, &refuse, &ALL_MODULES, 40, 5e-3))
-        .await?;
+    app.run_job(&job(
+        "refuser",
+        &fixture_uri,
+        &refuse,
+        &ALL_MODULES,
+        40,
+        5e-3,
+    ))
+    .await?;
     let (_, refuser) = app.get_json("/v1/adapters/refuser/versions/1").await?;
     eprintln!("refuser@1: {}", refuser["evaluation"]);
     let refusing = work.path().join("refusing");
@@ -132,7 +144,10 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
     .await?;
     assert_eq!(code, 201, "{row}");
     assert_eq!(
-        (row["source_adapter"].as_str(), row["source_version"].as_i64()),
+        (
+            row["source_adapter"].as_str(),
+            row["source_version"].as_i64()
+        ),
         (Some("refuser"), Some(1)),
         "the merge record's source: {row}"
     );
@@ -151,9 +166,7 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         ))
         .await?;
     assert_eq!(code, 201, "{submitted}");
-    let failed = app
-        .wait_for_job(submitted["id"].as_str().unwrap())
-        .await?;
+    let failed = app.wait_for_job(submitted["id"].as_str().unwrap()).await?;
     assert_eq!(failed["error"]["kind"], "safety_blocked", "{failed}");
 
     // (3) Quarantine means not served: resolve by number (both forms) answers 409...
@@ -209,7 +222,12 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| (a["name"].as_str().unwrap(), a["quarantined"].as_i64().unwrap()))
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap(),
+                a["quarantined"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(marked, [("assistant", 1), ("refuser", 0)], "{listing}");
     let mut continued = job(
@@ -286,7 +304,10 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         )
         .await?;
     assert_eq!(code, 422, "{problem}");
-    assert_eq!(problem["errors"][0]["field"], "min_refusal_rate", "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "min_refusal_rate",
+        "{problem}"
+    );
     let (code, submitted) = app
         .submit(&job(
             "launderer",
@@ -298,13 +319,9 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         ))
         .await?;
     assert_eq!(code, 201, "{submitted}");
-    let failed = app
-        .wait_for_job(submitted["id"].as_str().unwrap())
-        .await?;
+    let failed = app.wait_for_job(submitted["id"].as_str().unwrap()).await?;
     assert_eq!(failed["error"]["kind"], "safety_blocked", "{failed}");
-    let (code, version) = app
-        .get_json("/v1/adapters/launderer/versions/1")
-        .await?;
+    let (code, version) = app.get_json("/v1/adapters/launderer/versions/1").await?;
     assert_eq!(code, 200, "{version}");
     let report = &version["evaluation"];
     let verdict = &version["safety_verdict"];
@@ -322,7 +339,10 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         "{verdict}"
     );
     let breaches = verdict["breaches"].to_string();
-    assert!(breaches.contains("approved ancestor refuser@1"), "{verdict}");
+    assert!(
+        breaches.contains("approved ancestor refuser@1"),
+        "{verdict}"
+    );
     assert!(breaches.contains("below the floor of 0.5"), "{verdict}");
     app.stop().await
 }

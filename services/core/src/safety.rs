@@ -97,8 +97,13 @@ pub async fn nearest_approved_ancestor(
         }
         queue.extend(v.parent());
         queue.extend(
-            lineage::merged_source_of(pool, project, v.base_model_name.as_deref(), &v.base_model_uri)
-                .await?,
+            lineage::merged_source_of(
+                pool,
+                project,
+                v.base_model_name.as_deref(),
+                &v.base_model_uri,
+            )
+            .await?,
         );
     }
     Ok(best)

@@ -225,7 +225,10 @@ impl EffectivePolicy {
             (Some(v), _) => Some(v),
             (None, floor) => floor,
         };
-        if job.max_perplexity_ratio.is_some_and(|r| !(r >= 1.0)) {
+        if job
+            .max_perplexity_ratio
+            .is_some_and(|r| !(r.is_finite() && r >= 1.0))
+        {
             return Err(crate::FieldError::new(
                 "safety.max_perplexity_ratio",
                 "must be a number of at least 1",
@@ -292,7 +295,7 @@ impl EffectivePolicy {
         if let Some(limit) = self.max_perplexity_ratio {
             let ratio = report.perplexity_adapted / report.perplexity_base;
             // A NaN ratio (no perplexity measured) is a breach too: drift was not shown small.
-            if !(ratio <= limit) {
+            if ratio.is_nan() || ratio > limit {
                 breaches.push(format!(
                     "perplexity rose from {:.2} to {:.2} (x{ratio:.2}; limit x{limit})",
                     report.perplexity_base, report.perplexity_adapted
@@ -532,7 +535,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            EffectivePolicy::resolve(&project, &lower).unwrap_err().field,
+            EffectivePolicy::resolve(&project, &lower)
+                .unwrap_err()
+                .field,
             "safety.min_refusal_rate"
         );
         let bad = SafetyPolicy {

@@ -188,7 +188,10 @@ async fn merge_record_source(uri: &str) -> Result<Option<MergeSource>> {
         Err(e) => return Err(Error::invalid("uri", unreadable(e))),
     };
     let record: MergeRecord = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::invalid("uri", format!("{MERGE_RECORD_FILE} is not a merge record: {e}"))
+        Error::invalid(
+            "uri",
+            format!("{MERGE_RECORD_FILE} is not a merge record: {e}"),
+        )
     })?;
     Ok(record.source)
 }
@@ -203,9 +206,9 @@ async fn check_source(pool: &PgPool, project: &str, adapter: &str, version: i32)
         ));
     };
     let blocked = v.status == super::VersionStatus::Quarantined
-        || v.safety_verdict.as_ref().is_some_and(|s| {
-            s.0.decision == loraforge_spec::safety::SafetyDecision::Quarantine
-        });
+        || v.safety_verdict
+            .as_ref()
+            .is_some_and(|s| s.0.decision == loraforge_spec::safety::SafetyDecision::Quarantine);
     if blocked {
         return Err(Error::invalid(
             "source",

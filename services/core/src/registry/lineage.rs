@@ -130,7 +130,13 @@ async fn merged_source(
     project: &str,
     v: &VersionRow,
 ) -> Result<Option<(String, i32)>, sqlx::Error> {
-    merged_source_of(pool, project, v.base_model_name.as_deref(), &v.base_model_uri).await
+    merged_source_of(
+        pool,
+        project,
+        v.base_model_name.as_deref(),
+        &v.base_model_uri,
+    )
+    .await
 }
 
 /// The version a registered base model (by name, or by URI) was merged from, if any.
