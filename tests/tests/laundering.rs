@@ -259,6 +259,22 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
             "{problem}"
         );
     }
+    // Nor can a job name it by URI instead of registering it.
+    let (code, problem) = app
+        .submit(&job(
+            "washed",
+            &uri,
+            &comply,
+            &["q_proj", "v_proj"],
+            5,
+            5e-3,
+        ))
+        .await?;
+    assert_eq!(code, 422, "{problem}");
+    assert!(
+        problem.to_string().contains("assistant@1 was quarantined"),
+        "{problem}"
+    );
     let (_, bases) = app.get_json("/v1/base-models").await?;
     assert!(
         !bases.to_string().contains("laundered"),

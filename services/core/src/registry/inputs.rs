@@ -205,19 +205,40 @@ async fn check_source(pool: &PgPool, project: &str, adapter: &str, version: i32)
             format!("no version {version} of adapter {adapter}"),
         ));
     };
-    let blocked = v.status == super::VersionStatus::Quarantined
-        || v.safety_verdict
-            .as_ref()
-            .is_some_and(|s| s.0.decision == loraforge_spec::safety::SafetyDecision::Quarantine);
-    if blocked {
-        return Err(Error::invalid(
-            "source",
-            format!(
-                "{adapter}@{version} was quarantined by the safety gate; a base model merged from it is refused"
-            ),
-        ));
+    if is_quarantined(&v) {
+        return Err(Error::invalid("source", merged_from(adapter, version)));
     }
     Ok(())
+}
+
+/// Quarantined now, or once (a deleted version keeps its verdict).
+fn is_quarantined(v: &super::VersionRow) -> bool {
+    v.status == super::VersionStatus::Quarantined
+        || v.safety_verdict
+            .as_ref()
+            .is_some_and(|s| s.0.decision == loraforge_spec::safety::SafetyDecision::Quarantine)
+}
+
+fn merged_from(adapter: &str, version: i32) -> String {
+    format!(
+        "{adapter}@{version} was quarantined by the safety gate; a base model merged from it is refused"
+    )
+}
+
+/// For a job's base model given by URI rather than registered: the refusal, if the model's
+/// merge record names a quarantined version of this project. A model that cannot be read is
+/// left to the input checks, which report it.
+pub async fn merged_from_quarantined(
+    pool: &PgPool,
+    project: &str,
+    uri: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let Ok(Some(source)) = merge_record_source(uri).await else {
+        return Ok(None);
+    };
+    let v = super::get_version(pool, project, &source.adapter, source.version).await?;
+    Ok(v.filter(is_quarantined)
+        .map(|_| merged_from(&source.adapter, source.version)))
 }
 
 /// Adds a dataset row; `None` if the project has one of that name already.
