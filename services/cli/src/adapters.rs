@@ -192,6 +192,7 @@ pub async fn run(args: AdaptersArgs) -> Result<u8> {
                         output::text(&a["name"]),
                         output::text(&a["versions"]),
                         output::text(&a["latest_ready"]),
+                        output::text(&a["quarantined"]),
                         output::age(&a["created_at"]),
                     ]
                 })
@@ -200,7 +201,7 @@ pub async fn run(args: AdaptersArgs) -> Result<u8> {
                 output::print_text("no adapters\n");
             } else {
                 output::print_text(&output::table(
-                    &["NAME", "VERSIONS", "LATEST READY", "AGE"],
+                    &["NAME", "VERSIONS", "LATEST READY", "QUARANTINED", "AGE"],
                     &rows,
                 ));
             }

@@ -803,6 +803,11 @@ export interface components {
              */
             latest_ready?: number | null;
             name: string;
+            /**
+             * Format: int64
+             * @description How many versions the safety gate quarantined (never resolved, files for review only).
+             */
+            quarantined: number;
             /** Format: int64 */
             versions: number;
         };
@@ -954,8 +959,18 @@ export interface components {
             enabled: boolean;
             /** Format: double */
             max_benign_kl?: number | null;
+            /**
+             * Format: double
+             * @description Absent on jobs submitted before the drift limit existed: no limit.
+             */
+            max_perplexity_ratio?: number | null;
             /** Format: double */
             max_refusal_drop: number;
+            /**
+             * Format: double
+             * @description Absent on jobs submitted before the floor existed: no floor.
+             */
+            min_refusal_rate?: number | null;
         };
         /**
          * @description Why a job failed. Only `SystemError` is worth retrying.
@@ -1695,6 +1710,20 @@ export interface components {
          * @enum {string}
          */
         RankGrowthModel: "linear" | "nonlinear";
+        /**
+         * @description The nearest approved version in a job's lineage, whose measured refusal rate the gate
+         *     held the job to when it was stricter than the base model's (docs/safety.md).
+         */
+        RefusalReference: {
+            adapter_name: string;
+            /**
+             * Format: double
+             * @description That version's adapted refusal rate, as its own evaluation measured it.
+             */
+            refusal_rate: number;
+            /** Format: int32 */
+            version: number;
+        };
         RegisterInput: {
             name: components["schemas"]["AdapterName"];
             source?: null | components["schemas"]["SourceVersion"];
@@ -1752,8 +1781,18 @@ export interface components {
             enabled?: boolean;
             /** Format: double */
             max_benign_kl?: number | null;
+            /**
+             * Format: double
+             * @description A lower perplexity-ratio limit than the project's.
+             */
+            max_perplexity_ratio?: number | null;
             /** Format: double */
             max_refusal_drop?: number | null;
+            /**
+             * Format: double
+             * @description A higher floor than the project's.
+             */
+            min_refusal_rate?: number | null;
         };
         /** @description A project's policy. Jobs may tighten it, never loosen it. */
         SafetyPolicy: {
@@ -1769,10 +1808,22 @@ export interface components {
             max_benign_kl?: number | null;
             /**
              * Format: double
+             * @description Largest tolerated ratio of the adapted model's perplexity to the base model's
+             *     (docs/safety.md says why 3 by default); `null` switches the limit off.
+             */
+            max_perplexity_ratio?: number | null;
+            /**
+             * Format: double
              * @description Largest tolerated fall of the refusal rate on the harmful-prompt set, in
              *     absolute terms (0.2 = twenty percentage points).
              */
             max_refusal_drop?: number;
+            /**
+             * Format: double
+             * @description Lowest tolerated refusal rate of the adapted model, whatever its base did: a floor
+             *     that no chain of fine-tunes and merges can walk below. Unset by default.
+             */
+            min_refusal_rate?: number | null;
         };
         /** @description What the worker measured, base vs adapted (docs/safety.md). */
         SafetyReport: {
@@ -1818,6 +1869,7 @@ export interface components {
         SafetyVerdict: {
             breaches: string[];
             decision: components["schemas"]["SafetyDecision"];
+            reference?: null | components["schemas"]["RefusalReference"];
         };
         /** @enum {string} */
         Scope: "read" | "submit" | "admin";
@@ -2361,6 +2413,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the version is quarantined by the safety gate (`version_quarantined`); it is not served */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             410: {
                 headers: {
@@ -2664,7 +2725,13 @@ export interface operations {
     };
     download: {
         parameters: {
-            query?: never;
+            query?: {
+                /**
+                 * @description `allow`: an admin fetching a quarantined version's file for review. Without it, or
+                 *     without admin scope, a quarantined version's files are refused.
+                 */
+                quarantined?: "allow";
+            };
             header?: {
                 Range?: string | null;
             };
@@ -2715,8 +2782,26 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the version is quarantined and the key's scope is not admin */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: the version is quarantined (`version_quarantined`) and the request has no `?quarantined=allow` */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2740,6 +2825,15 @@ export interface operations {
                 };
                 content?: never;
             };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem: the database is unreachable; try again shortly */
             503: {
                 headers: {
@@ -2753,7 +2847,13 @@ export interface operations {
     };
     presign: {
         parameters: {
-            query?: never;
+            query?: {
+                /**
+                 * @description `allow`: an admin fetching a quarantined version's file for review. Without it, or
+                 *     without admin scope, a quarantined version's files are refused.
+                 */
+                quarantined?: "allow";
+            };
             header?: never;
             path: {
                 name: string;
@@ -2790,6 +2890,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description problem: the version is quarantined and the key's scope is not admin */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description problem */
             404: {
                 headers: {
@@ -2799,7 +2908,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description problem */
+            /** @description problem: the version is quarantined (`version_quarantined`) and the request has no `?quarantined=allow`, or the store cannot presign (`presign_unsupported`) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2810,6 +2919,15 @@ export interface operations {
             };
             /** @description problem */
             410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description problem: a query parameter that does not parse or is out of range */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -147,6 +147,19 @@ export default function Adapters({ location }: PageProps) {
                       ) : (
                         <span class="muted">none</span>
                       )}
+                      {a.quarantined > 0 && (
+                        <>
+                          {" "}
+                          <a
+                            href={href(`/adapters/${seg(a.name)}`)}
+                            title="Versions the safety gate quarantined: never resolved, files for admin review only"
+                          >
+                            <span class="badge bad" data-testid="quarantined-count">
+                              {a.quarantined} quarantined
+                            </span>
+                          </a>
+                        </>
+                      )}
                     </td>
                     <td title={a.created_at}>{fmtAge(a.created_at)}</td>
                   </tr>

@@ -175,12 +175,15 @@ function Tags({ v }: { v: VersionView }) {
 function Files({ v }: { v: VersionView }) {
   const [downloading, setDownloading] = useState<string | null>(null);
   const [error, setError] = useState<string | null>(null);
+  const quarantined = v.status === "quarantined";
   // A plain link cannot carry the API key: fetch the file, then hand it to the browser.
   const download = async (file: string) => {
     setDownloading(file);
     setError(null);
     try {
-      const url = `/v1/adapters/${seg(v.adapter_name)}/versions/${v.version}/files/${seg(file)}`;
+      // A quarantined version's files are for an admin's review, asked for explicitly.
+      const review = quarantined ? "?quarantined=allow" : "";
+      const url = `/v1/adapters/${seg(v.adapter_name)}/versions/${v.version}/files/${seg(file)}${review}`;
       const response = await fetch(url, { headers: authHeaders() });
       if (!response.ok) throw failedAnswer(response.status, response.headers.get("content-type"), await response.text());
       const blob = await response.blob();
@@ -201,6 +204,12 @@ function Files({ v }: { v: VersionView }) {
   return (
     <section class="panel" aria-labelledby="files-title">
       <h2 id="files-title">Files</h2>
+      {quarantined && (
+        <p class="alert error" data-testid="quarantined-note">
+          Quarantined by the safety gate: this version is never resolved or served. Its files are kept for review
+          and download only with an admin key.
+        </p>
+      )}
       {error && (
         <div class="alert error" role="alert">
           Download failed: {error}

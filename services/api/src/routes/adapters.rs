@@ -272,7 +272,10 @@ pub struct ResolveQuery {
 /// `name@ref` (`demo@3`, `demo@prod`): the form a fine-tuning job's `fine_tuned_model` takes.
 #[utoipa::path(get, path = "/v1/adapters/{name}/resolve", tag = "registry",
     params(("name" = String, Path, description = "the adapter's name, or `name@ref`"), ResolveQuery),
-    responses((status = 200, body = Resolved), problems::NotFound, problems::Gone, problems::Unprocessable))]
+    responses((status = 200, body = Resolved), problems::NotFound,
+               (status = 409, description = "problem: the version is quarantined by the safety gate (`version_quarantined`); it is not served",
+                content_type = "application/problem+json", body = crate::problem::Problem),
+               problems::Gone, problems::Unprocessable))]
 pub async fn resolve(
     State(state): State<ApiState>,
     caller: Caller,
@@ -323,23 +326,75 @@ async fn cached_json<T: Serialize>(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuery {
+    /// `allow`: an admin fetching a quarantined version's file for review. Without it, or
+    /// without admin scope, a quarantined version's files are refused.
+    #[param(inline)]
+    quarantined: Option<QuarantinedAccess>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantinedAccess {
+    Allow,
+}
+
+/// A listed file of a version; a quarantined version's only for an admin who asked for it
+/// explicitly, so that nothing serves it by accident.
+async fn servable_file(
+    state: &ApiState,
+    caller: &Caller,
+    name: &str,
+    version: i32,
+    file: &str,
+    q: &FileQuery,
+) -> Result<(registry::VersionRow, loraforge_spec::FileDigest), ApiError> {
+    let (row, digest) =
+        registry::listed_file(&state.pool, &caller.project, name, version, file).await?;
+    if row.status == registry::VersionStatus::Quarantined {
+        if caller.scope < Scope::Admin {
+            return Err(Error::Forbidden(format!(
+                "version {version} of {name} is quarantined by the safety gate; its files are \
+                 for review only, by a key with scope admin and `?quarantined=allow`"
+            ))
+            .into());
+        }
+        if q.quarantined != Some(QuarantinedAccess::Allow) {
+            let refusal = aliases::quarantined(name, &row);
+            return Err(Error::conflict(
+                "version_quarantined",
+                format!("{refusal}; to review its files add `?quarantined=allow`"),
+            )
+            .into());
+        }
+    }
+    Ok((row, digest))
+}
+
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/files/{file}", tag = "registry",
-    params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path), ("Range" = Option<String>, Header)),
+    params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path), FileQuery, ("Range" = Option<String>, Header)),
     responses((status = 200, description = "the file: `application/json` for `.json` files, else `application/octet-stream`",
                 content(("application/octet-stream"), ("application/json"))),
                (status = 206, description = "the requested range (content types as for 200)",
                 content(("application/octet-stream"), ("application/json"))),
+               (status = 403, description = "problem: the version is quarantined and the key's scope is not admin",
+                content_type = "application/problem+json", body = crate::problem::Problem),
+               (status = 409, description = "problem: the version is quarantined (`version_quarantined`) and the request has no `?quarantined=allow`",
+                content_type = "application/problem+json", body = crate::problem::Problem),
                (status = 416, description = "range not satisfiable"), problems::NotFound, problems::Gone))]
 /// Streams a file; honours a single `Range: bytes=…` (206, or 416 if unsatisfiable).
 pub async fn download(
     State(state): State<ApiState>,
     caller: Caller,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
+    ApiQuery(q): ApiQuery<FileQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
-    let (row, digest) =
-        registry::listed_file(&state.pool, &caller.project, &name, version, &file).await?;
+    let (row, digest) = servable_file(&state, &caller, &name, version, &file, &q).await?;
     let size = digest.size;
     let path = format!("{}/{file}", row.storage_prefix);
     let content_type = if file.ends_with(".json") {
@@ -412,16 +467,21 @@ pub struct PresignedUrl {
 const PRESIGN_TTL: Duration = Duration::from_secs(3600);
 
 #[utoipa::path(get, path = "/v1/adapters/{name}/versions/{version}/files/{file}/url", tag = "registry",
-    params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path)),
-    responses((status = 200, body = PresignedUrl), problems::NotFound, problems::Conflict, problems::Gone))]
+    params(("name" = String, Path), ("version" = i32, Path), ("file" = String, Path), FileQuery),
+    responses((status = 200, body = PresignedUrl),
+               (status = 403, description = "problem: the version is quarantined and the key's scope is not admin",
+                content_type = "application/problem+json", body = crate::problem::Problem),
+               (status = 409, description = "problem: the version is quarantined (`version_quarantined`) and the request has no `?quarantined=allow`, or the store cannot presign (`presign_unsupported`)",
+                content_type = "application/problem+json", body = crate::problem::Problem),
+               problems::NotFound, problems::Gone))]
 pub async fn presign(
     State(state): State<ApiState>,
     caller: Caller,
     ApiPath((name, version, file)): ApiPath<(String, i32, String)>,
+    ApiQuery(q): ApiQuery<FileQuery>,
 ) -> Result<Json<PresignedUrl>, ApiError> {
     caller.require(Scope::Read)?;
-    let (row, _) =
-        registry::listed_file(&state.pool, &caller.project, &name, version, &file).await?;
+    let (row, _) = servable_file(&state, &caller, &name, version, &file, &q).await?;
     let url = state
         .store
         .presigned_get(&format!("{}/{file}", row.storage_prefix), PRESIGN_TTL)

@@ -117,6 +117,12 @@ async fn resolve(
         &mut errors,
     );
     if let Some(r) = base.await? {
+        // A registered base passed this check at registration; one given by URI did not.
+        if r.name.is_none() {
+            if let Some(m) = inputs::merged_from_quarantined(&ctx.pool, project, &r.uri).await? {
+                errors.push(FieldError::new("base_model", m));
+            }
+        }
         spec.base_model = InputRef::Uri(r.uri);
         found.base_model_name = r.name;
     }
@@ -208,7 +214,7 @@ async fn resolve_parent(
     let found =
         match aliases::resolve(&ctx.pool, &ctx.store, project, adapter, &parent.reference).await {
             Ok(found) => found,
-            Err(e @ (Error::NotFound(_) | Error::Gone(_))) => {
+            Err(e @ (Error::NotFound(_) | Error::Gone(_) | Error::Conflict { .. })) => {
                 return Ok(Err(format!("{adapter}@{}: {e}", parent.reference)))
             }
             Err(e) => return Err(e),

@@ -150,6 +150,10 @@ pub async fn resolve(
             row.version
         )));
     }
+    // Quarantine means not served: a serving engine pinning a number must not load it.
+    if row.status == VersionStatus::Quarantined {
+        return Err(quarantined(adapter, &row));
+    }
     Ok(Resolved {
         status: row.status,
         version: row.version,
@@ -161,4 +165,20 @@ pub async fn resolve(
             name: row.base_model_name,
         },
     })
+}
+
+/// The refusal of a quarantined version, with the gate's reasons.
+pub fn quarantined(adapter: &str, row: &VersionRow) -> Error {
+    let why = row
+        .safety_verdict
+        .as_ref()
+        .map(|v| format!(" ({})", v.0.breaches.join("; ")))
+        .unwrap_or_default();
+    Error::conflict(
+        "version_quarantined",
+        format!(
+            "version {} of {adapter} is quarantined by the safety gate{why}; it is not served",
+            row.version
+        ),
+    )
 }

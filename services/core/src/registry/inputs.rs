@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::settings::FileInputs;
 use chrono::{DateTime, Utc};
+use loraforge_spec::merge::{MergeRecord, MergeSource, MERGE_RECORD_FILE};
 use loraforge_spec::model::ModelConfigSummary;
 use loraforge_spec::{AdapterName, InputRef};
 use loraforge_storage::{StorageError, Store};
@@ -99,24 +100,40 @@ pub async fn register(
             (sha, size, "jsonl")
         }
     };
-    let (source_adapter, source_version) = match (&req.source, kind) {
-        (Some(s), InputKind::BaseModel) => {
-            let exists = super::get_version(pool, project, s.adapter.as_str(), s.version)
-                .await?
-                .is_some();
-            if !exists {
-                return Err(Error::invalid(
-                    "source",
-                    format!("no version {} of adapter {}", s.version, s.adapter),
-                ));
+    let source = match (req.source, kind) {
+        (source, InputKind::BaseModel) => {
+            let recorded = merge_record_source(&req.uri).await?;
+            match (source, recorded) {
+                (Some(given), Some(recorded))
+                    if given.adapter.as_str() != recorded.adapter
+                        || given.version != recorded.version =>
+                {
+                    return Err(Error::invalid(
+                        "source",
+                        format!(
+                            "the model's {MERGE_RECORD_FILE} says it was merged from {}@{}, not {}@{}",
+                            recorded.adapter, recorded.version, given.adapter, given.version
+                        ),
+                    ));
+                }
+                (Some(given), _) => Some((given.adapter.to_string(), given.version)),
+                // A record naming a version this project does not have (merged elsewhere)
+                // gives no lineage; one naming a quarantined version is refused below.
+                (None, Some(r)) => super::get_version(pool, project, &r.adapter, r.version)
+                    .await?
+                    .map(|_| (r.adapter, r.version)),
+                (None, None) => None,
             }
-            (Some(s.adapter.to_string()), Some(s.version))
         }
         (Some(_), InputKind::Dataset) => {
             return Err(Error::invalid("source", "only base models have a source"))
         }
-        (None, _) => (None, None),
+        (None, InputKind::Dataset) => None,
     };
+    if let Some((adapter, version)) = &source {
+        check_source(pool, project, adapter, *version).await?;
+    }
+    let (source_adapter, source_version) = source.unzip();
     let inserted: Option<InputRow> = match kind {
         InputKind::BaseModel => {
             sqlx::query_as!(
@@ -159,6 +176,69 @@ pub async fn register(
             ),
         ))
     }
+}
+
+/// The adapter version a model directory's merge record (`loraforge-trainer merge`) names,
+/// so that a merged model registered without `source` still carries its lineage.
+async fn merge_record_source(uri: &str) -> Result<Option<MergeSource>> {
+    let store = Store::open(uri).map_err(|e| Error::invalid("uri", unreadable(e)))?;
+    let bytes = match store.get(MERGE_RECORD_FILE).await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(Error::invalid("uri", unreadable(e))),
+    };
+    let record: MergeRecord = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::invalid(
+            "uri",
+            format!("{MERGE_RECORD_FILE} is not a merge record: {e}"),
+        )
+    })?;
+    Ok(record.source)
+}
+
+/// A merged base's source must exist and must not be quarantined: a model merged from a
+/// version the gate held back would launder it into a new, unjudged base.
+async fn check_source(pool: &PgPool, project: &str, adapter: &str, version: i32) -> Result<()> {
+    let Some(v) = super::get_version(pool, project, adapter, version).await? else {
+        return Err(Error::invalid(
+            "source",
+            format!("no version {version} of adapter {adapter}"),
+        ));
+    };
+    if is_quarantined(&v) {
+        return Err(Error::invalid("source", merged_from(adapter, version)));
+    }
+    Ok(())
+}
+
+/// Quarantined now, or once (a deleted version keeps its verdict).
+fn is_quarantined(v: &super::VersionRow) -> bool {
+    v.status == super::VersionStatus::Quarantined
+        || v.safety_verdict
+            .as_ref()
+            .is_some_and(|s| s.0.decision == loraforge_spec::safety::SafetyDecision::Quarantine)
+}
+
+fn merged_from(adapter: &str, version: i32) -> String {
+    format!(
+        "{adapter}@{version} was quarantined by the safety gate; a base model merged from it is refused"
+    )
+}
+
+/// For a job's base model given by URI rather than registered: the refusal, if the model's
+/// merge record names a quarantined version of this project. A model that cannot be read is
+/// left to the input checks, which report it.
+pub async fn merged_from_quarantined(
+    pool: &PgPool,
+    project: &str,
+    uri: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let Ok(Some(source)) = merge_record_source(uri).await else {
+        return Ok(None);
+    };
+    let v = super::get_version(pool, project, &source.adapter, source.version).await?;
+    Ok(v.filter(is_quarantined)
+        .map(|_| merged_from(&source.adapter, source.version)))
 }
 
 /// Adds a dataset row; `None` if the project has one of that name already.

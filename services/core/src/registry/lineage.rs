@@ -130,12 +130,28 @@ async fn merged_source(
     project: &str,
     v: &VersionRow,
 ) -> Result<Option<(String, i32)>, sqlx::Error> {
+    merged_source_of(
+        pool,
+        project,
+        v.base_model_name.as_deref(),
+        &v.base_model_uri,
+    )
+    .await
+}
+
+/// The version a registered base model (by name, or by URI) was merged from, if any.
+pub async fn merged_source_of(
+    pool: &PgPool,
+    project: &str,
+    base_model_name: Option<&str>,
+    base_model_uri: &str,
+) -> Result<Option<(String, i32)>, sqlx::Error> {
     let row = sqlx::query!(
         "SELECT source_adapter, source_version FROM base_models
          WHERE project = $1 AND (name = $2 OR uri = $3) AND source_adapter IS NOT NULL LIMIT 1",
         project,
-        v.base_model_name.as_deref(),
-        &v.base_model_uri,
+        base_model_name,
+        base_model_uri,
     )
     .fetch_optional(pool)
     .await?

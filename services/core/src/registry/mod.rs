@@ -198,6 +198,8 @@ pub struct AdapterSummary {
     pub versions: i64,
     /// Newest version with status `ready`, if any.
     pub latest_ready: Option<i32>,
+    /// How many versions the safety gate quarantined (never resolved, files for review only).
+    pub quarantined: i64,
     pub created_at: DateTime<Utc>,
 }
 
@@ -211,7 +213,8 @@ pub async fn list_adapters(
     sqlx::query_as!(
         AdapterSummary,
         r#"SELECT a.name, count(v.version) AS "versions!",
-                max(v.version) FILTER (WHERE v.status = 'ready') AS latest_ready, a.created_at
+                max(v.version) FILTER (WHERE v.status = 'ready') AS latest_ready,
+                count(v.version) FILTER (WHERE v.status = 'quarantined') AS "quarantined!", a.created_at
          FROM adapters a JOIN adapter_versions v ON v.project = a.project AND v.adapter_name = a.name
          WHERE a.project = $1 AND a.name > COALESCE($2, '')
            AND EXISTS (SELECT 1 FROM adapter_versions m

@@ -124,9 +124,14 @@ pub async fn complete(ctx: &Context, job: &JobRow, req: &CompleteRequest) -> Res
             return Err(Error::invalid("files", message));
         }
     };
-    // The control plane judges the worker's report against the job's policy itself.
+    // The control plane judges the worker's report against the job's policy itself, and
+    // against the lineage: a base merged from a version that lost its refusals must not
+    // become the new reference (docs/safety.md, "No laundering").
     let verdict = match (&job.safety_policy, &manifest.evaluation) {
-        (Some(policy), Some(report)) if policy.0.enabled => Some(policy.0.judge(report)),
+        (Some(policy), Some(report)) if policy.0.enabled => {
+            let ancestor = crate::safety::nearest_approved_ancestor(&ctx.pool, &row).await?;
+            Some(policy.0.judge_against(report, ancestor.as_ref()))
+        }
         _ => None,
     };
     let quarantined = verdict
