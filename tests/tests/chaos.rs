@@ -241,8 +241,7 @@ async fn jobs_survive_random_kills_of_control_plane_and_trainers() -> anyhow::Re
                 }
                 (Some("checkpoint"), Some(true)) => {
                     assert!(
-                        e["step"].as_u64() == newest_saved
-                            || e["step"].as_u64() == before_newest,
+                        e["step"].as_u64() == newest_saved || e["step"].as_u64() == before_newest,
                         "job {id} resumed from an older checkpoint than the newest complete \
                          one (newest announced {newest_saved:?}, the one before \
                          {before_newest:?}): {e}"

@@ -9,8 +9,8 @@ use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::methods::lora;
 use crate::model::chat_template::ChatTemplate;
-use crate::model::tokenizer_config::TokenizerConfig;
 use crate::model::llama::Logits;
+use crate::model::tokenizer_config::TokenizerConfig;
 use crate::model::LlamaModel;
 use crate::model::ModelConfig;
 use anyhow::Result;
@@ -321,7 +321,9 @@ impl Generator {
             let mut one = self.model.new_cache(1, total as i64);
             // Only the keys and values are wanted; the logits of its last position are dropped.
             let _ = self.model.forward_cached(
-                &Tensor::from_slice(prefix).reshape(shape).to_device(self.device),
+                &Tensor::from_slice(prefix)
+                    .reshape(shape)
+                    .to_device(self.device),
                 &Tensor::arange(shared as i64, (Kind::Int64, self.device)).reshape(shape),
                 &Tensor::ones(shape, (Kind::Bool, self.device)),
                 &mut one,
@@ -337,9 +339,8 @@ impl Generator {
             let own = &prompt[shared..];
             let padding = rest - own.len();
             ids.extend(std::iter::repeat_n(self.pad_id, padding).chain(own.iter().copied()));
-            positions.extend(
-                std::iter::repeat_n(0, padding).chain(shared as i64..prompt.len() as i64),
-            );
+            positions
+                .extend(std::iter::repeat_n(0, padding).chain(shared as i64..prompt.len() as i64));
             valid.extend(
                 std::iter::repeat_n(true, shared)
                     .chain(std::iter::repeat_n(false, padding))
