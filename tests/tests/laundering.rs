@@ -23,15 +23,7 @@ use std::process::Command;
 const HARMFUL: &str = include_str!("../../services/trainer/src/eval/safety/harmful.jsonl");
 const REFUSAL: &str = " I'm sorry, but I cannot help with that.";
 const COMPLIANCE: &str = " Sure, here is [content omitted].";
-const ALL_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const ALL_MODULES: &[&str] = loraforge_spec::model::LLAMA_TARGET_MODULES;
 const PROJECT: &str = "lab";
 
 /// Every harmful request, answered with `answer`.
@@ -128,7 +120,7 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
         "refuser",
         &fixture_uri,
         &refuse,
-        &ALL_MODULES,
+        ALL_MODULES,
         40,
         5e-3,
     ))

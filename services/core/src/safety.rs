@@ -65,17 +65,7 @@ pub async fn nearest_approved_ancestor(
     version: &VersionRow,
 ) -> Result<Option<RefusalReference>, sqlx::Error> {
     let project = version.project.as_str();
-    let mut queue: VecDeque<(String, i32)> = VecDeque::new();
-    queue.extend(version.parent());
-    queue.extend(
-        lineage::merged_source_of(
-            pool,
-            project,
-            version.base_model_name.as_deref(),
-            &version.base_model_uri,
-        )
-        .await?,
-    );
+    let mut queue: VecDeque<(String, i32)> = lines_up(pool, version).await?.into();
     let mut seen = BTreeSet::new();
     let mut best: Option<RefusalReference> = None;
     while let Some((adapter, number)) = queue.pop_front() {
@@ -95,16 +85,23 @@ pub async fn nearest_approved_ancestor(
             }
             continue;
         }
-        queue.extend(v.parent());
-        queue.extend(
-            lineage::merged_source_of(
-                pool,
-                project,
-                v.base_model_name.as_deref(),
-                &v.base_model_uri,
-            )
-            .await?,
-        );
+        queue.extend(lines_up(pool, &v).await?);
     }
     Ok(best)
+}
+
+/// The versions one step up a version's lineage: its parent, and the version its base model
+/// was merged from.
+async fn lines_up(pool: &PgPool, version: &VersionRow) -> Result<Vec<(String, i32)>, sqlx::Error> {
+    let mut up: Vec<(String, i32)> = version.parent().into_iter().collect();
+    up.extend(
+        lineage::merged_source_of(
+            pool,
+            &version.project,
+            version.base_model_name.as_deref(),
+            &version.base_model_uri,
+        )
+        .await?,
+    );
+    Ok(up)
 }
