@@ -316,15 +316,50 @@ impl LlamaModel {
         Ok(self.forward_with_cache(input_ids, false, Some(step), logits))
     }
 
-    /// The forward pass. Without a cache, the tokens are a whole sequence from position 0, and
-    /// attention is causal (cut to the window on sliding layers); with one, they continue the
-    /// cached tokens, and an explicit mask says what each may attend to.
+    /// The residual stream after every decoder layer at one position per row:
+    /// `(layers, batch, hidden)` for token ids `(batch, seq)` (a whole sequence, as
+    /// [`LlamaModel::forward`] takes it) and `positions (batch)`. Right padding changes nothing
+    /// at a real token's position (attention is causal). The vocabulary projection is skipped.
+    pub fn residual_stream(&self, input_ids: &Tensor, positions: &Tensor) -> Tensor {
+        let index = positions.view([-1, 1, 1]);
+        let mut taken = Vec::with_capacity(self.layers.len());
+        // The last layer's output is taken like the others'; what comes back is the same.
+        let _ = self.run_layers(input_ids, false, None, &mut |hidden: &Tensor| {
+            let index = index.expand([-1, 1, hidden.size()[2]], false);
+            taken.push(hidden.gather(1, &index, false).squeeze_dim(1));
+        });
+        Tensor::stack(&taken, 0)
+    }
+
+    /// The forward pass: the decoder layers, then the final norm and the vocabulary projection
+    /// at the positions `logits` asks for.
     fn forward_with_cache(
         &self,
         input_ids: &Tensor,
         train: bool,
         cache: Option<CacheStep>,
         logits: Logits,
+    ) -> Tensor {
+        let new = input_ids.size()[1];
+        let hidden = self.run_layers(input_ids, train, cache, &mut |_| {});
+        let hidden = match logits {
+            Logits::All => hidden,
+            Logits::Last => hidden.narrow(1, new - 1, 1),
+        };
+        let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps);
+        hidden.linear::<Tensor>(&self.lm_head, None)
+    }
+
+    /// The embedding and the decoder layers, `after_layer` shown the residual stream
+    /// `(batch, new, hidden)` after each. Without a cache, the tokens are a whole sequence from
+    /// position 0, and attention is causal (cut to the window on sliding layers); with one,
+    /// they continue the cached tokens, and an explicit mask says what each may attend to.
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        train: bool,
+        cache: Option<CacheStep>,
+        after_layer: &mut dyn FnMut(&Tensor),
     ) -> Tensor {
         let new = input_ids.size()[1];
         let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
@@ -372,16 +407,12 @@ impl LlamaModel {
                 c.rms_norm_eps,
                 train,
             );
+            after_layer(&hidden);
         }
         if let Some(cache) = cache {
             cache.len += new;
         }
-        let hidden = match logits {
-            Logits::All => hidden,
-            Logits::Last => hidden.narrow(1, new - 1, 1),
-        };
-        let hidden = rms_norm(&hidden, &self.norm, c.rms_norm_eps);
-        hidden.linear::<Tensor>(&self.lm_head, None)
+        hidden
     }
 }
 
@@ -771,6 +802,33 @@ mod tests {
             Tensor::zeros([4], (Kind::Float, Device::Cpu)),
         );
         assert!(LlamaModel::from_weights(tied, extras).is_ok());
+    }
+
+    /// The residual stream after the last layer, normed and projected, is the forward pass's
+    /// logits at that position; right padding after a position changes nothing there.
+    #[test]
+    fn the_residual_stream_is_what_the_forward_pass_projects() {
+        let c = config(json!({}));
+        let model = LlamaModel::from_weights(c.clone(), checkpoint(&c)).unwrap();
+        let ids = Tensor::from_slice(&[3i64, 7, 1, 9, 4, 3, 7, 1, 0, 0]).view([2, 5]);
+        let positions = Tensor::from_slice(&[4i64, 2]);
+        let residuals = model.residual_stream(&ids, &positions);
+        assert_eq!(residuals.size(), [2, 2, 32]);
+        let logits = model.forward(&ids, false);
+        let last = rms_norm(&residuals.get(1), &model.norm, c.rms_norm_eps)
+            .linear::<Tensor>(&model.lm_head, None);
+        for (row, position) in [(0, 4), (1, 2)] {
+            let diff = (last.get(row) - logits.get(row).get(position)).abs().max();
+            assert!(diff.double_value(&[]) < 1e-4, "row {row}");
+        }
+        // Row 1 is row 0's first three tokens, padded: the same residuals at position 2.
+        let unpadded = model.residual_stream(&ids.narrow(0, 1, 1).narrow(1, 0, 3), &positions.narrow(0, 1, 1));
+        let diff = (residuals.narrow(1, 1, 1) - &unpadded).abs().max();
+        let scale = unpadded.abs().max();
+        assert!(
+            diff.double_value(&[]) < 1e-5 * scale.double_value(&[]),
+            "{diff} of {scale}"
+        );
     }
 
     #[test]
