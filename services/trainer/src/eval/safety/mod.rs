@@ -506,7 +506,8 @@ impl<'a> Measurer<'a> {
         )?;
         counter.finished(self.inputs.benign_ids.len())?;
         // Not counted as progress: a forward pass of both prompt sets costs a fraction of
-        // the answers' decoding.
+        // the answers' decoding (docs/safety.md gives the time, which this log line shows).
+        let started = Instant::now();
         let activations = |ids: &[Vec<i64>]| {
             direction::last_token_activations(
                 self.generator.model(),
@@ -519,6 +520,11 @@ impl<'a> Measurer<'a> {
         let direction = direction::BaseDirection::fit(
             &activations(self.inputs.harmful_ids)?,
             &activations(self.inputs.benign_ids)?,
+        );
+        tracing::info!(
+            "refusal direction: activations of {} prompts in {:.2} s",
+            self.inputs.harmful_ids.len() + self.inputs.benign_ids.len(),
+            started.elapsed().as_secs_f64()
         );
         counter.check_cancel()?;
         Ok(Measurement {
