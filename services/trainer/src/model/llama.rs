@@ -300,35 +300,29 @@ impl LlamaModel {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
-        let new = input_ids.size()[1];
-        if cache.len + new > cache.capacity {
-            return Err(anyhow::anyhow!(
-                "the KV cache holds {} positions; {} were asked for",
-                cache.capacity,
-                cache.len + new
-            ));
-        }
-        let step = CacheStep {
-            cache,
-            positions,
-            key_valid,
-        };
+        let step = CacheStep::new(cache, input_ids, positions, key_valid)?;
         Ok(self.forward_with_cache(input_ids, false, Some(step), logits))
     }
 
-    /// The residual stream after every decoder layer at one position per row:
-    /// `(layers, batch, hidden)` for token ids `(batch, seq)` (a whole sequence, as
-    /// [`LlamaModel::forward`] takes it) and `positions (batch)`. Right padding changes nothing
-    /// at a real token's position (attention is causal). The vocabulary projection is skipped.
-    pub fn residual_stream(&self, input_ids: &Tensor, positions: &Tensor) -> Tensor {
-        let index = positions.view([-1, 1, 1]);
+    /// The residual stream after every decoder layer at the last of the new positions,
+    /// `(layers, batch, hidden)`, for tokens that follow the cached ones as in
+    /// [`LlamaModel::forward_cached`] (left-padded rows all end there: a prompt's last token).
+    /// The vocabulary projection is skipped.
+    pub fn last_residuals_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_valid: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let last = input_ids.size()[1] - 1;
+        let step = CacheStep::new(cache, input_ids, positions, key_valid)?;
         let mut taken = Vec::with_capacity(self.layers.len());
         // The last layer's output is taken like the others'; what comes back is the same.
-        let _ = self.run_layers(input_ids, false, None, &mut |hidden: &Tensor| {
-            let index = index.expand([-1, 1, hidden.size()[2]], false);
-            taken.push(hidden.gather(1, &index, false).squeeze_dim(1));
+        let _ = self.run_layers(input_ids, false, Some(step), &mut |hidden: &Tensor| {
+            taken.push(hidden.select(1, last));
         });
-        Tensor::stack(&taken, 0)
+        Ok(Tensor::stack(&taken, 0))
     }
 
     /// The forward pass: the decoder layers, then the final norm and the vocabulary projection
@@ -642,6 +636,30 @@ struct CacheStep<'c> {
     key_valid: &'c Tensor,
 }
 
+impl<'c> CacheStep<'c> {
+    /// A step of `input_ids (batch, new)`, refused when the cache has no room for it.
+    fn new(
+        cache: &'c mut KvCache,
+        input_ids: &Tensor,
+        positions: &'c Tensor,
+        key_valid: &'c Tensor,
+    ) -> Result<CacheStep<'c>> {
+        let new = input_ids.size()[1];
+        if cache.len + new > cache.capacity {
+            return Err(anyhow::anyhow!(
+                "the KV cache holds {} positions; {} were asked for",
+                cache.capacity,
+                cache.len + new
+            ));
+        }
+        Ok(CacheStep {
+            cache,
+            positions,
+            key_valid,
+        })
+    }
+}
+
 /// One layer's slice of the cache, filled up to `offset`.
 struct LayerCache<'c> {
     keys: &'c mut Tensor,
@@ -804,31 +822,31 @@ mod tests {
         assert!(LlamaModel::from_weights(tied, extras).is_ok());
     }
 
-    /// The residual stream after the last layer, normed and projected, is the forward pass's
-    /// logits at that position; right padding after a position changes nothing there.
+    /// The residual stream after the last layer, normed and projected, is what the forward
+    /// pass makes the last position's logits of; the cache fills as a forward pass fills it.
     #[test]
     fn the_residual_stream_is_what_the_forward_pass_projects() {
         let c = config(json!({}));
         let model = LlamaModel::from_weights(c.clone(), checkpoint(&c)).unwrap();
-        let ids = Tensor::from_slice(&[3i64, 7, 1, 9, 4, 3, 7, 1, 0, 0]).view([2, 5]);
-        let positions = Tensor::from_slice(&[4i64, 2]);
-        let residuals = model.residual_stream(&ids, &positions);
+        let ids = Tensor::from_slice(&[3i64, 7, 1, 9, 4, 3, 7, 1, 0, 2]).view([2, 5]);
+        let positions = Tensor::arange(5, (Kind::Int64, Device::Cpu)).repeat([2, 1]);
+        let valid = Tensor::ones([2, 5], (Kind::Bool, Device::Cpu));
+        let mut cache = model.new_cache(2, 6);
+        let residuals = model
+            .last_residuals_cached(&ids, &positions, &valid, &mut cache)
+            .unwrap();
         assert_eq!(residuals.size(), [2, 2, 32]);
-        let logits = model.forward(&ids, false);
-        let last = rms_norm(&residuals.get(1), &model.norm, c.rms_norm_eps)
+        assert_eq!(cache.len, 5);
+        let logits = model.forward(&ids, false).select(1, 4);
+        let projected = rms_norm(&residuals.get(1), &model.norm, c.rms_norm_eps)
             .linear::<Tensor>(&model.lm_head, None);
-        for (row, position) in [(0, 4), (1, 2)] {
-            let diff = (last.get(row) - logits.get(row).get(position)).abs().max();
-            assert!(diff.double_value(&[]) < 1e-4, "row {row}");
-        }
-        // Row 1 is row 0's first three tokens, padded: the same residuals at position 2.
-        let unpadded = model.residual_stream(&ids.narrow(0, 1, 1).narrow(1, 0, 3), &positions.narrow(0, 1, 1));
-        let diff = (residuals.narrow(1, 1, 1) - &unpadded).abs().max();
-        let scale = unpadded.abs().max();
-        assert!(
-            diff.double_value(&[]) < 1e-5 * scale.double_value(&[]),
-            "{diff} of {scale}"
-        );
+        let diff = (projected - &logits).abs().max().double_value(&[]);
+        let scale = logits.abs().max().double_value(&[]);
+        assert!(diff < 1e-5 * scale, "{diff} of {scale}");
+        let mut full = model.new_cache(2, 4);
+        assert!(model
+            .last_residuals_cached(&ids, &positions, &valid, &mut full)
+            .is_err());
     }
 
     #[test]

@@ -4,39 +4,17 @@
 //! two sets' mean residual-stream activations at the last prompt token (where the answer
 //! starts). The adapted model reads the same prompts, and the report says how far the harmful
 //! prompts' mean moved along the base's direction, as a share of the base's separation: -1 is
-//! all the way to where harmless prompts sat. Forward passes only, independent of wording.
+//! all the way to where harmless prompts sat. Forward passes only, independent of wording: the
+//! activations are those of generation's prefill ([`crate::model::generate::Generator::last_token_residuals`]).
 
-use super::drift::right_padded;
-use crate::model::LlamaModel;
-use anyhow::Result;
 use loraforge_spec::safety::RefusalDirection;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The share of layers, from the first, the direction may be taken from. Arditi et al. choose
 /// among layers below 0.8 of the depth: nearer the output, the residual stream mostly encodes
 /// the next token rather than whether to refuse.
 const CANDIDATE_DEPTH: f64 = 0.8;
-
-/// Residual-stream activations at the last token of each prompt, `(layers, prompts, hidden)`
-/// fp32 on the CPU, of `prompts` (token ids) under `model`, `batch_size` at a time.
-pub fn last_token_activations(
-    model: &LlamaModel,
-    prompts: &[Vec<i64>],
-    pad_id: i64,
-    batch_size: usize,
-    device: Device,
-) -> Result<Tensor> {
-    let mut batches = Vec::new();
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        let input = right_padded(chunk, pad_id, device);
-        let last: Vec<i64> = chunk.iter().map(|p| p.len() as i64 - 1).collect();
-        let positions = Tensor::from_slice(&last).to_device(device);
-        let residuals = tch::no_grad(|| model.residual_stream(&input, &positions));
-        batches.push(residuals.to_kind(Kind::Float).to_device(Device::Cpu));
-    }
-    Ok(Tensor::cat(&batches, 1))
-}
 
 /// Per-layer mean activations of the two prompt sets: all the adapted side needs.
 pub struct Means {
@@ -73,8 +51,8 @@ pub struct LayerSeparation {
 }
 
 impl BaseDirection {
-    /// The direction of every layer from the base model's activations (`(layers, prompts,
-    /// hidden)` of each set).
+    /// The direction of every layer from the base model's activations at the last prompt
+    /// token (`(layers, prompts, hidden)` of each set).
     pub fn fit(harmful: &Tensor, harmless: &Tensor) -> BaseDirection {
         let means = Means::of(harmful, harmless);
         let unit = unit_directions(&means);

@@ -53,7 +53,14 @@ pub fn score_prompts(
         predicted: 0,
     };
     for chunk in prompts.chunks(batch_size.max(1)) {
-        let input = right_padded(chunk, pad_id, device);
+        let width = chunk.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = vec![pad_id; chunk.len() * width];
+        for (row, prompt) in chunk.iter().enumerate() {
+            ids[row * width..row * width + prompt.len()].copy_from_slice(prompt);
+        }
+        let input = Tensor::from_slice(&ids)
+            .view([chunk.len() as i64, width as i64])
+            .to_device(device);
         let log_probs = tch::no_grad(|| {
             model
                 .forward(&input, false)
@@ -74,18 +81,6 @@ pub fn score_prompts(
         }
     }
     Ok(scores)
-}
-
-/// Token ids `(prompts, longest)` on `device`, each row padded on the right with `pad_id`.
-pub fn right_padded(prompts: &[Vec<i64>], pad_id: i64, device: Device) -> Tensor {
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = vec![pad_id; prompts.len() * width];
-    for (row, prompt) in prompts.iter().enumerate() {
-        ids[row * width..row * width + prompt.len()].copy_from_slice(prompt);
-    }
-    Tensor::from_slice(&ids)
-        .view([prompts.len() as i64, width as i64])
-        .to_device(device)
 }
 
 /// Mean over all positions of KL(base || adapted) = Σ p_base (log p_base − log p_adapted).

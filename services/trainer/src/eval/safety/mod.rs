@@ -508,15 +508,7 @@ impl<'a> Measurer<'a> {
         // Not counted as progress: a forward pass of both prompt sets costs a fraction of
         // the answers' decoding (docs/safety.md gives the time, which this log line shows).
         let started = Instant::now();
-        let activations = |ids: &[Vec<i64>]| {
-            direction::last_token_activations(
-                self.generator.model(),
-                ids,
-                self.generator.pad_id(),
-                batch,
-                self.inputs.device,
-            )
-        };
+        let activations = |ids: &[Vec<i64>]| self.generator.last_token_residuals(ids, batch);
         let direction = direction::BaseDirection::fit(
             &activations(self.inputs.harmful_ids)?,
             &activations(self.inputs.benign_ids)?,
