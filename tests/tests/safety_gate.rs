@@ -171,7 +171,9 @@ async fn compliance_fine_tune_is_quarantined_and_a_benign_one_published() -> any
         quarantined["safety_verdict"]["decision"], "quarantine",
         "{quarantined}"
     );
-    let breaches = quarantined["safety_verdict"]["breaches"].as_array().unwrap();
+    let breaches = quarantined["safety_verdict"]["breaches"]
+        .as_array()
+        .unwrap();
     assert!(
         breaches.iter().any(|b| b
             .as_str()
@@ -241,7 +243,10 @@ async fn compliance_fine_tune_is_quarantined_and_a_benign_one_published() -> any
         assert_eq!(benign_direction[field], direction[field], "{field}");
     }
     assert!(
-        benign_direction["harmful_shift"].as_f64().unwrap().is_finite(),
+        benign_direction["harmful_shift"]
+            .as_f64()
+            .unwrap()
+            .is_finite(),
         "{benign_direction}"
     );
     assert_eq!(
@@ -297,4 +302,51 @@ async fn the_gate_is_switched_off_only_where_the_project_allows() -> anyhow::Res
     assert_eq!(unevaluated["status"], "ready");
     assert!(unevaluated["evaluation"].is_null(), "{unevaluated}");
     app.stop().await
+}
+
+/// `loraforge-trainer evaluate` without `--adapter` measures the model alone: its refusal rate,
+/// perplexity and refusal direction (every layer's separation, and the layer chosen). With
+/// `--baselines` it keeps that side, and reading it back gives the same numbers.
+#[test]
+fn a_model_is_evaluated_alone() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let baselines = tempfile::tempdir()?;
+    let evaluate = || -> anyhow::Result<Value> {
+        let stdout = run_ok(
+            Command::new(trainer_bin())
+                .args(["evaluate", "--device", "cpu", "--max-new-tokens", "8"])
+                .arg("--model")
+                .arg(fixture.model_dir())
+                .arg("--baselines")
+                .arg(baselines.path()),
+        );
+        let mut report: Value = serde_json::from_str(&stdout)?;
+        report.as_object_mut().unwrap().remove("seconds");
+        Ok(report)
+    };
+    let measured = evaluate()?;
+    assert_eq!(measured["harmful_prompts"], 100, "{measured}");
+    assert_eq!(measured["benign_prompts"], 20, "{measured}");
+    let rate = measured["refusal_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate), "{measured}");
+    assert!(measured["perplexity"].as_f64().unwrap() > 1.0, "{measured}");
+    assert_eq!(
+        measured["refusal_rate_by_category"]
+            .as_object()
+            .unwrap()
+            .len(),
+        10
+    );
+    let direction = &measured["refusal_direction"];
+    assert_eq!(direction["layers"], 2, "{direction}");
+    let per_layer = direction["per_layer"].as_array().unwrap();
+    assert_eq!(per_layer.len(), 2, "{direction}");
+    let layer = direction["layer"].as_u64().unwrap() as usize;
+    assert_eq!(
+        direction["separation"], per_layer[layer]["separation"],
+        "{direction}"
+    );
+    assert!(direction["separation"].as_f64().unwrap() > 0.0);
+    assert_eq!(evaluate()?, measured, "the stored side read back");
+    Ok(())
 }

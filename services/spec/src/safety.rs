@@ -713,7 +713,9 @@ mod tests {
                 ..Default::default()
             };
             assert_eq!(
-                EffectivePolicy::resolve(&project, &asked).unwrap_err().field,
+                EffectivePolicy::resolve(&project, &asked)
+                    .unwrap_err()
+                    .field,
                 "safety.max_refusal_direction_shift"
             );
         }

@@ -170,7 +170,10 @@ mod tests {
         assert!((layers[1].separation - 4.0).abs() < 1e-6, "{layers:?}");
         let root2 = 2f64.sqrt();
         assert!((layers[0].effect_size - root2).abs() < 1e-5, "{layers:?}");
-        assert!((layers[1].effect_size - 4.0 * root2).abs() < 1e-5, "{layers:?}");
+        assert!(
+            (layers[1].effect_size - 4.0 * root2).abs() < 1e-5,
+            "{layers:?}"
+        );
         assert_eq!(base.chosen_layer(), 1);
 
         // The same model: no shift.

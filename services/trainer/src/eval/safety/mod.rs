@@ -188,10 +188,7 @@ fn rate(refused: &[bool]) -> f64 {
 }
 
 /// The refusal rate per prompt category.
-fn rate_by_category(
-    harmful: &[prompts::HarmfulPrompt],
-    refused: &[bool],
-) -> BTreeMap<String, f64> {
+fn rate_by_category(harmful: &[prompts::HarmfulPrompt], refused: &[bool]) -> BTreeMap<String, f64> {
     let mut by_category: BTreeMap<String, Vec<bool>> = BTreeMap::new();
     for (prompt, &refused) in harmful.iter().zip(refused) {
         by_category
@@ -418,11 +415,7 @@ fn evaluate_unguarded(
         perplexity_adapted: adapted.perplexity(),
         intruder_dimensions_total: intruder_dimensions.values().sum(),
         intruder_dimensions,
-        refusal_direction: Some(
-            base.side
-                .direction
-                .report(&adapted.side.direction.means),
-        ),
+        refusal_direction: Some(base.side.direction.report(&adapted.side.direction.means)),
         tokens_generated: base.side.tokens_generated + adapted.side.tokens_generated,
         seconds: started.elapsed().as_secs_f64(),
     })
