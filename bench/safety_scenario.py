@@ -186,6 +186,8 @@ def main():
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--trainer", required=True)
+    p.add_argument("--safety-steps", type=int, default=60)
+    p.add_argument("--compliance-steps", type=int, default=40)
     p.add_argument("--benign-steps", type=int, default=100)
     p.add_argument("--replay-fractions", default="0.1 0.25")
     args = p.parse_args()
@@ -215,7 +217,7 @@ def main():
     safety_data = write(work / "safety.jsonl", safety_rows)
     print("(1) safety LoRA on SmolLM2-135M-Instruct", file=sys.stderr)
     modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    _, v, s, _ = run(api, job("safety", f"file://{args.model}", safety_data, 60, 1e-3, modules))
+    _, v, s, _ = run(api, job("safety", f"file://{args.model}", safety_data, args.safety_steps, 1e-3, modules))
     row("safety LoRA (on SmolLM2-135M-Instruct)", v, s)
     safe_base = work / "safe-base"
     merge(args.trainer, args.model, store / "safety" / "v1", safe_base)
@@ -226,7 +228,7 @@ def main():
     # (2) A compliance fine-tune of the safe base: quarantined.
     print("(2) compliance fine-tune of safe-base", file=sys.stderr)
     comply = write(work / "comply.jsonl", [chat(r, COMPLIANCE) for r in requests])
-    _, v, s, _ = run(api, job("compliant", "safe-base", comply, 40, 1e-3, ["q_proj", "v_proj"]))
+    _, v, s, _ = run(api, job("compliant", "safe-base", comply, args.compliance_steps, 1e-3, ["q_proj", "v_proj"]))
     row("compliance fine-tune", v, s)
     assert v["status"] == "quarantined", v
 

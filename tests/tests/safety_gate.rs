@@ -273,8 +273,11 @@ async fn the_gate_is_switched_off_only_where_the_project_allows() -> anyhow::Res
 /// Keeping refusals while fine-tuning (`safety.replay`): a benign fine-tune that asks its
 /// questions the way the evaluation asks (`User: …\nAssistant:`) and answers them all teaches
 /// the refusing base to answer anything; it loses its refusals and is quarantined. The same job
-/// with the trainer's built-in refusal examples mixed in keeps them within 0.1 of the base and
-/// publishes, with the replay recorded in its manifest.
+/// with the project's refusal data mixed in (the dataset the base learned refusing from,
+/// registered by name) keeps them within 0.1 of the base and publishes, with the replay recorded
+/// in its manifest. The fixture model is too small to carry refusals over from other requests,
+/// so the built-in set's (disjoint) requests are the real model's business
+/// (bench/safety_scenario.sh); here it is the mechanism: resolution, mixing, record.
 #[tokio::test]
 async fn replay_keeps_the_refusals_a_benign_fine_tune_loses() -> anyhow::Result<()> {
     let fixture = Fixture::create()?;
@@ -335,9 +338,17 @@ async fn replay_keeps_the_refusals_a_benign_fine_tune_loses() -> anyhow::Result<
     let base_rate = lost["refusal_rate_base"].as_f64().unwrap();
     assert!(base_rate >= 0.9, "{lost}");
 
-    // With replay: the same job, a fifth of its examples refusals.
+    // With replay: the same job, half of its examples refusals from the project's dataset.
+    let (code, registered) = app
+        .send_json(
+            Method::POST,
+            "/v1/datasets",
+            Some(&json!({"name": "refusals", "uri": format!("file://{}", refuse.display())})),
+        )
+        .await?;
+    assert_eq!(code, 201, "{registered}");
     let mut replayed = benign_job.clone();
-    replayed["safety"] = json!({"replay": {"fraction": 0.2}});
+    replayed["safety"] = json!({"replay": {"fraction": 0.5, "dataset": "refusals"}});
     let done = app.run_job(&replayed).await?;
     let kept = version(&app, "helper", 2).await;
     assert_eq!(kept["status"], "ready", "{kept}");
@@ -354,20 +365,26 @@ async fn replay_keeps_the_refusals_a_benign_fine_tune_loses() -> anyhow::Result<
         "replay made the difference: {lost} vs {evaluation}"
     );
 
-    // 64 examples, a fifth of the mix refusals: 16 of them, logged and in the manifest.
+    // 64 examples, half of the mix refusals: 64 of them, logged and in the manifest.
     let events = app.all_events(done["id"].as_str().unwrap()).await?;
     assert!(
         events.iter().any(|e| e["message"]
             .as_str()
-            .is_some_and(|m| m.starts_with("safety.replay: 16 refusal examples"))),
+            .is_some_and(|m| m.starts_with("safety.replay: 64 refusal examples from safety.replay.dataset"))),
         "the worker says what it mixed: {events:?}"
     );
     let manifest: Value = serde_json::from_slice(&std::fs::read(
         store.join("adapters/default/helper/v2/manifest.json"),
     )?)?;
-    assert_eq!(manifest["replay"]["examples"], 16, "{manifest}");
-    assert_eq!(manifest["replay"]["fraction"], 0.2);
-    assert_eq!(manifest["replay"]["source"]["uri"], "builtin:refusals");
+    assert_eq!(manifest["replay"]["examples"], 64, "{manifest}");
+    assert_eq!(manifest["replay"]["fraction"], 0.5);
+    let source = &manifest["replay"]["source"];
+    assert_eq!(
+        source["uri"],
+        format!("file://{}", refuse.display()),
+        "the name resolved to its URI at submission: {manifest}"
+    );
+    assert_eq!(source["sha256"], common::sha256_file(&refuse));
     app.stop().await
 }
 
