@@ -783,7 +783,7 @@ mod replay_tests {
 
     #[test]
     fn replay_counts_are_the_share_of_the_mix() {
-        let replay = |fraction| crate::safety::Replay {
+        let replay = |fraction| crate::safety::RefusalReplay {
             fraction,
             dataset: None,
         };

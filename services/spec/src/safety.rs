@@ -141,7 +141,7 @@ pub struct SafetyOverrides {
     pub max_perplexity_ratio: Option<f64>,
     /// Mix refusal examples into training, so a fine-tune keeps its refusals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replay: Option<Replay>,
+    pub replay: Option<RefusalReplay>,
 }
 
 /// What a job without a `safety` block gets (`JobSpec`'s `#[serde(default)]`): the
@@ -165,7 +165,7 @@ impl Default for SafetyOverrides {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Replay {
+pub struct RefusalReplay {
     /// The share of the training examples that are refusal examples, in (0, 0.5]: 0.1 mixes one
     /// refusal example in for every nine of the training file's.
     #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0, maximum = 0.5))]
@@ -180,7 +180,7 @@ pub struct Replay {
 /// The largest replay fraction: beyond half, the job would train on refusals more than on its data.
 pub const MAX_REPLAY_FRACTION: f64 = 0.5;
 
-impl Replay {
+impl RefusalReplay {
     /// Checks the block, naming fields under `safety.replay.`.
     pub fn validate(&self, errors: &mut Vec<crate::FieldError>) {
         if !(self.fraction.is_finite()

@@ -95,12 +95,12 @@ pub fn pick(available: usize, count: usize, seed: u64) -> Vec<usize> {
 
 /// Mixes `fraction`'s share of `replay`'s examples into `train`, whose file holds `trained`
 /// examples to train on once any validation split is taken (see
-/// [`loraforge_spec::safety::Replay::examples_for`]); returns how many were mixed in.
+/// [`loraforge_spec::safety::RefusalReplay::examples_for`]); returns how many were mixed in.
 pub fn mix(
     train: &mut TokenizedDataset,
     trained: usize,
     replay: &TokenizedDataset,
-    spec: &loraforge_spec::safety::Replay,
+    spec: &loraforge_spec::safety::RefusalReplay,
     seed: u64,
 ) -> Result<usize> {
     let count = spec.examples_for(trained);
