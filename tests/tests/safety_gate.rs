@@ -328,9 +328,7 @@ async fn replay_keeps_the_refusals_a_benign_fine_tune_loses() -> anyhow::Result<
     // Without replay: the refusals go.
     let (code, submitted) = app.submit(&benign_job).await?;
     assert_eq!(code, 201, "{submitted}");
-    let without = app
-        .wait_for_job(submitted["id"].as_str().unwrap())
-        .await?;
+    let without = app.wait_for_job(submitted["id"].as_str().unwrap()).await?;
     assert_eq!(without["error"]["kind"], "safety_blocked", "{without}");
     let lost = version(&app, "helper", 1).await;
     let lost = &lost["evaluation"];
@@ -368,9 +366,9 @@ async fn replay_keeps_the_refusals_a_benign_fine_tune_loses() -> anyhow::Result<
     // 64 examples, half of the mix refusals: 64 of them, logged and in the manifest.
     let events = app.all_events(done["id"].as_str().unwrap()).await?;
     assert!(
-        events.iter().any(|e| e["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("safety.replay: 64 refusal examples from safety.replay.dataset"))),
+        events.iter().any(|e| e["message"].as_str().is_some_and(
+            |m| m.starts_with("safety.replay: 64 refusal examples from safety.replay.dataset")
+        )),
         "the worker says what it mixed: {events:?}"
     );
     let manifest: Value = serde_json::from_slice(&std::fs::read(
@@ -410,7 +408,8 @@ async fn a_replay_dataset_is_checked_at_submission() -> anyhow::Result<()> {
         problem.to_string().contains("safety.replay.fraction"),
         "{problem}"
     );
-    job["safety"] = json!({"replay": {"fraction": 0.1, "dataset": "file:///nowhere/refusals.jsonl"}});
+    job["safety"] =
+        json!({"replay": {"fraction": 0.1, "dataset": "file:///nowhere/refusals.jsonl"}});
     let (code, problem) = app.submit(&job).await?;
     assert_eq!(code, 422, "{problem}");
     assert!(

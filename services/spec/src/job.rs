@@ -775,8 +775,8 @@ mod replay_tests {
             ResolvedJobSpec::new(named).unwrap_err().field,
             "safety.replay.dataset"
         );
-        let uri = with_safety(r#"{"replay":{"fraction":0.1,"dataset":"file:///r.jsonl"}}"#)
-            .unwrap();
+        let uri =
+            with_safety(r#"{"replay":{"fraction":0.1,"dataset":"file:///r.jsonl"}}"#).unwrap();
         let resolved = ResolvedJobSpec::new(uri).unwrap();
         assert_eq!(resolved.replay_uri(), Some("file:///r.jsonl"));
     }

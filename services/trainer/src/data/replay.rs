@@ -184,7 +184,11 @@ mod tests {
     fn picks_are_deterministic_and_cycle_through_the_set() {
         let picks = pick(10, 25, 7);
         assert_eq!(picks.len(), 25);
-        assert_eq!(picks, pick(10, 25, 7), "the same seed mixes the same examples");
+        assert_eq!(
+            picks,
+            pick(10, 25, 7),
+            "the same seed mixes the same examples"
+        );
         assert_ne!(picks, pick(10, 25, 8));
         let first: BTreeSet<usize> = picks[..10].iter().copied().collect();
         assert_eq!(first.len(), 10, "one pass uses every example once");

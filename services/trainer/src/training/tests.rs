@@ -664,14 +664,7 @@ fn replay_mixes_refusal_examples_into_training_only() {
     let mut inputs = paths.inputs();
     inputs.replay_data = Some(&own);
     let mut events = Recorder::default();
-    let from_file = run_with(
-        &spec,
-        inputs,
-        None,
-        &mut events,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let from_file = run_with(&spec, inputs, None, &mut events, &AtomicBool::new(false)).unwrap();
     assert_eq!(from_file.replay_examples, Some(33));
     assert!(
         logs(&events)
