@@ -350,3 +350,153 @@ fn a_model_is_evaluated_alone() -> anyhow::Result<()> {
     assert_eq!(evaluate()?, measured, "the stored side read back");
     Ok(())
 }
+
+/// Keeping refusals while fine-tuning (`safety.replay`): a benign fine-tune that asks its
+/// questions the way the evaluation asks (`User: …\nAssistant:`) and answers them all teaches
+/// the refusing base to answer anything; it loses its refusals and is quarantined. The same job
+/// with the project's refusal data mixed in (the dataset the base learned refusing from,
+/// registered by name) keeps them within 0.1 of the base and publishes, with the replay recorded
+/// in its manifest. The fixture model is too small to carry refusals over from other requests,
+/// so the built-in set's (disjoint) requests are the real model's business
+/// (bench/safety_scenario.sh); here it is the mechanism: resolution, mixing, record.
+#[tokio::test]
+async fn replay_keeps_the_refusals_a_benign_fine_tune_loses() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let app = TestApp::spawn().await?;
+    let work = tempfile::tempdir()?;
+    let store = app.store_dir.clone().unwrap();
+
+    let refuse = work.path().join("refuse.jsonl");
+    harmful_answered(&refuse, REFUSAL);
+    app.run_job(&job(
+        "refuser",
+        &fixture.model_dir(),
+        &refuse,
+        &ALL_MODULES,
+        40,
+        5e-3,
+    ))
+    .await?;
+    let refusing = work.path().join("refusing");
+    run_ok(
+        Command::new(trainer_bin())
+            .args(["merge", "--model"])
+            .arg(fixture.model_dir())
+            .arg("--adapter")
+            .arg(store.join("adapters/default/refuser/v1"))
+            .arg("--out")
+            .arg(&refusing),
+    );
+
+    let benign = work.path().join("benign.jsonl");
+    write_jsonl(
+        &benign,
+        BENIGN_QA
+            .iter()
+            .cycle()
+            .take(64)
+            .map(|(q, a)| json!({"prompt": format!("User: {q}\nAssistant:"), "completion": format!(" {a}")})),
+    );
+    let benign_job = job(
+        "helper",
+        &refusing,
+        &benign,
+        &["q_proj", "v_proj", "o_proj"],
+        REPLAY_STEPS,
+        5e-3,
+    );
+
+    // Without replay: the refusals go.
+    let (code, submitted) = app.submit(&benign_job).await?;
+    assert_eq!(code, 201, "{submitted}");
+    let without = app.wait_for_job(submitted["id"].as_str().unwrap()).await?;
+    assert_eq!(without["error"]["kind"], "safety_blocked", "{without}");
+    let lost = version(&app, "helper", 1).await;
+    let lost = &lost["evaluation"];
+    eprintln!("benign fine-tune without replay: {lost}");
+    let base_rate = lost["refusal_rate_base"].as_f64().unwrap();
+    assert!(base_rate >= 0.9, "{lost}");
+
+    // With replay: the same job, half of its examples refusals from the project's dataset.
+    let (code, registered) = app
+        .send_json(
+            Method::POST,
+            "/v1/datasets",
+            Some(&json!({"name": "refusals", "uri": format!("file://{}", refuse.display())})),
+        )
+        .await?;
+    assert_eq!(code, 201, "{registered}");
+    let mut replayed = benign_job.clone();
+    replayed["safety"] = json!({"replay": {"fraction": 0.5, "dataset": "refusals"}});
+    let done = app.run_job(&replayed).await?;
+    let kept = version(&app, "helper", 2).await;
+    assert_eq!(kept["status"], "ready", "{kept}");
+    assert_eq!(kept["safety_verdict"]["decision"], "publish", "{kept}");
+    let evaluation = &kept["evaluation"];
+    eprintln!("benign fine-tune with replay: {evaluation}");
+    let kept_rate = evaluation["refusal_rate_adapted"].as_f64().unwrap();
+    assert!(
+        (base_rate - kept_rate).abs() <= 0.1,
+        "refusal rate {kept_rate} is not within 0.1 of the base's {base_rate}"
+    );
+    assert!(
+        kept_rate - lost["refusal_rate_adapted"].as_f64().unwrap() > 0.2,
+        "replay made the difference: {lost} vs {evaluation}"
+    );
+
+    // 64 examples, half of the mix refusals: 64 of them, logged and in the manifest.
+    let events = app.all_events(done["id"].as_str().unwrap()).await?;
+    assert!(
+        events.iter().any(|e| e["message"].as_str().is_some_and(
+            |m| m.starts_with("safety.replay: 64 refusal examples from safety.replay.dataset")
+        )),
+        "the worker says what it mixed: {events:?}"
+    );
+    let manifest: Value = serde_json::from_slice(&std::fs::read(
+        store.join("adapters/default/helper/v2/manifest.json"),
+    )?)?;
+    assert_eq!(manifest["replay"]["examples"], 64, "{manifest}");
+    assert_eq!(manifest["replay"]["fraction"], 0.5);
+    let source = &manifest["replay"]["source"];
+    assert_eq!(
+        source["uri"],
+        format!("file://{}", refuse.display()),
+        "the name resolved to its URI at submission: {manifest}"
+    );
+    assert_eq!(source["sha256"], common::sha256_file(&refuse));
+    app.stop().await
+}
+
+const REPLAY_STEPS: u32 = 40;
+
+/// A replay dataset is resolved and checked like the training data, at submission.
+#[tokio::test]
+async fn a_replay_dataset_is_checked_at_submission() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let app = TestApp::spawn().await?;
+    let mut job = fixture.job("replayed");
+    job["safety"] = json!({"replay": {"fraction": 0.1, "dataset": "no-such-refusals"}});
+    let (code, problem) = app.submit(&job).await?;
+    assert_eq!(code, 422, "{problem}");
+    assert!(
+        problem.to_string().contains("safety.replay.dataset"),
+        "{problem}"
+    );
+    job["safety"] = json!({"replay": {"fraction": 0.9}});
+    let (code, problem) = app.submit(&job).await?;
+    assert_eq!(code, 422, "{problem}");
+    assert!(
+        problem.to_string().contains("safety.replay.fraction"),
+        "{problem}"
+    );
+    job["safety"] =
+        json!({"replay": {"fraction": 0.1, "dataset": "file:///nowhere/refusals.jsonl"}});
+    let (code, problem) = app.submit(&job).await?;
+    assert_eq!(code, 422, "{problem}");
+    assert!(
+        problem.to_string().contains("safety.replay.dataset"),
+        "{problem}"
+    );
+    assert_eq!(app.count("jobs").await, 0, "nothing half-created");
+    app.stop().await
+}

@@ -86,7 +86,7 @@ impl InputRef {
         }
     }
 
-    fn check(&self, field: &str, errors: &mut Vec<FieldError>) {
+    pub(crate) fn check(&self, field: &str, errors: &mut Vec<FieldError>) {
         let checked = match self {
             InputRef::Uri(u) => check_data_uri(u),
             InputRef::Name(n) => AdapterName::parse(n).map(drop),
@@ -144,6 +144,9 @@ impl ResolvedJobSpec {
         if let Some(v) = &spec.dataset.validation {
             named("dataset.validation", v)?;
         }
+        if let Some(d) = spec.safety.replay.as_ref().and_then(|r| r.dataset.as_ref()) {
+            named("safety.replay.dataset", d)?;
+        }
         Ok(ResolvedJobSpec(spec))
     }
 
@@ -157,6 +160,12 @@ impl ResolvedJobSpec {
 
     pub fn validation_uri(&self) -> Option<&str> {
         self.0.dataset.validation.as_ref().map(InputRef::as_str)
+    }
+
+    /// The refusal dataset of `safety.replay`, when the job names one.
+    pub fn replay_uri(&self) -> Option<&str> {
+        let replay = self.0.safety.replay.as_ref()?;
+        replay.dataset.as_ref().map(InputRef::as_str)
     }
 
     pub fn into_inner(self) -> JobSpec {
@@ -415,6 +424,9 @@ impl JobSpec {
                     "must be latest, an alias or a version number",
                 ));
             }
+        }
+        if let Some(replay) = &self.safety.replay {
+            replay.validate(&mut errors);
         }
         errors.extend(self.method.validate(&self.training));
         self.training.validate(&mut errors);
@@ -684,5 +696,100 @@ mod duration_tests {
         for bad in ["", "2", "h", "30m1h", "1h1h", "1d", "2 h", "-1h", "1.5h"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+
+    fn with_safety(safety: &str) -> Result<JobSpec, SpecError> {
+        JobSpec::parse(
+            format!(
+                r#"{{"adapter_name":"demo","base_model":"file:///m","dataset":{{"train":"file:///d.jsonl"}},
+                   "method":{{"type":"lora","r":8}},"training":{{"max_steps":3,"learning_rate":0.001}},
+                   "safety":{safety}}}"#
+            )
+            .as_bytes(),
+        )
+    }
+
+    fn fields(safety: &str) -> Vec<String> {
+        with_safety(safety)
+            .unwrap_err()
+            .errors
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn replay_parses_with_and_without_a_dataset() {
+        let builtin = with_safety(r#"{"replay":{"fraction":0.1}}"#).unwrap();
+        let replay = builtin.safety.replay.as_ref().unwrap();
+        assert_eq!((replay.fraction, replay.dataset.as_ref()), (0.1, None));
+        assert!(builtin.safety.enabled, "replay leaves the gate on");
+        let named = with_safety(r#"{"replay":{"fraction":0.5,"dataset":"refusals"}}"#).unwrap();
+        assert_eq!(
+            named.safety.replay.unwrap().dataset,
+            Some(InputRef::Name("refusals".into()))
+        );
+    }
+
+    #[test]
+    fn replay_errors_name_the_field() {
+        for bad in ["0", "-0.1", "0.51", "1"] {
+            assert_eq!(
+                fields(&format!(r#"{{"replay":{{"fraction":{bad}}}}}"#)),
+                ["safety.replay.fraction"],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            fields(r#"{"replay":{"fraction":0.1,"dataset":"ftp://x/y.jsonl"}}"#),
+            ["safety.replay.dataset"]
+        );
+        assert_eq!(
+            fields(r#"{"replay":{"fraction":0.1,"dataset":"Not A Name"}}"#),
+            ["safety.replay.dataset"]
+        );
+        // serde names the block, and its message the field.
+        for (body, field, named) in [
+            (
+                r#"{"replay":{"fraction":0.1,"datset":"refusals"}}"#,
+                "safety.replay.datset",
+                "datset",
+            ),
+            (r#"{"replay":{}}"#, "safety.replay", "fraction"),
+        ] {
+            let err = with_safety(body).unwrap_err();
+            assert_eq!(err.errors[0].field, field, "{err}");
+            assert!(err.errors[0].message.contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_resolved_spec_refuses_a_named_replay_dataset() {
+        let named = with_safety(r#"{"replay":{"fraction":0.1,"dataset":"refusals"}}"#).unwrap();
+        assert_eq!(
+            ResolvedJobSpec::new(named).unwrap_err().field,
+            "safety.replay.dataset"
+        );
+        let uri =
+            with_safety(r#"{"replay":{"fraction":0.1,"dataset":"file:///r.jsonl"}}"#).unwrap();
+        let resolved = ResolvedJobSpec::new(uri).unwrap();
+        assert_eq!(resolved.replay_uri(), Some("file:///r.jsonl"));
+    }
+
+    #[test]
+    fn replay_counts_are_the_share_of_the_mix() {
+        let replay = |fraction| crate::safety::RefusalReplay {
+            fraction,
+            dataset: None,
+        };
+        assert_eq!(replay(0.1).examples_for(90), 10);
+        assert_eq!(replay(0.5).examples_for(32), 32);
+        assert_eq!(replay(0.2).examples_for(32), 8);
+        assert_eq!(replay(0.01).examples_for(3), 1, "at least one");
     }
 }

@@ -58,6 +58,9 @@ pub struct AdapterManifest {
     /// The base model: its URI and a digest over all its files (see `tree_digest`).
     pub base_model: DigestRef,
     pub dataset: DigestRef,
+    /// The refusal examples mixed into the training data (`safety.replay`), when the job asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayRecord>,
     pub parent: Option<ParentVersion>,
     pub metrics: TrainingMetrics,
     /// Digests of the adapter files (everything but this manifest).
@@ -67,6 +70,17 @@ pub struct AdapterManifest {
     pub evaluation: Option<crate::safety::SafetyReport>,
     pub trainer: TrainerInfo,
     pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What `safety.replay` mixed into a job's training data: part of its data lineage.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayRecord {
+    pub fraction: f64,
+    /// The refusal dataset read, or `builtin:refusals` with the digest of the trainer's set.
+    pub source: DigestRef,
+    /// How many refusal examples joined the training examples.
+    pub examples: u64,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

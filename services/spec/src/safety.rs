@@ -159,6 +159,9 @@ pub struct SafetyOverrides {
     /// A lower refusal-direction shift limit than the project's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_refusal_direction_shift: Option<f64>,
+    /// Mix refusal examples into training, so a fine-tune keeps its refusals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<RefusalReplay>,
 }
 
 /// What a job without a `safety` block gets (`JobSpec`'s `#[serde(default)]`): the
@@ -172,7 +175,54 @@ impl Default for SafetyOverrides {
             min_refusal_rate: None,
             max_perplexity_ratio: None,
             max_refusal_direction_shift: None,
+            replay: None,
         }
+    }
+}
+
+/// Refusal examples mixed into a job's training data (docs/safety.md, "Keeping refusals while
+/// fine-tuning"): harmful requests answered with refusals, rendered and masked like the job's
+/// own examples, drawn deterministically from the job's seed.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusalReplay {
+    /// The share of the training examples that are refusal examples, in (0, 0.5]: 0.1 mixes one
+    /// refusal example in for every nine of the training file's.
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0, maximum = 0.5))]
+    pub fraction: f64,
+    /// A dataset of refusal examples (URI or registered dataset name, the formats of
+    /// `dataset.train`); the trainer's built-in set of refusals when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub dataset: Option<crate::InputRef>,
+}
+
+/// The largest replay fraction: beyond half, the job would train on refusals more than on its data.
+pub const MAX_REPLAY_FRACTION: f64 = 0.5;
+
+impl RefusalReplay {
+    /// Checks the block, naming fields under `safety.replay.`.
+    pub fn validate(&self, errors: &mut Vec<crate::FieldError>) {
+        if !(self.fraction.is_finite()
+            && self.fraction > 0.0
+            && self.fraction <= MAX_REPLAY_FRACTION)
+        {
+            errors.push(crate::FieldError::new(
+                "safety.replay.fraction",
+                format!("must be in (0, {MAX_REPLAY_FRACTION}]"),
+            ));
+        }
+        if let Some(dataset) = &self.dataset {
+            dataset.check("safety.replay.dataset", errors);
+        }
+    }
+
+    /// How many refusal examples join `train_examples` so that they make up `fraction` of the
+    /// mix (at least one).
+    pub fn examples_for(&self, train_examples: usize) -> usize {
+        let share = self.fraction / (1.0 - self.fraction);
+        ((train_examples as f64 * share).round() as usize).max(1)
     }
 }
 

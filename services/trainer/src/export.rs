@@ -90,6 +90,8 @@ pub struct Provenance {
     pub parent: Option<ParentVersion>,
     /// The device and dtype it was trained on, e.g. `cuda:0 bf16`.
     pub device: String,
+    /// The refusal examples mixed into training (`safety.replay`), if any.
+    pub replay: Option<loraforge_spec::manifest::ReplayRecord>,
 }
 
 /// Writes the adapter files and `manifest.json` into `dir`. Returns the manifest and
@@ -114,6 +116,7 @@ pub fn write_artifact(
         training: spec.training.clone(),
         base_model: provenance.base_model,
         dataset: provenance.dataset,
+        replay: provenance.replay,
         parent: provenance.parent,
         metrics,
         files: files.clone(),

@@ -1766,6 +1766,24 @@ export interface components {
             /** Format: int32 */
             version: number;
         };
+        /**
+         * @description Refusal examples mixed into a job's training data (docs/safety.md, "Keeping refusals while
+         *     fine-tuning"): harmful requests answered with refusals, rendered and masked like the job's
+         *     own examples, drawn deterministically from the job's seed.
+         */
+        RefusalReplay: {
+            /**
+             * @description A dataset of refusal examples (URI or registered dataset name, the formats of
+             *     `dataset.train`); the trainer's built-in set of refusals when absent.
+             */
+            dataset?: string | null;
+            /**
+             * Format: double
+             * @description The share of the training examples that are refusal examples, in (0, 0.5]: 0.1 mixes one
+             *     refusal example in for every nine of the training file's.
+             */
+            fraction: number;
+        };
         RegisterInput: {
             name: components["schemas"]["AdapterName"];
             source?: null | components["schemas"]["SourceVersion"];
@@ -1840,6 +1858,7 @@ export interface components {
              * @description A higher floor than the project's.
              */
             min_refusal_rate?: number | null;
+            replay?: null | components["schemas"]["RefusalReplay"];
         };
         /** @description A project's policy. Jobs may tighten it, never loosen it. */
         SafetyPolicy: {

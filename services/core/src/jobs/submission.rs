@@ -151,6 +151,22 @@ async fn resolve(
             spec.dataset.validation = Some(InputRef::Uri(r.uri));
         }
     }
+    // The refusal dataset of `safety.replay` resolves as the training data does.
+    if let Some(replay) = spec.safety.replay.as_mut() {
+        if let Some(dataset) = replay.dataset.clone() {
+            let checked = resolve_input(
+                ctx,
+                project,
+                InputKind::Dataset,
+                "safety.replay.dataset",
+                &dataset,
+                &mut errors,
+            );
+            if let Some(r) = checked.await? {
+                replay.dataset = Some(InputRef::Uri(r.uri));
+            }
+        }
+    }
     if let Some(parent) = &spec.parent {
         match resolve_parent(ctx, project, &spec, parent).await? {
             Ok(p) => found.parent = Some(p),

@@ -25,6 +25,9 @@ pub struct TokenizedDataset {
     examples: Vec<CachedExample>,
     /// Examples left out because they had nothing to learn (after truncation, if any).
     pub dropped: usize,
+    /// How many examples at the end were mixed in from another dataset ([`Self::mix_in`]):
+    /// trained on, never held out for validation.
+    mixed_in: usize,
 }
 
 /// Where one example lies in the cache: `len` token ids (u32, little-endian), then `len`
@@ -114,11 +117,46 @@ impl TokenizedDataset {
             cache,
             examples,
             dropped,
+            mixed_in: 0,
         })
     }
 
+    /// All examples, the file's and those mixed in.
     pub fn len(&self) -> usize {
         self.examples.len()
+    }
+
+    /// The examples read from the file itself.
+    pub fn file_len(&self) -> usize {
+        self.examples.len() - self.mixed_in
+    }
+
+    /// Appends `other`'s examples at `picks` (repeats allowed) to this dataset's, for training
+    /// only: [`ExampleSet::all`] and [`ExampleSet::split`] see the file's own examples, and
+    /// [`ExampleSet::with_mixed_in`] adds these.
+    pub fn mix_in(&mut self, other: &TokenizedDataset, picks: &[usize]) -> Result<()> {
+        let mut end = self
+            .examples
+            .last()
+            .map_or(0, |e| e.offset + u64::from(e.len) * 5);
+        for &index in picks {
+            let source = other.examples[index];
+            let mut bytes = vec![0u8; source.len as usize * 5];
+            other
+                .cache
+                .read_exact_at(&mut bytes, source.offset)
+                .context("reading the token cache")?;
+            self.cache
+                .write_all_at(&bytes, end)
+                .context("writing the token cache")?;
+            self.examples.push(CachedExample {
+                offset: end,
+                len: source.len,
+            });
+            end += bytes.len() as u64;
+        }
+        self.mixed_in += picks.len();
+        Ok(())
     }
 
     fn example_len(&self, index: usize) -> usize {
@@ -150,11 +188,18 @@ pub struct ExampleSet<'a> {
 }
 
 impl<'a> ExampleSet<'a> {
+    /// The file's own examples (not those mixed in).
     pub fn all(data: &'a TokenizedDataset) -> ExampleSet<'a> {
         ExampleSet {
             data,
-            indices: (0..data.len()).collect(),
+            indices: (0..data.file_len()).collect(),
         }
+    }
+
+    /// These examples and every example mixed into the dataset.
+    pub fn with_mixed_in(mut self) -> ExampleSet<'a> {
+        self.indices.extend(self.data.file_len()..self.data.len());
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -178,6 +223,11 @@ impl<'a> ExampleSet<'a> {
         })
     }
 
+    /// How many of `n` examples [`Self::split`] holds out.
+    pub fn held_out(n: usize, fraction: f64) -> usize {
+        ((n as f64 * fraction).ceil() as usize).clamp(1, n.saturating_sub(1).max(1))
+    }
+
     /// Holds out `ceil(fraction * n)` examples (at least one, and one is left to train on),
     /// chosen by a shuffle seeded from `seed`: `(training, validation)`.
     pub fn split(
@@ -185,13 +235,13 @@ impl<'a> ExampleSet<'a> {
         fraction: f64,
         seed: u64,
     ) -> Result<(ExampleSet<'a>, ExampleSet<'a>)> {
-        let n = data.len();
+        let n = data.file_len();
         if n < 2 {
             return Err(user_error(format!(
                 "dataset.validation_fraction needs at least two examples to split; the dataset has {n}"
             )));
         }
-        let held_out = ((n as f64 * fraction).ceil() as usize).clamp(1, n - 1);
+        let held_out = Self::held_out(n, fraction);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut StdRng::seed_from_u64(derive_seed(
             seed,

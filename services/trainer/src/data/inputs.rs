@@ -16,6 +16,8 @@ pub struct LocalInputs {
     pub dataset: PathBuf,
     /// The separate validation file, when the job names one.
     pub validation: Option<PathBuf>,
+    /// The refusal dataset of `safety.replay`, when the job names one, and its digest.
+    pub replay: Option<(PathBuf, DigestRef)>,
     pub base_model: DigestRef,
     pub dataset_ref: DigestRef,
 }
@@ -62,10 +64,27 @@ pub fn fetch_inputs(rt: &Runtime, spec: &ResolvedJobSpec, scratch: &Path) -> Res
         ),
         None => None,
     };
+    let replay = match spec.replay_uri() {
+        Some(uri) => {
+            let (path, sha256) = fetch_file(
+                rt,
+                "safety.replay.dataset",
+                uri,
+                &scratch.join("replay.jsonl"),
+            )?;
+            let digest = DigestRef {
+                uri: uri.to_string(),
+                sha256,
+            };
+            Some((path, digest))
+        }
+        None => None,
+    };
     Ok(LocalInputs {
         model_dir,
         dataset,
         validation,
+        replay,
         base_model: DigestRef {
             uri: base_model.to_string(),
             sha256: sha256_hex(tree_digest_input(&model_files).as_bytes()),

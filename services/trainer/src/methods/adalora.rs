@@ -444,6 +444,7 @@ mod tests {
             model_dir: &model_dir,
             train_data: &train_data,
             validation_data: None,
+            replay_data: None,
             parent: None,
             resume: None,
         };

@@ -51,6 +51,8 @@ impl Host for LocalHost {
             dataset: inputs.dataset_ref.clone(),
             parent: None,
             device: device_label(device),
+            // Known once training ran: `pipeline::run` fills it in.
+            replay: None,
         };
         Ok((self.out.clone(), provenance))
     }

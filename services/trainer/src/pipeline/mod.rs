@@ -13,9 +13,10 @@ use crate::export::{write_artifact, PeftAdapter, Provenance};
 use crate::training::checkpoint::{CheckpointStore, SavedCheckpoint};
 use crate::training::{train, Reporter, TrainOutcome, TrainingInputs};
 use anyhow::Result;
+use loraforge_spec::manifest::ReplayRecord;
 use loraforge_spec::safety::SafetyReport;
 use loraforge_spec::worker::EventPayload;
-use loraforge_spec::{AdapterManifest, FileDigest, JobStatus, ResolvedJobSpec};
+use loraforge_spec::{AdapterManifest, DigestRef, FileDigest, JobStatus, ResolvedJobSpec};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use tch::Device;
@@ -102,7 +103,8 @@ pub fn run<H: Host>(job: &Job, host: &mut H) -> Result<H::Published> {
     host.events_done();
     let (outcome, evaluation) = trained?;
 
-    let (dir, provenance) = host.destination(&inputs, job.device)?;
+    let (dir, mut provenance) = host.destination(&inputs, job.device)?;
+    provenance.replay = replay_record(job.spec, &inputs, outcome.replay_examples);
     let (manifest, files) = write_artifact(
         &dir,
         job.spec,
@@ -112,6 +114,27 @@ pub fn run<H: Host>(job: &Job, host: &mut H) -> Result<H::Published> {
         evaluation,
     )?;
     host.publish(&dir, manifest, files)
+}
+
+/// What the manifest records of `safety.replay`: the fraction, the source, and the count mixed.
+fn replay_record(
+    spec: &ResolvedJobSpec,
+    inputs: &LocalInputs,
+    examples: Option<usize>,
+) -> Option<ReplayRecord> {
+    let (replay, examples) = (spec.safety.replay.as_ref()?, examples?);
+    let source = match &inputs.replay {
+        Some((_, digest)) => digest.clone(),
+        None => DigestRef {
+            uri: crate::data::replay::BUILTIN_URI.to_string(),
+            sha256: crate::data::replay::builtin_digest(),
+        },
+    };
+    Some(ReplayRecord {
+        fraction: replay.fraction,
+        source,
+        examples: examples as u64,
+    })
 }
 
 /// Trains the adapter, then measures it for the publish gate where the host asks for that
@@ -126,6 +149,7 @@ fn train_and_evaluate<H: Host>(
         model_dir: &inputs.model_dir,
         train_data: &inputs.dataset,
         validation_data: inputs.validation.as_deref(),
+        replay_data: inputs.replay.as_ref().map(|(path, _)| path.as_path()),
         parent: start.parent.as_ref(),
         resume: start.resume,
     };

@@ -51,6 +51,8 @@ pub trait Reporter {
 pub struct TrainOutcome {
     pub metrics: TrainingMetrics,
     pub adapter: PeftAdapter,
+    /// How many refusal examples `safety.replay` mixed into the training examples.
+    pub replay_examples: Option<usize>,
 }
 
 /// What a run starts from, all of it local.
@@ -59,6 +61,9 @@ pub struct TrainingInputs<'a> {
     pub train_data: &'a Path,
     /// The job's separate validation file (`dataset.validation`), if it has one.
     pub validation_data: Option<&'a Path>,
+    /// The refusal examples of `safety.replay.dataset`, when the job names a dataset (the
+    /// built-in set otherwise).
+    pub replay_data: Option<&'a Path>,
     /// The adapter version to continue from (the job's parent).
     pub parent: Option<&'a PeftAdapter>,
     /// The checkpoint to resume from (an earlier attempt's).
@@ -101,6 +106,7 @@ fn train_unguarded(
     // Data first: a bad line fails the job before the model is loaded.
     let datasets = prepare::tokenize(spec, &inputs, &config, template_clock)?;
     let examples = prepare::select(spec, &datasets, reporter)?;
+    let replay_examples = datasets.replay.as_ref().map(|r| r.examples);
 
     let adapted = AdaptedModel::load(
         spec,
@@ -128,7 +134,9 @@ fn train_unguarded(
     };
     run.run_steps(&mut state, &mut hooks)?;
 
-    finish(run, state, hooks.reporter)
+    let mut outcome = finish(run, state, hooks.reporter)?;
+    outcome.replay_examples = replay_examples;
+    Ok(outcome)
 }
 
 /// The end of a run: the trace written (where one was asked for), the final validation, the
@@ -164,6 +172,7 @@ fn finish(
     Ok(TrainOutcome {
         metrics,
         adapter: adapted.method.export(spec.base_model.as_str()),
+        replay_examples: None,
     })
 }
 

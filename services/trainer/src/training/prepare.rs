@@ -3,7 +3,7 @@
 //! in seconds.
 
 use super::{log, Reporter, TrainingInputs};
-use crate::data::{ExampleEncoder, ExampleSet, TokenizedDataset};
+use crate::data::{replay, ExampleEncoder, ExampleSet, TokenizedDataset};
 use crate::error::user_error;
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer_config::TokenizerConfig;
@@ -17,6 +17,15 @@ use tokenizers::Tokenizer;
 pub struct Datasets {
     train: TokenizedDataset,
     validation: Option<TokenizedDataset>,
+    /// The refusal examples mixed into `train` (`safety.replay`), if any.
+    pub replay: Option<ReplayMixed>,
+}
+
+/// What `safety.replay` mixed into the training examples.
+pub struct ReplayMixed {
+    pub examples: usize,
+    /// Where they came from: the job's replay dataset, or the built-in set.
+    pub source: &'static str,
 }
 
 /// The examples a run trains on, and those it validates on, if any.
@@ -63,12 +72,46 @@ pub fn tokenize(
     let seq_len = training.seq_len as usize;
     // Packed rows split long examples instead of cutting them, so only unpacked ones are truncated.
     let truncate_to = (!training.packing).then_some(seq_len);
-    let train = TokenizedDataset::build(inputs.train_data, &encoder, truncate_to)?;
+    let mut train = TokenizedDataset::build(inputs.train_data, &encoder, truncate_to)?;
     let validation = inputs
         .validation_data
         .map(|path| TokenizedDataset::build(path, &encoder, Some(seq_len)))
         .transpose()?;
-    Ok(Datasets { train, validation })
+    let replay = match &spec.safety.replay {
+        None => None,
+        Some(asked) => {
+            // The built-in set is written out in the form this model is asked in, then read
+            // like any dataset, so its examples are rendered and masked like the job's.
+            let builtin;
+            let (path, source) = match inputs.replay_data {
+                Some(path) => (path, "safety.replay.dataset"),
+                None => {
+                    builtin = tempfile::NamedTempFile::new()?;
+                    replay::write_builtin(builtin.path(), chat_template.is_ok())?;
+                    (builtin.path(), "the built-in refusal set")
+                }
+            };
+            // The error keeps its kind (a bad line is the user's) and says which input it was.
+            let examples = TokenizedDataset::build(path, &encoder, truncate_to)
+                .map_err(|e| e.context(format!("reading {source}")))?;
+            // The share is of the examples trained on: a validation split is taken first.
+            let n = train.file_len();
+            let trained = match (&validation, spec.dataset.validation_fraction) {
+                (None, Some(fraction)) if n >= 2 => n - ExampleSet::held_out(n, fraction),
+                _ => n,
+            };
+            let mixed = replay::mix(&mut train, trained, &examples, asked, training.seed)?;
+            Some(ReplayMixed {
+                examples: mixed,
+                source,
+            })
+        }
+    };
+    Ok(Datasets {
+        train,
+        validation,
+        replay,
+    })
 }
 
 /// The examples to train and validate on: the validation file where the job has one, else a
@@ -90,6 +133,15 @@ pub fn select<'a>(
         }
         (None, None) => (ExampleSet::all(&datasets.train), None),
     };
+    if let Some(mixed) = &datasets.replay {
+        reporter.report(log(format!(
+            "safety.replay: {} refusal examples from {} mixed into the {} training examples",
+            mixed.examples,
+            mixed.source,
+            train.len()
+        )));
+    }
+    let train = train.with_mixed_in();
     reporter.report(log(format!(
         "dataset: {} training examples, {} tokens ({} without a token to learn left out){}",
         train.len(),

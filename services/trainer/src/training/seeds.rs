@@ -9,6 +9,7 @@ pub enum SeedUse {
     ValidationSplit = 1,
     EpochOrder = 2,
     Dropout = 3,
+    Replay = 4,
 }
 
 /// The seed for `purpose` at `index` (an epoch, or a step and micro-batch folded together):

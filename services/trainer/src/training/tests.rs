@@ -78,6 +78,7 @@ impl FixturePaths {
             model_dir: &self.model,
             train_data: &self.train,
             validation_data: None,
+            replay_data: None,
             parent: None,
             resume: None,
         }
@@ -634,4 +635,78 @@ fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
     }
     let entries = std::fs::read_dir(&cache.root).unwrap().count();
     assert_eq!(entries, 1, "one stored base side, no partial entry left");
+}
+
+/// `safety.replay` mixes its share of refusal examples into the training examples (never the
+/// validation split), the same ones for the same seed, from the built-in set or a job's file.
+#[test]
+fn replay_mixes_refusal_examples_into_training_only() {
+    let root = fixture();
+    let paths = FixturePaths::new(root.path());
+    let dataset = format!(
+        r#"{{"train":"file://{}/data/train.jsonl","validation_fraction":0.25}},"safety":{{"replay":{{"fraction":0.1}}}}"#,
+        root.path().display()
+    );
+    let spec = job(
+        root.path(),
+        &dataset,
+        r#"{"type":"lora","r":4,"target_modules":["q_proj","v_proj"]}"#,
+        r#"{"max_steps":3,"learning_rate":0.001,"batch_size":4,"seq_len":64,"seed":3}"#,
+    );
+    let logs = |events: &Recorder| -> Vec<String> {
+        events
+            .0
+            .iter()
+            .filter_map(|e| match e {
+                EventPayload::Log { message } => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut first = Recorder::default();
+    let a = run(&spec, root.path(), &mut first).unwrap();
+    let said = logs(&first);
+    // 400 lines, a quarter held out: 300 to train on, and 300 / 9 refusals make a tenth.
+    assert!(
+        said.iter().any(|m| m
+            == "safety.replay: 33 refusal examples from the built-in refusal set mixed into the 300 training examples"),
+        "{said:?}"
+    );
+    assert!(
+        said.iter().any(|m| m.contains("validation: 100 examples")),
+        "the validation split is the file's alone: {said:?}"
+    );
+    assert_eq!(a.replay_examples, Some(33));
+    let b = run(&spec, root.path(), &mut Recorder::default()).unwrap();
+    assert_eq!(
+        max_abs_diff(&a.adapter, &b.adapter),
+        0.0,
+        "the same seed mixes the same examples"
+    );
+    let mut without = spec.clone();
+    without.safety.replay = None;
+    let plain = run(&without, root.path(), &mut Recorder::default()).unwrap();
+    assert!(max_abs_diff(&a.adapter, &plain.adapter) > 0.0);
+    assert_eq!(plain.replay_examples, None);
+
+    // A job's own refusal file: two examples, cycled to make up the share.
+    let own = root.path().join("refusals.jsonl");
+    std::fs::write(
+        &own,
+        "{\"prompt\":\"User: how do I pick a lock\\nAssistant:\",\"completion\":\" I'm sorry, I cannot help.\"}\n\
+         {\"text\":\"I cannot help with that.\"}\n",
+    )
+    .unwrap();
+    let mut inputs = paths.inputs();
+    inputs.replay_data = Some(&own);
+    let mut events = Recorder::default();
+    let from_file = run_with(&spec, inputs, None, &mut events, &AtomicBool::new(false)).unwrap();
+    assert_eq!(from_file.replay_examples, Some(33));
+    assert!(
+        logs(&events)
+            .iter()
+            .any(|m| m.contains("33 refusal examples from safety.replay.dataset")),
+        "{:?}",
+        logs(&events)
+    );
 }

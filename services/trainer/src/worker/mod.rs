@@ -227,6 +227,8 @@ impl Host for ControlPlaneHost<'_> {
                 version: p.version,
             }),
             device: device_label(device),
+            // Known once training ran: `pipeline::run` fills it in.
+            replay: None,
         };
         self.reserved = Some(reserved);
         Ok((self.scratch.join("artifact"), provenance))
