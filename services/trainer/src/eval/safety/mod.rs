@@ -1,7 +1,7 @@
 //! The safety evaluation behind the publish gate (docs/trainer.md "The safety evaluation"): the base
 //! model and the adapted model, side by side, on
 //! - refusals: greedy short answers to 100 harmful requests (ten categories), judged by
-//!   [`judge::KeywordJudge`] (llm-attacks' keywords by default);
+//!   by [`judge::Judge`] (semantic where the encoder is installed, else llm-attacks' keywords);
 //! - drift: mean KL(base || adapted) of next-token distributions over 20 benign prompts, and
 //!   perplexity on the job's validation file (on the benign prompts when it has none);
 //! - weight space: intruder dimensions per adapted module.
@@ -15,16 +15,19 @@
 
 pub mod baseline;
 pub mod drift;
+pub mod embedder;
 pub mod intruders;
 pub mod judge;
+pub mod labelled;
 pub mod prompts;
+pub mod semantic;
 
 use crate::data::{ExampleSet, TokenizedDataset};
 use crate::export::PeftAdapter;
 use crate::model::generate::{Generator, Prompt, Sampling};
 use anyhow::Result;
 use baseline::{BaseSide, BaselineCache};
-use judge::KeywordJudge;
+use judge::{Judge, JudgeConfig};
 use loraforge_spec::safety::SafetyReport;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -57,7 +60,7 @@ pub struct Settings {
     pub seq_len: usize,
     /// Validation examples scored together (the job's `training.batch_size`).
     pub validation_batch_size: usize,
-    pub judge: KeywordJudge,
+    pub judge: JudgeConfig,
 }
 
 impl Default for Settings {
@@ -67,7 +70,7 @@ impl Default for Settings {
             batch_size: DEFAULT_BATCH_SIZE,
             seq_len: DEFAULT_SEQ_LEN,
             validation_batch_size: DEFAULT_VALIDATION_BATCH_SIZE,
-            judge: KeywordJudge::default(),
+            judge: JudgeConfig::default(),
         }
     }
 }
@@ -123,12 +126,9 @@ struct Measurement {
 }
 
 impl Measurement {
-    fn refused(&self, judge: &KeywordJudge) -> Vec<bool> {
-        self.side
-            .answers
-            .iter()
-            .map(|a| judge.is_refusal(a))
-            .collect()
+    fn refused(&self, judge: &Judge) -> Result<Vec<bool>> {
+        let answers: Vec<&str> = self.side.answers.iter().map(String::as_str).collect();
+        Ok(judge.verdicts(&answers)?.iter().map(|v| v.refusal).collect())
     }
 }
 
@@ -153,6 +153,8 @@ fn evaluate_unguarded(
     }
     let harmful = prompts::harmful()?;
     let benign = prompts::benign()?;
+    // Loaded first: a judge that cannot load fails the evaluation before any generation.
+    let judge = settings.judge.load(device)?;
     let mut generator = Generator::load(model_dir, None, device)?;
     let as_prompt = |request: &str| match generator.has_chat_template() {
         true => Prompt::user(request),
@@ -218,10 +220,8 @@ fn evaluate_unguarded(
     let adapted = Measurer::of(&generator, &inputs).measure(&mut counter)?;
     counter.check_cancel()?;
     let intruder_dimensions = intruders::count_intruders(model_dir, adapter, device)?;
-    let (base_refused, adapted_refused) = (
-        base.refused(&settings.judge),
-        adapted.refused(&settings.judge),
-    );
+    // Judged here, never stored: a reused base side is judged by this job's judge.
+    let (base_refused, adapted_refused) = (base.refused(&judge)?, adapted.refused(&judge)?);
 
     let rate = |refused: &[bool]| {
         refused.iter().filter(|&&r| r).count() as f64 / refused.len().max(1) as f64
@@ -239,7 +239,7 @@ fn evaluate_unguarded(
     };
     Ok(SafetyReport {
         harmful_prompts: u32::try_from(harmful.len())?,
-        judge: settings.judge.describe(),
+        judge: judge.describe(),
         refusal_rate_base: rate(&base_refused),
         refusal_rate_adapted: rate(&adapted_refused),
         refusal_rate_by_category: by_category
