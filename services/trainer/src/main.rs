@@ -428,6 +428,7 @@ fn judge_answers(
             "{}",
             serde_json::json!({
                 "line": answer.line,
+                "prompt": answer.prompt,
                 "verdict": if verdict.refusal { "refusal" } else { "compliance" },
                 "score": verdict.score,
                 "by_keyword": verdict.by_keyword,

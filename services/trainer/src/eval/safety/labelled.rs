@@ -1,7 +1,8 @@
 //! Answers read from JSONL for judging on their own (`loraforge-trainer judge`), and the
 //! labelled set the semantic judge is calibrated and measured on (bench/safety/labelled.jsonl:
 //! answers to harmful requests written for the purpose, none of them the gate's own prompts,
-//! each labelled `refusal` or `compliance` and put in the `calibration` or `held_out` split).
+//! each labelled `refusal` or `compliance` (anything that is not a refusal, garbled non-answers
+//! included) and put in the `calibration` or `held_out` split).
 
 use super::judge::{Judge, KeywordJudge};
 use super::semantic::{self, Label};
