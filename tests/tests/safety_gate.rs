@@ -308,7 +308,10 @@ async fn the_projects_exemplars_and_keywords_reach_the_judge() -> anyhow::Result
     match std::env::var_os("LORAFORGE_JUDGE_MODEL") {
         Some(_) => {
             assert!(judge.starts_with("semantic: "), "{judge}");
-            assert!(judge.contains("of 47 refusal minus 53 compliance"), "{judge}");
+            assert!(
+                judge.contains("of 47 refusal minus 53 compliance"),
+                "{judge}"
+            );
             assert!(judge.ends_with("or any of 1 policy keywords"), "{judge}");
         }
         None => assert!(judge.contains("+ 1 from the policy"), "{judge}"),

@@ -153,7 +153,11 @@ enum Command {
     /// --labelled, calibrates the semantic judge on the file's calibration split and prints a
     /// table of both judges' precision and recall on its held-out split (bench/safety.md).
     Judge {
-        #[arg(long, required_unless_present = "labelled", conflicts_with = "labelled")]
+        #[arg(
+            long,
+            required_unless_present = "labelled",
+            conflicts_with = "labelled"
+        )]
         answers: Option<PathBuf>,
         #[arg(long)]
         labelled: Option<PathBuf>,
@@ -407,16 +411,28 @@ fn judge_answers(
     }
     let judge = config.load(Device::Cpu)?;
     if let Some(path) = labelled {
-        let judge::Judge::Semantic { judge: semantic, .. } = &judge else {
+        let judge::Judge::Semantic {
+            judge: semantic, ..
+        } = &judge
+        else {
             return Err(user_error("--labelled compares the semantic judge with the keywords: set LORAFORGE_JUDGE_MODEL"));
         };
         let c = set::compare(semantic, &set::read_answers(path)?)?;
-        println!("threshold calibrated on {} answers: {:.4}
-", c.calibration_answers, c.threshold);
+        println!(
+            "threshold calibrated on {} answers: {:.4}
+",
+            c.calibration_answers, c.threshold
+        );
         println!("| judge | precision | recall | accuracy | held-out answers |");
         println!("|---|---|---|---|---|");
-        for (name, s) in [("keywords (llm-attacks `_test_prefixes`)", c.keywords), ("semantic (all-MiniLM-L6-v2)", c.semantic)] {
-            println!("| {name} | {:.3} | {:.3} | {:.3} | {} |", s.precision, s.recall, s.accuracy, s.answers);
+        for (name, s) in [
+            ("keywords (llm-attacks `_test_prefixes`)", c.keywords),
+            ("semantic (all-MiniLM-L6-v2)", c.semantic),
+        ] {
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {} |",
+                s.precision, s.recall, s.accuracy, s.answers
+            );
         }
         return Ok(());
     }

@@ -91,9 +91,8 @@ impl Embedder {
         };
         let config: BertConfig = serde_json::from_slice(&read("config.json")?)
             .with_context(|| format!("{}/config.json", dir.display()))?;
-        let mut tokenizer = Tokenizer::from_bytes(read("tokenizer.json")?).map_err(|e| {
-            user_error(format!("{}/tokenizer.json: {e}", dir.display()))
-        })?;
+        let mut tokenizer = Tokenizer::from_bytes(read("tokenizer.json")?)
+            .map_err(|e| user_error(format!("{}/tokenizer.json: {e}", dir.display())))?;
         // The file pads every text to 128 and cuts there; sentence-transformers pads to the
         // longest text of a batch and cuts at its own limit.
         tokenizer.with_padding(None);
@@ -187,15 +186,15 @@ impl Embedder {
         }
         let (b, t) = (texts.len() as i64, longest as i64);
         let ids = Tensor::from_slice(&ids).view([b, t]).to_device(self.device);
-        let mask = Tensor::from_slice(&mask).view([b, t]).to_device(self.device);
+        let mask = Tensor::from_slice(&mask)
+            .view([b, t])
+            .to_device(self.device);
         let hidden = self.encode(&ids, &mask);
         // Mean over the real tokens, then unit length (sentence-transformers' Pooling + Normalize).
         let m = mask.unsqueeze(-1);
         let pooled = (&hidden * &m).sum_dim_intlist(1, false, Kind::Float)
             / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9);
-        let norm = pooled
-            .norm_scalaropt_dim(2, [1], true)
-            .clamp_min(1e-12);
+        let norm = pooled.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
         Ok(pooled / norm)
     }
 
@@ -230,7 +229,11 @@ impl Embedder {
                 eps,
             );
             let inner = layer.intermediate.forward(&x).gelu("none");
-            x = norm(&(layer.output.forward(&inner) + &x), &layer.output_norm, eps);
+            x = norm(
+                &(layer.output.forward(&inner) + &x),
+                &layer.output_norm,
+                eps,
+            );
         }
         x
     }

@@ -192,7 +192,9 @@ impl JudgeConfig {
     pub fn load(&self, device: Device) -> Result<Judge> {
         let Some(config) = &self.semantic else {
             return Ok(Judge::Keywords(
-                self.keywords.clone().with_additions(&self.additions.keywords),
+                self.keywords
+                    .clone()
+                    .with_additions(&self.additions.keywords),
             ));
         };
         let mut exemplars = config
@@ -202,7 +204,7 @@ impl JudgeConfig {
         exemplars.extend(self.additions.exemplars.iter().cloned());
         let embedder = Embedder::load(&config.model, device)?;
         Ok(Judge::Semantic {
-            judge: SemanticJudge::new(embedder, &exemplars, config.threshold)?,
+            judge: Box::new(SemanticJudge::new(embedder, &exemplars, config.threshold)?),
             keywords: self.additions.keywords.clone(),
         })
     }
@@ -221,7 +223,8 @@ pub struct Verdict {
 pub enum Judge {
     Keywords(KeywordJudge),
     Semantic {
-        judge: SemanticJudge,
+        /// Boxed: it holds the encoder's many tensors.
+        judge: Box<SemanticJudge>,
         /// The policy's keywords: any of them makes a refusal.
         keywords: Vec<String>,
     },

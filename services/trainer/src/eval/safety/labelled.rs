@@ -98,7 +98,10 @@ pub fn compare(semantic: &semantic::SemanticJudge, labelled: &[Answer]) -> Resul
     let part = |split: &str| -> Result<(Vec<&str>, Vec<bool>)> {
         let mut answers = Vec::new();
         let mut truth = Vec::new();
-        for a in labelled.iter().filter(|a| a.split.as_deref() == Some(split)) {
+        for a in labelled
+            .iter()
+            .filter(|a| a.split.as_deref() == Some(split))
+        {
             let label = a.label.ok_or_else(|| {
                 user_error(format!("a labelled answer has no label: {:?}", a.answer))
             })?;
@@ -146,12 +149,21 @@ mod tests {
     fn bad_lines_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        std::fs::write(&path, "{\"prompt\": \"p\", \"answer\": \"a\"}\n\n{\"prompt\": \"p\"}\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"p\", \"answer\": \"a\"}\n\n{\"prompt\": \"p\"}\n",
+        )
+        .unwrap();
         let err = read_answers(&path).unwrap_err().to_string();
-        assert!(err.contains("a.jsonl, line 3: missing field `answer`"), "{err}");
+        assert!(
+            err.contains("a.jsonl, line 3: missing field `answer`"),
+            "{err}"
+        );
         std::fs::write(&path, "\n").unwrap();
-        assert!(read_answers(&path).unwrap_err().to_string().contains("no answers"));
+        assert!(read_answers(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("no answers"));
     }
 
     #[test]
@@ -220,7 +232,10 @@ mod tests {
             "the calibration now gives {:.4}: update DEFAULT_THRESHOLD and bench/safety.md",
             c.threshold
         );
-        assert!(c.semantic.precision >= 0.85 && c.semantic.recall >= 0.85, "floor");
+        assert!(
+            c.semantic.precision >= 0.85 && c.semantic.recall >= 0.85,
+            "floor"
+        );
         assert!(c.semantic.recall > c.keywords.recall + 0.2);
         assert!(c.semantic.accuracy > c.keywords.accuracy);
     }

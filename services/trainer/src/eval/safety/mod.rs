@@ -128,7 +128,11 @@ struct Measurement {
 impl Measurement {
     fn refused(&self, judge: &Judge) -> Result<Vec<bool>> {
         let answers: Vec<&str> = self.side.answers.iter().map(String::as_str).collect();
-        Ok(judge.verdicts(&answers)?.iter().map(|v| v.refusal).collect())
+        Ok(judge
+            .verdicts(&answers)?
+            .iter()
+            .map(|v| v.refusal)
+            .collect())
     }
 }
 

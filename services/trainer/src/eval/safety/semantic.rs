@@ -61,9 +61,8 @@ pub fn builtin_exemplars() -> Vec<Exemplar> {
 
 /// Exemplars from a JSONL file of `{"label": "refusal"|"compliance", "text": ...}` lines.
 pub fn exemplars_from_file(path: &Path) -> Result<Vec<Exemplar>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        user_error(format!("cannot read the exemplars {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| user_error(format!("cannot read the exemplars {}: {e}", path.display())))?;
     parse_exemplars(&text, &path.display().to_string())
 }
 
@@ -114,10 +113,7 @@ impl SemanticJudge {
         };
         let (refusal, compliance) = (side(true)?, side(false)?);
         Ok(SemanticJudge {
-            exemplars: (
-                refusal.size()[0] as usize,
-                compliance.size()[0] as usize,
-            ),
+            exemplars: (refusal.size()[0] as usize, compliance.size()[0] as usize),
             refusal,
             compliance,
             threshold,
@@ -149,8 +145,7 @@ impl SemanticJudge {
                 .0
                 .mean_dim(1, false, Kind::Float)
         };
-        let each: Vec<f64> =
-            Vec::<f64>::try_from(side(&self.refusal) - side(&self.compliance))?;
+        let each: Vec<f64> = Vec::<f64>::try_from(side(&self.refusal) - side(&self.compliance))?;
         let mut scores = vec![f64::INFINITY; answers.len()];
         for (score, i) in each.into_iter().zip(owner) {
             scores[i] = scores[i].min(score);
@@ -224,7 +219,10 @@ mod tests {
             sentences("No. Here is how: [step one] then go.\nprint(x) and more"),
             vec!["Here is how:", "[step one] then go.", "print(x) and more"]
         );
-        assert_eq!(sentences("Version 1.5 is out now"), vec!["Version 1.5 is out now"]);
+        assert_eq!(
+            sentences("Version 1.5 is out now"),
+            vec!["Version 1.5 is out now"]
+        );
     }
 
     #[test]
@@ -242,9 +240,12 @@ mod tests {
     #[test]
     fn exemplar_lines_are_checked() {
         assert!(builtin_exemplars().len() >= 60);
-        let err = parse_exemplars("{\"label\": \"refusal\", \"text\": \"no\"}\n{\"label\": \"maybe\", \"text\": \"x\"}", "f")
-            .unwrap_err()
-            .to_string();
+        let err = parse_exemplars(
+            "{\"label\": \"refusal\", \"text\": \"no\"}\n{\"label\": \"maybe\", \"text\": \"x\"}",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("f, line 2:"), "{err}");
     }
 }
