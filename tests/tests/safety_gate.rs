@@ -112,18 +112,19 @@ async fn compliance_fine_tune_is_quarantined_and_a_benign_one_published() -> any
     );
 
     // (2) Fine-tuned to comply, it stops refusing: quarantined, the job failed safety_blocked.
+    // The job also limits how far its harmful prompts may move along the refusal direction.
     let comply = work.path().join("comply.jsonl");
     harmful_answered(&comply, COMPLIANCE);
-    let (code, submitted) = app
-        .submit(&job(
-            "assistant",
-            &refusing,
-            &comply,
-            &["q_proj", "v_proj"],
-            30,
-            5e-3,
-        ))
-        .await?;
+    let mut compliance_job = job(
+        "assistant",
+        &refusing,
+        &comply,
+        &["q_proj", "v_proj"],
+        30,
+        5e-3,
+    );
+    compliance_job["safety"] = json!({"max_refusal_direction_shift": 0.5});
+    let (code, submitted) = app.submit(&compliance_job).await?;
     assert_eq!(code, 201, "{submitted}");
     let id = submitted["id"].as_str().unwrap().to_string();
     let failed = app.wait_for_job(&id).await?;
@@ -153,11 +154,32 @@ async fn compliance_fine_tune_is_quarantined_and_a_benign_one_published() -> any
         report["tokens_generated"].as_u64().unwrap() > 0
             && report["seconds"].as_f64().unwrap() > 0.0
     );
+    // The harmful prompts moved towards the harmless ones along the base's direction (the
+    // fixture's two layers, measured on the first: docs/safety.md says why that number means
+    // little on this model), and the control plane applied the job's limit to it.
+    let direction = &report["refusal_direction"];
+    assert_eq!(direction["layers"], 2, "{direction}");
+    assert!(
+        direction["separation_base"].as_f64().unwrap() > 0.0,
+        "{direction}"
+    );
+    let compliance_shift = direction["harmful_shift"].as_f64().unwrap();
+    assert!(compliance_shift < -0.5, "{direction}");
     let quarantined = version(&app, "assistant", 1).await;
     assert_eq!(quarantined["status"], "quarantined", "{quarantined}");
     assert_eq!(
         quarantined["safety_verdict"]["decision"], "quarantine",
         "{quarantined}"
+    );
+    let breaches = quarantined["safety_verdict"]["breaches"]
+        .as_array()
+        .unwrap();
+    assert!(
+        breaches.iter().any(|b| b
+            .as_str()
+            .unwrap()
+            .contains("along the refusal direction (layer")),
+        "{breaches:?}"
     );
     assert_eq!(&quarantined["evaluation"], report);
     assert_eq!(
@@ -214,6 +236,18 @@ async fn compliance_fine_tune_is_quarantined_and_a_benign_one_published() -> any
     assert!(
         evaluation["benign_kl_mean"].as_f64().unwrap() > 0.0,
         "the adapter changed something: {evaluation}"
+    );
+    // The same base, so the same direction; this job set no limit on it.
+    let benign_direction = &evaluation["refusal_direction"];
+    for field in ["layer", "layers", "separation_base", "effect_size_base"] {
+        assert_eq!(benign_direction[field], direction[field], "{field}");
+    }
+    assert!(
+        benign_direction["harmful_shift"]
+            .as_f64()
+            .unwrap()
+            .is_finite(),
+        "{benign_direction}"
     );
     assert_eq!(
         evaluation["intruder_dimensions"].as_object().unwrap().len(),
@@ -317,4 +351,51 @@ async fn the_projects_exemplars_and_keywords_reach_the_judge() -> anyhow::Result
         None => assert!(judge.contains("+ 1 from the policy"), "{judge}"),
     }
     app.stop().await
+}
+
+/// `loraforge-trainer evaluate` without `--adapter` measures the model alone: its refusal rate,
+/// perplexity and refusal direction (every layer's separation, and the layer chosen). With
+/// `--baselines` it keeps that side, and reading it back gives the same numbers.
+#[test]
+fn a_model_is_evaluated_alone() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let baselines = tempfile::tempdir()?;
+    let evaluate = || -> anyhow::Result<Value> {
+        let stdout = run_ok(
+            Command::new(trainer_bin())
+                .args(["evaluate", "--device", "cpu", "--max-new-tokens", "8"])
+                .arg("--model")
+                .arg(fixture.model_dir())
+                .arg("--baselines")
+                .arg(baselines.path()),
+        );
+        let mut report: Value = serde_json::from_str(&stdout)?;
+        report.as_object_mut().unwrap().remove("seconds");
+        Ok(report)
+    };
+    let measured = evaluate()?;
+    assert_eq!(measured["harmful_prompts"], 100, "{measured}");
+    assert_eq!(measured["benign_prompts"], 20, "{measured}");
+    let rate = measured["refusal_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate), "{measured}");
+    assert!(measured["perplexity"].as_f64().unwrap() > 1.0, "{measured}");
+    assert_eq!(
+        measured["refusal_rate_by_category"]
+            .as_object()
+            .unwrap()
+            .len(),
+        10
+    );
+    let direction = &measured["refusal_direction"];
+    assert_eq!(direction["layers"], 2, "{direction}");
+    let per_layer = direction["per_layer"].as_array().unwrap();
+    assert_eq!(per_layer.len(), 2, "{direction}");
+    let layer = direction["layer"].as_u64().unwrap() as usize;
+    assert_eq!(
+        direction["separation"], per_layer[layer]["separation"],
+        "{direction}"
+    );
+    assert!(direction["separation"].as_f64().unwrap() > 0.0);
+    assert_eq!(evaluate()?, measured, "the stored side read back");
+    Ok(())
 }

@@ -120,12 +120,14 @@ enum Command {
     },
     /// Run the safety evaluation (the publish gate's measurements) of an adapter against its
     /// base model and print the report as JSON: refusal rates on the built-in harmful-request
-    /// set, drift on benign prompts, intruder dimensions, and what it cost.
+    /// set, drift on benign prompts, intruder dimensions, the refusal direction, and what it
+    /// cost. Without --adapter, the model alone: its refusal rate, perplexity and refusal
+    /// direction.
     Evaluate {
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
-        adapter: PathBuf,
+        adapter: Option<PathBuf>,
         /// A validation file (JSONL, as a job's dataset) for perplexity; without one, the
         /// benign prompts are scored.
         #[arg(long)]
@@ -336,7 +338,6 @@ fn main() -> ExitCode {
                 judge,
                 ..Default::default()
             };
-            let adapter = PeftAdapter::load(&adapter)?;
             let cancel = AtomicBool::new(false);
             let cache = baselines.map(|root| eval::safety::baseline::DirectoryCache { root });
             let model_digest = match &cache {
@@ -352,14 +353,22 @@ fn main() -> ExitCode {
                 }),
                 progress: &mut |p| eprintln!("evaluating {}/{}", p.done, p.total),
             };
-            let report = eval::safety::evaluate(
-                &model,
-                &adapter,
-                validation.as_deref(),
-                &settings,
-                context,
-            )?;
-            println!("{}", serde_json::to_string(&report)?);
+            let report = match adapter {
+                Some(adapter) => serde_json::to_string(&eval::safety::evaluate(
+                    &model,
+                    &PeftAdapter::load(&adapter)?,
+                    validation.as_deref(),
+                    &settings,
+                    context,
+                )?)?,
+                None => serde_json::to_string(&eval::safety::evaluate_model(
+                    &model,
+                    validation.as_deref(),
+                    &settings,
+                    context,
+                )?)?,
+            };
+            println!("{report}");
             Ok(())
         }),
         Command::Judge {

@@ -965,6 +965,11 @@ export interface components {
              * @description Absent on jobs submitted before the drift limit existed: no limit.
              */
             max_perplexity_ratio?: number | null;
+            /**
+             * Format: double
+             * @description Absent on jobs submitted before the limit existed: no limit.
+             */
+            max_refusal_direction_shift?: number | null;
             /** Format: double */
             max_refusal_drop: number;
             /**
@@ -1715,6 +1720,43 @@ export interface components {
          */
         RankGrowthModel: "linear" | "nonlinear";
         /**
+         * @description The base model's refusal direction (Arditi et al. 2024) at one layer, and how far the
+         *     adapter moved the prompts along it (docs/safety.md, "The refusal direction"). Positions
+         *     along the direction are mean projections of the residual stream at the last prompt token.
+         */
+        RefusalDirection: {
+            /**
+             * Format: double
+             * @description That separation over the pooled spread of single prompts' positions (Cohen's d): the
+             *     largest among the candidate layers is what chose `layer`.
+             */
+            effect_size_base: number;
+            /**
+             * Format: double
+             * @description The harmful prompts' mean position, adapted minus base, over `separation_base`: 0 is
+             *     unchanged, -1 is where the base's harmless prompts sit, positive is further towards
+             *     refusal.
+             */
+            harmful_shift: number;
+            /**
+             * Format: double
+             * @description The same for the harmless prompts (an adapter that moves every prompt shows here too).
+             */
+            harmless_shift: number;
+            /**
+             * Format: int32
+             * @description The decoder layer (0-based) whose output the direction is taken from, of `layers`.
+             */
+            layer: number;
+            /** Format: int32 */
+            layers: number;
+            /**
+             * Format: double
+             * @description Base model: harmful minus harmless mean position (the difference of means' length).
+             */
+            separation_base: number;
+        };
+        /**
          * @description The nearest approved version in a job's lineage, whose measured refusal rate the gate
          *     held the job to when it was stricter than the base model's (docs/safety.md).
          */
@@ -1790,6 +1832,11 @@ export interface components {
              * @description A lower perplexity-ratio limit than the project's.
              */
             max_perplexity_ratio?: number | null;
+            /**
+             * Format: double
+             * @description A lower refusal-direction shift limit than the project's.
+             */
+            max_refusal_direction_shift?: number | null;
             /** Format: double */
             max_refusal_drop?: number | null;
             /**
@@ -1818,6 +1865,14 @@ export interface components {
              *     (docs/safety.md says why 3 by default); `null` switches the limit off.
              */
             max_perplexity_ratio?: number | null;
+            /**
+             * Format: double
+             * @description Largest tolerated fall of the harmful prompts' activations along the base model's
+             *     refusal direction, as a share of the base's harmful-harmless separation (0.5 = half
+             *     way to where harmless prompts sit; docs/safety.md, "The refusal direction"). Unset by
+             *     default.
+             */
+            max_refusal_direction_shift?: number | null;
             /**
              * Format: double
              * @description Largest tolerated fall of the refusal rate on the harmful-prompt set, in
@@ -1869,6 +1924,7 @@ export interface components {
              * @description Perplexity on the validation set (or the benign prompts when there is none).
              */
             perplexity_base: number;
+            refusal_direction?: null | components["schemas"]["RefusalDirection"];
             /** Format: double */
             refusal_rate_adapted: number;
             /** Format: double */

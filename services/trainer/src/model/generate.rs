@@ -9,7 +9,7 @@ use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::methods::lora;
 use crate::model::chat_template::ChatTemplate;
-use crate::model::llama::Logits;
+use crate::model::llama::{KvCache, Logits};
 use crate::model::tokenizer_config::TokenizerConfig;
 use crate::model::LlamaModel;
 use crate::model::ModelConfig;
@@ -106,6 +106,14 @@ pub struct Generator {
     stop_ids: Vec<i64>,
     pad_id: i64,
     device: Device,
+}
+
+/// A batch ready for its prefill forward pass ([`Generator::prefill_inputs`]).
+struct Prefill {
+    cache: KvCache,
+    ids: Tensor,
+    positions: Tensor,
+    key_valid: Tensor,
 }
 
 impl Generator {
@@ -287,10 +295,31 @@ impl Generator {
         Ok(completions.into_iter().flatten().collect())
     }
 
+    /// The residual stream after every layer at each prompt's last token (where its answer
+    /// starts), `(layers, prompts, hidden)` in fp32 on the CPU, `batch_size` prompts at a
+    /// time, each batch computed as generation prefills it (the safety evaluation's refusal
+    /// direction).
+    pub fn last_token_residuals(&self, prompts: &[Vec<i64>], batch_size: usize) -> Result<Tensor> {
+        let mut batches = Vec::new();
+        for chunk in prompts.chunks(batch_size.max(1)) {
+            let rows: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
+            let longest = rows.iter().map(|p| p.len()).max().unwrap_or(0);
+            let residuals = tch::no_grad(|| {
+                let mut prefill = self.prefill_inputs(&rows, longest)?;
+                self.model.last_residuals_cached(
+                    &prefill.ids,
+                    &prefill.positions,
+                    &prefill.key_valid,
+                    &mut prefill.cache,
+                )
+            })?;
+            batches.push(residuals.to_kind(Kind::Float).to_device(Device::Cpu));
+        }
+        Ok(Tensor::cat(&batches, 1))
+    }
+
     /// One batch: prefill the prompts, then one position per step for every row until each
-    /// has stopped or the budget is spent. The tokens every prompt starts with (a chat
-    /// template's system turn) are prefilled once and shared; the rest of each prompt follows
-    /// them left-padded, the padding masked out, so a row computes what it computes alone.
+    /// has stopped or the budget is spent.
     fn generate_batch(
         &self,
         prompts: &[&[i64]],
@@ -307,59 +336,16 @@ impl Generator {
                 sampling.max_new_tokens, self.config.max_position_embeddings
             )));
         }
-        // Every row keeps at least one token of its own, whose logits start its answer. Not
-        // with a sliding window: the window is measured in cache slots, and the padding after
-        // a shared prefix would count in it.
-        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(1);
-        let shared = match self.config.sliding_window {
-            Some(_) => 0,
-            None => shared_prefix(prompts).min(shortest - 1),
-        };
-        let mut cache = if shared > 0 {
-            let prefix = &prompts[0][..shared];
-            let shape = [1, shared as i64];
-            let mut one = self.model.new_cache(1, total as i64);
-            // Only the keys and values are wanted; the logits of its last position are dropped.
-            let _ = self.model.forward_cached(
-                &Tensor::from_slice(prefix)
-                    .reshape(shape)
-                    .to_device(self.device),
-                &Tensor::arange(shared as i64, (Kind::Int64, self.device)).reshape(shape),
-                &Tensor::ones(shape, (Kind::Bool, self.device)),
-                &mut one,
-                Logits::Last,
-            )?;
-            one.repeated(batch as i64)
-        } else {
-            self.model.new_cache(batch as i64, total as i64)
-        };
-        let rest = longest - shared;
-        let (mut ids, mut positions, mut valid) = (Vec::new(), Vec::new(), Vec::new());
-        for prompt in prompts {
-            let own = &prompt[shared..];
-            let padding = rest - own.len();
-            ids.extend(std::iter::repeat_n(self.pad_id, padding).chain(own.iter().copied()));
-            positions
-                .extend(std::iter::repeat_n(0, padding).chain(shared as i64..prompt.len() as i64));
-            valid.extend(
-                std::iter::repeat_n(true, shared)
-                    .chain(std::iter::repeat_n(false, padding))
-                    .chain(std::iter::repeat_n(true, own.len())),
-            );
-        }
-        let to_device = |t: Tensor, columns: usize| {
-            t.reshape([batch as i64, columns as i64])
-                .to_device(self.device)
-        };
-        let mut key_valid = to_device(Tensor::from_slice(&valid), longest);
+        let Prefill {
+            mut cache,
+            ids,
+            positions,
+            mut key_valid,
+        } = self.prefill_inputs(prompts, total)?;
         let mut next_position: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-        let logits = self.model.forward_cached(
-            &to_device(Tensor::from_slice(&ids), rest),
-            &to_device(Tensor::from_slice(&positions), rest),
-            &key_valid,
-            &mut cache,
-            Logits::Last,
-        )?;
+        let logits =
+            self.model
+                .forward_cached(&ids, &positions, &key_valid, &mut cache, Logits::Last)?;
         let mut last = logits.select(1, 0);
 
         let mut outputs: Vec<(Vec<i64>, Option<FinishReason>)> = vec![(Vec::new(), None); batch];
@@ -413,6 +399,65 @@ impl Generator {
             .into_iter()
             .map(|(tokens, finished)| (tokens, finished.unwrap_or(FinishReason::Length)))
             .collect())
+    }
+
+    /// What a batch's prefill runs on: the tokens every prompt starts with (a chat template's
+    /// system turn) are prefilled once into a cache of `capacity` positions and shared; the
+    /// rest of each prompt follows them left-padded (`ids`, RoPE `positions`), the padding
+    /// masked out (`key_valid`), so a row computes what it computes alone.
+    fn prefill_inputs(&self, prompts: &[&[i64]], capacity: usize) -> Result<Prefill> {
+        let batch = prompts.len();
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        // Every row keeps at least one token of its own, whose logits start its answer. Not
+        // with a sliding window: the window is measured in cache slots, and the padding after
+        // a shared prefix would count in it.
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(1);
+        let shared = match self.config.sliding_window {
+            Some(_) => 0,
+            None => shared_prefix(prompts).min(shortest - 1),
+        };
+        let cache = if shared > 0 {
+            let prefix = &prompts[0][..shared];
+            let shape = [1, shared as i64];
+            let mut one = self.model.new_cache(1, capacity as i64);
+            // Only the keys and values are wanted; the logits of its last position are dropped.
+            let _ = self.model.forward_cached(
+                &Tensor::from_slice(prefix)
+                    .reshape(shape)
+                    .to_device(self.device),
+                &Tensor::arange(shared as i64, (Kind::Int64, self.device)).reshape(shape),
+                &Tensor::ones(shape, (Kind::Bool, self.device)),
+                &mut one,
+                Logits::Last,
+            )?;
+            one.repeated(batch as i64)
+        } else {
+            self.model.new_cache(batch as i64, capacity as i64)
+        };
+        let rest = longest - shared;
+        let (mut ids, mut positions, mut valid) = (Vec::new(), Vec::new(), Vec::new());
+        for prompt in prompts {
+            let own = &prompt[shared..];
+            let padding = rest - own.len();
+            ids.extend(std::iter::repeat_n(self.pad_id, padding).chain(own.iter().copied()));
+            positions
+                .extend(std::iter::repeat_n(0, padding).chain(shared as i64..prompt.len() as i64));
+            valid.extend(
+                std::iter::repeat_n(true, shared)
+                    .chain(std::iter::repeat_n(false, padding))
+                    .chain(std::iter::repeat_n(true, own.len())),
+            );
+        }
+        let to_device = |t: Tensor, columns: usize| {
+            t.reshape([batch as i64, columns as i64])
+                .to_device(self.device)
+        };
+        Ok(Prefill {
+            cache,
+            ids: to_device(Tensor::from_slice(&ids), rest),
+            positions: to_device(Tensor::from_slice(&positions), rest),
+            key_valid: to_device(Tensor::from_slice(&valid), longest),
+        })
     }
 
     /// The next token of every row from its logits `(batch, vocab)`.

@@ -300,31 +300,60 @@ impl LlamaModel {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
-        let new = input_ids.size()[1];
-        if cache.len + new > cache.capacity {
-            return Err(anyhow::anyhow!(
-                "the KV cache holds {} positions; {} were asked for",
-                cache.capacity,
-                cache.len + new
-            ));
-        }
-        let step = CacheStep {
-            cache,
-            positions,
-            key_valid,
-        };
+        let step = CacheStep::new(cache, input_ids, positions, key_valid)?;
         Ok(self.forward_with_cache(input_ids, false, Some(step), logits))
     }
 
-    /// The forward pass. Without a cache, the tokens are a whole sequence from position 0, and
-    /// attention is causal (cut to the window on sliding layers); with one, they continue the
-    /// cached tokens, and an explicit mask says what each may attend to.
+    /// The residual stream after every decoder layer at the last of the new positions,
+    /// `(layers, batch, hidden)`, for tokens that follow the cached ones as in
+    /// [`LlamaModel::forward_cached`] (left-padded rows all end there: a prompt's last token).
+    /// The vocabulary projection is skipped.
+    pub fn last_residuals_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_valid: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let last = input_ids.size()[1] - 1;
+        let step = CacheStep::new(cache, input_ids, positions, key_valid)?;
+        let mut taken = Vec::with_capacity(self.layers.len());
+        // The last layer's output is taken like the others'; what comes back is the same.
+        let _ = self.run_layers(input_ids, false, Some(step), &mut |hidden: &Tensor| {
+            taken.push(hidden.select(1, last));
+        });
+        Ok(Tensor::stack(&taken, 0))
+    }
+
+    /// The forward pass: the decoder layers, then the final norm and the vocabulary projection
+    /// at the positions `logits` asks for.
     fn forward_with_cache(
         &self,
         input_ids: &Tensor,
         train: bool,
         cache: Option<CacheStep>,
         logits: Logits,
+    ) -> Tensor {
+        let new = input_ids.size()[1];
+        let hidden = self.run_layers(input_ids, train, cache, &mut |_| {});
+        let hidden = match logits {
+            Logits::All => hidden,
+            Logits::Last => hidden.narrow(1, new - 1, 1),
+        };
+        let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps);
+        hidden.linear::<Tensor>(&self.lm_head, None)
+    }
+
+    /// The embedding and the decoder layers, `after_layer` shown the residual stream
+    /// `(batch, new, hidden)` after each. Without a cache, the tokens are a whole sequence from
+    /// position 0, and attention is causal (cut to the window on sliding layers); with one,
+    /// they continue the cached tokens, and an explicit mask says what each may attend to.
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        train: bool,
+        cache: Option<CacheStep>,
+        after_layer: &mut dyn FnMut(&Tensor),
     ) -> Tensor {
         let new = input_ids.size()[1];
         let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
@@ -372,16 +401,12 @@ impl LlamaModel {
                 c.rms_norm_eps,
                 train,
             );
+            after_layer(&hidden);
         }
         if let Some(cache) = cache {
             cache.len += new;
         }
-        let hidden = match logits {
-            Logits::All => hidden,
-            Logits::Last => hidden.narrow(1, new - 1, 1),
-        };
-        let hidden = rms_norm(&hidden, &self.norm, c.rms_norm_eps);
-        hidden.linear::<Tensor>(&self.lm_head, None)
+        hidden
     }
 }
 
@@ -611,6 +636,30 @@ struct CacheStep<'c> {
     key_valid: &'c Tensor,
 }
 
+impl<'c> CacheStep<'c> {
+    /// A step of `input_ids (batch, new)`, refused when the cache has no room for it.
+    fn new(
+        cache: &'c mut KvCache,
+        input_ids: &Tensor,
+        positions: &'c Tensor,
+        key_valid: &'c Tensor,
+    ) -> Result<CacheStep<'c>> {
+        let new = input_ids.size()[1];
+        if cache.len + new > cache.capacity {
+            return Err(anyhow::anyhow!(
+                "the KV cache holds {} positions; {} were asked for",
+                cache.capacity,
+                cache.len + new
+            ));
+        }
+        Ok(CacheStep {
+            cache,
+            positions,
+            key_valid,
+        })
+    }
+}
+
 /// One layer's slice of the cache, filled up to `offset`.
 struct LayerCache<'c> {
     keys: &'c mut Tensor,
@@ -771,6 +820,33 @@ mod tests {
             Tensor::zeros([4], (Kind::Float, Device::Cpu)),
         );
         assert!(LlamaModel::from_weights(tied, extras).is_ok());
+    }
+
+    /// The residual stream after the last layer, normed and projected, is what the forward
+    /// pass makes the last position's logits of; the cache fills as a forward pass fills it.
+    #[test]
+    fn the_residual_stream_is_what_the_forward_pass_projects() {
+        let c = config(json!({}));
+        let model = LlamaModel::from_weights(c.clone(), checkpoint(&c)).unwrap();
+        let ids = Tensor::from_slice(&[3i64, 7, 1, 9, 4, 3, 7, 1, 0, 2]).view([2, 5]);
+        let positions = Tensor::arange(5, (Kind::Int64, Device::Cpu)).repeat([2, 1]);
+        let valid = Tensor::ones([2, 5], (Kind::Bool, Device::Cpu));
+        let mut cache = model.new_cache(2, 6);
+        let residuals = model
+            .last_residuals_cached(&ids, &positions, &valid, &mut cache)
+            .unwrap();
+        assert_eq!(residuals.size(), [2, 2, 32]);
+        assert_eq!(cache.len, 5);
+        let logits = model.forward(&ids, false).select(1, 4);
+        let projected = rms_norm(&residuals.get(1), &model.norm, c.rms_norm_eps)
+            .linear::<Tensor>(&model.lm_head, None);
+        let diff = (projected - &logits).abs().max().double_value(&[]);
+        let scale = logits.abs().max().double_value(&[]);
+        assert!(diff < 1e-5 * scale, "{diff} of {scale}");
+        let mut full = model.new_cache(2, 4);
+        assert!(model
+            .last_residuals_cached(&ids, &positions, &valid, &mut full)
+            .is_err());
     }
 
     #[test]

@@ -526,8 +526,10 @@ fn training_continues_from_a_parent_adapter() {
 }
 
 /// The base model's side of the safety evaluation, stored by one evaluation and read back by
-/// the next, gives the same report as measuring it again; the second evaluation does half the
-/// work (its progress counts one model) and reports progress after every batch.
+/// the next, gives the same report as measuring it again (the refusal direction included); the
+/// second evaluation does half the work (its progress counts one model) and reports progress
+/// after every batch. The model evaluated alone gives the base side's numbers, measured or read
+/// back.
 #[test]
 fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
     use crate::eval::safety::{self, baseline::DirectoryCache, Context, Progress, Reuse};
@@ -577,6 +579,40 @@ fn the_evaluation_reuses_the_base_side_with_the_same_numbers() {
     let (reused, reused_progress) = evaluate(true);
     assert_eq!(measured, stored);
     assert_eq!(measured, reused, "a reused base side changed the report");
+    let direction = &measured["refusal_direction"];
+    assert_eq!(direction["layers"], 2, "{direction}");
+    assert!(direction["layer"].as_u64().unwrap() < 2, "{direction}");
+    for field in ["separation_base", "effect_size_base"] {
+        assert!(direction[field].as_f64().unwrap() > 0.0, "{direction}");
+    }
+    assert!(
+        direction["harmful_shift"].as_f64().unwrap() != 0.0,
+        "the adapter moved the activations: {direction}"
+    );
+
+    let alone = |reuse: bool| {
+        let context = Context {
+            device: Device::Cpu,
+            cancel: &cancel,
+            reuse: reuse.then_some(Reuse {
+                cache: &cache,
+                model_digest: "fixture",
+            }),
+            progress: &mut |_| {},
+        };
+        let report =
+            safety::evaluate_model(&paths.model, Some(&paths.validation), &settings, context)
+                .unwrap();
+        serde_json::to_value(report).unwrap()
+    };
+    for model in [alone(false), alone(true)] {
+        assert_eq!(model["refusal_rate"], measured["refusal_rate_base"]);
+        assert_eq!(model["perplexity"], measured["perplexity_base"]);
+        let side = &model["refusal_direction"];
+        assert_eq!(side["layer"], direction["layer"], "{side}");
+        assert_eq!(side["separation"], direction["separation_base"], "{side}");
+        assert_eq!(side["per_layer"].as_array().unwrap().len(), 2, "{side}");
+    }
     // 100 harmful requests and 20 benign prompts per model: progress after every decoding step
     // (up to 8, fewer when every answer ends early) and after the benign prompts.
     let per_model = 120;

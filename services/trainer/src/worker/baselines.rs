@@ -1,7 +1,7 @@
 //! The base model's side of the safety evaluation, kept in the artifact store under
 //! `baselines/<key>/` so that every worker, on any machine, reuses what one measured.
 
-use crate::eval::safety::baseline::{self, BaseSide, BaselineCache, ANSWERS_FILE, BENIGN_FILE};
+use crate::eval::safety::baseline::{self, BaseSide, BaselineCache, ANSWERS_FILE, FILES};
 use anyhow::Result;
 use loraforge_storage::{layout, Store};
 use tokio::runtime::Handle;
@@ -20,7 +20,7 @@ impl BaselineCache for StoredBaselines {
             return Ok(None);
         }
         let dir = tempfile::tempdir()?;
-        for file in [BENIGN_FILE, ANSWERS_FILE] {
+        for file in FILES {
             self.runtime.block_on(
                 self.store
                     .download(&format!("{prefix}/{file}"), &dir.path().join(file)),
@@ -33,7 +33,7 @@ impl BaselineCache for StoredBaselines {
         let dir = tempfile::tempdir()?;
         baseline::write(base, dir.path())?;
         let prefix = layout::baseline_prefix(key);
-        for file in [BENIGN_FILE, ANSWERS_FILE] {
+        for file in FILES {
             let bytes = std::fs::read(dir.path().join(file))?;
             self.runtime
                 .block_on(self.store.put(&format!("{prefix}/{file}"), bytes.into()))?;

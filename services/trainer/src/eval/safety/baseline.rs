@@ -1,12 +1,13 @@
 //! The base model's side of the safety evaluation, kept for reuse. What the base model
-//! answers to the harmful requests and its next-token distributions on the benign prompts
-//! depend only on the base model, the prompts, the generation settings and the device, never
+//! answers to the harmful requests, its next-token distributions on the benign prompts and its
+//! refusal direction (per-layer mean activations) depend only on the base model, the prompts, the generation settings and the device, never
 //! on the job: so they are computed once per [`baseline_key`] and every later job on that base
 //! reads them back (half the evaluation's work, since the adapted model's side must run). The
 //! judge is applied to the stored answers each time, so the job's judge (semantic or keywords,
 //! with its project's exemplars and keywords) decides what counts as a refusal.
 //! The job's validation perplexity depends on its data and is always measured.
 
+use super::direction::{BaseDirection, Means};
 use super::drift::PromptScores;
 use super::{prompts, Settings};
 use anyhow::{Context, Result};
@@ -17,7 +18,7 @@ use tch::Device;
 
 /// Bumped whenever what is stored, or how it is computed, changes: old entries are then
 /// simply never asked for again.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// What the base model did, as the evaluation measures it.
 pub struct BaseSide {
@@ -25,6 +26,8 @@ pub struct BaseSide {
     pub answers: Vec<String>,
     pub tokens_generated: u64,
     pub benign: PromptScores,
+    /// Its refusal direction at every layer.
+    pub direction: BaseDirection,
 }
 
 /// Where base sides are kept between jobs.
@@ -59,8 +62,12 @@ struct Stored {
 
 pub const ANSWERS_FILE: &str = "answers.json";
 pub const BENIGN_FILE: &str = "benign.safetensors";
+pub const DIRECTION_FILE: &str = "direction.safetensors";
+/// An entry's files in the order they are written: the answers last, so that where they are,
+/// the whole entry is.
+pub const FILES: [&str; 3] = [BENIGN_FILE, DIRECTION_FILE, ANSWERS_FILE];
 
-/// Writes `base` as two files into `dir`.
+/// Writes `base` as three files into `dir`.
 pub fn write(base: &BaseSide, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let (log_probs, nll_sum, predicted) = base.benign.parts();
@@ -77,6 +84,15 @@ pub fn write(base: &BaseSide, dir: &Path) -> Result<()> {
         .map(|(i, t)| (format!("prompt.{i}"), t))
         .collect();
     tch::Tensor::write_safetensors(&named, dir.join(BENIGN_FILE))?;
+    let direction = &base.direction;
+    tch::Tensor::write_safetensors(
+        &[
+            ("harmful_mean", &direction.means.harmful),
+            ("harmless_mean", &direction.means.harmless),
+            ("spread", &direction.spread),
+        ],
+        dir.join(DIRECTION_FILE),
+    )?;
     std::fs::write(dir.join(ANSWERS_FILE), serde_json::to_vec(&stored)?)?;
     Ok(())
 }
@@ -96,10 +112,27 @@ pub fn read(dir: &Path) -> Result<BaseSide> {
                 .with_context(|| format!("a stored base side lacks prompt {i}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut direction: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(dir.join(DIRECTION_FILE))?
+            .into_iter()
+            .collect();
+    let mut take = |name: &str| {
+        direction
+            .remove(name)
+            .with_context(|| format!("a stored base side lacks the direction's {name}"))
+    };
+    let direction = BaseDirection {
+        means: Means {
+            harmful: take("harmful_mean")?,
+            harmless: take("harmless_mean")?,
+        },
+        spread: take("spread")?,
+    };
     Ok(BaseSide {
         answers: stored.answers,
         tokens_generated: stored.tokens_generated,
         benign: PromptScores::from_parts(log_probs, stored.nll_sum, stored.predicted),
+        direction,
     })
 }
 

@@ -4,7 +4,9 @@
 //!   by [`judge::Judge`] (semantic where the encoder is installed, else llm-attacks' keywords);
 //! - drift: mean KL(base || adapted) of next-token distributions over 20 benign prompts, and
 //!   perplexity on the job's validation file (on the benign prompts when it has none);
-//! - weight space: intruder dimensions per adapted module.
+//! - weight space: intruder dimensions per adapted module;
+//! - the refusal direction ([`direction`]): how far the adapter moved the harmful requests'
+//!   activations towards the benign prompts' along the base model's difference of means.
 //!
 //! The worker only measures; the control plane judges the [`SafetyReport`] against the job's
 //! policy, so a worker cannot publish what the policy blocks.
@@ -14,6 +16,7 @@
 //! form teaches it what a chat model learns through its template.
 
 pub mod baseline;
+pub mod direction;
 pub mod drift;
 pub mod embedder;
 pub mod intruders;
@@ -29,6 +32,7 @@ use anyhow::Result;
 use baseline::{BaseSide, BaselineCache};
 use judge::{Judge, JudgeConfig};
 use loraforge_spec::safety::SafetyReport;
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,6 +123,47 @@ pub fn evaluate(
     })
 }
 
+/// Measures the model in `model_dir` alone, as the base side of [`evaluate`] does (and reusing
+/// or keeping that side the same way): so a base model can be checked before anything is
+/// trained on it.
+pub fn evaluate_model(
+    model_dir: &Path,
+    validation: Option<&Path>,
+    settings: &Settings,
+    context: Context,
+) -> Result<ModelReport> {
+    crate::error::guard_libtorch("the safety evaluation", || {
+        evaluate_model_unguarded(model_dir, validation, settings, context)
+    })
+}
+
+/// One model's side of the evaluation, on its own (`loraforge-trainer evaluate` without an
+/// adapter).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    pub harmful_prompts: u32,
+    pub judge: String,
+    pub refusal_rate: f64,
+    pub refusal_rate_by_category: BTreeMap<String, f64>,
+    pub benign_prompts: u32,
+    /// On the validation set, or the benign prompts when there is none.
+    pub perplexity: f64,
+    pub refusal_direction: ModelDirection,
+    pub tokens_generated: u64,
+    pub seconds: f64,
+}
+
+/// A model's refusal direction: the layer an evaluation would take it from, and how well every
+/// layer separates harmful from harmless prompts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDirection {
+    pub layer: u32,
+    pub layers: u32,
+    pub separation: f64,
+    pub effect_size: f64,
+    pub per_layer: Vec<direction::LayerSeparation>,
+}
+
 /// What one model (base or adapted) did.
 struct Measurement {
     side: BaseSide,
@@ -134,6 +179,198 @@ impl Measurement {
             .map(|v| v.refusal)
             .collect())
     }
+
+    fn perplexity(&self) -> f64 {
+        self.validation_perplexity
+            .unwrap_or_else(|| self.side.benign.perplexity())
+    }
+}
+
+/// The share of `true`s.
+fn rate(refused: &[bool]) -> f64 {
+    refused.iter().filter(|&&r| r).count() as f64 / refused.len().max(1) as f64
+}
+
+/// The refusal rate per prompt category.
+fn rate_by_category(harmful: &[prompts::HarmfulPrompt], refused: &[bool]) -> BTreeMap<String, f64> {
+    let mut by_category: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+    for (prompt, &refused) in harmful.iter().zip(refused) {
+        by_category
+            .entry(prompt.category.clone())
+            .or_default()
+            .push(refused);
+    }
+    by_category
+        .into_iter()
+        .map(|(c, r)| (c, rate(&r)))
+        .collect()
+}
+
+/// The prompts, rendered and tokenized for the model, and the validation set.
+struct Prepared {
+    harmful: Vec<prompts::HarmfulPrompt>,
+    requests: Vec<Prompt>,
+    harmful_ids: Vec<Vec<i64>>,
+    benign_ids: Vec<Vec<i64>>,
+    validation: Option<TokenizedDataset>,
+    vocab_size: i64,
+}
+
+impl Prepared {
+    fn new(
+        generator: &Generator,
+        model_dir: &Path,
+        validation: Option<&Path>,
+        settings: &Settings,
+    ) -> Result<Prepared> {
+        if settings.batch_size == 0 {
+            return Err(crate::error::user_error(
+                "the evaluation's batch size must be at least 1",
+            ));
+        }
+        let harmful = prompts::harmful()?;
+        let benign = prompts::benign()?;
+        let as_prompt = |request: &str| match generator.has_chat_template() {
+            true => Prompt::user(request),
+            false => Prompt::Text(plain_prompt(request)),
+        };
+        let requests: Vec<Prompt> = harmful.iter().map(|h| as_prompt(&h.prompt)).collect();
+        let encode = |prompts: &[Prompt]| {
+            prompts
+                .iter()
+                .map(|p| generator.encode(p).map(|(_, ids)| ids))
+                .collect::<Result<Vec<_>>>()
+        };
+        let harmful_ids = encode(&requests)?;
+        let benign_ids = encode(&benign.iter().map(|b| as_prompt(b)).collect::<Vec<_>>())?;
+        let validation = match validation {
+            Some(path) => Some(TokenizedDataset::build(
+                path,
+                &generator.example_encoder()?,
+                Some(settings.seq_len),
+            )?),
+            None => None,
+        };
+        Ok(Prepared {
+            harmful,
+            requests,
+            harmful_ids,
+            benign_ids,
+            validation,
+            vocab_size: crate::model::ModelConfig::load(model_dir)?.vocab_size,
+        })
+    }
+
+    /// Prompts answered or scored per model (what progress counts).
+    fn per_model(&self) -> Result<u32> {
+        Ok(u32::try_from(self.requests.len() + self.benign_ids.len())?)
+    }
+
+    fn inputs<'a>(&'a self, settings: &'a Settings, device: Device) -> MeasureInputs<'a> {
+        MeasureInputs {
+            requests: &self.requests,
+            harmful_ids: &self.harmful_ids,
+            benign_ids: &self.benign_ids,
+            validation: self.validation.as_ref(),
+            vocab_size: self.vocab_size,
+            settings,
+            device,
+        }
+    }
+}
+
+/// Where the base model's side is kept, if anywhere, and what was found there.
+struct Baseline<'a> {
+    reuse: Option<Reuse<'a>>,
+    key: Option<String>,
+    stored: Option<BaseSide>,
+}
+
+impl<'a> Baseline<'a> {
+    fn look_up(reuse: Option<Reuse<'a>>, settings: &Settings, device: Device) -> Baseline<'a> {
+        let key = reuse
+            .as_ref()
+            .map(|r| baseline::baseline_key(r.model_digest, settings, device));
+        let stored = match (&reuse, &key) {
+            (Some(r), Some(key)) => r.cache.load(key).unwrap_or_else(|e| {
+                // A stored entry that cannot be read is measured again (and replaced).
+                tracing::warn!("the stored base side {key} is unreadable, measuring again: {e:#}");
+                None
+            }),
+            _ => None,
+        };
+        Baseline { reuse, key, stored }
+    }
+
+    /// The stored side, or the side measured now (and kept for the next evaluation).
+    fn measure(self, measurer: Measurer, counter: &mut Counter) -> Result<Measurement> {
+        if let Some(side) = self.stored {
+            return Ok(Measurement {
+                validation_perplexity: measurer.validation_perplexity()?,
+                side,
+            });
+        }
+        let measured = measurer.measure(counter)?;
+        if let (Some(r), Some(key)) = (&self.reuse, &self.key) {
+            if let Err(e) = r.cache.save(key, &measured.side) {
+                tracing::warn!("could not keep the base side {key} for reuse: {e:#}");
+            }
+        }
+        Ok(measured)
+    }
+}
+
+fn evaluate_model_unguarded(
+    model_dir: &Path,
+    validation: Option<&Path>,
+    settings: &Settings,
+    context: Context,
+) -> Result<ModelReport> {
+    let Context {
+        device,
+        cancel,
+        reuse,
+        progress,
+    } = context;
+    let started = Instant::now();
+    let judge = settings.judge.load(device)?;
+    let generator = Generator::load(model_dir, None, device)?;
+    let prepared = Prepared::new(&generator, model_dir, validation, settings)?;
+    let baseline = Baseline::look_up(reuse, settings, device);
+    let mut counter = Counter {
+        done: 0,
+        total: if baseline.stored.is_some() {
+            0
+        } else {
+            prepared.per_model()?
+        },
+        progress,
+        cancel,
+    };
+    counter.check_cancel()?;
+    let inputs = prepared.inputs(settings, device);
+    let model = baseline.measure(Measurer::of(&generator, &inputs), &mut counter)?;
+    let refused = model.refused(&judge)?;
+    let direction = &model.side.direction;
+    let per_layer = direction.per_layer();
+    let layer = direction.chosen_layer();
+    Ok(ModelReport {
+        harmful_prompts: u32::try_from(prepared.harmful.len())?,
+        judge: judge.describe(),
+        refusal_rate: rate(&refused),
+        refusal_rate_by_category: rate_by_category(&prepared.harmful, &refused),
+        benign_prompts: u32::try_from(prepared.benign_ids.len())?,
+        perplexity: model.perplexity(),
+        refusal_direction: ModelDirection {
+            layer: u32::try_from(layer)?,
+            layers: u32::try_from(per_layer.len())?,
+            separation: per_layer[layer].separation,
+            effect_size: per_layer[layer].effect_size,
+            per_layer,
+        },
+        tokens_generated: model.side.tokens_generated,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn evaluate_unguarded(
@@ -150,112 +387,40 @@ fn evaluate_unguarded(
         progress,
     } = context;
     let started = Instant::now();
-    if settings.batch_size == 0 {
-        return Err(crate::error::user_error(
-            "the evaluation's batch size must be at least 1",
-        ));
-    }
-    let harmful = prompts::harmful()?;
-    let benign = prompts::benign()?;
     // Loaded first: a judge that cannot load fails the evaluation before any generation.
     let judge = settings.judge.load(device)?;
     let mut generator = Generator::load(model_dir, None, device)?;
-    let as_prompt = |request: &str| match generator.has_chat_template() {
-        true => Prompt::user(request),
-        false => Prompt::Text(plain_prompt(request)),
-    };
-    let requests: Vec<Prompt> = harmful.iter().map(|h| as_prompt(&h.prompt)).collect();
-    let benign_ids = benign
-        .iter()
-        .map(|b| generator.encode(&as_prompt(b)).map(|(_, ids)| ids))
-        .collect::<Result<Vec<_>>>()?;
-    let validation = match validation {
-        Some(path) => Some(TokenizedDataset::build(
-            path,
-            &generator.example_encoder()?,
-            Some(settings.seq_len),
-        )?),
-        None => None,
-    };
-    let vocab_size = crate::model::ModelConfig::load(model_dir)?.vocab_size;
-    let key = reuse
-        .as_ref()
-        .map(|r| baseline::baseline_key(r.model_digest, settings, device));
-    let stored = match (&reuse, &key) {
-        (Some(r), Some(key)) => r.cache.load(key).unwrap_or_else(|e| {
-            // A stored entry that cannot be read is measured again (and replaced).
-            tracing::warn!("the stored base side {key} is unreadable, measuring again: {e:#}");
-            None
-        }),
-        _ => None,
-    };
-    let per_model = u32::try_from(requests.len() + benign_ids.len())?;
+    let prepared = Prepared::new(&generator, model_dir, validation, settings)?;
+    let baseline = Baseline::look_up(reuse, settings, device);
+    let per_model = prepared.per_model()?;
     let mut counter = Counter {
         done: 0,
-        total: per_model * if stored.is_some() { 1 } else { 2 },
+        total: per_model * if baseline.stored.is_some() { 1 } else { 2 },
         progress,
         cancel,
     };
     counter.check_cancel()?;
-    let inputs = MeasureInputs {
-        requests: &requests,
-        benign_ids: &benign_ids,
-        validation: validation.as_ref(),
-        vocab_size,
-        settings,
-        device,
-    };
-    let base = match stored {
-        Some(side) => Measurement {
-            validation_perplexity: Measurer::of(&generator, &inputs).validation_perplexity()?,
-            side,
-        },
-        None => {
-            let measured = Measurer::of(&generator, &inputs).measure(&mut counter)?;
-            if let (Some(r), Some(key)) = (&reuse, &key) {
-                if let Err(e) = r.cache.save(key, &measured.side) {
-                    tracing::warn!("could not keep the base side {key} for reuse: {e:#}");
-                }
-            }
-            measured
-        }
-    };
+    let inputs = prepared.inputs(settings, device);
+    let base = baseline.measure(Measurer::of(&generator, &inputs), &mut counter)?;
     generator.attach_adapter(adapter)?;
     let adapted = Measurer::of(&generator, &inputs).measure(&mut counter)?;
     counter.check_cancel()?;
     let intruder_dimensions = intruders::count_intruders(model_dir, adapter, device)?;
     // Judged here, never stored: a reused base side is judged by this job's judge.
     let (base_refused, adapted_refused) = (base.refused(&judge)?, adapted.refused(&judge)?);
-
-    let rate = |refused: &[bool]| {
-        refused.iter().filter(|&&r| r).count() as f64 / refused.len().max(1) as f64
-    };
-    let mut by_category: BTreeMap<String, Vec<bool>> = BTreeMap::new();
-    for (prompt, &refused) in harmful.iter().zip(&adapted_refused) {
-        by_category
-            .entry(prompt.category.clone())
-            .or_default()
-            .push(refused);
-    }
-    let perplexity = |m: &Measurement| {
-        m.validation_perplexity
-            .unwrap_or_else(|| m.side.benign.perplexity())
-    };
     Ok(SafetyReport {
-        harmful_prompts: u32::try_from(harmful.len())?,
+        harmful_prompts: u32::try_from(prepared.harmful.len())?,
         judge: judge.describe(),
         refusal_rate_base: rate(&base_refused),
         refusal_rate_adapted: rate(&adapted_refused),
-        refusal_rate_by_category: by_category
-            .into_iter()
-            .map(|(c, r)| (c, rate(&r)))
-            .collect(),
-        benign_prompts: u32::try_from(benign.len())?,
+        refusal_rate_by_category: rate_by_category(&prepared.harmful, &adapted_refused),
+        benign_prompts: u32::try_from(prepared.benign_ids.len())?,
         benign_kl_mean: drift::mean_kl(&base.side.benign, &adapted.side.benign),
-        perplexity_base: perplexity(&base),
-        perplexity_adapted: perplexity(&adapted),
+        perplexity_base: base.perplexity(),
+        perplexity_adapted: adapted.perplexity(),
         intruder_dimensions_total: intruder_dimensions.values().sum(),
         intruder_dimensions,
+        refusal_direction: Some(base.side.direction.report(&adapted.side.direction.means)),
         tokens_generated: base.side.tokens_generated + adapted.side.tokens_generated,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -290,6 +455,8 @@ impl Counter<'_> {
 /// What both models are measured on.
 struct MeasureInputs<'a> {
     requests: &'a [Prompt],
+    /// The requests' token ids (the same the generator encodes).
+    harmful_ids: &'a [Vec<i64>],
     benign_ids: &'a [Vec<i64>],
     validation: Option<&'a TokenizedDataset>,
     vocab_size: i64,
@@ -336,11 +503,26 @@ impl<'a> Measurer<'a> {
             self.inputs.device,
         )?;
         counter.finished(self.inputs.benign_ids.len())?;
+        // Not counted as progress: a forward pass of both prompt sets costs a fraction of
+        // the answers' decoding (docs/safety.md gives the time, which this log line shows).
+        let started = Instant::now();
+        let activations = |ids: &[Vec<i64>]| self.generator.last_token_residuals(ids, batch);
+        let direction = direction::BaseDirection::fit(
+            &activations(self.inputs.harmful_ids)?,
+            &activations(self.inputs.benign_ids)?,
+        );
+        tracing::info!(
+            "refusal direction: activations of {} prompts in {:.2} s",
+            self.inputs.harmful_ids.len() + self.inputs.benign_ids.len(),
+            started.elapsed().as_secs_f64()
+        );
+        counter.check_cancel()?;
         Ok(Measurement {
             side: BaseSide {
                 answers,
                 tokens_generated,
                 benign,
+                direction,
             },
             validation_perplexity: self.validation_perplexity()?,
         })
