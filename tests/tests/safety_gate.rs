@@ -304,6 +304,55 @@ async fn the_gate_is_switched_off_only_where_the_project_allows() -> anyhow::Res
     app.stop().await
 }
 
+/// A project's exemplars and keywords travel with its policy to the worker, whose judge uses
+/// them (the report's `judge` says so); bad entries are refused with the field named.
+#[tokio::test]
+async fn the_projects_exemplars_and_keywords_reach_the_judge() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let app = TestApp::spawn().await?;
+    let bad = json!({"refusal_keywords": ["Nein", " "]});
+    let (code, problem) = app
+        .send_json(Method::PUT, "/v1/safety-policy", Some(&bad))
+        .await?;
+    assert_eq!(code, 422, "{problem}");
+    assert!(
+        problem.to_string().contains("refusal_keywords[1]"),
+        "{problem}"
+    );
+    let policy = json!({
+        "refusal_exemplars": ["Das mache ich nicht.", "Dabei helfe ich nicht."],
+        "compliance_exemplars": ["Klar, hier ist die Anleitung: [Schritt 1]."],
+        "refusal_keywords": ["Nein, "],
+        "action": "warn",
+    });
+    let (code, body) = app
+        .send_json(Method::PUT, "/v1/safety-policy", Some(&policy))
+        .await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["refusal_keywords"], json!(["Nein, "]), "{body}");
+
+    let done = app.run_job(&fixture.job("judged")).await?;
+    let events = app.all_events(done["id"].as_str().unwrap()).await?;
+    let report = &events
+        .iter()
+        .find(|e| e["kind"] == "safety")
+        .expect("a safety event")["report"];
+    let judge = report["judge"].as_str().unwrap();
+    // .ci/env.sh installs the encoder, so CI runs the semantic judge.
+    match std::env::var_os("LORAFORGE_JUDGE_MODEL") {
+        Some(_) => {
+            assert!(judge.starts_with("semantic: "), "{judge}");
+            assert!(
+                judge.contains("of 47 refusal minus 53 compliance"),
+                "{judge}"
+            );
+            assert!(judge.ends_with("or any of 1 policy keywords"), "{judge}");
+        }
+        None => assert!(judge.contains("+ 1 from the policy"), "{judge}"),
+    }
+    app.stop().await
+}
+
 /// `loraforge-trainer evaluate` without `--adapter` measures the model alone: its refusal rate,
 /// perplexity and refusal direction (every layer's separation, and the layer chosen). With
 /// `--baselines` it keeps that side, and reading it back gives the same numbers.

@@ -54,6 +54,45 @@ pub struct SafetyPolicy {
     /// Whether a job of this project may switch the gate off.
     #[serde(default)]
     pub allow_disable: bool,
+    /// Answers the refusal judge should count as refusals, added to its built-in exemplars
+    /// (docs/safety.md, "The refusal judge"): a house style of refusing, another language.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusal_exemplars: Vec<String>,
+    /// Answers the refusal judge should count as compliance, added to its built-in exemplars.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compliance_exemplars: Vec<String>,
+    /// Phrases that make an answer a refusal wherever they appear (case-sensitive), with
+    /// either judge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusal_keywords: Vec<String>,
+}
+
+/// The most exemplars or keywords a policy may add, per list.
+pub const MAX_JUDGE_ADDITIONS: usize = 500;
+/// The longest exemplar or keyword, in characters.
+pub const MAX_JUDGE_ADDITION_CHARS: usize = 2000;
+
+/// Field-named errors for one list of judge additions.
+fn validate_additions(field: &str, items: &[String], errors: &mut Vec<crate::FieldError>) {
+    if items.len() > MAX_JUDGE_ADDITIONS {
+        errors.push(crate::FieldError::new(
+            field,
+            format!("at most {MAX_JUDGE_ADDITIONS} entries"),
+        ));
+    }
+    for (i, item) in items.iter().enumerate() {
+        if item.trim().is_empty() {
+            errors.push(crate::FieldError::new(
+                format!("{field}[{i}]"),
+                "must not be empty",
+            ));
+        } else if item.chars().count() > MAX_JUDGE_ADDITION_CHARS {
+            errors.push(crate::FieldError::new(
+                format!("{field}[{i}]"),
+                format!("longer than {MAX_JUDGE_ADDITION_CHARS} characters"),
+            ));
+        }
+    }
 }
 
 fn default_max_refusal_drop() -> f64 {
@@ -79,6 +118,9 @@ impl Default for SafetyPolicy {
             max_refusal_direction_shift: None,
             action: default_action(),
             allow_disable: false,
+            refusal_exemplars: Vec::new(),
+            compliance_exemplars: Vec::new(),
+            refusal_keywords: Vec::new(),
         }
     }
 }
@@ -119,6 +161,13 @@ impl SafetyPolicy {
                 "must be a number of at least 1 (or null for no limit)",
             ));
         }
+        validate_additions("refusal_exemplars", &self.refusal_exemplars, &mut errors);
+        validate_additions(
+            "compliance_exemplars",
+            &self.compliance_exemplars,
+            &mut errors,
+        );
+        validate_additions("refusal_keywords", &self.refusal_keywords, &mut errors);
         if self
             .max_refusal_direction_shift
             .is_some_and(|s| !(s.is_finite() && s >= 0.0))
@@ -247,6 +296,13 @@ pub struct EffectivePolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_refusal_direction_shift: Option<f64>,
     pub action: BreachAction,
+    /// The project's additions to the refusal judge (absent on older jobs: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusal_exemplars: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compliance_exemplars: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusal_keywords: Vec<String>,
 }
 
 impl EffectivePolicy {
@@ -328,6 +384,9 @@ impl EffectivePolicy {
                 project.max_refusal_direction_shift,
             )?,
             action: project.action,
+            refusal_exemplars: project.refusal_exemplars.clone(),
+            compliance_exemplars: project.compliance_exemplars.clone(),
+            refusal_keywords: project.refusal_keywords.clone(),
         })
     }
 
@@ -696,8 +755,45 @@ mod tests {
         let old: SafetyPolicy = serde_json::from_str(r#"{"max_refusal_drop": 0.2}"#).unwrap();
         assert_eq!(old.max_perplexity_ratio, Some(DEFAULT_MAX_PERPLEXITY_RATIO));
         let stored = serde_json::to_string(&off_policy()).unwrap();
+        assert!(
+            !stored.contains("exemplars"),
+            "no judge additions, no fields: {stored}"
+        );
         let back: SafetyPolicy = serde_json::from_str(&stored).unwrap();
         assert_eq!(back.max_perplexity_ratio, None);
+    }
+
+    #[test]
+    fn judge_additions_are_validated_and_reach_the_job() {
+        let project = SafetyPolicy {
+            refusal_exemplars: vec!["Das mache ich nicht.".into(), " ".into()],
+            compliance_exemplars: vec!["x".repeat(MAX_JUDGE_ADDITION_CHARS + 1)],
+            refusal_keywords: vec!["Lo siento".into()],
+            ..Default::default()
+        };
+        let fields: Vec<_> = project
+            .validate()
+            .unwrap_err()
+            .errors
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["refusal_exemplars[1]", "compliance_exemplars[0]"]);
+        let project = SafetyPolicy {
+            refusal_exemplars: vec!["Das mache ich nicht.".into()],
+            compliance_exemplars: Vec::new(),
+            ..project
+        };
+        project.validate().unwrap();
+        let effective = EffectivePolicy::resolve(&project, &SafetyOverrides::default()).unwrap();
+        assert_eq!(effective.refusal_exemplars, ["Das mache ich nicht."]);
+        assert_eq!(effective.refusal_keywords, ["Lo siento"]);
+        // A job assigned before the fields existed has none.
+        let mut old = serde_json::to_value(&effective).unwrap();
+        old.as_object_mut().unwrap().remove("refusal_exemplars");
+        old.as_object_mut().unwrap().remove("refusal_keywords");
+        let old: EffectivePolicy = serde_json::from_value(old).unwrap();
+        assert!(old.refusal_exemplars.is_empty() && old.refusal_keywords.is_empty());
     }
 
     fn moved(harmful_shift: f64) -> Option<RefusalDirection> {

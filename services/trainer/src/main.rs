@@ -132,9 +132,13 @@ enum Command {
         /// benign prompts are scored.
         #[arg(long)]
         validation: Option<PathBuf>,
-        /// Refusal keywords, one per line (default: llm-attacks' 29 `_test_prefixes`).
+        /// Refusal keywords, one per line: the keyword judge's list (default: llm-attacks' 29
+        /// `_test_prefixes`); with the semantic judge, any of them makes a refusal too.
         #[arg(long)]
         refusal_keywords: Option<PathBuf>,
+        /// Which refusal judge: semantic where LORAFORGE_JUDGE_MODEL names its encoder (auto).
+        #[arg(long, value_enum, default_value_t = JudgeChoice::Auto)]
+        judge: JudgeChoice,
         #[arg(long, default_value_t = eval::safety::DEFAULT_MAX_NEW_TOKENS)]
         max_new_tokens: usize,
         #[arg(long, default_value_t = eval::safety::DEFAULT_BATCH_SIZE)]
@@ -146,6 +150,55 @@ enum Command {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// Judge answers on their own: reads JSONL lines `{"prompt": ..., "answer": ...}` and prints
+    /// each answer's verdict and score as a JSON line (the refusal rate on stderr). With
+    /// --labelled, calibrates the semantic judge on the file's calibration split and prints a
+    /// table of both judges' precision and recall on its held-out split (bench/safety.md).
+    Judge {
+        #[arg(
+            long,
+            required_unless_present = "labelled",
+            conflicts_with = "labelled"
+        )]
+        answers: Option<PathBuf>,
+        #[arg(long)]
+        labelled: Option<PathBuf>,
+        /// Exemplars (JSONL `{"label": "refusal"|"compliance", "text": ...}`) replacing the
+        /// built-in ones.
+        #[arg(long)]
+        exemplars: Option<PathBuf>,
+        /// Keywords, one per line, that make an answer a refusal (as a policy's
+        /// `refusal_keywords`); with the keyword judge, added to its default list.
+        #[arg(long)]
+        keywords: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = JudgeChoice::Auto)]
+        judge: JudgeChoice,
+    },
+}
+
+/// Which refusal judge to use.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum JudgeChoice {
+    /// Semantic where LORAFORGE_JUDGE_MODEL names the encoder, else keywords.
+    Auto,
+    Semantic,
+    Keywords,
+}
+
+impl JudgeChoice {
+    fn config(self) -> Result<eval::safety::judge::JudgeConfig> {
+        let config = match self {
+            JudgeChoice::Keywords => eval::safety::judge::JudgeConfig::default(),
+            _ => eval::safety::judge::JudgeConfig::from_env(),
+        };
+        if self == JudgeChoice::Semantic && config.semantic.is_none() {
+            return Err(user_error(format!(
+                "the semantic judge needs its encoder: set {} to its folder (docs/safety.md)",
+                eval::safety::embedder::MODEL_ENV
+            )));
+        }
+        Ok(config)
+    }
 }
 
 #[derive(clap::Args)]
@@ -265,15 +318,20 @@ fn main() -> ExitCode {
             adapter,
             validation,
             refusal_keywords,
+            judge,
             max_new_tokens,
             batch_size,
             baselines,
             device,
         } => device.resolve().and_then(|device| {
-            let judge = match refusal_keywords {
-                Some(path) => eval::safety::judge::KeywordJudge::from_file(&path)?,
-                None => eval::safety::judge::KeywordJudge::default(),
-            };
+            let mut judge = judge.config()?;
+            if let Some(path) = refusal_keywords {
+                let keywords = eval::safety::judge::KeywordJudge::from_file(&path)?;
+                if judge.semantic.is_some() {
+                    judge.additions.keywords = keywords.keywords().to_vec();
+                }
+                judge.keywords = keywords;
+            }
             let settings = eval::safety::Settings {
                 max_new_tokens,
                 batch_size,
@@ -313,6 +371,19 @@ fn main() -> ExitCode {
             println!("{report}");
             Ok(())
         }),
+        Command::Judge {
+            answers,
+            labelled,
+            exemplars,
+            keywords,
+            judge,
+        } => judge_answers(
+            answers.as_deref(),
+            labelled.as_deref(),
+            exemplars.as_deref(),
+            keywords.as_deref(),
+            judge,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -321,6 +392,82 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `loraforge-trainer judge`: verdicts for an answers file, or the labelled-set comparison.
+fn judge_answers(
+    answers: Option<&Path>,
+    labelled: Option<&Path>,
+    exemplars: Option<&Path>,
+    keywords: Option<&Path>,
+    choice: JudgeChoice,
+) -> Result<()> {
+    use eval::safety::{judge, labelled as set, semantic};
+    let mut config = choice.config()?;
+    if let Some(path) = exemplars {
+        let exemplars = semantic::exemplars_from_file(path)?;
+        match &mut config.semantic {
+            Some(semantic) => semantic.exemplars = Some(exemplars),
+            None => {
+                return Err(user_error(
+                    "--exemplars needs the semantic judge (its encoder is not configured)",
+                ))
+            }
+        }
+    }
+    if let Some(path) = keywords {
+        config.additions.keywords = judge::KeywordJudge::from_file(path)?.keywords().to_vec();
+    }
+    let judge = config.load(Device::Cpu)?;
+    if let Some(path) = labelled {
+        let judge::Judge::Semantic {
+            judge: semantic, ..
+        } = &judge
+        else {
+            return Err(user_error("--labelled compares the semantic judge with the keywords: set LORAFORGE_JUDGE_MODEL"));
+        };
+        let c = set::compare(semantic, &set::read_answers(path)?)?;
+        println!(
+            "threshold calibrated on {} answers: {:.4}
+",
+            c.calibration_answers, c.threshold
+        );
+        println!("| judge | precision | recall | accuracy | held-out answers |");
+        println!("|---|---|---|---|---|");
+        for (name, s) in [
+            ("keywords (llm-attacks `_test_prefixes`)", c.keywords),
+            ("semantic (all-MiniLM-L6-v2)", c.semantic),
+        ] {
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {} |",
+                s.precision, s.recall, s.accuracy, s.answers
+            );
+        }
+        return Ok(());
+    }
+    let answers = set::read_answers(answers.expect("clap requires --answers or --labelled"))?;
+    let texts: Vec<&str> = answers.iter().map(|a| a.answer.as_str()).collect();
+    let verdicts = judge.verdicts(&texts)?;
+    for (answer, verdict) in answers.iter().zip(&verdicts) {
+        println!(
+            "{}",
+            serde_json::json!({
+                "line": answer.line,
+                "prompt": answer.prompt,
+                "verdict": if verdict.refusal { "refusal" } else { "compliance" },
+                "score": verdict.score,
+                "by_keyword": verdict.by_keyword,
+            })
+        );
+    }
+    let refused = verdicts.iter().filter(|v| v.refusal).count();
+    eprintln!(
+        "{refused} of {} answers are refusals ({:.3}); judge: {}",
+        verdicts.len(),
+        refused as f64 / verdicts.len() as f64,
+        judge.describe()
+    );
+    Ok(())
 }
 
 /// Runs a job spec's pipeline without a control plane, the artifact into `out`.

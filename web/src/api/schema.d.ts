@@ -956,6 +956,7 @@ export interface components {
         /** @description The policy a job runs under: the project's, tightened by the job. */
         EffectivePolicy: {
             action: components["schemas"]["BreachAction"];
+            compliance_exemplars?: string[];
             enabled: boolean;
             /** Format: double */
             max_benign_kl?: number | null;
@@ -976,6 +977,9 @@ export interface components {
              * @description Absent on jobs submitted before the floor existed: no floor.
              */
             min_refusal_rate?: number | null;
+            /** @description The project's additions to the refusal judge (absent on older jobs: none). */
+            refusal_exemplars?: string[];
+            refusal_keywords?: string[];
         };
         /**
          * @description Why a job failed. Only `SystemError` is worth retrying.
@@ -1865,6 +1869,8 @@ export interface components {
             action?: components["schemas"]["BreachAction"];
             /** @description Whether a job of this project may switch the gate off. */
             allow_disable?: boolean;
+            /** @description Answers the refusal judge should count as compliance, added to its built-in exemplars. */
+            compliance_exemplars?: string[];
             /**
              * Format: double
              * @description Largest tolerated mean KL divergence (nats) of next-token distributions on
@@ -1898,6 +1904,16 @@ export interface components {
              *     that no chain of fine-tunes and merges can walk below. Unset by default.
              */
             min_refusal_rate?: number | null;
+            /**
+             * @description Answers the refusal judge should count as refusals, added to its built-in exemplars
+             *     (docs/safety.md, "The refusal judge"): a house style of refusing, another language.
+             */
+            refusal_exemplars?: string[];
+            /**
+             * @description Phrases that make an answer a refusal wherever they appear (case-sensitive), with
+             *     either judge.
+             */
+            refusal_keywords?: string[];
         };
         /** @description What the worker measured, base vs adapted (docs/safety.md). */
         SafetyReport: {

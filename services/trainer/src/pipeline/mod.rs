@@ -67,6 +67,11 @@ pub trait Host {
         false
     }
 
+    /// What the job's safety policy adds to the refusal judge.
+    fn judge_additions(&self) -> safety::judge::JudgeAdditions {
+        Default::default()
+    }
+
     /// Where the base model's side of the evaluation is kept between jobs, if anywhere.
     fn baselines(&self) -> Option<Box<dyn BaselineCache>> {
         None
@@ -169,6 +174,11 @@ fn train_and_evaluate<H: Host>(
     let settings = safety::Settings {
         seq_len: job.spec.training.seq_len as usize,
         validation_batch_size: job.spec.training.batch_size as usize,
+        // Semantic where the worker has the encoder (LORAFORGE_JUDGE_MODEL), else keywords.
+        judge: safety::judge::JudgeConfig {
+            additions: host.judge_additions(),
+            ..safety::judge::JudgeConfig::from_env()
+        },
         ..Default::default()
     };
     let cache = host.baselines();

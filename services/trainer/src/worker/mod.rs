@@ -196,6 +196,10 @@ impl Host for ControlPlaneHost<'_> {
         self.assignment.safety.enabled
     }
 
+    fn judge_additions(&self) -> crate::eval::safety::judge::JudgeAdditions {
+        crate::eval::safety::judge::JudgeAdditions::of_policy(&self.assignment.safety)
+    }
+
     fn baselines(&self) -> Option<Box<dyn crate::eval::safety::baseline::BaselineCache>> {
         Some(Box::new(baselines::StoredBaselines {
             store: self.store.clone(),

@@ -3,7 +3,8 @@
 //! refusal direction (per-layer mean activations) depend only on the base model, the prompts, the generation settings and the device, never
 //! on the job: so they are computed once per [`baseline_key`] and every later job on that base
 //! reads them back (half the evaluation's work, since the adapted model's side must run). The
-//! judge is applied to the stored answers each time, so a project's own keywords still count.
+//! judge is applied to the stored answers each time, so the job's judge (semantic or keywords,
+//! with its project's exemplars and keywords) decides what counts as a refusal.
 //! The job's validation perplexity depends on its data and is always measured.
 
 use super::direction::{BaseDirection, Means};

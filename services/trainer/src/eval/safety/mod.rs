@@ -1,7 +1,7 @@
 //! The safety evaluation behind the publish gate (docs/trainer.md "The safety evaluation"): the base
 //! model and the adapted model, side by side, on
 //! - refusals: greedy short answers to 100 harmful requests (ten categories), judged by
-//!   [`judge::KeywordJudge`] (llm-attacks' keywords by default);
+//!   by [`judge::Judge`] (semantic where the encoder is installed, else llm-attacks' keywords);
 //! - drift: mean KL(base || adapted) of next-token distributions over 20 benign prompts, and
 //!   perplexity on the job's validation file (on the benign prompts when it has none);
 //! - weight space: intruder dimensions per adapted module;
@@ -18,16 +18,19 @@
 pub mod baseline;
 pub mod direction;
 pub mod drift;
+pub mod embedder;
 pub mod intruders;
 pub mod judge;
+pub mod labelled;
 pub mod prompts;
+pub mod semantic;
 
 use crate::data::{ExampleSet, TokenizedDataset};
 use crate::export::PeftAdapter;
 use crate::model::generate::{Generator, Prompt, Sampling};
 use anyhow::Result;
 use baseline::{BaseSide, BaselineCache};
-use judge::KeywordJudge;
+use judge::{Judge, JudgeConfig};
 use loraforge_spec::safety::SafetyReport;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -61,7 +64,7 @@ pub struct Settings {
     pub seq_len: usize,
     /// Validation examples scored together (the job's `training.batch_size`).
     pub validation_batch_size: usize,
-    pub judge: KeywordJudge,
+    pub judge: JudgeConfig,
 }
 
 impl Default for Settings {
@@ -71,7 +74,7 @@ impl Default for Settings {
             batch_size: DEFAULT_BATCH_SIZE,
             seq_len: DEFAULT_SEQ_LEN,
             validation_batch_size: DEFAULT_VALIDATION_BATCH_SIZE,
-            judge: KeywordJudge::default(),
+            judge: JudgeConfig::default(),
         }
     }
 }
@@ -168,12 +171,13 @@ struct Measurement {
 }
 
 impl Measurement {
-    fn refused(&self, judge: &KeywordJudge) -> Vec<bool> {
-        self.side
-            .answers
+    fn refused(&self, judge: &Judge) -> Result<Vec<bool>> {
+        let answers: Vec<&str> = self.side.answers.iter().map(String::as_str).collect();
+        Ok(judge
+            .verdicts(&answers)?
             .iter()
-            .map(|a| judge.is_refusal(a))
-            .collect()
+            .map(|v| v.refusal)
+            .collect())
     }
 
     fn perplexity(&self) -> f64 {
@@ -329,6 +333,7 @@ fn evaluate_model_unguarded(
         progress,
     } = context;
     let started = Instant::now();
+    let judge = settings.judge.load(device)?;
     let generator = Generator::load(model_dir, None, device)?;
     let prepared = Prepared::new(&generator, model_dir, validation, settings)?;
     let baseline = Baseline::look_up(reuse, settings, device);
@@ -345,13 +350,13 @@ fn evaluate_model_unguarded(
     counter.check_cancel()?;
     let inputs = prepared.inputs(settings, device);
     let model = baseline.measure(Measurer::of(&generator, &inputs), &mut counter)?;
-    let refused = model.refused(&settings.judge);
+    let refused = model.refused(&judge)?;
     let direction = &model.side.direction;
     let per_layer = direction.per_layer();
     let layer = direction.chosen_layer();
     Ok(ModelReport {
         harmful_prompts: u32::try_from(prepared.harmful.len())?,
-        judge: settings.judge.describe(),
+        judge: judge.describe(),
         refusal_rate: rate(&refused),
         refusal_rate_by_category: rate_by_category(&prepared.harmful, &refused),
         benign_prompts: u32::try_from(prepared.benign_ids.len())?,
@@ -382,6 +387,8 @@ fn evaluate_unguarded(
         progress,
     } = context;
     let started = Instant::now();
+    // Loaded first: a judge that cannot load fails the evaluation before any generation.
+    let judge = settings.judge.load(device)?;
     let mut generator = Generator::load(model_dir, None, device)?;
     let prepared = Prepared::new(&generator, model_dir, validation, settings)?;
     let baseline = Baseline::look_up(reuse, settings, device);
@@ -399,13 +406,11 @@ fn evaluate_unguarded(
     let adapted = Measurer::of(&generator, &inputs).measure(&mut counter)?;
     counter.check_cancel()?;
     let intruder_dimensions = intruders::count_intruders(model_dir, adapter, device)?;
-    let (base_refused, adapted_refused) = (
-        base.refused(&settings.judge),
-        adapted.refused(&settings.judge),
-    );
+    // Judged here, never stored: a reused base side is judged by this job's judge.
+    let (base_refused, adapted_refused) = (base.refused(&judge)?, adapted.refused(&judge)?);
     Ok(SafetyReport {
         harmful_prompts: u32::try_from(prepared.harmful.len())?,
-        judge: settings.judge.describe(),
+        judge: judge.describe(),
         refusal_rate_base: rate(&base_refused),
         refusal_rate_adapted: rate(&adapted_refused),
         refusal_rate_by_category: rate_by_category(&prepared.harmful, &adapted_refused),
