@@ -171,7 +171,6 @@ fn evaluate_unguarded(
         )?),
         None => None,
     };
-    let vocab_size = crate::model::ModelConfig::load(model_dir)?.vocab_size;
     let key = reuse
         .as_ref()
         .map(|r| baseline::baseline_key(r.model_digest, settings, device));
@@ -195,7 +194,6 @@ fn evaluate_unguarded(
         requests: &requests,
         benign_ids: &benign_ids,
         validation: validation.as_ref(),
-        vocab_size,
         settings,
         device,
     };
@@ -288,7 +286,6 @@ struct MeasureInputs<'a> {
     requests: &'a [Prompt],
     benign_ids: &'a [Vec<i64>],
     validation: Option<&'a TokenizedDataset>,
-    vocab_size: i64,
     settings: &'a Settings,
     device: Device,
 }
@@ -352,7 +349,6 @@ impl<'a> Measurer<'a> {
             self.inputs.settings.seq_len,
             self.inputs.settings.validation_batch_size,
             self.generator.pad_id(),
-            self.inputs.vocab_size,
             self.inputs.device,
         )?;
         Ok(Some(loss.exp()))
