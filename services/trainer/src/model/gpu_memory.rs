@@ -30,11 +30,16 @@ struct NvmlMemory {
 
 type NvmlDevice = *mut c_void;
 
+type Init = unsafe extern "C" fn() -> c_int;
+type ByIndex = unsafe extern "C" fn(c_uint, *mut NvmlDevice) -> c_int;
+type ByUuid = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> c_int;
+type MemoryInfo = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> c_int;
+
 /// The few NVML entry points the monitor calls.
 struct Nvml {
-    by_index: unsafe extern "C" fn(c_uint, *mut NvmlDevice) -> c_int,
-    by_uuid: unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> c_int,
-    memory_info: unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> c_int,
+    by_index: ByIndex,
+    by_uuid: ByUuid,
+    memory_info: MemoryInfo,
 }
 
 // glibc's dynamic loader (in libc itself since glibc 2.34).
@@ -60,19 +65,18 @@ impl Nvml {
                     let f = dlsym(lib, name.as_ptr());
                     (!f.is_null()).then_some(f)
                 };
-                let init: unsafe extern "C" fn() -> c_int =
-                    std::mem::transmute(sym(c"nvmlInit_v2")?);
+                let init = std::mem::transmute::<*mut c_void, Init>(sym(c"nvmlInit_v2")?);
                 if init() != 0 {
                     return None;
                 }
                 Some(Nvml {
-                    by_index: std::mem::transmute::<*mut c_void, _>(sym(
+                    by_index: std::mem::transmute::<*mut c_void, ByIndex>(sym(
                         c"nvmlDeviceGetHandleByIndex_v2",
                     )?),
-                    by_uuid: std::mem::transmute::<*mut c_void, _>(sym(
+                    by_uuid: std::mem::transmute::<*mut c_void, ByUuid>(sym(
                         c"nvmlDeviceGetHandleByUUID",
                     )?),
-                    memory_info: std::mem::transmute::<*mut c_void, _>(sym(
+                    memory_info: std::mem::transmute::<*mut c_void, MemoryInfo>(sym(
                         c"nvmlDeviceGetMemoryInfo",
                     )?),
                 })
