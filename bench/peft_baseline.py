@@ -9,6 +9,7 @@ alpha=32 on all seven projections, AdamW, random token ids as input and labels.
 
 Usage: python3 peft_baseline.py [--device cpu|cuda] [--shape small|tinyllama|llama3-8b] [--seq N]
                                 [--batch N] [--steps 10] [--threads 2] [--save-model DIR]
+                                [--liger] [--gradient-checkpointing]
 Prints one JSON object. --save-model writes the model (config and safetensors, bf16 on CUDA)
 with save_pretrained and exits, so loraforge can train exactly this model.
 """
@@ -38,7 +39,15 @@ ap.add_argument("--batch", type=int, default=None)
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--save-model", default=None)
+ap.add_argument("--liger", action="store_true",
+                help="patch the model with Liger Kernel (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)")
+ap.add_argument("--gradient-checkpointing", action="store_true",
+                help="recompute each decoder layer in the backward pass (transformers' checkpointing)")
 args = ap.parse_args()
+if args.liger:
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
 cuda = args.device == "cuda"
 shape = args.shape or ("tinyllama" if cuda else "small")
 seq = args.seq or (2048 if cuda else 256)
@@ -57,6 +66,8 @@ if args.save_model:
     model.save_pretrained(args.save_model)
     raise SystemExit(0)
 n_params = sum(p.numel() for p in model.parameters())
+if args.gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
 x = torch.randint(0, cfg.vocab_size, (batch, seq), device=args.device)

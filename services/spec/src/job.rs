@@ -246,6 +246,11 @@ pub struct TrainingConfig {
     /// Where to train: `auto` (CUDA when present), `cpu` or `cuda`.
     #[serde(default)]
     pub device: DeviceChoice,
+    /// Trade compute for memory: `layers` keeps only each decoder layer's input during the
+    /// forward pass and recomputes the layer in the backward pass (about a third more compute,
+    /// a fraction of the activation memory); `none` keeps everything.
+    #[serde(default)]
+    pub gradient_checkpointing: GradientCheckpointing,
     /// Wall-clock limit of one attempt (`90m`, `2h`, `1h30m`, `45s`): a worker still
     /// running then is stopped and the job fails as a `user_error` naming this limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,6 +279,15 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradientCheckpointing {
+    #[default]
+    None,
+    Layers,
 }
 
 fn one() -> u32 {
@@ -629,6 +643,32 @@ mod tests {
             err.malformed && err.errors[0].message.starts_with("malformed JSON"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gradient_checkpointing_is_none_or_layers_and_a_wrong_value_names_the_field() {
+        let spec = JobSpec::parse(body(r#"{"type":"lora","r":8}"#).as_bytes()).unwrap();
+        assert_eq!(
+            spec.training.gradient_checkpointing,
+            GradientCheckpointing::None
+        );
+        let with = |value: &str| {
+            body(r#"{"type":"lora","r":8}"#).replace(
+                r#""learning_rate":0.001"#,
+                &format!(r#""learning_rate":0.001,"gradient_checkpointing":{value}"#),
+            )
+        };
+        let spec = JobSpec::parse(with(r#""layers""#).as_bytes()).unwrap();
+        assert_eq!(
+            spec.training.gradient_checkpointing,
+            GradientCheckpointing::Layers
+        );
+        let err = JobSpec::parse(with(r#""everything""#).as_bytes()).unwrap_err();
+        assert_eq!(
+            err.errors[0].field, "training.gradient_checkpointing",
+            "{err}"
+        );
+        assert!(err.errors[0].message.contains("layers"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ pub mod worker;
 
 pub use error::{FieldError, SpecError};
 pub use job::{
-    DatasetSpec, DeviceChoice, ErrorKind, InputRef, JobSpec, JobStatus, LrSchedule, ParentRef,
-    ResolvedJobSpec, TrainingConfig,
+    DatasetSpec, DeviceChoice, ErrorKind, GradientCheckpointing, InputRef, JobSpec, JobStatus,
+    LrSchedule, ParentRef, ResolvedJobSpec, TrainingConfig,
 };
 pub use manifest::{AdapterManifest, DigestRef, FileDigest, TrainingMetrics};
 /// The methods' old path (`loraforge_spec::method::AdaLoraConfig`), kept for its users.

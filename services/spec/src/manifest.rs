@@ -38,6 +38,10 @@ pub struct TrainingMetrics {
     /// Validation loss at the end of training, when the job has validation data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// The most GPU memory training used, in bytes (as in the progress events); `null` on
+    /// the CPU.
+    #[serde(default)]
+    pub peak_gpu_memory_bytes: Option<u64>,
 }
 
 pub const MANIFEST_FORMAT: u32 = 1;

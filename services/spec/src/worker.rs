@@ -63,6 +63,11 @@ pub enum EventPayload {
         /// Global L2 norm of the step's gradients, before clipping (`null` from older workers).
         #[serde(default)]
         grad_norm: Option<f64>,
+        /// The most GPU memory the run has used so far, in bytes: the device's memory in use
+        /// (NVML), sampled during training, minus what was in use before the run started.
+        /// `null` on the CPU (and from older workers).
+        #[serde(default)]
+        peak_gpu_memory_bytes: Option<u64>,
     },
     /// Validation loss at a step.
     Eval { step: u32, loss: f64, tokens: u64 },

@@ -627,6 +627,17 @@ export const KNOBS: KnobTable = {
       "minimum": 0
     },
     {
+      "name": "gradient_checkpointing",
+      "kind": "enum",
+      "options": [
+        "none",
+        "layers"
+      ],
+      "required": false,
+      "nullable": false,
+      "description": "Trade compute for memory: `layers` keeps only each decoder layer's input during the\nforward pass and recomputes the layer in the backward pass (about a third more compute,\na fraction of the activation memory); `none` keeps everything."
+    },
+    {
       "name": "max_duration",
       "kind": "string",
       "required": false,

@@ -1011,6 +1011,13 @@ export interface components {
             loss: number;
             /** Format: double */
             lr: number;
+            /**
+             * Format: int64
+             * @description The most GPU memory the run has used so far, in bytes: the device's memory in use
+             *     (NVML), sampled during training, minus what was in use before the run started.
+             *     `null` on the CPU (and from older workers).
+             */
+            peak_gpu_memory_bytes?: number | null;
             /** Format: int32 */
             step: number;
             /** Format: double */
@@ -1105,6 +1112,8 @@ export interface components {
             /** Format: int64 */
             size: number;
         };
+        /** @enum {string} */
+        GradientCheckpointing: "none" | "layers";
         Graph: {
             edges: components["schemas"]["Edge"][];
             nodes: components["schemas"]["Node"][];
@@ -2043,6 +2052,12 @@ export interface components {
              * @description Optimizer steps accumulate gradients over this many batches.
              */
             gradient_accumulation_steps?: number;
+            /**
+             * @description Trade compute for memory: `layers` keeps only each decoder layer's input during the
+             *     forward pass and recomputes the layer in the backward pass (about a third more compute,
+             *     a fraction of the activation memory); `none` keeps everything.
+             */
+            gradient_checkpointing?: components["schemas"]["GradientCheckpointing"];
             /** Format: double */
             learning_rate: number;
             /**
@@ -2087,6 +2102,12 @@ export interface components {
              * @description Mean loss of the first step's batch.
              */
             initial_loss: number;
+            /**
+             * Format: int64
+             * @description The most GPU memory training used, in bytes (as in the progress events); `null` on
+             *     the CPU.
+             */
+            peak_gpu_memory_bytes?: number | null;
             /** Format: int32 */
             steps: number;
             /** Format: int64 */

@@ -2,21 +2,31 @@
 //! loop reports it every `eval_every` steps and at the end; the safety evaluation's perplexity
 //! is its exponential.
 
-use crate::data::{Batch, ExampleSet, IGNORE_INDEX};
+use crate::data::{Batch, ExampleSet};
+use crate::model::llama::Checkpointing;
+use crate::model::lm_loss::{chunk_rows, summed_cross_entropy};
 use crate::model::LlamaModel;
 use anyhow::Result;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Tensor};
 
-/// Cross-entropy summed over a batch's target tokens (fp32 logits).
-pub fn summed_loss(model: &LlamaModel, batch: &Batch, vocab_size: i64, train: bool) -> Tensor {
-    let logits = model.forward(&batch.input_ids, train).to_kind(Kind::Float);
-    logits.view([-1, vocab_size]).cross_entropy_loss::<Tensor>(
-        &batch.labels.view([-1]),
-        None,
-        Reduction::Sum,
-        IGNORE_INDEX,
-        0.0,
+/// Cross-entropy summed over a batch's target tokens (fp32 softmax), the logits computed a
+/// chunk at a time ([`crate::model::lm_loss`]). `hidden (batch, seq, dim)` are the final hidden
+/// states of a [`LlamaModel::training_pass`].
+pub fn summed_loss_of(model: &LlamaModel, hidden: &Tensor, labels: &Tensor) -> Tensor {
+    let head = model.lm_head();
+    let dim = head.size()[1];
+    summed_cross_entropy(
+        &hidden.reshape([-1, dim]),
+        head,
+        &labels.reshape([-1]),
+        chunk_rows(head.size()[0]),
     )
+}
+
+/// [`summed_loss_of`] a batch, with every activation kept (no checkpointing).
+pub fn summed_loss(model: &LlamaModel, batch: &Batch, train: bool) -> Tensor {
+    let pass = model.training_pass(&batch.input_ids, train, Checkpointing::None);
+    summed_loss_of(model, &pass.hidden, &batch.labels)
 }
 
 /// Mean loss per target token over the validation examples (no dropout), and how many
@@ -27,7 +37,6 @@ pub fn validation_loss(
     seq_len: usize,
     batch_size: usize,
     pad_id: i64,
-    vocab_size: i64,
     device: Device,
 ) -> Result<(f64, u64)> {
     let (mut loss_sum, mut targets) = (0.0, 0u64);
@@ -38,8 +47,7 @@ pub fn validation_loss(
             .map(|&p| examples.row(p, seq_len))
             .collect::<Result<Vec<_>>>()?;
         let batch = Batch::from_rows(&rows, pad_id, device);
-        loss_sum +=
-            tch::no_grad(|| summed_loss(model, &batch, vocab_size, false)).double_value(&[]);
+        loss_sum += tch::no_grad(|| summed_loss(model, &batch, false)).double_value(&[]);
         targets += batch.targets;
     }
     Ok((loss_sum / targets.max(1) as f64, targets))

@@ -5,6 +5,7 @@ use super::{Attach, AttachContext};
 use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::AdapterMethod;
+use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::model::LLAMA_TARGET_MODULES;
@@ -44,18 +45,30 @@ impl LinearAdapter for LoraBranch {
         delta.to_kind(x.kind())
     }
 
-    /// Over an fp32 base, `B` multiplies straight into the base output (scaling applied to the
-    /// rank-r activations, the smallest tensor): no separate scale and add over `(tokens, out)`
-    /// forward, no scale backward. A bf16 base keeps [`LoraBranch::forward`]'s fp32 detour.
+    /// `B` multiplies straight into the base output (scaling applied to the rank-r activations,
+    /// the smallest tensor): no separate scale and add over `(tokens, out)` forward, no scale
+    /// backward. Over a bf16 base (CUDA) the branch runs in bf16 too, its fp32 factors cast for
+    /// the product (their gradients come back in fp32, and AdamW updates the fp32 factors):
+    /// [`LoraBranch::forward`]'s fp32 detour would keep an fp32 copy of every adapted layer's
+    /// input for the backward pass, on TinyLlama at batch 8 x seq 2048 about 25 GiB.
     fn add_to(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
-        if x.kind() != Kind::Float || y.kind() != Kind::Float {
+        let kind = x.kind();
+        if y.kind() != kind || !matches!(kind, Kind::Float | Kind::BFloat16) {
             return y + self.forward(x, train);
         }
         let h = x
             .dropout(self.dropout, train)
-            .linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.a.to_kind(kind), None)
             * self.scaling;
-        y.addmm_(&h, &self.b.tr())
+        y.addmm_(&h, &self.b.to_kind(kind).tr())
+    }
+
+    fn low_rank(&self, train: bool) -> Option<LowRank<'_>> {
+        (!train || self.dropout == 0.0).then_some(LowRank {
+            a: &self.a,
+            b: &self.b,
+            scaling: self.scaling,
+        })
     }
 }
 

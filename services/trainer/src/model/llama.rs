@@ -23,6 +23,20 @@ pub trait LinearAdapter {
     fn add_to(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
         y + self.forward(x, train)
     }
+
+    /// A branch that is exactly `scaling * x A^T B^T` in this pass (plain LoRA without
+    /// dropout) gives its factors, so that the branches of layers sharing an input can run as
+    /// one product ([`Merged`]); any other keeps its own forward.
+    fn low_rank(&self, _train: bool) -> Option<LowRank<'_>> {
+        None
+    }
+}
+
+/// The factors of a plain low-rank branch: `A (r, in)`, `B (out, r)`.
+pub struct LowRank<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
 }
 
 /// `y = x W^T + b`, plus the adapter branch if one is attached.
@@ -69,7 +83,109 @@ impl Linear {
     }
 }
 
+/// Frozen projections that read the same input (q, k, v; gate, up) as one matrix product:
+/// their weights are concatenated at load, and each projection's own weight is a view into
+/// the concatenation (no memory is added). Where every adapter of the group is a plain
+/// low-rank branch ([`LinearAdapter::low_rank`]), the branches run as one product too: the
+/// `A`s concatenated, `x [A_1; A_2; ...]^T`, and the `B`s (scaled) as a block-diagonal
+/// matrix accumulated in place into the base output. Anything else runs projection by
+/// projection, as before.
+struct Merged {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Merged {
+    /// Concatenates the weights of `parts` and makes each part's weight (and bias) a view into
+    /// them; `None` where only some of them have a bias.
+    fn new(parts: &mut [&mut Linear]) -> Option<Merged> {
+        let biases = parts.iter().filter(|l| l.bias.is_some()).count();
+        if biases != 0 && biases != parts.len() {
+            return None;
+        }
+        let weight = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0);
+        let bias = (biases > 0).then(|| {
+            Tensor::cat(
+                &parts
+                    .iter()
+                    .filter_map(|l| l.bias.as_ref())
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        });
+        let mut offset = 0;
+        for part in parts.iter_mut() {
+            let out = part.out_features();
+            part.weight = weight.narrow(0, offset, out);
+            part.bias = bias.as_ref().map(|b| b.narrow(0, offset, out));
+            offset += out;
+        }
+        Some(Merged { weight, bias })
+    }
+
+    /// Every part's output for `x (.., in)`, `(.., out_i)` each.
+    fn forward(&self, parts: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
+        let branches: Option<Vec<Option<LowRank>>> = parts
+            .iter()
+            .map(|l| match &l.adapter {
+                None => Some(None),
+                Some(adapter) => adapter.low_rank(train).map(Some),
+            })
+            .collect();
+        let Some(branches) = branches else {
+            return parts.iter().map(|l| l.forward(x, train)).collect();
+        };
+        let shape = x.size();
+        let x2 = x.reshape([-1, shape[shape.len() - 1]]);
+        let mut y = x2.linear(&self.weight, self.bias.as_ref());
+        if branches.iter().any(Option::is_some) {
+            let (kind, device) = (x2.kind(), x2.device());
+            let total: i64 = branches.iter().flatten().map(|b| b.a.size()[0]).sum();
+            let a = Tensor::cat(
+                &branches.iter().flatten().map(|b| b.a).collect::<Vec<_>>(),
+                0,
+            )
+            .to_kind(kind);
+            let mut before = 0;
+            let rows: Vec<Tensor> = parts
+                .iter()
+                .zip(&branches)
+                .map(|(part, branch)| {
+                    let out = part.out_features();
+                    let Some(branch) = branch else {
+                        return Tensor::zeros([out, total], (kind, device));
+                    };
+                    let r = branch.a.size()[0];
+                    let mut blocks = Vec::with_capacity(3);
+                    if before > 0 {
+                        blocks.push(Tensor::zeros([out, before], (kind, device)));
+                    }
+                    blocks.push((branch.b * branch.scaling).to_kind(kind));
+                    if total - before - r > 0 {
+                        blocks.push(Tensor::zeros([out, total - before - r], (kind, device)));
+                    }
+                    before += r;
+                    Tensor::cat(&blocks, 1)
+                })
+                .collect();
+            let b = Tensor::cat(&rows, 0);
+            y = y.addmm_(&x2.linear::<Tensor>(&a, None), &b.tr());
+        }
+        let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
+        y.split_with_sizes(sizes.as_slice(), 1)
+            .into_iter()
+            .map(|part| {
+                let mut out = shape.clone();
+                let last = out.len() - 1;
+                out[last] = part.size()[1];
+                part.view(out.as_slice())
+            })
+            .collect()
+    }
+}
+
 struct Attention {
+    qkv: Option<Merged>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -80,6 +196,7 @@ struct Attention {
 }
 
 struct Mlp {
+    gate_up: Option<Merged>,
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
@@ -178,6 +295,7 @@ impl LlamaModel {
             layers.push(DecoderLayer {
                 input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[hidden])?,
                 self_attn: Attention {
+                    qkv: None,
                     q_proj: weights.linear(
                         &format!("{p}.self_attn.q_proj"),
                         q_out,
@@ -209,6 +327,7 @@ impl LlamaModel {
                 post_attention_layernorm: weights
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
                 mlp: Mlp {
+                    gate_up: None,
                     gate_proj: weights.linear(
                         &format!("{p}.mlp.gate_proj"),
                         c.intermediate_size,
@@ -237,6 +356,9 @@ impl LlamaModel {
             weights.take("lm_head.weight", &[c.vocab_size, hidden])?
         };
         weights.check_all_taken(c.tie_word_embeddings)?;
+        for layer in &mut layers {
+            layer.merge_projections();
+        }
         Ok(LlamaModel {
             config,
             embed_tokens,
@@ -408,6 +530,149 @@ impl LlamaModel {
         }
         hidden
     }
+
+    /// The frozen output projection `(vocab, hidden)`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The final hidden states `(batch, seq, hidden)` of a whole sequence, after the last
+    /// norm: what the output projection turns into logits, for a loss that does that itself
+    /// ([`crate::model::lm_loss`]). With [`Checkpointing::Layers`], the layers run without
+    /// keeping their activations, and [`TrainingPass::backward`] recomputes them.
+    pub fn training_pass(
+        &self,
+        input_ids: &Tensor,
+        train: bool,
+        checkpointing: Checkpointing,
+    ) -> TrainingPass<'_> {
+        let new = input_ids.size()[1];
+        let embedded = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let (kind, device) = (embedded.kind(), embedded.device());
+        let c = &self.config;
+        let window_mask = c
+            .sliding_window
+            .filter(|&w| new > w)
+            .map(|w| sliding_window_mask(new, w, device));
+        let rope = rotary_tables(c, new, kind, device);
+        let seeds = layer_seeds(self.layers.len(), train);
+        let run_layer = |i: usize, x: &Tensor| {
+            if let Some(seeds) = &seeds {
+                tch::manual_seed(seeds[i]);
+            }
+            let mask = c.window_of(i).and(window_mask.as_ref());
+            self.layers[i].forward(x, (&rope.0, &rope.1), mask, None, c.rms_norm_eps, train)
+        };
+        let (last, inputs) = match checkpointing {
+            Checkpointing::None => {
+                let mut hidden = embedded;
+                for i in 0..self.layers.len() {
+                    hidden = run_layer(i, &hidden);
+                }
+                (hidden, Vec::new())
+            }
+            Checkpointing::Layers => {
+                let mut inputs = Vec::with_capacity(self.layers.len());
+                let mut hidden = embedded;
+                tch::no_grad(|| {
+                    for i in 0..self.layers.len() {
+                        let out = run_layer(i, &hidden);
+                        inputs.push(std::mem::replace(&mut hidden, out));
+                    }
+                });
+                (hidden.set_requires_grad(true), inputs)
+            }
+        };
+        let hidden = rms_norm(&last, &self.norm, c.rms_norm_eps);
+        TrainingPass {
+            model: self,
+            hidden,
+            recompute: (!inputs.is_empty()).then_some(Recompute {
+                last,
+                inputs,
+                rope,
+                window_mask,
+                seeds,
+                train,
+            }),
+        }
+    }
+}
+
+/// Whether a training step keeps every layer's activations for the backward pass
+/// (`training.gradient_checkpointing`).
+pub use loraforge_spec::GradientCheckpointing as Checkpointing;
+
+/// One training forward pass: its final hidden states, and, where layers were checkpointed,
+/// what their backward needs.
+pub struct TrainingPass<'m> {
+    model: &'m LlamaModel,
+    /// `(batch, seq, hidden)`, after the final norm.
+    pub hidden: Tensor,
+    recompute: Option<Recompute>,
+}
+
+/// What a checkpointed pass kept: each layer's input, and what every layer shares.
+struct Recompute {
+    /// The last layer's output, a leaf whose gradient the loss's backward fills.
+    last: Tensor,
+    inputs: Vec<Tensor>,
+    rope: (Tensor, Tensor),
+    window_mask: Option<Tensor>,
+    seeds: Option<Vec<i64>>,
+    train: bool,
+}
+
+impl TrainingPass<'_> {
+    /// To be called after the loss's `backward()`: with checkpointed layers, runs their
+    /// backward, last layer first, each recomputed from its saved input (with the dropout
+    /// masks of the first pass, from the same seeds), its gradient accumulated into the
+    /// adapters and handed to the layer before. Without, there is nothing left to do.
+    pub fn backward(self) {
+        let Some(r) = self.recompute else {
+            return;
+        };
+        let c = &self.model.config;
+        let mut grad = r.last.grad();
+        if !grad.defined() {
+            return;
+        }
+        for (i, input) in r.inputs.iter().enumerate().rev() {
+            if let Some(seeds) = &r.seeds {
+                tch::manual_seed(seeds[i]);
+            }
+            // The first layer's input is the frozen embedding: no gradient to pass on.
+            let x = input.detach().set_requires_grad(i > 0);
+            let mask = c.window_of(i).and(r.window_mask.as_ref());
+            let out = self.model.layers[i].forward(
+                &x,
+                (&r.rope.0, &r.rope.1),
+                mask,
+                None,
+                c.rms_norm_eps,
+                r.train,
+            );
+            // A scalar whose gradient with respect to `out` is `grad`.
+            out.flatten(0, -1).dot(&grad.flatten(0, -1)).backward();
+            if i > 0 {
+                grad = x.grad();
+            }
+        }
+    }
+}
+
+/// One seed per layer for the dropout of a training pass, drawn from libtorch's generator (so
+/// seeded by the step), and set before each layer: a checkpointed layer recomputed in the
+/// backward pass then draws the same masks as it did forward. `None` without training.
+fn layer_seeds(layers: usize, train: bool) -> Option<Vec<i64>> {
+    train.then(|| {
+        Vec::<i64>::try_from(Tensor::randint(
+            i64::MAX,
+            [layers as i64],
+            (Kind::Int64, Device::Cpu),
+        ))
+        .unwrap_or_default()
+    })
 }
 
 /// Which positions a forward pass computes logits for. A prompt's prefill needs only its last
@@ -507,6 +772,21 @@ fn cached_attention_mask(key_valid: &Tensor, offset: i64, new: i64, window: Opti
 }
 
 impl DecoderLayer {
+    /// The projections that share an input, merged into one product each ([`Merged`]).
+    fn merge_projections(&mut self) {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        a.qkv = Merged::new(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
+        m.gate_up = Merged::new(&mut [&mut m.gate_proj, &mut m.up_proj]);
+    }
+
+    /// Back to one product per projection (the weights stay views): what the merged products
+    /// are compared with in tests.
+    #[cfg(test)]
+    fn split_projections(&mut self) {
+        self.self_attn.qkv = None;
+        self.mlp.gate_up = None;
+    }
+
     fn named_linears_mut(&mut self) -> [(&'static str, &'static str, &mut Linear); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
@@ -540,8 +820,17 @@ impl DecoderLayer {
         let x = x + attended;
         let mlp_in = rms_norm(&x, &self.post_attention_layernorm, eps);
         let mlp = &self.mlp;
-        let gated =
-            mlp.gate_proj.forward(&mlp_in, train).silu() * mlp.up_proj.forward(&mlp_in, train);
+        let (gate, up) = match &mlp.gate_up {
+            Some(merged) => {
+                let parts = merged.forward(&[&mlp.gate_proj, &mlp.up_proj], &mlp_in, train);
+                (parts[0].shallow_clone(), parts[1].shallow_clone())
+            }
+            None => (
+                mlp.gate_proj.forward(&mlp_in, train),
+                mlp.up_proj.forward(&mlp_in, train),
+            ),
+        };
+        let gated = gate.silu() * up;
         x + mlp.down_proj.forward(&gated, train)
     }
 }
@@ -561,14 +850,17 @@ impl Attention {
     ) -> Tensor {
         let size = x.size();
         let (batch, seq) = (size[0], size[1]);
-        let heads = |proj: &Linear, n: i64| {
-            proj.forward(x, train)
-                .view([batch, seq, n, self.head_dim])
-                .transpose(1, 2)
+        let projected = match &self.qkv {
+            Some(merged) => merged.forward(&[&self.q_proj, &self.k_proj, &self.v_proj], x, train),
+            None => [&self.q_proj, &self.k_proj, &self.v_proj]
+                .iter()
+                .map(|proj| proj.forward(x, train))
+                .collect(),
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.heads), cos, sin);
-        let k = apply_rotary(&heads(&self.k_proj, self.kv_heads), cos, sin);
-        let v = heads(&self.v_proj, self.kv_heads);
+        let heads = |y: &Tensor, n: i64| y.view([batch, seq, n, self.head_dim]).transpose(1, 2);
+        let q = apply_rotary(&heads(&projected[0], self.heads), cos, sin);
+        let k = apply_rotary(&heads(&projected[1], self.kv_heads), cos, sin);
+        let v = heads(&projected[2], self.kv_heads);
         let (k, v) = match cache {
             None => (k, v),
             Some(LayerCache {
@@ -873,6 +1165,65 @@ mod tests {
         );
         let linear = Vec::<f32>::try_from(inverse_frequencies(&linear, Device::Cpu)).unwrap();
         assert!(linear.iter().zip(&plain).all(|(l, p)| *l == p / 4.0));
+    }
+
+    /// q, k, v and gate, up as one product each (weights and LoRA factors concatenated) give
+    /// the logits and the factors' gradients of one product per projection, also where only
+    /// some projections of a group are adapted and where dropout keeps a branch apart.
+    #[test]
+    fn merged_projections_match_separate_ones() {
+        use crate::methods::lora::LoraBranch;
+        let c = config(json!({}));
+        let mut model = LlamaModel::from_weights(c.clone(), checkpoint(&c)).unwrap();
+        assert!(model
+            .layers
+            .iter()
+            .all(|l| l.self_attn.qkv.is_some() && l.mlp.gate_up.is_some()));
+        let targets = ["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"];
+        let mut factors = Vec::new();
+        for (i, (_, linear)) in model.linears_mut(&targets).enumerate() {
+            let (inp, out) = (linear.in_features(), linear.out_features());
+            let opts = (Kind::Float, Device::Cpu);
+            let a = (Tensor::randn([4, inp], opts) * 0.3).set_requires_grad(true);
+            let b = (Tensor::randn([out, 4], opts) * 0.3).set_requires_grad(true);
+            // One branch with dropout: its group runs projection by projection in training.
+            let dropout = if i == 3 { 0.2 } else { 0.0 };
+            linear.attach(Box::new(LoraBranch::new(
+                a.shallow_clone(),
+                b.shallow_clone(),
+                2.0,
+                dropout,
+            )));
+            factors.push(a);
+            factors.push(b);
+        }
+        let ids = Tensor::randint(40, [2, 7], (Kind::Int64, Device::Cpu));
+        let run = |model: &LlamaModel| {
+            tch::manual_seed(1);
+            let logits = model.forward(&ids, true);
+            logits.square().sum(Kind::Float).backward();
+            let grads: Vec<Tensor> = factors.iter().map(|f| f.grad().copy()).collect();
+            for f in &factors {
+                let _ = f.grad().zero_();
+            }
+            (logits.detach(), grads)
+        };
+        let (merged_logits, merged_grads) = run(&model);
+        for layer in &mut model.layers {
+            layer.split_projections();
+        }
+        let (logits, grads) = run(&model);
+        let diff = |a: &Tensor, b: &Tensor| {
+            ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).double_value(&[])
+        };
+        assert!(
+            diff(&merged_logits, &logits) < 1e-6,
+            "{}",
+            diff(&merged_logits, &logits)
+        );
+        for (m, s) in merged_grads.iter().zip(&grads) {
+            assert!(diff(m, s) < 1e-5, "{}", diff(m, s));
+        }
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! The base model: a Hugging Face model directory read into a Llama-family decoder
 //! (`architecture` from config.json, `weights` from safetensors, the tokenizer's config and
 //! chat template), its forward pass with an optional KV cache (`llama`), text generation
-//! (`generate`), the device and precision it runs in (`device`), and a LoRA adapter folded
-//! into its weights (`merge`).
+//! (`generate`), the device and precision it runs in (`device`), the GPU memory a run takes
+//! (`gpu_memory`), the loss computed without the full logits (`lm_loss`), and a LoRA adapter
+//! folded into its weights (`merge`).
 
 pub mod architecture;
 pub mod chat_template;
 pub mod device;
 pub mod generate;
+pub mod gpu_memory;
 pub mod llama;
+pub mod lm_loss;
 pub mod merge;
 pub mod tokenizer_config;
 pub mod weights;

@@ -79,9 +79,18 @@ impl Reporter for LogReporter {
                 loss,
                 lr,
                 tokens_per_second,
+                peak_gpu_memory_bytes,
                 ..
             } => {
-                tracing::info!(step, total_steps, loss, lr, tokens_per_second, "progress");
+                tracing::info!(
+                    step,
+                    total_steps,
+                    loss,
+                    lr,
+                    tokens_per_second,
+                    peak_gpu_memory_bytes,
+                    "progress"
+                );
             }
             EventPayload::Eval { step, loss, tokens } => {
                 tracing::info!(step, loss, tokens, "validation")

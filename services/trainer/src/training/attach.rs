@@ -27,7 +27,6 @@ pub struct AdaptedModel {
     pub trace: Option<Trace>,
     /// The token id that pads batches.
     pub pad_id: i64,
-    pub vocab_size: i64,
     pub device: Device,
 }
 
@@ -44,7 +43,6 @@ impl AdaptedModel {
     ) -> Result<AdaptedModel> {
         // Padding is never attended to (causal attention, right padding) nor scored, so any id will do.
         let pad_id = config.pad_token_id.or(config.eos_token_id).unwrap_or(0);
-        let vocab_size = config.vocab_size;
 
         tch::manual_seed(spec.training.seed as i64);
         let mut model = LlamaModel::load(model_dir, config, device)?;
@@ -77,7 +75,6 @@ impl AdaptedModel {
             trainable_parameters,
             trace,
             pad_id,
-            vocab_size,
             device,
         })
     }

@@ -25,6 +25,7 @@ pub mod trace;
 
 use crate::data::TrainingRows;
 use crate::export::PeftAdapter;
+use crate::model::gpu_memory::GpuMemoryMonitor;
 use crate::model::ModelConfig;
 use anyhow::{anyhow, Result};
 use attach::AdaptedModel;
@@ -108,6 +109,8 @@ fn train_unguarded(
     let examples = prepare::select(spec, &datasets, reporter)?;
     let replay_examples = datasets.replay.as_ref().map(|r| r.examples);
 
+    // Started before the model is loaded, so the peak counts the weights and the CUDA context.
+    let gpu_memory = GpuMemoryMonitor::start(device);
     let adapted = AdaptedModel::load(
         spec,
         inputs.model_dir,
@@ -124,7 +127,7 @@ fn train_unguarded(
         training.seed,
     );
     let plan = Plan::new(training, rows.rows_per_epoch(), reporter);
-    let mut run = Run::new(spec, adapted, plan, rows, examples.validation);
+    let mut run = Run::new(spec, adapted, plan, rows, examples.validation, gpu_memory);
     let mut state = run.start(inputs.resume, template_clock, reporter)?;
     let mut hooks = Hooks {
         // The store's own lifetime shortened to the hooks' (a coercion `Option` does not make).
@@ -154,6 +157,7 @@ fn finish(
         spec,
         adapted,
         plan,
+        gpu_memory: run_gpu_memory,
         ..
     } = run;
     let initial_loss = state
@@ -168,6 +172,7 @@ fn finish(
         tokens_per_second: state.tokens as f64 / state.train_seconds.max(1e-9),
         trainable_parameters: adapted.trainable_parameters,
         eval_loss,
+        peak_gpu_memory_bytes: run_gpu_memory.map(|m| m.peak_bytes()),
     };
     Ok(TrainOutcome {
         metrics,

@@ -9,8 +9,9 @@ use super::seeds::{derive_seed, SeedUse};
 use super::{log, Reporter};
 use crate::data::{Batch, ExampleSet, TrainingRows};
 use crate::error::{user_error, Failure};
-use crate::eval::validation::{summed_loss, validation_loss};
+use crate::eval::validation::{summed_loss_of, validation_loss};
 use crate::method::{RankAllocation, StepInfo};
+use crate::model::gpu_memory::GpuMemoryMonitor;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use loraforge_spec::worker::EventPayload;
@@ -90,6 +91,8 @@ pub struct Run<'a> {
     rows: TrainingRows<'a>,
     pub validation: Option<ExampleSet<'a>>,
     last_ranks: Option<RankAllocation>,
+    /// The GPU's memory in use, sampled while the run trains (none on the CPU).
+    pub gpu_memory: Option<GpuMemoryMonitor>,
 }
 
 impl<'a> Run<'a> {
@@ -99,6 +102,7 @@ impl<'a> Run<'a> {
         plan: Plan,
         rows: TrainingRows<'a>,
         validation: Option<ExampleSet<'a>>,
+        gpu_memory: Option<GpuMemoryMonitor>,
     ) -> Run<'a> {
         Run {
             spec,
@@ -107,6 +111,7 @@ impl<'a> Run<'a> {
             rows,
             validation,
             last_ranks: None,
+            gpu_memory,
         }
     }
 
@@ -179,6 +184,7 @@ impl<'a> Run<'a> {
                     elapsed / f64::from(step + 1 - first_step) * f64::from(total_steps - step),
                 ),
                 grad_norm: Some(grad_norm),
+                peak_gpu_memory_bytes: self.gpu_memory.as_ref().map(|m| m.peak_bytes()),
             });
             // The last step is always validated after the loop, and never needs a checkpoint.
             if step == total_steps {
@@ -244,7 +250,12 @@ impl<'a> Run<'a> {
         for (micro, batch) in micro_batches.iter().enumerate() {
             let dropout_index = u64::from(step) * plan.accumulation + micro as u64;
             tch::manual_seed(derive_seed(training.seed, SeedUse::Dropout, dropout_index) as i64);
-            let loss = summed_loss(&adapted.model, batch, adapted.vocab_size, true);
+            let pass = adapted.model.training_pass(
+                &batch.input_ids,
+                true,
+                training.gradient_checkpointing,
+            );
+            let loss = summed_loss_of(&adapted.model, &pass.hidden, &batch.labels);
             loss_sum += loss.double_value(&[]);
             // The method's own loss term counts once per step, spread over its micro-batches.
             let objective = match adapted.method.extra_loss() {
@@ -252,6 +263,7 @@ impl<'a> Run<'a> {
                 None => loss / targets,
             };
             objective.backward();
+            pass.backward();
         }
         let loss = loss_sum / targets;
         if !loss.is_finite() {
@@ -298,7 +310,6 @@ impl<'a> Run<'a> {
             self.spec.training.seq_len as usize,
             self.plan.batch_size as usize,
             adapted.pad_id,
-            adapted.vocab_size,
             adapted.device,
         )?;
         reporter.report(EventPayload::Eval { step, loss, tokens });

@@ -195,6 +195,50 @@ fn non_finite_loss_is_a_user_error_naming_the_step() {
     assert!(err.to_string().contains("became NaN at step 1"), "{err:#}");
 }
 
+/// Layer checkpointing recomputes each layer in the backward pass, with the same dropout
+/// masks: the adapter is the one a run that kept every activation trains. On the CPU no GPU
+/// memory is reported (`null`), in the progress events and the metrics alike.
+#[test]
+fn checkpointed_layers_train_the_same_adapter() {
+    let root = fixture();
+    let method = r#"{"type":"lora","r":4,"dropout":0.1}"#;
+    let training = |checkpointing: &str| {
+        format!(
+            r#"{{"max_steps":4,"learning_rate":0.002,"batch_size":2,"gradient_accumulation_steps":2,"seq_len":64,"seed":3,"gradient_checkpointing":"{checkpointing}"}}"#
+        )
+    };
+    let plain = fixture_job(root.path(), method, &training("none"));
+    let checkpointed = fixture_job(root.path(), method, &training("layers"));
+    let mut events = Recorder::default();
+    let a = run(&plain, root.path(), &mut events).unwrap();
+    let b = run(&checkpointed, root.path(), &mut Recorder::default()).unwrap();
+    assert!(
+        (a.metrics.final_loss - b.metrics.final_loss).abs() < 1e-6,
+        "{:?} vs {:?}",
+        a.metrics,
+        b.metrics
+    );
+    let diff = max_abs_diff(&a.adapter, &b.adapter);
+    assert!(diff < 1e-6, "adapters differ by {diff}");
+    // Dropout mattered: without it, the adapter is another.
+    let no_dropout = fixture_job(
+        root.path(),
+        &method.replace("0.1", "0.0"),
+        &training("layers"),
+    );
+    let c = run(&no_dropout, root.path(), &mut Recorder::default()).unwrap();
+    assert!(max_abs_diff(&a.adapter, &c.adapter) > 1e-5);
+
+    assert_eq!(a.metrics.peak_gpu_memory_bytes, None);
+    assert!(events.0.iter().all(|e| !matches!(
+        e,
+        EventPayload::Progress {
+            peak_gpu_memory_bytes: Some(_),
+            ..
+        }
+    )));
+}
+
 /// k micro-batches of b rows make the same step as one batch of k * b rows.
 #[test]
 fn gradient_accumulation_matches_a_larger_batch() {

@@ -213,13 +213,11 @@ struct Prepared {
     harmful_ids: Vec<Vec<i64>>,
     benign_ids: Vec<Vec<i64>>,
     validation: Option<TokenizedDataset>,
-    vocab_size: i64,
 }
 
 impl Prepared {
     fn new(
         generator: &Generator,
-        model_dir: &Path,
         validation: Option<&Path>,
         settings: &Settings,
     ) -> Result<Prepared> {
@@ -257,7 +255,6 @@ impl Prepared {
             harmful_ids,
             benign_ids,
             validation,
-            vocab_size: crate::model::ModelConfig::load(model_dir)?.vocab_size,
         })
     }
 
@@ -272,7 +269,6 @@ impl Prepared {
             harmful_ids: &self.harmful_ids,
             benign_ids: &self.benign_ids,
             validation: self.validation.as_ref(),
-            vocab_size: self.vocab_size,
             settings,
             device,
         }
@@ -335,7 +331,7 @@ fn evaluate_model_unguarded(
     let started = Instant::now();
     let judge = settings.judge.load(device)?;
     let generator = Generator::load(model_dir, None, device)?;
-    let prepared = Prepared::new(&generator, model_dir, validation, settings)?;
+    let prepared = Prepared::new(&generator, validation, settings)?;
     let baseline = Baseline::look_up(reuse, settings, device);
     let mut counter = Counter {
         done: 0,
@@ -390,7 +386,7 @@ fn evaluate_unguarded(
     // Loaded first: a judge that cannot load fails the evaluation before any generation.
     let judge = settings.judge.load(device)?;
     let mut generator = Generator::load(model_dir, None, device)?;
-    let prepared = Prepared::new(&generator, model_dir, validation, settings)?;
+    let prepared = Prepared::new(&generator, validation, settings)?;
     let baseline = Baseline::look_up(reuse, settings, device);
     let per_model = prepared.per_model()?;
     let mut counter = Counter {
@@ -459,7 +455,6 @@ struct MeasureInputs<'a> {
     harmful_ids: &'a [Vec<i64>],
     benign_ids: &'a [Vec<i64>],
     validation: Option<&'a TokenizedDataset>,
-    vocab_size: i64,
     settings: &'a Settings,
     device: Device,
 }
@@ -538,7 +533,6 @@ impl<'a> Measurer<'a> {
             self.inputs.settings.seq_len,
             self.inputs.settings.validation_batch_size,
             self.generator.pad_id(),
-            self.inputs.vocab_size,
             self.inputs.device,
         )?;
         Ok(Some(loss.exp()))

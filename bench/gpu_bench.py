@@ -1,0 +1,163 @@
+"""LoRA training on one GPU, side by side in one run: HF PEFT, PEFT + Liger Kernel, and loraforge
+(with and without layer checkpointing), on the same model, data shape and LoRA setup.
+
+Usage (on the GPU machine, with the trainer built on the development machine):
+  python3 bench/gpu_bench.py --trainer BIN --shape tinyllama|llama3-8b --seq N --batch N
+                             [--steps 10] [--only peft,liger,loraforge,loraforge-layers,...]
+                             [--before-trainer OLD_BIN  (contender loraforge-before)]
+Prints one markdown table row per contender and one JSON line each (--json-out FILE too).
+
+Same for every contender: the model `peft_baseline.py --save-model` writes (random weights,
+bf16), LoRA r=16 alpha=32 dropout 0 on all seven projections (fp32 factors), AdamW lr 1e-4,
+every row a full `seq` tokens, 3 warm-up steps, then `--steps` timed. Peak memory is measured
+the same way for all: NVML's device memory used, sampled every 5 ms from this process while the
+contender runs, minus what was used before it started (so it counts the CUDA context and
+everything the caching allocator holds). PEFT also prints torch's own peak
+(`max_memory_allocated`), and loraforge its own NVML peak (`peak_gpu_memory_bytes`).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pynvml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from compare import steady_rate, write_job  # noqa: E402
+
+GIB = 2**30
+
+
+class Sampler:
+    """The most device memory used while it runs, sampled on a thread."""
+
+    def __init__(self, handle):
+        self.handle, self.peak, self.stop = handle, 0, threading.Event()
+        self.before = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+            time.sleep(0.005)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return (self.peak - self.before) / GIB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trainer", required=True)
+    ap.add_argument("--before-trainer", default=None,
+                    help="an earlier build of the trainer, run as contender `loraforge-before`")
+    ap.add_argument("--shape", default="tinyllama")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--only", default="peft,liger,loraforge,loraforge-layers")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--work", default=None, help="folder for the model and data (default: a temporary one)")
+    args = ap.parse_args()
+    warmup = 3
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    card = pynvml.nvmlDeviceGetName(handle)
+    card = card.decode() if isinstance(card, bytes) else card
+
+    tmp = None if args.work else tempfile.TemporaryDirectory()
+    work = Path(args.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = [sys.executable, str(HERE / "peft_baseline.py"), "--device", "cuda", "--shape", args.shape,
+                "--seq", str(args.seq), "--batch", str(args.batch)]
+    run([args.trainer, "fixture", "--out", str(work / "fixture")])
+    if not (work / "model/config.json").exists():
+        run(baseline + ["--save-model", str(work / "model")])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(work / "fixture/model" / name, work / "model" / name)
+    job_path = write_job(work, args.seq, args.batch, warmup + args.steps)
+    job = json.loads(job_path.read_text())
+
+    results = []
+    for name in args.only.split(","):
+        sampler = Sampler(handle)
+        started = time.perf_counter()
+        if name.startswith("peft") or name.startswith("liger"):
+            flags = {"peft": [], "liger": ["--liger"], "peft-ckpt": ["--gradient-checkpointing"],
+                     "liger-ckpt": ["--liger", "--gradient-checkpointing"]}[name]
+            done = subprocess.run(baseline + ["--steps", str(args.steps)] + flags, capture_output=True, text=True)
+            peak = sampler.finish()
+            if done.returncode != 0:
+                results.append({"name": name, "error": tail(done.stderr)})
+                print(f"{name} failed:\n{tail(done.stderr)}", file=sys.stderr)
+                continue
+            report = json.loads(done.stdout.splitlines()[-1])
+            results.append({"name": name, "tokens_per_s": report["tokens_per_s"], "nvml_peak_gib": round(peak, 2),
+                            "torch_peak_gib": report.get("peak_mem_gib"), "wall_s": round(time.perf_counter() - started, 1)})
+        else:
+            trainer = args.before_trainer if name == "loraforge-before" else args.trainer
+            checkpointing = {"loraforge": "none", "loraforge-layers": "layers", "loraforge-before": None}[name]
+            job["training"].pop("gradient_checkpointing", None)
+            if checkpointing:
+                job["training"]["gradient_checkpointing"] = checkpointing
+            spec = work / f"job-{name}.json"
+            spec.write_text(json.dumps(job))
+            env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
+            done = subprocess.run([trainer, "train", "--spec", str(spec), "--out", str(work / f"out-{name}"),
+                                   "--device", "cuda"], env=env, capture_output=True, text=True)
+            peak = sampler.finish()
+            if done.returncode != 0:
+                results.append({"name": name, "error": tail(done.stderr)})
+                print(f"{name} failed:\n{tail(done.stderr)}", file=sys.stderr)
+                continue
+            summary = json.loads(done.stdout.splitlines()[-1])
+            rate = steady_rate(done.stderr, summary, warmup, args.batch * args.seq)
+            own = summary["metrics"].get("peak_gpu_memory_bytes")  # absent from older builds
+            results.append({"name": name, "tokens_per_s": rate, "nvml_peak_gib": round(peak, 2),
+                            "own_peak_gib": own and round(own / GIB, 2),
+                            "final_loss": summary["metrics"]["final_loss"],
+                            "wall_s": round(time.perf_counter() - started, 1)})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+
+    ref = {r["name"]: r for r in results if "error" not in r}
+    peft, liger = ref.get("peft"), ref.get("liger")
+    print(f"{time.strftime('%Y-%m-%d')}, {card}, {args.shape} shape, batch {args.batch} x seq {args.seq}, "
+          f"{args.steps} timed steps after {warmup} warm-up")
+    print("| trainer | tokens/s | x PEFT | x Liger | peak GiB (NVML) | x PEFT | x Liger | own peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | failed: {r['error'].splitlines()[-1][:120]} |||||||")
+            continue
+        ratio = lambda key, base: f"{r[key] / base[key]:.2f}" if base else "—"  # noqa: E731
+        own = r.get("own_peak_gib") or r.get("torch_peak_gib")
+        print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {ratio('tokens_per_s', peft)} | {ratio('tokens_per_s', liger)} "
+              f"| {r['nvml_peak_gib']:.1f} | {ratio('nvml_peak_gib', peft)} | {ratio('nvml_peak_gib', liger)} | {own} |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"card": card, "shape": args.shape, "seq": args.seq,
+                                                   "batch": args.batch, "results": results}, indent=1))
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()[-lines:])
+
+
+def run(command: list) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+if __name__ == "__main__":
+    main()
