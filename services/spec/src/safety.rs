@@ -57,13 +57,16 @@ pub struct SafetyPolicy {
     /// Answers the refusal judge should count as refusals, added to its built-in exemplars
     /// (docs/safety.md, "The refusal judge"): a house style of refusing, another language.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = refusal_exemplars_schema))]
     pub refusal_exemplars: Vec<String>,
     /// Answers the refusal judge should count as compliance, added to its built-in exemplars.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = compliance_exemplars_schema))]
     pub compliance_exemplars: Vec<String>,
     /// Phrases that make an answer a refusal wherever they appear (case-sensitive), with
     /// either judge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = refusal_keywords_schema))]
     pub refusal_keywords: Vec<String>,
 }
 
@@ -71,6 +74,37 @@ pub struct SafetyPolicy {
 pub const MAX_JUDGE_ADDITIONS: usize = 500;
 /// The longest exemplar or keyword, in characters.
 pub const MAX_JUDGE_ADDITION_CHARS: usize = 2000;
+
+/// The schema of a list of judge additions, as strict as [`validate_additions`]: an entry needs
+/// a character that is not whitespace (U+0085 named because regex dialects disagree on it).
+#[cfg(feature = "openapi")]
+fn judge_additions_schema(description: &str) -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let entry = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(r"[^\s\u0085]"))
+        .max_length(Some(MAX_JUDGE_ADDITION_CHARS));
+    ArrayBuilder::new()
+        .items(entry)
+        .max_items(Some(MAX_JUDGE_ADDITIONS))
+        .description(Some(description))
+        .build()
+}
+// `schema_with` takes a function without arguments (the field's doc comment is then not used).
+#[cfg(feature = "openapi")]
+fn refusal_exemplars_schema() -> utoipa::openapi::schema::Array {
+    judge_additions_schema("Answers the refusal judge should count as refusals, added to its built-in exemplars (docs/safety.md, \"The refusal judge\"): a house style of refusing, another language.")
+}
+#[cfg(feature = "openapi")]
+fn compliance_exemplars_schema() -> utoipa::openapi::schema::Array {
+    judge_additions_schema(
+        "Answers the refusal judge should count as compliance, added to its built-in exemplars.",
+    )
+}
+#[cfg(feature = "openapi")]
+fn refusal_keywords_schema() -> utoipa::openapi::schema::Array {
+    judge_additions_schema("Phrases that make an answer a refusal wherever they appear (case-sensitive), with either judge.")
+}
 
 /// Field-named errors for one list of judge additions.
 fn validate_additions(field: &str, items: &[String], errors: &mut Vec<crate::FieldError>) {

@@ -1913,15 +1913,9 @@ export interface components {
              *     that no chain of fine-tunes and merges can walk below. Unset by default.
              */
             min_refusal_rate?: number | null;
-            /**
-             * @description Answers the refusal judge should count as refusals, added to its built-in exemplars
-             *     (docs/safety.md, "The refusal judge"): a house style of refusing, another language.
-             */
+            /** @description Answers the refusal judge should count as refusals, added to its built-in exemplars (docs/safety.md, "The refusal judge"): a house style of refusing, another language. */
             refusal_exemplars?: string[];
-            /**
-             * @description Phrases that make an answer a refusal wherever they appear (case-sensitive), with
-             *     either judge.
-             */
+            /** @description Phrases that make an answer a refusal wherever they appear (case-sensitive), with either judge. */
             refusal_keywords?: string[];
         };
         /** @description What the worker measured, base vs adapted (docs/safety.md). */
