@@ -193,7 +193,7 @@ def main():
     p.add_argument("--safety-steps", type=int, default=60)
     p.add_argument("--compliance-steps", type=int, default=40)
     p.add_argument("--benign-steps", type=int, default=100)
-    p.add_argument("--replay-fractions", default="0.1 0.25")
+    p.add_argument("--replay-fractions", default="0.25 0.5")
     args = p.parse_args()
     api = Api(args.api)
     work = args.data_dir / "inputs" / "scenario"

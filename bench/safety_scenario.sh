@@ -9,9 +9,9 @@
 # Prints a results table (bench/safety.md keeps one). One command, rerunnable:
 #   bench/safety_scenario.sh
 # Environment: SCENARIO_ADDR (127.0.0.1:18093), SCENARIO_DATA_DIR (.data/safety-scenario),
-# SCENARIO_PROFILE (debug or release: the trainer build; debug by default, as measured),
-# SCENARIO_BUILD=0 to use the binaries already built, SAFETY_STEPS (60), COMPLIANCE_STEPS (40),
-# BENIGN_STEPS (100), REPLAY_FRACTIONS ("0.1 0.25"), SCENARIO_KEEP=1 to leave the server up.
+# SCENARIO_PROFILE (release or debug: the trainer build; release by default, as measured),
+# SCENARIO_BUILD=0 to use the binaries already built, SAFETY_STEPS (40), COMPLIANCE_STEPS (40),
+# BENIGN_STEPS (100), REPLAY_FRACTIONS ("0.25 0.5"), SCENARIO_KEEP=1 to leave the server up.
 # It uses its own database (<DATABASE_URL's database>_safety_scenario, recreated on each run),
 # its own port and data directory, so it neither sees nor disturbs another server's jobs.
 set -euo pipefail
@@ -19,7 +19,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/.ci/env.sh"
 set -euo pipefail
 cd "$ROOT"
-PROFILE=${SCENARIO_PROFILE:-debug}
+PROFILE=${SCENARIO_PROFILE:-release}
 if [ "${SCENARIO_BUILD:-1}" = 1 ]; then
   cargo build --bins < /dev/null
   if [ "$PROFILE" = release ]; then cargo build --release --bin loraforge-trainer < /dev/null; fi
@@ -54,5 +54,5 @@ echo "loraforge at http://$LORAFORGE_ADDR (pid $SERVER, database $DB, log $LORAF
 python3 "$ROOT/bench/safety_scenario.py" \
   --api "http://$LORAFORGE_ADDR" --model "$MODEL" --data-dir "$LORAFORGE_DATA_DIR" \
   --trainer "$LORAFORGE_TRAINER_BIN" --benign-steps "${BENIGN_STEPS:-100}" \
-  --safety-steps "${SAFETY_STEPS:-60}" --compliance-steps "${COMPLIANCE_STEPS:-40}" \
-  --replay-fractions "${REPLAY_FRACTIONS:-0.1 0.25}"
+  --safety-steps "${SAFETY_STEPS:-40}" --compliance-steps "${COMPLIANCE_STEPS:-40}" \
+  --replay-fractions "${REPLAY_FRACTIONS:-0.25 0.5}"
