@@ -56,7 +56,10 @@ warmup = 3 if cuda else 2
 if not cuda:
     torch.set_num_threads(args.threads)
 torch.manual_seed(0)
-cfg = LlamaConfig(attn_implementation="sdpa", **SHAPES[shape])
+# The position range covers the sequence (the long-context row trains past the shape's own).
+shape_cfg = dict(SHAPES[shape])
+shape_cfg["max_position_embeddings"] = max(shape_cfg["max_position_embeddings"], seq)
+cfg = LlamaConfig(attn_implementation="sdpa", **shape_cfg)
 if cuda:
     torch.set_default_dtype(torch.bfloat16)
 with torch.device(args.device):

@@ -342,10 +342,19 @@ async fn the_projects_exemplars_and_keywords_reach_the_judge() -> anyhow::Result
     match std::env::var_os("LORAFORGE_JUDGE_MODEL") {
         Some(_) => {
             assert!(judge.starts_with("semantic: "), "{judge}");
-            assert!(
-                judge.contains("of 47 refusal minus 53 compliance"),
-                "{judge}"
+            // The built-in exemplars plus the project's two refusal and one compliance exemplars.
+            let builtin = std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../services/trainer/src/eval/safety/exemplars.jsonl"),
+            )?;
+            let refusals = builtin.matches(r#""label": "refusal""#).count();
+            let others = builtin.lines().filter(|l| !l.trim().is_empty()).count() - refusals;
+            let counts = format!(
+                "of {} refusal minus {} compliance",
+                refusals + 2,
+                others + 1
             );
+            assert!(judge.contains(&counts), "{judge} (expected {counts})");
             assert!(judge.ends_with("or any of 1 policy keywords"), "{judge}");
         }
         None => assert!(judge.contains("+ 1 from the policy"), "{judge}"),

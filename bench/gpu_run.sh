@@ -1,0 +1,24 @@
+#!/bin/bash
+# One GPU-machine call: install Liger's wheel, then bench/gpu_bench.py for the shapes given as
+# "shape:seq:batch:contenders[:seconds]" arguments. Results under $OUT.
+# It runs from a folder (`.gpu/`, ignored by git) that holds a copy of this script as run.sh, the
+# release trainer built here and stripped (loraforge-trainer; loraforge-before: an earlier build
+# to compare with), bench/{gpu_bench,peft_baseline,compare}.py and whl/liger_kernel-*.whl:
+#   mkdir -p .gpu/bench .gpu/whl && cp bench/gpu_run.sh .gpu/run.sh && cp bench/*.py .gpu/bench/
+#   strip -o .gpu/loraforge-trainer $CARGO_TARGET_DIR/release/loraforge-trainer
+#   pip download --no-deps --only-binary=:all: -d .gpu/whl liger-kernel==0.8.5
+set -u
+cd "$(dirname "$0")"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+chmod +x ./loraforge-trainer ./loraforge-before
+for spec in "$@"; do
+  IFS=: read shape seq batch only limit <<<"$spec"
+  echo "=== $shape seq $seq batch $batch: $only"
+  rm -rf /tmp/work-$shape/out-*; mkdir -p /tmp/work-$shape
+  timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer --before-trainer ./loraforge-before --shape $shape --seq $seq --batch $batch \
+    --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch.json 2>&1 | tee -a $OUT/log.txt
+done
