@@ -298,6 +298,12 @@ impl<'a> Baseline<'a> {
         Baseline { reuse, key, stored }
     }
 
+    /// Of `models` evaluated (the base first), how many are measured here: the base is not
+    /// when its side was found stored.
+    fn models_to_measure(&self, models: u32) -> u32 {
+        models - u32::from(self.stored.is_some())
+    }
+
     /// The stored side, or the side measured now (and kept for the next evaluation).
     fn measure(self, measurer: Measurer, counter: &mut Counter) -> Result<Measurement> {
         if let Some(side) = self.stored {
@@ -316,6 +322,36 @@ impl<'a> Baseline<'a> {
     }
 }
 
+/// What both evaluations start from.
+struct Opened<'a> {
+    judge: judge::Judge,
+    generator: Generator,
+    prepared: Prepared,
+    baseline: Baseline<'a>,
+}
+
+impl<'a> Opened<'a> {
+    fn new(
+        model_dir: &Path,
+        validation: Option<&Path>,
+        settings: &Settings,
+        device: Device,
+        reuse: Option<Reuse<'a>>,
+    ) -> Result<Opened<'a>> {
+        // Loaded first: a judge that cannot load fails the evaluation before any generation.
+        let judge = settings.judge.load(device)?;
+        let generator = Generator::load(model_dir, None, device)?;
+        let prepared = Prepared::new(&generator, validation, settings)?;
+        let baseline = Baseline::look_up(reuse, settings, device);
+        Ok(Opened {
+            judge,
+            generator,
+            prepared,
+            baseline,
+        })
+    }
+}
+
 fn evaluate_model_unguarded(
     model_dir: &Path,
     validation: Option<&Path>,
@@ -329,17 +365,15 @@ fn evaluate_model_unguarded(
         progress,
     } = context;
     let started = Instant::now();
-    let judge = settings.judge.load(device)?;
-    let generator = Generator::load(model_dir, None, device)?;
-    let prepared = Prepared::new(&generator, validation, settings)?;
-    let baseline = Baseline::look_up(reuse, settings, device);
+    let Opened {
+        judge,
+        generator,
+        prepared,
+        baseline,
+    } = Opened::new(model_dir, validation, settings, device, reuse)?;
     let mut counter = Counter {
         done: 0,
-        total: if baseline.stored.is_some() {
-            0
-        } else {
-            prepared.per_model()?
-        },
+        total: prepared.per_model()? * baseline.models_to_measure(1),
         progress,
         cancel,
     };
@@ -383,15 +417,16 @@ fn evaluate_unguarded(
         progress,
     } = context;
     let started = Instant::now();
-    // Loaded first: a judge that cannot load fails the evaluation before any generation.
-    let judge = settings.judge.load(device)?;
-    let mut generator = Generator::load(model_dir, None, device)?;
-    let prepared = Prepared::new(&generator, validation, settings)?;
-    let baseline = Baseline::look_up(reuse, settings, device);
+    let Opened {
+        judge,
+        mut generator,
+        prepared,
+        baseline,
+    } = Opened::new(model_dir, validation, settings, device, reuse)?;
     let per_model = prepared.per_model()?;
     let mut counter = Counter {
         done: 0,
-        total: per_model * if baseline.stored.is_some() { 1 } else { 2 },
+        total: per_model * baseline.models_to_measure(2),
         progress,
         cancel,
     };
