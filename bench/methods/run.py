@@ -41,6 +41,8 @@ METHODS = {
     "triadaptlora 1->4": {"type": "triadaptlora", "init_rank": 1, "reference_rank": 4, "alpha": 8,
                           "init_warmup": 20, "incre_interval": 5},
     "codyra r=6": {"type": "codyra", "r": 6, "max_kappa": 1.5e-2, "lambda_num": 50, "dense_iters": 0.5},
+    "lorapro r=4": {"type": "lorapro", "r": 4, "alpha": 8},
+    "allora r=4": {"type": "allora", "r": 4, "eta": 2.0},
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RANKS = re.compile(r"rank allocation step=(\d+) total=(\d+) per_module=\{([^}]*)\}")
