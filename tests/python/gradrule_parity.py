@@ -18,6 +18,12 @@ method's update rule, written here from the reference's math:
   the factors' gradients are replaced by those of the output gradient scaled per output row by
   1 / sqrt(‖(BA)_i‖ + 1/η²), formed here from hooked inputs and output gradients (loraforge
   gets them from autograd), then `clip_grad_norm_` and torch's AdamW.
+- lora_ggpo: kohya-ss/sd-scripts' LoRA-GGPO (networks/lora_flux.py): from the second step on,
+  every adapted layer's output gets `x εᵀ`, ε ~ N(0, 1) per entry times
+  (σ c_i + β g_i²)/√out per row, with c and g from the previous step's factors and clipped
+  gradients; torch's AdamW. The noise is drawn from the same generator states as loraforge's
+  (the per-micro-batch seed of services/trainer/src/training/seeds.rs, then one seed per layer
+  as the trainer's model draws them), so both runs perturb identically.
 
 Prints one JSON line: the largest absolute difference between the two runs' final factors and
 the largest change of a factor over the run (so a run that did not train is visible).
@@ -40,7 +46,7 @@ def sylvester(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor
     """X with p X + X q = c: (I ⊗ p + qᵀ ⊗ I) vec(X) = vec(c), vec stacking columns."""
     r = p.shape[0]
     eye = torch.eye(r, dtype=p.dtype)
-    k = torch.kron(eye, p) + torch.kron(q.T, eye)
+    k = torch.kron(eye, p.contiguous()) + torch.kron(q.T.contiguous(), eye)
     x = torch.linalg.solve(k, c.T.reshape(-1))
     return x.reshape(r, r).T
 
@@ -66,10 +72,12 @@ def main(model_dir: str, trace_dir: str, spec_path: str) -> None:
     spec = json.load(open(spec_path))
     method, training = spec["method"], spec["training"]
     kind = method["type"]
-    assert kind in ("lorapro", "allora"), kind
+    assert kind in ("lorapro", "allora", "lora_ggpo"), kind
     r, alpha = method.get("r", 8), method.get("alpha", 16.0)
     if kind == "allora":
         alpha = r
+    if kind == "lora_ggpo":
+        alpha = method.get("alpha", 8.0)
     rslora = method.get("use_rslora", False)
     s = alpha / (r**0.5 if rslora else r)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -94,6 +102,8 @@ def main(model_dir: str, trace_dir: str, spec_path: str) -> None:
     exp_avg, exp_avg_sq = {}, {}
     if kind == "allora":
         return allora(model, params, modules, method["eta"], training, initial, trace_dir)
+    if kind == "lora_ggpo":
+        return ggpo(model, params, modules, method, s, training, initial, trace_dir)
     batches = load_file(f"{trace_dir}/batches.safetensors")
     for step in range(1, training["max_steps"] + 1):
         ids, labels = batches[f"step{step}.micro0.input_ids"], batches[f"step{step}.micro0.labels"]
@@ -164,6 +174,76 @@ def allora(model, params, modules, eta, training, initial, trace_dir):
                 b.grad.copy_(scaled.T @ (x @ a.T))
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+        optimizer.step()
+    report(params, initial, trace_dir)
+
+
+MASK = (1 << 64) - 1
+
+
+def derive_seed(seed: int, purpose: int, index: int) -> int:
+    """services/trainer/src/training/seeds.rs: SplitMix64's finalizer over seed, purpose, index."""
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+        return z ^ (z >> 31)
+    z = seed
+    for word in (purpose, index):
+        z = mix((z + word * 0x9E3779B97F4A7C15) & MASK)
+    return z
+
+
+def ggpo(model, params, modules, method, s, training, initial, trace_dir):
+    sigma, beta = method.get("sigma", 0.03), method.get("beta", 0.01)
+    layers = {rust_name(n + ".lora_A.default.weight").rsplit(".", 1)[0]: mod
+              for n, mod in model.named_modules() if hasattr(mod, "lora_A") and "default" in mod.lora_A}
+    base_norm = {m: layers[m].base_layer.weight.float().norm(dim=1).mean() for m in modules}
+    noise_scale = {}
+
+    def perturb(name):
+        def forward(module, args, output):
+            if name not in noise_scale:
+                return output
+            x = args[0]
+            with torch.no_grad():
+                eps = torch.randn(noise_scale[name].shape[0], x.shape[-1]) * noise_scale[name]
+                perturbation = x @ eps.T
+            return output + perturbation
+        return forward
+
+    for name, layer in layers.items():
+        layer.register_forward_hook(perturb(name))
+    seeds = []
+    decoder = model.base_model.model.model.layers
+    def reseed(i):
+        def pre_forward(module, args):
+            torch.manual_seed(seeds[i])  # as the trainer sets each layer's seed
+        return pre_forward
+
+    for i, block in enumerate(decoder):
+        block.register_forward_pre_hook(reseed(i))
+    optimizer = torch.optim.AdamW(list(params.values()), lr=training["learning_rate"], betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=training.get("weight_decay", 0.0))
+    max_norm = training.get("max_grad_norm", 1.0)
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    batches = load_file(f"{trace_dir}/batches.safetensors")
+    for step in range(1, training["max_steps"] + 1):
+        ids, labels = batches[f"step{step}.micro0.input_ids"], batches[f"step{step}.micro0.labels"]
+        hf_ids = torch.cat([ids, ids[:, -1:]], dim=1)
+        hf_labels = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1)
+        optimizer.zero_grad()
+        torch.manual_seed(derive_seed(training["seed"], 3, step * accumulation))
+        seeds[:] = torch.randint(2**63 - 1, (len(decoder),), dtype=torch.int64).tolist()
+        model(input_ids=hf_ids, labels=hf_labels).loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+        with torch.no_grad():
+            for m in modules:
+                a, b = params[f"{m}.lora_A"], params[f"{m}.lora_B"]
+                product = b @ a
+                combined = torch.sqrt(base_norm[m] ** 2 + (product**2).sum(dim=1, keepdim=True))
+                g = (s * (b @ a.grad + b.grad @ a)).norm(dim=1, keepdim=True)
+                noise_scale[m] = (sigma * combined + beta * g**2) / b.shape[0] ** 0.5
         optimizer.step()
     report(params, initial, trace_dir)
 

@@ -409,6 +409,7 @@ fn gradient_rules_resume_seamlessly() {
     for method in [
         r#"{"type":"lorapro","r":4,"alpha":8,"target_modules":["q_proj","v_proj"]}"#,
         r#"{"type":"allora","r":4,"eta":2,"target_modules":["q_proj","v_proj"]}"#,
+        r#"{"type":"lora_ggpo","r":4,"sigma":0.3,"beta":0.5,"target_modules":["q_proj","v_proj"]}"#,
     ] {
         assert_resume_is_seamless(method);
     }
