@@ -22,10 +22,12 @@ pub struct GgpoConfig {
     pub dropout: f64,
     #[serde(default = "default_targets")]
     pub target_modules: Vec<String>,
-    /// Weight of the rows' weight norms in the perturbation's standard deviation.
+    /// σ: the weight of each output row's weight norm in the standard deviation of that row's
+    /// perturbation.
     #[serde(default = "default_sigma")]
     pub sigma: f64,
-    /// Weight of the rows' squared gradient norms in it.
+    /// β: the weight of each output row's squared gradient norm in the standard deviation of
+    /// that row's perturbation.
     #[serde(default = "default_beta")]
     pub beta: f64,
 }
