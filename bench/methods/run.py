@@ -1,4 +1,4 @@
-"""The seven adapter methods at one parameter budget on the fixture's learnable task (not a test).
+"""The adapter methods at one parameter budget on the fixture's learnable task (not a test).
 
 Usage: python bench/methods/run.py TRAINER_BIN [STEPS] [--seeds 0,1,2] [--only NAME,...] [--json FILE]
 
@@ -11,7 +11,8 @@ parameters published, and the published rank of every adapted matrix (from rank_
 The budget is a published average of rank 4 per adapted matrix (LoRA r=4): AdaLoRA prunes
 6 -> 4; SoRA and CoDyRA start at r=6 and their gates prune (their thresholds were tuned so the
 published ranks average about 4 over the seeds, see bench/methods.md); DyLoRA trains ranks up
-to 6 and publishes 4; IncreLoRA and TriAdaptLoRA grow from rank 1 to a total of 4 per matrix.
+to 6 and publishes 4; IncreLoRA and TriAdaptLoRA grow from rank 1 to a total of 4 per matrix;
+the gradient rules (LoRA-Pro, ALLoRA, LoRA-GGPO) train plain rank-4 factors.
 `--json` also writes every run's metrics and rank-allocation events (for looking closer).
 """
 import argparse
@@ -41,6 +42,9 @@ METHODS = {
     "triadaptlora 1->4": {"type": "triadaptlora", "init_rank": 1, "reference_rank": 4, "alpha": 8,
                           "init_warmup": 20, "incre_interval": 5},
     "codyra r=6": {"type": "codyra", "r": 6, "max_kappa": 1.5e-2, "lambda_num": 50, "dense_iters": 0.5},
+    "lorapro r=4": {"type": "lorapro", "r": 4, "alpha": 8},
+    "allora r=4": {"type": "allora", "r": 4, "eta": 2.0},
+    "lora_ggpo r=4": {"type": "lora_ggpo", "r": 4, "alpha": 8},
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RANKS = re.compile(r"rank allocation step=(\d+) total=(\d+) per_module=\{([^}]*)\}")

@@ -2,7 +2,8 @@
 //! themselves are in `methods/`, one module each, registered in [`attach_method`].
 //!
 //! The training loop stays generic: per step it calls [`AdapterMethod::before_step`], adds
-//! [`AdapterMethod::extra_loss`] to the task loss, runs its AdamW over
+//! [`AdapterMethod::extra_loss`] to the task loss, lets [`AdapterMethod::adjust_gradients`]
+//! rewrite the gradients, runs its AdamW over
 //! [`AdapterMethod::optimized_parameters`], then calls [`AdapterMethod::after_step`] (gradients
 //! still in place, as PEFT's `update_and_allocate` wants them) and reports
 //! [`AdapterMethod::rank_allocation`] whenever it changes. State a method keeps between steps
@@ -83,6 +84,11 @@ pub trait AdapterMethod {
     fn extra_loss(&self) -> Option<Tensor> {
         None
     }
+
+    /// Rewrites the step's accumulated gradients before the optimizer reads them (LoRA-Pro's
+    /// adjusted gradients). Runs after the loop measures the gradient norm and before it clips,
+    /// which scales what this leaves by the raw norm's coefficient.
+    fn adjust_gradients(&mut self, _step: StepInfo) {}
 
     /// Runs after the optimizer step, before gradients are cleared: proximal steps,
     /// importance updates, rank reallocation.

@@ -6,19 +6,25 @@
 mod common;
 
 pub mod adalora;
+pub mod allora;
 pub mod codyra;
 pub mod dylora;
+pub mod ggpo;
 pub mod increlora;
 pub mod lora;
+pub mod lorapro;
 pub mod sora;
 pub mod triadaptlora;
 
 pub use adalora::AdaLoraConfig;
+pub use allora::AlloraConfig;
 pub use codyra::CodyraConfig;
 pub use common::{growth_steps, MAX_RANK};
 pub use dylora::DyLoraConfig;
+pub use ggpo::GgpoConfig;
 pub use increlora::IncreLoraConfig;
 pub use lora::{LoraConfig, LoraInit};
+pub use lorapro::LoraProConfig;
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -138,6 +144,15 @@ declare_methods! {
     /// CoDyRA (Lu et al., 2024), one task per job: gated ranks driven to exact zeros by a
     /// proximal step whose threshold rises on a schedule after a dense phase.
     Codyra(CodyraConfig) = "codyra",
+    /// LoRA-Pro (Wang et al., ICLR 2025): LoRA whose factor gradients are adjusted toward the
+    /// full fine-tuning gradient, with Adam on the equivalent full gradient.
+    LoraPro(LoraProConfig) = "lorapro",
+    /// ALLoRA (Huang & Balestriero, 2024): LoRA without dropout or scaling, its gradients
+    /// scaled per output row by the inverse norm of the update's rows.
+    Allora(AlloraConfig) = "allora",
+    /// LoRA-GGPO (Chang et al., 2025): LoRA trained under random weight perturbations sized
+    /// by the weights' and gradients' row norms.
+    Ggpo(GgpoConfig) = "lora_ggpo",
 }
 
 impl MethodConfig {
@@ -405,6 +420,29 @@ mod tests {
                 "method.init_warmup",
             ),
             (r#"{"type":"triadaptlora","top_k":1}"#, 100, "method.top_k"),
+            (r#"{"type":"lorapro","r":0}"#, 100, "method.r"),
+            (r#"{"type":"lorapro","alpha":0}"#, 100, "method.alpha"),
+            (r#"{"type":"lorapro","dropout":1}"#, 100, "method.dropout"),
+            (
+                r#"{"type":"lorapro","target_modules":["lm_head"]}"#,
+                100,
+                "method.target_modules[0]",
+            ),
+            (r#"{"type":"lorapro","beta1":0.9}"#, 100, "method.beta1"),
+            (r#"{"type":"allora","r":4,"eta":0}"#, 100, "method.eta"),
+            (r#"{"type":"allora","r":0,"eta":1}"#, 100, "method.r"),
+            (
+                r#"{"type":"allora","r":4,"eta":1,"dropout":0.1}"#,
+                100,
+                "method.dropout",
+            ),
+            (r#"{"type":"lora_ggpo","sigma":-1}"#, 100, "method.sigma"),
+            (r#"{"type":"lora_ggpo","beta":-0.1}"#, 100, "method.beta"),
+            (
+                r#"{"type":"lora_ggpo","sigma":0,"beta":0}"#,
+                100,
+                "method.sigma",
+            ),
         ];
         for (method, steps, field) in cases {
             let err = parse(method, steps).unwrap_err();
@@ -460,6 +498,7 @@ mod tests {
             assert_eq!(back, example, "{json}");
             let minimal = match *tag {
                 "lora" => r#"{"type":"lora","r":8}"#.to_string(),
+                "allora" => r#"{"type":"allora","r":8,"eta":1}"#.to_string(),
                 _ => format!(r#"{{"type":"{tag}"}}"#),
             };
             let spec = parse(&minimal, 5000).unwrap_or_else(|e| panic!("{minimal}: {e}"));

@@ -132,6 +132,23 @@ impl Attach for Lora {
     }
 }
 
+impl Lora {
+    /// Every adapted module's path and factors `(A, B)`, for methods that train plain LoRA
+    /// factors with another update rule.
+    pub fn factor_pairs(&self) -> Vec<(String, Tensor, Tensor)> {
+        self.factors
+            .iter()
+            .map(|f| {
+                (
+                    f.module_path.clone(),
+                    f.a.shallow_clone(),
+                    f.b.shallow_clone(),
+                )
+            })
+            .collect()
+    }
+}
+
 impl AdapterMethod for Lora {
     fn var_store(&self) -> &VarStore {
         &self.store

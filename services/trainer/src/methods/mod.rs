@@ -6,11 +6,14 @@
 //! per module.
 
 pub mod adalora;
+pub mod allora;
 pub mod codyra;
 pub mod dylora;
 pub mod gated;
+pub mod ggpo;
 pub mod increlora;
 pub mod lora;
+pub mod lorapro;
 pub mod rank_adam;
 pub mod sora;
 pub mod triadaptlora;
@@ -64,6 +67,9 @@ pub fn attach_method(
             boxed::<triadaptlora::TriAdaptLora>(model, config, &ctx)
         }
         MethodConfig::Codyra(config) => boxed::<codyra::Codyra>(model, config, &ctx),
+        MethodConfig::LoraPro(config) => boxed::<lorapro::LoraPro>(model, config, &ctx),
+        MethodConfig::Allora(config) => boxed::<allora::Allora>(model, config, &ctx),
+        MethodConfig::Ggpo(config) => boxed::<ggpo::Ggpo>(model, config, &ctx),
     }
 }
 

@@ -143,26 +143,34 @@ pub fn zero_grads(params: &[Tensor]) {
 
 /// Scales the gradients of `params` so their global L2 norm is at most `max_norm`, exactly as
 /// `clip_grad_norm_` does (`max_norm / (norm + 1e-6)`, capped at 1, always applied); returns
-/// the norm before clipping.
+/// the norm before clipping. The loop runs its two halves apart ([`total_grad_norm`],
+/// [`scale_to_norm`]) around a method's gradient adjustment.
+#[cfg(test)]
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
-    let grads = defined_grads(params);
-    let Some(total) = global_norm(&grads) else {
+    let Some(total) = total_grad_norm(params) else {
         return 0.0;
     };
-    // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
-    let coefficient = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-    tch::no_grad(|| {
-        for mut grad in grads {
-            let _ = grad.g_mul_(&coefficient);
-        }
-    });
+    scale_to_norm(params, &total, max_norm);
     total.double_value(&[])
 }
 
-/// The global L2 norm of the gradients of `params`, unchanged: what the step reports when
-/// clipping is off (the same number [`clip_grad_norm`] returns).
-pub fn grad_norm(params: &[Tensor]) -> f64 {
-    global_norm(&defined_grads(params)).map_or(0.0, |total| total.double_value(&[]))
+/// The global L2 norm of the gradients of `params` as `clip_grad_norm_` computes it, as a
+/// tensor; `None` without gradients.
+pub fn total_grad_norm(params: &[Tensor]) -> Option<Tensor> {
+    global_norm(&defined_grads(params))
+}
+
+/// `clip_grad_norm_`'s scaling for a global norm `total` measured earlier: the training loop
+/// measures before a method adjusts the gradients and clips what the method leaves, in the
+/// order DeepSpeed runs LoRA-Pro's reference.
+pub fn scale_to_norm(params: &[Tensor], total: &Tensor, max_norm: f64) {
+    // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
+    let coefficient = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    tch::no_grad(|| {
+        for mut grad in defined_grads(params) {
+            let _ = grad.g_mul_(&coefficient);
+        }
+    });
 }
 
 fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
@@ -282,7 +290,7 @@ mod tests {
         };
         backward();
         // Measuring leaves the gradients as they are; clipping reports the same norm.
-        assert_eq!(grad_norm(&params), 5.0);
+        assert_eq!(total_grad_norm(&params).unwrap().double_value(&[]), 5.0);
         assert_eq!(a.grad().double_value(&[0]), 3.0);
         assert_eq!(clip_grad_norm(&params, 1.0), 5.0);
         let clipped = Tensor::cat(&[a.grad(), b.grad()], 0);

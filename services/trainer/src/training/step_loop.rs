@@ -4,7 +4,7 @@
 
 use super::attach::AdaptedModel;
 use super::checkpoint::{checkpoint_of, restore, CheckpointStore, SavedCheckpoint, TrainingState};
-use super::optimizer::{clip_grad_norm, grad_norm, learning_rate, zero_grads};
+use super::optimizer::{learning_rate, scale_to_norm, total_grad_norm, zero_grads};
 use super::seeds::{derive_seed, SeedUse};
 use super::{log, Reporter};
 use crate::data::{Batch, ExampleSet, TrainingRows};
@@ -273,16 +273,20 @@ impl<'a> Run<'a> {
                 training.learning_rate
             )));
         }
-        let norm = match training.max_grad_norm {
-            Some(max_norm) => clip_grad_norm(&adapted.trained, max_norm),
-            None => grad_norm(&adapted.trained),
-        };
-        adapted.optimizer.step(lr);
-        adapted.method.after_step(StepInfo {
+        let info = StepInfo {
             index: step,
             total: plan.total_steps,
             lr,
-        });
+        };
+        // The norm is the raw gradients'; clipping scales what the method's adjustment leaves.
+        let total_norm = total_grad_norm(&adapted.trained);
+        adapted.method.adjust_gradients(info);
+        if let (Some(max_norm), Some(total)) = (training.max_grad_norm, &total_norm) {
+            scale_to_norm(&adapted.trained, total, max_norm);
+        }
+        let norm = total_norm.map_or(0.0, |t| t.double_value(&[]));
+        adapted.optimizer.step(lr);
+        adapted.method.after_step(info);
         if let Some(ranks) = adapted
             .method
             .rank_allocation()

@@ -401,6 +401,20 @@ fn adaptive_methods_resume_seamlessly() {
     }
 }
 
+/// The gradient rules keep their optimizer state in the adapter's store (LoRA-Pro's Adam
+/// moments of the equivalent gradient): a checkpoint carries it, and a resumed run continues
+/// exactly.
+#[test]
+fn gradient_rules_resume_seamlessly() {
+    for method in [
+        r#"{"type":"lorapro","r":4,"alpha":8,"target_modules":["q_proj","v_proj"]}"#,
+        r#"{"type":"allora","r":4,"eta":2,"target_modules":["q_proj","v_proj"]}"#,
+        r#"{"type":"lora_ggpo","r":4,"sigma":0.3,"beta":0.5,"target_modules":["q_proj","v_proj"]}"#,
+    ] {
+        assert_resume_is_seamless(method);
+    }
+}
+
 /// Runs `method` for 14 steps uninterrupted, and again stopped after step 7 and resumed
 /// from its checkpoint at step 5: the two end with the same adapter and losses.
 fn assert_resume_is_seamless(method: &str) {
