@@ -16,6 +16,9 @@
 //!    (dense `ΔW` per module), and its arm in `families::updates` (the match is exhaustive, so
 //!    a family declared here but not there does not compile).
 
+pub mod miss;
+pub mod shira;
+
 use crate::methods::{LoraConfig, LoraInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -85,6 +88,10 @@ macro_rules! peft_families {
 peft_families! {
     /// LoRA, which every LoRA-like method publishes (PEFT's `LoraConfig`).
     Lora(PeftLoraConfig) = "LORA",
+    /// MiSS (PEFT's `MissConfig`), with Bone's block-affine variant.
+    Miss(miss::PeftMissConfig) = "MISS",
+    /// SHiRA (PEFT's `ShiraConfig`).
+    Shira(shira::PeftShiraConfig) = "SHIRA",
 }
 
 impl PeftConfig {
@@ -93,7 +100,6 @@ impl PeftConfig {
     pub fn as_lora(&self) -> Option<&PeftLoraConfig> {
         match self {
             PeftConfig::Lora(c) => Some(c),
-            #[allow(unreachable_patterns)]
             _ => None,
         }
     }

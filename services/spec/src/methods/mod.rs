@@ -10,6 +10,8 @@ pub mod codyra;
 pub mod dylora;
 pub mod increlora;
 pub mod lora;
+pub mod miss;
+pub mod shira;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -19,6 +21,8 @@ pub use common::{growth_steps, MAX_RANK};
 pub use dylora::DyLoraConfig;
 pub use increlora::IncreLoraConfig;
 pub use lora::{LoraConfig, LoraInit};
+pub use miss::{MissConfig, MissInit};
+pub use shira::{ShiraConfig, ShiraMask};
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -151,6 +155,12 @@ declare_methods! {
     /// CoDyRA (Lu et al., 2024), one task per job: gated ranks driven to exact zeros by a
     /// proximal step whose threshold rises on a schedule after a dense phase.
     Codyra(CodyraConfig) = "codyra",
+    /// MiSS (Kang & Yin, 2024; Bone's successor): a shard shared by the input's slices, or
+    /// Bone's block-affine update; published in PEFT's MiSS format.
+    Miss(MissConfig) = "miss",
+    /// SHiRA (Bhardwaj et al., NeurIPS 2024): r (in + out) trained entries of each weight at
+    /// fixed random positions; published in PEFT's SHiRA format.
+    Shira(ShiraConfig) = "shira",
 }
 
 impl MethodConfig {

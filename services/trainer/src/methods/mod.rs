@@ -11,7 +11,9 @@ pub mod dylora;
 pub mod gated;
 pub mod increlora;
 pub mod lora;
+pub mod miss;
 pub mod rank_adam;
+pub mod shira;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -64,6 +66,8 @@ pub fn attach_method(
             boxed::<triadaptlora::TriAdaptLora>(model, config, &ctx)
         }
         MethodConfig::Codyra(config) => boxed::<codyra::Codyra>(model, config, &ctx),
+        MethodConfig::Miss(config) => boxed::<miss::Miss>(model, config, &ctx),
+        MethodConfig::Shira(config) => boxed::<shira::Shira>(model, config, &ctx),
     }
 }
 
