@@ -13,6 +13,9 @@ The budget is a published average of rank 4 per adapted matrix (LoRA r=4): AdaLo
 published ranks average about 4 over the seeds, see bench/methods.md); DyLoRA trains ranks up
 to 6 and publishes 4; IncreLoRA and TriAdaptLoRA grow from rank 1 to a total of 4 per matrix;
 the gradient rules (LoRA-Pro, ALLoRA, LoRA-GGPO) train plain rank-4 factors.
+MiSS and SHiRA, which publish their own PEFT formats, are matched on published parameters
+instead (LoRA r=4's 1792): SHiRA r=4 trains exactly r (in + out) per matrix; MiSS r=9 trains
+r x out (1728), bat r=8 (r must divide 64 and 32) 1536, mini r=28 / mini_r=16 exactly 1792.
 `--json` also writes every run's metrics and rank-allocation events (for looking closer).
 """
 import argparse
@@ -21,6 +24,7 @@ import re
 import statistics
 import subprocess
 import tempfile
+from math import prod
 from pathlib import Path
 
 from safetensors import safe_open
@@ -45,7 +49,14 @@ METHODS = {
     "lorapro r=4": {"type": "lorapro", "r": 4, "alpha": 8},
     "allora r=4": {"type": "allora", "r": 4, "eta": 2.0},
     "lora_ggpo r=4": {"type": "lora_ggpo", "r": 4, "alpha": 8},
+    # The families with their own PEFT format: their budget is published parameters (below).
+    "miss r=9": {"type": "miss", "r": 9},
+    "miss bat r=8": {"type": "miss", "r": 8, "init": "bat"},
+    "miss mini r=28/16": {"type": "miss", "r": 28, "init": "mini", "mini_r": 16},
+    "shira r=4": {"type": "shira", "r": 4},
 }
+# Tensors of a published adapter that are not trained values (SHiRA's positions).
+NOT_PARAMETERS = ("shira_indices",)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RANKS = re.compile(r"rank allocation step=(\d+) total=(\d+) per_module=\{([^}]*)\}")
 
@@ -96,9 +107,10 @@ def train(trainer: str, work: Path, name: str, method: dict, steps: int, seed: i
                             check=True, capture_output=True, text=True)
     metrics = json.loads(result.stdout.strip().splitlines()[-1])["metrics"]
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        published = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+        published = sum(prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(NOT_PARAMETERS))
     shapes = module_shapes(work / "model")
-    pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    # MiSS and SHiRA have no rank_pattern: every matrix has the method's r.
+    pattern = json.loads((out / "adapter_config.json").read_text()).get("rank_pattern", {})
     # An empty rank_pattern is one rank for all (plain LoRA); a module pruned to 0 is left out.
     ranks = {m: pattern.get(m, 0) if pattern else method["r"] for m in shapes}
     events = [{"step": int(s), "total": int(t), "per_module": {k: int(v) for k, v in

@@ -13,6 +13,8 @@ pub mod ggpo;
 pub mod increlora;
 pub mod lora;
 pub mod lorapro;
+pub mod miss;
+pub mod shira;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -25,6 +27,8 @@ pub use ggpo::GgpoConfig;
 pub use increlora::IncreLoraConfig;
 pub use lora::{LoraConfig, LoraInit};
 pub use lorapro::LoraProConfig;
+pub use miss::{MissConfig, MissInit};
+pub use shira::{ShiraConfig, ShiraMask};
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -53,6 +57,12 @@ pub trait MethodParams: Serialize + DeserializeOwned {
     /// can continue from one.
     fn same_shape(&self, _other: &Self) -> bool {
         false
+    }
+
+    /// The PEFT family the method publishes (`peft_type`, one of
+    /// [`crate::peft::PeftConfig::PEFT_TYPES`]): LoRA unless the method has its own format.
+    fn peft_type(&self) -> &'static str {
+        "LORA"
     }
 }
 
@@ -116,6 +126,13 @@ macro_rules! declare_methods {
                 }
             }
 
+            /// The PEFT family the method publishes ([`MethodParams::peft_type`]).
+            pub fn peft_type(&self) -> &'static str {
+                match self {
+                    $(MethodConfig::$variant(c) => c.peft_type(),)+
+                }
+            }
+
             /// Whether an adapter of `self`'s method can continue training as `other` (same
             /// method, same factors).
             pub fn same_shape(&self, other: &MethodConfig) -> bool {
@@ -153,6 +170,12 @@ declare_methods! {
     /// LoRA-GGPO (Chang et al., 2025): LoRA trained under random weight perturbations sized
     /// by the weights' and gradients' row norms.
     Ggpo(GgpoConfig) = "lora_ggpo",
+    /// MiSS (Kang & Yin, 2024; Bone's successor): a shard shared by the input's slices, or
+    /// Bone's block-affine update; published in PEFT's MiSS format.
+    Miss(MissConfig) = "miss",
+    /// SHiRA (Bhardwaj et al., NeurIPS 2024): r (in + out) trained entries of each weight at
+    /// fixed random positions; published in PEFT's SHiRA format.
+    Shira(ShiraConfig) = "shira",
 }
 
 impl MethodConfig {

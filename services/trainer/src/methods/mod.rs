@@ -14,7 +14,9 @@ pub mod ggpo;
 pub mod increlora;
 pub mod lora;
 pub mod lorapro;
+pub mod miss;
 pub mod rank_adam;
+pub mod shira;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -70,6 +72,8 @@ pub fn attach_method(
         MethodConfig::LoraPro(config) => boxed::<lorapro::LoraPro>(model, config, &ctx),
         MethodConfig::Allora(config) => boxed::<allora::Allora>(model, config, &ctx),
         MethodConfig::Ggpo(config) => boxed::<ggpo::Ggpo>(model, config, &ctx),
+        MethodConfig::Miss(config) => boxed::<miss::Miss>(model, config, &ctx),
+        MethodConfig::Shira(config) => boxed::<shira::Shira>(model, config, &ctx),
     }
 }
 
@@ -148,7 +152,10 @@ pub fn per_module_lora(
         rank_pattern,
         alpha_pattern,
     };
-    PeftAdapter { config, tensors }
+    PeftAdapter {
+        config: config.into(),
+        tensors,
+    }
 }
 
 /// The store path of a module's variables: one level per dotted part, as `lora` does.
