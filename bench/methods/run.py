@@ -16,6 +16,7 @@ to 6 and publishes 4; IncreLoRA and TriAdaptLoRA grow from rank 1 to a total of 
 """
 import argparse
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -41,6 +42,9 @@ METHODS = {
     "triadaptlora 1->4": {"type": "triadaptlora", "init_rank": 1, "reference_rank": 4, "alpha": 8,
                           "init_warmup": 20, "incre_interval": 5},
     "codyra r=6": {"type": "codyra", "r": 6, "max_kappa": 1.5e-2, "lambda_num": 50, "dense_iters": 0.5},
+    # Full rank from ceil(d / 7) bases per matrix; r 7 puts its trained scalings nearest LoRA r=4's
+    # 1792 parameters (1810); alpha 20 r as PEFT's docs advise.
+    "randlora r=7": {"type": "randlora", "r": 7, "alpha": 140},
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RANKS = re.compile(r"rank allocation step=(\d+) total=(\d+) per_module=\{([^}]*)\}")
@@ -92,11 +96,16 @@ def train(trainer: str, work: Path, name: str, method: dict, steps: int, seed: i
                             check=True, capture_output=True, text=True)
     metrics = json.loads(result.stdout.strip().splitlines()[-1])["metrics"]
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        published = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+        published = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     shapes = module_shapes(work / "model")
-    pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
-    # An empty rank_pattern is one rank for all (plain LoRA); a module pruned to 0 is left out.
-    ranks = {m: pattern.get(m, 0) if pattern else method["r"] for m in shapes}
+    config = json.loads((out / "adapter_config.json").read_text())
+    if config["peft_type"] == "RANDLORA":
+        # Its bases reach full rank: the rank of each matrix's update is min(in, out).
+        ranks = {m: min(shape) for m, shape in shapes.items()}
+    else:
+        pattern = config["rank_pattern"]
+        # An empty rank_pattern is one rank for all (plain LoRA); a module pruned to 0 is left out.
+        ranks = {m: pattern.get(m, 0) if pattern else method["r"] for m in shapes}
     events = [{"step": int(s), "total": int(t), "per_module": {k: int(v) for k, v in
                                                                re.findall(r'"([^"]+)": (\d+)', pm)}}
               for s, t, pm in RANKS.findall(ANSI.sub("", result.stderr))]

@@ -10,6 +10,7 @@ pub mod codyra;
 pub mod dylora;
 pub mod increlora;
 pub mod lora;
+pub mod randlora;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -19,6 +20,7 @@ pub use common::{growth_steps, MAX_RANK};
 pub use dylora::DyLoraConfig;
 pub use increlora::IncreLoraConfig;
 pub use lora::{LoraConfig, LoraInit};
+pub use randlora::RandLoraConfig;
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -138,6 +140,9 @@ declare_methods! {
     /// CoDyRA (Lu et al., 2024), one task per job: gated ranks driven to exact zeros by a
     /// proximal step whose threshold rises on a schedule after a dense phase.
     Codyra(CodyraConfig) = "codyra",
+    /// RandLoRA (Albert et al., ICLR 2025): shared frozen random bases reaching full rank, only
+    /// their diagonal scalings trained; published in PEFT's RandLoRA format.
+    RandLora(RandLoraConfig) = "randlora",
 }
 
 impl MethodConfig {

@@ -11,6 +11,7 @@ pub mod dylora;
 pub mod gated;
 pub mod increlora;
 pub mod lora;
+pub mod randlora;
 pub mod rank_adam;
 pub mod sora;
 pub mod triadaptlora;
@@ -64,6 +65,7 @@ pub fn attach_method(
             boxed::<triadaptlora::TriAdaptLora>(model, config, &ctx)
         }
         MethodConfig::Codyra(config) => boxed::<codyra::Codyra>(model, config, &ctx),
+        MethodConfig::RandLora(config) => boxed::<randlora::RandLora>(model, config, &ctx),
     }
 }
 
