@@ -65,7 +65,10 @@ def main(model_dir: str, trace_dir: str, spec_path: str, tokens: str) -> None:
         model(input_ids=hf_ids, labels=hf_labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    param_diff = max((p - final[n]).abs().max().item() for n, p in params.items())
+    param_diff = {
+        kind: max((p - final[n]).abs().max().item() for n, p in params.items() if n.endswith(kind))
+        for kind in ("randlora_lambda", "randlora_gamma")
+    }
     moved = {
         kind: max((final[n] - initial[n]).abs().max().item() for n in params if n.endswith(kind))
         for kind in ("randlora_lambda", "randlora_gamma")

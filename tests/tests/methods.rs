@@ -110,8 +110,8 @@ fn adalora_matches_peft() {
 /// parameters; with loraforge's trained scalings PEFT computes loraforge's logits (from the
 /// published adapter), and PEFT's `merge_and_unload` those of `loraforge-trainer merge`.
 ///
-/// Tolerances: parameters 1e-5 of the largest change training made (the runs differ only in
-/// the order of a few fp32 reductions, as for AdaLoRA above); logits 1e-4 (fp32, magnitude ~5).
+/// Tolerances: parameters 1e-4 of the largest possible Adam movement (lr per step; the runs
+/// differ only in the order of a few fp32 reductions, see below); logits 1e-4 (fp32, ~5).
 /// Dense and sparse bases; one step (λ moves, γ cannot yet: its gradient is proportional to
 /// λ = 0) and several (both move).
 #[test]
@@ -161,29 +161,49 @@ fn randlora_matches_peft() {
                 .arg(tokens),
         ));
         let case = format!("{steps} steps, {knobs}");
-        assert_eq!(result["bases_max_abs_diff"], 0.0, "{case}: bases differ");
-        assert_eq!(
-            result["init_max_abs_diff"], 0.0,
-            "{case}: initial scalings differ"
-        );
-        assert_eq!(
-            result["trained"].as_array().unwrap().len(),
-            8,
-            "{case}: {result}"
-        );
-        let (lambda_moved, gamma_moved) = (
-            result["moved"]["randlora_lambda"].as_f64().unwrap(),
-            result["moved"]["randlora_gamma"].as_f64().unwrap(),
-        );
-        assert!(lambda_moved > 1e-3, "{case}: λ did not train: {result}");
-        if steps > 1 {
-            assert!(gamma_moved > 1e-4, "{case}: γ did not train: {result}");
+        let logits_of =
+            |key: &str| -> Vec<Vec<f64>> { serde_json::from_value(result[key].clone()).unwrap() };
+        let (theirs, theirs_merged) = (logits_of("logits"), logits_of("merged_logits"));
+        let mut summary = result.clone();
+        for key in ["logits", "merged_logits"] {
+            summary.as_object_mut().unwrap().remove(key);
         }
-        let diff = result["param_max_abs_diff"].as_f64().unwrap();
-        assert!(
-            diff <= 1e-5 * lambda_moved.max(gamma_moved),
-            "{case}: parameters differ from PEFT's by {diff}: {result}"
+        assert_eq!(
+            summary["bases_max_abs_diff"], 0.0,
+            "{case}: bases differ: {summary}"
         );
+        assert_eq!(
+            summary["init_max_abs_diff"], 0.0,
+            "{case}: initial scalings differ: {summary}"
+        );
+        assert_eq!(
+            summary["trained"].as_array().unwrap().len(),
+            8,
+            "{case}: {summary}"
+        );
+        let moved = |kind: &str| summary["moved"][kind].as_f64().unwrap();
+        assert!(
+            moved("randlora_lambda") > 1e-3,
+            "{case}: λ did not train: {summary}"
+        );
+        if steps > 1 {
+            assert!(
+                moved("randlora_gamma") > 1e-4,
+                "{case}: γ did not train: {summary}"
+            );
+        }
+        // An Adam step moves an entry by up to lr, so a wrong gradient shows up as O(lr) per step.
+        // Rounding does not stay ~1e-7 relative: Adam divides each gradient by its running
+        // magnitude + 1e-8, which turns an absolute rounding difference δ in a near-zero gradient
+        // into lr δ / 1e-8 (observed: 5.7e-7 after 12 steps of lr 5e-3).
+        let tolerance = 1e-4 * 0.005 * steps as f64;
+        for kind in ["randlora_lambda", "randlora_gamma"] {
+            let diff = summary["param_max_abs_diff"][kind].as_f64().unwrap();
+            assert!(
+                diff <= tolerance,
+                "{case}: {kind} differs from PEFT's by {diff}: {summary}"
+            );
+        }
 
         let ours = logits(&run_ok(
             Command::new(trainer_bin())
@@ -192,7 +212,6 @@ fn randlora_matches_peft() {
                 .arg("--adapter")
                 .arg(&out),
         ));
-        let theirs: Vec<Vec<f64>> = serde_json::from_value(result["logits"].clone()).unwrap();
         let diff = max_abs_diff(&ours, &theirs);
         assert!(
             diff < 1e-4,
@@ -224,8 +243,6 @@ fn randlora_matches_peft() {
                 .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
                 .arg(&merged),
         ));
-        let theirs_merged: Vec<Vec<f64>> =
-            serde_json::from_value(result["merged_logits"].clone()).unwrap();
         let diff = max_abs_diff(&ours_merged, &theirs_merged);
         assert!(
             diff < 1e-4,

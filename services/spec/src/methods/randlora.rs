@@ -36,8 +36,10 @@ pub struct RandLoraConfig {
     /// The seed the shared random bases are drawn from (torch's CPU generator, as PEFT).
     #[serde(default)]
     pub projection_prng_key: u64,
-    /// Publish the bases in the adapter (PEFT's default). Without them PEFT redraws them from
-    /// `projection_prng_key` when it loads the adapter, in bf16 where the machine has bf16.
+    /// Publish the bases in the adapter (PEFT's default). `false` is refused: PEFT would redraw
+    /// them from `projection_prng_key` when loading (in fp16 on machines without bf16, so other
+    /// bases), and loraforge's merge and evaluation, which see one layer's weight at a time,
+    /// read them from the adapter.
     #[serde(default = "super::common::yes")]
     pub save_projection: bool,
 }
@@ -66,6 +68,14 @@ impl MethodParams for RandLoraConfig {
             errors.push(FieldError::new(
                 "method.very_sparse",
                 "sparse and very_sparse are two kinds of bases: set at most one",
+            ));
+        }
+        if !self.save_projection {
+            errors.push(FieldError::new(
+                "method.save_projection",
+                "must be true: the bases are published in the adapter, where loraforge's merge and \
+                 evaluation read them (PEFT would redraw them from projection_prng_key, in fp16 on \
+                 machines without bf16)",
             ));
         }
         errors
@@ -129,7 +139,7 @@ mod tests {
         }
         for method in [
             r#"{"type":"randlora","sparse":true}"#,
-            r#"{"type":"randlora","very_sparse":true,"r":8,"alpha":160,"save_projection":false}"#,
+            r#"{"type":"randlora","very_sparse":true,"r":8,"alpha":160,"save_projection":true}"#,
             r#"{"type":"randlora","projection_prng_key":18446744073709551615}"#,
         ] {
             parse(method).unwrap_or_else(|e| panic!("{method}: {e:?}"));
