@@ -1,5 +1,7 @@
-//! The published artifact: a PEFT LoRA adapter (`adapter_config.json`,
-//! `adapter_model.safetensors`) plus `manifest.json` with its lineage and metrics.
+//! The published artifact: a PEFT adapter (`adapter_config.json`,
+//! `adapter_model.safetensors`) plus `manifest.json` with its lineage and metrics. The adapter
+//! is one of PEFT's families (`loraforge_spec::peft::PeftConfig`); what its tensors do to a
+//! layer is in `crate::families`.
 
 use crate::error::user_error;
 use crate::model::weights::read_safetensors;
@@ -8,7 +10,7 @@ use loraforge_spec::manifest::{
     ParentVersion, TrainerInfo, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE,
     MANIFEST_FORMAT,
 };
-use loraforge_spec::peft::PeftLoraConfig;
+use loraforge_spec::peft::PeftConfig;
 use loraforge_spec::{AdapterManifest, DigestRef, FileDigest, JobSpec, TrainingMetrics};
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -16,9 +18,10 @@ use std::path::Path;
 use tch::Tensor;
 use uuid::Uuid;
 
-/// What every adapter method publishes: a plain PEFT LoRA (fp32, contiguous, on the CPU).
+/// What every adapter method publishes: a PEFT adapter (fp32, contiguous, on the CPU), a plain
+/// LoRA for most methods (`PeftConfig::Lora`), else the family's own format.
 pub struct PeftAdapter {
-    pub config: PeftLoraConfig,
+    pub config: PeftConfig,
     /// PEFT keys (`base_model.model.<module>.lora_A.weight`) and tensors.
     pub tensors: Vec<(String, Tensor)>,
 }
@@ -41,9 +44,9 @@ impl PeftAdapter {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let bytes = std::fs::read(&config_path)
             .map_err(|e| user_error(format!("cannot read {}: {e}", config_path.display())))?;
-        let config: PeftLoraConfig = serde_json::from_slice(&bytes).map_err(|e| {
+        let config: PeftConfig = serde_json::from_slice(&bytes).map_err(|e| {
             user_error(format!(
-                "{} is not a PEFT LoRA config: {e}",
+                "{} is not a PEFT adapter config loraforge reads: {e}",
                 config_path.display()
             ))
         })?;

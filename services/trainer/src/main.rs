@@ -5,6 +5,7 @@ mod data;
 mod error;
 mod eval;
 mod export;
+mod families;
 mod fixture;
 mod method;
 mod methods;

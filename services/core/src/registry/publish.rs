@@ -11,7 +11,7 @@ use crate::jobs::attempts::{self, Outcome};
 use crate::jobs::{self, JobRow, TransitionEffects};
 use crate::{webhooks, Context};
 use loraforge_spec::manifest::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE};
-use loraforge_spec::peft::{safetensors_shapes, PeftLoraConfig, MAX_SAFETENSORS_HEADER};
+use loraforge_spec::peft::{safetensors_shapes, PeftConfig, MAX_SAFETENSORS_HEADER};
 use loraforge_spec::safety::SafetyDecision;
 use loraforge_spec::worker::{CompleteRequest, ReservedVersion};
 use loraforge_spec::{AdapterManifest, DigestRef, ErrorKind, FileDigest, JobStatus};
@@ -313,17 +313,21 @@ async fn verify(
     let spec = &job.spec.0;
     check_input(&manifest.base_model, spec.base_model_uri(), "base_model")?;
     check_input(&manifest.dataset, spec.train_uri(), "dataset")?;
-    let config: PeftLoraConfig = serde_json::from_slice(
+    let config: PeftConfig = serde_json::from_slice(
         &store
             .get(&path(ADAPTER_CONFIG_FILE))
             .await
             .map_err(|e| e.to_string())?,
     )
-    .map_err(|e| format!("{ADAPTER_CONFIG_FILE} is not a PEFT LoRA config: {e}"))?;
-    if config.peft_type != "LORA" {
+    .map_err(|e| {
+        format!("{ADAPTER_CONFIG_FILE} is not a PEFT adapter config loraforge reads: {e}")
+    })?;
+    let expected = spec.method.peft_type();
+    if config.peft_type() != expected {
         return Err(format!(
-            "{ADAPTER_CONFIG_FILE}: peft_type is {:?}, not LORA",
-            config.peft_type
+            "{ADAPTER_CONFIG_FILE}: peft_type is {:?}, but method {} publishes {expected}",
+            config.peft_type(),
+            spec.method.name()
         ));
     }
     let tensors = read_safetensors_shapes(store, &path(ADAPTER_WEIGHTS_FILE)).await?;

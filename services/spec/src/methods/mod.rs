@@ -50,6 +50,12 @@ pub trait MethodParams: Serialize + DeserializeOwned {
     fn same_shape(&self, _other: &Self) -> bool {
         false
     }
+
+    /// The PEFT family the method publishes (`peft_type`, one of
+    /// [`crate::peft::PeftConfig::PEFT_TYPES`]): LoRA unless the method has its own format.
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
 }
 
 /// The registry: one line per method, `Variant(Config) = "tag"`, with its doc comment. It
@@ -109,6 +115,13 @@ macro_rules! declare_methods {
             pub fn validate(&self, training: &TrainingConfig) -> Vec<FieldError> {
                 match self {
                     $(MethodConfig::$variant(c) => c.validate(training),)+
+                }
+            }
+
+            /// The PEFT family the method publishes ([`MethodParams::peft_type`]).
+            pub fn peft_type(&self) -> &'static str {
+                match self {
+                    $(MethodConfig::$variant(c) => c.peft_type(),)+
                 }
             }
 

@@ -4,7 +4,6 @@
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
-use crate::methods::lora;
 use crate::model::{LlamaModel, ModelConfig};
 use anyhow::Result;
 use std::path::Path;
@@ -27,7 +26,7 @@ pub fn logits(
     }
     let mut model = LlamaModel::load(model_dir, config, device)?;
     if let Some(dir) = adapter {
-        lora::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
+        crate::families::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
     }
     let input = Tensor::from_slice(tokens).unsqueeze(0).to_device(device);
     let logits = tch::no_grad(|| model.forward(&input, false));

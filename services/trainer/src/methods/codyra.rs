@@ -340,12 +340,12 @@ mod tests {
         assert_eq!(allocation.sparsity, Some(zeros as f64 / 32.0));
 
         let adapter = codyra.export("file:///m");
-        assert_eq!(adapter.config.rank_pattern.len(), 3);
+        assert_eq!(adapter.config.as_lora().unwrap().rank_pattern.len(), 3);
         assert!(!adapter
             .tensors
             .iter()
             .any(|(k, _)| k.contains(&codyra.modules[1].module_path)));
-        for (module, rank) in &adapter.config.rank_pattern {
+        for (module, rank) in &adapter.config.as_lora().unwrap().rank_pattern {
             assert_eq!(*rank, allocation.per_module[module]);
         }
         let mut exported = fixture.load();

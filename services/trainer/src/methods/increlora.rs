@@ -730,7 +730,13 @@ mod tests {
         assert!(reserve_e(&method).iter().all(|&e| e == 0.0));
 
         let adapter = method.export("file:///m");
-        assert!(adapter.config.rank_pattern.values().all(|&r| r == 2));
+        assert!(adapter
+            .config
+            .as_lora()
+            .unwrap()
+            .rank_pattern
+            .values()
+            .all(|&r| r == 2));
         assert_eq!(adapter.tensors.len(), 2 * method.modules.len());
         let mut exported = fixture.load();
         attach_frozen(&mut exported, &adapter, Device::Cpu).unwrap();

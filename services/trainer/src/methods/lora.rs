@@ -158,12 +158,18 @@ impl AdapterMethod for Lora {
             })
             .collect();
         PeftAdapter {
-            config: PeftLoraConfig::from_lora(&self.config, base_model_uri),
+            config: PeftLoraConfig::from_lora(&self.config, base_model_uri).into(),
             tensors,
         }
     }
 
     fn start_from(&mut self, parent: &PeftAdapter) -> Result<()> {
+        if parent.config.as_lora().is_none() {
+            return Err(user_error(format!(
+                "the parent adapter is a {} adapter, not a LoRA",
+                parent.config.peft_type()
+            )));
+        }
         let mut tensors: HashMap<&str, &Tensor> = parent
             .tensors
             .iter()
@@ -200,7 +206,12 @@ impl AdapterMethod for Lora {
 /// Attaches a published PEFT LoRA adapter, frozen and without dropout, for inference.
 /// Ranks come from the tensors, so adapters with a `rank_pattern` load as well.
 pub fn attach_frozen(model: &mut LlamaModel, adapter: &PeftAdapter, device: Device) -> Result<()> {
-    let config = &adapter.config;
+    let Some(config) = adapter.config.as_lora() else {
+        return Err(user_error(format!(
+            "a {} adapter is not a LoRA",
+            adapter.config.peft_type()
+        )));
+    };
     if config.use_dora {
         return Err(user_error("adapters with DoRA are not supported"));
     }

@@ -144,7 +144,10 @@ pub fn per_module_lora(
         rank_pattern,
         alpha_pattern,
     };
-    PeftAdapter { config, tensors }
+    PeftAdapter {
+        config: config.into(),
+        tensors,
+    }
 }
 
 /// The store path of a module's variables: one level per dotted part, as `lora` does.

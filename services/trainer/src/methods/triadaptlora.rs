@@ -535,7 +535,7 @@ mod tests {
 
         let adapter = method.export("file:///m");
         let allocation = method.rank_allocation().unwrap();
-        for (module, rank) in &adapter.config.rank_pattern {
+        for (module, rank) in &adapter.config.as_lora().unwrap().rank_pattern {
             assert_eq!(*rank, allocation.per_module[module]);
         }
         let mut exported = fixture.load();

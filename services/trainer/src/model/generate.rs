@@ -7,7 +7,6 @@
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
-use crate::methods::lora;
 use crate::model::chat_template::ChatTemplate;
 use crate::model::llama::{KvCache, Logits};
 use crate::model::tokenizer_config::TokenizerConfig;
@@ -139,7 +138,7 @@ impl Generator {
             .unwrap_or(0);
         let mut model = LlamaModel::load(model_dir, config.clone(), device)?;
         if let Some(dir) = adapter {
-            lora::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
+            crate::families::attach_frozen(&mut model, &PeftAdapter::load(dir)?, device)?;
         }
         Ok(Generator {
             model,
@@ -172,7 +171,7 @@ impl Generator {
     /// Attaches an adapter held in memory, frozen: the safety evaluation measures the base
     /// model, then the adapted one, without loading the weights twice.
     pub fn attach_adapter(&mut self, adapter: &PeftAdapter) -> Result<()> {
-        lora::attach_frozen(&mut self.model, adapter, self.device)
+        crate::families::attach_frozen(&mut self.model, adapter, self.device)
     }
 
     /// Encodes dataset examples (a validation file) as training does, with this model's

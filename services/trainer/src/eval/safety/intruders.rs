@@ -5,7 +5,7 @@
 //! than the data asked, visible without running the model.
 
 use crate::export::PeftAdapter;
-use crate::model::merge::deltas;
+use crate::families::updates;
 use crate::model::weights::{read_safetensors, weight_files};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -26,27 +26,21 @@ pub fn count_intruders(
     adapter: &PeftAdapter,
     device: Device,
 ) -> Result<BTreeMap<String, u32>> {
-    let deltas = deltas(adapter)?;
+    let updates = updates(adapter)?;
     let mut counts = BTreeMap::new();
     for file in weight_files(model_dir)? {
         let mut adapted = Vec::new();
         read_safetensors(&file, |name, tensor| {
             if let Some(module) = name
                 .strip_suffix(".weight")
-                .filter(|m| deltas.contains_key(*m))
+                .filter(|m| updates.contains_key(*m))
             {
                 adapted.push((module.to_string(), tensor));
             }
         })?;
         for (module, w0) in adapted {
-            let delta = &deltas[&module];
             let w0 = w0.to_device(device).to_kind(Kind::Float);
-            let update = delta
-                .b
-                .to_device(device)
-                .to_kind(Kind::Float)
-                .matmul(&delta.a.to_device(device).to_kind(Kind::Float));
-            let tuned = &w0 + update * delta.scaling;
+            let tuned = &w0 + updates[&module].delta(&module, &w0)?;
             counts.insert(module, intruders(&w0, &tuned, TOP_K, EPSILON)?);
         }
     }
