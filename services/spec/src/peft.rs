@@ -20,6 +20,8 @@ use crate::methods::{LoraConfig, LoraInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod randlora;
+
 /// What every family's config provides besides (de)serialisation.
 pub trait PeftFamily {
     /// The projections the adapter adapts (`q_proj`, ...).
@@ -85,6 +87,8 @@ macro_rules! peft_families {
 peft_families! {
     /// LoRA, which every LoRA-like method publishes (PEFT's `LoraConfig`).
     Lora(PeftLoraConfig) = "LORA",
+    /// RandLoRA's own format (PEFT's `RandLoraConfig`).
+    RandLora(randlora::PeftRandLoraConfig) = "RANDLORA",
 }
 
 impl PeftConfig {

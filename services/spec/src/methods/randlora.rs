@@ -57,6 +57,11 @@ impl MethodParams for RandLoraConfig {
         &self.target_modules
     }
 
+    /// Published in PEFT's own RandLoRA format (`crate::peft::randlora`).
+    fn peft_type(&self) -> &'static str {
+        "RANDLORA"
+    }
+
     fn validate(&self, _training: &TrainingConfig) -> Vec<FieldError> {
         let mut errors = Vec::new();
         check_rank("r", self.r, &mut errors);

@@ -17,6 +17,7 @@
 //! 2. `pub mod x;` below and its arm in [`updates`] (the match is exhaustive).
 
 pub mod lora;
+pub mod randlora;
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
@@ -85,6 +86,7 @@ impl Update {
 pub fn updates(adapter: &PeftAdapter) -> Result<Updates> {
     let updates = match &adapter.config {
         PeftConfig::Lora(config) => lora::updates(config, &adapter.tensors)?,
+        PeftConfig::RandLora(config) => randlora::updates(config, &adapter.tensors)?,
     };
     if updates.is_empty() {
         return Err(user_error(format!(

@@ -28,6 +28,10 @@ use crate::method::AdapterMethod;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::RandLoraConfig;
+use loraforge_spec::peft::peft_key;
+use loraforge_spec::peft::randlora::{
+    shared_key, PeftRandLoraConfig, BASIS_A, BASIS_B, GAMMA, LAMBDA,
+};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -159,16 +163,6 @@ impl RandLoraBranch {
             false => product.tr(),
         }
     }
-
-    /// The branch as two plain factors `(lora_A (k, in), lora_B (out, k))`, scale folded into
-    /// `lora_B`: `x lora_Aᵀ lora_Bᵀ` is exactly the branch (`k = n·r`, full rank).
-    pub fn factors(&self) -> (Tensor, Tensor) {
-        let s = self.scaled();
-        match self.in_is_min {
-            true => (s, &self.b * self.scaling),
-            false => (self.b.tr(), s.tr() * self.scaling),
-        }
-    }
 }
 
 impl LinearAdapter for RandLoraBranch {
@@ -183,7 +177,7 @@ impl LinearAdapter for RandLoraBranch {
 }
 
 impl RandLoraBranch {
-    /// `factors` without the scale: the two products of the forward, as PEFT orders them.
+    /// The two matrices of the forward, `x firstᵀ secondᵀ` (scale apart), as PEFT orders them.
     fn factors_unscaled(&self) -> (Tensor, Tensor) {
         let s = self.scaled();
         match self.in_is_min {
@@ -299,22 +293,33 @@ impl AdapterMethod for RandLora {
         &self.store
     }
 
-    /// Until the adapter formats know RandLoRA: the exact full-rank LoRA of every branch.
+    /// PEFT's RandLoRA, as its `save_pretrained` writes it: every layer's scalings, and the
+    /// shared bases once at the model level and once under each layer (PEFT's layers hold
+    /// references to them, which its state dict lists too).
     fn export(&self, base_model_uri: &str) -> PeftAdapter {
-        let modules = self
-            .branches()
-            .into_iter()
-            .map(|(module_path, branch)| {
-                let (a, b) = branch.factors();
-                super::ExportedFactors { module_path, a, b }
-            })
-            .collect();
-        super::per_module_lora(
-            modules,
-            &self.config.target_modules,
-            self.config.dropout,
-            base_model_uri,
-        )
+        let cpu = |t: &Tensor| {
+            t.detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .contiguous()
+        };
+        let (a, b) = (cpu(&self.bases.a), cpu(&self.bases.b));
+        let mut tensors = vec![
+            (shared_key(BASIS_A), a.shallow_clone()),
+            (shared_key(BASIS_B), b.shallow_clone()),
+        ];
+        for l in &self.layers {
+            tensors.extend([
+                (peft_key(&l.module_path, LAMBDA), cpu(&l.lambda)),
+                (peft_key(&l.module_path, GAMMA), cpu(&l.gamma)),
+                (peft_key(&l.module_path, BASIS_A), a.shallow_clone()),
+                (peft_key(&l.module_path, BASIS_B), b.shallow_clone()),
+            ]);
+        }
+        PeftAdapter {
+            config: PeftRandLoraConfig::new(&self.config, base_model_uri).into(),
+            tensors,
+        }
     }
 
     fn start_from(&mut self, _parent: &PeftAdapter) -> Result<()> {
@@ -388,10 +393,9 @@ mod tests {
         assert!((density - 1.0 / 3.0).abs() < 0.05, "density {density}");
     }
 
-    /// The unmerged forward (either orientation, dropout off in evaluation) is `x ΔWᵀ`, and the
-    /// exported factors give the same product.
+    /// The unmerged forward (either orientation, dropout off in evaluation) is `x ΔWᵀ`.
     #[test]
-    fn forward_merge_and_factors_agree() {
+    fn forward_and_merged_weight_agree() {
         let _turn = crate::training::seeds::torch_rng_turn();
         tch::manual_seed(3);
         let opts = (Kind::Float, Device::Cpu);
@@ -409,15 +413,12 @@ mod tests {
             let mut linear = Linear::new(w.shallow_clone(), None);
             let delta = branch.delta_weight();
             assert_eq!(delta.size(), [out, inp]);
-            let (a, b) = branch.factors();
-            let from_factors = b.matmul(&a);
             linear.attach(Box::new(branch));
             let x = Tensor::randn([2, 5, inp], opts);
             let unmerged = linear.forward(&x, false);
             let merged = x.matmul(&(&w + &delta).tr());
             let diff = max_abs_diff(&unmerged, &merged);
             assert!(diff < 1e-4, "({out}, {inp}): {diff}");
-            assert!(max_abs_diff(&from_factors, &delta) < 1e-5);
             // Full rank: d bases' worth of directions.
             assert_eq!(delta.linalg_matrix_rank(1e-4, false).int64_value(&[]), d);
         }
@@ -445,5 +446,45 @@ mod tests {
         assert!(trained
             .iter()
             .all(|n| n.ends_with(".randlora_lambda") || n.ends_with(".randlora_gamma")));
+    }
+
+    /// The published adapter has PEFT's layout (the spec's check of it passes), and attached
+    /// frozen through its family it gives the logits of the model it was trained on.
+    #[test]
+    fn export_is_pefts_randlora_with_the_trained_logits() {
+        let _turn = crate::training::seeds::torch_rng_turn();
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let base = logits(&model);
+        let training = plan(10, 0);
+        let method = RandLora::attach(
+            &mut model,
+            &config(serde_json::json!({"r": 7, "alpha": 140})),
+            &cpu(&training),
+        )
+        .unwrap();
+        tch::manual_seed(1);
+        for (_, t) in method.optimized_parameters() {
+            let trained = Tensor::randn_like(&t) * 0.05;
+            tch::no_grad(|| t.shallow_clone().copy_(&trained));
+        }
+        let trained = logits(&model);
+        let adapter = method.export("file:///m");
+        assert_eq!(adapter.config.peft_type(), "RANDLORA");
+        let shapes = adapter
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.size().iter().map(|&s| s as u64).collect()))
+            .collect();
+        adapter.config.check_tensors(&shapes).unwrap();
+        assert_eq!(shapes.len(), 4 * 4 + 2);
+        let mut fresh = fixture.load();
+        crate::families::attach_frozen(&mut fresh, &adapter, Device::Cpu).unwrap();
+        let diff = max_abs_diff(&trained, &logits(&fresh));
+        assert!(diff < 1e-4, "frozen from the adapter: {diff}");
+        assert!(
+            max_abs_diff(&trained, &base) > 1e-3,
+            "the scalings change nothing"
+        );
     }
 }
