@@ -118,7 +118,7 @@ impl PeftFamily for PeftRandLoraConfig {
                 return Err("the adapter holds bases but save_projection is false".into())
             }
         }
-        let mut modules = BTreeMap::new();
+        let mut modules: BTreeMap<&str, BTreeMap<&str, &Vec<u64>>> = BTreeMap::new();
         for (name, shape) in tensors {
             if name == &shared_key(BASIS_A) || name == &shared_key(BASIS_B) {
                 continue;
@@ -138,10 +138,7 @@ impl PeftFamily for PeftRandLoraConfig {
             if matches!(kind, BASIS_A | BASIS_B) && shared != Some(shape) {
                 return Err(format!("{name} {shape:?} is not the shared basis"));
             }
-            modules
-                .entry(module)
-                .or_insert_with(BTreeMap::new)
-                .insert(kind, shape);
+            modules.entry(module).or_default().insert(kind, shape);
         }
         if modules.is_empty() {
             return Err("the adapter adapts no module".into());
@@ -170,5 +167,72 @@ impl PeftFamily for PeftRandLoraConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peft::{peft_key, PeftConfig};
+
+    /// The layout of the fixture's q_proj (64 -> 64) and v_proj (64 -> 32) at r 8.
+    fn layout() -> BTreeMap<String, Vec<u64>> {
+        let (a, b) = (vec![8, 1, 64], vec![64, 8, 8]);
+        let mut t = BTreeMap::from([
+            (shared_key(BASIS_A), a.clone()),
+            (shared_key(BASIS_B), b.clone()),
+        ]);
+        for (m, d) in [
+            ("model.layers.0.self_attn.q_proj", 64),
+            ("model.layers.0.self_attn.v_proj", 32),
+        ] {
+            let n = d / 8;
+            t.insert(peft_key(m, LAMBDA), vec![8, n]);
+            t.insert(peft_key(m, GAMMA), vec![n, d]);
+            t.insert(peft_key(m, BASIS_A), a.clone());
+            t.insert(peft_key(m, BASIS_B), b.clone());
+        }
+        t
+    }
+
+    /// adapter_config.json as PEFT 0.21.2 saves `RandLoraConfig(r=8, target_modules=[...])`.
+    const PEFTS: &str = r#"{"auto_mapping": {"base_model_class": "LlamaForCausalLM"},
+        "base_model_name_or_path": null, "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
+        "init_weights": true, "layers_pattern": null, "layers_to_transform": null, "modules_to_save": null,
+        "peft_type": "RANDLORA", "peft_version": "0.21.2", "projection_prng_key": 0, "r": 8,
+        "randlora_alpha": 640, "randlora_dropout": 0.0, "revision": null, "save_projection": true,
+        "sparse": false, "target_modules": ["q_proj", "v_proj"], "task_type": null, "very_sparse": false}"#;
+
+    #[test]
+    fn reads_what_peft_writes_and_checks_its_layout() {
+        let config: PeftConfig = serde_json::from_str(PEFTS).unwrap();
+        assert_eq!(config.peft_type(), "RANDLORA");
+        assert_eq!(config.check_tensors(&layout()), Ok(()));
+        let back: PeftConfig =
+            serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        assert_eq!(back, config);
+
+        let q = "model.layers.0.self_attn.q_proj";
+        let mut t = layout();
+        t.remove(&peft_key(q, GAMMA));
+        assert!(config.check_tensors(&t).unwrap_err().contains("pairs"));
+        let mut t = layout();
+        t.insert(peft_key(q, LAMBDA), vec![8, 4]);
+        assert!(config.check_tensors(&t).unwrap_err().contains("do not fit"));
+        let mut t = layout();
+        t.remove(&shared_key(BASIS_B));
+        assert!(config.check_tensors(&t).is_err());
+        let mut t = layout();
+        t.insert(peft_key("model.layers.0.mlp.up_proj", LAMBDA), vec![8, 8]);
+        assert!(config
+            .check_tensors(&t)
+            .unwrap_err()
+            .contains("target_modules"));
+        let mut t = layout();
+        t.insert(peft_key(q, BASIS_A), vec![8, 1, 32]);
+        assert!(config
+            .check_tensors(&t)
+            .unwrap_err()
+            .contains("shared basis"));
     }
 }
