@@ -187,10 +187,9 @@ impl RandLoraBranch {
     }
 }
 
-/// One adapted layer: its path, shape and trained scalings.
+/// One adapted layer: its path and trained scalings.
 struct RandLoraLayer {
     module_path: String,
-    shape: (i64, i64),
     lambda: Tensor,
     gamma: Tensor,
 }
@@ -202,28 +201,6 @@ pub struct RandLora {
     store: VarStore,
     bases: Bases,
     layers: Vec<RandLoraLayer>,
-}
-
-impl RandLora {
-    /// Every adapted layer's branch over the current scalings (shared with training).
-    pub fn branches(&self) -> Vec<(String, RandLoraBranch)> {
-        self.layers
-            .iter()
-            .map(|l| {
-                (
-                    l.module_path.clone(),
-                    RandLoraBranch::new(
-                        &self.bases,
-                        l.shape,
-                        l.lambda.shallow_clone(),
-                        l.gamma.shallow_clone(),
-                        self.config.alpha / f64::from(self.config.r),
-                        0.0,
-                    ),
-                )
-            })
-            .collect()
-    }
 }
 
 impl Attach for RandLora {
@@ -274,7 +251,6 @@ impl Attach for RandLora {
             )));
             layers.push(RandLoraLayer {
                 module_path: path,
-                shape,
                 lambda,
                 gamma,
             });
