@@ -20,6 +20,7 @@ r x out (1728), bat r=8 (r must divide 64 and 32) 1536, mini r=28 / mini_r=16 ex
 """
 import argparse
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -54,6 +55,9 @@ METHODS = {
     "miss bat r=8": {"type": "miss", "r": 8, "init": "bat"},
     "miss mini r=28/16": {"type": "miss", "r": 28, "init": "mini", "mini_r": 16},
     "shira r=4": {"type": "shira", "r": 4},
+    # Full rank from ceil(d / 7) bases per matrix; r 7 puts its trained scalings nearest LoRA r=4's
+    # 1792 parameters (1810); alpha 20 r as PEFT's docs advise.
+    "randlora r=7": {"type": "randlora", "r": 7, "alpha": 140},
 }
 # Tensors of a published adapter that are not trained values (SHiRA's positions).
 NOT_PARAMETERS = ("shira_indices",)
@@ -109,10 +113,15 @@ def train(trainer: str, work: Path, name: str, method: dict, steps: int, seed: i
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         published = sum(prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(NOT_PARAMETERS))
     shapes = module_shapes(work / "model")
-    # MiSS and SHiRA have no rank_pattern: every matrix has the method's r.
-    pattern = json.loads((out / "adapter_config.json").read_text()).get("rank_pattern", {})
-    # An empty rank_pattern is one rank for all (plain LoRA); a module pruned to 0 is left out.
-    ranks = {m: pattern.get(m, 0) if pattern else method["r"] for m in shapes}
+    config = json.loads((out / "adapter_config.json").read_text())
+    if config["peft_type"] == "RANDLORA":
+        # Its bases reach full rank: the rank of each matrix's update is min(in, out).
+        ranks = {m: min(shape) for m, shape in shapes.items()}
+    else:
+        # MiSS and SHiRA have no rank_pattern: every matrix has the method's r.
+        pattern = config.get("rank_pattern", {})
+        # An empty rank_pattern is one rank for all (plain LoRA); a module pruned to 0 is left out.
+        ranks = {m: pattern.get(m, 0) if pattern else method["r"] for m in shapes}
     events = [{"step": int(s), "total": int(t), "per_module": {k: int(v) for k, v in
                                                                re.findall(r'"([^"]+)": (\d+)', pm)}}
               for s, t, pm in RANKS.findall(ANSI.sub("", result.stderr))]

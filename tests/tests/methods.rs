@@ -157,6 +157,152 @@ fn gradient_rules_match_their_reference_updates() {
     }
 }
 
+/// RandLoRA against PEFT's: PEFT draws the same bases from `projection_prng_key` (bit for bit),
+/// starts from the same scalings, and after the same steps on the same batches holds the same
+/// parameters; with loraforge's trained scalings PEFT computes loraforge's logits (from the
+/// published adapter), and PEFT's `merge_and_unload` those of `loraforge-trainer merge`.
+///
+/// Tolerances: parameters 1e-4 of the largest possible Adam movement (lr per step; the runs
+/// differ only in the order of a few fp32 reductions, see below); logits 1e-4 (fp32, ~5).
+/// Dense and sparse bases; one step (λ moves, γ cannot yet: its gradient is proportional to
+/// λ = 0) and several (both move).
+#[test]
+fn randlora_matches_peft() {
+    let fixture = Fixture::create().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let tokens = "1,5,9,14,20,33,41,2";
+    let cases = [
+        (
+            1,
+            json!({"r": 7, "alpha": 140, "projection_prng_key": 5, "sparse": false}),
+        ),
+        (
+            12,
+            json!({"r": 7, "alpha": 140, "projection_prng_key": 5, "sparse": false}),
+        ),
+        (
+            6,
+            json!({"r": 16, "alpha": 320, "projection_prng_key": 11, "sparse": true}),
+        ),
+    ];
+    for (i, (steps, knobs)) in cases.into_iter().enumerate() {
+        let mut method = json!({"type": "randlora", "dropout": 0.0, "very_sparse": false,
+                                "save_projection": true, "target_modules": ["q_proj", "v_proj"]});
+        method
+            .as_object_mut()
+            .unwrap()
+            .extend(knobs.as_object().unwrap().clone());
+        let (out, trace) = (
+            work.path().join(format!("adapter{i}")),
+            work.path().join(format!("trace{i}")),
+        );
+        train(
+            &fixture,
+            method.clone(),
+            json!({"max_steps": steps, "learning_rate": 0.005, "batch_size": 4, "seq_len": 64, "seed": 0,
+                   "max_grad_norm": null, "checkpoint_every": null}),
+            &out,
+            Some(&trace),
+        );
+        let result = last_json_line(&run_ok(
+            Command::new(python())
+                .arg(repo_file("tests/python/randlora_parity.py"))
+                .arg(fixture.model_dir())
+                .arg(&trace)
+                .arg(out.with_extension("json"))
+                .arg(tokens),
+        ));
+        let case = format!("{steps} steps, {knobs}");
+        let logits_of =
+            |key: &str| -> Vec<Vec<f64>> { serde_json::from_value(result[key].clone()).unwrap() };
+        let (theirs, theirs_merged) = (logits_of("logits"), logits_of("merged_logits"));
+        let mut summary = result.clone();
+        for key in ["logits", "merged_logits"] {
+            summary.as_object_mut().unwrap().remove(key);
+        }
+        assert_eq!(
+            summary["bases_max_abs_diff"], 0.0,
+            "{case}: bases differ: {summary}"
+        );
+        assert_eq!(
+            summary["init_max_abs_diff"], 0.0,
+            "{case}: initial scalings differ: {summary}"
+        );
+        assert_eq!(
+            summary["trained"].as_array().unwrap().len(),
+            8,
+            "{case}: {summary}"
+        );
+        let moved = |kind: &str| summary["moved"][kind].as_f64().unwrap();
+        assert!(
+            moved("randlora_lambda") > 1e-3,
+            "{case}: λ did not train: {summary}"
+        );
+        if steps > 1 {
+            assert!(
+                moved("randlora_gamma") > 1e-4,
+                "{case}: γ did not train: {summary}"
+            );
+        }
+        // An Adam step moves an entry by up to lr, so a wrong gradient shows up as O(lr) per step.
+        // Rounding does not stay ~1e-7 relative: Adam divides each gradient by its running
+        // magnitude + 1e-8, which turns an absolute rounding difference δ in a near-zero gradient
+        // into lr δ / 1e-8 (observed: 5.7e-7 after 12 steps of lr 5e-3).
+        let tolerance = 1e-4 * 0.005 * steps as f64;
+        for kind in ["randlora_lambda", "randlora_gamma"] {
+            let diff = summary["param_max_abs_diff"][kind].as_f64().unwrap();
+            assert!(
+                diff <= tolerance,
+                "{case}: {kind} differs from PEFT's by {diff}: {summary}"
+            );
+        }
+
+        let ours = logits(&run_ok(
+            Command::new(trainer_bin())
+                .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+                .arg(fixture.model_dir())
+                .arg("--adapter")
+                .arg(&out),
+        ));
+        let diff = max_abs_diff(&ours, &theirs);
+        assert!(
+            diff < 1e-4,
+            "{case}: PEFT's logits differ from loraforge's by {diff}"
+        );
+        let base = logits(&run_ok(
+            Command::new(trainer_bin())
+                .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+                .arg(fixture.model_dir()),
+        ));
+        assert!(
+            max_abs_diff(&ours, &base) > 1e-3,
+            "{case}: the adapter changes nothing"
+        );
+
+        let merged = work.path().join(format!("merged{i}"));
+        run_ok(
+            Command::new(trainer_bin())
+                .arg("merge")
+                .arg("--model")
+                .arg(fixture.model_dir())
+                .arg("--adapter")
+                .arg(&out)
+                .arg("--out")
+                .arg(&merged),
+        );
+        let ours_merged = logits(&run_ok(
+            Command::new(trainer_bin())
+                .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+                .arg(&merged),
+        ));
+        let diff = max_abs_diff(&ours_merged, &theirs_merged);
+        assert!(
+            diff < 1e-4,
+            "{case}: merged logits differ from PEFT's merge_and_unload by {diff}"
+        );
+    }
+}
+
 /// Every method's adapter loads in PEFT with no stray or missing kept tensor, and PEFT's
 /// logits are loraforge's. Pruned modules are absent; per-module ranks match the tensors.
 #[test]
@@ -368,5 +514,91 @@ async fn rank_allocation_over_time_is_in_the_job_events() -> anyhow::Result<()> 
         .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
         .collect();
     assert_eq!(published, reported);
+    app.stop().await
+}
+
+/// RandLoRA trained through the control plane publishes PEFT's RandLoRA: its config, exactly the
+/// tensors (keys and shapes) PEFT's own `save_pretrained` writes for that config, and
+/// `PeftModel.from_pretrained` loads it without a missing key and computes loraforge's logits.
+#[tokio::test]
+async fn randlora_through_the_api_publishes_pefts_format() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let fixture = Fixture::create()?;
+    let mut body = fixture.job("rand");
+    body["method"] = json!({"type": "randlora", "r": 16, "alpha": 320, "projection_prng_key": 3,
+                            "target_modules": ["q_proj", "v_proj"]});
+    body["training"]["max_steps"] = json!(12);
+    body["training"]["learning_rate"] = json!(0.005);
+    let done = app.run_job(&body).await?;
+    let version = done["adapter_version"]["version"].as_i64().unwrap();
+    let (code, config) = app
+        .get_json(&format!(
+            "/v1/adapters/rand/versions/{version}/files/adapter_config.json"
+        ))
+        .await?;
+    assert_eq!(code, 200, "{config}");
+    assert_eq!(config["peft_type"], "RANDLORA", "{config}");
+    assert_eq!(
+        (
+            &config["r"],
+            &config["randlora_alpha"],
+            &config["projection_prng_key"],
+            &config["save_projection"]
+        ),
+        (&json!(16), &json!(320.0), &json!(3), &json!(true)),
+        "{config}"
+    );
+
+    let adapter = app
+        .store_dir
+        .as_ref()
+        .unwrap()
+        .join(format!("adapters/default/rand/v{version}"));
+    let keys = last_json_line(&run_ok(
+        Command::new(python())
+            .arg(repo_file("tests/python/peft_state_keys.py"))
+            .arg(fixture.model_dir())
+            .arg(&adapter),
+    ));
+    assert_eq!(keys["adapter"], keys["peft"], "not the tensors PEFT writes");
+    // Per layer and module λ, γ and the two bases, plus the bases once at the model level.
+    assert_eq!(keys["adapter"].as_object().unwrap().len(), 2 * 2 * 4 + 2);
+
+    let tokens = "1,5,9,14,20,33,41,2";
+    let theirs = last_json_line(&run_ok(
+        Command::new(python())
+            .arg(repo_file("tests/python/peft_logits.py"))
+            .arg(fixture.model_dir())
+            .arg(tokens)
+            .arg(&adapter),
+    ));
+    assert_eq!(
+        theirs["key_warnings"],
+        json!([]),
+        "{}",
+        theirs["key_warnings"]
+    );
+    let ours = logits(&run_ok(
+        Command::new(trainer_bin())
+            .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+            .arg(fixture.model_dir())
+            .arg("--adapter")
+            .arg(&adapter),
+    ));
+    let base = logits(&run_ok(
+        Command::new(trainer_bin())
+            .args(["logits", "--device", "cpu", "--tokens", tokens, "--model"])
+            .arg(fixture.model_dir()),
+    ));
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(theirs["logits"].clone())?;
+    let diff = max_abs_diff(&ours, &theirs);
+    assert!(
+        diff < 1e-4,
+        "PEFT's logits differ from loraforge's by {diff}"
+    );
+    assert!(
+        max_abs_diff(&ours, &base) > 1e-3,
+        "the adapter changes nothing"
+    );
     app.stop().await
 }

@@ -23,6 +23,8 @@ use crate::methods::{LoraConfig, LoraInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod randlora;
+
 /// What every family's config provides besides (de)serialisation.
 pub trait PeftFamily {
     /// The projections the adapter adapts (`q_proj`, ...).
@@ -92,6 +94,8 @@ peft_families! {
     Miss(miss::PeftMissConfig) = "MISS",
     /// SHiRA (PEFT's `ShiraConfig`).
     Shira(shira::PeftShiraConfig) = "SHIRA",
+    /// RandLoRA's own format (PEFT's `RandLoraConfig`).
+    RandLora(randlora::PeftRandLoraConfig) = "RANDLORA",
 }
 
 impl PeftConfig {

@@ -555,6 +555,75 @@ export const KNOBS: KnobTable = {
           "description": ""
         }
       ]
+    },
+    {
+      "type": "randlora",
+      "description": "RandLoRA (Albert et al., ICLR 2025): shared frozen random bases reaching full rank, only\ntheir diagonal scalings trained; published in PEFT's RandLoRA format.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "The branch is scaled by `alpha / r` (PEFT's `randlora_alpha`; its docs advise 20 r).",
+          "minimum": null
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "Dropout on the branch's input (PEFT's `randlora_dropout`).",
+          "minimum": null
+        },
+        {
+          "name": "projection_prng_key",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The seed the shared random bases are drawn from (torch's CPU generator, as PEFT).",
+          "minimum": 0
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The rank of each random basis. A layer gets `ceil(min(in, out) / r)` bases, so together\nthey reach full rank: a smaller `r` means more bases and more trained scalings.",
+          "minimum": 0
+        },
+        {
+          "name": "save_projection",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Publish the bases in the adapter (PEFT's default). `false` is refused: PEFT would redraw\nthem from `projection_prng_key` when loading (in fp16 on machines without bf16, so other\nbases), and loraforge's merge and evaluation, which see one layer's weight at a time,\nread them from the adapter.",
+          "minimum": null
+        },
+        {
+          "name": "sparse",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Ternary bases (-1, 0, 1 with probabilities 1/6, 2/3, 1/6) instead of dense ones.",
+          "minimum": null
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        },
+        {
+          "name": "very_sparse",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Ternary bases, each sign with probability `1 / (2 sqrt(D))` (PEFT's code), `D` the\nsmaller of the largest adapted input and output widths.",
+          "minimum": null
+        }
+      ]
     }
   ],
   "training": [

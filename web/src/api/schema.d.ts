@@ -1375,6 +1375,9 @@ export interface components {
         }) | (components["schemas"]["CodyraConfig"] & {
             /** @enum {string} */
             type: "codyra";
+        }) | (components["schemas"]["RandLoraConfig"] & {
+            /** @enum {string} */
+            type: "randlora";
         });
         NewWebhook: {
             /** @description One or more event types. */
@@ -1722,6 +1725,49 @@ export interface components {
             status: number;
             title: string;
             type: string;
+        };
+        /**
+         * @description RandLoRA with PEFT's defaults (`peft.RandLoraConfig`, peft 0.21): `r` 32, `alpha` 640
+         *     (PEFT's `randlora_alpha`), `dropout` 0 (`randlora_dropout`), dense bases from key 0, the
+         *     bases saved in the adapter.
+         */
+        RandLoraConfig: {
+            /**
+             * Format: double
+             * @description The branch is scaled by `alpha / r` (PEFT's `randlora_alpha`; its docs advise 20 r).
+             */
+            alpha?: number;
+            /**
+             * Format: double
+             * @description Dropout on the branch's input (PEFT's `randlora_dropout`).
+             */
+            dropout?: number;
+            /**
+             * Format: int64
+             * @description The seed the shared random bases are drawn from (torch's CPU generator, as PEFT).
+             */
+            projection_prng_key?: number;
+            /**
+             * Format: int32
+             * @description The rank of each random basis. A layer gets `ceil(min(in, out) / r)` bases, so together
+             *     they reach full rank: a smaller `r` means more bases and more trained scalings.
+             */
+            r?: number;
+            /**
+             * @description Publish the bases in the adapter (PEFT's default). `false` is refused: PEFT would redraw
+             *     them from `projection_prng_key` when loading (in fp16 on machines without bf16, so other
+             *     bases), and loraforge's merge and evaluation, which see one layer's weight at a time,
+             *     read them from the adapter.
+             */
+            save_projection?: boolean;
+            /** @description Ternary bases (-1, 0, 1 with probabilities 1/6, 2/3, 1/6) instead of dense ones. */
+            sparse?: boolean;
+            target_modules?: string[];
+            /**
+             * @description Ternary bases, each sign with probability `1 / (2 sqrt(D))` (PEFT's code), `D` the
+             *     smaller of the largest adapted input and output widths.
+             */
+            very_sparse?: boolean;
         };
         /**
          * @description How many modules grow at a TriAdaptLoRA allocation, from the budget left and the progress.

@@ -15,6 +15,7 @@ pub mod lora;
 pub mod lorapro;
 pub mod miss;
 pub mod shira;
+pub mod randlora;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -29,6 +30,7 @@ pub use lora::{LoraConfig, LoraInit};
 pub use lorapro::LoraProConfig;
 pub use miss::{MissConfig, MissInit};
 pub use shira::{ShiraConfig, ShiraMask};
+pub use randlora::RandLoraConfig;
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -176,6 +178,9 @@ declare_methods! {
     /// SHiRA (Bhardwaj et al., NeurIPS 2024): r (in + out) trained entries of each weight at
     /// fixed random positions; published in PEFT's SHiRA format.
     Shira(ShiraConfig) = "shira",
+    /// RandLoRA (Albert et al., ICLR 2025): shared frozen random bases reaching full rank, only
+    /// their diagonal scalings trained; published in PEFT's RandLoRA format.
+    RandLora(RandLoraConfig) = "randlora",
 }
 
 impl MethodConfig {

@@ -19,6 +19,7 @@
 pub mod lora;
 pub mod miss;
 pub mod shira;
+pub mod randlora;
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;
@@ -89,6 +90,7 @@ pub fn updates(adapter: &PeftAdapter) -> Result<Updates> {
         PeftConfig::Lora(config) => lora::updates(config, &adapter.tensors)?,
         PeftConfig::Miss(config) => miss::updates(config, &adapter.tensors)?,
         PeftConfig::Shira(config) => shira::updates(config, &adapter.tensors)?,
+        PeftConfig::RandLora(config) => randlora::updates(config, &adapter.tensors)?,
     };
     if updates.is_empty() {
         return Err(user_error(format!(

@@ -15,6 +15,7 @@ pub mod increlora;
 pub mod lora;
 pub mod lorapro;
 pub mod miss;
+pub mod randlora;
 pub mod rank_adam;
 pub mod shira;
 pub mod sora;
@@ -74,6 +75,7 @@ pub fn attach_method(
         MethodConfig::Ggpo(config) => boxed::<ggpo::Ggpo>(model, config, &ctx),
         MethodConfig::Miss(config) => boxed::<miss::Miss>(model, config, &ctx),
         MethodConfig::Shira(config) => boxed::<shira::Shira>(model, config, &ctx),
+        MethodConfig::RandLora(config) => boxed::<randlora::RandLora>(model, config, &ctx),
     }
 }
 

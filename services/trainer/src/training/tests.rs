@@ -506,7 +506,8 @@ fn assert_resume_is_seamless(method: &str) {
         (6..=14).collect::<Vec<_>>()
     );
     assert_eq!(
-        uninterrupted.adapter.config.as_lora().unwrap().rank_pattern, resumed.adapter.config.as_lora().unwrap().rank_pattern,
+        uninterrupted.adapter.config.as_lora().unwrap().rank_pattern,
+        resumed.adapter.config.as_lora().unwrap().rank_pattern,
         "{method}"
     );
     let diff = max_abs_diff(&uninterrupted.adapter, &resumed.adapter);
