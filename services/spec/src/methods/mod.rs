@@ -10,6 +10,8 @@ pub mod codyra;
 pub mod dylora;
 pub mod increlora;
 pub mod lora;
+pub mod lora_ga;
+pub mod lora_sb;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -19,6 +21,8 @@ pub use common::{growth_steps, MAX_RANK};
 pub use dylora::DyLoraConfig;
 pub use increlora::IncreLoraConfig;
 pub use lora::{LoraConfig, LoraInit};
+pub use lora_ga::{LoraGaConfig, LoraGaDirection, LoraGaScale};
+pub use lora_sb::LoraSbConfig;
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -138,6 +142,12 @@ declare_methods! {
     /// CoDyRA (Lu et al., 2024), one task per job: gated ranks driven to exact zeros by a
     /// proximal step whose threshold rises on a schedule after a dense phase.
     Codyra(CodyraConfig) = "codyra",
+    /// LoRA-GA (Wang et al., NeurIPS 2024): LoRA initialised from the SVD of the full
+    /// gradient of the first batches; published as a rank-2r LoRA of the original base.
+    LoraGa(LoraGaConfig) = "loraga",
+    /// LoRA-SB (Ponkshe et al., 2024): `B R A` with `A`, `B` fixed from the SVD of an
+    /// approximated first full fine-tuning step, only the r x r `R` trained.
+    LoraSb(LoraSbConfig) = "lorasb",
 }
 
 impl MethodConfig {
@@ -244,6 +254,22 @@ mod tests {
             ),
             (r#"{"type":"dylora","r":0}"#, 100, "method.r"),
             (r#"{"type":"codyra","r":0}"#, 100, "method.r"),
+            (r#"{"type":"loraga","r":0}"#, 100, "method.r"),
+            (
+                r#"{"type":"loraga","stable_gamma":0}"#,
+                100,
+                "method.stable_gamma",
+            ),
+            (r#"{"type":"loraga","batches":0}"#, 100, "method.batches"),
+            (
+                r#"{"type":"loraga","batch_size":0}"#,
+                100,
+                "method.batch_size",
+            ),
+            (r#"{"type":"loraga","iters":8}"#, 100, "method.iters"),
+            (r#"{"type":"lorasb","samples":0}"#, 100, "method.samples"),
+            (r#"{"type":"lorasb","dropout":1.0}"#, 100, "method.dropout"),
+            (r#"{"type":"lorasb","alpha":16}"#, 100, "method.alpha"),
             (r#"{"type":"codyra","r":4097}"#, 100, "method.r"),
             (r#"{"type":"codyra","dropout":1.0}"#, 100, "method.dropout"),
             (
