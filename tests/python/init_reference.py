@@ -9,7 +9,7 @@ variables after calibration (`initial.safetensors`), the calibration batches
 
 - loraga: PEFT's own LoRA-GA (`preprocess_loraga` with a train step over the calibration
   batches, then `get_peft_model`), whose lora_A / lora_B are compared with loraforge's initial
-  A / B up to the sign of each singular vector.
+  A / B up to the sign of each singular vector (A's and B's vectors are different ones).
 - lorasb: the authors' math (CERT-Lab/lora-sb, `estimate_and_process_grads_torch`,
   `get_svd_grad`, `find_and_initialize_grad`) written out here: gradients summed over the
   batches with each batch's loss divided by its rows, dW = -lr * sign(sum), then per module
@@ -36,8 +36,8 @@ def calibration_batches(trace_dir):
     while f"calibration.batch{k}.input_ids" in batches:
         ids, labels = batches[f"calibration.batch{k}.input_ids"], batches[f"calibration.batch{k}.labels"]
         # loraforge's labels are already shifted (label t is the target of position t); Hugging
-        # Face shifts them itself, so prepend an ignored label and a token that predicts nothing.
-        hf_ids = torch.cat([ids[:, :1], ids], dim=1)
+        # Face shifts them itself, so prepend an ignored label and append a token no target sees.
+        hf_ids = torch.cat([ids, ids[:, -1:]], dim=1)
         hf_labels = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1)
         out.append((hf_ids, hf_labels))
         k += 1
@@ -83,8 +83,10 @@ def loraga(model_dir, trace_dir, method, initial):
             continue
         path = name.removeprefix("base_model.model.")
         a, b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
-        diff_a, signs = sign_aligned_diff(initial[f"{path}.lora_A"], a, 1)
-        diff_b = (initial[f"{path}.lora_B"] * signs.T - b).abs().max().item()
+        # A and B take different singular vectors (A right ones of one half, B left ones of the
+        # other), so each vector's sign is free on its own.
+        diff_a, _ = sign_aligned_diff(initial[f"{path}.lora_A"], a, 1)
+        diff_b, _ = sign_aligned_diff(initial[f"{path}.lora_B"], b, 0)
         worst = max(worst, diff_a, diff_b)
     return worst, len(batches)
 

