@@ -555,6 +555,146 @@ export const KNOBS: KnobTable = {
           "description": ""
         }
       ]
+    },
+    {
+      "type": "loraga",
+      "description": "LoRA-GA (Wang et al., NeurIPS 2024): LoRA initialised from the SVD of the full\ngradient of the first batches; published as a rank-2r LoRA of the original base.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "batch_size",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Training rows per gradient-estimation batch (the reference's `bsz`).",
+          "minimum": 0
+        },
+        {
+          "name": "batches",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Gradient-estimation batches (the reference's `iters`); fewer if the first epoch has\nfewer rows.",
+          "minimum": 0
+        },
+        {
+          "name": "direction",
+          "kind": "enum",
+          "options": [
+            "ArBr",
+            "A2rBr",
+            "ArB2r",
+            "random"
+          ],
+          "required": false,
+          "nullable": false,
+          "description": "Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`\n(PEFT's `LoraGAConfig.direction`)."
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The trained rank. The published adapter has rank `2r` (the initial product is taken out).",
+          "minimum": 0
+        },
+        {
+          "name": "scale",
+          "kind": "enum",
+          "options": [
+            "stable",
+            "weight_svd",
+            "gd_scale",
+            "unit"
+          ],
+          "required": false,
+          "nullable": false,
+          "description": "How the initial factors are scaled (PEFT's `LoraGAConfig.scale`)."
+        },
+        {
+          "name": "stable_gamma",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "`γ` of the `stable` scale.",
+          "minimum": null
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        },
+        {
+          "name": "use_rslora",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.",
+          "minimum": null
+        }
+      ]
+    },
+    {
+      "type": "lorasb",
+      "description": "LoRA-SB (Ponkshe et al., 2024): `B R A` with `A`, `B` fixed from the SVD of an\napproximated first full fine-tuning step, only the r x r `R` trained.",
+      "knobs": [
+        {
+          "name": "batch_size",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Training rows per gradient-estimation batch (the reference's `eg_bs`).",
+          "minimum": 0
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The rank of `A` and `B`; `R` has `r²` trained parameters.",
+          "minimum": 0
+        },
+        {
+          "name": "samples",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Training rows the update is estimated from (the reference's `num_samples`); fewer if\nthe first epoch has fewer rows.",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
     }
   ],
   "training": [

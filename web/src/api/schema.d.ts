@@ -1348,10 +1348,84 @@ export interface components {
             use_rslora?: boolean;
         };
         /**
+         * @description LoRA-GA with PEFT 0.21's defaults (`LoraConfig`: r 8, alpha 8; `LoraGAConfig`: direction
+         *     `ArB2r`, scale `stable`, stable_gamma 16) and the official `LoraGAConfig`'s gradient
+         *     estimate (`bsz` 2, `iters` 64).
+         */
+        LoraGaConfig: {
+            /** Format: double */
+            alpha?: number;
+            /**
+             * Format: int32
+             * @description Training rows per gradient-estimation batch (the reference's `bsz`).
+             */
+            batch_size?: number;
+            /**
+             * Format: int32
+             * @description Gradient-estimation batches (the reference's `iters`); fewer if the first epoch has
+             *     fewer rows.
+             */
+            batches?: number;
+            direction?: components["schemas"]["LoraGaDirection"];
+            /** Format: double */
+            dropout?: number;
+            /**
+             * Format: int32
+             * @description The trained rank. The published adapter has rank `2r` (the initial product is taken out).
+             */
+            r?: number;
+            scale?: components["schemas"]["LoraGaScale"];
+            /**
+             * Format: double
+             * @description `γ` of the `stable` scale.
+             */
+            stable_gamma?: number;
+            target_modules?: string[];
+            /** @description Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r. */
+            use_rslora?: boolean;
+        };
+        /**
+         * @description Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`
+         *     (PEFT's `LoraGAConfig.direction`).
+         * @enum {string}
+         */
+        LoraGaDirection: "ArBr" | "A2rBr" | "ArB2r" | "random";
+        /**
+         * @description How the initial factors are scaled (PEFT's `LoraGAConfig.scale`).
+         * @enum {string}
+         */
+        LoraGaScale: "stable" | "weight_svd" | "gd_scale" | "unit";
+        /**
          * @description How `lora_A` starts (B always starts at zero, so the adapter starts as the identity).
          * @enum {string}
          */
         LoraInit: "kaiming" | "gaussian";
+        /**
+         * @description LoRA-SB with the official `train_arithmetic.py` defaults: r 96 (`lora_alpha` forced to r,
+         *     so the branch is unscaled), dropout 0, all seven projections, the update estimated from 50
+         *     samples in batches of 3 (`eg_bs`).
+         */
+        LoraSbConfig: {
+            /**
+             * Format: int32
+             * @description Training rows per gradient-estimation batch (the reference's `eg_bs`).
+             */
+            batch_size?: number;
+            /** Format: double */
+            dropout?: number;
+            /**
+             * Format: int32
+             * @description The rank of `A` and `B`; `R` has `r²` trained parameters.
+             */
+            r?: number;
+            /**
+             * Format: int32
+             * @description Training rows the update is estimated from (the reference's `num_samples`); fewer if
+             *     the first epoch has fewer rows.
+             */
+            samples?: number;
+            target_modules?: string[];
+        };
         /** @enum {string} */
         LrSchedule: "constant" | "linear" | "cosine";
         MethodConfig: (components["schemas"]["LoraConfig"] & {
@@ -1375,6 +1449,12 @@ export interface components {
         }) | (components["schemas"]["CodyraConfig"] & {
             /** @enum {string} */
             type: "codyra";
+        }) | (components["schemas"]["LoraGaConfig"] & {
+            /** @enum {string} */
+            type: "loraga";
+        }) | (components["schemas"]["LoraSbConfig"] & {
+            /** @enum {string} */
+            type: "lorasb";
         });
         NewWebhook: {
             /** @description One or more event types. */
