@@ -58,6 +58,9 @@ METHODS = {
     # Full rank from ceil(d / 7) bases per matrix; r 7 puts its trained scalings nearest LoRA r=4's
     # 1792 parameters (1810); alpha 20 r as PEFT's docs advise.
     "randlora r=7": {"type": "randlora", "r": 7, "alpha": 140},
+    # Trained rank 4; published at rank 8 (the initial product taken out), see bench/methods.md.
+    "loraga r=4": {"type": "loraga", "r": 4, "alpha": 8},
+    "lorasb r=4": {"type": "lorasb", "r": 4},
 }
 # Tensors of a published adapter that are not trained values (SHiRA's positions).
 NOT_PARAMETERS = ("shira_indices",)

@@ -16,6 +16,8 @@ pub mod lorapro;
 pub mod miss;
 pub mod shira;
 pub mod randlora;
+pub mod lora_ga;
+pub mod lora_sb;
 pub mod sora;
 pub mod triadaptlora;
 
@@ -31,6 +33,8 @@ pub use lorapro::LoraProConfig;
 pub use miss::{MissConfig, MissInit};
 pub use shira::{ShiraConfig, ShiraMask};
 pub use randlora::RandLoraConfig;
+pub use lora_ga::{LoraGaConfig, LoraGaDirection, LoraGaScale};
+pub use lora_sb::LoraSbConfig;
 pub use sora::SoraConfig;
 pub use triadaptlora::{RankGrowthModel, TriAdaptLoraConfig};
 
@@ -181,6 +185,12 @@ declare_methods! {
     /// RandLoRA (Albert et al., ICLR 2025): shared frozen random bases reaching full rank, only
     /// their diagonal scalings trained; published in PEFT's RandLoRA format.
     RandLora(RandLoraConfig) = "randlora",
+    /// LoRA-GA (Wang et al., NeurIPS 2024): LoRA initialised from the SVD of the full
+    /// gradient of the first batches; published as a rank-2r LoRA of the original base.
+    LoraGa(LoraGaConfig) = "loraga",
+    /// LoRA-SB (Ponkshe et al., 2024): `B R A` with `A`, `B` fixed from the SVD of an
+    /// approximated first full fine-tuning step, only the r x r `R` trained.
+    LoraSb(LoraSbConfig) = "lorasb",
 }
 
 impl MethodConfig {
@@ -287,6 +297,22 @@ mod tests {
             ),
             (r#"{"type":"dylora","r":0}"#, 100, "method.r"),
             (r#"{"type":"codyra","r":0}"#, 100, "method.r"),
+            (r#"{"type":"loraga","r":0}"#, 100, "method.r"),
+            (
+                r#"{"type":"loraga","stable_gamma":0}"#,
+                100,
+                "method.stable_gamma",
+            ),
+            (r#"{"type":"loraga","batches":0}"#, 100, "method.batches"),
+            (
+                r#"{"type":"loraga","batch_size":0}"#,
+                100,
+                "method.batch_size",
+            ),
+            (r#"{"type":"loraga","iters":8}"#, 100, "method.iters"),
+            (r#"{"type":"lorasb","samples":0}"#, 100, "method.samples"),
+            (r#"{"type":"lorasb","dropout":1.0}"#, 100, "method.dropout"),
+            (r#"{"type":"lorasb","alpha":16}"#, 100, "method.alpha"),
             (r#"{"type":"codyra","r":4097}"#, 100, "method.r"),
             (r#"{"type":"codyra","dropout":1.0}"#, 100, "method.dropout"),
             (

@@ -16,6 +16,8 @@ pub mod lora;
 pub mod lorapro;
 pub mod miss;
 pub mod randlora;
+pub mod loraga;
+pub mod lorasb;
 pub mod rank_adam;
 pub mod shira;
 pub mod sora;
@@ -76,6 +78,8 @@ pub fn attach_method(
         MethodConfig::Miss(config) => boxed::<miss::Miss>(model, config, &ctx),
         MethodConfig::Shira(config) => boxed::<shira::Shira>(model, config, &ctx),
         MethodConfig::RandLora(config) => boxed::<randlora::RandLora>(model, config, &ctx),
+        MethodConfig::LoraGa(config) => boxed::<loraga::LoraGa>(model, config, &ctx),
+        MethodConfig::LoraSb(config) => boxed::<lorasb::LoraSb>(model, config, &ctx),
     }
 }
 
@@ -190,6 +194,34 @@ pub fn orthogonality(a: &Tensor, b: &Tensor, live: &Tensor) -> [Tensor; 2] {
         (a.matmul(&a.tr()) - &eye).norm(),
         (b.tr().matmul(b) - eye).norm(),
     ]
+}
+
+/// A rank-`q` approximate SVD `a ≈ U diag(S) Vᵀ` of `a (m, n)` (fp32): `U (m, q)`, `S (q)`,
+/// `V (n, q)`. The randomised algorithm `torch.svd_lowrank` runs (Halko, Martinsson, Tropp
+/// 2009, Algorithms 4.4 and 5.1, as torch 2.11 orders it: a wide `a` is transposed first, one
+/// Gaussian test matrix `(n', q)` drawn from libtorch's generator, `niter` power iterations with
+/// a QR after each product), so that with the generator in the same state it gives the same
+/// factors, and for `q = min(m, n)` the exact SVD up to rounding and signs.
+pub fn svd_lowrank(a: &Tensor, q: i64, niter: usize) -> (Tensor, Tensor, Tensor) {
+    let (m, n) = (a.size()[0], a.size()[1]);
+    let a = if m < n { a.tr() } else { a.shallow_clone() };
+    let basis = |x: Tensor| Tensor::linalg_qr(&x, "reduced").0;
+    let r = Tensor::randn([a.size()[1], q], (Kind::Float, a.device()));
+    let mut basis_q = basis(a.matmul(&r));
+    for _ in 0..niter {
+        basis_q = basis(a.tr().matmul(&basis_q));
+        basis_q = basis(a.matmul(&basis_q));
+    }
+    let b = basis_q.tr().matmul(&a);
+    // `torch.svd` (V, not Vᵀ): `linalg_svd` through tch always passes a driver, which only
+    // CUDA accepts.
+    let (u, s, v) = b.svd(true, true);
+    let u = basis_q.matmul(&u);
+    if m < n {
+        (v, s, u)
+    } else {
+        (u, s, v)
+    }
 }
 
 /// Selects rows `keep` (a bool mask) of `t` along `dim`.

@@ -10,6 +10,8 @@ pub enum SeedUse {
     EpochOrder = 2,
     Dropout = 3,
     Replay = 4,
+    /// Random draws of a method's calibration (randomised SVD, random splits).
+    Calibration = 5,
 }
 
 /// The seed for `purpose` at `index` (an epoch, or a step and micro-batch folded together):

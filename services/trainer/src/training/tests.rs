@@ -396,6 +396,10 @@ fn adaptive_methods_resume_seamlessly() {
         r#"{"type":"triadaptlora","reference_rank":2,"init_rank":1,"incre_interval":2,"incre_rank_num":1,
             "target_modules":["q_proj","v_proj"]}"#,
         r#"{"type":"codyra","r":4,"max_kappa":0.05,"lambda_num":2,"dense_iters":0.25,"target_modules":["q_proj","v_proj"]}"#,
+        // Calibrated once, before step 1: the resumed run takes the calibrated factors from the
+        // checkpoint (calibrating again would reset them to their initial values).
+        r#"{"type":"loraga","r":2,"batches":2,"target_modules":["q_proj","v_proj"]}"#,
+        r#"{"type":"lorasb","r":3,"samples":5,"target_modules":["q_proj","v_proj"]}"#,
     ] {
         assert_resume_is_seamless(method);
     }
