@@ -8,5 +8,5 @@ mod encode;
 pub mod inputs;
 pub mod replay;
 
-pub use dataset::{Batch, ExampleSet, TokenizedDataset, TrainingRows};
+pub use dataset::{Batch, ExampleSet, Row, TokenizedDataset, TrainingRows};
 pub use encode::{ExampleEncoder, IGNORE_INDEX};

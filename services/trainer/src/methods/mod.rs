@@ -8,6 +8,7 @@
 pub mod adalora;
 pub mod codyra;
 pub mod dylora;
+pub mod eva;
 pub mod gated;
 pub mod increlora;
 pub mod lora;
@@ -64,6 +65,7 @@ pub fn attach_method(
             boxed::<triadaptlora::TriAdaptLora>(model, config, &ctx)
         }
         MethodConfig::Codyra(config) => boxed::<codyra::Codyra>(model, config, &ctx),
+        MethodConfig::Eva(config) => boxed::<eva::Eva>(model, config, &ctx),
     }
 }
 
