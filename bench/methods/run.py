@@ -1,4 +1,4 @@
-"""The seven adapter methods at one parameter budget on the fixture's learnable task (not a test).
+"""The adapter methods at one parameter budget on the fixture's learnable task (not a test).
 
 Usage: python bench/methods/run.py TRAINER_BIN [STEPS] [--seeds 0,1,2] [--only NAME,...] [--json FILE]
 
@@ -11,7 +11,8 @@ parameters published, and the published rank of every adapted matrix (from rank_
 The budget is a published average of rank 4 per adapted matrix (LoRA r=4): AdaLoRA prunes
 6 -> 4; SoRA and CoDyRA start at r=6 and their gates prune (their thresholds were tuned so the
 published ranks average about 4 over the seeds, see bench/methods.md); DyLoRA trains ranks up
-to 6 and publishes 4; IncreLoRA and TriAdaptLoRA grow from rank 1 to a total of 4 per matrix.
+to 6 and publishes 4; IncreLoRA and TriAdaptLoRA grow from rank 1 to a total of 4 per matrix;
+EVA (r=4, rho 2) redistributes 4 per matrix by explained variance, up to 8 in one matrix.
 `--json` also writes every run's metrics and rank-allocation events (for looking closer).
 """
 import argparse
@@ -41,6 +42,7 @@ METHODS = {
     "triadaptlora 1->4": {"type": "triadaptlora", "init_rank": 1, "reference_rank": 4, "alpha": 8,
                           "init_warmup": 20, "incre_interval": 5},
     "codyra r=6": {"type": "codyra", "r": 6, "max_kappa": 1.5e-2, "lambda_num": 50, "dense_iters": 0.5},
+    "eva r=4": {"type": "eva", "r": 4, "alpha": 8},
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RANKS = re.compile(r"rank allocation step=(\d+) total=(\d+) per_module=\{([^}]*)\}")
@@ -62,14 +64,17 @@ def in_use(method: dict, ranks: dict, shapes: dict, trainable: int) -> int:
     here only the created ranks count: IncreLoRA's active triplets (A row, E, B column; its
     reserve is zeroed at the end) and TriAdaptLoRA's A rows, B columns and the entries of C that
     exist (r^2 + the diagonal blocks' squares, which both triangles hold). The other methods
-    create every parameter at the start: for them this is `trainable`."""
-    if method["type"] not in ("increlora", "triadaptlora"):
+    create every parameter at the start: for them this is `trainable`. EVA preallocates
+    round(r * rho) ranks per matrix before its data pass; only the ranks it gave out are used."""
+    if method["type"] not in ("increlora", "triadaptlora", "eva"):
         return trainable
     total = 0
     for module, (inp, out) in shapes.items():
         r = ranks.get(module, 0)
         if method["type"] == "increlora":
             total += r * (inp + out + 1)
+        elif method["type"] == "eva":
+            total += r * (inp + out)
         elif method["type"] == "triadaptlora":
             first, step = method.get("init_rank", 1), method.get("incre_rank_num") or max(method["reference_rank"] // 2, 1)
             blocks = [first] + [step] * ((r - first) // step)
