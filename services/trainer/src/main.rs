@@ -1,6 +1,7 @@
 //! `loraforge-trainer`: the loraforge worker. It trains LoRA-family adapters on
 //! Llama-family models with libtorch and publishes them in PEFT's layout.
 
+mod calibration;
 mod data;
 mod error;
 mod eval;

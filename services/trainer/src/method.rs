@@ -8,7 +8,12 @@
 //! [`AdapterMethod::rank_allocation`] whenever it changes. State a method keeps between steps
 //! (importance averages, masks, its own optimizer's moments) lives in its [`VarStore`] as
 //! non-trainable variables, so checkpoints save and restore it with the factors.
+//!
+//! Before step 1 of a fresh run (not on resume, not from a parent adapter) the loop calls
+//! [`AdapterMethod::calibrate`] once: a data-driven initialisation (LoRA-GA, LoRA-SB, EVA)
+//! measures the base model on the first training batches there ([`crate::calibration`]).
 
+use crate::calibration::Calibration;
 use crate::export::PeftAdapter;
 pub use crate::methods::attach_method;
 use anyhow::Result;
@@ -74,6 +79,20 @@ pub trait AdapterMethod {
             crate::training::optimizer::BETA1,
             crate::training::optimizer::BETA2,
         )
+    }
+
+    /// A data-driven initialisation, run once before step 1 of a fresh run (not when resuming
+    /// from a checkpoint, whose store already holds the calibrated state, nor when starting
+    /// from a parent adapter). `calibration` draws the run's training rows in training order
+    /// ([`Calibration::next_batch`]) and measures the base model on them, every adapter branch
+    /// off: weight gradients of chosen linear layers ([`Calibration::weight_gradients`]) or
+    /// their inputs ([`Calibration::linear_inputs`]). The method writes its initial values into
+    /// its variables (in place, or new variables in its store: the loop rebuilds the optimizer
+    /// afterwards). Anything calibration-derived that later steps or the export need must be
+    /// in the store (non-trainable variables), so a resumed run has it. The default does
+    /// nothing. See [`crate::calibration`] for which rows, the loss, and memory.
+    fn calibrate(&mut self, _calibration: &mut Calibration) -> Result<()> {
+        Ok(())
     }
 
     /// Runs before step `step`'s forward passes (DyLoRA draws the step's rank here).

@@ -8,5 +8,7 @@ mod encode;
 pub mod inputs;
 pub mod replay;
 
-pub use dataset::{Batch, ExampleSet, Row, TokenizedDataset, TrainingRows};
+#[cfg(test)]
+pub use dataset::Row;
+pub use dataset::{Batch, ExampleSet, TokenizedDataset, TrainingRows};
 pub use encode::{ExampleEncoder, IGNORE_INDEX};

@@ -67,6 +67,12 @@ impl Linear {
         self.adapter = Some(adapter);
     }
 
+    /// Removes the adapter branch, if any, and hands it back (calibration runs the base model
+    /// with probes in its place, then puts it back).
+    pub fn take_adapter(&mut self) -> Option<Box<dyn LinearAdapter>> {
+        self.adapter.take()
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let Some(adapter) = &self.adapter else {
             return x.linear(&self.weight, self.bias.as_ref());

@@ -28,6 +28,8 @@ pub struct AdaptedModel {
     /// The token id that pads batches.
     pub pad_id: i64,
     pub device: Device,
+    /// Whether the adapter started from a parent's factors (then nothing is calibrated).
+    pub from_parent: bool,
 }
 
 impl AdaptedModel {
@@ -51,13 +53,7 @@ impl AdaptedModel {
             method.start_from(parent)?;
             reporter.report(log("starting from the parent adapter's factors".into()));
         }
-        let trainable_parameters: u64 = method
-            .var_store()
-            .variables()
-            .into_values()
-            .filter(Tensor::requires_grad)
-            .map(|t| t.numel() as u64)
-            .sum();
+        let trainable_parameters = trainable_count(method.as_ref());
         reporter.report(log(format!(
             "training {} on {}, adapter fp32: {trainable_parameters} trainable parameters",
             spec.method.name(),
@@ -76,6 +72,31 @@ impl AdaptedModel {
             trace,
             pad_id,
             device,
+            from_parent: parent.is_some(),
         })
     }
+
+    /// After calibration, which may have replaced the method's variables: AdamW (no state
+    /// yet) over what it trains now, the trainable list and count, and the trace's initial
+    /// variables.
+    pub fn calibrated(&mut self, weight_decay: f64) -> Result<()> {
+        self.optimizer = AdamW::new(self.method.optimized_parameters(), weight_decay)
+            .with_betas(self.method.adam_betas());
+        self.trained = self.method.var_store().trainable_variables();
+        self.trainable_parameters = trainable_count(self.method.as_ref());
+        if let Some(trace) = &self.trace {
+            trace.record_initial(self.method.var_store())?;
+        }
+        Ok(())
+    }
+}
+
+fn trainable_count(method: &dyn AdapterMethod) -> u64 {
+    method
+        .var_store()
+        .variables()
+        .into_values()
+        .filter(Tensor::requires_grad)
+        .map(|t| t.numel() as u64)
+        .sum()
 }

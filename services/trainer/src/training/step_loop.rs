@@ -7,6 +7,7 @@ use super::checkpoint::{checkpoint_of, restore, CheckpointStore, SavedCheckpoint
 use super::optimizer::{clip_grad_norm, grad_norm, learning_rate, zero_grads};
 use super::seeds::{derive_seed, SeedUse};
 use super::{log, Reporter};
+use crate::calibration::Calibration;
 use crate::data::{Batch, ExampleSet, TrainingRows};
 use crate::error::{user_error, Failure};
 use crate::eval::validation::{summed_loss_of, validation_loss};
@@ -116,7 +117,8 @@ impl<'a> Run<'a> {
     }
 
     /// The state to continue from: a checkpoint's, put back into the adapter and optimizer, or
-    /// a fresh one.
+    /// a fresh one, for which the method first calibrates (unless it starts from a parent
+    /// adapter): [`crate::method::AdapterMethod::calibrate`].
     pub fn start(
         &mut self,
         resume: Option<SavedCheckpoint>,
@@ -124,6 +126,9 @@ impl<'a> Run<'a> {
         reporter: &mut dyn Reporter,
     ) -> Result<TrainingState> {
         let Some(saved) = resume else {
+            if !self.adapted.from_parent {
+                self.calibrate(reporter)?;
+            }
             return Ok(TrainingState::start(self.plan.total_steps, template_clock));
         };
         let adapted = &mut self.adapted;
@@ -139,6 +144,37 @@ impl<'a> Run<'a> {
             resumed: true,
         });
         Ok(saved.checkpoint.state)
+    }
+
+    /// The method's calibration hook, on the training rows in training order.
+    fn calibrate(&mut self, reporter: &mut dyn Reporter) -> Result<()> {
+        let started = Instant::now();
+        let adapted = &mut self.adapted;
+        let rows_read = {
+            let mut calibration = Calibration::new(
+                &mut adapted.model,
+                &mut self.rows,
+                self.plan.row_limit,
+                adapted.pad_id,
+                adapted.device,
+                &self.spec.training,
+                &mut *reporter,
+                adapted.trace.as_mut(),
+            );
+            let available = calibration.rows_left();
+            adapted.method.calibrate(&mut calibration)?;
+            available - calibration.rows_left()
+        };
+        if rows_read == 0 {
+            return Ok(());
+        }
+        adapted.calibrated(self.spec.training.weight_decay)?;
+        reporter.report(log(format!(
+            "calibrated {} on the first {rows_read} training rows in {:.1} s",
+            self.spec.method.name(),
+            started.elapsed().as_secs_f64()
+        )));
+        Ok(())
     }
 
     /// Runs the steps after `state.step` up to the last, checking `hooks.cancel` before each.

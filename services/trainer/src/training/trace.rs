@@ -1,8 +1,10 @@
 //! A test-only record of a run, for checking a method against its reference implementation
 //! on exactly the same inputs (tests/python/adalora_parity.py). With `LORAFORGE_TRACE_DIR`
 //! set, training writes there the adapter's variables before the first step
-//! (`initial.safetensors`) and after the last (`final.safetensors`), and every step's
-//! batches (`batches.safetensors`: `step<N>.micro<M>.{input_ids,labels}`).
+//! (`initial.safetensors`, after calibration where the method calibrates) and after the last
+//! (`final.safetensors`), and every step's batches (`batches.safetensors`:
+//! `step<N>.micro<M>.{input_ids,labels}`, and the calibration's as
+//! `calibration.batch<K>.{input_ids,labels}`).
 
 use crate::data::Batch;
 use anyhow::{Context, Result};
@@ -30,6 +32,20 @@ impl Trace {
         };
         trace.write_variables("initial.safetensors", store)?;
         Ok(Some(trace))
+    }
+
+    /// Writes the variables as they are before the first step again (after calibration).
+    pub fn record_initial(&self, store: &VarStore) -> Result<()> {
+        self.write_variables("initial.safetensors", store)
+    }
+
+    pub fn record_calibration_batch(&mut self, index: usize, batch: &Batch) {
+        for (name, t) in [("input_ids", &batch.input_ids), ("labels", &batch.labels)] {
+            self.batches.push((
+                format!("calibration.batch{index}.{name}"),
+                t.to_device(Device::Cpu).contiguous(),
+            ));
+        }
     }
 
     pub fn record_batches(&mut self, step: u32, batches: &[Batch]) {
