@@ -150,15 +150,23 @@ fn eva_matches_peft() {
         ));
         let ranks = result["ranks"].as_object().unwrap();
         for (module, pair) in ranks {
-            assert_eq!(pair[0], pair[1], "{case}: {module}'s rank (PEFT, ours): {result}");
+            assert_eq!(
+                pair[0], pair[1],
+                "{case}: {module}'s rank (PEFT, ours): {result}"
+            );
         }
         for (module, pair) in result["scales"].as_object().unwrap() {
             let (theirs, ours) = (pair[0].as_f64().unwrap(), pair[1].as_f64().unwrap());
-            assert!((theirs - ours).abs() < 1e-9, "{case}: {module}'s scale: {result}");
+            assert!(
+                (theirs - ours).abs() < 1e-9,
+                "{case}: {module}'s scale: {result}"
+            );
         }
         // The redistribution moved ranks, so the parity covers it.
         assert!(
-            ranks.values().any(|p| p[0] != ranks.values().next().unwrap()[0]),
+            ranks
+                .values()
+                .any(|p| p[0] != ranks.values().next().unwrap()[0]),
             "{case}: every module kept the same rank: {result}"
         );
         let diff = result["max_abs_diff"].as_f64().unwrap();
@@ -245,7 +253,11 @@ fn every_method_exports_a_peft_lora_with_loraforges_logits() {
         }
         if name == "eva" {
             let total: u64 = ranks.values().map(|r| r.as_u64().unwrap()).sum();
-            assert_eq!(total, 4 * 6, "{name} spends the budget r x modules: {config}");
+            assert_eq!(
+                total,
+                4 * 6,
+                "{name} spends the budget r x modules: {config}"
+            );
             assert!(
                 ranks.values().all(|r| r.as_u64().unwrap() <= 8),
                 "{name}: at most round(r * rho) per module: {config}"

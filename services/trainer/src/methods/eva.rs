@@ -359,7 +359,13 @@ impl EvaPass {
                     .expect("every PCA has seen a batch");
                 let a = state.components.narrow(0, 0, self.ranks[i]);
                 match whiten {
-                    true => &a / state.singular_values.narrow(0, 0, self.ranks[i]).sqrt().view([-1, 1]),
+                    true => {
+                        &a / state
+                            .singular_values
+                            .narrow(0, 0, self.ranks[i])
+                            .sqrt()
+                            .view([-1, 1])
+                    }
                     false => a.copy(),
                 }
             })
@@ -503,15 +509,12 @@ pub fn svd_positions(batch: &Batch, use_label_mask: bool) -> Tensor {
             .cumsum(1, Kind::Int64)
             .flip([1])
             .gt(0);
-        Tensor::cat(
-            &[
-                later.narrow(1, 0, 1),
-                later.narrow(1, 0, seq - 1),
-            ],
-            1,
-        )
+        Tensor::cat(&[later.narrow(1, 0, 1), later.narrow(1, 0, seq - 1)], 1)
     };
-    keep.reshape([-1]).nonzero().view([-1]).to_device(batch.labels.device())
+    keep.reshape([-1])
+        .nonzero()
+        .view([-1])
+        .to_device(batch.labels.device())
 }
 
 impl Eva {
@@ -549,9 +552,18 @@ impl Eva {
             .map(|b| svd_positions(b, config.use_label_mask))
             .collect();
         let paths: Vec<String> = self.factors.iter().map(|f| f.module_path.clone()).collect();
-        let first = Self::masked(calibration.linear_inputs(&paths, &batches[0])?, &positions[0]);
+        let first = Self::masked(
+            calibration.linear_inputs(&paths, &batches[0])?,
+            &positions[0],
+        );
         let width = i64::from(config.max_components());
-        let mut pass = EvaPass::new(paths.clone(), &first, i64::from(config.r), width, config.tau);
+        let mut pass = EvaPass::new(
+            paths.clone(),
+            &first,
+            i64::from(config.r),
+            width,
+            config.tau,
+        );
         let mut passes = 0u32;
         for k in (0..batches.len()).cycle() {
             if pass.settled() {
@@ -705,7 +717,10 @@ save_file(out, sys.argv[2])
 
     fn peft_ipca(batches: &[Tensor], n_components: i64) -> Vec<(Tensor, Tensor, Tensor)> {
         let dir = tempfile::tempdir().unwrap();
-        let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
+        let (input, output) = (
+            dir.path().join("in.safetensors"),
+            dir.path().join("out.safetensors"),
+        );
         let named: Vec<(String, Tensor)> = batches
             .iter()
             .enumerate()
@@ -719,9 +734,15 @@ save_file(out, sys.argv[2])
             .arg(n_components.to_string())
             .output()
             .expect("running the venv's Python");
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        let out: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(&output).unwrap().into_iter().collect();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out: BTreeMap<String, Tensor> = Tensor::read_safetensors(&output)
+            .unwrap()
+            .into_iter()
+            .collect();
         (0..batches.len())
             .map(|k| {
                 let get = |name: &str| out[&format!("{name}{k}")].shallow_clone();
@@ -758,9 +779,18 @@ save_file(out, sys.argv[2])
                 let scale = singular.max().double_value(&[]);
                 let what = format!("{features} features, batch {k}");
                 assert_eq!(state.components.size(), components.size(), "{what}");
-                assert!(max_diff(&state.components, components) < 1e-5, "{what}: components");
-                assert!(max_diff(&state.singular_values, singular) < 1e-5 * scale, "{what}: singular values");
-                assert!(max_diff(&state.explained_variance_ratio, ratio) < 1e-6, "{what}: ratios");
+                assert!(
+                    max_diff(&state.components, components) < 1e-5,
+                    "{what}: components"
+                );
+                assert!(
+                    max_diff(&state.singular_values, singular) < 1e-5 * scale,
+                    "{what}: singular values"
+                );
+                assert!(
+                    max_diff(&state.explained_variance_ratio, ratio) < 1e-6,
+                    "{what}: ratios"
+                );
             }
         }
     }
@@ -838,7 +868,11 @@ save_file(out, sys.argv[2])
                 .collect(),
         };
         // Row 0: 5 tokens, targets at 3 and 4; row 1: 3 tokens (2 padding), target at 2.
-        let batch = Batch::from_rows(&[row(&[1, 5, 9, 14, 20], 3), row(&[1, 7, 3], 2)], 0, Device::Cpu);
+        let batch = Batch::from_rows(
+            &[row(&[1, 5, 9, 14, 20], 3), row(&[1, 7, 3], 2)],
+            0,
+            Device::Cpu,
+        );
         let positions = |mask| Vec::<i64>::try_from(svd_positions(&batch, mask)).unwrap();
         assert_eq!(positions(true), [3, 4, 7]);
         assert_eq!(positions(false), [0, 1, 2, 3, 4, 5, 6, 7]);
