@@ -16,6 +16,7 @@ the gradient rules (LoRA-Pro, ALLoRA, LoRA-GGPO) train plain rank-4 factors.
 MiSS and SHiRA, which publish their own PEFT formats, are matched on published parameters
 instead (LoRA r=4's 1792): SHiRA r=4 trains exactly r (in + out) per matrix; MiSS r=9 trains
 r x out (1728), bat r=8 (r must divide 64 and 32) 1536, mini r=28 / mini_r=16 exactly 1792.
+EVA (r=4, rho 2) redistributes 4 per matrix by explained variance, up to 8 in one matrix.
 `--json` also writes every run's metrics and rank-allocation events (for looking closer).
 """
 import argparse
@@ -61,6 +62,7 @@ METHODS = {
     # Trained rank 4; published at rank 8 (the initial product taken out), see bench/methods.md.
     "loraga r=4": {"type": "loraga", "r": 4, "alpha": 8},
     "lorasb r=4": {"type": "lorasb", "r": 4},
+    "eva r=4": {"type": "eva", "r": 4, "alpha": 8},
 }
 # Tensors of a published adapter that are not trained values (SHiRA's positions).
 NOT_PARAMETERS = ("shira_indices",)
@@ -84,14 +86,17 @@ def in_use(method: dict, ranks: dict, shapes: dict, trainable: int) -> int:
     here only the created ranks count: IncreLoRA's active triplets (A row, E, B column; its
     reserve is zeroed at the end) and TriAdaptLoRA's A rows, B columns and the entries of C that
     exist (r^2 + the diagonal blocks' squares, which both triangles hold). The other methods
-    create every parameter at the start: for them this is `trainable`."""
-    if method["type"] not in ("increlora", "triadaptlora"):
+    create every parameter at the start: for them this is `trainable`. EVA preallocates
+    round(r * rho) ranks per matrix before its data pass; only the ranks it gave out are used."""
+    if method["type"] not in ("increlora", "triadaptlora", "eva"):
         return trainable
     total = 0
     for module, (inp, out) in shapes.items():
         r = ranks.get(module, 0)
         if method["type"] == "increlora":
             total += r * (inp + out + 1)
+        elif method["type"] == "eva":
+            total += r * (inp + out)
         elif method["type"] == "triadaptlora":
             first, step = method.get("init_rank", 1), method.get("incre_rank_num") or max(method["reference_rank"] // 2, 1)
             blocks = [first] + [step] * ((r - first) // step)

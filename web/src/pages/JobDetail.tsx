@@ -72,7 +72,7 @@ function useJobStream(job: JobView) {
   return { series: series.current, version, stream };
 }
 
-const ADAPTIVE = new Set(["adalora", "sora", "dylora", "increlora", "triadaptlora", "codyra"]);
+const ADAPTIVE = new Set(["adalora", "sora", "dylora", "increlora", "triadaptlora", "codyra", "eva"]);
 
 function JobPage({ job }: { job: JobView }) {
   const { series, version, stream } = useJobStream(job);

@@ -22,7 +22,7 @@ const PRESETS: Record<string, Record<string, string>> = {
   training: { max_steps: "100", learning_rate: "0.0002", batch_size: "4", seq_len: "512" },
 };
 
-const ADAPTIVE = new Set(["adalora", "sora", "dylora", "increlora", "triadaptlora", "codyra"]);
+const ADAPTIVE = new Set(["adalora", "sora", "dylora", "increlora", "triadaptlora", "codyra", "eva"]);
 
 type InputMode = "registered" | "uri";
 

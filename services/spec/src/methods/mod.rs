@@ -10,6 +10,7 @@ pub mod allora;
 pub mod codyra;
 pub mod dylora;
 pub mod ggpo;
+pub mod eva;
 pub mod increlora;
 pub mod lora;
 pub mod lorapro;
@@ -27,6 +28,7 @@ pub use codyra::CodyraConfig;
 pub use common::{growth_steps, MAX_RANK};
 pub use dylora::DyLoraConfig;
 pub use ggpo::GgpoConfig;
+pub use eva::EvaConfig;
 pub use increlora::IncreLoraConfig;
 pub use lora::{LoraConfig, LoraInit};
 pub use lorapro::LoraProConfig;
@@ -191,6 +193,9 @@ declare_methods! {
     /// LoRA-SB (Ponkshe et al., 2024): `B R A` with `A`, `B` fixed from the SVD of an
     /// approximated first full fine-tuning step, only the r x r `R` trained.
     LoraSb(LoraSbConfig) = "lorasb",
+    /// EVA (Paischer et al., 2024): LoRA with `A` from the SVD of each layer's inputs over the
+    /// first batches, ranks redistributed by explained variance; published as LoRA.
+    Eva(EvaConfig) = "eva",
 }
 
 impl MethodConfig {
@@ -256,6 +261,7 @@ mod tests {
             r#"{"type":"increlora","init_warmup":10,"incre_interval":10}"#,
             r#"{"type":"triadaptlora"}"#,
             r#"{"type":"triadaptlora","rank_growth_model":"non-linear"}"#,
+            r#"{"type":"eva"}"#,
         ] {
             let spec = parse(method, 100).unwrap_or_else(|e| panic!("{method}: {e}"));
             assert_eq!(spec.method.target_modules(), ["q_proj", "v_proj"]);
@@ -496,6 +502,26 @@ mod tests {
                 r#"{"type":"lora_ggpo","sigma":0,"beta":0}"#,
                 100,
                 "method.sigma",
+            (r#"{"type":"eva","rho":0.5}"#, 100, "method.rho"),
+            (r#"{"type":"eva","r":4096,"rho":1.5}"#, 100, "method.rho"),
+            (r#"{"type":"eva","tau":1.01}"#, 100, "method.tau"),
+            (r#"{"type":"eva","tau":-0.1}"#, 100, "method.tau"),
+            (r#"{"type":"eva","r":0}"#, 100, "method.r"),
+            (r#"{"type":"eva","alpha":0}"#, 100, "method.alpha"),
+            (
+                r#"{"type":"eva","calibration_batches":0}"#,
+                100,
+                "method.calibration_batches",
+            ),
+            (
+                r#"{"type":"eva","max_calibration_passes":1}"#,
+                100,
+                "method.max_calibration_passes",
+            ),
+            (
+                r#"{"type":"eva","label_mask_value":-1}"#,
+                100,
+                "method.label_mask_value",
             ),
         ];
         for (method, steps, field) in cases {
@@ -517,6 +543,8 @@ mod tests {
         )
         .is_ok());
         assert!(parse(r#"{"type":"codyra","max_kappa":1e-9,"lambda_num":2}"#, 100).is_ok());
+        // No redistribution (rho 1), and a tau every pair of batches meets.
+        assert!(parse(r#"{"type":"eva","r":4096,"rho":1,"tau":0}"#, 100).is_ok());
         // Step 100 (the 101st) is above init_warmup 90 and a multiple of 10.
         assert!(parse(
             r#"{"type":"increlora","init_warmup":90,"incre_interval":10}"#,

@@ -9,6 +9,7 @@ pub mod adalora;
 pub mod allora;
 pub mod codyra;
 pub mod dylora;
+pub mod eva;
 pub mod gated;
 pub mod ggpo;
 pub mod increlora;
@@ -80,6 +81,7 @@ pub fn attach_method(
         MethodConfig::RandLora(config) => boxed::<randlora::RandLora>(model, config, &ctx),
         MethodConfig::LoraGa(config) => boxed::<loraga::LoraGa>(model, config, &ctx),
         MethodConfig::LoraSb(config) => boxed::<lorasb::LoraSb>(model, config, &ctx),
+        MethodConfig::Eva(config) => boxed::<eva::Eva>(model, config, &ctx),
     }
 }
 
