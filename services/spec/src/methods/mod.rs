@@ -502,6 +502,7 @@ mod tests {
                 r#"{"type":"lora_ggpo","sigma":0,"beta":0}"#,
                 100,
                 "method.sigma",
+            ),
             (r#"{"type":"eva","rho":0.5}"#, 100, "method.rho"),
             (r#"{"type":"eva","r":4096,"rho":1.5}"#, 100, "method.rho"),
             (r#"{"type":"eva","tau":1.01}"#, 100, "method.tau"),

@@ -144,7 +144,7 @@ impl AdapterMethod for Allora {
             })
             .collect();
         PeftAdapter {
-            config: PeftLoraConfig::from_lora(&plain, base_model_uri),
+            config: PeftLoraConfig::from_lora(&plain, base_model_uri).into(),
             tensors,
         }
     }

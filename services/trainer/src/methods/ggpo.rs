@@ -202,7 +202,7 @@ impl AdapterMethod for Ggpo {
             })
             .collect();
         PeftAdapter {
-            config: PeftLoraConfig::from_lora(&plain, base_model_uri),
+            config: PeftLoraConfig::from_lora(&plain, base_model_uri).into(),
             tensors,
         }
     }
