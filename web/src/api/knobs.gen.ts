@@ -555,6 +555,133 @@ export const KNOBS: KnobTable = {
           "description": ""
         }
       ]
+    },
+    {
+      "type": "lorapro",
+      "description": "LoRA-Pro (Wang et al., ICLR 2025): LoRA whose factor gradients are adjusted toward the\nfull fine-tuning gradient, with Adam on the equivalent full gradient.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        },
+        {
+          "name": "use_rslora",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs).",
+          "minimum": null
+        }
+      ]
+    },
+    {
+      "type": "allora",
+      "description": "ALLoRA (Huang & Balestriero, 2024): LoRA without dropout or scaling, its gradients\nscaled per output row by the inverse norm of the update's rows.",
+      "knobs": [
+        {
+          "name": "eta",
+          "kind": "number",
+          "required": true,
+          "nullable": false,
+          "description": "η: a row of the update with norm 0 has its gradients scaled by η (`1/sqrt(‖row‖ +\n1/η²)`); it takes the place of LoRA's alpha.",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": true,
+          "nullable": false,
+          "description": "",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
+    },
+    {
+      "type": "lora_ggpo",
+      "description": "LoRA-GGPO (Chang et al., 2025): LoRA trained under random weight perturbations sized\nby the weights' and gradients' row norms.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "beta",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "β: the weight of each output row's squared gradient norm in the standard deviation of\nthat row's perturbation.",
+          "minimum": null
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": 0
+        },
+        {
+          "name": "sigma",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "σ: the weight of each output row's weight norm in the standard deviation of that row's\nperturbation.",
+          "minimum": null
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
     }
   ],
   "training": [

@@ -824,6 +824,21 @@ export interface components {
             version: number;
         };
         /**
+         * @description ALLoRA. No defaults for `r` and `eta`: none could be read from the paper (see
+         *     docs/methods.md), so a job states them.
+         */
+        AlloraConfig: {
+            /**
+             * Format: double
+             * @description η: a row of the update with norm 0 has its gradients scaled by η (`1/sqrt(‖row‖ +
+             *     1/η²)`); it takes the place of LoRA's alpha.
+             */
+            eta: number;
+            /** Format: int32 */
+            r: number;
+            target_modules?: string[];
+        };
+        /**
          * @description What to do when a threshold is crossed.
          * @enum {string}
          */
@@ -1112,6 +1127,31 @@ export interface components {
             /** Format: int64 */
             size: number;
         };
+        /**
+         * @description LoRA-GGPO. `sigma` and `beta` default to what kohya-ss/sd-scripts documents for its
+         *     implementation (`ggpo_sigma=0.03`, `ggpo_beta=0.01`); r 8, alpha 8 (PEFT's defaults).
+         */
+        GgpoConfig: {
+            /** Format: double */
+            alpha?: number;
+            /**
+             * Format: double
+             * @description β: the weight of each output row's squared gradient norm in the standard deviation of
+             *     that row's perturbation.
+             */
+            beta?: number;
+            /** Format: double */
+            dropout?: number;
+            /** Format: int32 */
+            r?: number;
+            /**
+             * Format: double
+             * @description σ: the weight of each output row's weight norm in the standard deviation of that row's
+             *     perturbation.
+             */
+            sigma?: number;
+            target_modules?: string[];
+        };
         /** @enum {string} */
         GradientCheckpointing: "none" | "layers";
         Graph: {
@@ -1352,6 +1392,21 @@ export interface components {
          * @enum {string}
          */
         LoraInit: "kaiming" | "gaussian";
+        /**
+         * @description LoRA-Pro with the reference's defaults (`mrflogs/LoRA-Pro`,
+         *     `minimal_lora_llama2_math_transformers.py`: r 8, alpha 16, dropout 0, every projection).
+         */
+        LoraProConfig: {
+            /** Format: double */
+            alpha?: number;
+            /** Format: double */
+            dropout?: number;
+            /** Format: int32 */
+            r?: number;
+            target_modules?: string[];
+            /** @description Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs). */
+            use_rslora?: boolean;
+        };
         /** @enum {string} */
         LrSchedule: "constant" | "linear" | "cosine";
         MethodConfig: (components["schemas"]["LoraConfig"] & {
@@ -1375,6 +1430,15 @@ export interface components {
         }) | (components["schemas"]["CodyraConfig"] & {
             /** @enum {string} */
             type: "codyra";
+        }) | (components["schemas"]["LoraProConfig"] & {
+            /** @enum {string} */
+            type: "lorapro";
+        }) | (components["schemas"]["AlloraConfig"] & {
+            /** @enum {string} */
+            type: "allora";
+        }) | (components["schemas"]["GgpoConfig"] & {
+            /** @enum {string} */
+            type: "lora_ggpo";
         });
         NewWebhook: {
             /** @description One or more event types. */
