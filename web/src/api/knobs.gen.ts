@@ -557,6 +557,221 @@ export const KNOBS: KnobTable = {
       ]
     },
     {
+      "type": "lorapro",
+      "description": "LoRA-Pro (Wang et al., ICLR 2025): LoRA whose factor gradients are adjusted toward the\nfull fine-tuning gradient, with Adam on the equivalent full gradient.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        },
+        {
+          "name": "use_rslora",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs).",
+          "minimum": null
+        }
+      ]
+    },
+    {
+      "type": "allora",
+      "description": "ALLoRA (Huang & Balestriero, 2024): LoRA without dropout or scaling, its gradients\nscaled per output row by the inverse norm of the update's rows.",
+      "knobs": [
+        {
+          "name": "eta",
+          "kind": "number",
+          "required": true,
+          "nullable": false,
+          "description": "η: a row of the update with norm 0 has its gradients scaled by η (`1/sqrt(‖row‖ +\n1/η²)`); it takes the place of LoRA's alpha.",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": true,
+          "nullable": false,
+          "description": "",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
+    },
+    {
+      "type": "lora_ggpo",
+      "description": "LoRA-GGPO (Chang et al., 2025): LoRA trained under random weight perturbations sized\nby the weights' and gradients' row norms.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "beta",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "β: the weight of each output row's squared gradient norm in the standard deviation of\nthat row's perturbation.",
+          "minimum": null
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": 0
+        },
+        {
+          "name": "sigma",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "σ: the weight of each output row's weight norm in the standard deviation of that row's\nperturbation.",
+          "minimum": null
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
+    },
+    {
+      "type": "miss",
+      "description": "MiSS (Kang & Yin, 2024; Bone's successor): a shard shared by the input's slices, or\nBone's block-affine update; published in PEFT's MiSS format.",
+      "knobs": [
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "Dropout on the layer's input before the slices are summed (`miss_dropout`; not with `bat`,\nwhose forward has none).",
+          "minimum": null
+        },
+        {
+          "name": "init",
+          "kind": "enum",
+          "options": [
+            "balance",
+            "bat",
+            "mini"
+          ],
+          "required": false,
+          "nullable": false,
+          "description": "The MiSS variant, PEFT's `init_weights`. Every block starts at zero (the adapter starts as\nthe base model)."
+        },
+        {
+          "name": "mini_r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The shard's columns with `init: mini` (only then).",
+          "minimum": 0
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The shard's rows: the input is summed over its `r`-wide slices (at most the input\ndimension; for `bat`, a divisor of the input and output dimensions).",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
+    },
+    {
+      "type": "shira",
+      "description": "SHiRA (Bhardwaj et al., NeurIPS 2024): r (in + out) trained entries of each weight at\nfixed random positions; published in PEFT's SHiRA format.",
+      "knobs": [
+        {
+          "name": "mask_type",
+          "kind": "enum",
+          "options": [
+            "random"
+          ],
+          "required": false,
+          "nullable": false,
+          "description": "How the trained positions of each weight are chosen."
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Sets the number of trained entries per weight, `r · (in + out)` (a LoRA of rank r's\ncount); the update itself is sparse and of high rank.",
+          "minimum": 0
+        },
+        {
+          "name": "random_seed",
+          "kind": "integer",
+          "required": false,
+          "nullable": true,
+          "description": "The seed of the random mask; the job's `training.seed` where absent.",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
+    },
+    {
       "type": "randlora",
       "description": "RandLoRA (Albert et al., ICLR 2025): shared frozen random bases reaching full rank, only\ntheir diagonal scalings trained; published in PEFT's RandLoRA format.",
       "knobs": [
@@ -621,6 +836,239 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Ternary bases, each sign with probability `1 / (2 sqrt(D))` (PEFT's code), `D` the\nsmaller of the largest adapted input and output widths.",
+          "minimum": null
+        }
+      ]
+    },
+    {
+      "type": "loraga",
+      "description": "LoRA-GA (Wang et al., NeurIPS 2024): LoRA initialised from the SVD of the full\ngradient of the first batches; published as a rank-2r LoRA of the original base.",
+      "knobs": [
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "batch_size",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Training rows per gradient-estimation batch (the reference's `bsz`).",
+          "minimum": 0
+        },
+        {
+          "name": "batches",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Gradient-estimation batches (the reference's `iters`); fewer if the first epoch has\nfewer rows.",
+          "minimum": 0
+        },
+        {
+          "name": "direction",
+          "kind": "enum",
+          "options": [
+            "ArBr",
+            "A2rBr",
+            "ArB2r",
+            "random"
+          ],
+          "required": false,
+          "nullable": false,
+          "description": "Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`\n(PEFT's `LoraGAConfig.direction`)."
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The trained rank. The published adapter has rank `2r` (the initial product is taken out).",
+          "minimum": 0
+        },
+        {
+          "name": "scale",
+          "kind": "enum",
+          "options": [
+            "stable",
+            "weight_svd",
+            "gd_scale",
+            "unit"
+          ],
+          "required": false,
+          "nullable": false,
+          "description": "How the initial factors are scaled (PEFT's `LoraGAConfig.scale`)."
+        },
+        {
+          "name": "stable_gamma",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "`γ` of the `stable` scale.",
+          "minimum": null
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        },
+        {
+          "name": "use_rslora",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.",
+          "minimum": null
+        }
+      ]
+    },
+    {
+      "type": "lorasb",
+      "description": "LoRA-SB (Ponkshe et al., 2024): `B R A` with `A`, `B` fixed from the SVD of an\napproximated first full fine-tuning step, only the r x r `R` trained.",
+      "knobs": [
+        {
+          "name": "batch_size",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Training rows per gradient-estimation batch (the reference's `eg_bs`).",
+          "minimum": 0
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The rank of `A` and `B`; `R` has `r²` trained parameters.",
+          "minimum": 0
+        },
+        {
+          "name": "samples",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "Training rows the update is estimated from (the reference's `num_samples`); fewer if\nthe first epoch has fewer rows.",
+          "minimum": 0
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        }
+      ]
+    },
+    {
+      "type": "eva",
+      "description": "EVA (Paischer et al., 2024): LoRA with `A` from the SVD of each layer's inputs over the\nfirst batches, ranks redistributed by explained variance; published as LoRA.",
+      "knobs": [
+        {
+          "name": "adjust_scaling_factors",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "A module whose rank changed gets alpha `alpha * rank / r`, keeping the scale `alpha / r`.",
+          "minimum": null
+        },
+        {
+          "name": "alpha",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "Scaling alpha / r (alpha adjusted per module with `adjust_scaling_factors`).",
+          "minimum": null
+        },
+        {
+          "name": "calibration_batches",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "How many of the run's first training batches the data pass cycles through, as PEFT\ncycles its dataloader, until every module's components have settled.",
+          "minimum": 0
+        },
+        {
+          "name": "dropout",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "",
+          "minimum": null
+        },
+        {
+          "name": "max_calibration_passes",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The most forward passes the data pass makes, repeats included (PEFT has no limit); a run\nwhose components have not settled by then fails, naming this field and `tau`.",
+          "minimum": 0
+        },
+        {
+          "name": "r",
+          "kind": "integer",
+          "required": false,
+          "nullable": false,
+          "description": "The rank per module before redistribution; the budget is `r` times the modules.",
+          "minimum": 0
+        },
+        {
+          "name": "rho",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "A module's rank after redistribution is at most `round(r * rho)`; 1 keeps every rank at `r`.",
+          "minimum": null
+        },
+        {
+          "name": "target_modules",
+          "kind": "list",
+          "required": false,
+          "nullable": false,
+          "description": ""
+        },
+        {
+          "name": "tau",
+          "kind": "number",
+          "required": false,
+          "nullable": false,
+          "description": "A module's components have settled when each one's cosine similarity to the previous\nbatch's is at least `tau`.",
+          "minimum": null
+        },
+        {
+          "name": "use_label_mask",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Only positions whose token is a training target feed the SVD (else every non-padding\nposition).",
+          "minimum": null
+        },
+        {
+          "name": "whiten",
+          "kind": "boolean",
+          "required": false,
+          "nullable": false,
+          "description": "Divide each `A` row by the square root of its singular value.",
           "minimum": null
         }
       ]

@@ -824,6 +824,21 @@ export interface components {
             version: number;
         };
         /**
+         * @description ALLoRA. No defaults for `r` and `eta`: none could be read from the paper (see
+         *     docs/methods.md), so a job states them.
+         */
+        AlloraConfig: {
+            /**
+             * Format: double
+             * @description η: a row of the update with norm 0 has its gradients scaled by η (`1/sqrt(‖row‖ +
+             *     1/η²)`); it takes the place of LoRA's alpha.
+             */
+            eta: number;
+            /** Format: int32 */
+            r: number;
+            target_modules?: string[];
+        };
+        /**
          * @description What to do when a threshold is crossed.
          * @enum {string}
          */
@@ -986,6 +1001,58 @@ export interface components {
          * @enum {string}
          */
         ErrorKind: "user_error" | "system_error" | "safety_blocked" | "deadline_exceeded" | "resource_exhausted";
+        /**
+         * @description EVA with PEFT's defaults (`LoraConfig` r 8, lora_alpha 8, dropout 0; `EvaConfig` rho 2,
+         *     tau 0.99, use_label_mask, no whitening, adjust_scaling_factors). The data pass's batches are
+         *     the run's first training batches (PEFT takes a dataloader from the user).
+         */
+        EvaConfig: {
+            /** @description A module whose rank changed gets alpha `alpha * rank / r`, keeping the scale `alpha / r`. */
+            adjust_scaling_factors?: boolean;
+            /**
+             * Format: double
+             * @description Scaling alpha / r (alpha adjusted per module with `adjust_scaling_factors`).
+             */
+            alpha?: number;
+            /**
+             * Format: int32
+             * @description How many of the run's first training batches the data pass cycles through, as PEFT
+             *     cycles its dataloader, until every module's components have settled.
+             */
+            calibration_batches?: number;
+            /** Format: double */
+            dropout?: number;
+            /**
+             * Format: int32
+             * @description The most forward passes the data pass makes, repeats included (PEFT has no limit); a run
+             *     whose components have not settled by then fails, naming this field and `tau`.
+             */
+            max_calibration_passes?: number;
+            /**
+             * Format: int32
+             * @description The rank per module before redistribution; the budget is `r` times the modules.
+             */
+            r?: number;
+            /**
+             * Format: double
+             * @description A module's rank after redistribution is at most `round(r * rho)`; 1 keeps every rank at `r`.
+             */
+            rho?: number;
+            target_modules?: string[];
+            /**
+             * Format: double
+             * @description A module's components have settled when each one's cosine similarity to the previous
+             *     batch's is at least `tau`.
+             */
+            tau?: number;
+            /**
+             * @description Only positions whose token is a training target feed the SVD (else every non-padding
+             *     position).
+             */
+            use_label_mask?: boolean;
+            /** @description Divide each `A` row by the square root of its singular value. */
+            whiten?: boolean;
+        };
         EventBatch: {
             events: components["schemas"]["EventPayload"][];
         };
@@ -1111,6 +1178,31 @@ export interface components {
             sha256: string;
             /** Format: int64 */
             size: number;
+        };
+        /**
+         * @description LoRA-GGPO. `sigma` and `beta` default to what kohya-ss/sd-scripts documents for its
+         *     implementation (`ggpo_sigma=0.03`, `ggpo_beta=0.01`); r 8, alpha 8 (PEFT's defaults).
+         */
+        GgpoConfig: {
+            /** Format: double */
+            alpha?: number;
+            /**
+             * Format: double
+             * @description β: the weight of each output row's squared gradient norm in the standard deviation of
+             *     that row's perturbation.
+             */
+            beta?: number;
+            /** Format: double */
+            dropout?: number;
+            /** Format: int32 */
+            r?: number;
+            /**
+             * Format: double
+             * @description σ: the weight of each output row's weight norm in the standard deviation of that row's
+             *     perturbation.
+             */
+            sigma?: number;
+            target_modules?: string[];
         };
         /** @enum {string} */
         GradientCheckpointing: "none" | "layers";
@@ -1348,10 +1440,99 @@ export interface components {
             use_rslora?: boolean;
         };
         /**
+         * @description LoRA-GA with PEFT 0.21's defaults (`LoraConfig`: r 8, alpha 8; `LoraGAConfig`: direction
+         *     `ArB2r`, scale `stable`, stable_gamma 16) and the official `LoraGAConfig`'s gradient
+         *     estimate (`bsz` 2, `iters` 64).
+         */
+        LoraGaConfig: {
+            /** Format: double */
+            alpha?: number;
+            /**
+             * Format: int32
+             * @description Training rows per gradient-estimation batch (the reference's `bsz`).
+             */
+            batch_size?: number;
+            /**
+             * Format: int32
+             * @description Gradient-estimation batches (the reference's `iters`); fewer if the first epoch has
+             *     fewer rows.
+             */
+            batches?: number;
+            direction?: components["schemas"]["LoraGaDirection"];
+            /** Format: double */
+            dropout?: number;
+            /**
+             * Format: int32
+             * @description The trained rank. The published adapter has rank `2r` (the initial product is taken out).
+             */
+            r?: number;
+            scale?: components["schemas"]["LoraGaScale"];
+            /**
+             * Format: double
+             * @description `γ` of the `stable` scale.
+             */
+            stable_gamma?: number;
+            target_modules?: string[];
+            /** @description Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r. */
+            use_rslora?: boolean;
+        };
+        /**
+         * @description Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`
+         *     (PEFT's `LoraGAConfig.direction`).
+         * @enum {string}
+         */
+        LoraGaDirection: "ArBr" | "A2rBr" | "ArB2r" | "random";
+        /**
+         * @description How the initial factors are scaled (PEFT's `LoraGAConfig.scale`).
+         * @enum {string}
+         */
+        LoraGaScale: "stable" | "weight_svd" | "gd_scale" | "unit";
+        /**
          * @description How `lora_A` starts (B always starts at zero, so the adapter starts as the identity).
          * @enum {string}
          */
         LoraInit: "kaiming" | "gaussian";
+        /**
+         * @description LoRA-Pro with the reference's defaults (`mrflogs/LoRA-Pro`,
+         *     `minimal_lora_llama2_math_transformers.py`: r 8, alpha 16, dropout 0, every projection).
+         */
+        LoraProConfig: {
+            /** Format: double */
+            alpha?: number;
+            /** Format: double */
+            dropout?: number;
+            /** Format: int32 */
+            r?: number;
+            target_modules?: string[];
+            /** @description Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs). */
+            use_rslora?: boolean;
+        };
+        /**
+         * @description LoRA-SB with the official `train_arithmetic.py` defaults: r 96 (`lora_alpha` forced to r,
+         *     so the branch is unscaled), dropout 0, all seven projections, the update estimated from 50
+         *     samples in batches of 3 (`eg_bs`).
+         */
+        LoraSbConfig: {
+            /**
+             * Format: int32
+             * @description Training rows per gradient-estimation batch (the reference's `eg_bs`).
+             */
+            batch_size?: number;
+            /** Format: double */
+            dropout?: number;
+            /**
+             * Format: int32
+             * @description The rank of `A` and `B`; `R` has `r²` trained parameters.
+             */
+            r?: number;
+            /**
+             * Format: int32
+             * @description Training rows the update is estimated from (the reference's `num_samples`); fewer if
+             *     the first epoch has fewer rows.
+             */
+            samples?: number;
+            target_modules?: string[];
+        };
         /** @enum {string} */
         LrSchedule: "constant" | "linear" | "cosine";
         MethodConfig: (components["schemas"]["LoraConfig"] & {
@@ -1375,10 +1556,62 @@ export interface components {
         }) | (components["schemas"]["CodyraConfig"] & {
             /** @enum {string} */
             type: "codyra";
+        }) | (components["schemas"]["LoraProConfig"] & {
+            /** @enum {string} */
+            type: "lorapro";
+        }) | (components["schemas"]["AlloraConfig"] & {
+            /** @enum {string} */
+            type: "allora";
+        }) | (components["schemas"]["GgpoConfig"] & {
+            /** @enum {string} */
+            type: "lora_ggpo";
+        }) | (components["schemas"]["MissConfig"] & {
+            /** @enum {string} */
+            type: "miss";
+        }) | (components["schemas"]["ShiraConfig"] & {
+            /** @enum {string} */
+            type: "shira";
         }) | (components["schemas"]["RandLoraConfig"] & {
             /** @enum {string} */
             type: "randlora";
+        }) | (components["schemas"]["LoraGaConfig"] & {
+            /** @enum {string} */
+            type: "loraga";
+        }) | (components["schemas"]["LoraSbConfig"] & {
+            /** @enum {string} */
+            type: "lorasb";
+        }) | (components["schemas"]["EvaConfig"] & {
+            /** @enum {string} */
+            type: "eva";
         });
+        /** @description MiSS with PEFT's defaults (`MissConfig`: `r` 64, `miss_dropout` 0, `mini_r` 1, balance). */
+        MissConfig: {
+            /**
+             * Format: double
+             * @description Dropout on the layer's input before the slices are summed (`miss_dropout`; not with `bat`,
+             *     whose forward has none).
+             */
+            dropout?: number;
+            init?: components["schemas"]["MissInit"];
+            /**
+             * Format: int32
+             * @description The shard's columns with `init: mini` (only then).
+             */
+            mini_r?: number;
+            /**
+             * Format: int32
+             * @description The shard's rows: the input is summed over its `r`-wide slices (at most the input
+             *     dimension; for `bat`, a divisor of the input and output dimensions).
+             */
+            r?: number;
+            target_modules?: string[];
+        };
+        /**
+         * @description The MiSS variant, PEFT's `init_weights`. Every block starts at zero (the adapter starts as
+         *     the base model).
+         * @enum {string}
+         */
+        MissInit: "balance" | "bat" | "mini";
         NewWebhook: {
             /** @description One or more event types. */
             events: components["schemas"]["EventName"][];
@@ -2017,6 +2250,27 @@ export interface components {
             /** Format: int32 */
             version: number;
         };
+        /** @description SHiRA with PEFT's defaults (`ShiraConfig`: `r` 32, `mask_type` random). */
+        ShiraConfig: {
+            mask_type?: components["schemas"]["ShiraMask"];
+            /**
+             * Format: int32
+             * @description Sets the number of trained entries per weight, `r · (in + out)` (a LoRA of rank r's
+             *     count); the update itself is sparse and of high rank.
+             */
+            r?: number;
+            /**
+             * Format: int64
+             * @description The seed of the random mask; the job's `training.seed` where absent.
+             */
+            random_seed?: number | null;
+            target_modules?: string[];
+        };
+        /**
+         * @description How the trained positions of each weight are chosen.
+         * @enum {string}
+         */
+        ShiraMask: "random";
         /** @description SoRA with the reference's defaults (`run_glue.py` `SparseArguments`, r from its scripts). */
         SoraConfig: {
             /** Format: double */
