@@ -300,7 +300,6 @@ fn randlora_matches_peft() {
             diff < 1e-4,
             "{case}: merged logits differ from PEFT's merge_and_unload by {diff}"
         );
-        );
     }
 }
 
@@ -327,7 +326,10 @@ fn initialisations_match_their_references() {
         // batch_size 4, the job's: the calibration batches are steps 1-3's.
         json!({"type": "loraga", "r": 16, "alpha": 8, "batches": 3, "batch_size": 4,
                "target_modules": ["q_proj", "v_proj", "down_proj"]}),
-        json!({"type": "loraga", "r": 8, "alpha": 8, "batches": 2, "batch_size": 3, "direction": "ArBr",
+        // r 4: ArBr takes the first 2r = 8 of v_proj's 32 singular vectors. At r 8 it reaches
+        // the tail of close singular values, whose vectors moved by 3e-5 to 2.2e-4 between
+        // runs of this test on a busy machine (rounding, amplified by the small gaps).
+        json!({"type": "loraga", "r": 4, "alpha": 8, "batches": 2, "batch_size": 3, "direction": "ArBr",
                "scale": "gd_scale", "use_rslora": true, "target_modules": ["v_proj"]}),
         json!({"type": "lorasb", "r": 6, "samples": 8, "batch_size": 3,
                "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"]}),

@@ -582,6 +582,8 @@ mod tests {
             let minimal = match *tag {
                 "lora" => r#"{"type":"lora","r":8}"#.to_string(),
                 "allora" => r#"{"type":"allora","r":8,"eta":1}"#.to_string(),
+                // The example's r (PEFT's default 32 does not fit small layers).
+                "shira" => r#"{"type":"shira","r":8}"#.to_string(),
                 _ => format!(r#"{{"type":"{tag}"}}"#),
             };
             let spec = parse(&minimal, 5000).unwrap_or_else(|e| panic!("{minimal}: {e}"));

@@ -306,7 +306,7 @@ mod tests {
             let trained = logits(&model);
             assert!(max_abs_diff(&trained, &base) > 1e-3);
             let adapter = method.export("file:///m");
-            assert_eq!(adapter.config.r, 8, "rank 2r");
+            assert_eq!(adapter.config.as_lora().unwrap().r, 8, "rank 2r");
             let mut published = fixture.load();
             attach_frozen(&mut published, &adapter, Device::Cpu).unwrap();
             let diff = max_abs_diff(&logits(&published), &trained);

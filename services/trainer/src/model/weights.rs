@@ -103,9 +103,12 @@ pub fn read_safetensors(path: &Path, mut each: impl FnMut(String, Tensor)) -> Re
             "F16" => Kind::Half,
             "BF16" => Kind::BFloat16,
             "F64" => Kind::Double,
+            // Integer tensors are positions, not weights (SHiRA's `shira_indices`).
+            "I32" => Kind::Int,
+            "I64" => Kind::Int64,
             other => {
                 return Err(bad(format!(
-                    "tensor {name} has dtype {other}; only F32, F16, BF16 and F64 are supported"
+                    "tensor {name} has dtype {other}; only F32, F16, BF16, F64, I32 and I64 are supported"
                 )))
             }
         };
