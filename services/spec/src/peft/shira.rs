@@ -82,7 +82,7 @@ impl PeftFamily for PeftShiraConfig {
         if self.fan_in_fan_out {
             return Err("fan_in_fan_out (Conv1D layers) is not read".into());
         }
-        for (name, _shape) in tensors {
+        for name in tensors.keys() {
             let (module, partner) = match (
                 module_of(name, SHIRA_WEIGHT),
                 module_of(name, SHIRA_INDICES),

@@ -18,8 +18,8 @@
 
 pub mod lora;
 pub mod miss;
-pub mod shira;
 pub mod randlora;
+pub mod shira;
 
 use crate::error::user_error;
 use crate::export::PeftAdapter;

@@ -596,7 +596,7 @@ impl Eva {
         let initial = pass.factors(config.whiten);
         tch::no_grad(|| {
             for ((factors, a), &rank) in self.factors.iter_mut().zip(&initial).zip(pass.ranks()) {
-                let _ = factors
+                factors
                     .a
                     .narrow(0, 0, rank)
                     .copy_(&a.to_device(factors.a.device()));
