@@ -18,6 +18,7 @@ The untuned model is measured the same way (the first row).
 import argparse
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def train(trainer: str, work: Path, name: str, method: dict, steps: int, seed: i
         "method": {**method, "target_modules": TARGETS},
         "training": {"max_steps": steps, "seed": seed, **TRAINING},
     }
-    out = work / "runs" / f"{name.split()[0]}-seed{seed}"
+    out = work / "runs" / f"{re.sub(r'[^A-Za-z0-9]+', '-', name)}-seed{seed}"
     out.parent.mkdir(exist_ok=True)
     spec_path = out.with_suffix(".json")
     spec_path.write_text(json.dumps(spec))
@@ -142,9 +143,9 @@ def main() -> None:
             r = runs[-1]
             print(f"{name} seed {seed}: loss {r['eval_loss']:.4f}, exact {r['accuracy']:.2f}, "
                   f"{r['seconds']:.0f} s", file=sys.stderr, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"steps": args.steps, "methods": methods, "base_accuracy": base,
-                                               "runs": runs}, indent=1))
+            if args.json:  # after every run, so a long sweep that stops keeps what it measured
+                Path(args.json).write_text(json.dumps({"steps": args.steps, "methods": methods,
+                                                       "base_accuracy": base, "runs": runs}, indent=1))
 
     print(f"SmolLM2-135M-Instruct, dates to words; steps {args.steps}, lr {TRAINING['learning_rate']} "
           f"{TRAINING['schedule']} (warmup {TRAINING['warmup_steps']}), batch {TRAINING['batch_size']}, "
