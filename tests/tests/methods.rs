@@ -763,3 +763,57 @@ async fn randlora_through_the_api_publishes_pefts_format() -> anyhow::Result<()>
     );
     app.stop().await
 }
+
+/// The wave-2 methods that publish a plain LoRA, each as a job through the control plane: it
+/// trains (the calibrated ones run their data pass first), passes the safety gate's checks of
+/// the fixture, publishes a LoRA the registry accepted, and its manifest names the method with
+/// the knobs the job gave.
+#[tokio::test]
+async fn wave_two_methods_train_through_the_api() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let fixture = Fixture::create()?;
+    for method in [
+        json!({"type": "lorapro", "r": 4, "alpha": 8}),
+        json!({"type": "allora", "r": 4, "eta": 2.0}),
+        json!({"type": "lora_ggpo", "r": 4, "alpha": 8}),
+        json!({"type": "loraga", "r": 4, "alpha": 8, "batches": 2, "batch_size": 2}),
+        json!({"type": "lorasb", "r": 4, "samples": 8}),
+        json!({"type": "eva", "r": 4, "alpha": 8, "calibration_batches": 2}),
+    ] {
+        let name = method["type"].as_str().unwrap().replace('_', "-");
+        let mut body = fixture.job(&name);
+        let mut method = method;
+        method["target_modules"] = json!(["q_proj", "v_proj"]);
+        body["method"] = method.clone();
+        body["training"]["max_steps"] = json!(6);
+        let done = app.run_job(&body).await?;
+        assert_eq!(done["status"], "succeeded", "{name}: {done}");
+        let version = done["adapter_version"]["version"].as_i64().unwrap();
+        let (code, config) = app
+            .get_json(&format!(
+                "/v1/adapters/{name}/versions/{version}/files/adapter_config.json"
+            ))
+            .await?;
+        assert_eq!(
+            (code, config["peft_type"].as_str()),
+            (200, Some("LORA")),
+            "{name}: {config}"
+        );
+        let (code, manifest) = app
+            .get_json(&format!(
+                "/v1/adapters/{name}/versions/{version}/files/manifest.json"
+            ))
+            .await?;
+        assert_eq!(code, 200, "{name}: {manifest}");
+        for (key, value) in method.as_object().unwrap() {
+            let stored = &manifest["method"][key];
+            // Numbers compare as numbers (an alpha of 8 is stored as 8.0).
+            let same = match (stored.as_f64(), value.as_f64()) {
+                (Some(a), Some(b)) => a == b,
+                _ => stored == value,
+            };
+            assert!(same, "{name}: {key} {value} stored as {stored}");
+        }
+    }
+    app.stop().await
+}
