@@ -17,10 +17,9 @@ use crate::method::AdapterMethod;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::AlloraConfig;
-use loraforge_spec::peft::{lora_key, PeftLoraConfig};
 use loraforge_spec::{LoraConfig, LoraInit};
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 struct AlloraBranch {
     a: Tensor,
@@ -127,26 +126,13 @@ impl AdapterMethod for Allora {
             init: LoraInit::Kaiming,
             freeze_a: false,
         };
-        let cpu = |t: &Tensor| {
-            t.detach()
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
-                .contiguous()
-        };
-        let tensors = self
-            .modules
-            .iter()
-            .flat_map(|m| {
-                [
-                    (lora_key(&m.module_path, 'A'), cpu(&m.a)),
-                    (lora_key(&m.module_path, 'B'), cpu(&m.b)),
-                ]
-            })
-            .collect();
-        PeftAdapter {
-            config: PeftLoraConfig::from_lora(&plain, base_model_uri).into(),
-            tensors,
-        }
+        super::lora::plain_lora(
+            &plain,
+            self.modules
+                .iter()
+                .map(|m| (m.module_path.as_str(), &m.a, &m.b)),
+            base_model_uri,
+        )
     }
 
     fn start_from(&mut self, _parent: &PeftAdapter) -> Result<()> {
@@ -165,7 +151,7 @@ mod tests {
     fn factor_gradients_are_scaled_per_output_row() {
         let _turn = torch_rng_turn();
         tch::manual_seed(9);
-        let opts = (Kind::Float, Device::Cpu);
+        let opts = (Kind::Float, tch::Device::Cpu);
         let (inp, out, r, eta) = (6, 5, 2, 0.7);
         let a = Tensor::randn([r, inp], opts).set_requires_grad(true);
         let b = (Tensor::randn([out, r], opts) * 0.5).set_requires_grad(true);

@@ -29,10 +29,9 @@ use crate::method::{AdapterMethod, StepInfo};
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::GgpoConfig;
-use loraforge_spec::peft::{lora_key, PeftLoraConfig};
 use loraforge_spec::{LoraConfig, LoraInit};
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 struct GgpoBranch {
     lora: LoraBranch,
@@ -185,26 +184,13 @@ impl AdapterMethod for Ggpo {
             init: LoraInit::Kaiming,
             freeze_a: false,
         };
-        let cpu = |t: &Tensor| {
-            t.detach()
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
-                .contiguous()
-        };
-        let tensors = self
-            .modules
-            .iter()
-            .flat_map(|m| {
-                [
-                    (lora_key(&m.module_path, 'A'), cpu(&m.a)),
-                    (lora_key(&m.module_path, 'B'), cpu(&m.b)),
-                ]
-            })
-            .collect();
-        PeftAdapter {
-            config: PeftLoraConfig::from_lora(&plain, base_model_uri).into(),
-            tensors,
-        }
+        super::lora::plain_lora(
+            &plain,
+            self.modules
+                .iter()
+                .map(|m| (m.module_path.as_str(), &m.a, &m.b)),
+            base_model_uri,
+        )
     }
 
     fn start_from(&mut self, _parent: &PeftAdapter) -> Result<()> {

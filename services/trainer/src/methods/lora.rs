@@ -155,29 +155,13 @@ impl AdapterMethod for Lora {
     }
 
     fn export(&self, base_model_uri: &str) -> PeftAdapter {
-        let tensors = self
-            .factors
-            .iter()
-            .flat_map(|f| {
-                [
-                    (lora_key(&f.module_path, 'A'), &f.a),
-                    (lora_key(&f.module_path, 'B'), &f.b),
-                ]
-            })
-            .map(|(key, t)| {
-                (
-                    key,
-                    t.detach()
-                        .to_device(Device::Cpu)
-                        .to_kind(Kind::Float)
-                        .contiguous(),
-                )
-            })
-            .collect();
-        PeftAdapter {
-            config: PeftLoraConfig::from_lora(&self.config, base_model_uri).into(),
-            tensors,
-        }
+        plain_lora(
+            &self.config,
+            self.factors
+                .iter()
+                .map(|f| (f.module_path.as_str(), &f.a, &f.b)),
+            base_model_uri,
+        )
     }
 
     fn start_from(&mut self, parent: &PeftAdapter) -> Result<()> {
@@ -222,6 +206,29 @@ impl AdapterMethod for Lora {
 
 /// Attaches a published PEFT LoRA adapter, frozen and without dropout, for inference.
 /// Ranks come from the tensors, so adapters with a `rank_pattern` load as well.
+/// A plain PEFT LoRA of `config` from each module's `(path, A, B)`, fp32 on the CPU: what LoRA
+/// and the methods that train plain LoRA factors under another rule (ALLoRA, LoRA-GGPO) publish.
+pub fn plain_lora<'a>(
+    config: &LoraConfig,
+    factors: impl IntoIterator<Item = (&'a str, &'a Tensor, &'a Tensor)>,
+    base_model_uri: &str,
+) -> PeftAdapter {
+    let cpu = |t: &Tensor| {
+        t.detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous()
+    };
+    let tensors = factors
+        .into_iter()
+        .flat_map(|(path, a, b)| [(lora_key(path, 'A'), cpu(a)), (lora_key(path, 'B'), cpu(b))])
+        .collect();
+    PeftAdapter {
+        config: PeftLoraConfig::from_lora(config, base_model_uri).into(),
+        tensors,
+    }
+}
+
 pub fn attach_frozen(model: &mut LlamaModel, adapter: &PeftAdapter, device: Device) -> Result<()> {
     let Some(config) = adapter.config.as_lora() else {
         return Err(user_error(format!(
