@@ -209,3 +209,71 @@ async fn a_database_outage_answers_503_and_heals() -> anyhow::Result<()> {
     );
     app.stop().await
 }
+
+/// The largest and smallest finite numbers a field accepts come back as they went in: Postgres
+/// keeps JSON numbers as exact decimals and prints them in full (309 digits for f64::MAX),
+/// which a parser that rounds on the way back reads as out of range (a 500 schemathesis found).
+#[tokio::test]
+async fn extreme_numbers_survive_the_database() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    let app = TestApp::spawn_with(common::AppOptions {
+        slots: 0,
+        ..Default::default()
+    })
+    .await?;
+    let policy = json!({"max_benign_kl": f64::MAX, "max_refusal_direction_shift": 5e-324});
+    let (code, body) = app
+        .send_json(Method::PUT, "/v1/safety-policy", Some(&policy))
+        .await?;
+    assert_eq!(code, 200, "{body}");
+    let (code, stored) = app.get_json("/v1/safety-policy").await?;
+    assert_eq!(code, 200, "{stored}");
+    assert_eq!(stored["max_benign_kl"].as_f64(), Some(f64::MAX));
+    assert_eq!(stored["max_refusal_direction_shift"].as_f64(), Some(5e-324));
+
+    let mut job = fixture.job("extreme");
+    job["training"]["max_grad_norm"] = json!(f64::MAX);
+    job["training"]["learning_rate"] = json!(5e-324);
+    let (code, created) = app.submit(&job).await?;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (code, read) = app.get_json(&format!("/v1/jobs/{id}")).await?;
+    assert_eq!(code, 200, "{read}");
+    assert_eq!(read["spec"]["training"]["max_grad_norm"].as_f64(), Some(f64::MAX));
+    assert_eq!(read["spec"]["training"]["learning_rate"].as_f64(), Some(5e-324));
+    let (code, listed) = app.get_json("/v1/jobs").await?;
+    assert_eq!(code, 200, "{listed}");
+    app.stop().await
+}
+
+/// A cloud URI the control plane cannot reach (no network, no credentials) is refused within
+/// seconds, naming the URI, instead of holding the request while the client retries.
+#[tokio::test]
+async fn an_unreachable_store_is_refused_promptly() -> anyhow::Result<()> {
+    let app = TestApp::spawn_with(common::AppOptions {
+        slots: 0,
+        ..Default::default()
+    })
+    .await?;
+    for (path, uri) in [
+        ("/v1/base-models", "gs://loraforge-unreachable/model"),
+        ("/v1/datasets", "gs://loraforge-unreachable/train.jsonl"),
+    ] {
+        let started = Instant::now();
+        let (code, p) = problem(
+            app.client
+                .post(app.url(path))
+                .json(&json!({"name": "far", "uri": uri}))
+                .send()
+                .await?,
+        )
+        .await?;
+        let took = started.elapsed();
+        assert_eq!(code, 422, "{p}");
+        assert!(p.to_string().contains(uri), "{p}");
+        assert!(took < Duration::from_secs(8), "{path} took {took:?}");
+    }
+    assert_eq!(app.count("base_models").await, 0);
+    assert_eq!(app.count("datasets").await, 0);
+    app.stop().await
+}

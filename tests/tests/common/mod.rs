@@ -405,6 +405,8 @@ impl TestApp {
             "jobs" => "SELECT count(*) FROM jobs",
             "job_events" => "SELECT count(*) FROM job_events",
             "adapter_versions" => "SELECT count(*) FROM adapter_versions",
+            "base_models" => "SELECT count(*) FROM base_models",
+            "datasets" => "SELECT count(*) FROM datasets",
             other => panic!("no count query for {other}"),
         };
         sqlx::query_scalar(sql)

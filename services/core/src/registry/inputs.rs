@@ -498,8 +498,34 @@ pub async fn check(uri: &str, files: &FileInputs, kind: InputKind) -> Result<(),
     }
 }
 
+/// How long the first look at an input may take. A store that cannot be reached (a cloud URI
+/// with no network or credentials: the client retries for minutes) is the user's problem to
+/// hear about at once, not a request that hangs. Hashing a reachable model takes longer and
+/// is not bounded.
+pub const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `look`, or the error saying that `uri` could not be reached within [`REACH_TIMEOUT`].
+async fn within_reach(
+    uri: &str,
+    look: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    tokio::time::timeout(REACH_TIMEOUT, look)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{uri} could not be reached within {} s; check that the store is reachable \
+                 from the control plane and that its credentials are set",
+                REACH_TIMEOUT.as_secs()
+            ))
+        })
+}
+
 /// Checks that a URI names a model directory we can train.
 pub async fn inspect_model(uri: &str) -> Result<(), String> {
+    within_reach(uri, inspect_model_unbounded(uri)).await
+}
+
+async fn inspect_model_unbounded(uri: &str) -> Result<(), String> {
     let store = Store::open(uri).map_err(unreadable)?;
     let config = match store.get("config.json").await {
         Ok(bytes) => bytes,
@@ -536,11 +562,14 @@ pub async fn inspect_model(uri: &str) -> Result<(), String> {
 
 /// Checks that a URI names an existing object.
 pub async fn inspect_object(uri: &str) -> Result<(), String> {
-    let (store, name) = Store::open_object(uri).map_err(unreadable)?;
-    match store.size(&name).await.map_err(unreadable)? {
-        Some(_) => Ok(()),
-        None => Err(format!("no object at {uri}")),
-    }
+    within_reach(uri, async {
+        let (store, name) = Store::open_object(uri).map_err(unreadable)?;
+        match store.size(&name).await.map_err(unreadable)? {
+            Some(_) => Ok(()),
+            None => Err(format!("no object at {uri}")),
+        }
+    })
+    .await
 }
 
 pub fn unreadable(e: StorageError) -> String {
