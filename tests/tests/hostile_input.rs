@@ -239,8 +239,14 @@ async fn extreme_numbers_survive_the_database() -> anyhow::Result<()> {
     let id = created["id"].as_str().unwrap();
     let (code, read) = app.get_json(&format!("/v1/jobs/{id}")).await?;
     assert_eq!(code, 200, "{read}");
-    assert_eq!(read["spec"]["training"]["max_grad_norm"].as_f64(), Some(f64::MAX));
-    assert_eq!(read["spec"]["training"]["learning_rate"].as_f64(), Some(5e-324));
+    assert_eq!(
+        read["spec"]["training"]["max_grad_norm"].as_f64(),
+        Some(f64::MAX)
+    );
+    assert_eq!(
+        read["spec"]["training"]["learning_rate"].as_f64(),
+        Some(5e-324)
+    );
     let (code, listed) = app.get_json("/v1/jobs").await?;
     assert_eq!(code, 200, "{listed}");
     app.stop().await
