@@ -249,8 +249,8 @@ pub struct TrainingConfig {
     /// Trade compute for memory: `layers` keeps only each decoder layer's input during the
     /// forward pass and recomputes the layer in the backward pass (about a third more compute,
     /// a fraction of the activation memory); `offload` does the same with those inputs moved
-    /// to pinned host memory and brought back one layer ahead of their recomputation (less
-    /// GPU memory still, for the time of the copies; on the CPU it is `layers`); `none` keeps
+    /// to pinned host memory and brought back for their layer's recomputation (less GPU
+    /// memory still, for the time of the copies; on the CPU it is `layers`); `none` keeps
     /// everything.
     #[serde(default)]
     pub gradient_checkpointing: GradientCheckpointing,
