@@ -1,9 +1,10 @@
 """LoRA training on one GPU, side by side in one run: HF PEFT, PEFT + Liger Kernel, and loraforge
-(with and without layer checkpointing), on the same model, data shape and LoRA setup.
+(without layer checkpointing, with it, and with the layers' inputs offloaded to host memory), on
+the same model, data shape and LoRA setup.
 
 Usage (on the GPU machine, with the trainer built on the development machine):
   python3 bench/gpu_bench.py --trainer BIN --shape tinyllama|llama3-8b --seq N --batch N
-                             [--steps 10] [--only peft,liger,loraforge,loraforge-layers,...]
+                             [--steps 10] [--only peft,liger,loraforge,loraforge-layers,loraforge-offload,...]
                              [--before-trainer OLD_BIN  (contender loraforge-before)]
 Prints one markdown table row per contender and one JSON line each (--json-out FILE too).
 
@@ -106,7 +107,8 @@ def main() -> None:
                             "torch_peak_gib": report.get("peak_mem_gib"), "wall_s": round(time.perf_counter() - started, 1)})
         else:
             trainer = args.before_trainer if name == "loraforge-before" else args.trainer
-            checkpointing = {"loraforge": "none", "loraforge-layers": "layers", "loraforge-before": None}[name]
+            checkpointing = {"loraforge": "none", "loraforge-layers": "layers", "loraforge-offload": "offload",
+                             "loraforge-before": None}[name]
             job["training"].pop("gradient_checkpointing", None)
             if checkpointing:
                 job["training"]["gradient_checkpointing"] = checkpointing

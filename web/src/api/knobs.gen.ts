@@ -1148,11 +1148,12 @@ export const KNOBS: KnobTable = {
       "kind": "enum",
       "options": [
         "none",
-        "layers"
+        "layers",
+        "offload"
       ],
       "required": false,
       "nullable": false,
-      "description": "Trade compute for memory: `layers` keeps only each decoder layer's input during the\nforward pass and recomputes the layer in the backward pass (about a third more compute,\na fraction of the activation memory); `none` keeps everything."
+      "description": "Trade compute for memory: `layers` keeps only each decoder layer's input during the\nforward pass and recomputes the layer in the backward pass (about a third more compute,\na fraction of the activation memory); `offload` does the same with those inputs moved\nto pinned host memory and brought back for their layer's recomputation (less GPU\nmemory still, for the time of the copies; on the CPU it is `layers`); `none` keeps\neverything."
     },
     {
       "name": "max_duration",

@@ -1205,7 +1205,7 @@ export interface components {
             target_modules?: string[];
         };
         /** @enum {string} */
-        GradientCheckpointing: "none" | "layers";
+        GradientCheckpointing: "none" | "layers" | "offload";
         Graph: {
             edges: components["schemas"]["Edge"][];
             nodes: components["schemas"]["Node"][];
@@ -2349,7 +2349,10 @@ export interface components {
             /**
              * @description Trade compute for memory: `layers` keeps only each decoder layer's input during the
              *     forward pass and recomputes the layer in the backward pass (about a third more compute,
-             *     a fraction of the activation memory); `none` keeps everything.
+             *     a fraction of the activation memory); `offload` does the same with those inputs moved
+             *     to pinned host memory and brought back for their layer's recomputation (less GPU
+             *     memory still, for the time of the copies; on the CPU it is `layers`); `none` keeps
+             *     everything.
              */
             gradient_checkpointing?: components["schemas"]["GradientCheckpointing"];
             /** Format: double */

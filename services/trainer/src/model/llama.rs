@@ -545,7 +545,9 @@ impl LlamaModel {
     /// The final hidden states `(batch, seq, hidden)` of a whole sequence, after the last
     /// norm: what the output projection turns into logits, for a loss that does that itself
     /// ([`crate::model::lm_loss`]). With [`Checkpointing::Layers`], the layers run without
-    /// keeping their activations, and [`TrainingPass::backward`] recomputes them.
+    /// keeping their activations, and [`TrainingPass::backward`] recomputes them; with
+    /// [`Checkpointing::Offload`] too, the inputs they are recomputed from waiting in pinned
+    /// host memory.
     pub fn training_pass(
         &self,
         input_ids: &Tensor,
@@ -577,13 +579,15 @@ impl LlamaModel {
                 }
                 (hidden, Vec::new())
             }
-            Checkpointing::Layers => {
+            Checkpointing::Layers | Checkpointing::Offload => {
+                let offload = checkpointing == Checkpointing::Offload;
                 let mut inputs = Vec::with_capacity(self.layers.len());
                 let mut hidden = embedded;
                 tch::no_grad(|| {
                     for i in 0..self.layers.len() {
                         let out = run_layer(i, &hidden);
-                        inputs.push(std::mem::replace(&mut hidden, out));
+                        let input = std::mem::replace(&mut hidden, out);
+                        inputs.push(if offload { to_host(&input) } else { input });
                     }
                 });
                 (hidden.set_requires_grad(true), inputs)
@@ -622,6 +626,7 @@ pub struct TrainingPass<'m> {
 struct Recompute {
     /// The last layer's output, a leaf whose gradient the loss's backward fills.
     last: Tensor,
+    /// On the device, or, offloaded, in pinned host memory.
     inputs: Vec<Tensor>,
     rope: (Tensor, Tensor),
     window_mask: Option<Tensor>,
@@ -634,8 +639,9 @@ impl TrainingPass<'_> {
     /// backward, last layer first, each recomputed from its saved input (with the dropout
     /// masks of the first pass, from the same seeds), its gradient accumulated into the
     /// adapters and handed to the layer before. Without, there is nothing left to do.
+    /// An offloaded input comes back to the device as its layer's turn comes.
     pub fn backward(self) {
-        let Some(r) = self.recompute else {
+        let Some(mut r) = self.recompute else {
             return;
         };
         let c = &self.model.config;
@@ -643,7 +649,15 @@ impl TrainingPass<'_> {
         if !grad.defined() {
             return;
         }
-        for (i, input) in r.inputs.iter().enumerate().rev() {
+        let device = r.last.device();
+        // Popped, each input is freed once its layer is done.
+        while let Some(input) = r.inputs.pop() {
+            let i = r.inputs.len();
+            // Brought back just before its layer, not one layer ahead: tch has no second CUDA
+            // stream, and on the one stream a copy issued earlier would still run in order,
+            // before the kernels queued after it, so prefetching would only hold one more
+            // input on the device. The copy does not make the host wait (pinned memory).
+            let input = to_device(&input, device);
             if let Some(seeds) = &r.seeds {
                 tch::manual_seed(seeds[i]);
             }
@@ -665,6 +679,21 @@ impl TrainingPass<'_> {
             }
         }
     }
+}
+
+/// A copy of `x` in pinned host memory, made on the current stream without waiting for it
+/// (libtorch pins the destination of a non-blocking copy from CUDA); on the CPU, `x` itself.
+/// The host never reads the copy, only [`to_device`] does, later on the same stream, so no
+/// synchronisation is needed; `x`'s device memory may be freed at once (the caching allocator
+/// reuses it only for work queued after the copy).
+fn to_host(x: &Tensor) -> Tensor {
+    x.to_device_(Device::Cpu, x.kind(), true, false)
+}
+
+/// `x` on `device`, copied without waiting if it is elsewhere (from pinned memory, a DMA
+/// that does not block the host), or `x` itself if it is there already.
+fn to_device(x: &Tensor, device: Device) -> Tensor {
+    x.to_device_(device, x.kind(), true, false)
 }
 
 /// One seed per layer for the dropout of a training pass, drawn from libtorch's generator (so
@@ -1241,5 +1270,26 @@ mod tests {
             mask,
             [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
         );
+    }
+
+    /// On the CPU an offloaded input is the input itself (so `offload` is `layers` there, and
+    /// the training tests' `offload` run checks the rest of the path); on CUDA, where this
+    /// runs too, an exact copy in pinned host memory that comes back unchanged.
+    #[test]
+    fn an_offloaded_input_is_a_pinned_host_copy_or_on_the_cpu_the_input() {
+        let x = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu));
+        let kept = to_host(&x);
+        assert_eq!(kept.data_ptr(), x.data_ptr());
+        assert_eq!(to_device(&kept, Device::Cpu).data_ptr(), x.data_ptr());
+        if tch::Cuda::is_available() {
+            let cuda = Device::Cuda(0);
+            let x = x.to_device(cuda).to_kind(Kind::BFloat16);
+            let kept = to_host(&x);
+            assert_eq!((kept.device(), kept.kind()), (Device::Cpu, Kind::BFloat16));
+            assert!(kept.is_pinned(cuda));
+            let back = to_device(&kept, cuda);
+            assert_eq!(back.device(), cuda);
+            assert!(back.equal(&x));
+        }
     }
 }

@@ -196,8 +196,9 @@ fn non_finite_loss_is_a_user_error_naming_the_step() {
 }
 
 /// Layer checkpointing recomputes each layer in the backward pass, with the same dropout
-/// masks: the adapter is the one a run that kept every activation trains. On the CPU no GPU
-/// memory is reported (`null`), in the progress events and the metrics alike.
+/// masks: the adapter is the one a run that kept every activation trains, with the layers'
+/// inputs kept (`layers`) or offloaded (`offload`, on the CPU the same as `layers`). On the
+/// CPU no GPU memory is reported (`null`), in the progress events and the metrics alike.
 #[test]
 fn checkpointed_layers_train_the_same_adapter() {
     let root = fixture();
@@ -208,18 +209,20 @@ fn checkpointed_layers_train_the_same_adapter() {
         )
     };
     let plain = fixture_job(root.path(), method, &training("none"));
-    let checkpointed = fixture_job(root.path(), method, &training("layers"));
     let mut events = Recorder::default();
     let a = run(&plain, root.path(), &mut events).unwrap();
-    let b = run(&checkpointed, root.path(), &mut Recorder::default()).unwrap();
-    assert!(
-        (a.metrics.final_loss - b.metrics.final_loss).abs() < 1e-6,
-        "{:?} vs {:?}",
-        a.metrics,
-        b.metrics
-    );
-    let diff = max_abs_diff(&a.adapter, &b.adapter);
-    assert!(diff < 1e-6, "adapters differ by {diff}");
+    for checkpointing in ["layers", "offload"] {
+        let checkpointed = fixture_job(root.path(), method, &training(checkpointing));
+        let b = run(&checkpointed, root.path(), &mut Recorder::default()).unwrap();
+        assert!(
+            (a.metrics.final_loss - b.metrics.final_loss).abs() < 1e-6,
+            "{checkpointing}: {:?} vs {:?}",
+            a.metrics,
+            b.metrics
+        );
+        let diff = max_abs_diff(&a.adapter, &b.adapter);
+        assert!(diff < 1e-6, "{checkpointing}: adapters differ by {diff}");
+    }
     // Dropout mattered: without it, the adapter is another.
     let no_dropout = fixture_job(
         root.path(),
