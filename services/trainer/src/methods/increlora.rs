@@ -122,7 +122,10 @@ impl LinearAdapter for GrowingBranch {
         if !(train && delta.requires_grad() && self.collecting.load(Ordering::Relaxed)) {
             return delta;
         }
-        let probe = delta.zeros_like().set_requires_grad(true);
+        // One zero broadcast to the output's shape: no output-sized buffer, only its gradient.
+        let probe = Tensor::zeros([], (delta.kind(), delta.device()))
+            .expand(delta.size(), false)
+            .set_requires_grad(true);
         // Without dropout the input is `x` itself, kept in its own (maybe half) precision.
         let input = match self.dropout == 0.0 {
             true => x.detach(),
