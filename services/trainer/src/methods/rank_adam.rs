@@ -11,7 +11,7 @@
 //! A [`RankGroup`] holds one factor of every module (every A, say) and its moments packed
 //! into flat buffers ([`super::pack`]), so a step is some twenty ops over all modules, not
 //! twenty per module: on a GPU, the per-module loop was launch-bound. Its result is, element
-//! for element, that of the per-parameter definition ([`RankAdam::step`], in the tests).
+//! for element, that of the per-parameter definition (`RankAdam::step`, in the tests).
 
 use super::pack;
 use crate::training::optimizer::{BETA1, BETA2, EPSILON};
