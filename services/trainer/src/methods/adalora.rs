@@ -461,6 +461,66 @@ mod tests {
         assert!(max_abs_diff(&trained, &logits(&fixture.load())) > 1e-4);
     }
 
+    /// The packed update of every parameter's averages equals PEFT's `update_ipt` on each
+    /// parameter alone, bit for bit, over several steps, for modules of two shapes.
+    #[test]
+    fn packed_importance_equals_each_parameters_update() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(41);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(
+            serde_json::json!({"init_r": 3, "target_r": 2, "beta1": 0.8, "beta2": 0.7,
+                               "target_modules": ["q_proj", "up_proj"]}),
+        );
+        let mut ada = AdaLora::attach(&mut model, &c, &cpu(&plan(10, 0))).unwrap();
+        let shapes: std::collections::BTreeSet<Vec<i64>> =
+            ada.modules.iter().map(|m| m.b.size()).collect();
+        assert_eq!(shapes.len(), 2, "{shapes:?}");
+        tch::no_grad(|| {
+            for m in &mut ada.modules {
+                m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
+            }
+        });
+        let params = |ada: &AdaLora| -> Vec<Tensor> {
+            ada.modules
+                .iter()
+                .flat_map(|m| [&m.a, &m.e, &m.b])
+                .map(Tensor::shallow_clone)
+                .collect()
+        };
+        let mut want: Vec<(Tensor, Tensor)> = params(&ada)
+            .iter()
+            .map(|p| (p.zeros_like().detach(), p.zeros_like().detach()))
+            .collect();
+        for step in 0..4 {
+            crate::training::optimizer::zero_grads(&ada.store.trainable_variables());
+            let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+            model
+                .forward(&ids, true)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+            tch::no_grad(|| {
+                ada.importance.update(0.8, 0.7);
+                for (p, (s, u)) in params(&ada).iter().zip(&mut want) {
+                    let ipt = (p * p.grad()).abs();
+                    *s = &*s * 0.8 + &ipt * (1.0 - 0.8);
+                    *u = &*u * 0.7 + (&ipt - &*s).abs() * (1.0 - 0.7);
+                }
+            });
+            let got = ada.modules.iter().flat_map(|m| m.importance.iter());
+            for (i, (importance, (s, u))) in got.zip(&want).enumerate() {
+                let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+                assert_eq!(diff(&importance.sensitivity, s), 0.0, "step {step}, {i}");
+                assert_eq!(diff(&importance.uncertainty, u), 0.0, "step {step}, {i}");
+            }
+            assert!(want
+                .iter()
+                .any(|(s, _)| s.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+        }
+    }
+
     /// The training loop reports the allocation whenever it changes: all triplets first,
     /// then a shrinking total that ends at the target budget.
     #[test]
