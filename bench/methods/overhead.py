@@ -1,7 +1,8 @@
 """What each adapter method costs per training step, against plain LoRA, on one model (not a test).
 
-Usage: python3 bench/methods/overhead.py --trainer BIN [--device cuda|cpu] [--shape S] [--seq N]
-                                         [--batch N] [--steps N] [--rounds N]
+Usage: python3 bench/methods/overhead.py --trainer BIN [BIN ...] [--device cuda|cpu] [--shape S]
+                                         [--seq N] [--batch N] [--steps N] [--rounds N]
+                                         [--methods NAME,...]
 
 Builds the model of bench/compare.py (random weights, TinyLlama-1.1B shape on CUDA: 22 layers,
 so 154 adapted matrices with all seven projections), then trains each method on it with the
@@ -10,6 +11,11 @@ Every method keeps rank 8 per matrix on average; the adaptive ones are configure
 rank machinery runs during the timed steps (AdaLoRA pruning, IncreLoRA and TriAdaptLoRA
 growing, CoDyRA thresholding): the cost measured is that of the busy phase. Rounds alternate
 the methods, so a noisy neighbour slows all of them alike.
+
+Several trainers (say, one built before a change and one after) run side by side: every round
+runs every method with each of them in turn, and each gets its own table, its ratios to its own
+LoRA. `--methods` keeps the methods whose names start with one of the given words (LoRA is
+always kept, as the reference).
 """
 import argparse
 import datetime
@@ -48,21 +54,25 @@ def methods(steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trainer", required=True)
+    ap.add_argument("--trainer", required=True, nargs="+")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     ap.add_argument("--shape", default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--methods", default=None)
     args = ap.parse_args()
     _, shape, seq, batch, warmup = workload(args)
     total = warmup + args.steps
     env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
-    rates: dict = {name: [] for name in methods(total)}
+    chosen = {name: method for name, method in methods(total).items()
+              if args.methods is None or name.startswith("lora ")
+              or any(name.startswith(w) for w in args.methods.split(","))}
+    rates: dict = {(trainer, name): [] for trainer in args.trainer for name in chosen}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        run([args.trainer, "fixture", "--out", str(work / "fixture")])
+        run([args.trainer[0], "fixture", "--out", str(work / "fixture")])
         run([sys.executable, str(HERE / "peft_baseline.py"), "--device", args.device, "--shape", shape,
              "--seq", str(seq), "--batch", str(batch), "--save-model", str(work / "model")])
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -70,25 +80,30 @@ def main() -> None:
         job_path = write_job(work, seq, batch, total)
         base_job = json.loads(job_path.read_text())
         for round_ in range(1, args.rounds + 1):
-            for name, method in methods(total).items():
-                job = dict(base_job, method={**method, "dropout": 0.0, "target_modules": TARGETS})
-                spec = work / "method.json"
-                spec.write_text(json.dumps(job))
-                trained = subprocess.run([args.trainer, "train", "--spec", str(spec), "--out", str(work / "out"),
-                                          "--device", args.device], env=env, capture_output=True, text=True)
-                if trained.returncode != 0:
-                    raise SystemExit(f"{name} failed:\n{trained.stderr[-4000:]}")
-                summary = json.loads(trained.stdout.splitlines()[-1])
-                rates[name].append(steady_rate(trained.stderr, summary, warmup, batch * seq))
-                print(f"round {round_}: {name} {rates[name][-1]} tokens/s", file=sys.stderr)
-    lora = statistics.median(rates["lora r=8"])
-    print(f"{datetime.date.today()}, {args.device}, {shape} shape, batch {batch} x seq {seq}, all seven projections, "
-          f"{args.steps} timed steps after {warmup} warm-up, median of {args.rounds} rounds")
-    print("| method | tokens/s (median) | each round | ratio to LoRA |")
-    print("|---|---|---|---|")
-    for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {median / lora:.3f} |")
+            for name, method in chosen.items():
+                for trainer in args.trainer:
+                    job = dict(base_job, method={**method, "dropout": 0.0, "target_modules": TARGETS})
+                    spec = work / "method.json"
+                    spec.write_text(json.dumps(job))
+                    trained = subprocess.run([trainer, "train", "--spec", str(spec), "--out", str(work / "out"),
+                                              "--device", args.device], env=env, capture_output=True, text=True)
+                    if trained.returncode != 0:
+                        raise SystemExit(f"{name} ({trainer}) failed:\n{trained.stderr[-4000:]}")
+                    summary = json.loads(trained.stdout.splitlines()[-1])
+                    rates[trainer, name].append(steady_rate(trained.stderr, summary, warmup, batch * seq))
+                    print(f"round {round_}: {trainer} {name} {rates[trainer, name][-1]} tokens/s", file=sys.stderr)
+    for trainer in args.trainer:
+        lora = statistics.median(rates[trainer, "lora r=8"])
+        print(f"{datetime.date.today()}, {args.device}, {shape} shape, batch {batch} x seq {seq}, all seven "
+              f"projections, {args.steps} timed steps after {warmup} warm-up, median of {args.rounds} rounds, "
+              f"trainer {trainer}")
+        print("| method | tokens/s (median) | each round | ratio to LoRA |")
+        print("|---|---|---|---|")
+        for name in chosen:
+            values = rates[trainer, name]
+            median = statistics.median(values)
+            print(f"| {name} | {median:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {median / lora:.3f} |")
+        print()
 
 
 if __name__ == "__main__":

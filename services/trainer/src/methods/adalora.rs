@@ -13,8 +13,12 @@
 //! - The mask is applied once more after the last step, so the trained model is the
 //!   published one (PEFT drops the masked triplets only when saving).
 //! - Published as plain LoRA: `A' = A_kept ⊙ E_kept`, `B' = B_kept · alpha / (init_r + 1e-5)`.
+//!
+//! The importance averages of every A, E and B, and the masks, are packed into one buffer
+//! each ([`super::pack`]): the per-step update is a few ops over all modules, not a few dozen
+//! per module (on a GPU, kernel launches were the cost), with the same element-wise arithmetic.
 
-use super::{module_path, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::{module_path, pack, per_module_lora, refuse_parent, select, ExportedFactors};
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
@@ -58,21 +62,73 @@ impl Importance {
         }
     }
 
-    /// PEFT's `update_ipt`: the uncertainty uses the freshly updated sensitivity average.
-    fn update(&mut self, p: &Tensor, beta1: f64, beta2: f64) {
-        let grad = p.grad();
-        if !grad.defined() {
-            return;
-        }
-        let ipt = (p * &grad).abs();
-        let sensitivity = &self.sensitivity * beta1 + &ipt * (1.0 - beta1);
-        let uncertainty = &self.uncertainty * beta2 + (&ipt - &sensitivity).abs() * (1.0 - beta2);
-        self.sensitivity.copy_(&sensitivity);
-        self.uncertainty.copy_(&uncertainty);
-    }
-
     fn score(&self) -> Tensor {
         &self.sensitivity * &self.uncertainty
+    }
+}
+
+/// Every parameter's [`Importance`] (A, E, B of each module in turn), packed.
+struct PackedImportance {
+    params: Vec<Tensor>,
+    sensitivity: Tensor,
+    uncertainty: Tensor,
+}
+
+impl PackedImportance {
+    fn new(modules: &[Triplets]) -> PackedImportance {
+        let importance = || modules.iter().flat_map(|m| m.importance.iter());
+        let each = |pick: fn(&Importance) -> &Tensor| -> Vec<Tensor> {
+            importance().map(|i| pick(i).shallow_clone()).collect()
+        };
+        PackedImportance {
+            params: modules
+                .iter()
+                .flat_map(|m| [&m.a, &m.e, &m.b])
+                .map(Tensor::shallow_clone)
+                .collect(),
+            sensitivity: pack(&each(|i| &i.sensitivity)),
+            uncertainty: pack(&each(|i| &i.uncertainty)),
+        }
+    }
+
+    /// PEFT's `update_ipt` on every parameter with a gradient: `|p ⊙ grad|` into the
+    /// sensitivity average, and the uncertainty from the freshly updated sensitivity.
+    fn update(&mut self, beta1: f64, beta2: f64) {
+        let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+        if grads.iter().all(|g| !g.defined()) {
+            return;
+        }
+        let flat = |ts: Vec<Tensor>| Tensor::cat(&ts, 0);
+        let p = flat(self.params.iter().map(|p| p.reshape([-1])).collect());
+        let grad = flat(
+            grads
+                .iter()
+                .zip(&self.params)
+                .map(|(g, p)| match g.defined() {
+                    true => g.reshape([-1]),
+                    false => p.zeros_like().reshape([-1]),
+                })
+                .collect(),
+        );
+        let ipt = (&p * &grad).abs();
+        let mut sensitivity = &self.sensitivity * beta1 + &ipt * (1.0 - beta1);
+        let mut uncertainty =
+            &self.uncertainty * beta2 + (&ipt - &sensitivity).abs() * (1.0 - beta2);
+        if grads.iter().any(|g| !g.defined()) {
+            // A parameter without a gradient keeps its averages.
+            let has_grad = flat(
+                grads
+                    .iter()
+                    .zip(&self.params)
+                    .map(|(g, p)| p.ones_like().reshape([-1]) * f64::from(u8::from(g.defined())))
+                    .collect(),
+            )
+            .gt(0.5);
+            sensitivity = sensitivity.where_self(&has_grad, &self.sensitivity);
+            uncertainty = uncertainty.where_self(&has_grad, &self.uncertainty);
+        }
+        self.sensitivity.copy_(&sensitivity);
+        self.uncertainty.copy_(&uncertainty);
     }
 
     fn reset(&mut self) {
@@ -99,11 +155,6 @@ impl Triplets {
             a.score().mean_dim(1, false, Kind::Float) + b.score().mean_dim(0, false, Kind::Float);
         e.score().view([-1]) + ab
     }
-
-    fn apply_mask(&mut self) {
-        let masked = self.keep.eq(0.0);
-        let _ = self.e.masked_fill_(&masked, 0.0);
-    }
 }
 
 pub struct AdaLora {
@@ -112,6 +163,9 @@ pub struct AdaLora {
     total_step: u32,
     store: VarStore,
     modules: Vec<Triplets>,
+    importance: PackedImportance,
+    /// Every module's `keep`, packed `(modules x init_r)`.
+    keep: Tensor,
     /// The budget of the last step (derived from the step, so a resumed run recomputes it).
     scheduled_budget: i64,
 }
@@ -164,10 +218,13 @@ impl Attach for AdaLora {
             });
         }
         let scheduled_budget = i64::from(config.init_r) * modules.len() as i64;
+        let keeps: Vec<Tensor> = modules.iter().map(|m| m.keep.shallow_clone()).collect();
         Ok(AdaLora {
             config: config.clone(),
             total_step,
             store,
+            importance: PackedImportance::new(&modules),
+            keep: pack(&keeps),
             modules,
             scheduled_budget,
         })
@@ -207,17 +264,24 @@ impl AdaLora {
     fn mask_to_budget(&mut self, budget: i64) {
         let k = self.initial_budget() - budget;
         let scores: Vec<Tensor> = self.modules.iter().map(Triplets::scores).collect();
-        let threshold = match k >= 1 {
-            true => Some(Tensor::cat(&scores, 0).kthvalue(k, 0, false).0),
-            false => None,
+        let scores = Tensor::cat(&scores, 0);
+        let keep = match k >= 1 {
+            true => scores
+                .gt_tensor(&scores.kthvalue(k, 0, false).0)
+                .to_kind(Kind::Float),
+            false => scores.ones_like(),
         };
-        for (module, score) in self.modules.iter_mut().zip(scores) {
-            let keep = match &threshold {
-                Some(t) => score.gt_tensor(t).to_kind(Kind::Float).view([-1, 1]),
-                None => score.ones_like().view([-1, 1]),
-            };
-            module.keep.copy_(&keep);
-            module.apply_mask();
+        self.keep.copy_(&keep);
+        self.apply_mask();
+    }
+
+    /// Zeroes the E of every masked triplet.
+    fn apply_mask(&mut self) {
+        let masked = self.keep.eq(0.0);
+        let r = i64::from(self.config.init_r);
+        for (i, m) in self.modules.iter_mut().enumerate() {
+            let _ =
+                m.e.masked_fill_(&masked.narrow(0, i as i64 * r, r).view([r, 1]), 0.0);
         }
     }
 }
@@ -254,11 +318,7 @@ impl AdapterMethod for AdaLora {
         self.scheduled_budget = self.budget(global.min(freeze_at)).0;
         tch::no_grad(|| {
             if global < freeze_at {
-                for m in &mut self.modules {
-                    for (importance, p) in m.importance.iter_mut().zip([&m.a, &m.e, &m.b]) {
-                        importance.update(p, beta1, beta2);
-                    }
-                }
+                self.importance.update(beta1, beta2);
                 let (budget, mask_now) = self.budget(global);
                 if mask_now {
                     self.mask_to_budget(budget);
@@ -266,23 +326,23 @@ impl AdapterMethod for AdaLora {
             } else if global == freeze_at {
                 let (budget, _) = self.budget(global);
                 self.mask_to_budget(budget);
-                self.modules
-                    .iter_mut()
-                    .flat_map(|m| m.importance.iter_mut())
-                    .for_each(Importance::reset);
+                self.importance.reset();
             } else {
-                self.modules.iter_mut().for_each(Triplets::apply_mask);
+                self.apply_mask();
             }
             if step.index == step.total {
-                self.modules.iter_mut().for_each(Triplets::apply_mask);
+                self.apply_mask();
             }
         });
     }
 
     /// The loop asks every step: every module's kept count in one copy to the host.
     fn rank_allocation(&self) -> Option<RankAllocation> {
-        let keeps: Vec<&Tensor> = self.modules.iter().map(|m| &m.keep).collect();
-        let kept = Tensor::cat(&keeps, 1).sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        let r = i64::from(self.config.init_r);
+        let kept = self
+            .keep
+            .view([-1, r])
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
         let kept = Vec::<f32>::try_from(&kept).expect("one count per module");
         let per_module = self
             .modules
@@ -399,6 +459,66 @@ mod tests {
         let (trained, published) = (logits(&model), logits(&exported));
         assert!(max_abs_diff(&trained, &published) < 1e-5);
         assert!(max_abs_diff(&trained, &logits(&fixture.load())) > 1e-4);
+    }
+
+    /// The packed update of every parameter's averages equals PEFT's `update_ipt` on each
+    /// parameter alone, bit for bit, over several steps, for modules of two shapes.
+    #[test]
+    fn packed_importance_equals_each_parameters_update() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(41);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(
+            serde_json::json!({"init_r": 3, "target_r": 2, "beta1": 0.8, "beta2": 0.7,
+                               "target_modules": ["q_proj", "up_proj"]}),
+        );
+        let mut ada = AdaLora::attach(&mut model, &c, &cpu(&plan(10, 0))).unwrap();
+        let shapes: std::collections::BTreeSet<Vec<i64>> =
+            ada.modules.iter().map(|m| m.b.size()).collect();
+        assert_eq!(shapes.len(), 2, "{shapes:?}");
+        tch::no_grad(|| {
+            for m in &mut ada.modules {
+                m.e.copy_(&Tensor::randn(m.e.size(), (Kind::Float, Device::Cpu)));
+            }
+        });
+        let params = |ada: &AdaLora| -> Vec<Tensor> {
+            ada.modules
+                .iter()
+                .flat_map(|m| [&m.a, &m.e, &m.b])
+                .map(Tensor::shallow_clone)
+                .collect()
+        };
+        let mut want: Vec<(Tensor, Tensor)> = params(&ada)
+            .iter()
+            .map(|p| (p.zeros_like().detach(), p.zeros_like().detach()))
+            .collect();
+        for step in 0..4 {
+            crate::training::optimizer::zero_grads(&ada.store.trainable_variables());
+            let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+            model
+                .forward(&ids, true)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+            tch::no_grad(|| {
+                ada.importance.update(0.8, 0.7);
+                for (p, (s, u)) in params(&ada).iter().zip(&mut want) {
+                    let ipt = (p * p.grad()).abs();
+                    *s = &*s * 0.8 + &ipt * (1.0 - 0.8);
+                    *u = &*u * 0.7 + (&ipt - &*s).abs() * (1.0 - 0.7);
+                }
+            });
+            let got = ada.modules.iter().flat_map(|m| m.importance.iter());
+            for (i, (importance, (s, u))) in got.zip(&want).enumerate() {
+                let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+                assert_eq!(diff(&importance.sensitivity, s), 0.0, "step {step}, {i}");
+                assert_eq!(diff(&importance.uncertainty, u), 0.0, "step {step}, {i}");
+            }
+            assert!(want
+                .iter()
+                .any(|(s, _)| s.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+        }
     }
 
     /// The training loop reports the allocation whenever it changes: all triplets first,

@@ -11,10 +11,20 @@
 //! updated. The factors are stepped here, not by the loop's AdamW, by [`RankAdam`]: every rank
 //! starts its moments and bias correction where the reference adds its parameter group, and
 //! with `multi_lr` its learning rate restarts the job's warmup and schedule from that step.
-//! While a module can still grow (budget not reached, a module below its cap, an allocation
-//! step ahead in `training.max_steps`), the branch runs through the materialised ΔW plus a
-//! zero "probe" whose gradient is ∂L/∂ΔW (the reference's backward hook); after, factored, and
-//! the probes are freed.
+//! Each factor of every module and its moments, the births, masks and importance averages
+//! are packed into one buffer each ([`super::pack`]), so the per-step AdamW and averages run
+//! over all modules at once.
+//!
+//! The importance needs every element of `∂L/∂ΔW` (the abs keeps `Σ|ΔW ⊙ G|` from factoring
+//! through `B` and `A`), so it costs one dense `out x in` product per module and step, as in
+//! the reference. Where the reference runs the forward through the materialised ΔW and takes
+//! ∂L/∂ΔW from a backward hook (a dense forward product, and dense products for ∂L/∂x and
+//! ∂L/∂ΔW in the backward), the forward here stays factored: while a module can still grow
+//! (budget not reached, a module below its cap, an allocation step ahead in
+//! `training.max_steps`), each training forward keeps its input `x` (after dropout) and adds a
+//! zero "probe" to its output, whose gradient is `G = ∂L/∂output`; `∂L/∂ΔW = Gᵀ x` is then one
+//! product per module in `after_step`, summed over the step's micro-batches. The price is
+//! memory: every module's `x` and `G` of the step are held until `after_step`.
 //!
 //! Chosen where the reference differs or is silent:
 //! - `max_module_rank` (not in the reference) caps each module's active rank, bounding its
@@ -36,8 +46,10 @@
 //! - Published as plain LoRA without the reserves: `A' = A_active ⊙ E_active`,
 //!   `B' = B_active · alpha / (rank + 1e-5)`.
 
-use super::rank_adam::{Moments, RankAdam, UNBORN};
-use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::rank_adam::{Moments, RankAdam, RankAxis, RankGroup, UNBORN};
+use super::{
+    module_path, orthogonality, pack, per_module_lora, refuse_parent, select, ExportedFactors,
+};
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
@@ -47,7 +59,7 @@ use anyhow::Result;
 use loraforge_spec::methods::IncreLoraConfig;
 use loraforge_spec::TrainingConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -64,6 +76,20 @@ fn scale(active: &Tensor, alpha: f64) -> Tensor {
     (active.sum(Kind::Float) + 1e-5).reciprocal() * alpha
 }
 
+/// `gᵀ x` in f32. Where both are bf16 (or f16) on a GPU (a half-precision base, no dropout),
+/// every product `g_ti x_tj` is exact in f32, so the half-precision tensor-core product
+/// with f32 output and accumulation (`mm` with `out_dtype`) gives what the f32 product does up
+/// to the order of the f32 sums, as between any two f32 kernels, at a fraction of its cost.
+fn gradient_product(g: &Tensor, x: &Tensor) -> Tensor {
+    let half = matches!(x.kind(), Kind::BFloat16 | Kind::Half);
+    if half && g.kind() == x.kind() && x.device().is_cuda() {
+        if let Ok(product) = g.tr().f_mm_dtype(x, Kind::Float) {
+            return product;
+        }
+    }
+    g.to_kind(Kind::Float).tr().mm(&x.to_kind(Kind::Float))
+}
+
 struct GrowingBranch {
     a: Tensor,
     e: Tensor,
@@ -72,26 +98,42 @@ struct GrowingBranch {
     reserve: Tensor,
     alpha: f64,
     dropout: f64,
-    /// A zero leaf added to ΔW, so that its gradient is ∂L/∂ΔW.
-    probe: Tensor,
+    seen: Seen,
     /// Whether importance is still measured (a module can still grow).
     collecting: Arc<AtomicBool>,
 }
+
+/// What the step's training forwards saw: per forward, the input after dropout and the zero
+/// leaf added to the output, in the output's kind (its gradient is ∂L/∂output after the
+/// backward).
+type Seen = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
 
 impl LinearAdapter for GrowingBranch {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
         let rows = scaled_rows(&self.a, &self.e, &self.active, &self.reserve);
         let scale = scale(&self.active, self.alpha);
-        let delta = match train && self.collecting.load(Ordering::Relaxed) {
-            true => x32.linear::<Tensor>(&(self.b.matmul(&rows) * scale + &self.probe), None),
-            false => {
-                x32.linear::<Tensor>(&rows, None)
-                    .linear::<Tensor>(&self.b, None)
-                    * scale
-            }
+        let delta = (x32
+            .linear::<Tensor>(&rows, None)
+            .linear::<Tensor>(&self.b, None)
+            * scale)
+            .to_kind(x.kind());
+        // Not in a pass without gradients (a checkpointed forward's first run).
+        if !(train && delta.requires_grad() && self.collecting.load(Ordering::Relaxed)) {
+            return delta;
+        }
+        // One zero broadcast to the output's shape: no output-sized buffer, only its gradient.
+        let probe = Tensor::zeros([], (delta.kind(), delta.device()))
+            .expand(delta.size(), false)
+            .set_requires_grad(true);
+        // Without dropout the input is `x` itself, kept in its own (maybe half) precision.
+        let input = match self.dropout == 0.0 {
+            true => x.detach(),
+            false => x32.detach(),
         };
-        delta.to_kind(x.kind())
+        let mut seen = self.seen.lock().expect("no forward panicked holding it");
+        seen.push((input, probe.shallow_clone()));
+        delta + probe
     }
 }
 
@@ -101,7 +143,6 @@ struct GrowingModule {
     a: Tensor,
     e: Tensor,
     b: Tensor,
-    moments: [Moments; 3],
     /// Per rank `(K, 1)`: the step (from 0) of its A row's and B column's first update, or
     /// UNBORN.
     ab_born: Tensor,
@@ -114,7 +155,7 @@ struct GrowingModule {
     /// The EMAs of the module's importance and of its uncertainty, shape `(1)`.
     sensitivity: Tensor,
     uncertainty: Tensor,
-    probe: Tensor,
+    seen: Seen,
     capacity: i64,
     /// The host's copy of the active rank and births, so that a step reads the device once
     /// for all modules ([`IncreLora::read_ranks`]).
@@ -140,18 +181,32 @@ impl GrowingModule {
         self.b.matmul(&rows) * scale(&self.active, alpha)
     }
 
-    /// `update_ipt`: the uncertainty uses the freshly updated sensitivity average.
-    fn update_importance(&mut self, alpha: f64, beta1: f64, beta2: f64) {
-        let grad = self.probe.grad();
-        if !grad.defined() {
-            return;
-        }
+    /// `∂L/∂ΔW = Σ Gᵀ x` over the step's training forwards that had a backward, `(out, in)`;
+    /// `None` without any. Forgets them.
+    fn delta_gradient(&self) -> Option<Tensor> {
+        let seen = std::mem::take(&mut *self.seen.lock().expect("no forward panicked"));
+        let (x, g): (Vec<Tensor>, Vec<Tensor>) = seen
+            .into_iter()
+            .filter_map(|(x, probe)| {
+                let g = probe.grad();
+                g.defined().then(|| {
+                    let (inp, out) = (x.size()[x.dim() - 1], g.size()[g.dim() - 1]);
+                    (x.reshape([-1, inp]), g.reshape([-1, out]))
+                })
+            })
+            .unzip();
+        let cat = |t: Vec<Tensor>| match t.len() {
+            1 => t.into_iter().next().expect("one"),
+            _ => Tensor::cat(&t, 0),
+        };
+        (!x.is_empty()).then(|| gradient_product(&cat(g), &cat(x)))
+    }
+
+    /// `Σ|ΔW ⊙ ∂L/∂ΔW| / √numel` `(1)`, the step's importance (`update_ipt`'s).
+    fn importance(&self, alpha: f64) -> Option<Tensor> {
+        let grad = self.delta_gradient()?;
         let delta = self.delta_weight(alpha);
-        let ipt = (&delta * &grad).abs().sum(Kind::Float) / (delta.numel() as f64).sqrt();
-        let sensitivity = &self.sensitivity * beta1 + &ipt * (1.0 - beta1);
-        let uncertainty = &self.uncertainty * beta2 + (&ipt - &sensitivity).abs() * (1.0 - beta2);
-        self.sensitivity.copy_(&sensitivity);
-        self.uncertainty.copy_(&uncertainty);
+        Some((&delta * &grad).abs().sum(Kind::Float).view([1]) / (delta.numel() as f64).sqrt())
     }
 
     #[cfg(test)]
@@ -189,23 +244,6 @@ impl GrowingModule {
         }
         host.ab_born[fresh..fresh + add].fill(born);
     }
-
-    /// Releases the probe and its gradient (ΔW-sized each) once importance is no longer
-    /// measured; the branch shares the tensor, so it sees the release too.
-    fn free_probe(&mut self) {
-        tch::no_grad(|| {
-            let empty = Tensor::empty([0], (Kind::Float, self.probe.device()));
-            let mut grad = self.probe.grad();
-            if grad.defined() {
-                grad.set_data(&empty);
-            }
-            self.probe.set_data(&empty);
-        });
-    }
-
-    fn zero_reserve(&mut self) {
-        let _ = self.e.masked_fill_(&self.reserve.gt(0.5), 0.0);
-    }
 }
 
 pub struct IncreLora {
@@ -215,6 +253,21 @@ pub struct IncreLora {
     modules: Vec<GrowingModule>,
     target_total: i64,
     collecting: Arc<AtomicBool>,
+    /// Every module's variables of one kind, packed in module order: per rank
+    /// `(modules x slots)`, the averages `(modules)`.
+    packed: Packed,
+    /// A, E, B of every module, with their moments.
+    factors: [RankGroup; 3],
+}
+
+struct Packed {
+    slots: i64,
+    active: Tensor,
+    reserve: Tensor,
+    ab_born: Tensor,
+    e_born: Tensor,
+    sensitivity: Tensor,
+    uncertainty: Tensor,
 }
 
 impl Attach for IncreLora {
@@ -248,6 +301,7 @@ impl Attach for IncreLora {
         };
         let collecting = Arc::new(AtomicBool::new(true));
         let mut modules = Vec::new();
+        let mut moments: [Vec<Moments>; 3] = Default::default();
         for (path_name, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let path = module_path(&store, &path_name);
@@ -257,18 +311,20 @@ impl Attach for IncreLora {
             let a = path.add("lora_A", normal([slots, inp]), true);
             let e = path.add("lora_E", per_rank(0.0, reserve_e, 0.0), true);
             let b = path.add("lora_B", normal([out, slots]), true);
-            let moments = [
-                Moments::new(&path, "lora_A", &a),
-                Moments::new(&path, "lora_E", &e),
-                Moments::new(&path, "lora_B", &b),
-            ];
+            for (moments, (name, p)) in
+                moments
+                    .iter_mut()
+                    .zip([("lora_A", &a), ("lora_E", &e), ("lora_B", &b)])
+            {
+                moments.push(Moments::new(&path, name, p));
+            }
             let ab_born = path.add("ab_born", per_rank(0.0, reserve_born, UNBORN), false);
             let e_born = path.add("e_born", per_rank(0.0, UNBORN, UNBORN), false);
             let active = path.add("active", per_rank(1.0, 0.0, 0.0), false);
             let reserve = path.add("reserve", per_rank(0.0, 1.0, 0.0), false);
             let sensitivity = path.add("ipt", Tensor::zeros([1], opts), false);
             let uncertainty = path.add("unc", Tensor::zeros([1], opts), false);
-            let probe = Tensor::zeros([out, inp], opts).set_requires_grad(true);
+            let seen = Seen::default();
             linear.attach(Box::new(GrowingBranch {
                 a: a.shallow_clone(),
                 e: e.shallow_clone(),
@@ -277,7 +333,7 @@ impl Attach for IncreLora {
                 reserve: reserve.shallow_clone(),
                 alpha: config.alpha,
                 dropout: config.dropout,
-                probe: probe.shallow_clone(),
+                seen: Arc::clone(&seen),
                 collecting: Arc::clone(&collecting),
             }));
             modules.push(GrowingModule {
@@ -285,14 +341,13 @@ impl Attach for IncreLora {
                 a,
                 e,
                 b,
-                moments,
                 ab_born,
                 e_born,
                 active,
                 reserve,
                 sensitivity,
                 uncertainty,
-                probe,
+                seen,
                 capacity,
                 host: HostRanks::default(),
             });
@@ -317,6 +372,24 @@ impl Attach for IncreLora {
                  training.max_steps"
             );
         }
+        let each = |pick: fn(&GrowingModule) -> &Tensor| -> Vec<Tensor> {
+            modules.iter().map(|m| pick(m).shallow_clone()).collect()
+        };
+        let [ma, me, mb] = moments;
+        let factors = [
+            RankGroup::by_rank(each(|m| &m.a), ma, RankAxis::Rows, slots),
+            RankGroup::by_rank(each(|m| &m.e), me, RankAxis::Rows, slots),
+            RankGroup::by_rank(each(|m| &m.b), mb, RankAxis::Columns, slots),
+        ];
+        let packed = Packed {
+            slots,
+            active: pack(&each(|m| &m.active)),
+            reserve: pack(&each(|m| &m.reserve)),
+            ab_born: pack(&each(|m| &m.ab_born)),
+            e_born: pack(&each(|m| &m.e_born)),
+            sensitivity: pack(&each(|m| &m.sensitivity)),
+            uncertainty: pack(&each(|m| &m.uncertainty)),
+        };
         let mut method = IncreLora {
             config: config.clone(),
             training: training.clone(),
@@ -324,6 +397,8 @@ impl Attach for IncreLora {
             modules,
             target_total,
             collecting,
+            packed,
+            factors,
         };
         method.read_ranks();
         Ok(method)
@@ -334,18 +409,15 @@ impl IncreLora {
     /// Refreshes every module's [`HostRanks`] from the store (which a checkpoint restore may
     /// have replaced) in one device read.
     fn read_ranks(&mut self) {
-        let columns: Vec<&Tensor> = self
-            .modules
-            .iter()
-            .flat_map(|m| [&m.active, &m.ab_born, &m.e_born])
-            .collect();
-        // (slots, 3 per module), to (module, field, slot) on the host.
-        let all = Tensor::cat(&columns, 1)
-            .tr()
+        let p = &self.packed;
+        // (module, field, slot) on the host.
+        let all = Tensor::stack(&[&p.active, &p.ab_born, &p.e_born], 0)
+            .view([3, -1, p.slots])
+            .transpose(0, 1)
             .to_kind(Kind::Double)
             .to_device(Device::Cpu);
         let values = Vec::<f64>::try_from(all.contiguous().view([-1])).unwrap_or_default();
-        let slots = values.len() / (3 * self.modules.len());
+        let slots = p.slots as usize;
         for (m, fields) in self.modules.iter_mut().zip(values.chunks(3 * slots)) {
             let (active, births) = fields.split_at(slots);
             let (ab_born, e_born) = births.split_at(slots);
@@ -355,6 +427,42 @@ impl IncreLora {
                 e_born: e_born.to_vec(),
             };
         }
+    }
+
+    /// `update_ipt` of every module that had a backward this step: the uncertainty uses the
+    /// freshly updated sensitivity average.
+    fn update_importance(&mut self, alpha: f64, beta1: f64, beta2: f64) {
+        let ipt: Vec<Option<Tensor>> = self.modules.iter().map(|m| m.importance(alpha)).collect();
+        if ipt.iter().all(Option::is_none) {
+            return;
+        }
+        let p = &mut self.packed;
+        let device = p.sensitivity.device();
+        let measured: Vec<bool> = ipt.iter().map(Option::is_some).collect();
+        let ipt: Vec<Tensor> = ipt
+            .into_iter()
+            .map(|i| i.unwrap_or_else(|| Tensor::zeros([1], (Kind::Float, device))))
+            .collect();
+        let ipt = Tensor::cat(&ipt, 0);
+        let mut sensitivity = &p.sensitivity * beta1 + &ipt * (1.0 - beta1);
+        let mut uncertainty = &p.uncertainty * beta2 + (&ipt - &sensitivity).abs() * (1.0 - beta2);
+        if measured.contains(&false) {
+            // A module without a backward keeps its averages.
+            let measured = Tensor::from_slice(&measured).to_device(device);
+            sensitivity = sensitivity.where_self(&measured, &p.sensitivity);
+            uncertainty = uncertainty.where_self(&measured, &p.uncertainty);
+        }
+        p.sensitivity.copy_(&sensitivity);
+        p.uncertainty.copy_(&uncertainty);
+    }
+
+    /// Zeroes every reserve's E.
+    fn zero_reserves(&mut self) {
+        let reserve = self.packed.reserve.gt(0.5);
+        let _ = self.factors[1]
+            .value()
+            .shallow_clone()
+            .masked_fill_(&reserve, 0.0);
     }
 
     fn total_rank(&self) -> i64 {
@@ -392,26 +500,26 @@ impl IncreLora {
         )
     }
 
-    /// Every rank's learning rate at `step`, `(module, [A and B, E], slot, 1)`, in one upload:
+    /// Every rank's learning rate at `step`, `([A and B, E], module x slot)`, in one upload:
     /// each distinct birth's rate is computed once.
     fn rank_lrs(&self, step: StepInfo) -> Tensor {
         let mut by_birth: Vec<(f64, f64)> = Vec::new();
         let mut lrs = Vec::new();
-        for m in &self.modules {
-            for &born in m.host.ab_born.iter().chain(&m.host.e_born) {
-                let lr = match by_birth.iter().find(|(b, _)| *b == born) {
-                    Some(&(_, lr)) => lr,
-                    None => {
-                        let lr = self.rank_lr(born, step);
-                        by_birth.push((born, lr));
-                        lr
-                    }
-                };
-                lrs.push(lr);
-            }
+        let ab = self.modules.iter().flat_map(|m| &m.host.ab_born);
+        let e = self.modules.iter().flat_map(|m| &m.host.e_born);
+        for &born in ab.chain(e) {
+            let lr = match by_birth.iter().find(|(b, _)| *b == born) {
+                Some(&(_, lr)) => lr,
+                None => {
+                    let lr = self.rank_lr(born, step);
+                    by_birth.push((born, lr));
+                    lr
+                }
+            };
+            lrs.push(lr);
         }
         Tensor::from_slice(&lrs)
-            .view([self.modules.len() as i64, 2, -1, 1])
+            .view([2, -1])
             .to_device(self.store.device())
     }
 
@@ -420,10 +528,7 @@ impl IncreLora {
     /// the k-th score, so ties may add more).
     fn allocate(&mut self, now: i64) {
         let add = i64::from(self.config.rank_step());
-        let stacked = |pick: fn(&GrowingModule) -> &Tensor| {
-            Tensor::cat(&self.modules.iter().map(pick).collect::<Vec<_>>(), 0)
-        };
-        let all = stacked(|m| &m.sensitivity) * stacked(|m| &m.uncertainty);
+        let all = &self.packed.sensitivity * &self.packed.uncertainty;
         let all = Vec::<f64>::try_from(all.to_kind(Kind::Double)).unwrap_or_default();
         let scores: Vec<Option<f64>> = self
             .modules
@@ -461,13 +566,9 @@ impl AdapterMethod for IncreLora {
     fn before_step(&mut self, step: u32) {
         self.read_ranks();
         let collecting = self.can_grow(i64::from(step) - 1);
-        let was = self.collecting.swap(collecting, Ordering::Relaxed);
-        for m in &mut self.modules {
-            match (collecting, was) {
-                (true, _) => m.probe.zero_grad(),
-                (false, true) => m.free_probe(),
-                (false, false) => {}
-            }
+        self.collecting.store(collecting, Ordering::Relaxed);
+        for m in &self.modules {
+            m.seen.lock().expect("no forward panicked").clear();
         }
     }
 
@@ -503,36 +604,26 @@ impl AdapterMethod for IncreLora {
         let allocates = now > i64::from(c.init_warmup) && now % i64::from(c.incre_interval) == 0;
         tch::no_grad(|| {
             if self.collecting.load(Ordering::Relaxed) {
-                for m in &mut self.modules {
-                    m.update_importance(alpha, beta1, beta2);
-                }
+                self.update_importance(alpha, beta1, beta2);
                 if allocates {
                     self.allocate(now);
                 }
                 if self.total_rank() >= self.target_total {
-                    self.modules
-                        .iter_mut()
-                        .for_each(GrowingModule::zero_reserve);
+                    self.zero_reserves();
                 }
             }
             if step.index == step.total {
-                self.modules
-                    .iter_mut()
-                    .for_each(GrowingModule::zero_reserve);
+                self.zero_reserves();
             }
             let adam = RankAdam {
                 weight_decay: self.training.weight_decay,
             };
             let lrs = self.rank_lrs(step);
-            for (i, m) in self.modules.iter_mut().enumerate() {
-                let lrs = lrs.get(i as i64);
-                let ab = adam.factors(&m.ab_born, &lrs.get(0), now);
-                let e = adam.factors(&m.e_born, &lrs.get(1), now);
-                let [ma, me, mb] = &mut m.moments;
-                adam.apply(&m.a, ma, &ab);
-                adam.apply(&m.e, me, &e);
-                adam.apply(&m.b, mb, &ab.transposed());
-            }
+            let p = &self.packed;
+            let [a, e, b] = &self.factors;
+            a.step(&adam, &p.ab_born, &lrs.get(0), now);
+            e.step(&adam, &p.e_born, &lrs.get(1), now);
+            b.step(&adam, &p.ab_born, &lrs.get(0), now);
         });
     }
 
@@ -874,55 +965,59 @@ mod tests {
         }
     }
 
-    /// The probe path stops, and the probes are freed, once no allocation can add a rank
-    /// although the budget is not reached: every module at its cap, or no allocation step
-    /// left. Training goes on factored.
+    /// Importance stops being measured (the forwards keep nothing, add no probe) once no
+    /// allocation can add a rank although the budget is not reached: every module at its cap,
+    /// or no allocation step left. Training goes on.
     #[test]
     fn importance_stops_when_no_growth_is_possible() {
         let _turn = torch_rng_turn();
         tch::manual_seed(13);
         let fixture = FixtureModel::create();
-        let probes = |method: &IncreLora| -> Vec<i64> {
-            method
-                .modules
-                .iter()
-                .map(|m| m.probe.numel() as i64)
-                .collect()
+        // Per step: whether it measured, and whether its forwards kept inputs and probes.
+        let run = |c: IncreLoraConfig| {
+            let mut model = fixture.load();
+            let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(6, 0))).unwrap();
+            let mut steps = Vec::new();
+            for index in 1..=6 {
+                forward_backward(&model, &mut method, index);
+                let kept = method
+                    .modules
+                    .iter()
+                    .map(|m| m.seen.lock().unwrap().len())
+                    .collect::<Vec<_>>();
+                let collecting = method.collecting.load(Ordering::Relaxed);
+                assert!(
+                    kept.iter().all(|&n| n == usize::from(collecting)),
+                    "{kept:?}"
+                );
+                steps.push(collecting);
+                method.after_step(StepInfo {
+                    index,
+                    total: 6,
+                    lr: 0.01,
+                });
+                assert!(method
+                    .modules
+                    .iter()
+                    .all(|m| m.seen.lock().unwrap().is_empty()));
+            }
+            (method, steps)
         };
         // Every module reaches its cap (2) at step 1 (0-based), far below the budget.
-        let mut model = fixture.load();
-        let c = config(serde_json::json!({
+        let (method, collecting) = run(config(serde_json::json!({
             "lora_r": 1, "target_rank": 2, "max_module_rank": 2, "target_total_rank": 100,
             "init_warmup": 0, "incre_interval": 1, "top_h": 10, "incre_rank_num": 1,
             "target_modules": ["q_proj", "v_proj"]
-        }));
-        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(6, 0))).unwrap();
-        let mut collecting = Vec::new();
-        run_steps(&model, &mut method, 1..=6, 6, |index, _, method| {
-            collecting.push(method.collecting.load(Ordering::Relaxed));
-            if index >= 3 {
-                assert!(probes(method).iter().all(|&n| n == 0), "step {index}");
-                assert!(method.modules.iter().all(|m| m.probe.grad().numel() == 0));
-            } else {
-                assert!(probes(method).iter().all(|&n| n > 0), "step {index}");
-            }
-        });
+        })));
         assert_eq!(collecting, [true, true, false, false, false, false]);
         assert!(ranks(&method).iter().all(|&r| r == 2));
 
         // One allocation step (4) in 6 steps: one module grows, then none can.
-        let mut model = fixture.load();
-        let c = config(serde_json::json!({
+        let (method, collecting) = run(config(serde_json::json!({
             "lora_r": 1, "target_rank": 4, "init_warmup": 0, "incre_interval": 4, "top_h": 1,
             "incre_rank_num": 1, "target_modules": ["q_proj", "v_proj"]
-        }));
-        let mut method = IncreLora::attach(&mut model, &c, &cpu(&training(6, 0))).unwrap();
-        let mut collecting = Vec::new();
-        run_steps(&model, &mut method, 1..=6, 6, |_, _, method| {
-            collecting.push(method.collecting.load(Ordering::Relaxed));
-        });
+        })));
         assert_eq!(collecting, [true, true, true, true, true, false]);
-        assert!(probes(&method).iter().all(|&n| n == 0));
         assert_eq!(
             ranks(&method).iter().sum::<i64>(),
             method.modules.len() as i64 + 1

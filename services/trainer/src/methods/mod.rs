@@ -198,6 +198,26 @@ pub fn orthogonality(a: &Tensor, b: &Tensor, live: &Tensor) -> [Tensor; 2] {
     ]
 }
 
+/// Moves `tensors` (any shapes, one kind, one device) into consecutive parts of one new flat
+/// buffer, and returns it: every handle to them (the store's, a branch's) then reads and
+/// writes that buffer, values kept, so one op on it updates all of them. A per-step update
+/// over every module then costs a few kernel launches instead of a few per module.
+pub fn pack(tensors: &[Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors.iter().map(|t| t.detach().reshape([-1])).collect();
+    let flat = match parts.is_empty() {
+        true => Tensor::empty([0], (Kind::Float, Device::Cpu)),
+        false => Tensor::cat(&parts, 0),
+    };
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel() as i64;
+        t.shallow_clone()
+            .set_data(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+        offset += n;
+    }
+    flat
+}
+
 /// A rank-`q` approximate SVD `a ≈ U diag(S) Vᵀ` of `a (m, n)` (fp32): `U (m, q)`, `S (q)`,
 /// `V (n, q)`. The randomised algorithm `torch.svd_lowrank` runs (Halko, Martinsson, Tropp
 /// 2009, Algorithms 4.4 and 5.1, as torch 2.11 orders it: a wide `a` is transposed first, one

@@ -13,7 +13,9 @@
 //! (p, q) exists when rank q is no younger than rank p, a `C_col` entry when rank p is no
 //! younger than q, and an entry is born with the later of its two ranks. The factors are
 //! stepped here by [`RankAdam`]: fresh moments and bias correction per added block, as the
-//! reference's `optimizer.add_param_group`.
+//! reference's `optimizer.add_param_group`. Each factor of every module, its moments, the
+//! births and the triangles' masks are packed into one buffer each ([`super::pack`]), so the
+//! per-step AdamW runs over all modules at once.
 //!
 //! Chosen where the reference is silent or unusable:
 //! - Initialisation: the stored code sets `B = 0` and `C = 0` (its random lines commented
@@ -35,8 +37,10 @@
 //!   optimizer step, as IncreLoRA's `update_and_increase`, the code it derives from.
 //! - Published as plain LoRA with C folded into A: `A' = C A`, `B' = B · alpha / (rank + 1e-5)`.
 
-use super::rank_adam::{Moments, RankAdam, UNBORN};
-use super::{module_path, orthogonality, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::rank_adam::{Moments, RankAdam, RankAxis, RankGroup, UNBORN};
+use super::{
+    module_path, orthogonality, pack, per_module_lora, refuse_parent, select, ExportedFactors,
+};
 use super::{Attach, AttachContext};
 use crate::error::user_error;
 use crate::export::PeftAdapter;
@@ -139,7 +143,6 @@ struct TriangularModule {
     b: Tensor,
     c_row: Tensor,
     c_col: Tensor,
-    moments: [Moments; 4],
     /// Per rank `(K, 1)`: the step (from 0) of its first update, 0 for the first ones, the
     /// step after its allocation for added ones, or UNBORN.
     born: Tensor,
@@ -164,6 +167,15 @@ pub struct TriAdaptLora {
     store: VarStore,
     modules: Vec<TriangularModule>,
     target_total: i64,
+    /// Every module's variables of one kind, packed (module order): `born` `(modules x K)`,
+    /// the triangles' masks `(modules x K x K)`, the norms at the last allocation `(modules)`.
+    born: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    previous_norm: Tensor,
+    /// A, B, C_row, C_col of every module, with their moments.
+    factors: [RankGroup; 4],
+    capacity: i64,
 }
 
 impl Attach for TriAdaptLora {
@@ -202,6 +214,7 @@ impl Attach for TriAdaptLora {
             )));
         }
         let mut modules = Vec::new();
+        let mut moments: [Vec<Moments>; 4] = Default::default();
         for (path_name, linear) in model.target_linears(&config.target_modules)? {
             let (inp, out) = (linear.in_features(), linear.out_features());
             let path = module_path(&store, &path_name);
@@ -212,12 +225,14 @@ impl Attach for TriAdaptLora {
             let b = path.add("lora_B", Tensor::zeros([out, capacity], opts), true);
             let c_row = path.add("lora_C_row", normal([capacity, capacity]), true);
             let c_col = path.add("lora_C_col", normal([capacity, capacity]), true);
-            let moments = [
-                Moments::new(&path, "lora_A", &a),
-                Moments::new(&path, "lora_B", &b),
-                Moments::new(&path, "lora_C_row", &c_row),
-                Moments::new(&path, "lora_C_col", &c_col),
-            ];
+            for (moments, (name, p)) in moments.iter_mut().zip([
+                ("lora_A", &a),
+                ("lora_B", &b),
+                ("lora_C_row", &c_row),
+                ("lora_C_col", &c_col),
+            ]) {
+                moments.push(Moments::new(&path, name, p));
+            }
             let born = path.add(
                 "born",
                 Tensor::from_slice(&births)
@@ -243,19 +258,34 @@ impl Attach for TriAdaptLora {
                 b,
                 c_row,
                 c_col,
-                moments,
                 born,
                 layout,
                 previous_norm,
                 capacity,
             });
         }
+        let each = |pick: fn(&TriangularModule) -> &Tensor| -> Vec<Tensor> {
+            modules.iter().map(|m| pick(m).shallow_clone()).collect()
+        };
+        let [ma, mb, mrow, mcol] = moments;
+        let factors = [
+            RankGroup::by_rank(each(|m| &m.a), ma, RankAxis::Rows, capacity),
+            RankGroup::by_rank(each(|m| &m.b), mb, RankAxis::Columns, capacity),
+            RankGroup::by_element(each(|m| &m.c_row), mrow),
+            RankGroup::by_element(each(|m| &m.c_col), mcol),
+        ];
         Ok(TriAdaptLora {
+            born: pack(&each(|m| &m.born)),
+            lower: pack(&each(|m| &m.layout.lower)),
+            upper: pack(&each(|m| &m.layout.upper)),
+            previous_norm: pack(&each(|m| &m.previous_norm)),
             config: config.clone(),
             training: training.clone(),
             store,
             modules,
             target_total,
+            factors,
+            capacity,
         })
     }
 }
@@ -263,11 +293,11 @@ impl Attach for TriAdaptLora {
 impl TriAdaptLora {
     /// Every module's rank, with one copy to the host.
     fn ranks(&self) -> Vec<i64> {
-        let born: Vec<Tensor> = self.modules.iter().map(|m| m.born.view([1, -1])).collect();
-        let counts =
-            Tensor::cat(&born, 0)
-                .ge(0.0)
-                .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+        let counts = self.born.view([-1, self.capacity]).ge(0.0).sum_dim_intlist(
+            [1i64].as_slice(),
+            false,
+            Kind::Int64,
+        );
         Vec::<i64>::try_from(&counts).expect("one count per module")
     }
 
@@ -300,13 +330,10 @@ impl TriAdaptLora {
             .zip(ranks)
             .map(|(m, &rank)| m.normalized_norm(rank, r0, add))
             .collect();
-        let previous: Vec<&Tensor> = self.modules.iter().map(|m| &m.previous_norm).collect();
         let norms = Tensor::cat(&norms, 0);
-        let changes = (&norms - Tensor::cat(&previous, 0)).to_kind(Kind::Double);
+        let changes = (&norms - &self.previous_norm).to_kind(Kind::Double);
         let changes = Vec::<f64>::try_from(&changes).expect("one score per module");
-        for (i, m) in self.modules.iter_mut().enumerate() {
-            m.previous_norm.copy_(&norms.narrow(0, i as i64, 1));
-        }
+        self.previous_norm.copy_(&norms);
         let scores: Vec<Option<f64>> = self
             .modules
             .iter()
@@ -376,18 +403,19 @@ impl AdapterMethod for TriAdaptLora {
             let device = self.store.device();
             let lr = Tensor::from(step.lr).to_device(device);
             let unborn = Tensor::from(UNBORN as f32).to_device(device);
-            for m in &mut self.modules {
-                let layout = &m.layout;
-                // An entry of C is born with the later of its row's and column's ranks.
-                let later = m.born.view([-1, 1]).maximum(&m.born.view([1, -1]));
-                let lower_born = later.where_self(&layout.lower.gt(0.5), &unborn);
-                let upper_born = later.where_self(&layout.upper.gt(0.5), &unborn);
-                let [ma, mb, mrow, mcol] = &mut m.moments;
-                adam.step(&m.a, ma, &m.born, &lr, now);
-                adam.step(&m.b, mb, &m.born.view([1, -1]), &lr, now);
-                adam.step(&m.c_row, mrow, &lower_born, &lr, now);
-                adam.step(&m.c_col, mcol, &upper_born, &lr, now);
-            }
+            // An entry of C is born with the later of its row's and column's ranks.
+            let k = self.capacity;
+            let later = self
+                .born
+                .view([-1, k, 1])
+                .maximum(&self.born.view([-1, 1, k]));
+            let lower_born = later.where_self(&self.lower.view([-1, k, k]).gt(0.5), &unborn);
+            let upper_born = later.where_self(&self.upper.view([-1, k, k]).gt(0.5), &unborn);
+            let [a, b, c_row, c_col] = &self.factors;
+            a.step(&adam, &self.born, &lr, now);
+            b.step(&adam, &self.born, &lr, now);
+            c_row.step(&adam, &lower_born, &lr, now);
+            c_col.step(&adam, &upper_born, &lr, now);
         });
     }
 
@@ -784,5 +812,102 @@ mod tests {
         assert_eq!(ranks(&method)[..2], [4, 2]);
         let want = norms.iter().sum::<f64>() / norms.len() as f64 * 0.4;
         assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+
+    /// The packed AdamW over all modules equals each module's factors stepped alone (the
+    /// per-parameter definition), exactly, over steps that grow ranks, for modules of three
+    /// shapes: a copy of every factor takes the same gradients and per-module steps.
+    #[test]
+    fn packed_steps_equal_per_module_steps() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(37);
+        let fixture = FixtureModel::create();
+        let mut model = fixture.load();
+        let c = config(serde_json::json!({
+            "init_rank": 1, "reference_rank": 3, "incre_rank_num": 1, "init_warmup": 0,
+            "incre_interval": 1, "target_modules": ["q_proj", "up_proj", "down_proj"]
+        }));
+        let training: TrainingConfig = serde_json::from_value(serde_json::json!({
+            "max_steps": 6, "learning_rate": 0.01, "weight_decay": 0.1
+        }))
+        .unwrap();
+        let mut method = TriAdaptLora::attach(&mut model, &c, &cpu(&training)).unwrap();
+        let shapes: std::collections::BTreeSet<(Vec<i64>, Vec<i64>)> = method
+            .modules
+            .iter()
+            .map(|m| (m.a.size(), m.b.size()))
+            .collect();
+        assert_eq!(shapes.len(), 3, "{shapes:?}");
+        let copies = VarStore::new(Device::Cpu);
+        let factors =
+            |m: &TriangularModule| [&m.a, &m.b, &m.c_row, &m.c_col].map(|t| t.detach().copy());
+        let mut alone: Vec<Vec<(Tensor, Moments)>> = method
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                factors(m)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, t)| {
+                        let p = copies.root().add(&format!("m{i}_{j}"), t, true);
+                        let moments = Moments::new(&copies.root(), &format!("m{i}_{j}"), &p);
+                        (p, moments)
+                    })
+                    .collect()
+            })
+            .collect();
+        let adam = RankAdam { weight_decay: 0.1 };
+        let (lr, unborn) = (Tensor::from(0.01), Tensor::from(UNBORN as f32));
+        for index in 1..=6 {
+            crate::training::optimizer::zero_grads(&method.store.trainable_variables());
+            crate::training::optimizer::zero_grads(&copies.trainable_variables());
+            let ids = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
+            let loss =
+                model.forward(&ids, true).square().mean(Kind::Float) + method.extra_loss().unwrap();
+            loss.backward();
+            let same: Vec<Tensor> = method
+                .modules
+                .iter()
+                .zip(&alone)
+                .flat_map(|(m, copy)| {
+                    [&m.a, &m.b, &m.c_row, &m.c_col]
+                        .into_iter()
+                        .zip(copy)
+                        .map(|(p, (q, _))| (q * p.grad()).sum(Kind::Float))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            Tensor::stack(&same, 0).sum(Kind::Float).backward();
+            method.after_step(StepInfo {
+                index,
+                total: 6,
+                lr: 0.01,
+            });
+            let now = i64::from(index) - 1;
+            for (i, (m, copy)) in method.modules.iter().zip(&mut alone).enumerate() {
+                let later = m.born.view([-1, 1]).maximum(&m.born.view([1, -1]));
+                let lower_born = later.where_self(&m.layout.lower.gt(0.5), &unborn);
+                let upper_born = later.where_self(&m.layout.upper.gt(0.5), &unborn);
+                let births = [
+                    m.born.shallow_clone(),
+                    m.born.view([1, -1]),
+                    lower_born,
+                    upper_born,
+                ];
+                for ((q, moments), born) in copy.iter_mut().zip(&births) {
+                    adam.step(q, moments, born, &lr, now);
+                }
+                for (j, (got, (want, _))) in factors(m).iter().zip(copy.iter()).enumerate() {
+                    let diff = (got - want).abs().max().double_value(&[]);
+                    assert_eq!(diff, 0.0, "step {index}, module {i}, factor {j}");
+                }
+            }
+        }
+        assert!(
+            ranks(&method).iter().any(|&r| r > 1),
+            "{:?}",
+            ranks(&method)
+        );
     }
 }
