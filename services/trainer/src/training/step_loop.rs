@@ -4,7 +4,7 @@
 
 use super::attach::AdaptedModel;
 use super::checkpoint::{checkpoint_of, restore, CheckpointStore, SavedCheckpoint, TrainingState};
-use super::optimizer::{learning_rate, scale_to_norm, total_grad_norm, zero_grads};
+use super::optimizer::learning_rate;
 use super::profile::{Phase, StepProfile};
 use super::seeds::{derive_seed, SeedUse};
 use super::{log, Reporter};
@@ -292,7 +292,7 @@ impl<'a> Run<'a> {
         // The step's loss is the mean over all its target tokens, however they are split into
         // micro-batches: accumulating k batches of b rows is one batch of k * b rows.
         let targets = micro_batches.iter().map(|b| b.targets).sum::<u64>().max(1) as f64;
-        zero_grads(&adapted.trained);
+        adapted.optimizer.zero_grads(&adapted.trained);
         profile.lap(Phase::Optimizer);
         let mut loss_sum = 0.0;
         for (micro, batch) in micro_batches.iter().enumerate() {
@@ -329,12 +329,14 @@ impl<'a> Run<'a> {
             lr,
         };
         // The norm is the raw gradients'; clipping scales what the method's adjustment leaves.
-        let total_norm = total_grad_norm(&adapted.trained);
+        let total_norm = adapted.optimizer.total_grad_norm(&adapted.trained);
         profile.lap(Phase::Clip);
         adapted.method.adjust_gradients(info);
         profile.lap(Phase::Hooks);
         if let (Some(max_norm), Some(total)) = (training.max_grad_norm, &total_norm) {
-            scale_to_norm(&adapted.trained, total, max_norm);
+            adapted
+                .optimizer
+                .scale_to_norm(&adapted.trained, total, max_norm);
         }
         let norm = total_norm.map_or(0.0, |t| t.double_value(&[]));
         profile.lap(Phase::Clip);
