@@ -267,10 +267,8 @@ impl AdamW {
             for grads in flat {
                 let _ = grads.shallow_clone().g_mul_(&coefficient);
             }
-            for mut grad in defined_grads(&others) {
-                let _ = grad.g_mul_(&coefficient);
-            }
         });
+        scale_to_norm(&others, total, max_norm);
     }
 
     /// The moments, named `exp_avg.<parameter>` and `exp_avg_sq.<parameter>`, for a checkpoint:
@@ -378,8 +376,9 @@ pub fn zero_grads(params: &[Tensor]) {
 
 /// Scales the gradients of `params` so their global L2 norm is at most `max_norm`, exactly as
 /// `clip_grad_norm_` does (`max_norm / (norm + 1e-6)`, capped at 1, always applied); returns
-/// the norm before clipping. The loop runs its two halves apart ([`AdamW::total_grad_norm`],
-/// [`AdamW::scale_to_norm`]) around a method's gradient adjustment.
+/// the norm before clipping; tensor by tensor, the reference for the tests. The loop runs
+/// AdamW's halves ([`AdamW::total_grad_norm`], [`AdamW::scale_to_norm`]), which take the flat
+/// gradient buffers whole, apart around a method's gradient adjustment.
 #[cfg(test)]
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     let Some(total) = total_grad_norm(params) else {
@@ -391,14 +390,15 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
 
 /// The global L2 norm of the gradients of `params` as `clip_grad_norm_` computes it (the norm
 /// of the per-tensor norms), as a tensor; `None` without gradients.
-pub fn total_grad_norm(params: &[Tensor]) -> Option<Tensor> {
+#[cfg(test)]
+fn total_grad_norm(params: &[Tensor]) -> Option<Tensor> {
     global_norm(&defined_grads(params))
 }
 
 /// `clip_grad_norm_`'s scaling for a global norm `total` measured earlier: the training loop
 /// measures before a method adjusts the gradients and clips what the method leaves, in the
 /// order DeepSpeed runs LoRA-Pro's reference.
-pub fn scale_to_norm(params: &[Tensor], total: &Tensor, max_norm: f64) {
+fn scale_to_norm(params: &[Tensor], total: &Tensor, max_norm: f64) {
     let coefficient = clip_coefficient(total, max_norm);
     tch::no_grad(|| {
         for mut grad in defined_grads(params) {
