@@ -1,6 +1,7 @@
 #!/bin/bash
 # One GPU-machine call: install Liger's wheel, then bench/gpu_bench.py for the shapes given as
-# "shape:seq:batch:contenders[:seconds]" arguments. Results under $OUT.
+# "shape:seq:batch:contenders[:seconds]" arguments. Results under $OUT. GPU_BENCH_ARGS adds
+# options to every gpu_bench.py call (e.g. GPU_BENCH_ARGS=--profile).
 # It runs from a folder (`.gpu/`, ignored by git) that holds a copy of this script as run.sh, the
 # release trainer built here and stripped (loraforge-trainer; loraforge-before: an earlier build
 # to compare with), bench/{gpu_bench,peft_baseline,compare}.py and whl/liger_kernel-*.whl:
@@ -20,5 +21,5 @@ for spec in "$@"; do
   echo "=== $shape seq $seq batch $batch: $only"
   rm -rf /tmp/work-$shape/out-*; mkdir -p /tmp/work-$shape
   timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer --before-trainer ./loraforge-before --shape $shape --seq $seq --batch $batch \
-    --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch.json 2>&1 | tee -a $OUT/log.txt
+    --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch.json ${GPU_BENCH_ARGS:-} 2>&1 | tee -a $OUT/log.txt
 done
