@@ -624,7 +624,7 @@ mod tests {
             for (name, p) in params {
                 let g = p.randn_like();
                 if name != "c" || (3..=4).contains(&step) {
-                    loss = loss + (p * g).sum(Kind::Double);
+                    loss += (p * g).sum(Kind::Double);
                 }
             }
             loss.backward();
