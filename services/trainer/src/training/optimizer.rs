@@ -755,4 +755,35 @@ mod tests {
             }
         }
     }
+
+    /// A parameter something re-points after the optimizer laid out its buffers (`set_data`
+    /// again) no longer lives there: its group steps tensor by tensor, and it still trains.
+    #[test]
+    fn a_parameter_moved_out_of_its_buffer_still_steps() {
+        let init = adapter();
+        let copy = |named: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+            named
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true)))
+                .collect()
+        };
+        let (flat, reference) = (copy(&init), copy(&init));
+        let mut optimizer = AdamW::new(optimized(&flat), 0.1);
+        let mut per_tensor = PerTensor::new(tensors(&optimized(&reference)), 0.1);
+        let a = &flat[0].1;
+        a.shallow_clone().set_data(&a.detach().copy());
+        for step in 3..=4 {
+            for params in [&flat, &reference] {
+                zero_grads(&tensors(params));
+                backward(params, step);
+            }
+            optimizer.step(0.01);
+            per_tensor.step(0.01);
+            assert_eq!(optimizer.gather_grads(), [false, true]);
+        }
+        for ((name, ours), (_, theirs)) in flat.iter().zip(&reference) {
+            assert_same(name, ours, theirs, 0.0);
+        }
+        assert!(!flat[0].1.equal(&init[0].1), "a did not move");
+    }
 }
