@@ -7,13 +7,14 @@
 //! the same run in PyTorch would do.
 //!
 //! Flat buffers: a LoRA adapter is hundreds of small tensors (TinyLlama, all seven projections:
-//! 308), and stepping them one by one costs about ten kernel launches each, thousands a step,
-//! where the arithmetic itself is a few microseconds. So [`AdamW::new`] lays the parameters of
-//! each (device, dtype) end to end in one buffer and re-points every parameter's storage into
-//! it (`set_data`: the variable, its autograd identity and every module holding it stay the
-//! same; only where its numbers live changes); the moments are flat buffers of the same layout.
+//! 308), and stepping them one by one costs about a dozen kernel launches each, thousands a
+//! step, where the arithmetic itself is a few microseconds. So [`AdamW::new`] lays the
+//! parameters of each (device, dtype) end to end in one buffer and re-points every parameter's
+//! storage into it (`set_data`: the variable, its autograd identity and every module holding it
+//! stay the same; only where its numbers live changes); the moments are flat buffers of the same
+//! layout.
 //! Gradients are moved the same way the first time autograd creates them (it then accumulates
-//! into them in place), so a step is AdamW's ten kernels over each buffer, and the loop's
+//! into them in place), so a step is AdamW's dozen kernels over each buffer, and the loop's
 //! clearing, global norm and clipping are one kernel each. The arithmetic per element is the
 //! single-tensor path's, so the result is the same. A group falls back to the per-tensor loop
 //! in a step where one of its parameters has no gradient (never had one: AdamW skips it, and
