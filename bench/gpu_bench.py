@@ -6,7 +6,13 @@ Usage (on the GPU machine, with the trainer built on the development machine):
   python3 bench/gpu_bench.py --trainer BIN --shape tinyllama|llama3-8b --seq N --batch N
                              [--steps 10] [--only peft,liger,loraforge,loraforge-layers,loraforge-offload,...]
                              [--before-trainer OLD_BIN  (contender loraforge-before)]
+                             [--profile  (loraforge contenders: the trainer's step profile)]
 Prints one markdown table row per contender and one JSON line each (--json-out FILE too).
+
+--profile sets LORAFORGE_PROFILE_STEPS to the warm-up count for the loraforge contenders: the
+trainer times each phase of a step, synchronising the GPU between phases, and logs the mean per
+phase over the timed steps; those `step profile:` lines are printed and kept in the JSON
+(`profile`). Synchronising slows the run a little: take tokens/s from a run without it.
 
 Same for every contender: the model `peft_baseline.py --save-model` writes (random weights,
 bf16), LoRA r=16 alpha=32 dropout 0 on all seven projections (fp32 factors), AdamW lr 1e-4,
@@ -69,6 +75,8 @@ def main() -> None:
     ap.add_argument("--only", default="peft,liger,loraforge,loraforge-layers")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--work", default=None, help="folder for the model and data (default: a temporary one)")
+    ap.add_argument("--profile", action="store_true",
+                    help="the loraforge contenders log their step profile (LORAFORGE_PROFILE_STEPS)")
     args = ap.parse_args()
     warmup = 3
     pynvml.nvmlInit()
@@ -115,6 +123,8 @@ def main() -> None:
             spec = work / f"job-{name}.json"
             spec.write_text(json.dumps(job))
             env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
+            if args.profile:
+                env["LORAFORGE_PROFILE_STEPS"] = str(warmup)
             done = subprocess.run([trainer, "train", "--spec", str(spec), "--out", str(work / f"out-{name}"),
                                    "--device", "cuda"], env=env, capture_output=True, text=True)
             peak = sampler.finish()
@@ -129,6 +139,10 @@ def main() -> None:
                             "own_peak_gib": own and round(own / GIB, 2),
                             "final_loss": summary["metrics"]["final_loss"],
                             "wall_s": round(time.perf_counter() - started, 1)})
+            if args.profile:
+                profile = profile_lines(done.stderr)
+                results[-1].update(profiled=True, profile=profile)
+                print(f"{name}:\n" + "\n".join(profile), file=sys.stderr)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
 
     ref = {r["name"]: r for r in results if "error" not in r}
@@ -148,6 +162,12 @@ def main() -> None:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"card": card, "shape": args.shape, "seq": args.seq,
                                                    "batch": args.batch, "results": results}, indent=1))
+
+
+def profile_lines(log: str) -> list:
+    """The trainer's `step profile:` table, without the log's prefix."""
+    log = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    return [line[line.index("step profile:"):] for line in log.splitlines() if "step profile:" in line]
 
 
 def tail(text: str, lines: int = 15) -> str:

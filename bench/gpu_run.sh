@@ -1,6 +1,8 @@
 #!/bin/bash
 # One GPU-machine call: install Liger's wheel, then bench/gpu_bench.py for the shapes given as
-# "shape:seq:batch:contenders[:seconds]" arguments. Results under $OUT.
+# "shape:seq:batch:contenders[:seconds]" arguments. Results under $OUT. GPU_BENCH_ARGS adds
+# options to every gpu_bench.py call (GPU_BENCH_ARGS=--profile: the results are then named
+# SHAPE-SEQ-BATCH-profile.json, so a profiled pass can follow a timed one in the same call).
 # It runs from a folder (`.gpu/`, ignored by git) that holds a copy of this script as run.sh, the
 # release trainer built here and stripped (loraforge-trainer; loraforge-before: an earlier build
 # to compare with), bench/{gpu_bench,peft_baseline,compare}.py and whl/liger_kernel-*.whl:
@@ -15,10 +17,11 @@ export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 chmod +x ./loraforge-trainer ./loraforge-before
+tag=; [[ "${GPU_BENCH_ARGS:-}" == *--profile* ]] && tag=-profile
 for spec in "$@"; do
   IFS=: read shape seq batch only limit <<<"$spec"
   echo "=== $shape seq $seq batch $batch: $only"
   rm -rf /tmp/work-$shape/out-*; mkdir -p /tmp/work-$shape
   timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer --before-trainer ./loraforge-before --shape $shape --seq $seq --batch $batch \
-    --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch.json 2>&1 | tee -a $OUT/log.txt
+    --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch$tag.json ${GPU_BENCH_ARGS:-} 2>&1 | tee -a $OUT/log.txt
 done

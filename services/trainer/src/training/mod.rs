@@ -17,6 +17,7 @@ mod attach;
 pub mod checkpoint;
 pub mod optimizer;
 mod prepare;
+mod profile;
 pub mod seeds;
 mod step_loop;
 #[cfg(test)]

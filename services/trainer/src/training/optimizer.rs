@@ -5,12 +5,26 @@
 //! The arithmetic is `torch.optim.AdamW`'s single-tensor path (the one PyTorch takes on the
 //! CPU) op for op, and clipping is `torch.nn.utils.clip_grad_norm_`'s, so a run follows what
 //! the same run in PyTorch would do.
+//!
+//! Flat buffers: a LoRA adapter is hundreds of small tensors (TinyLlama, all seven projections:
+//! 308), and stepping them one by one costs about a dozen kernel launches each, thousands a
+//! step, where the arithmetic itself is a few microseconds. So [`AdamW::new`] lays the
+//! parameters of each (device, dtype) end to end in one buffer and re-points every parameter's
+//! storage into it (`set_data`: the variable, its autograd identity and every module holding it
+//! stay the same; only where its numbers live changes); the moments are flat buffers of the same
+//! layout.
+//! Gradients are moved the same way the first time autograd creates them (it then accumulates
+//! into them in place), so a step is AdamW's dozen kernels over each buffer, and the loop's
+//! clearing, global norm and clipping are one kernel each. The arithmetic per element is the
+//! single-tensor path's, so the result is the same. A group falls back to the per-tensor loop
+//! in a step where one of its parameters has no gradient (never had one: AdamW skips it, and
+//! must neither decay nor move it), and checkpoints still hold one tensor per parameter.
 
 use crate::error::user_error;
 use anyhow::Result;
 use loraforge_spec::LrSchedule;
-use std::collections::HashMap;
-use tch::Tensor;
+use std::collections::{HashMap, HashSet};
+use tch::{Device, Kind, Tensor};
 
 /// PyTorch's (and Hugging Face Trainer's) defaults; the job spec does not set them, a method
 /// may ([`AdamW::with_betas`]).
@@ -18,16 +32,33 @@ pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.999;
 pub const EPSILON: f64 = 1e-8;
 
-/// One trainable parameter and its AdamW state.
+/// One trainable parameter and its AdamW state, all views into its group's flat buffers.
 struct ParameterState {
     name: String,
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// Where the parameter lives in its group's flat buffer, and where its gradient goes in
+    /// the flat gradient buffer.
+    home: Tensor,
+    grad_slot: Tensor,
+}
+
+/// The parameters of one device and dtype, end to end, with their gradients and moments in the
+/// same layout.
+struct FlatGroup {
+    /// Indices into [`AdamW::parameters`], in buffer order.
+    members: Vec<usize>,
+    params: Tensor,
+    grads: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
 }
 
 pub struct AdamW {
+    /// In name order.
     parameters: Vec<ParameterState>,
+    groups: Vec<FlatGroup>,
     weight_decay: f64,
     betas: (f64, f64),
     /// Optimizer steps taken (PyTorch's per-parameter `step`, the same for all of them here).
@@ -36,20 +67,65 @@ pub struct AdamW {
 
 impl AdamW {
     /// Starts with zero moments, as `torch.optim.AdamW` does on its first step. Parameters are
-    /// kept in name order, so their state is saved and restored in one fixed order.
+    /// kept in name order, so their state is saved and restored in one fixed order. Each
+    /// parameter is moved into its group's flat buffer (module doc), keeping its value.
     pub fn new(mut named: Vec<(String, Tensor)>, weight_decay: f64) -> AdamW {
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let parameters = named
-            .into_iter()
-            .map(|(name, param)| ParameterState {
-                exp_avg: param.zeros_like(),
-                exp_avg_sq: param.zeros_like(),
-                name,
-                param,
-            })
-            .collect();
+        let mut keys: Vec<(Kind, Device)> = Vec::new();
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        for (i, (_, param)) in named.iter().enumerate() {
+            let key = (param.kind(), param.device());
+            match keys.iter().position(|k| *k == key) {
+                Some(g) => members[g].push(i),
+                None => {
+                    keys.push(key);
+                    members.push(vec![i]);
+                }
+            }
+        }
+        let mut slots: Vec<Option<ParameterState>> = named.iter().map(|_| None).collect();
+        let groups = tch::no_grad(|| {
+            keys.into_iter()
+                .zip(members)
+                .map(|(options, members)| {
+                    let total: i64 = members.iter().map(|&i| named[i].1.numel() as i64).sum();
+                    let params = Tensor::empty([total], options);
+                    let grads = Tensor::zeros([total], options);
+                    let exp_avg = Tensor::zeros([total], options);
+                    let exp_avg_sq = Tensor::zeros([total], options);
+                    let mut offset = 0;
+                    for &i in &members {
+                        let (name, param) = &named[i];
+                        let size = param.size();
+                        let numel = param.numel() as i64;
+                        let view =
+                            |flat: &Tensor| flat.narrow(0, offset, numel).view(size.as_slice());
+                        let flat_param = view(&params);
+                        flat_param.shallow_clone().copy_(param);
+                        param.shallow_clone().set_data(&flat_param);
+                        slots[i] = Some(ParameterState {
+                            name: name.clone(),
+                            param: param.shallow_clone(),
+                            exp_avg: view(&exp_avg),
+                            exp_avg_sq: view(&exp_avg_sq),
+                            grad_slot: view(&grads),
+                            home: flat_param,
+                        });
+                        offset += numel;
+                    }
+                    FlatGroup {
+                        members,
+                        params,
+                        grads,
+                        exp_avg,
+                        exp_avg_sq,
+                    }
+                })
+                .collect()
+        });
         AdamW {
-            parameters,
+            parameters: slots.into_iter().map(Option::unwrap).collect(),
+            groups,
             weight_decay,
             betas: (BETA1, BETA2),
             steps: 0,
@@ -67,41 +143,166 @@ impl AdamW {
         let (beta1, beta2) = self.betas;
         self.steps += 1;
         let step = self.steps as f64;
-        let bias_correction1 = 1.0 - beta1.powf(step);
-        let bias_correction2 = 1.0 - beta2.powf(step);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.powf(0.5);
+        let update = Update {
+            lr,
+            weight_decay: self.weight_decay,
+            beta1,
+            beta2,
+            step_size: lr / (1.0 - beta1.powf(step)),
+            bias_correction2_sqrt: (1.0 - beta2.powf(step)).powf(0.5),
+        };
+        let complete = self.gather_grads();
         tch::no_grad(|| {
-            for p in &mut self.parameters {
-                let grad = p.param.grad();
-                if !grad.defined() {
+            for (group, complete) in self.groups.iter_mut().zip(complete) {
+                if complete {
+                    update.apply(
+                        &mut group.params,
+                        &group.grads,
+                        &mut group.exp_avg,
+                        &mut group.exp_avg_sq,
+                    );
                     continue;
                 }
-                if self.weight_decay != 0.0 {
-                    let _ = p.param.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                for &i in &group.members {
+                    let p = &mut self.parameters[i];
+                    let grad = p.param.grad();
+                    if grad.defined() {
+                        update.apply(&mut p.param, &grad, &mut p.exp_avg, &mut p.exp_avg_sq);
+                    }
                 }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
-                // addcmul_(grad, grad, value=1-beta2) computes (value * grad) * grad.
-                let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = p.exp_avg_sq.g_add_(&(&grad * (1.0 - beta2) * &grad));
-                let denom = p.exp_avg_sq.sqrt() / bias_correction2_sqrt + EPSILON;
-                // addcdiv_(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom.
-                let _ = p.param.g_add_(&(&p.exp_avg * (-step_size) / denom));
             }
         });
     }
 
-    /// The moments, named `exp_avg.<parameter>` and `exp_avg_sq.<parameter>`, for a checkpoint.
+    /// Moves every gradient autograd created since the last call into its slot of the flat
+    /// gradient buffer (autograd then accumulates there in place); returns, per group, whether
+    /// every member and its gradient are in the group's buffers. Only pointers are compared
+    /// when nothing moves.
+    fn gather_grads(&self) -> Vec<bool> {
+        tch::no_grad(|| {
+            self.groups
+                .iter()
+                .map(|group| {
+                    let mut complete = true;
+                    for &i in &group.members {
+                        let p = &self.parameters[i];
+                        // Something re-pointed the parameter since: step it on its own.
+                        if p.param.data_ptr() != p.home.data_ptr() {
+                            complete = false;
+                        }
+                        let mut grad = p.param.grad();
+                        if !grad.defined() {
+                            complete = false;
+                        } else if grad.data_ptr() != p.grad_slot.data_ptr() {
+                            p.grad_slot.shallow_clone().copy_(&grad);
+                            grad.set_data(&p.grad_slot);
+                        }
+                    }
+                    complete
+                })
+                .collect()
+        })
+    }
+
+    /// Splits `trained` into the flat gradient buffers that hold the gradients of some of them
+    /// (groups whose every member has one there, all of whose members are in `trained`) and the
+    /// tensors whose gradients are not in such a buffer.
+    fn split_grads(&self, trained: &[Tensor]) -> (Vec<&Tensor>, Vec<Tensor>) {
+        let complete = self.gather_grads();
+        let flat: Vec<&FlatGroup> = self
+            .groups
+            .iter()
+            .zip(complete)
+            .filter_map(|(group, complete)| complete.then_some(group))
+            .collect();
+        let covered: HashSet<usize> = flat
+            .iter()
+            .flat_map(|g| &g.members)
+            .map(|&i| &self.parameters[i].param)
+            .filter(|p| p.numel() > 0)
+            .map(|p| p.data_ptr() as usize)
+            .collect();
+        let (mut found, mut others) = (0, Vec::new());
+        for t in trained {
+            if t.numel() > 0 && covered.contains(&(t.data_ptr() as usize)) {
+                found += 1;
+            } else {
+                others.push(t.shallow_clone());
+            }
+        }
+        if found != covered.len() {
+            // A parameter outside `trained` would be counted: measure tensor by tensor.
+            return (
+                Vec::new(),
+                trained.iter().map(Tensor::shallow_clone).collect(),
+            );
+        }
+        (flat.iter().map(|g| &g.grads).collect(), others)
+    }
+
+    /// Clears the gradients of `trained` (every trainable variable, this optimizer's parameters
+    /// among them) as [`zero_grads`] does: one kernel per flat gradient buffer.
+    pub fn zero_grads(&self, trained: &[Tensor]) {
+        let (flat, others) = self.split_grads(trained);
+        tch::no_grad(|| {
+            for grads in flat {
+                let _ = grads.shallow_clone().zero_();
+            }
+        });
+        zero_grads(&others);
+    }
+
+    /// [`total_grad_norm`] of `trained`, one reduction per flat gradient buffer.
+    pub fn total_grad_norm(&self, trained: &[Tensor]) -> Option<Tensor> {
+        let (flat, others) = self.split_grads(trained);
+        let mut grads: Vec<Tensor> = flat.into_iter().map(Tensor::shallow_clone).collect();
+        grads.extend(defined_grads(&others));
+        global_norm(&grads)
+    }
+
+    /// [`scale_to_norm`] of `trained`, one kernel per flat gradient buffer.
+    pub fn scale_to_norm(&self, trained: &[Tensor], total: &Tensor, max_norm: f64) {
+        let (flat, others) = self.split_grads(trained);
+        let coefficient = clip_coefficient(total, max_norm);
+        tch::no_grad(|| {
+            for grads in flat {
+                let _ = grads.shallow_clone().g_mul_(&coefficient);
+            }
+        });
+        scale_to_norm(&others, total, max_norm);
+    }
+
+    /// The moments, named `exp_avg.<parameter>` and `exp_avg_sq.<parameter>`, for a checkpoint:
+    /// copies on the CPU, each group's buffer brought over in one transfer.
     pub fn state(&self) -> Vec<(String, Tensor)> {
+        let on_cpu = |flat: &Tensor| {
+            flat.detach()
+                .to_device_(Device::Cpu, flat.kind(), false, true)
+        };
+        let mut moments: HashMap<usize, (Tensor, Tensor)> = HashMap::new();
+        for group in &self.groups {
+            let (exp_avg, exp_avg_sq) = (on_cpu(&group.exp_avg), on_cpu(&group.exp_avg_sq));
+            let mut offset = 0;
+            for &i in &group.members {
+                let p = &self.parameters[i];
+                let numel = p.param.numel() as i64;
+                let size = p.param.size();
+                let view = |flat: &Tensor| flat.narrow(0, offset, numel).view(size.as_slice());
+                moments.insert(i, (view(&exp_avg), view(&exp_avg_sq)));
+                offset += numel;
+            }
+        }
         self.parameters
             .iter()
-            .flat_map(|p| {
+            .enumerate()
+            .flat_map(|(i, p)| {
+                let (exp_avg, exp_avg_sq) =
+                    moments.remove(&i).expect("every parameter is in a group");
                 [
-                    (format!("exp_avg.{}", p.name), &p.exp_avg),
-                    (format!("exp_avg_sq.{}", p.name), &p.exp_avg_sq),
+                    (format!("exp_avg.{}", p.name), exp_avg),
+                    (format!("exp_avg_sq.{}", p.name), exp_avg_sq),
                 ]
             })
-            .map(|(name, t)| (name, t.detach().to_device(tch::Device::Cpu).contiguous()))
             .collect()
     }
 
@@ -133,7 +334,40 @@ impl AdamW {
     }
 }
 
-/// Clears the gradients of `params` (`zero_grad(set_to_none=False)`).
+/// The constants of one AdamW step.
+struct Update {
+    lr: f64,
+    weight_decay: f64,
+    beta1: f64,
+    beta2: f64,
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+}
+
+impl Update {
+    /// `torch.optim.AdamW`'s single-tensor step, op for op, on one parameter or one flat buffer
+    /// (element by element the same either way).
+    fn apply(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        exp_avg: &mut Tensor,
+        exp_avg_sq: &mut Tensor,
+    ) {
+        if self.weight_decay != 0.0 {
+            let _ = param.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
+        }
+        let _ = exp_avg.lerp_(grad, 1.0 - self.beta1);
+        // addcmul_(grad, grad, value=1-beta2) computes (value * grad) * grad.
+        let _ = exp_avg_sq.g_mul_scalar_(self.beta2);
+        let _ = exp_avg_sq.g_add_(&(grad * (1.0 - self.beta2) * grad));
+        let denom = exp_avg_sq.sqrt() / self.bias_correction2_sqrt + EPSILON;
+        // addcdiv_(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom.
+        let _ = param.g_add_(&(&*exp_avg * (-self.step_size) / denom));
+    }
+}
+
+/// Clears the gradients of `params` (`zero_grad(set_to_none=False)`), tensor by tensor.
 pub fn zero_grads(params: &[Tensor]) {
     for p in params {
         let mut p = p.shallow_clone();
@@ -143,8 +377,9 @@ pub fn zero_grads(params: &[Tensor]) {
 
 /// Scales the gradients of `params` so their global L2 norm is at most `max_norm`, exactly as
 /// `clip_grad_norm_` does (`max_norm / (norm + 1e-6)`, capped at 1, always applied); returns
-/// the norm before clipping. The loop runs its two halves apart ([`total_grad_norm`],
-/// [`scale_to_norm`]) around a method's gradient adjustment.
+/// the norm before clipping; tensor by tensor, the reference for the tests. The loop runs
+/// AdamW's halves ([`AdamW::total_grad_norm`], [`AdamW::scale_to_norm`]), which take the flat
+/// gradient buffers whole, apart around a method's gradient adjustment.
 #[cfg(test)]
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     let Some(total) = total_grad_norm(params) else {
@@ -154,23 +389,29 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     total.double_value(&[])
 }
 
-/// The global L2 norm of the gradients of `params` as `clip_grad_norm_` computes it, as a
-/// tensor; `None` without gradients.
-pub fn total_grad_norm(params: &[Tensor]) -> Option<Tensor> {
+/// The global L2 norm of the gradients of `params` as `clip_grad_norm_` computes it (the norm
+/// of the per-tensor norms), as a tensor; `None` without gradients.
+#[cfg(test)]
+fn total_grad_norm(params: &[Tensor]) -> Option<Tensor> {
     global_norm(&defined_grads(params))
 }
 
 /// `clip_grad_norm_`'s scaling for a global norm `total` measured earlier: the training loop
 /// measures before a method adjusts the gradients and clips what the method leaves, in the
 /// order DeepSpeed runs LoRA-Pro's reference.
-pub fn scale_to_norm(params: &[Tensor], total: &Tensor, max_norm: f64) {
-    // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
-    let coefficient = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+fn scale_to_norm(params: &[Tensor], total: &Tensor, max_norm: f64) {
+    let coefficient = clip_coefficient(total, max_norm);
     tch::no_grad(|| {
         for mut grad in defined_grads(params) {
             let _ = grad.g_mul_(&coefficient);
         }
     });
+}
+
+/// `max_norm / (total + 1e-6)`, capped at 1. Python's `max_norm / tensor` is
+/// `tensor.reciprocal() * max_norm`.
+fn clip_coefficient(total: &Tensor, max_norm: f64) -> Tensor {
+    ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0)
 }
 
 fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
@@ -181,7 +422,8 @@ fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
         .collect()
 }
 
-/// The norm of the per-tensor norms, as `clip_grad_norm_` computes it; `None` without gradients.
+/// The norm of the per-tensor (or per-buffer) norms, as `clip_grad_norm_` computes it; `None`
+/// without gradients.
 fn global_norm(grads: &[Tensor]) -> Option<Tensor> {
     if grads.is_empty() {
         return None;
@@ -302,5 +544,247 @@ mod tests {
             Vec::<f32>::try_from(&b.grad().to_device(Device::Cpu)).unwrap(),
             [4.0, 0.0]
         );
+    }
+
+    /// The per-tensor loop the flat buffers replaced, as it was: `torch.optim.AdamW`'s
+    /// single-tensor path on each parameter that has a gradient.
+    struct PerTensor {
+        params: Vec<Tensor>,
+        exp_avg: Vec<Tensor>,
+        exp_avg_sq: Vec<Tensor>,
+        steps: u64,
+        weight_decay: f64,
+    }
+
+    impl PerTensor {
+        fn new(params: Vec<Tensor>, weight_decay: f64) -> PerTensor {
+            PerTensor {
+                exp_avg: params.iter().map(Tensor::zeros_like).collect(),
+                exp_avg_sq: params.iter().map(Tensor::zeros_like).collect(),
+                params,
+                steps: 0,
+                weight_decay,
+            }
+        }
+
+        fn step(&mut self, lr: f64) {
+            self.steps += 1;
+            let step = self.steps as f64;
+            let bias_correction1 = 1.0 - BETA1.powf(step);
+            let bias_correction2 = 1.0 - BETA2.powf(step);
+            let step_size = lr / bias_correction1;
+            let bias_correction2_sqrt = bias_correction2.powf(0.5);
+            tch::no_grad(|| {
+                for ((param, exp_avg), exp_avg_sq) in self
+                    .params
+                    .iter_mut()
+                    .zip(&mut self.exp_avg)
+                    .zip(&mut self.exp_avg_sq)
+                {
+                    let grad = param.grad();
+                    if !grad.defined() {
+                        continue;
+                    }
+                    if self.weight_decay != 0.0 {
+                        let _ = param.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                    }
+                    let _ = exp_avg.lerp_(&grad, 1.0 - BETA1);
+                    let _ = exp_avg_sq.g_mul_scalar_(BETA2);
+                    let _ = exp_avg_sq.g_add_(&(&grad * (1.0 - BETA2) * &grad));
+                    let denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + EPSILON;
+                    let _ = param.g_add_(&(&*exp_avg * (-step_size) / denom));
+                }
+            });
+        }
+    }
+
+    /// A small adapter in two dtypes (two flat groups). `gate` is trained but stepped by no
+    /// optimizer (as SoRA's gates): only cleared and clipped.
+    fn adapter() -> Vec<(String, Tensor)> {
+        tch::manual_seed(7);
+        let double = (Kind::Double, Device::Cpu);
+        [
+            ("a", Tensor::randn([3, 4], double)),
+            ("b", Tensor::randn([5], double)),
+            ("c", Tensor::randn([2, 2], double)),
+            ("d", Tensor::randn([7], (Kind::Float, Device::Cpu))),
+            ("gate", Tensor::randn([3], double)),
+        ]
+        .into_iter()
+        .map(|(name, t)| (name.to_string(), t.set_requires_grad(true)))
+        .collect()
+    }
+
+    /// Step `step`'s gradients in two micro-batches (the second accumulates onto the first):
+    /// the gradient of `Σ p·G` is `G` exactly. `c` gets none in steps 1 and 2 (AdamW skips it:
+    /// no decay, no move), one in steps 3 and 4, then a zero one (still stepped).
+    fn backward(params: &[(String, Tensor)], step: i64) {
+        for micro in 0..2 {
+            tch::manual_seed(step * 10 + micro);
+            let mut loss = Tensor::zeros([], (Kind::Double, Device::Cpu));
+            for (name, p) in params {
+                let g = p.randn_like();
+                if name != "c" || (3..=4).contains(&step) {
+                    loss += (p * g).sum(Kind::Double);
+                }
+            }
+            loss.backward();
+        }
+    }
+
+    fn tensors(named: &[(String, Tensor)]) -> Vec<Tensor> {
+        named.iter().map(|(_, t)| t.shallow_clone()).collect()
+    }
+
+    fn optimized(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        named
+            .iter()
+            .filter(|(name, _)| name != "gate")
+            .map(|(name, t)| (name.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    /// At most `tolerance` apart (in f64), or bitwise equal where `tolerance` is 0.
+    fn assert_same(what: &str, ours: &Tensor, theirs: &Tensor, tolerance: f64) {
+        assert_eq!(ours.size(), theirs.size(), "{what}");
+        if tolerance == 0.0 {
+            assert!(ours.equal(theirs), "{what}: {ours} vs {theirs}");
+        } else {
+            let diff = (ours.to_kind(Kind::Double) - theirs.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff <= tolerance, "{what}: {diff}");
+        }
+    }
+
+    /// The flat buffers against the per-tensor loop on the same parameters and gradients, with
+    /// weight decay, a parameter without a gradient in some steps, a trained tensor outside
+    /// the optimizer, and the state saved after step 3 into a fresh optimizer that goes on. No
+    /// clipping: bitwise equal. Clipping measures one norm per buffer instead of one per
+    /// tensor, which rounds differently: within 1e-12.
+    #[test]
+    fn flat_buffers_step_as_the_per_tensor_loop() {
+        for (max_norm, tolerance) in [(None, 0.0), (Some(0.5), 1e-12)] {
+            let init = adapter();
+            let copy = |named: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+                named
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true)))
+                    .collect()
+            };
+            let (flat, reference) = (copy(&init), copy(&init));
+            let mut optimizer = AdamW::new(optimized(&flat), 0.1);
+            let mut per_tensor = PerTensor::new(tensors(&optimized(&reference)), 0.1);
+            // The parameters keep their values when moved into the buffers.
+            for ((name, ours), (_, theirs)) in flat.iter().zip(&init) {
+                assert_same(name, ours, theirs, 0.0);
+            }
+            let mut resumed: Option<(Vec<(String, Tensor)>, AdamW)> = None;
+            let mut saved_at_3 = Vec::new();
+            for step in 1..=6 {
+                let lr = 0.01 * step as f64;
+                zero_grads(&tensors(&reference));
+                backward(&reference, step);
+                if let Some(max_norm) = max_norm {
+                    clip_grad_norm(&tensors(&reference), max_norm);
+                }
+                per_tensor.step(lr);
+                let runs = std::iter::once((&flat, &mut optimizer))
+                    .chain(resumed.as_mut().map(|(p, o)| (&*p, o)));
+                for (params, optimizer) in runs {
+                    let trained = tensors(params);
+                    optimizer.zero_grads(&trained);
+                    backward(params, step);
+                    if let Some(max_norm) = max_norm {
+                        let total = optimizer.total_grad_norm(&trained).unwrap();
+                        optimizer.scale_to_norm(&trained, &total, max_norm);
+                    }
+                    optimizer.step(lr);
+                    // The f64 group steps as one buffer once `c` has a gradient; the f32 one
+                    // from the start.
+                    assert_eq!(optimizer.gather_grads(), [step >= 3, true], "step {step}");
+                    for ((name, ours), (_, theirs)) in params.iter().zip(&reference) {
+                        let what = format!("{name} after step {step}");
+                        assert_same(&what, ours, theirs, tolerance);
+                        let (ours, theirs) = (ours.grad(), theirs.grad());
+                        assert_eq!(ours.defined(), theirs.defined(), "{what}");
+                        if ours.defined() {
+                            assert_same(&format!("{what}: gradient"), &ours, &theirs, tolerance);
+                        }
+                    }
+                }
+                if step == 3 {
+                    let state = optimizer.state();
+                    saved_at_3 = state
+                        .iter()
+                        .map(|(n, t)| (n.clone(), t.copy(), t.shallow_clone()))
+                        .collect();
+                    let twin = copy(&flat);
+                    let mut restored = AdamW::new(optimized(&twin), 0.1);
+                    restored.load_state(&state, optimizer.steps).unwrap();
+                    resumed = Some((twin, restored));
+                }
+            }
+            // The moments are the per-tensor loop's, per parameter name; the state saved after
+            // step 3 is a copy, which later steps left alone.
+            let (twin, restored) = resumed.unwrap();
+            let names = ["a", "b", "c", "d"];
+            for state in [optimizer.state(), restored.state()] {
+                let expected: Vec<String> = names
+                    .iter()
+                    .flat_map(|n| [format!("exp_avg.{n}"), format!("exp_avg_sq.{n}")])
+                    .collect();
+                assert_eq!(
+                    state.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+                    expected
+                );
+                for (k, (name, moment)) in state.iter().enumerate() {
+                    let theirs = match k % 2 {
+                        0 => &per_tensor.exp_avg[k / 2],
+                        _ => &per_tensor.exp_avg_sq[k / 2],
+                    };
+                    assert_same(name, moment, theirs, tolerance);
+                }
+            }
+            for ((name, then, saved), (_, now)) in saved_at_3.iter().zip(optimizer.state()) {
+                assert!(saved.equal(then), "{name}: the saved state changed");
+                assert!(!saved.equal(&now), "{name} did not change after step 3");
+            }
+            for ((name, ours), (_, theirs)) in twin.iter().zip(&flat) {
+                assert_same(&format!("resumed {name}"), ours, theirs, 0.0);
+            }
+        }
+    }
+
+    /// A parameter something re-points after the optimizer laid out its buffers (`set_data`
+    /// again) no longer lives there: its group steps tensor by tensor, and it still trains.
+    #[test]
+    fn a_parameter_moved_out_of_its_buffer_still_steps() {
+        let init = adapter();
+        let copy = |named: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+            named
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true)))
+                .collect()
+        };
+        let (flat, reference) = (copy(&init), copy(&init));
+        let mut optimizer = AdamW::new(optimized(&flat), 0.1);
+        let mut per_tensor = PerTensor::new(tensors(&optimized(&reference)), 0.1);
+        let a = &flat[0].1;
+        a.shallow_clone().set_data(&a.detach().copy());
+        for step in 3..=4 {
+            for params in [&flat, &reference] {
+                zero_grads(&tensors(params));
+                backward(params, step);
+            }
+            optimizer.step(0.01);
+            per_tensor.step(0.01);
+            assert_eq!(optimizer.gather_grads(), [false, true]);
+        }
+        for ((name, ours), (_, theirs)) in flat.iter().zip(&reference) {
+            assert_same(name, ours, theirs, 0.0);
+        }
+        assert!(!flat[0].1.equal(&init[0].1), "a did not move");
     }
 }

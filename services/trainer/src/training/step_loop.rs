@@ -4,7 +4,8 @@
 
 use super::attach::AdaptedModel;
 use super::checkpoint::{checkpoint_of, restore, CheckpointStore, SavedCheckpoint, TrainingState};
-use super::optimizer::{learning_rate, scale_to_norm, total_grad_norm, zero_grads};
+use super::optimizer::learning_rate;
+use super::profile::{Phase, StepProfile};
 use super::seeds::{derive_seed, SeedUse};
 use super::{log, Reporter};
 use crate::calibration::Calibration;
@@ -94,6 +95,8 @@ pub struct Run<'a> {
     last_ranks: Option<RankAllocation>,
     /// The GPU's memory in use, sampled while the run trains (none on the CPU).
     pub gpu_memory: Option<GpuMemoryMonitor>,
+    /// Where each step's time goes, when the environment asks (`profile`).
+    profile: StepProfile,
 }
 
 impl<'a> Run<'a> {
@@ -105,6 +108,7 @@ impl<'a> Run<'a> {
         validation: Option<ExampleSet<'a>>,
         gpu_memory: Option<GpuMemoryMonitor>,
     ) -> Run<'a> {
+        let profile = StepProfile::from_env(adapted.device);
         Run {
             spec,
             adapted,
@@ -113,6 +117,7 @@ impl<'a> Run<'a> {
             validation,
             last_ranks: None,
             gpu_memory,
+            profile,
         }
     }
 
@@ -243,6 +248,9 @@ impl<'a> Run<'a> {
                 self.save_checkpoint(state, hooks)?;
             }
         }
+        for line in self.profile.summary().into_iter().flatten() {
+            hooks.reporter.report(log(line));
+        }
         Ok(())
     }
 
@@ -256,8 +264,10 @@ impl<'a> Run<'a> {
         reporter: &mut dyn Reporter,
     ) -> Result<StepOutcome> {
         let training = &self.spec.training;
-        let (plan, adapted) = (&self.plan, &mut self.adapted);
+        let (plan, adapted, profile) = (&self.plan, &mut self.adapted, &mut self.profile);
+        profile.start_step();
         adapted.method.before_step(step);
+        profile.lap(Phase::Hooks);
         let mut micro_batches = Vec::with_capacity(plan.accumulation as usize);
         while (micro_batches.len() as u64) < plan.accumulation {
             let end =
@@ -278,10 +288,12 @@ impl<'a> Run<'a> {
         if let Some(trace) = adapted.trace.as_mut() {
             trace.record_batches(step, &micro_batches);
         }
+        profile.lap(Phase::Data);
         // The step's loss is the mean over all its target tokens, however they are split into
         // micro-batches: accumulating k batches of b rows is one batch of k * b rows.
         let targets = micro_batches.iter().map(|b| b.targets).sum::<u64>().max(1) as f64;
-        zero_grads(&adapted.trained);
+        adapted.optimizer.zero_grads(&adapted.trained);
+        profile.lap(Phase::Optimizer);
         let mut loss_sum = 0.0;
         for (micro, batch) in micro_batches.iter().enumerate() {
             let dropout_index = u64::from(step) * plan.accumulation + micro as u64;
@@ -298,8 +310,10 @@ impl<'a> Run<'a> {
                 Some(extra) => loss / targets + extra / micro_batches.len() as f64,
                 None => loss / targets,
             };
+            profile.lap(Phase::Forward);
             objective.backward();
             pass.backward();
+            profile.lap(Phase::Backward);
         }
         let loss = loss_sum / targets;
         if !loss.is_finite() {
@@ -315,13 +329,19 @@ impl<'a> Run<'a> {
             lr,
         };
         // The norm is the raw gradients'; clipping scales what the method's adjustment leaves.
-        let total_norm = total_grad_norm(&adapted.trained);
+        let total_norm = adapted.optimizer.total_grad_norm(&adapted.trained);
+        profile.lap(Phase::Clip);
         adapted.method.adjust_gradients(info);
+        profile.lap(Phase::Hooks);
         if let (Some(max_norm), Some(total)) = (training.max_grad_norm, &total_norm) {
-            scale_to_norm(&adapted.trained, total, max_norm);
+            adapted
+                .optimizer
+                .scale_to_norm(&adapted.trained, total, max_norm);
         }
         let norm = total_norm.map_or(0.0, |t| t.double_value(&[]));
+        profile.lap(Phase::Clip);
         adapted.optimizer.step(lr);
+        profile.lap(Phase::Optimizer);
         adapted.method.after_step(info);
         if let Some(ranks) = adapted
             .method
@@ -331,6 +351,7 @@ impl<'a> Run<'a> {
             reporter.report(ranks.event(step));
             self.last_ranks = Some(ranks);
         }
+        profile.lap(Phase::Hooks);
         Ok(StepOutcome {
             loss,
             tokens: micro_batches.iter().map(|b| b.tokens).sum(),
