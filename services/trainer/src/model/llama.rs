@@ -944,7 +944,10 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 }
 
 fn fused_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let last = *x.size().last().expect("RMSNorm of a tensor with dimensions");
+    let last = *x
+        .size()
+        .last()
+        .expect("RMSNorm of a tensor with dimensions");
     x.internal_fused_rms_norm([last], Some(weight), eps).0
 }
 
@@ -1248,7 +1251,11 @@ mod tests {
         };
         let fused = grads(fused_rms_norm, &x, &w);
         let reference = grads(formula, &x, &w);
-        for (f, c) in [(&fused.0, &reference.0), (&fused.1, &reference.1), (&fused.2, &reference.2)] {
+        for (f, c) in [
+            (&fused.0, &reference.0),
+            (&fused.1, &reference.1),
+            (&fused.2, &reference.2),
+        ] {
             let gap = (f - c).abs().max().double_value(&[]);
             assert!(gap < 1e-12, "f64 gap {gap}");
         }
@@ -1264,7 +1271,11 @@ mod tests {
                 &x.to_kind(Kind::BFloat16).to_device(cuda),
                 &w.to_kind(Kind::BFloat16).to_device(cuda),
             );
-            for (f, c) in [(&fused.0, &reference.0), (&fused.1, &reference.1), (&fused.2, &reference.2)] {
+            for (f, c) in [
+                (&fused.0, &reference.0),
+                (&fused.1, &reference.1),
+                (&fused.2, &reference.2),
+            ] {
                 let f = f.to_kind(Kind::Float);
                 let gap = (&f - c).abs().max().double_value(&[]);
                 let scale = c.abs().max().double_value(&[]);
