@@ -658,6 +658,14 @@ mod tests {
         }
     }
 
+    /// Fresh leaves with the same names and values, so two optimizers start from the same place.
+    fn trainable_copy(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        named
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true)))
+            .collect()
+    }
+
     /// The flat buffers against the per-tensor loop on the same parameters and gradients, with
     /// weight decay, a parameter without a gradient in some steps, a trained tensor outside
     /// the optimizer, and the state saved after step 3 into a fresh optimizer that goes on. No
@@ -667,13 +675,7 @@ mod tests {
     fn flat_buffers_step_as_the_per_tensor_loop() {
         for (max_norm, tolerance) in [(None, 0.0), (Some(0.5), 1e-12)] {
             let init = adapter();
-            let copy = |named: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
-                named
-                    .iter()
-                    .map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true)))
-                    .collect()
-            };
-            let (flat, reference) = (copy(&init), copy(&init));
+            let (flat, reference) = (trainable_copy(&init), trainable_copy(&init));
             let mut optimizer = AdamW::new(optimized(&flat), 0.1);
             let mut per_tensor = PerTensor::new(tensors(&optimized(&reference)), 0.1);
             // The parameters keep their values when moved into the buffers.
@@ -720,7 +722,7 @@ mod tests {
                         .iter()
                         .map(|(n, t)| (n.clone(), t.copy(), t.shallow_clone()))
                         .collect();
-                    let twin = copy(&flat);
+                    let twin = trainable_copy(&flat);
                     let mut restored = AdamW::new(optimized(&twin), 0.1);
                     restored.load_state(&state, optimizer.steps).unwrap();
                     resumed = Some((twin, restored));
@@ -762,13 +764,7 @@ mod tests {
     #[test]
     fn a_parameter_moved_out_of_its_buffer_still_steps() {
         let init = adapter();
-        let copy = |named: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
-            named
-                .iter()
-                .map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true)))
-                .collect()
-        };
-        let (flat, reference) = (copy(&init), copy(&init));
+        let (flat, reference) = (trainable_copy(&init), trainable_copy(&init));
         let mut optimizer = AdamW::new(optimized(&flat), 0.1);
         let mut per_tensor = PerTensor::new(tensors(&optimized(&reference)), 0.1);
         let a = &flat[0].1;
