@@ -931,7 +931,7 @@ impl Attention {
 
 /// RMSNorm. On CUDA, aten's fused kernel (`_fused_rms_norm`): one kernel each way, and autograd
 /// keeps only the input and the per-row scale, where the composite below keeps an fp32 copy
-/// of the input and the normalised rows (about 6 bytes an element, two norms a layer). It
+/// of the input and the normalised rows (about 4 bytes an element more, two norms a layer). It
 /// scales by the weight before rounding to the input's dtype, so in bf16 it differs from
 /// Hugging Face's by that one rounding. Elsewhere the composite, which is Hugging Face's
 /// (normalise in fp32, cast back, then scale) op for op, so CPU logits match theirs exactly.
