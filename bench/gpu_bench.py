@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--trainer", required=True)
     ap.add_argument("--before-trainer", default=None,
                     help="an earlier build of the trainer, run as contender `loraforge-before`")
+    ap.add_argument("--other-trainer", action="append", default=[], metavar="NAME=PATH",
+                    help="another build, run as contender NAME (repeatable)")
     ap.add_argument("--shape", default="tinyllama")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
@@ -90,8 +92,15 @@ def main() -> None:
     baseline = [sys.executable, str(HERE / "peft_baseline.py"), "--device", "cuda", "--shape", args.shape,
                 "--seq", str(args.seq), "--batch", str(args.batch)]
     run([args.trainer, "fixture", "--out", str(work / "fixture")])
-    if not (work / "model/config.json").exists():
+    config_path = work / "model/config.json"
+    if not config_path.exists():
         run(baseline + ["--save-model", str(work / "model")])
+    config = json.loads(config_path.read_text())
+    if config["max_position_embeddings"] < args.seq:
+        # A model saved for a shorter run: the same weights serve a longer one (RoPE without
+        # scaling computes the same), and loraforge refuses a seq_len past this limit.
+        config["max_position_embeddings"] = args.seq
+        config_path.write_text(json.dumps(config, indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(work / "fixture/model" / name, work / "model" / name)
     job_path = write_job(work, args.seq, args.batch, warmup + args.steps)
@@ -114,9 +123,11 @@ def main() -> None:
             results.append({"name": name, "tokens_per_s": report["tokens_per_s"], "nvml_peak_gib": round(peak, 2),
                             "torch_peak_gib": report.get("peak_mem_gib"), "wall_s": round(time.perf_counter() - started, 1)})
         else:
-            trainer = args.before_trainer if name == "loraforge-before" else args.trainer
-            checkpointing = {"loraforge": "none", "loraforge-layers": "layers", "loraforge-offload": "offload",
-                             "loraforge-before": None}[name]
+            others = dict(other.split("=", 1) for other in args.other_trainer)
+            others["loraforge-before"] = args.before_trainer
+            trainer = others.get(name, args.trainer)
+            checkpointing = None if name in others else {
+                "loraforge": "none", "loraforge-layers": "layers", "loraforge-offload": "offload"}[name]
             job["training"].pop("gradient_checkpointing", None)
             if checkpointing:
                 job["training"]["gradient_checkpointing"] = checkpointing

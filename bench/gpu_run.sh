@@ -4,8 +4,8 @@
 # options to every gpu_bench.py call (GPU_BENCH_ARGS=--profile: the results are then named
 # SHAPE-SEQ-BATCH-profile.json, so a profiled pass can follow a timed one in the same call).
 # It runs from a folder (`.gpu/`, ignored by git) that holds a copy of this script as run.sh, the
-# release trainer built here and stripped (loraforge-trainer; loraforge-before: an earlier build
-# to compare with), bench/{gpu_bench,peft_baseline,compare}.py and whl/liger_kernel-*.whl:
+# release trainer built here and stripped (loraforge-trainer; loraforge-before and any other
+# loraforge-NAME: earlier builds, contenders of those names), bench/*.py and whl/liger_kernel-*.whl:
 #   mkdir -p .gpu/bench .gpu/whl && cp bench/gpu_run.sh .gpu/run.sh && cp bench/*.py .gpu/bench/
 #   strip -o .gpu/loraforge-trainer $CARGO_TARGET_DIR/release/loraforge-trainer
 #   pip download --no-deps --only-binary=:all: -d .gpu/whl liger-kernel==0.8.5
@@ -16,12 +16,19 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+# Builds may come gzipped (a device call carries 64 MiB at most; three builds are 62 MiB).
+for z in loraforge-*.gz; do [ -e "$z" ] && gunzip -kf "$z"; done
 chmod +x ./loraforge-trainer ./loraforge-before
+# Any other build here (loraforge-NAME) runs as contender loraforge-NAME.
+others=()
+for bin in loraforge-*; do
+  case $bin in loraforge-trainer|loraforge-before|*.gz) ;; *) chmod +x "$bin"; others+=(--other-trainer "$bin=./$bin");; esac
+done
 tag=; [[ "${GPU_BENCH_ARGS:-}" == *--profile* ]] && tag=-profile
 for spec in "$@"; do
   IFS=: read shape seq batch only limit <<<"$spec"
   echo "=== $shape seq $seq batch $batch: $only"
   rm -rf /tmp/work-$shape/out-*; mkdir -p /tmp/work-$shape
-  timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer --before-trainer ./loraforge-before --shape $shape --seq $seq --batch $batch \
-    --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch$tag.json ${GPU_BENCH_ARGS:-} 2>&1 | tee -a $OUT/log.txt
+  timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer --before-trainer ./loraforge-before \
+    ${others[@]+"${others[@]}"} --shape $shape --seq $seq --batch $batch --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch$tag.json ${GPU_BENCH_ARGS:-} 2>&1 | tee -a $OUT/log.txt
 done
