@@ -3,7 +3,6 @@
 //! is its exponential.
 
 use crate::data::{Batch, ExampleSet};
-use crate::model::llama::Checkpointing;
 use crate::model::lm_loss::{chunk_rows, summed_cross_entropy};
 use crate::model::LlamaModel;
 use anyhow::Result;
@@ -11,7 +10,7 @@ use tch::{Device, Tensor};
 
 /// Cross-entropy summed over a batch's target tokens (fp32 softmax), the logits computed a
 /// chunk at a time ([`crate::model::lm_loss`]). `hidden (batch, seq, dim)` are the final hidden
-/// states of a [`LlamaModel::training_pass`].
+/// states of a [`LlamaModel::training_pass`] or [`LlamaModel::final_hidden`].
 pub fn summed_loss_of(model: &LlamaModel, hidden: &Tensor, labels: &Tensor) -> Tensor {
     let head = model.lm_head();
     let dim = head.size()[1];
@@ -23,10 +22,10 @@ pub fn summed_loss_of(model: &LlamaModel, hidden: &Tensor, labels: &Tensor) -> T
     )
 }
 
-/// [`summed_loss_of`] a batch, with every activation kept (no checkpointing).
+/// [`summed_loss_of`] a batch.
 pub fn summed_loss(model: &LlamaModel, batch: &Batch, train: bool) -> Tensor {
-    let pass = model.training_pass(&batch.input_ids, train, Checkpointing::None);
-    summed_loss_of(model, &pass.hidden, &batch.labels)
+    let hidden = model.final_hidden(&batch.input_ids, train);
+    summed_loss_of(model, &hidden, &batch.labels)
 }
 
 /// Mean loss per target token over the validation examples (no dropout), and how many

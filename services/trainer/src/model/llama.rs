@@ -8,9 +8,12 @@ use crate::model::architecture::{ModelConfig, RopeScaling};
 use crate::model::device::base_kind;
 use crate::model::weights::load_model_weights;
 use anyhow::Result;
+use layer_backward::LayerGraph;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
+
+mod layer_backward;
 
 /// A trainable branch added to the output of a frozen linear layer (LoRA and its relatives).
 pub trait LinearAdapter {
@@ -131,19 +134,35 @@ impl Merged {
 
     /// Every part's output for `x (.., in)`, `(.., out_i)` each.
     fn forward(&self, parts: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
-        let branches: Option<Vec<Option<LowRank>>> = parts
-            .iter()
-            .map(|l| match &l.adapter {
-                None => Some(None),
-                Some(adapter) => adapter.low_rank(train).map(Some),
-            })
-            .collect();
-        let Some(branches) = branches else {
-            return parts.iter().map(|l| l.forward(x, train)).collect();
-        };
         let shape = x.size();
         let x2 = x.reshape([-1, shape[shape.len() - 1]]);
+        let Some((y, _)) = self.product(parts, &x2, train) else {
+            return parts.iter().map(|l| l.forward(x, train)).collect();
+        };
+        let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
+        y.split_with_sizes(sizes.as_slice(), 1)
+            .into_iter()
+            .map(|part| {
+                let mut out = shape.clone();
+                let last = out.len() - 1;
+                out[last] = part.size()[1];
+                part.view(out.as_slice())
+            })
+            .collect()
+    }
+
+    /// The parts' outputs side by side, `(tokens, sum of out_i)`, for `x2 (tokens, in)`, and
+    /// the branches' share of it; `None` where some part's adapter is not a plain low-rank
+    /// branch in this pass.
+    fn product(
+        &self,
+        parts: &[&Linear],
+        x2: &Tensor,
+        train: bool,
+    ) -> Option<(Tensor, Option<MergedBranches>)> {
+        let branches = plain_branches(parts, train)?;
         let mut y = x2.linear(&self.weight, self.bias.as_ref());
+        let mut merged = None;
         if branches.iter().any(Option::is_some) {
             let (kind, device) = (x2.kind(), x2.device());
             let total: i64 = branches.iter().flatten().map(|b| b.a.size()[0]).sum();
@@ -175,19 +194,33 @@ impl Merged {
                 })
                 .collect();
             let b = Tensor::cat(&rows, 0);
-            y = y.addmm_(&x2.linear::<Tensor>(&a, None), &b.tr());
+            let h = x2.linear::<Tensor>(&a, None);
+            y = y.addmm_(&h, &b.tr());
+            merged = Some(MergedBranches { h, a, b });
         }
-        let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
-        y.split_with_sizes(sizes.as_slice(), 1)
-            .into_iter()
-            .map(|part| {
-                let mut out = shape.clone();
-                let last = out.len() - 1;
-                out[last] = part.size()[1];
-                part.view(out.as_slice())
-            })
-            .collect()
+        Some((y, merged))
     }
+}
+
+/// The branches of a merged product: `y += h b^T` with `h = x2 a^T`; `a` the parts' `A`s
+/// stacked `(total r, in)`, `b` their scaled `B`s block-diagonal `(sum of out_i, total r)`,
+/// both in the input's dtype.
+struct MergedBranches {
+    h: Tensor,
+    a: Tensor,
+    b: Tensor,
+}
+
+/// Each part's branch if every adapter among `parts` is a plain low-rank branch in this pass
+/// (`None` for a part without one), else `None`.
+fn plain_branches<'a>(parts: &[&'a Linear], train: bool) -> Option<Vec<Option<LowRank<'a>>>> {
+    parts
+        .iter()
+        .map(|l| match &l.adapter {
+            None => Some(None),
+            Some(adapter) => adapter.low_rank(train).map(Some),
+        })
+        .collect()
 }
 
 struct Attention {
@@ -537,6 +570,14 @@ impl LlamaModel {
         hidden
     }
 
+    /// The final hidden states `(batch, seq, hidden)` of a whole sequence, after the last norm,
+    /// as one autograd graph: what [`LlamaModel::training_pass`] computes, for scoring without
+    /// the layer-by-layer backward.
+    pub fn final_hidden(&self, input_ids: &Tensor, train: bool) -> Tensor {
+        let hidden = self.run_layers(input_ids, train, None, &mut |_| {});
+        rms_norm(&hidden, &self.norm, self.config.rms_norm_eps)
+    }
+
     /// The frozen output projection `(vocab, hidden)`.
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
@@ -544,8 +585,9 @@ impl LlamaModel {
 
     /// The final hidden states `(batch, seq, hidden)` of a whole sequence, after the last
     /// norm: what the output projection turns into logits, for a loss that does that itself
-    /// ([`crate::model::lm_loss`]). With [`Checkpointing::Layers`], the layers run without
-    /// keeping their activations, and [`TrainingPass::backward`] recomputes them; with
+    /// ([`crate::model::lm_loss`]). Each layer is its own graph (layer_backward.rs), which
+    /// [`TrainingPass::backward`] runs last layer first. With [`Checkpointing::Layers`], the
+    /// layers run without keeping their activations, and the backward recomputes them; with
     /// [`Checkpointing::Offload`] too, the inputs they are recomputed from waiting in pinned
     /// host memory.
     pub fn training_pass(
@@ -564,20 +606,26 @@ impl LlamaModel {
             .map(|w| sliding_window_mask(new, w, device));
         let rope = rotary_tables(c, new, kind, device);
         let seeds = layer_seeds(self.layers.len(), train);
-        let run_layer = |i: usize, x: &Tensor| {
+        let run_layer = |i: usize, x: Tensor| {
             if let Some(seeds) = &seeds {
                 tch::manual_seed(seeds[i]);
             }
             let mask = c.window_of(i).and(window_mask.as_ref());
-            self.layers[i].forward(x, (&rope.0, &rope.1), mask, None, c.rms_norm_eps, train)
+            let rope = (&rope.0, &rope.1);
+            self.layers[i].forward_for_backward(x, rope, mask, c.rms_norm_eps, train)
         };
-        let (last, inputs) = match checkpointing {
+        let (last, kept) = match checkpointing {
             Checkpointing::None => {
+                let mut graphs = Vec::with_capacity(self.layers.len());
                 let mut hidden = embedded;
                 for i in 0..self.layers.len() {
-                    hidden = run_layer(i, &hidden);
+                    // The first layer's input is the frozen embedding: no gradient to pass on.
+                    let input = hidden.set_requires_grad(i > 0);
+                    let (out, graph) = run_layer(i, input);
+                    graphs.push(graph);
+                    hidden = out;
                 }
-                (hidden, Vec::new())
+                (hidden, Kept::Graphs(graphs))
             }
             Checkpointing::Layers | Checkpointing::Offload => {
                 let offload = checkpointing == Checkpointing::Offload;
@@ -585,26 +633,27 @@ impl LlamaModel {
                 let mut hidden = embedded;
                 tch::no_grad(|| {
                     for i in 0..self.layers.len() {
-                        let out = run_layer(i, &hidden);
+                        let out = run_layer(i, hidden.shallow_clone()).0;
                         let input = std::mem::replace(&mut hidden, out);
                         inputs.push(if offload { to_host(&input) } else { input });
                     }
                 });
-                (hidden.set_requires_grad(true), inputs)
+                (hidden, Kept::Inputs(inputs))
             }
         };
+        let last = last.set_requires_grad(true);
         let hidden = rms_norm(&last, &self.norm, c.rms_norm_eps);
         TrainingPass {
             model: self,
             hidden,
-            recompute: (!inputs.is_empty()).then_some(Recompute {
+            layers: LayersBackward {
                 last,
-                inputs,
+                kept,
                 rope,
                 window_mask,
                 seeds,
                 train,
-            }),
+            },
         }
     }
 }
@@ -613,70 +662,70 @@ impl LlamaModel {
 /// (`training.gradient_checkpointing`).
 pub use loraforge_spec::GradientCheckpointing as Checkpointing;
 
-/// One training forward pass: its final hidden states, and, where layers were checkpointed,
-/// what their backward needs.
+/// One training forward pass: its final hidden states, and what the layers' backward needs.
 pub struct TrainingPass<'m> {
     model: &'m LlamaModel,
     /// `(batch, seq, hidden)`, after the final norm.
     pub hidden: Tensor,
-    recompute: Option<Recompute>,
+    layers: LayersBackward,
 }
 
-/// What a checkpointed pass kept: each layer's input, and what every layer shares.
-struct Recompute {
+/// What the decoder layers' backward starts from.
+struct LayersBackward {
     /// The last layer's output, a leaf whose gradient the loss's backward fills.
     last: Tensor,
-    /// On the device, or, offloaded, in pinned host memory.
-    inputs: Vec<Tensor>,
+    kept: Kept,
     rope: (Tensor, Tensor),
     window_mask: Option<Tensor>,
     seeds: Option<Vec<i64>>,
     train: bool,
 }
 
+/// Per layer, in order: its graph, or, checkpointed, its input (on the device, or, offloaded,
+/// in pinned host memory), from which the layer is recomputed.
+enum Kept {
+    Graphs(Vec<LayerGraph>),
+    Inputs(Vec<Tensor>),
+}
+
 impl TrainingPass<'_> {
-    /// To be called after the loss's `backward()`: with checkpointed layers, runs their
-    /// backward, last layer first, each recomputed from its saved input (with the dropout
-    /// masks of the first pass, from the same seeds), its gradient accumulated into the
-    /// adapters and handed to the layer before. Without, there is nothing left to do.
-    /// An offloaded input comes back to the device as its layer's turn comes.
+    /// To be called after the loss's `backward()`: runs the layers' backward, last layer first,
+    /// each one's gradient accumulated into its adapters and handed to the layer before
+    /// ([`DecoderLayer::backward`]). A checkpointed layer is first recomputed from its saved
+    /// input (with the dropout masks of the first pass, from the same seeds); an offloaded
+    /// input comes back to the device as its layer's turn comes.
     pub fn backward(self) {
-        let Some(mut r) = self.recompute else {
-            return;
-        };
+        let mut r = self.layers;
         let c = &self.model.config;
         let mut grad = r.last.grad();
         if !grad.defined() {
             return;
         }
         let device = r.last.device();
-        // Popped, each input is freed once its layer is done.
-        while let Some(input) = r.inputs.pop() {
-            let i = r.inputs.len();
-            // Brought back just before its layer, not one layer ahead: tch has no second CUDA
-            // stream, and on the one stream a copy issued earlier would still run in order,
-            // before the kernels queued after it, so prefetching would only hold one more
-            // input on the device. The copy does not make the host wait (pinned memory).
-            let input = to_device(&input, device);
-            if let Some(seeds) = &r.seeds {
-                tch::manual_seed(seeds[i]);
-            }
-            // The first layer's input is the frozen embedding: no gradient to pass on.
-            let x = input.detach().set_requires_grad(i > 0);
-            let mask = c.window_of(i).and(r.window_mask.as_ref());
-            let out = self.model.layers[i].forward(
-                &x,
-                (&r.rope.0, &r.rope.1),
-                mask,
-                None,
-                c.rms_norm_eps,
-                r.train,
-            );
-            // A scalar whose gradient with respect to `out` is `grad`.
-            out.flatten(0, -1).dot(&grad.flatten(0, -1)).backward();
-            if i > 0 {
-                grad = x.grad();
-            }
+        for (i, layer) in self.model.layers.iter().enumerate().rev() {
+            // Popped, each layer's graph or input is freed once its layer is done.
+            let graph = match &mut r.kept {
+                Kept::Graphs(graphs) => graphs.pop().expect("one graph a layer"),
+                Kept::Inputs(inputs) => {
+                    let input = inputs.pop().expect("one input a layer");
+                    // Brought back just before its layer, not one layer ahead: tch has no
+                    // second CUDA stream, and on the one stream a copy issued earlier would
+                    // still run in order, before the kernels queued after it, so prefetching
+                    // would only hold one more input on the device. The copy does not make
+                    // the host wait (pinned memory).
+                    let input = to_device(&input, device);
+                    if let Some(seeds) = &r.seeds {
+                        tch::manual_seed(seeds[i]);
+                    }
+                    let x = input.detach().set_requires_grad(i > 0);
+                    let mask = c.window_of(i).and(r.window_mask.as_ref());
+                    let rope = (&r.rope.0, &r.rope.1);
+                    layer
+                        .forward_for_backward(x, rope, mask, c.rms_norm_eps, r.train)
+                        .1
+                }
+            };
+            grad = layer.backward(graph, &grad, r.train);
         }
     }
 }
@@ -854,19 +903,24 @@ impl DecoderLayer {
         );
         let x = x + attended;
         let mlp_in = rms_norm(&x, &self.post_attention_layernorm, eps);
-        let mlp = &self.mlp;
-        let (gate, up) = match &mlp.gate_up {
+        let (gate, up) = self.mlp.gate_and_up(&mlp_in, train);
+        x + self.mlp.down_proj.forward(&(gate.silu() * up), train)
+    }
+}
+
+impl Mlp {
+    /// The gate and up projections of `x (.., hidden)`, `(.., intermediate)` each.
+    fn gate_and_up(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        match &self.gate_up {
             Some(merged) => {
-                let parts = merged.forward(&[&mlp.gate_proj, &mlp.up_proj], &mlp_in, train);
+                let parts = merged.forward(&[&self.gate_proj, &self.up_proj], x, train);
                 (parts[0].shallow_clone(), parts[1].shallow_clone())
             }
             None => (
-                mlp.gate_proj.forward(&mlp_in, train),
-                mlp.up_proj.forward(&mlp_in, train),
+                self.gate_proj.forward(x, train),
+                self.up_proj.forward(x, train),
             ),
-        };
-        let gated = gate.silu() * up;
-        x + mlp.down_proj.forward(&gated, train)
+        }
     }
 }
 
@@ -1337,6 +1391,103 @@ mod tests {
         );
         for (m, s) in merged_grads.iter().zip(&grads) {
             assert!(diff(m, s) < 1e-5, "{}", diff(m, s));
+        }
+    }
+
+    /// `scaling * x A^T B^T` in the input's dtype (so f64 stays f64, where LoRA's branch works
+    /// in fp32); `opaque` hides that it is plain, as any other method's branch does.
+    struct Plain {
+        a: Tensor,
+        b: Tensor,
+        opaque: bool,
+    }
+
+    impl LinearAdapter for Plain {
+        fn forward(&self, x: &Tensor, _train: bool) -> Tensor {
+            x.linear::<Tensor>(&self.a, None)
+                .linear::<Tensor>(&self.b, None)
+                * 0.5
+        }
+
+        fn low_rank(&self, _train: bool) -> Option<LowRank<'_>> {
+            (!self.opaque).then_some(LowRank {
+                a: &self.a,
+                b: &self.b,
+                scaling: 0.5,
+            })
+        }
+    }
+
+    /// The layer-by-layer backward (the MLP by hand, layer_backward.rs), with and without
+    /// checkpointing, gives the adapters the gradients autograd gives them through the whole
+    /// model, in f64 to 1e-10: every projection adapted; some of the MLP's (up and down; gate
+    /// alone); the MLP without adapters; and an opaque branch on down or on gate (the layer then
+    /// stays autograd's whole).
+    #[test]
+    fn the_layer_by_layer_backward_matches_autograd() {
+        let c = config(json!({"num_hidden_layers": 3}));
+        let all = loraforge_spec::model::LLAMA_TARGET_MODULES;
+        let cases: [(&[&str], Option<&str>); 6] = [
+            (all, None),
+            (&["q_proj", "up_proj", "down_proj"], None),
+            (&["k_proj", "gate_proj"], None),
+            (&["q_proj", "v_proj", "o_proj"], None),
+            (all, Some("down_proj")),
+            (all, Some("gate_proj")),
+        ];
+        for (targets, opaque) in cases {
+            let weights = checkpoint(&c)
+                .into_iter()
+                .map(|(name, w)| (name, w.to_kind(Kind::Double)))
+                .collect();
+            let mut model = LlamaModel::from_weights(c.clone(), weights).unwrap();
+            tch::manual_seed(3);
+            let mut factors = Vec::new();
+            for (name, linear) in model.linears_mut(targets) {
+                let (inp, out) = (linear.in_features(), linear.out_features());
+                let opts = (Kind::Double, Device::Cpu);
+                let a = (Tensor::randn([3, inp], opts) * 0.3).set_requires_grad(true);
+                let b = (Tensor::randn([out, 3], opts) * 0.3).set_requires_grad(true);
+                linear.attach(Box::new(Plain {
+                    a: a.shallow_clone(),
+                    b: b.shallow_clone(),
+                    opaque: opaque.is_some_and(|o| name.ends_with(o)),
+                }));
+                factors.push(a);
+                factors.push(b);
+            }
+            let ids = Tensor::randint(40, [2, 9], (Kind::Int64, Device::Cpu));
+            let probe = Tensor::arange(2 * 9 * 40, (Kind::Double, Device::Cpu))
+                .sin()
+                .view([2, 9, 40]);
+            let take_grads = || -> Vec<Tensor> {
+                factors
+                    .iter()
+                    .map(|f| {
+                        let g = f.grad().copy();
+                        let _ = f.grad().zero_();
+                        g
+                    })
+                    .collect()
+            };
+            (model.forward(&ids, true) * &probe)
+                .sum(Kind::Double)
+                .backward();
+            let reference = take_grads();
+            for checkpointing in [Checkpointing::None, Checkpointing::Layers] {
+                let pass = model.training_pass(&ids, true, checkpointing);
+                let logits = pass.hidden.linear::<Tensor>(model.lm_head(), None);
+                (logits * &probe).sum(Kind::Double).backward();
+                pass.backward();
+                for (got, want) in take_grads().iter().zip(&reference) {
+                    let gap = (got - want).abs().max().double_value(&[]);
+                    let scale = want.abs().max().double_value(&[]);
+                    assert!(
+                        scale > 0.0 && gap < 1e-10 * scale,
+                        "{targets:?} opaque {opaque:?} {checkpointing:?}: gap {gap} on {scale}"
+                    );
+                }
+            }
         }
     }
 
