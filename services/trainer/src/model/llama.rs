@@ -951,7 +951,9 @@ impl Attention {
         let k = apply_rotary(&heads(&projected[1], self.kv_heads), cos, sin);
         let v = heads(&projected[2], self.kv_heads);
         let (k, v) = match cache {
-            None => (k, v),
+            // v alone, not a view into the q, k, v product: attention keeps v for its backward,
+            // and a view would keep the whole product (on Llama-3-8B 6x v's size) alive.
+            None => (k, v.contiguous()),
             Some(LayerCache {
                 keys,
                 values,
