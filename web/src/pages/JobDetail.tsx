@@ -11,6 +11,7 @@ import { KeyValues, PageHead, QueryView, Stats, StatusBadge } from "../component
 import { useCan } from "../identity";
 import { fmtDuration, fmtInt, fmtNumber, fmtTime, shortUri } from "../lib/format";
 import { isFinal, JobSeries } from "../lib/jobEvents";
+import { ADAPTIVE_METHODS } from "../lib/methods";
 import { invalidate, useQuery } from "../lib/query";
 import { href, seg } from "../lib/router";
 import { followEvents, type StreamState } from "../lib/sse";
@@ -72,15 +73,13 @@ function useJobStream(job: JobView) {
   return { series: series.current, version, stream };
 }
 
-const ADAPTIVE = new Set(["adalora", "sora", "dylora", "increlora", "triadaptlora", "codyra", "eva"]);
-
 function JobPage({ job }: { job: JobView }) {
   const { series, version, stream } = useJobStream(job);
   const canSubmit = useCan("submit");
   const [cancelError, setCancelError] = useState<string | null>(null);
   const [cancelling, setCancelling] = useState(false);
   const method = job.spec.method.type;
-  const adaptive = ADAPTIVE.has(method);
+  const adaptive = ADAPTIVE_METHODS.has(method);
   const published = job.adapter_version;
   const versionQuery = useQuery(
     published && isFinal(job.status) ? `version/${published.name}/${published.version}` : null,

@@ -10,6 +10,7 @@ import { KNOBS } from "../api/knobs.gen";
 import { Field, PageHead } from "../components/ui";
 import { useCan } from "../identity";
 import { deepMerge, isObject, knobObject, knobValue } from "../lib/jobForm";
+import { ADAPTIVE_METHODS } from "../lib/methods";
 import { fieldId, mapFieldErrors, type FieldErrors } from "../lib/problem";
 import { invalidate, useQuery } from "../lib/query";
 import { href, navigate, seg } from "../lib/router";
@@ -21,8 +22,6 @@ const PRESETS: Record<string, Record<string, string>> = {
   lora: { r: "8", alpha: "16", target_modules: "q_proj, v_proj" },
   training: { max_steps: "100", learning_rate: "0.0002", batch_size: "4", seq_len: "512" },
 };
-
-const ADAPTIVE = new Set(["adalora", "sora", "dylora", "increlora", "triadaptlora", "codyra", "eva"]);
 
 type InputMode = "registered" | "uri";
 
@@ -257,7 +256,7 @@ export default function NewJob({ location }: PageProps) {
                 {KNOBS.methods.map((m) => (
                   <option key={m.type} value={m.type}>
                     {m.type}
-                    {ADAPTIVE.has(m.type) ? " (adaptive rank)" : ""}
+                    {ADAPTIVE_METHODS.has(m.type) ? " (adaptive rank)" : ""}
                   </option>
                 ))}
               </select>
