@@ -5,7 +5,7 @@ the same model, data shape and LoRA setup.
 Usage (on the GPU machine, with the trainer built on the development machine):
   python3 bench/gpu_bench.py --trainer BIN --shape tinyllama|llama3-8b --seq N --batch N
                              [--steps 10] [--only peft,liger,loraforge,loraforge-layers,loraforge-offload,...]
-                             [--before-trainer OLD_BIN  (contender loraforge-before)]
+                             [--other-trainer NAME=BIN ...  (earlier builds, contenders NAME)]
                              [--profile  (loraforge contenders: the trainer's step profile)]
 Prints one markdown table row per contender and one JSON line each (--json-out FILE too).
 
@@ -66,10 +66,8 @@ class Sampler:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trainer", required=True)
-    ap.add_argument("--before-trainer", default=None,
-                    help="an earlier build of the trainer, run as contender `loraforge-before`")
     ap.add_argument("--other-trainer", action="append", default=[], metavar="NAME=PATH",
-                    help="another build, run as contender NAME (repeatable)")
+                    help="another build (say, loraforge-before), run as contender NAME (repeatable)")
     ap.add_argument("--shape", default="tinyllama")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
@@ -106,6 +104,7 @@ def main() -> None:
     job_path = write_job(work, args.seq, args.batch, warmup + args.steps)
     job = json.loads(job_path.read_text())
 
+    others = dict(other.split("=", 1) for other in args.other_trainer)
     results = []
     for name in args.only.split(","):
         sampler = Sampler(handle)
@@ -123,8 +122,6 @@ def main() -> None:
             results.append({"name": name, "tokens_per_s": report["tokens_per_s"], "nvml_peak_gib": round(peak, 2),
                             "torch_peak_gib": report.get("peak_mem_gib"), "wall_s": round(time.perf_counter() - started, 1)})
         else:
-            others = dict(other.split("=", 1) for other in args.other_trainer)
-            others["loraforge-before"] = args.before_trainer
             trainer = others.get(name, args.trainer)
             checkpointing = None if name in others else {
                 "loraforge": "none", "loraforge-layers": "layers", "loraforge-offload": "offload"}[name]

@@ -18,17 +18,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 # Builds may come gzipped (a device call carries 64 MiB at most; three builds are 62 MiB).
 for z in loraforge-*.gz; do [ -e "$z" ] && gunzip -kf "$z"; done
-chmod +x ./loraforge-trainer ./loraforge-before
-# Any other build here (loraforge-NAME) runs as contender loraforge-NAME.
+chmod +x ./loraforge-trainer
+# Any other build here (loraforge-before, loraforge-NAME) runs as the contender of its name.
 others=()
 for bin in loraforge-*; do
-  case $bin in loraforge-trainer|loraforge-before|*.gz) ;; *) chmod +x "$bin"; others+=(--other-trainer "$bin=./$bin");; esac
+  case $bin in loraforge-trainer|*.gz) ;; *) chmod +x "$bin"; others+=(--other-trainer "$bin=./$bin");; esac
 done
 tag=; [[ "${GPU_BENCH_ARGS:-}" == *--profile* ]] && tag=-profile
 for spec in "$@"; do
   IFS=: read shape seq batch only limit <<<"$spec"
   echo "=== $shape seq $seq batch $batch: $only"
   rm -rf /tmp/work-$shape/out-*; mkdir -p /tmp/work-$shape
-  timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer --before-trainer ./loraforge-before \
-    ${others[@]+"${others[@]}"} --shape $shape --seq $seq --batch $batch --steps 10 --only $only --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch$tag.json ${GPU_BENCH_ARGS:-} 2>&1 | tee -a $OUT/log.txt
+  timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer \
+    ${others[@]+"${others[@]}"} --shape $shape --seq $seq --batch $batch --steps 10 --only $only \
+    --work /tmp/work-$shape --json-out $OUT/$shape-$seq-$batch$tag.json ${GPU_BENCH_ARGS:-} 2>&1 | tee -a $OUT/log.txt
 done
