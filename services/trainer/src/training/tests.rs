@@ -118,6 +118,18 @@ fn max_abs_diff(a: &PeftAdapter, b: &PeftAdapter) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Two runs that must train alike: final losses and every adapter tensor within `tolerance`.
+fn assert_trained_alike(a: &TrainOutcome, b: &TrainOutcome, tolerance: f64, what: &str) {
+    assert!(
+        (a.metrics.final_loss - b.metrics.final_loss).abs() < tolerance,
+        "{what}: {:?} vs {:?}",
+        a.metrics,
+        b.metrics
+    );
+    let diff = max_abs_diff(&a.adapter, &b.adapter);
+    assert!(diff < tolerance, "{what}: adapters differ by {diff}");
+}
+
 /// The fixture job learns, exports exactly PEFT's keys and shapes, and is bit-for-bit
 /// reproducible on the CPU for a given seed.
 #[test]
@@ -214,14 +226,7 @@ fn checkpointed_layers_train_the_same_adapter() {
     for checkpointing in ["layers", "offload"] {
         let checkpointed = fixture_job(root.path(), method, &training(checkpointing));
         let b = run(&checkpointed, root.path(), &mut Recorder::default()).unwrap();
-        assert!(
-            (a.metrics.final_loss - b.metrics.final_loss).abs() < 1e-6,
-            "{checkpointing}: {:?} vs {:?}",
-            a.metrics,
-            b.metrics
-        );
-        let diff = max_abs_diff(&a.adapter, &b.adapter);
-        assert!(diff < 1e-6, "{checkpointing}: adapters differ by {diff}");
+        assert_trained_alike(&a, &b, 1e-6, checkpointing);
     }
     // Dropout mattered: without it, the adapter is another.
     let no_dropout = fixture_job(
@@ -265,14 +270,7 @@ fn gradient_accumulation_matches_a_larger_batch() {
         (1..=6).collect::<Vec<_>>()
     );
     assert_eq!(a.metrics.tokens, b.metrics.tokens);
-    assert!(
-        (a.metrics.final_loss - b.metrics.final_loss).abs() < 1e-5,
-        "{:?} vs {:?}",
-        a.metrics,
-        b.metrics
-    );
-    let diff = max_abs_diff(&a.adapter, &b.adapter);
-    assert!(diff < 1e-5, "adapters differ by {diff}");
+    assert_trained_alike(&a, &b, 1e-5, "accumulated");
 }
 
 /// Evaluation runs every `eval_every` steps and at the end, on a held-out fraction or on
