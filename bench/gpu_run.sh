@@ -14,6 +14,11 @@ cd "$(dirname "$0")"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
+# The trainer compiles its CUDA kernels with NVRTC, opened at run time: PyTorch's own copy (the
+# nvidia-cuda-nvrtc package) or the toolkit's, whichever is found first.
+nvrtc=$(ls -d "$(python3 -c 'import site;print(site.getsitepackages()[0])')"/nvidia/*/lib/libnvrtc.so* \
+  /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
+[ -n "$nvrtc" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$nvrtc")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 # Builds may come gzipped (a device call carries 64 MiB at most; three builds are 62 MiB).

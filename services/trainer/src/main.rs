@@ -235,6 +235,16 @@ impl DeviceArg {
 }
 
 fn main() -> ExitCode {
+    // libtorch's CUDA caching allocator with expandable segments, unless the user chose a
+    // configuration: blocks grow in place instead of new ones being reserved beside the
+    // fragments of old ones. Measured on an H100 (Llama-3-8B shape, batch 2 x seq 2048):
+    // 0.8 GiB less device memory at the same speed (bench/gpu.md). Read when CUDA first
+    // allocates, so set before anything runs.
+    if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none()
+        && std::env::var_os("PYTORCH_ALLOC_CONF").is_none()
+    {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+    }
     // Colour codes only on a terminal: worker logs end up in files, pod logs and job errors.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -18,6 +18,7 @@
 //! starts from a leaf, so a layer's graph ends at its own output.
 
 use super::{plain_branches, rms_norm, DecoderLayer, Linear, LowRank, MergedBranches};
+use crate::model::cuda_kernels;
 use tch::{Kind, Tensor};
 
 /// What a layer's training forward kept for its backward.
@@ -90,17 +91,21 @@ impl DecoderLayer {
             let (gate_up, branches) = merged
                 .product(&gate_up_parts, &mlp_in, train)
                 .expect("every branch of the group is plain");
-            let (gate, up) = halves(&gate_up);
-            let gated = gate.silu() * up;
-            // As `Linear::forward` and the plain branch's `add_to` compute it.
-            let mut y = gated.linear(&down.weight, down.bias.as_ref());
+            let gated = swiglu(&gate_up);
+            // The residual joins the down product as its accumulator (one pass over the
+            // output fewer than adding it after), then the branch as `add_to` does.
+            let residual = attended.reshape([-1, down.out_features()]);
+            let mut y = residual.addmm(&gated, &down.weight.tr());
+            if let Some(bias) = &down.bias {
+                y += bias;
+            }
             let mut down_h = None;
             if let Ok(Some(b)) = plain_branch(down, train) {
                 let h = gated.linear::<Tensor>(&b.a.to_kind(gated.kind()), None) * b.scaling;
                 y = y.addmm_(&h, &b.b.to_kind(gated.kind()).tr());
                 down_h = Some(h);
             }
-            let out = &attended + y.view(attended.size().as_slice());
+            let out = y.view(attended.size().as_slice());
             (out, gate_up, branches, down_h)
         });
         let graph = LayerGraph::HandMlp(HandMlp {
@@ -142,24 +147,22 @@ impl DecoderLayer {
         let g = grad.reshape([-1, grad.size()[2]]);
         let (d_mlp_in, factor_grads) = tch::no_grad(|| {
             let mut factor_grads: Vec<(Tensor, Tensor)> = Vec::new();
-            let (gate, up) = halves(&kept.gate_up);
-            let activated = gate.silu();
             // The down projection, y = gated W^T (+ h B^T, h = scaling * gated A^T):
             // d(gated) = g W (+ scaling * (g B) A), dB = g^T h, dA = scaling * (g B)^T gated.
             let mut d_gated = g.mm(&mlp.down_proj.weight);
+            let mut down_a = None;
             if let (Ok(Some(b)), Some(h)) = (plain_branch(&mlp.down_proj, train), &kept.down_h) {
                 let kind = g.kind();
                 let dh = g.mm(&b.b.to_kind(kind)) * b.scaling;
-                let gated = &activated * &up;
-                factor_grads.push((b.a.shallow_clone(), dh.tr().mm(&gated)));
                 factor_grads.push((b.b.shallow_clone(), h.tr().mm(&g).tr()));
                 d_gated = d_gated.addmm_(&dh, &b.a.to_kind(kind));
+                down_a = Some((b.a.shallow_clone(), dh));
             }
-            // SwiGLU: d gate = silu'(gate) * up * d(gated), d up = silu(gate) * d(gated).
-            let d_gate_up = kept.gate_up.empty_like();
-            let (d_gate, d_up) = halves(&d_gate_up);
-            let _ = gate.silu_backward_grad_input(&d_gate, &(&d_gated * &up));
-            let _ = d_gated.mul_out(&d_up, &activated);
+            // SwiGLU's gradient, and the product again where the down branch's A needs it.
+            let (d_gate_up, gated) = swiglu_backward(&kept.gate_up, &d_gated, down_a.is_some());
+            if let (Some((a, dh)), Some(gated)) = (down_a, gated) {
+                factor_grads.push((a, dh.tr().mm(&gated)));
+            }
             // Gate and up, y = x W^T (+ h b^T, h = x a^T): d x = d_y W (+ (d_y b) a),
             // d b = d_y^T h, d a = (d_y b)^T x; each part's A and B are blocks of a and b.
             let mut d_x = d_gate_up.mm(&merged.weight);
@@ -201,6 +204,36 @@ impl DecoderLayer {
         );
         (!terms.is_empty()).then(|| Tensor::stack(&terms, 0).sum(Kind::Float))
     }
+}
+
+/// `silu(gate) * up` for `gate_up (tokens, 2 * intermediate)`: our kernel on CUDA in bf16
+/// ([`cuda_kernels::swiglu`]), else libtorch's two.
+fn swiglu(gate_up: &Tensor) -> Tensor {
+    cuda_kernels::swiglu(gate_up).unwrap_or_else(|| {
+        let (gate, up) = halves(gate_up);
+        gate.silu() * up
+    })
+}
+
+/// SwiGLU's gradient for `d_gated`, the gradient of its output: `d_gate_up` (d gate =
+/// silu'(gate) * up * d_gated, d up = silu(gate) * d_gated) and, with `want_gated`, the
+/// forward's output recomputed; one kernel on CUDA in bf16, else libtorch's.
+fn swiglu_backward(
+    gate_up: &Tensor,
+    d_gated: &Tensor,
+    want_gated: bool,
+) -> (Tensor, Option<Tensor>) {
+    if let Some(fused) = cuda_kernels::swiglu_backward(gate_up, d_gated, want_gated) {
+        return fused;
+    }
+    let (gate, up) = halves(gate_up);
+    let activated = gate.silu();
+    let gated = want_gated.then(|| &activated * &up);
+    let d_gate_up = gate_up.empty_like();
+    let (d_gate, d_up) = halves(&d_gate_up);
+    let _ = gate.silu_backward_grad_input(&d_gate, &(d_gated * &up));
+    let _ = d_gated.mul_out(&d_up, &activated);
+    (d_gate_up, gated)
 }
 
 /// `x · g` over all elements: a scalar whose gradient with respect to `x` is `g`.
