@@ -97,6 +97,78 @@ extern "C" __global__ void swiglu_backward(const uint4* __restrict__ gate_up, co
     if (gated) gated[i] = y;
   }
 }
+
+// RMSNorm's input gradient for y = w * (x * rstd): dx = rstd * (dy w - x^ mean(dy w x^)),
+// x^ = x * rstd, one block a row, in fp32; plus `residual` (nullable), the gradient that
+// reaches x around the norm, so the sum is one rounding and one pass.
+extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                             const float* __restrict__ rstd, const bf16* __restrict__ w,
+                                             const bf16* __restrict__ residual, bf16* __restrict__ dx,
+                                             u32 rows, u32 cols) {
+  __shared__ float partial[32];
+  for (u32 row = blockIdx.x; row < rows; row += gridDim.x) {
+    size_t base = (size_t)row * cols;
+    float r = rstd[row], acc = 0.0f;
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x)
+      acc += load(dy[base + c]) * load(w[c]) * load(x[base + c]) * r;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    float total = 0.0f;
+    for (u32 i = 0; i < (blockDim.x >> 5); ++i) total += partial[i];
+    float mean = total / (float)cols;
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+      float v = r * (load(dy[base + c]) * load(w[c]) - load(x[base + c]) * r * mean);
+      if (residual) v += load(residual[base + c]);
+      dx[base + c] = store(v);
+    }
+    __syncthreads();
+  }
+}
+
+// RoPE (rotate_half) of the q and k heads of qkv (tokens, width), the first `heads` +
+// `kv_heads` heads of each row, at position token % seq, into q (tokens, heads, hd) and
+// k (tokens, kv_heads, hd). As libtorch's x * cos + rotate_half(x) * sin: each product rounded,
+// then the sum.
+extern "C" __global__ void rope_forward(const bf16* __restrict__ qkv, const bf16* __restrict__ cos_t,
+                                        const bf16* __restrict__ sin_t, bf16* __restrict__ q,
+                                        bf16* __restrict__ k, u32 tokens, u32 seq, u32 heads,
+                                        u32 kv_heads, u32 hd, u32 width) {
+  u32 half = hd / 2, all = heads + kv_heads, per_token = all * half;
+  size_t total = (size_t)tokens * per_token;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    u32 t = (u32)(i / per_token), rest = (u32)(i - (size_t)t * per_token), head = rest / half, j = rest - head * half;
+    const bf16* src = qkv + (size_t)t * width + (size_t)head * hd;
+    const bf16* c = cos_t + (size_t)(t % seq) * hd;
+    const bf16* s = sin_t + (size_t)(t % seq) * hd;
+    float x1 = load(src[j]), x2 = load(src[j + half]);
+    float y1 = round_bf16(x1 * load(c[j])) + round_bf16(-x2 * load(s[j]));
+    float y2 = round_bf16(x2 * load(c[j + half])) + round_bf16(x1 * load(s[j + half]));
+    bf16* dst = head < heads ? q + ((size_t)t * heads + head) * hd : k + ((size_t)t * kv_heads + head - heads) * hd;
+    dst[j] = store(y1);
+    dst[j + half] = store(y2);
+  }
+}
+
+// The gradient of rope_forward for dq (tokens, heads, hd) and dk (tokens, kv_heads, hd), into
+// the q and k columns of d_qkv (tokens, width): dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1.
+extern "C" __global__ void rope_backward(const bf16* __restrict__ dq, const bf16* __restrict__ dk,
+                                         const bf16* __restrict__ cos_t, const bf16* __restrict__ sin_t,
+                                         bf16* __restrict__ d_qkv, u32 tokens, u32 seq, u32 heads,
+                                         u32 kv_heads, u32 hd, u32 width) {
+  u32 half = hd / 2, all = heads + kv_heads, per_token = all * half;
+  size_t total = (size_t)tokens * per_token;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    u32 t = (u32)(i / per_token), rest = (u32)(i - (size_t)t * per_token), head = rest / half, j = rest - head * half;
+    const bf16* src = head < heads ? dq + ((size_t)t * heads + head) * hd : dk + ((size_t)t * kv_heads + head - heads) * hd;
+    const bf16* c = cos_t + (size_t)(t % seq) * hd;
+    const bf16* s = sin_t + (size_t)(t % seq) * hd;
+    float d1 = load(src[j]), d2 = load(src[j + half]);
+    bf16* dst = d_qkv + (size_t)t * width + (size_t)head * hd;
+    dst[j] = store(d1 * load(c[j]) + d2 * load(s[j + half]));
+    dst[j + half] = store(d2 * load(c[j + half]) - d1 * load(s[j]));
+  }
+}
 "#;
 
 const THREADS: u32 = 256;
@@ -107,6 +179,9 @@ struct Kernels {
     stream: Arc<CudaStream>,
     swiglu_forward: CudaFunction,
     swiglu_backward: CudaFunction,
+    rms_norm_backward: CudaFunction,
+    rope_forward: CudaFunction,
+    rope_backward: CudaFunction,
     /// Blocks enough to fill the device; the kernels loop over the rest.
     max_blocks: u32,
 }
@@ -169,6 +244,9 @@ fn compile(ordinal: usize) -> Result<Kernels, String> {
         stream: ctx.default_stream(),
         swiglu_forward: function("swiglu_forward")?,
         swiglu_backward: function("swiglu_backward")?,
+        rms_norm_backward: function("rms_norm_backward")?,
+        rope_forward: function("rope_forward")?,
+        rope_backward: function("rope_backward")?,
         max_blocks: sms.max(1) as u32 * 16,
     })
 }
@@ -247,6 +325,158 @@ pub fn swiglu_backward(
     Some((d_gate_up, gated))
 }
 
+fn grid(k: &Kernels, items: usize) -> LaunchConfig {
+    let blocks = items
+        .div_ceil(THREADS as usize)
+        .clamp(1, k.max_blocks as usize) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Whether every tensor is contiguous bf16 on CUDA: what the kernels below take.
+fn all_bf16_cuda(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.kind() == Kind::BFloat16 && t.device().is_cuda() && t.is_contiguous())
+}
+
+/// RMSNorm's input gradient for `dy (rows, cols)`, its input `x`, the per-row `rstd (rows, 1)`
+/// (fp32, as aten's fused norm returns it) and the weight `w (cols)`, plus `residual` where
+/// given; `None` where the kernel does not apply.
+pub fn rms_norm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    rstd: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+) -> Option<Tensor> {
+    let dy = dy.contiguous();
+    let mut tensors = vec![&dy, x, w];
+    tensors.extend(residual);
+    let size = x.size();
+    let (rows, cols) = (*size.first()?, *size.get(1)?);
+    let fits = all_bf16_cuda(&tensors)
+        && size.len() == 2
+        && dy.size() == size
+        && residual.is_none_or(|r| r.size() == size)
+        && rstd.kind() == Kind::Float
+        && rstd.is_contiguous()
+        && rstd.numel() == rows as usize
+        && rows < i32::MAX as i64;
+    if !fits {
+        return None;
+    }
+    let k = kernels(x.device())?;
+    let dx = x.empty_like();
+    let args = [&dy, x, rstd, w].map(pointer);
+    let residual = residual.map_or(0, pointer);
+    let out = pointer(&dx);
+    let (rows, cols) = (rows as u32, cols as u32);
+    let mut launch = k.stream.launch_builder(&k.rms_norm_backward);
+    launch
+        .arg(&args[0])
+        .arg(&args[1])
+        .arg(&args[2])
+        .arg(&args[3]);
+    launch.arg(&residual).arg(&out).arg(&rows).arg(&cols);
+    let config = LaunchConfig {
+        grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
+    // above), alive until the launch is ordered on their stream.
+    unsafe { launch.launch(config) }.expect("launching rms_norm_backward");
+    Some(dx)
+}
+
+/// The shape of attention's heads: `(heads, kv_heads, head_dim)`.
+pub type Heads = (i64, i64, i64);
+
+/// RoPE of the q and k heads of `qkv (tokens, width)` (q's heads, then k's, then the rest) at
+/// position `token % seq`, with tables `cos`, `sin (seq, head_dim)`: `q (tokens, heads,
+/// head_dim)` and `k (tokens, kv_heads, head_dim)`; `None` where the kernel does not apply.
+pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> Option<(Tensor, Tensor)> {
+    let (h, kvh, hd) = heads;
+    let (tokens, width) = (*qkv.size().first()?, *qkv.size().get(1)?);
+    let seq = *cos.size().first()?;
+    let fits = all_bf16_cuda(&[qkv, cos, sin])
+        && (h + kvh) * hd <= width
+        && hd % 2 == 0
+        && cos.size() == [seq, hd]
+        && sin.size() == [seq, hd]
+        && seq > 0
+        && tokens % seq == 0;
+    if !fits {
+        return None;
+    }
+    let k = kernels(qkv.device())?;
+    let options = (Kind::BFloat16, qkv.device());
+    let (q_out, k_out) = (
+        Tensor::empty([tokens, h, hd], options),
+        Tensor::empty([tokens, kvh, hd], options),
+    );
+    let args = [qkv, cos, sin, &q_out, &k_out].map(pointer);
+    let dims = [tokens, seq, h, kvh, hd, width].map(|d| d as u32);
+    let mut launch = k.stream.launch_builder(&k.rope_forward);
+    for arg in &args {
+        launch.arg(arg);
+    }
+    for dim in &dims {
+        launch.arg(dim);
+    }
+    // SAFETY: as in `rms_norm_backward`.
+    unsafe { launch.launch(grid(k, (tokens * (h + kvh) * hd / 2) as usize)) }
+        .expect("launching rope_forward");
+    Some((q_out, k_out))
+}
+
+/// The gradient of [`rope`] for `dq (tokens, heads, head_dim)` and `dk (tokens, kv_heads,
+/// head_dim)`, written into the q and k columns of `d_qkv (tokens, width)`; `false` where the
+/// kernel does not apply (nothing is written).
+pub fn rope_backward(
+    dq: &Tensor,
+    dk: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    d_qkv: &Tensor,
+    heads: Heads,
+) -> bool {
+    let (h, kvh, hd) = heads;
+    let size = d_qkv.size();
+    let (Some(&tokens), Some(&width), Some(&seq)) = (size.first(), size.get(1), cos.size().first())
+    else {
+        return false;
+    };
+    let fits = all_bf16_cuda(&[dq, dk, cos, sin, d_qkv])
+        && dq.size() == [tokens, h, hd]
+        && dk.size() == [tokens, kvh, hd]
+        && cos.size() == [seq, hd]
+        && sin.size() == [seq, hd]
+        && (h + kvh) * hd <= width
+        && seq > 0
+        && tokens % seq == 0;
+    let Some(k) = kernels(d_qkv.device()).filter(|_| fits) else {
+        return false;
+    };
+    let args = [dq, dk, cos, sin, d_qkv].map(pointer);
+    let dims = [tokens, seq, h, kvh, hd, width].map(|d| d as u32);
+    let mut launch = k.stream.launch_builder(&k.rope_backward);
+    for arg in &args {
+        launch.arg(arg);
+    }
+    for dim in &dims {
+        launch.arg(dim);
+    }
+    // SAFETY: as in `rms_norm_backward`.
+    unsafe { launch.launch(grid(k, (tokens * (h + kvh) * hd / 2) as usize)) }
+        .expect("launching rope_backward");
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +520,78 @@ mod tests {
             .unwrap()
             .1
             .is_none());
+    }
+
+    /// The largest difference between `got` (bf16) and `want` (fp32), over `want`'s largest
+    /// magnitude.
+    fn relative_gap(got: &Tensor, want: &Tensor) -> f64 {
+        let gap = (got.to_kind(Kind::Float) - want).abs().max();
+        f64::try_from(gap / want.abs().max()).unwrap()
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
+    fn fused_rope_and_rms_norm_backward_match_their_formulas_on_cuda() {
+        let device = Device::Cuda(0);
+        tch::manual_seed(11);
+        let bf16 = |t: Tensor| t.to_kind(Kind::BFloat16);
+        let (batch, seq, h, kvh, hd) = (2, 6, 4, 2, 16);
+        let (tokens, width) = (batch * seq, (h + 2 * kvh) * hd);
+        let qkv = bf16(Tensor::randn([tokens, width], (Kind::Float, device)));
+        let (cos, sin) = (
+            bf16(Tensor::rand([seq, hd], (Kind::Float, device))),
+            bf16(Tensor::rand([seq, hd], (Kind::Float, device))),
+        );
+        let (q, k) = rope(&qkv, &cos, &sin, (h, kvh, hd)).expect("the kernels apply");
+        // libtorch's rotate_half formula in bf16, as the model's forward computes it.
+        let half = hd / 2;
+        let reference = |offset: i64, n: i64| {
+            let x = qkv.narrow(1, offset, n * hd).view([batch, seq, n, hd]);
+            let (c, s) = (cos.view([1, seq, 1, hd]), sin.view([1, seq, 1, hd]));
+            let rotated = Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
+            (&x * c + rotated * s).view([tokens, n, hd])
+        };
+        assert!(ulps(&q, &reference(0, h)) <= 1.0, "q");
+        assert!(ulps(&k, &reference(h * hd, kvh)) <= 1.0, "k");
+
+        let (dq, dk) = (
+            bf16(Tensor::randn([tokens, h, hd], (Kind::Float, device))),
+            bf16(Tensor::randn([tokens, kvh, hd], (Kind::Float, device))),
+        );
+        let d_qkv = Tensor::zeros([tokens, width], (Kind::BFloat16, device));
+        assert!(rope_backward(&dq, &dk, &cos, &sin, &d_qkv, (h, kvh, hd)));
+        // dx = dy cos + (dy2 sin2, -dy1 sin1), in fp32.
+        for (d, offset, n) in [(&dq, 0, h), (&dk, h * hd, kvh)] {
+            let dy = d.to_kind(Kind::Float).view([batch, seq, n, hd]);
+            let (c, s) = (
+                cos.to_kind(Kind::Float).view([1, seq, 1, hd]),
+                sin.to_kind(Kind::Float).view([1, seq, 1, hd]),
+            );
+            let ds = &dy * s;
+            let swapped = Tensor::cat(&[ds.narrow(-1, half, half), -ds.narrow(-1, 0, half)], -1);
+            let want = (dy * c + swapped).view([tokens, n * hd]);
+            assert!(
+                relative_gap(&d_qkv.narrow(1, offset, n * hd), &want) < 1e-2,
+                "d {offset}"
+            );
+        }
+        assert_eq!(
+            f64::try_from(d_qkv.narrow(1, (h + kvh) * hd, kvh * hd).abs().max()).unwrap(),
+            0.0
+        );
+
+        let (rows, cols) = (37, 4096 + 64);
+        let x = bf16(Tensor::randn([rows, cols], (Kind::Float, device)));
+        let w = bf16(Tensor::rand([cols], (Kind::Float, device)) + 0.5);
+        let (_, rstd) = x.internal_fused_rms_norm([cols], Some(&w), 1e-5);
+        let dy = bf16(Tensor::randn([rows, cols], (Kind::Float, device)));
+        let residual = bf16(Tensor::randn([rows, cols], (Kind::Float, device)));
+        let dx = rms_norm_backward(&dy, &x, &rstd, &w, Some(&residual)).expect("applies");
+        let xf = x.to_kind(Kind::Float) * &rstd;
+        let dyw = dy.to_kind(Kind::Float) * w.to_kind(Kind::Float);
+        let mean = (&dyw * &xf).mean_dim(-1, true, Kind::Float);
+        let want = (dyw - xf * mean) * &rstd + residual.to_kind(Kind::Float);
+        assert!(relative_gap(&dx, &want) < 1e-2, "rms norm backward");
     }
 
     #[test]

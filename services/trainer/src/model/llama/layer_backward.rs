@@ -1,24 +1,35 @@
-//! A training pass's backward, run layer by layer, with the MLP's by hand.
+//! A training pass's backward, run layer by layer, by hand where the adapters allow.
 //!
-//! Autograd keeps four `(tokens, intermediate)` tensors a layer for `down(silu(gate) * up)`:
-//! gate and up (one merged product), `silu(gate)` for the product's gradient, and the product
-//! itself for the down projection's LoRA `A` gradient. They are a Llama layer's largest
-//! activations. Here each decoder layer is its own graph, which stops at the MLP's input: the
-//! norms and attention with their adapters stay autograd's, and the MLP (gate/up, SwiGLU, down,
-//! and their LoRA branches) runs outside it, keeping its input, gate and up, and the branches'
-//! rank-sized products. The backward recomputes `silu(gate)` and the product (two elementwise
-//! kernels), works out the MLP's gradients by hand (the same products autograd would run) and
-//! hands the gradient of the MLP's input to the layer's graph. Half of the MLP's activations are
-//! not kept: by their sizes 7.6 GiB on TinyLlama at batch 8 x seq 2048 in bf16 (docs/trainer.md,
-//! "Memory").
+//! Each decoder layer is its own piece of the backward pass: [`TrainingPass::backward`] hands a
+//! layer its output's gradient and gets back its input's, last layer first. Where every adapter
+//! of the layer is a plain low-rank branch in this pass ([`LinearAdapter::low_rank`]: LoRA
+//! without dropout) or absent, and q/k/v and gate/up are merged products, the whole layer runs
+//! by hand ([`LayerGraph::Hand`]): the base weights are frozen, so the backward is the
+//! activations' gradients and the factors' (the same products autograd would run), and it
+//! keeps only what those need: the layer's input and the norms' per-row scales (the normalised
+//! rows are recomputed, one kernel each), the roped q and k and v with attention's output (for
+//! attention's backward, the one piece left to autograd, on its own small graph), the residual
+//! after attention, gate and up, and the branches' rank-sized products. `silu(gate) * up`, RoPE
+//! and RMSNorm's backward are one fused kernel each on CUDA in bf16 (model/cuda_kernels.rs);
+//! elsewhere libtorch's operations compute the same. By their sizes that keeps about 11.5
+//! `(tokens, hidden)` tensors a layer on Llama-3-8B where autograd's graph kept 13.5, and
+//! autograd's own bookkeeping (and the dot products that fed it our gradients) is gone.
 //!
-//! The hand-written part applies where gate and up are one merged product and every adapter of
-//! the MLP is a plain low-rank branch in this pass ([`LinearAdapter::low_rank`]) or absent; any
-//! other keeps the whole layer autograd's ([`LayerGraph::Whole`]). Either way the next layer
-//! starts from a leaf, so a layer's graph ends at its own output.
+//! Where the attention's adapters are not plain but the MLP's are, only the MLP runs by hand
+//! ([`LayerGraph::HandMlp`]: the layer's graph stops at the MLP's input, and the MLP's input
+//! gradient is handed to it through a dot product, tch having no custom autograd functions);
+//! anything else keeps the whole layer autograd's ([`LayerGraph::Whole`]). Either way the next
+//! layer starts from a leaf, so a layer's graph ends at its own output. Tested in f64 against
+//! autograd through the whole model (`the_layer_by_layer_backward_matches_autograd`).
+//!
+//! [`TrainingPass::backward`]: super::TrainingPass::backward
+//! [`LinearAdapter::low_rank`]: super::LinearAdapter::low_rank
 
-use super::{plain_branches, rms_norm, DecoderLayer, Linear, LowRank, MergedBranches};
-use crate::model::cuda_kernels;
+use super::{
+    apply_rotary, plain_branches, rms_norm, rms_norm_with_rstd, DecoderLayer, Linear, LowRank,
+    Merged, MergedBranches,
+};
+use crate::model::cuda_kernels::{self, Heads};
 use tch::{Kind, Tensor};
 
 /// What a layer's training forward kept for its backward.
@@ -27,14 +38,47 @@ pub(super) enum LayerGraph {
     Whole { input: Tensor, out: Tensor },
     /// Up to the MLP's input under autograd, the MLP by hand.
     HandMlp(HandMlp),
+    /// The whole layer by hand, attention's core on a graph of its own.
+    Hand(Box<HandLayer>),
 }
 
-pub(super) struct HandMlp {
+/// What the layer by hand keeps for its backward.
+pub(super) struct HandLayer {
+    /// The layer's input `(tokens, hidden)`, detached; whether the layer before wants its
+    /// gradient.
     input: Tensor,
-    /// The residual stream after attention `(batch, seq, hidden)`, a root of the layer's graph.
+    wants_input_grad: bool,
+    /// The output's shape `(batch, seq, hidden)`.
+    shape: Vec<i64>,
+    eps: f64,
+    /// The input norm's per-row `1 / rms`, its normalised rows recomputed from it.
+    rstd1: Tensor,
+    qkv_branches: Option<MergedBranches>,
+    /// RoPE's tables `(seq, head_dim)` and the heads.
+    rope: (Tensor, Tensor),
+    heads: Heads,
+    attention: AttentionGraph,
+    /// The o projection's branch input times `A^T`, scaled.
+    o_h: Option<Tensor>,
+    /// The residual stream after attention `(tokens, hidden)`, and its norm's `1 / rms`.
     attended: Tensor,
-    /// Its norm, the MLP's input `(tokens, hidden)`, the graph's other root.
-    mlp_in: Tensor,
+    rstd2: Tensor,
+    mlp: MlpKept,
+}
+
+/// Attention's core, `sdpa(q, k, v)`, as a graph of its own: leaves q, k (roped) and v
+/// `(batch, heads, seq, head_dim)`, and its output.
+struct AttentionGraph {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    /// The output as the o projection's input `(tokens, heads * head_dim)`, detached.
+    flat: Tensor,
+}
+
+/// What the MLP by hand keeps (either way it runs by hand).
+struct MlpKept {
     /// Gate and up side by side `(tokens, 2 * intermediate)`.
     gate_up: Tensor,
     /// Their branches' products.
@@ -43,10 +87,19 @@ pub(super) struct HandMlp {
     down_h: Option<Tensor>,
 }
 
-/// The down projection's plain branch, or `None` without an adapter; `Err` for an adapter that
-/// is not a plain low-rank branch in this pass.
-fn plain_branch(down: &Linear, train: bool) -> Result<Option<LowRank<'_>>, ()> {
-    plain_branches(&[down], train)
+pub(super) struct HandMlp {
+    input: Tensor,
+    /// The residual stream after attention `(batch, seq, hidden)`, a root of the layer's graph.
+    attended: Tensor,
+    /// Its norm, the MLP's input `(tokens, hidden)`, the graph's other root.
+    mlp_in: Tensor,
+    mlp: MlpKept,
+}
+
+/// A projection's plain branch, or `None` without an adapter; `Err` for an adapter that is not
+/// a plain low-rank branch in this pass.
+fn plain_branch(linear: &Linear, train: bool) -> Result<Option<LowRank<'_>>, ()> {
+    plain_branches(&[linear], train)
         .map(|mut one| one.remove(0))
         .ok_or(())
 }
@@ -59,8 +112,8 @@ fn halves(gate_up: &Tensor) -> (Tensor, Tensor) {
 
 impl DecoderLayer {
     /// The layer's output for `input` (a leaf: requiring grad where the layer before wants its
-    /// gradient), detached, and what [`DecoderLayer::backward`] needs. The output is computed
-    /// as [`DecoderLayer::forward`] computes it, op for op.
+    /// gradient), detached, and what [`DecoderLayer::backward`] needs. The output is what
+    /// [`DecoderLayer::forward`] computes (by hand, up to the order of roundings in bf16).
     pub(super) fn forward_for_backward(
         &self,
         input: Tensor,
@@ -70,53 +123,140 @@ impl DecoderLayer {
         train: bool,
     ) -> (Tensor, LayerGraph) {
         let mlp = &self.mlp;
-        let gate_up_parts = [&mlp.gate_proj, &mlp.up_proj];
-        let by_hand = mlp.gate_up.as_ref().filter(|_| {
-            plain_branches(&gate_up_parts, train).is_some()
-                && plain_branch(&mlp.down_proj, train).is_ok()
-        });
-        let Some(merged) = by_hand else {
+        let attn = &self.self_attn;
+        let mlp_by_hand = mlp.gate_up.is_some()
+            && plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train).is_some()
+            && plain_branch(&mlp.down_proj, train).is_ok();
+        let attention_by_hand = attn.qkv.is_some()
+            && plain_branches(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], train).is_some()
+            && plain_branch(&attn.o_proj, train).is_ok();
+        if mlp_by_hand && attention_by_hand {
+            return self.forward_by_hand(input, rope, mask, eps, train);
+        }
+        if !mlp_by_hand {
             let out = self.forward(&input, rope, mask, None, eps, train);
             return (out.detach(), LayerGraph::Whole { input, out });
-        };
+        }
         let normed = rms_norm(&input, &self.input_layernorm, eps);
-        let attended = &input
-            + self
-                .self_attn
-                .forward(&normed, rope.0, rope.1, mask, None, train);
+        let attended = &input + attn.forward(&normed, rope.0, rope.1, mask, None, train);
         let mlp_in = rms_norm(&attended, &self.post_attention_layernorm, eps);
         let mlp_in = mlp_in.reshape([-1, mlp_in.size()[2]]);
-        let down = &mlp.down_proj;
-        let (out, gate_up, gate_up_branches, down_h) = tch::no_grad(|| {
-            let (gate_up, branches) = merged
-                .product(&gate_up_parts, &mlp_in, train)
-                .expect("every branch of the group is plain");
-            let gated = swiglu(&gate_up);
-            // The residual joins the down product as its accumulator (one pass over the
-            // output fewer than adding it after), then the branch as `add_to` does.
-            let residual = attended.reshape([-1, down.out_features()]);
-            let mut y = residual.addmm(&gated, &down.weight.tr());
-            if let Some(bias) = &down.bias {
-                y += bias;
-            }
-            let mut down_h = None;
-            if let Ok(Some(b)) = plain_branch(down, train) {
-                let h = gated.linear::<Tensor>(&b.a.to_kind(gated.kind()), None) * b.scaling;
-                y = y.addmm_(&h, &b.b.to_kind(gated.kind()).tr());
-                down_h = Some(h);
-            }
-            let out = y.view(attended.size().as_slice());
-            (out, gate_up, branches, down_h)
+        let (out, mlp) = tch::no_grad(|| {
+            let residual = attended.reshape([-1, mlp_in.size()[1]]);
+            self.mlp_forward(&mlp_in, &residual, train)
         });
+        let out = out.view(attended.size().as_slice());
         let graph = LayerGraph::HandMlp(HandMlp {
             input,
             attended,
             mlp_in,
+            mlp,
+        });
+        (out, graph)
+    }
+
+    /// The MLP's output plus `residual`, for `mlp_in (tokens, hidden)`, outside autograd, and
+    /// what its backward needs.
+    fn mlp_forward(&self, mlp_in: &Tensor, residual: &Tensor, train: bool) -> (Tensor, MlpKept) {
+        let mlp = &self.mlp;
+        let merged = mlp
+            .gate_up
+            .as_ref()
+            .expect("an MLP by hand has gate/up merged");
+        let (gate_up, gate_up_branches) = merged
+            .product(&[&mlp.gate_proj, &mlp.up_proj], mlp_in, train)
+            .expect("every branch of the group is plain");
+        let gated = swiglu(&gate_up);
+        let (y, down_h) = plain_forward(&mlp.down_proj, &gated, residual, train);
+        let kept = MlpKept {
             gate_up,
             gate_up_branches,
             down_h,
+        };
+        (y, kept)
+    }
+
+    /// The layer by hand ([`LayerGraph::Hand`]).
+    fn forward_by_hand(
+        &self,
+        input: Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        eps: f64,
+        train: bool,
+    ) -> (Tensor, LayerGraph) {
+        let attn = &self.self_attn;
+        let shape = input.size();
+        let (batch, seq, hidden) = (shape[0], shape[1], shape[2]);
+        let heads = (attn.heads, attn.kv_heads, attn.head_dim);
+        let (h, kvh, hd) = heads;
+        let wants_input_grad = input.requires_grad();
+        let x = input.detach().reshape([-1, hidden]);
+        let (qkv, qkv_branches, rstd1) = tch::no_grad(|| {
+            let (normed, rstd1) = rms_norm_with_rstd(&x, &self.input_layernorm, eps);
+            let qkv_parts = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
+            let merged = attn
+                .qkv
+                .as_ref()
+                .expect("attention by hand has q/k/v merged");
+            let (qkv, branches) = merged
+                .product(&qkv_parts, &normed, train)
+                .expect("every branch of the group is plain");
+            (qkv, branches, rstd1)
         });
-        (out, graph)
+        // Attention's core on a graph of its own: q, k (roped) and v as leaves, laid out
+        // `(batch, seq, heads, head_dim)` in memory as the fused kernels want them.
+        let (q, k, v) = tch::no_grad(|| {
+            let (q, k) = rope(&qkv, cos, sin, heads);
+            let v = qkv.narrow(1, (h + kvh) * hd, kvh * hd).contiguous();
+            let to_heads = |t: Tensor, n: i64| t.view([batch, seq, n, hd]).transpose(1, 2);
+            (to_heads(q, h), to_heads(k, kvh), to_heads(v, kvh))
+        });
+        drop(qkv);
+        let (q, k, v) = (
+            q.set_requires_grad(true),
+            k.set_requires_grad(true),
+            v.set_requires_grad(true),
+        );
+        let out = tch::with_grad(|| {
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                mask,
+                0.0,
+                mask.is_none(),
+                None,
+                kvh != h,
+            )
+        });
+        let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
+        let (out_flat, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
+            let (attended, o_h) = plain_forward(&attn.o_proj, &flat, &x, train);
+            let (mlp_in, rstd2) =
+                rms_norm_with_rstd(&attended, &self.post_attention_layernorm, eps);
+            let (y, mlp) = self.mlp_forward(&mlp_in, &attended, train);
+            (y, o_h, attended, rstd2, mlp)
+        });
+        let kept = HandLayer {
+            input: x,
+            wants_input_grad,
+            shape: shape.clone(),
+            eps,
+            rstd1,
+            qkv_branches,
+            rope: (cos.shallow_clone(), sin.shallow_clone()),
+            heads,
+            attention: AttentionGraph { q, k, v, out, flat },
+            o_h,
+            attended,
+            rstd2,
+            mlp,
+        };
+        (
+            out_flat.view(shape.as_slice()),
+            LayerGraph::Hand(Box::new(kept)),
+        )
     }
 
     /// Accumulates the gradients of the layer's adapters for `grad`, the gradient of its
@@ -128,6 +268,7 @@ impl DecoderLayer {
                 let surrogate = self.mlp_surrogate(&kept, grad, train);
                 (kept.input, surrogate)
             }
+            LayerGraph::Hand(kept) => return self.backward_by_hand(*kept, grad, train),
         };
         if let Some(surrogate) = surrogate.filter(Tensor::requires_grad) {
             surrogate.backward();
@@ -135,74 +276,298 @@ impl DecoderLayer {
         input.grad()
     }
 
-    /// A scalar whose backward gives the layer's graph and the MLP's factors their gradients:
-    /// the dot products of the graph's roots with their gradients, the MLP input's worked out
-    /// here, and of each factor with its gradient. `None` where nothing wants a gradient.
+    /// A scalar whose backward gives the layer's graph its gradients: the dot products of the
+    /// graph's roots with their gradients, the MLP input's worked out here (the MLP's factors
+    /// get theirs directly). `None` where nothing wants a gradient.
     fn mlp_surrogate(&self, kept: &HandMlp, grad: &Tensor, train: bool) -> Option<Tensor> {
-        let mlp = &self.mlp;
-        let merged = mlp
-            .gate_up
-            .as_ref()
-            .expect("an MLP by hand has gate/up merged");
         let g = grad.reshape([-1, grad.size()[2]]);
-        let (d_mlp_in, factor_grads) = tch::no_grad(|| {
-            let mut factor_grads: Vec<(Tensor, Tensor)> = Vec::new();
-            // The down projection, y = gated W^T (+ h B^T, h = scaling * gated A^T):
-            // d(gated) = g W (+ scaling * (g B) A), dB = g^T h, dA = scaling * (g B)^T gated.
-            let mut d_gated = g.mm(&mlp.down_proj.weight);
-            let mut down_a = None;
-            if let (Ok(Some(b)), Some(h)) = (plain_branch(&mlp.down_proj, train), &kept.down_h) {
-                let kind = g.kind();
-                let dh = g.mm(&b.b.to_kind(kind)) * b.scaling;
-                factor_grads.push((b.b.shallow_clone(), h.tr().mm(&g).tr()));
-                d_gated = d_gated.addmm_(&dh, &b.a.to_kind(kind));
-                down_a = Some((b.a.shallow_clone(), dh));
-            }
-            // SwiGLU's gradient, and the product again where the down branch's A needs it.
-            let (d_gate_up, gated) = swiglu_backward(&kept.gate_up, &d_gated, down_a.is_some());
-            if let (Some((a, dh)), Some(gated)) = (down_a, gated) {
-                factor_grads.push((a, dh.tr().mm(&gated)));
-            }
-            // Gate and up, y = x W^T (+ h b^T, h = x a^T): d x = d_y W (+ (d_y b) a),
-            // d b = d_y^T h, d a = (d_y b)^T x; each part's A and B are blocks of a and b.
-            let mut d_x = d_gate_up.mm(&merged.weight);
-            if let Some(MergedBranches { h, a, b }) = &kept.gate_up_branches {
-                let dh = d_gate_up.mm(b);
-                let d_a = dh.tr().mm(&kept.mlp_in);
-                let d_b = h.tr().mm(&d_gate_up).tr();
-                d_x = d_x.addmm_(&dh, a);
-                let parts = plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train)
-                    .expect("an MLP by hand has plain branches");
-                let (mut row, mut col) = (0, 0);
-                for (part, branch) in [&mlp.gate_proj, &mlp.up_proj].iter().zip(parts) {
-                    let out = part.out_features();
-                    if let Some(branch) = branch {
-                        let r = branch.a.size()[0];
-                        let d_block = d_b.narrow(0, row, out).narrow(1, col, r);
-                        factor_grads.push((branch.a.shallow_clone(), d_a.narrow(0, col, r)));
-                        factor_grads.push((
-                            branch.b.shallow_clone(),
-                            d_block.to_kind(branch.b.kind()) * branch.scaling,
-                        ));
-                        col += r;
-                    }
-                    row += out;
-                }
-            }
-            (d_x, factor_grads)
-        });
+        let mut grads = Vec::new();
+        let d_mlp_in =
+            tch::no_grad(|| self.mlp_backward(&kept.mlp, &kept.mlp_in, &g, train, &mut grads));
         let mut terms: Vec<Tensor> = [(&kept.attended, &g), (&kept.mlp_in, &d_mlp_in)]
             .into_iter()
             .filter(|(root, _)| root.requires_grad())
             .map(|(root, grad)| dot(root, grad).to_kind(Kind::Float))
             .collect();
-        terms.extend(
-            factor_grads
-                .iter()
-                .filter(|(factor, _)| factor.requires_grad())
-                .map(|(factor, d)| (factor * d.to_kind(factor.kind())).sum(Kind::Float)),
-        );
+        terms.extend(accumulate(grads));
         (!terms.is_empty()).then(|| Tensor::stack(&terms, 0).sum(Kind::Float))
+    }
+
+    /// The MLP's backward for `g`, the gradient of its output `(tokens, hidden)`, and `mlp_in`,
+    /// its input: the input's gradient, the factors' gradients pushed onto `grads`.
+    fn mlp_backward(
+        &self,
+        kept: &MlpKept,
+        mlp_in: &Tensor,
+        g: &Tensor,
+        train: bool,
+        grads: &mut Vec<(Tensor, Tensor)>,
+    ) -> Tensor {
+        let mlp = &self.mlp;
+        let down = &mlp.down_proj;
+        // The down projection's input is recomputed by SwiGLU's backward, after the gradient
+        // it needs: its `A` gradient waits for it.
+        let (d_gated, down_a) = plain_backward(down, g, kept.down_h.as_ref(), train, grads);
+        let (d_gate_up, gated) = swiglu_backward(&kept.gate_up, &d_gated, down_a.is_some());
+        if let (Some((a, dh)), Some(gated)) = (down_a, gated) {
+            grads.push((a, dh.tr().mm(&gated)));
+        }
+        let merged = mlp
+            .gate_up
+            .as_ref()
+            .expect("an MLP by hand has gate/up merged");
+        let parts = [&mlp.gate_proj, &mlp.up_proj];
+        let branches = kept.gate_up_branches.as_ref();
+        merged_backward(
+            merged, &parts, branches, &d_gate_up, mlp_in, train, grads, true,
+        )
+        .expect("asked for")
+    }
+
+    /// The layer by hand's backward ([`LayerGraph::Hand`]).
+    fn backward_by_hand(&self, kept: HandLayer, grad: &Tensor, train: bool) -> Tensor {
+        let attn = &self.self_attn;
+        let (h, kvh, hd) = kept.heads;
+        let tokens = kept.input.size()[0];
+        let mut grads = Vec::new();
+        let g = grad.reshape([-1, *kept.shape.last().expect("a hidden size")]);
+        let (d_attended, d_flat) = tch::no_grad(|| {
+            let mlp_in = rms_norm(&kept.attended, &self.post_attention_layernorm, kept.eps);
+            let d_mlp_in = self.mlp_backward(&kept.mlp, &mlp_in, &g, train, &mut grads);
+            drop(mlp_in);
+            let (w2, rstd2) = (&self.post_attention_layernorm, &kept.rstd2);
+            let d_attended = rms_norm_backward(&d_mlp_in, &kept.attended, rstd2, w2, Some(&g));
+            let o = &attn.o_proj;
+            let (d_flat, o_a) =
+                plain_backward(o, &d_attended, kept.o_h.as_ref(), train, &mut grads);
+            if let Some((a, dh)) = o_a {
+                grads.push((a, dh.tr().mm(&kept.attention.flat)));
+            }
+            (d_attended, d_flat)
+        });
+        let AttentionGraph { q, k, v, out, flat } = kept.attention;
+        drop(flat);
+        dot(&out.transpose(1, 2), &d_flat).backward();
+        drop(out);
+        let d_input = tch::no_grad(|| {
+            let to_tokens =
+                |t: Tensor, n: i64| t.transpose(1, 2).contiguous().view([tokens, n, hd]);
+            let (dq, dk, dv) = (to_tokens(q.grad(), h), to_tokens(k.grad(), kvh), v.grad());
+            drop((q, k));
+            let width = (h + 2 * kvh) * hd;
+            let d_qkv = Tensor::empty([tokens, width], (dq.kind(), dq.device()));
+            rope_backward(&dq, &dk, &kept.rope, &d_qkv, kept.heads);
+            let d_v = dv.transpose(1, 2).reshape([tokens, kvh * hd]);
+            d_qkv.narrow(1, (h + kvh) * hd, kvh * hd).copy_(&d_v);
+            let normed = rms_norm(&kept.input, &self.input_layernorm, kept.eps);
+            let merged = attn
+                .qkv
+                .as_ref()
+                .expect("attention by hand has q/k/v merged");
+            let parts = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
+            let branches = kept.qkv_branches.as_ref();
+            let wants = kept.wants_input_grad;
+            let d_normed = merged_backward(
+                merged, &parts, branches, &d_qkv, &normed, train, &mut grads, wants,
+            );
+            d_normed.map(|d| {
+                let (w1, rstd1) = (&self.input_layernorm, &kept.rstd1);
+                rms_norm_backward(&d, &kept.input, rstd1, w1, Some(&d_attended))
+                    .view(kept.shape.as_slice())
+            })
+        });
+        if let Some(surrogate) = accumulate(grads) {
+            surrogate.backward();
+        }
+        d_input.unwrap_or_else(Tensor::new)
+    }
+}
+
+/// `y = x W^T (+ bias) + residual`, plus the projection's plain branch as its `add_to` adds it,
+/// for `x (tokens, in)`: the residual is the product's accumulator (one pass over the output
+/// fewer than adding it after). Also the branch's `h = scaling x A^T`, which its `B` gradient
+/// needs.
+fn plain_forward(
+    linear: &Linear,
+    x: &Tensor,
+    residual: &Tensor,
+    train: bool,
+) -> (Tensor, Option<Tensor>) {
+    let mut y = residual.addmm(x, &linear.weight.tr());
+    if let Some(bias) = &linear.bias {
+        y += bias;
+    }
+    let mut kept = None;
+    if let Ok(Some(b)) = plain_branch(linear, train) {
+        let h = x.linear::<Tensor>(&b.a.to_kind(x.kind()), None) * b.scaling;
+        y = y.addmm_(&h, &b.b.to_kind(x.kind()).tr());
+        kept = Some(h);
+    }
+    (y, kept)
+}
+
+/// [`plain_forward`]'s backward for `d_y`: `d x = d_y W (+ (scaling d_y B) A)`, `dB = d_y^T h`
+/// pushed onto `grads`, and the branch's `(A, scaling d_y B)`, from which the caller pushes
+/// `dA = (scaling d_y B)^T x` once it has `x`.
+fn plain_backward(
+    linear: &Linear,
+    d_y: &Tensor,
+    h: Option<&Tensor>,
+    train: bool,
+    grads: &mut Vec<(Tensor, Tensor)>,
+) -> (Tensor, Option<(Tensor, Tensor)>) {
+    let mut d_x = d_y.mm(&linear.weight);
+    let mut a_grad = None;
+    if let (Ok(Some(b)), Some(h)) = (plain_branch(linear, train), h) {
+        let kind = d_y.kind();
+        let dh = d_y.mm(&b.b.to_kind(kind)) * b.scaling;
+        grads.push((b.b.shallow_clone(), h.tr().mm(d_y).tr()));
+        d_x = d_x.addmm_(&dh, &b.a.to_kind(kind));
+        a_grad = Some((b.a.shallow_clone(), dh));
+    }
+    (d_x, a_grad)
+}
+
+/// A merged product's backward ([`Merged::product`]) for `d_y (tokens, sum of out_i)` and its
+/// input `x`: `d x = d_y W (+ (d_y b) a)` where `want_dx`, and every part's factor gradients
+/// pushed onto `grads` (`d b = d_y^T h`, `d a = (d_y b)^T x`, each part's `A` and `B` blocks of
+/// `a` and `b`).
+#[allow(clippy::too_many_arguments)]
+fn merged_backward(
+    merged: &Merged,
+    parts: &[&Linear],
+    branches: Option<&MergedBranches>,
+    d_y: &Tensor,
+    x: &Tensor,
+    train: bool,
+    grads: &mut Vec<(Tensor, Tensor)>,
+    want_dx: bool,
+) -> Option<Tensor> {
+    let mut d_x = want_dx.then(|| d_y.mm(&merged.weight));
+    let Some(MergedBranches { h, a, b }) = branches else {
+        return d_x;
+    };
+    let dh = d_y.mm(b);
+    let d_a = dh.tr().mm(x);
+    let d_b = h.tr().mm(d_y).tr();
+    if let Some(d_x) = &mut d_x {
+        let _ = d_x.addmm_(&dh, a);
+    }
+    let factors =
+        plain_branches(parts, train).expect("a merged product by hand has plain branches");
+    let (mut row, mut col) = (0, 0);
+    for (part, branch) in parts.iter().zip(factors) {
+        let out = part.out_features();
+        if let Some(branch) = branch {
+            let r = branch.a.size()[0];
+            let d_block = d_b.narrow(0, row, out).narrow(1, col, r);
+            grads.push((branch.a.shallow_clone(), d_a.narrow(0, col, r)));
+            grads.push((
+                branch.b.shallow_clone(),
+                d_block.to_kind(branch.b.kind()) * branch.scaling,
+            ));
+            col += r;
+        }
+        row += out;
+    }
+    d_x
+}
+
+/// Adds each factor's gradient into its `.grad` where it has one (after the first step, the
+/// optimizer's flat buffer), without autograd; for a factor that has none yet, a term whose
+/// backward creates it (its dot product with the gradient), returned for the caller to run.
+fn accumulate(grads: Vec<(Tensor, Tensor)>) -> Option<Tensor> {
+    let mut terms = Vec::new();
+    for (factor, d) in grads {
+        if !factor.requires_grad() {
+            continue;
+        }
+        let existing = factor.grad();
+        if existing.defined() {
+            tch::no_grad(|| {
+                let mut existing = existing;
+                existing += d.to_kind(existing.kind());
+            });
+        } else {
+            terms.push(tch::with_grad(|| {
+                (&factor * d.to_kind(factor.kind())).sum(Kind::Float)
+            }));
+        }
+    }
+    (!terms.is_empty()).then(|| Tensor::stack(&terms, 0).sum(Kind::Float))
+}
+
+/// RoPE of the q and k heads of `qkv (tokens, width)`: `(tokens, heads, head_dim)` and
+/// `(tokens, kv_heads, head_dim)`. One kernel on CUDA in bf16, else [`apply_rotary`].
+fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> (Tensor, Tensor) {
+    if let Some(fused) = cuda_kernels::rope(qkv, cos, sin, heads) {
+        return fused;
+    }
+    let (h, kvh, hd) = heads;
+    let tokens = qkv.size()[0];
+    let seq = cos.size()[0];
+    let roped = |offset: i64, n: i64| {
+        let x = qkv
+            .narrow(1, offset, n * hd)
+            .view([tokens / seq, seq, n, hd])
+            .transpose(1, 2);
+        apply_rotary(&x, cos, sin)
+            .transpose(1, 2)
+            .contiguous()
+            .view([tokens, n, hd])
+    };
+    (roped(0, h), roped(h * hd, kvh))
+}
+
+/// [`rope`]'s backward for `dq (tokens, heads, head_dim)` and `dk`, written into the q and k
+/// columns of `d_qkv`: `dx = dy cos + rotate_half^T(dy sin)`, `rotate_half^T(z) = (z2, -z1)`.
+fn rope_backward(
+    dq: &Tensor,
+    dk: &Tensor,
+    (cos, sin): &(Tensor, Tensor),
+    d_qkv: &Tensor,
+    heads: Heads,
+) {
+    if cuda_kernels::rope_backward(dq, dk, cos, sin, d_qkv, heads) {
+        return;
+    }
+    let (h, _, hd) = heads;
+    let (tokens, seq) = (d_qkv.size()[0], cos.size()[0]);
+    let half = hd / 2;
+    for (d, offset) in [(dq, 0), (dk, h * hd)] {
+        let n = d.size()[1];
+        let dy = d.view([tokens / seq, seq, n, hd]).transpose(1, 2);
+        let ds = &dy * sin;
+        let swapped = Tensor::cat(&[ds.narrow(-1, half, half), -ds.narrow(-1, 0, half)], -1);
+        let dx = dy * cos + swapped;
+        d_qkv
+            .narrow(1, offset, n * hd)
+            .view([tokens / seq, seq, n, hd])
+            .copy_(&dx.transpose(1, 2));
+    }
+}
+
+/// RMSNorm's input gradient for `dy`, its input `x (tokens, hidden)`, per-row `rstd` and
+/// weight `w`, plus `residual` where given: `dx = rstd (dy w - x^ mean(dy w x^))`, `x^ = x
+/// rstd`, in `rstd`'s precision. One kernel on CUDA in bf16.
+fn rms_norm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    rstd: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+) -> Tensor {
+    if let Some(dx) = cuda_kernels::rms_norm_backward(dy, x, rstd, w, residual) {
+        return dx;
+    }
+    let acc = rstd.kind();
+    let normed = x.to_kind(acc) * rstd;
+    let dyw = dy.to_kind(acc) * w.to_kind(acc);
+    let mean = (&dyw * &normed).mean_dim(-1, true, acc);
+    let dx = ((dyw - normed * mean) * rstd).to_kind(x.kind());
+    match residual {
+        Some(r) => dx + r,
+        None => dx,
     }
 }
 
