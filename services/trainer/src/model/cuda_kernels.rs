@@ -419,18 +419,13 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> Option<(T
         Tensor::empty([tokens, h, hd], options),
         Tensor::empty([tokens, kvh, hd], options),
     );
-    let args = [qkv, cos, sin, &q_out, &k_out].map(pointer);
-    let dims = [tokens, seq, h, kvh, hd, width].map(|d| d as u32);
-    let mut launch = k.stream.launch_builder(&k.rope_forward);
-    for arg in &args {
-        launch.arg(arg);
-    }
-    for dim in &dims {
-        launch.arg(dim);
-    }
-    // SAFETY: as in `rms_norm_backward`.
-    unsafe { launch.launch(grid(k, (tokens * (h + kvh) * hd / 2) as usize)) }
-        .expect("launching rope_forward");
+    let tensors = [qkv, cos, sin, &q_out, &k_out];
+    launch_rope(
+        k,
+        &k.rope_forward,
+        tensors,
+        [tokens, seq, h, kvh, hd, width],
+    );
     Some((q_out, k_out))
 }
 
@@ -462,19 +457,33 @@ pub fn rope_backward(
     let Some(k) = kernels(d_qkv.device()).filter(|_| fits) else {
         return false;
     };
-    let args = [dq, dk, cos, sin, d_qkv].map(pointer);
-    let dims = [tokens, seq, h, kvh, hd, width].map(|d| d as u32);
-    let mut launch = k.stream.launch_builder(&k.rope_backward);
+    let tensors = [dq, dk, cos, sin, d_qkv];
+    launch_rope(
+        k,
+        &k.rope_backward,
+        tensors,
+        [tokens, seq, h, kvh, hd, width],
+    );
+    true
+}
+
+/// Launches a RoPE kernel on its five tensors and six sizes `(tokens, seq, heads, kv_heads,
+/// head_dim, width)`: one thread per pair of rotated elements.
+fn launch_rope(k: &Kernels, function: &CudaFunction, tensors: [&Tensor; 5], sizes: [i64; 6]) {
+    let args = tensors.map(pointer);
+    let dims = sizes.map(|d| d as u32);
+    let mut launch = k.stream.launch_builder(function);
     for arg in &args {
         launch.arg(arg);
     }
     for dim in &dims {
         launch.arg(dim);
     }
-    // SAFETY: as in `rms_norm_backward`.
+    let [tokens, _, h, kvh, hd, _] = sizes;
+    // SAFETY: the callers checked every tensor contiguous, of the sizes the kernel indexes,
+    // alive until the launch is ordered on their stream.
     unsafe { launch.launch(grid(k, (tokens * (h + kvh) * hd / 2) as usize)) }
-        .expect("launching rope_backward");
-    true
+        .expect("launching a RoPE kernel");
 }
 
 #[cfg(test)]

@@ -967,22 +967,19 @@ impl Attention {
                 )
             }
         };
-        let grouped = self.kv_heads != self.heads;
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask,
-            0.0,
-            mask.is_none(),
-            None,
-            grouped,
-        );
+        let out = attend(&q, &k, &v, mask);
         let out = out
             .transpose(1, 2)
             .reshape([batch, seq, self.heads * self.head_dim]);
         self.o_proj.forward(&out, train)
     }
+}
+
+/// Attention's core for `q (batch, heads, seq, head_dim)`, `k` and `v` (`kv_heads` each, shared
+/// by groups of query heads where fewer): causal without `mask`, else where `mask` says.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let grouped = k.size()[1] != q.size()[1];
+    Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, mask.is_none(), None, grouped)
 }
 
 /// RMSNorm. On CUDA, aten's fused kernel (`_fused_rms_norm`): one kernel each way, and autograd

@@ -26,8 +26,8 @@
 //! [`LinearAdapter::low_rank`]: super::LinearAdapter::low_rank
 
 use super::{
-    apply_rotary, plain_branches, rms_norm, rms_norm_with_rstd, DecoderLayer, Linear, LowRank,
-    Merged, MergedBranches,
+    apply_rotary, attend, plain_branches, rms_norm, rms_norm_with_rstd, DecoderLayer, Linear,
+    LowRank, Merged, MergedBranches,
 };
 use crate::model::cuda_kernels::{self, Heads};
 use tch::{Kind, Tensor};
@@ -218,18 +218,7 @@ impl DecoderLayer {
             k.set_requires_grad(true),
             v.set_requires_grad(true),
         );
-        let out = tch::with_grad(|| {
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                mask,
-                0.0,
-                mask.is_none(),
-                None,
-                kvh != h,
-            )
-        });
+        let out = tch::with_grad(|| attend(&q, &k, &v, mask));
         let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
         let (out_flat, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
             let (attended, o_h) = plain_forward(&attn.o_proj, &flat, &x, train);
