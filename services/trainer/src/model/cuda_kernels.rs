@@ -261,7 +261,7 @@ fn swiglu_shape(gate_up: &Tensor) -> Option<(u32, u32)> {
         && size[1] % 16 == 0;
     let (rows, vecs) = (size.first()?, size.get(1)? / 16);
     let total = rows.checked_mul(vecs)?;
-    (fits && total > 0 && total < i32::MAX as i64).then(|| (*rows as u32, vecs as u32))
+    (fits && total > 0 && total < i32::MAX as i64).then_some((*rows as u32, vecs as u32))
 }
 
 fn launch_config(k: &Kernels, rows: u32, vecs: u32) -> LaunchConfig {
