@@ -25,12 +25,12 @@ def category(n):
     if "swiglu" in n: return "SwiGLU (our kernel)"
     if "rope_" in n: return "RoPE (our kernel)"
     if "rms_norm_backward" in n: return "RMSNorm backward (our kernel)"
-    if "layer_norm" in n: return "RMSNorm (aten)"
-    if "silu" in n: return "SwiGLU (libtorch)"
+    if "layer_norm" in n: return "RMSNorm forward, backward (aten)"
+    if "silu" in n: return "SiLU and its gradient (libtorch)"
     if "Cat" in n or "neg_kernel" in n: return "concatenations, negation"
     if "dot_kernel" in n or "reduce" in n: return "reductions, dot products"
     if "copy" in n or "Fill" in n: return "copies, fills, casts"
-    return "other elementwise"
+    return "other elementwise (products, sums: RoPE, SwiGLU, residuals)"
 def step(K):
     """The last step's kernels: after the last group of AdamW kernels over the flat buffer but one."""
     flat = [k[0] for k in K if k[2] == "(12320, 1, 1)"]

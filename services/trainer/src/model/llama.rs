@@ -1522,10 +1522,13 @@ mod tests {
     /// On the GPU, in bf16 with the fused kernels, the layer by hand gives the adapters the
     /// gradients autograd gives them through the whole model in fp32, up to bf16's precision:
     /// what the f64 test above cannot see (aten's fused norm and its per-row scales, cuDNN's
-    /// attention and its layouts, the kernels in place).
+    /// attention and its layouts, the kernels in place). It failed on an H100 on 2026-12-07
+    /// with v laid out as q and k (bench/gpu.md); not yet run with autograd's layout for v.
     #[test]
     #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
     fn the_layer_by_hand_matches_autograd_on_cuda() {
+        // The layer by hand is opt-in on CUDA (layer_backward.rs, `cuda_layer_by_hand`).
+        std::env::set_var("LORAFORGE_CUDA_LAYER_BY_HAND", "on");
         let c =
             config(json!({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128}));
         let device = Device::Cuda(0);

@@ -110,6 +110,16 @@ fn halves(gate_up: &Tensor) -> (Tensor, Tensor) {
     (gate_up.narrow(1, 0, half), gate_up.narrow(1, half, half))
 }
 
+/// Whether the whole layer runs by hand on CUDA: only with `LORAFORGE_CUDA_LAYER_BY_HAND=on`
+/// for now. Measured on an H100 it is the fastest path (bench/gpu.md), but its GPU test
+/// against autograd failed and its loss curve trailed PEFT's over the first steps, with v
+/// laid out as q and k are; v now has autograd's layout, which is not yet verified on a GPU.
+/// Until it is, CUDA runs the MLP by hand and attention under autograd, which match PEFT.
+/// The CPU always runs the layer by hand (tested against autograd and PEFT).
+fn cuda_layer_by_hand() -> bool {
+    std::env::var("LORAFORGE_CUDA_LAYER_BY_HAND").is_ok_and(|v| v == "on" || v == "1")
+}
+
 impl DecoderLayer {
     /// The layer's output for `input` (a leaf: requiring grad where the layer before wants its
     /// gradient), detached, and what [`DecoderLayer::backward`] needs. The output is what
@@ -127,7 +137,8 @@ impl DecoderLayer {
         let mlp_by_hand = mlp.gate_up.is_some()
             && plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train).is_some()
             && plain_branch(&mlp.down_proj, train).is_ok();
-        let attention_by_hand = attn.qkv.is_some()
+        let attention_by_hand = (!input.device().is_cuda() || cuda_layer_by_hand())
+            && attn.qkv.is_some()
             && plain_branches(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], train).is_some()
             && plain_branch(&attn.o_proj, train).is_ok();
         if mlp_by_hand && attention_by_hand {
@@ -204,13 +215,15 @@ impl DecoderLayer {
                 .expect("every branch of the group is plain");
             (qkv, branches, rstd1)
         });
-        // Attention's core on a graph of its own: q, k (roped) and v as leaves, laid out
-        // `(batch, seq, heads, head_dim)` in memory as the fused kernels want them.
+        // Attention's core on a graph of its own: q, k (roped) and v as leaves, q and k laid
+        // out `(batch, seq, heads, head_dim)` in memory as the RoPE kernel writes them, v
+        // `(batch, heads, seq, head_dim)`: the layouts autograd's path hands attention
+        // (`Attention::forward`), which the GPU loss curve against PEFT validated.
         let (q, k, v) = tch::no_grad(|| {
             let (q, k) = rope(&qkv, cos, sin, heads);
-            let v = qkv.narrow(1, (h + kvh) * hd, kvh * hd).contiguous();
             let to_heads = |t: Tensor, n: i64| t.view([batch, seq, n, hd]).transpose(1, 2);
-            (to_heads(q, h), to_heads(k, kvh), to_heads(v, kvh))
+            let v = to_heads(qkv.narrow(1, (h + kvh) * hd, kvh * hd), kvh).contiguous();
+            (to_heads(q, h), to_heads(k, kvh), v)
         });
         drop(qkv);
         let (q, k, v) = (
