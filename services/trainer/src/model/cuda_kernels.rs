@@ -6,7 +6,9 @@
 //! and gate and up are halves of one merged product, strided views that libtorch's vectorised
 //! kernels do not take. Measured on an H100 (TinyLlama, batch 8 x seq 2048, bench/gpu.md):
 //! forward 0.52 ms a layer in two kernels, backward 1.35 ms in five. Here each direction is one
-//! pass over its inputs and outputs.
+//! pass over its inputs and outputs. RoPE (ten strided kernels a layer, forward and backward)
+//! and RMSNorm's backward (with the residual's gradient added) are the others; they serve the
+//! layer by hand (model/llama/layer_backward.rs), which is opt-in on CUDA for now.
 //!
 //! The kernels compute what libtorch computes, rounding where it rounds: `silu(gate)` in fp32,
 //! rounded to bf16, then the product in fp32 and rounded (`silu_backward` likewise), so the

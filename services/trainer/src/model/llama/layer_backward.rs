@@ -4,7 +4,8 @@
 //! layer its output's gradient and gets back its input's, last layer first. Where every adapter
 //! of the layer is a plain low-rank branch in this pass ([`LinearAdapter::low_rank`]: LoRA
 //! without dropout) or absent, and q/k/v and gate/up are merged products, the whole layer runs
-//! by hand ([`LayerGraph::Hand`]): the base weights are frozen, so the backward is the
+//! by hand ([`LayerGraph::Hand`]; on CUDA only with `LORAFORGE_CUDA_LAYER_BY_HAND=on` for now,
+//! see [`cuda_layer_by_hand`]): the base weights are frozen, so the backward is the
 //! activations' gradients and the factors' (the same products autograd would run), and it
 //! keeps only what those need: the layer's input and the norms' per-row scales (the normalised
 //! rows are recomputed, one kernel each), the roped q and k and v with attention's output (for
