@@ -9,6 +9,9 @@
 #   mkdir -p .gpu/bench .gpu/whl && cp bench/gpu_run.sh .gpu/run.sh && cp bench/*.py .gpu/bench/
 #   strip -o .gpu/loraforge-trainer $CARGO_TARGET_DIR/release/loraforge-trainer
 #   pip download --no-deps --only-binary=:all: -d .gpu/whl liger-kernel==0.8.5
+# The GPU tests (bench/gpu.md, "Correctness on the GPU") travel as the release test binary:
+#   cargo test --release -p loraforge-trainer --no-run   # prints the binary's path
+#   strip -o .gpu/tests PATH && gzip .gpu/tests          # there: gunzip, then ./tests --ignored cuda
 set -u
 cd "$(dirname "$0")"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site whl/*.whl || exit 1
