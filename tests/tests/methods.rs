@@ -351,7 +351,11 @@ fn initialisations_match_their_references() {
         ));
         let init = result["init_max_abs_diff"].as_f64().unwrap();
         assert!(result["init_max_abs"].as_f64().unwrap() > 1e-2, "{method}: {result}");
-        assert!(init < 1e-4, "{method}: initial factors differ by {init}: {result}");
+        // ArBr with gd_scale and rsLoRA reads singular vectors whose gaps amplify rounding: on
+        // a busy two-core CI machine its factors moved by up to 1.6e-4 between runs (largest
+        // entry 0.088); a wrong direction or scale moves them by the size of the entries.
+        let tolerance = if case == 1 { 5e-4 } else { 1e-4 };
+        assert!(init < tolerance, "{method}: initial factors differ by {init}: {result}");
         // 1e-4 where the logits moved by 5 from the base; proportionally more where they moved
         // more (B A - B0 A0 cancels, rounding relative to the factors): observed 1.3e-5 at 4.3,
         // 1.1e-4 at 7.2 (gd_scale with rsLoRA, factors 2.8x larger).
