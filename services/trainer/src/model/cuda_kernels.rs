@@ -205,7 +205,7 @@ fn kernels(device: Device) -> Option<&'static Kernels> {
         match std::panic::catch_unwind(|| compile(ordinal)) {
             Ok(Ok(kernels)) => {
                 tracing::info!(
-                    "fused CUDA kernels compiled with NVRTC (SwiGLU forward and backward)"
+                    "fused CUDA kernels compiled with NVRTC (SwiGLU, RoPE, RMSNorm backward)"
                 );
                 Some(kernels)
             }
@@ -266,15 +266,6 @@ fn swiglu_shape(gate_up: &Tensor) -> Option<(u32, u32)> {
     (fits && total > 0 && total < i32::MAX as i64).then_some((*rows as u32, vecs as u32))
 }
 
-fn launch_config(k: &Kernels, rows: u32, vecs: u32) -> LaunchConfig {
-    let blocks = (rows * vecs).div_ceil(THREADS).min(k.max_blocks);
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 fn pointer(t: &Tensor) -> u64 {
     t.data_ptr() as u64
 }
@@ -293,7 +284,7 @@ pub fn swiglu(gate_up: &Tensor) -> Option<Tensor> {
     launch.arg(&input).arg(&output).arg(&rows).arg(&vecs);
     // SAFETY: the pointers are the tensors' device memory, of the sizes the kernel indexes
     // (checked by `swiglu_shape`), alive until after the launch is ordered on their stream.
-    unsafe { launch.launch(launch_config(k, rows, vecs)) }.expect("launching swiglu_forward");
+    unsafe { launch.launch(grid(k, (rows * vecs) as usize)) }.expect("launching swiglu_forward");
     Some(out)
 }
 
@@ -323,10 +314,11 @@ pub fn swiglu_backward(
         .arg(&rows)
         .arg(&vecs);
     // SAFETY: as in `swiglu`; `gated` is null or a tensor of `d_out`'s size.
-    unsafe { launch.launch(launch_config(k, rows, vecs)) }.expect("launching swiglu_backward");
+    unsafe { launch.launch(grid(k, (rows * vecs) as usize)) }.expect("launching swiglu_backward");
     Some((d_gate_up, gated))
 }
 
+/// One thread per item, in as many blocks as fill the device; the kernels loop over the rest.
 fn grid(k: &Kernels, items: usize) -> LaunchConfig {
     let blocks = items
         .div_ceil(THREADS as usize)

@@ -989,23 +989,25 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
 /// Hugging Face's by that one rounding. Elsewhere the composite, which is Hugging Face's
 /// (normalise in fp32, cast back, then scale) op for op, so CPU logits match theirs exactly.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    rms_norm_with_rstd(x, weight, eps).0
+}
+
+/// [`rms_norm`] and its per-row `1 / rms` (fp32, or f64 for f64), which its backward needs
+/// (layer_backward.rs).
+fn rms_norm_with_rstd(x: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
     if x.device().is_cuda() {
-        fused_rms_norm(x, weight, eps)
+        fused_rms_norm_with_rstd(x, weight, eps)
     } else {
-        composite_rms_norm(x, weight, eps)
+        composite_rms_norm_with_rstd(x, weight, eps)
     }
 }
 
-fn fused_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+fn fused_rms_norm_with_rstd(x: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
     let last = *x
         .size()
         .last()
         .expect("RMSNorm of a tensor with dimensions");
-    x.internal_fused_rms_norm([last], Some(weight), eps).0
-}
-
-fn composite_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    composite_rms_norm_with_rstd(x, weight, eps).0
+    x.internal_fused_rms_norm([last], Some(weight), eps)
 }
 
 /// Hugging Face's RMSNorm (in fp32; in f64 for f64, which the gradient tests use) and its
@@ -1019,20 +1021,6 @@ fn composite_rms_norm_with_rstd(x: &Tensor, weight: &Tensor, eps: f64) -> (Tenso
     let variance = xf.pow_tensor_scalar(2).mean_dim(-1, true, acc);
     let rstd = (variance + eps).rsqrt();
     (weight * (xf * &rstd).to_kind(x.kind()), rstd)
-}
-
-/// [`rms_norm`] and its per-row `1 / rms` (fp32, or f64 for f64), which its backward needs
-/// (layer_backward.rs).
-fn rms_norm_with_rstd(x: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
-    if x.device().is_cuda() {
-        let last = *x
-            .size()
-            .last()
-            .expect("RMSNorm of a tensor with dimensions");
-        x.internal_fused_rms_norm([last], Some(weight), eps)
-    } else {
-        composite_rms_norm_with_rstd(x, weight, eps)
-    }
 }
 
 /// RoPE in the `rotate_half` convention (the halves of the head dimension are the pairs).
@@ -1327,7 +1315,7 @@ mod tests {
         let formula = |x: &Tensor, w: &Tensor, eps: f64| {
             w * (x * (x.pow_tensor_scalar(2).mean_dim(-1, true, x.kind()) + eps).rsqrt())
         };
-        let fused = grads(fused_rms_norm, &x, &w);
+        let fused = grads(|x, w, eps| fused_rms_norm_with_rstd(x, w, eps).0, &x, &w);
         let reference = grads(formula, &x, &w);
         for (f, c) in [
             (&fused.0, &reference.0),
@@ -1340,12 +1328,12 @@ mod tests {
         if tch::Cuda::is_available() {
             let cuda = Device::Cuda(0);
             let reference = grads(
-                composite_rms_norm,
+                |x, w, eps| composite_rms_norm_with_rstd(x, w, eps).0,
                 &x.to_kind(Kind::Float).to_device(cuda),
                 &w.to_kind(Kind::Float).to_device(cuda),
             );
             let fused = grads(
-                fused_rms_norm,
+                |x, w, eps| fused_rms_norm_with_rstd(x, w, eps).0,
                 &x.to_kind(Kind::BFloat16).to_device(cuda),
                 &w.to_kind(Kind::BFloat16).to_device(cuda),
             );

@@ -234,7 +234,7 @@ impl DecoderLayer {
         );
         let out = tch::with_grad(|| attend(&q, &k, &v, mask));
         let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
-        let (out_flat, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
+        let (layer_out, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
             let (attended, o_h) = plain_forward(&attn.o_proj, &flat, &x, train);
             let (mlp_in, rstd2) =
                 rms_norm_with_rstd(&attended, &self.post_attention_layernorm, eps);
@@ -257,7 +257,7 @@ impl DecoderLayer {
             mlp,
         };
         (
-            out_flat.view(shape.as_slice()),
+            layer_out.view(shape.as_slice()),
             LayerGraph::Hand(Box::new(kept)),
         )
     }
