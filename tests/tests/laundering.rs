@@ -177,6 +177,39 @@ async fn the_gate_cannot_be_laundered_and_quarantine_is_never_served() -> anyhow
             "{problem}"
         );
     }
+    // ...nor can it be reached by alias: it cannot be given one (only ready versions can)...
+    let (code, problem) = app
+        .send_json(
+            Method::PUT,
+            "/v1/adapters/assistant/aliases/prod",
+            Some(&json!({"version": 1})),
+        )
+        .await?;
+    assert_eq!(code, 409, "{problem}");
+    assert_eq!(problem["code"], "version_not_ready", "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is quarantined"),
+        "{problem}"
+    );
+    // ...and a version never turns quarantined once ready, so an alias naming one can only be
+    // written by hand; resolve refuses it all the same.
+    sqlx::query(
+        "INSERT INTO adapter_aliases (project, adapter_name, alias, version) VALUES ($1, 'assistant', 'prod', 1)",
+    )
+    .bind(PROJECT)
+    .execute(&app.pool)
+    .await?;
+    for path in [
+        "/v1/adapters/assistant/resolve?ref=prod",
+        "/v1/adapters/assistant@prod/resolve",
+    ] {
+        let (code, problem) = app.get_json(path).await?;
+        assert_eq!(code, 409, "{path}: {problem}");
+        assert_eq!(problem["code"], "version_quarantined", "{problem}");
+    }
     // ...its files need admin scope and an explicit `?quarantined=allow`...
     let file = "/v1/adapters/assistant/versions/1/files/adapter_model.safetensors";
     let (code, problem) = get_as(&app, &reader, &format!("{file}?quarantined=allow")).await?;
