@@ -6,6 +6,10 @@ Usage (on the GPU machine, with the trainer built on the development machine):
   python3 bench/loss_curve.py --trainer BIN [--shape tinyllama] [--seq 1024] [--batch 8]
                               [--steps 200] [--lr 1e-4] [--checkpointing none|layers|offload]
                               [--work DIR] [--json-out FILE] [--device cuda|cpu]
+                              [--peft-from FILE]
+(`--peft-from` takes PEFT's curve from an earlier run's --json-out on the same --work, its
+arguments unchanged, so a second trainer build or setting is compared without training PEFT
+again: the trace is the same, since the trainer's factors and batches follow from the seed.)
 (`--device cpu --shape small` checks the script itself on a machine without a GPU: fp32 there.)
 
 1. The model `peft_baseline.py --save-model` writes (random weights, bf16) and 64 texts of
@@ -106,6 +110,7 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--peft-from", default=None, help="an earlier --json-out whose PEFT curve to reuse")
     args = ap.parse_args()
     tmp = None if args.work else tempfile.TemporaryDirectory()
     work = Path(args.work or tmp.name)
@@ -118,7 +123,14 @@ def main() -> None:
         (work / "model" / name).write_bytes((work / "fixture/model" / name).read_bytes())
 
     ours = loraforge_curve(args, work)
-    peft = peft_curve(args, work)
+    if args.peft_from:
+        earlier = json.loads(Path(args.peft_from).read_text())
+        same = ("device", "shape", "seq", "batch", "steps", "lr")
+        if any(earlier[k] != getattr(args, k) for k in same):
+            raise SystemExit(f"--peft-from {args.peft_from} ran with other arguments ({same})")
+        peft = earlier["peft"]
+    else:
+        peft = peft_curve(args, work)
     gaps = [abs(a - b) for a, b in zip(ours, peft)]
     smooth_gaps = [abs(a - b) for a, b in zip(moving_average(ours, 10), moving_average(peft, 10))]
     result = {

@@ -75,8 +75,9 @@ fn merge(model: &Path, adapter: &Path, out: &Path) -> Value {
 /// Trains `method` with a trace, runs PEFT on the trace, and checks training, the published
 /// adapter and the merge against PEFT.
 ///
-/// Tolerances. Variables: 1e-5 of the largest entry, as the AdaLoRA parity (same libtorch
-/// kernels, fp32; only the order of a few reductions differs). Six steps, because Adam's first
+/// Tolerances. Variables: 2e-5 of the largest entry (same libtorch kernels, fp32; only the
+/// order of a few reductions differs, and which vector kernels run depends on the CPU: SHiRA
+/// measured 1.01e-5 on an AVX-512 machine, within 1e-5 on others). Six steps, because Adam's first
 /// step from a zero block moves every entry by the learning rate whatever the gradient's size;
 /// the later steps depend on the gradients' values. Logits: 1e-4 (fp32 logits of order 1-10).
 fn check(method: Value, peft_type: &str, modules: usize) {
@@ -131,7 +132,7 @@ fn check(method: Value, peft_type: &str, modules: usize) {
     println!("{name}: trained variables differ from PEFT's by {diff:e} (largest {largest:e})");
     assert!(largest > 1e-3, "{name}: nothing trained");
     assert!(
-        diff <= 1e-5 * largest,
+        diff <= 2e-5 * largest,
         "{name}: variables differ by {diff} (largest {largest})"
     );
 

@@ -358,13 +358,17 @@ fn initialisations_match_their_references() {
         assert!(init < tolerance, "{method}: initial factors differ by {init}: {result}");
         // 1e-4 where the logits moved by 5 from the base; proportionally more where they moved
         // more (B A - B0 A0 cancels, rounding relative to the factors): observed 1.3e-5 at 4.3,
-        // 1.1e-4 at 7.2 (gd_scale with rsLoRA, factors 2.8x larger).
+        // 1.1e-4 at 7.2 (gd_scale with rsLoRA, factors 2.8x larger). The ArBr case carries
+        // its initial factors' run-to-run movement (above) into the logits: 1.85e-4 at 6.5
+        // seen with its factors 1.0e-4 apart, so 5x the bound there, as for the factors; a
+        // wrong export moves the logits by about as much as training did.
         let (logits, moved) = (
             result["logits_max_abs_diff"].as_f64().unwrap(),
             result["trained_vs_base"].as_f64().unwrap(),
         );
+        let per_unit_moved = if case == 1 { 1e-4 } else { 2e-5 };
         assert!(
-            logits <= 2e-5 * moved.max(5.0),
+            logits <= per_unit_moved * moved.max(5.0),
             "{method}: published adapter vs trained model: {result}"
         );
         assert!(result["trained_vs_base"].as_f64().unwrap() > 1e-3, "{method}: {result}");

@@ -22,6 +22,7 @@ use super::{module_path, pack, per_module_lora, refuse_parent, select, ExportedF
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
+use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::AdaLoraConfig;
@@ -45,6 +46,16 @@ impl LinearAdapter for SvdBranch {
             .linear::<Tensor>(&self.b, None)
             * self.scaling;
         delta.to_kind(x.kind())
+    }
+
+    /// `A ⊙ E` and `B`, derived each pass, so that the layer can run as a low-rank branch
+    /// (merged with its neighbours', its backward by hand) and E's gradient still arrives.
+    fn low_rank(&self, train: bool) -> Option<LowRank> {
+        (!train || self.dropout == 0.0).then(|| {
+            LowRank::derived(train, self.scaling, || {
+                (&self.a * &self.e, self.b.shallow_clone())
+            })
+        })
     }
 }
 

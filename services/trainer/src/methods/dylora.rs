@@ -13,6 +13,7 @@ use super::{kaiming_uniform, module_path, per_module_lora, refuse_parent, Export
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::AdapterMethod;
+use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::DyLoraConfig;
@@ -31,37 +32,56 @@ struct NestedBranch {
     eval_rank: i64,
 }
 
+impl NestedBranch {
+    /// The rank this pass uses: the step's in training, else `eval_rank`.
+    fn rank(&self, train: bool) -> i64 {
+        match train {
+            true => self.train_rank.load(Ordering::Relaxed),
+            false => self.eval_rank,
+        }
+    }
+
+    /// The first `rank` components; in training those before the last detached (only
+    /// component `rank` learns).
+    fn factors(&self, rank: i64, train: bool) -> (Tensor, Tensor) {
+        if !train {
+            return (self.a.narrow(0, 0, rank), self.b.narrow(1, 0, rank));
+        }
+        let a = Tensor::cat(
+            &[
+                self.a.narrow(0, 0, rank - 1).detach(),
+                self.a.narrow(0, rank - 1, 1),
+            ],
+            0,
+        );
+        let b = Tensor::cat(
+            &[
+                self.b.narrow(1, 0, rank - 1).detach(),
+                self.b.narrow(1, rank - 1, 1),
+            ],
+            1,
+        );
+        (a, b)
+    }
+}
+
 impl LinearAdapter for NestedBranch {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
-        let (a, b, rank) = match train {
-            true => {
-                let rank = self.train_rank.load(Ordering::Relaxed);
-                // Components before the last are detached: only component `rank` learns.
-                let a = Tensor::cat(
-                    &[
-                        self.a.narrow(0, 0, rank - 1).detach(),
-                        self.a.narrow(0, rank - 1, 1),
-                    ],
-                    0,
-                );
-                let b = Tensor::cat(
-                    &[
-                        self.b.narrow(1, 0, rank - 1).detach(),
-                        self.b.narrow(1, rank - 1, 1),
-                    ],
-                    1,
-                );
-                (a, b, rank)
-            }
-            false => (
-                self.a.narrow(0, 0, self.eval_rank),
-                self.b.narrow(1, 0, self.eval_rank),
-                self.eval_rank,
-            ),
-        };
+        let rank = self.rank(train);
+        let (a, b) = self.factors(rank, train);
         (x32.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * (self.alpha / rank as f64))
             .to_kind(x.kind())
+    }
+
+    /// [`NestedBranch::factors`], derived each pass: a low-rank branch.
+    fn low_rank(&self, train: bool) -> Option<LowRank> {
+        (!train || self.dropout == 0.0).then(|| {
+            let rank = self.rank(train);
+            LowRank::derived(train, self.alpha / rank as f64, || {
+                self.factors(rank, train)
+            })
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 use super::{kaiming_uniform, module_path, per_module_lora, select, ExportedFactors};
 use crate::export::PeftAdapter;
 use crate::method::RankAllocation;
+use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -28,6 +29,16 @@ impl LinearAdapter for GatedBranch {
         let x32 = x.to_kind(Kind::Float).dropout(self.dropout, train);
         let h = x32.linear::<Tensor>(&self.a, None) * &self.gate;
         (h.linear::<Tensor>(&self.b, None) * self.scaling).to_kind(x.kind())
+    }
+
+    /// The gate folded into `A`'s rows, `A ⊙ gᵀ`, and `B`: a low-rank branch whose gate still
+    /// gets its gradient (and SoRA's proximal step its value).
+    fn low_rank(&self, train: bool) -> Option<LowRank> {
+        (!train || self.dropout == 0.0).then(|| {
+            LowRank::derived(train, self.scaling, || {
+                (&self.a * self.gate.view([-1, 1]), self.b.shallow_clone())
+            })
+        })
     }
 }
 

@@ -63,10 +63,10 @@ impl LinearAdapter for LoraBranch {
         y.addmm_(&h, &self.b.to_kind(kind).tr())
     }
 
-    fn low_rank(&self, train: bool) -> Option<LowRank<'_>> {
-        (!train || self.dropout == 0.0).then_some(LowRank {
-            a: &self.a,
-            b: &self.b,
+    fn low_rank(&self, train: bool) -> Option<LowRank> {
+        (!train || self.dropout == 0.0).then(|| LowRank {
+            a: self.a.shallow_clone(),
+            b: self.b.shallow_clone(),
             scaling: self.scaling,
         })
     }

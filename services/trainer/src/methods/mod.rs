@@ -314,7 +314,7 @@ mod tests {
     use super::testing::FixtureModel;
     use crate::error::{classify, Failure};
     use loraforge_spec::{JobSpec, MethodConfig};
-    use tch::Device;
+    use tch::{Device, Kind, Tensor};
 
     /// The two registries agree: every method the spec declares attaches here, with the
     /// parameters it gets when a job names only its `type`, to the layers those name.
@@ -338,6 +338,53 @@ mod tests {
                     variables.keys().any(|k| k.starts_with(&format!("{path}."))),
                     "{tag} has no variable for {path}"
                 );
+            }
+        }
+    }
+
+    /// The methods whose branch is a product of small factors give them as a low-rank branch
+    /// (`LinearAdapter::low_rank`: their layers then run by hand, merged with their neighbours'),
+    /// and that branch computes what their own forward does, with every variable drawn at
+    /// random (B is zero at the start, which would hide a wrong factor).
+    #[test]
+    fn the_factored_methods_low_rank_form_is_their_forward() {
+        let fixture = FixtureModel::create();
+        for tag in ["lora", "adalora", "sora", "codyra", "dylora", "triadaptlora"] {
+            let mut method = serde_json::to_value(MethodConfig::example(tag).unwrap()).unwrap();
+            if method.get("dropout").is_some() {
+                method["dropout"] = serde_json::json!(0.0);
+            }
+            let body = serde_json::json!({
+                "adapter_name": "demo", "base_model": "file:///m",
+                "dataset": {"train": "file:///d.jsonl"}, "method": method,
+                "training": {"max_steps": 5000, "learning_rate": 0.001}
+            });
+            let spec = JobSpec::parse(body.to_string().as_bytes()).unwrap();
+            let mut model = fixture.load();
+            let attached = super::attach_method(&mut model, &spec, Device::Cpu).unwrap();
+            tch::manual_seed(7);
+            tch::no_grad(|| {
+                for (_, mut v) in attached.var_store().variables() {
+                    if v.is_floating_point() {
+                        let _ = v.copy_(&(v.randn_like() * 0.5 + 0.5));
+                    }
+                }
+            });
+            let targets: Vec<String> = spec.method.target_modules().to_vec();
+            for (path, linear) in model.target_linears(&targets).unwrap() {
+                let adapter = linear.take_adapter().expect("an attached branch");
+                let branch = adapter
+                    .low_rank(true)
+                    .unwrap_or_else(|| panic!("{tag} {path}: no low-rank form"));
+                let x = Tensor::randn([5, linear.in_features()], (Kind::Float, Device::Cpu));
+                let want = adapter.forward(&x, true);
+                let got = x
+                    .linear::<Tensor>(&branch.a, None)
+                    .linear::<Tensor>(&branch.b, None)
+                    * branch.scaling;
+                let gap = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                assert!(scale > 1e-3 && gap <= 1e-5 * scale, "{tag} {path}: {gap} on {scale}");
             }
         }
     }

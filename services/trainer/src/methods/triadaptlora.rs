@@ -45,6 +45,7 @@ use super::{Attach, AttachContext};
 use crate::error::user_error;
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
+use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::{RankGrowthModel, TriAdaptLoraConfig};
@@ -133,6 +134,21 @@ impl LinearAdapter for TriangularBranch {
             .linear::<Tensor>(&(&self.b * layout.created.view([1, -1])), None)
             * &layout.scale;
         delta.to_kind(x.kind())
+    }
+
+    /// The same product as two factors: `C (A ⊙ created)` `(K, in)` and
+    /// `(B ⊙ createdᵀ) · scale` `(out, K)`, derived each pass (the `K x K` core folded into
+    /// `A`), so that the layer can run as a low-rank branch.
+    fn low_rank(&self, train: bool) -> Option<LowRank> {
+        (!train || self.dropout == 0.0).then(|| {
+            LowRank::derived(train, 1.0, || {
+                let layout = &self.layout;
+                let core = layout.core(&self.c_row, &self.c_col);
+                let a = core.mm(&(&self.a * &layout.created));
+                let b = &self.b * layout.created.view([1, -1]) * &layout.scale;
+                (a, b)
+            })
+        })
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Each decoder layer is its own piece of the backward pass: [`TrainingPass::backward`] hands a
 //! layer its output's gradient and gets back its input's, last layer first. Where every adapter
-//! of the layer is a plain low-rank branch in this pass ([`LinearAdapter::low_rank`]: LoRA
-//! without dropout) or absent, and q/k/v and gate/up are merged products, the whole layer runs
+//! of the layer is a low-rank branch in this pass ([`LinearAdapter::low_rank`]: LoRA without
+//! dropout, and the adaptive methods whose factors derive from their parameters) or absent, and q/k/v and gate/up are merged products, the whole layer runs
 //! by hand ([`LayerGraph::Hand`]; on CUDA only with `LORAFORGE_CUDA_LAYER_BY_HAND=on` for now,
 //! see [`cuda_layer_by_hand`]): the base weights are frozen, so the backward is the
 //! activations' gradients and the factors' (the same products autograd would run), and it
@@ -99,7 +99,7 @@ pub(super) struct HandMlp {
 
 /// A projection's plain branch, or `None` without an adapter; `Err` for an adapter that is not
 /// a plain low-rank branch in this pass.
-fn plain_branch(linear: &Linear, train: bool) -> Result<Option<LowRank<'_>>, ()> {
+fn plain_branch(linear: &Linear, train: bool) -> Result<Option<LowRank>, ()> {
     plain_branches(&[linear], train)
         .map(|mut one| one.remove(0))
         .ok_or(())
@@ -477,15 +477,20 @@ fn merged_backward(
 }
 
 /// Adds each factor's gradient into its `.grad` where it has one (after the first step, the
-/// optimizer's flat buffer), without autograd; for a factor that has none yet, a term whose
-/// backward creates it (its dot product with the gradient), returned for the caller to run.
+/// optimizer's flat buffer), without autograd; for a factor that has none yet, or that is
+/// derived from the adapter's parameters ([`LowRank::derived`]: not a leaf), a term whose
+/// backward creates or reaches it (its dot product with the gradient), returned for the
+/// caller to run.
 fn accumulate(grads: Vec<(Tensor, Tensor)>) -> Option<Tensor> {
     let mut terms = Vec::new();
     for (factor, d) in grads {
         if !factor.requires_grad() {
             continue;
         }
-        let existing = factor.grad();
+        let existing = match factor.is_leaf() {
+            true => factor.grad(),
+            false => Tensor::new(),
+        };
         if existing.defined() {
             tch::no_grad(|| {
                 let mut existing = existing;
