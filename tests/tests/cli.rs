@@ -5,6 +5,7 @@
 mod common;
 
 use common::{control_plane_bin, sha256_file, AppOptions, Fixture, TestApp, JOB_TIMEOUT};
+use loraforge_spec::MethodConfig;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -708,5 +709,173 @@ async fn datasets_upload_a_file_and_register_it() -> anyhow::Result<()> {
         .run(&["datasets", "upload", "/nonexistent.jsonl", "--name", "x"])
         .await;
     assert_eq!(missing.code, 2, "{missing}");
+    app.stop().await
+}
+
+/// A knob's value as `jobs get` prints it: strings bare, lists in brackets.
+fn knob_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(knob_text).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The cells of a table's row that starts with `first` (cells split on runs of spaces).
+fn row<'a>(table: &'a str, first: &str) -> Vec<&'a str> {
+    let line = table
+        .lines()
+        .find(|l| l.split("  ").next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first:?} in\n{table}"));
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// The methods the CLI knows are the server's: read from its API document, every method of
+/// the spec's registry (wave 2's too), each method's knobs with the defaults the spec gives a
+/// job that leaves them out; `jobs get` shows every knob of a job's method, and `jobs submit`
+/// names a knob the method does not have before sending anything.
+#[tokio::test]
+async fn methods_and_their_knobs_come_from_the_server() -> anyhow::Result<()> {
+    let fixture = Fixture::create()?;
+    // No worker: a submitted job stays queued; only its spec is read here.
+    let app = TestApp::spawn_with(AppOptions {
+        slots: 0,
+        ..Default::default()
+    })
+    .await?;
+    let cli = Cli::new(&app, None);
+    let files = tempfile::tempdir()?;
+
+    // Every method of the registry, in its order, each with a one-line description.
+    let listed = cli.json(&["methods", "list"]).await;
+    let listed = listed.as_array().expect("a list of methods");
+    let tags: Vec<&str> = listed.iter().map(|m| m["type"].as_str().unwrap()).collect();
+    assert_eq!(tags, MethodConfig::TAGS);
+    for wave_2 in [
+        "loraga",
+        "eva",
+        "lorasb",
+        "lorapro",
+        "allora",
+        "lora_ggpo",
+        "miss",
+        "randlora",
+        "shira",
+    ] {
+        assert!(tags.contains(&wave_2), "{wave_2} missing from {tags:?}");
+    }
+    for method in listed {
+        let description = method["description"].as_str().unwrap();
+        assert!(
+            !description.is_empty() && !description.contains('\n'),
+            "{method}"
+        );
+    }
+    let table = cli.ok(&["methods", "list"]).await;
+    assert!(table.starts_with("METHOD "), "{table}");
+    for tag in MethodConfig::TAGS {
+        assert_eq!(row(&table, tag)[0], *tag, "{table}");
+    }
+
+    // A wave-2 method's knobs: exactly its fields, each default the one the spec declares.
+    let spec_miss = serde_json::to_value(serde_json::from_value::<MethodConfig>(
+        serde_json::json!({"type": "miss"}),
+    )?)?;
+    let miss = cli.json(&["methods", "get", "miss"]).await;
+    assert_eq!(miss["type"], "miss");
+    assert!(miss["description"].as_str().unwrap().starts_with("MiSS"));
+    let knobs = miss["knobs"].as_array().unwrap();
+    let mut names: Vec<&str> = knobs.iter().map(|k| k["name"].as_str().unwrap()).collect();
+    names.sort_unstable();
+    let mut expected: Vec<&str> = spec_miss
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "type")
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{miss}");
+    for knob in knobs {
+        let name = knob["name"].as_str().unwrap();
+        assert_eq!(knob["default"], spec_miss[name], "{knob}");
+        assert_eq!(knob["required"], false, "{knob}");
+    }
+    let init = knobs.iter().find(|k| k["name"] == "init").unwrap();
+    assert_eq!(init["type"], "enum");
+    assert_eq!(
+        init["options"],
+        serde_json::json!(["balance", "bat", "mini"])
+    );
+    assert!(!init["description"].as_str().unwrap().is_empty(), "{init}");
+    let shown = cli.ok(&["methods", "get", "miss"]).await;
+    assert!(shown.starts_with("miss: MiSS "), "{shown}");
+    assert_eq!(row(&shown, "r")[..3], ["r", "integer", "64"], "{shown}");
+    assert_eq!(
+        row(&shown, "init")[..4],
+        ["init", "enum", "balance", "balance | bat | mini"],
+        "{shown}"
+    );
+    // A required knob has no default: LoRA's r.
+    let lora = cli.json(&["methods", "get", "lora"]).await;
+    let r = &lora["knobs"][0];
+    assert!(
+        r["name"] == "r" && r["required"] == true && r.get("default").is_none(),
+        "{lora}"
+    );
+    let unknown = cli.run(&["methods", "get", "bogus"]).await;
+    assert_eq!(unknown.code, 2, "{unknown}");
+    assert!(
+        unknown
+            .stderr
+            .starts_with("error: the server has no method \"bogus\"; it has lora, "),
+        "{unknown}"
+    );
+
+    // A knob the method does not have is named, with the ones it has; nothing is sent.
+    let typo = job_yaml(&fixture, "typo", 5).replace("alpha: 16", "alhpa: 16");
+    let typo = write(files.path(), "typo.yaml", &typo);
+    let run = cli
+        .run(&["jobs", "submit", "-f", typo.to_str().unwrap()])
+        .await;
+    assert_eq!(run.code, 2, "{run}");
+    assert!(
+        run.stderr
+            .contains("  - method.alhpa: lora has no knob \"alhpa\"; its knobs are r, alpha, "),
+        "{run}"
+    );
+    assert!(run.stderr.contains("loraforge methods get lora"), "{run}");
+    assert_eq!(app.count("jobs").await, 0);
+
+    // A job with a wave-2 method: `jobs get` shows every knob of its method, defaults too.
+    let sharded = job_yaml(&fixture, "sharded", 5).replace(
+        "type: lora\n  r: 8\n  alpha: 16\n  dropout: 0.0\n",
+        "type: miss\n  r: 16\n  init: mini\n  mini_r: 2\n",
+    );
+    assert!(sharded.contains("type: miss"), "{sharded}");
+    let sharded = write(files.path(), "sharded.yaml", &sharded);
+    let submitted = cli
+        .json(&["jobs", "submit", "-f", sharded.to_str().unwrap()])
+        .await;
+    let id = submitted["id"].as_str().unwrap().to_string();
+    let job = cli.json(&["jobs", "get", &id]).await;
+    let method = job["spec"]["method"].as_object().unwrap().clone();
+    assert_eq!(method["type"], "miss", "{job}");
+    assert_eq!(method.len(), spec_miss.as_object().unwrap().len(), "{job}");
+    let shown = cli.ok(&["jobs", "get", &id]).await;
+    assert!(shown.contains("\nmethod      miss "), "{shown}");
+    for (name, value) in method.iter().filter(|(k, _)| *k != "type") {
+        let knob = format!("{name}={}", knob_text(value));
+        assert!(shown.contains(&knob), "{knob} missing:\n{shown}");
+    }
+    for set in ["r=16", "init=mini", "mini_r=2", "dropout=0.0"] {
+        assert!(shown.contains(set), "{set} missing:\n{shown}");
+    }
     app.stop().await
 }

@@ -7,7 +7,7 @@ use crate::routes::{adapters, identity, inputs, jobs, keys, probes, safety, webh
 use crate::ApiState;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
-use loraforge_spec::AdapterName;
+use loraforge_spec::{AdapterName, MethodConfig};
 use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -105,8 +105,36 @@ pub fn openapi() -> &'static Value {
         let mut doc =
             serde_json::to_value(routes().into_openapi()).expect("the document serializes");
         complete(&mut doc);
+        declare_method_defaults(&mut doc);
         doc
     })
+}
+
+/// Gives each method's parameters the `default` a job gets by leaving them out
+/// ([`MethodConfig::defaults`], read from serde), so the clients that build their knobs from
+/// this document (the web form, `loraforge methods get`) show them; the derive knows only the
+/// types. The method union's variants name their parameter schema and their `type` tag.
+fn declare_method_defaults(doc: &mut Value) {
+    let variants = doc["components"]["schemas"]["MethodConfig"]["oneOf"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for variant in variants {
+        let parts = &variant["allOf"];
+        let schema = parts[0]["$ref"].as_str().unwrap_or_default();
+        let schema = schema.trim_start_matches("#/components/schemas/");
+        let tag = parts[1]["properties"]["type"]["enum"][0]
+            .as_str()
+            .unwrap_or_default();
+        let defaults = MethodConfig::defaults(tag)
+            .unwrap_or_else(|| panic!("the document's method {tag:?} is in the registry"));
+        let properties = &mut doc["components"]["schemas"][schema]["properties"];
+        for (name, default) in defaults {
+            if let Some(property) = properties.get_mut(&name) {
+                property["default"] = default;
+            }
+        }
+    }
 }
 
 /// Adds to each operation what it shares with the others, so that the document says what

@@ -2,6 +2,7 @@
 
 use crate::client::{view, Client};
 use crate::error::{exit, job_exit_code, CliError, Result};
+use crate::methods;
 use crate::output::{self, Output};
 use crate::progress::{Envelope, Event};
 use crate::watch::{self, Followed, Stream, Style};
@@ -210,6 +211,7 @@ async fn submit(
     idempotency_key: Option<String>,
 ) -> Result<u8> {
     let body = read_job_file(file)?;
+    check_method_knobs(client, file, &body).await?;
     let key = idempotency_key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
     let request = client
         .request(Method::POST, client.url(&["v1", "jobs"], &[]))
@@ -235,6 +237,28 @@ async fn submit(
         ));
     }
     follow_to_end(client, out, &id, 0, Style::Watch).await
+}
+
+/// Refuses a job whose `method` names a knob its method does not have, listing the knobs it
+/// has (the server refuses it too, without the list). The knobs come from the server's API
+/// document; where it cannot be read, the server's answer to the job is left to say.
+async fn check_method_knobs(client: &Client, file: &Path, body: &Value) -> Result<()> {
+    let Ok(known) = methods::fetch(client).await else {
+        return Ok(());
+    };
+    let unknown = methods::unknown_knobs(&known, &body["method"]);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let tag = output::text(&body["method"]["type"]);
+    let name = match file == Path::new("-") {
+        true => "stdin".to_string(),
+        false => file.display().to_string(),
+    };
+    Err(CliError::usage(format!(
+        "{name}: nothing submitted:\n  - {}\nhint: `loraforge methods get {tag}` describes each knob",
+        unknown.join("\n  - ")
+    )))
 }
 
 /// Follows a job until it ends (or Ctrl-C) and reports how it ended; the exit status is
@@ -416,13 +440,7 @@ pub fn describe_job(job: &Value) -> String {
         return serde_json::to_string_pretty(job).unwrap_or_default() + "\n";
     };
     let spec = &j.spec;
-    let method = &spec["method"];
-    let mut method_line = output::text(&method["type"]);
-    for knob in ["r", "alpha", "init_r", "target_r", "max_r"] {
-        if let Some(v) = method.get(knob).filter(|v| !v.is_null()) {
-            method_line.push_str(&format!(" {knob}={v}"));
-        }
-    }
+    let method_line = describe_method_knobs(&spec["method"]);
     let training = &spec["training"];
     let training_line = ["max_steps", "learning_rate", "batch_size", "seq_len"]
         .iter()
@@ -461,6 +479,32 @@ pub fn describe_job(job: &Value) -> String {
         ("started", output::time(&j.started_at)),
         ("finished", output::time(&j.finished_at)),
     ])
+}
+
+/// A job's method: its `type`, then every other field of its `method` object as `knob=value`
+/// (whatever the method, so a method added on the server shows without a client change),
+/// wrapped to lines of about 80 columns.
+pub fn describe_method_knobs(method: &Value) -> String {
+    const WIDTH: usize = 80;
+    let mut text = output::text(&method["type"]);
+    let Some(fields) = method.as_object() else {
+        return text;
+    };
+    let mut line_len = text.chars().count();
+    for (name, value) in fields.iter().filter(|(k, _)| *k != "type") {
+        let knob = format!("{name}={}", methods::value_text(value));
+        let len = knob.chars().count();
+        if line_len > 0 && line_len + 1 + len > WIDTH {
+            text.push('\n');
+            line_len = 0;
+        } else if line_len > 0 {
+            text.push(' ');
+            line_len += 1;
+        }
+        text.push_str(&knob);
+        line_len += len;
+    }
+    text
 }
 
 /// Every event after `after`, following the pages.
@@ -630,9 +674,28 @@ mod tests {
             text.contains("error       user_error: bad data\n            line 2\n"),
             "{text}"
         );
-        assert!(text.contains("method      lora r=8 alpha=16\n"), "{text}");
+        assert!(text.contains("method      lora alpha=16 r=8\n"), "{text}");
         assert!(text.contains("dataset     file:///d.jsonl\n"), "{text}");
         assert!(!text.contains("published"), "{text}");
+    }
+
+    #[test]
+    fn a_jobs_method_shows_every_knob_wrapped() {
+        let miss = json!({"type": "miss", "r": 64, "dropout": 0.0, "init": "balance",
+                          "mini_r": 1, "target_modules": ["q_proj", "v_proj"]});
+        assert_eq!(
+            describe_method_knobs(&miss),
+            "miss dropout=0.0 init=balance mini_r=1 r=64 target_modules=[q_proj, v_proj]"
+        );
+        let many: serde_json::Map<String, Value> = (0..12)
+            .map(|i| (format!("knob_{i:02}"), json!(i)))
+            .chain([("type".to_string(), json!("future"))])
+            .collect();
+        let text = describe_method_knobs(&Value::Object(many));
+        assert!(text.starts_with("future knob_00=0 knob_01=1 "), "{text}");
+        assert!(text.lines().count() > 1, "{text}");
+        assert!(text.lines().all(|l| l.len() <= 80), "{text}");
+        assert!(text.ends_with(" knob_11=11"), "{text}");
     }
 
     #[test]

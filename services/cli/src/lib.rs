@@ -1,5 +1,5 @@
 //! The `loraforge` command-line client: the subcommands that talk to a control plane over
-//! its HTTP API (`jobs`, `adapters`, `lineage`, `datasets`, `models list|get|register`,
+//! its HTTP API (`jobs`, `adapters`, `lineage`, `datasets`, `methods`, `models list|get|register`,
 //! `keys` without `--project`, `whoami`). It is a client of the API only, so it works the
 //! same against a local `loraforge serve` and a cluster. docs/cli.md is its manual.
 //!
@@ -16,6 +16,7 @@ pub mod inputs;
 pub mod jobs;
 pub mod keys;
 pub mod lineage;
+pub mod methods;
 pub mod output;
 pub mod progress;
 pub mod watch;
@@ -53,6 +54,8 @@ pub enum ClientCommand {
     Lineage(adapters::LineageArgs),
     /// Datasets: upload a file, register a URI, list, get.
     Datasets(inputs::DatasetsArgs),
+    /// The adapter methods the server offers and their knobs (from its API document): list, get.
+    Methods(methods::MethodsArgs),
     /// Who the configured key is (project, scope) and where the settings came from.
     Whoami {
         #[command(flatten)]
@@ -67,6 +70,7 @@ pub async fn run(command: ClientCommand) -> u8 {
         ClientCommand::Adapters(args) => adapters::run(args).await,
         ClientCommand::Lineage(args) => adapters::lineage(args).await,
         ClientCommand::Datasets(args) => inputs::run_datasets(args).await,
+        ClientCommand::Methods(args) => methods::run(args).await,
         ClientCommand::Whoami { common } => whoami(common).await,
     };
     finish(result)

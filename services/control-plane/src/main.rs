@@ -15,7 +15,7 @@ use std::process::ExitCode;
     about = "Train LoRA-family adapters and keep them as versioned artifacts",
     after_help = "Server: serve, migrate, gc, crd, models import, keys create --project / revoke --prefix.\n\
                   Client (over the HTTP API; LORAFORGE_URL, LORAFORGE_API_KEY or ~/.config/loraforge/config.toml): \
-                  jobs, adapters, lineage, datasets, models register|list|get, keys, whoami. docs/cli.md has the details."
+                  jobs, adapters, lineage, datasets, methods, models register|list|get, keys, whoami. docs/cli.md has the details."
 )]
 struct Cli {
     #[command(subcommand)]

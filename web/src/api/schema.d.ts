@@ -741,51 +741,69 @@ export interface components {
             /**
              * Format: double
              * @description The branch is scaled by alpha / init_r throughout (PEFT: `lora_alpha / ranknum`).
+             * @default 8
              */
-            alpha?: number;
+            alpha: number;
             /**
              * Format: double
              * @description EMA coefficient of the sensitivity.
+             * @default 0.85
              */
-            beta1?: number;
+            beta1: number;
             /**
              * Format: double
              * @description EMA coefficient of the uncertainty.
+             * @default 0.85
              */
-            beta2?: number;
+            beta2: number;
             /**
              * Format: int32
              * @description Prune every `delta_t` steps while the budget shrinks.
+             * @default 1
              */
-            delta_t?: number;
-            /** Format: double */
-            dropout?: number;
+            delta_t: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description Triplets per adapted matrix at the start.
+             * @default 12
              */
-            init_r?: number;
+            init_r: number;
             /**
              * Format: double
              * @description Weight of the orthogonality regulariser on A and B.
+             * @default 0.5
              */
-            orth_reg_weight?: number;
-            target_modules?: string[];
+            orth_reg_weight: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
             /**
              * Format: int32
              * @description Average triplets per matrix once pruning ends (the budget is `target_r` x matrices).
+             * @default 8
              */
-            target_r?: number;
+            target_r: number;
             /**
              * Format: int32
              * @description Final steps at the target budget, with the allocation frozen.
+             * @default 0
              */
-            tfinal?: number;
+            tfinal: number;
             /**
              * Format: int32
              * @description Steps at full budget before pruning starts.
+             * @default 0
              */
-            tinit?: number;
+            tinit: number;
         };
         /** @description A name: 1-63 characters of `a-z 0-9 . _ -`, starting with a letter or digit, no two dots in a row. */
         AdapterName: string;
@@ -836,7 +854,13 @@ export interface components {
             eta: number;
             /** Format: int32 */
             r: number;
-            target_modules?: string[];
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         /**
          * @description What to do when a threshold is crossed.
@@ -851,28 +875,41 @@ export interface components {
             /**
              * Format: double
              * @description The fraction of `training.max_steps` trained densely (threshold 0, no proximal step).
+             * @default 0.5
              */
-            dense_iters?: number;
-            /** Format: double */
-            dropout?: number;
+            dense_iters: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description How many thresholds the schedule has, evenly spaced from 0 to `max_kappa`; at least 2
              *     (a single one is 0, which prunes nothing).
+             * @default 50
              */
-            lambda_num?: number;
+            lambda_num: number;
             /**
              * Format: double
              * @description The largest soft threshold κ of the proximal step on the gates (not scaled by the
              *     learning rate), reached at the end of the schedule; above 0 (at 0 nothing is pruned).
+             * @default 0.0007
              */
-            max_kappa?: number;
+            max_kappa: number;
             /**
              * Format: int32
              * @description The rank each module starts with: gates can only switch ranks off.
+             * @default 16
              */
-            r?: number;
-            target_modules?: string[];
+            r: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         CompleteRequest: {
             /**
@@ -941,26 +978,39 @@ export interface components {
             /**
              * Format: double
              * @description Scaling alpha / r at rank r, alpha / b at truncated rank b.
+             * @default 16
              */
-            alpha?: number;
-            /** Format: double */
-            dropout?: number;
+            alpha: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description The rank the published adapter is truncated to; `null` publishes rank `r`.
+             * @default null
              */
-            export_r?: number | null;
+            export_r: number | null;
             /**
              * Format: int32
              * @description The smallest rank sampled in training (the reference samples from 1).
+             * @default 1
              */
-            min_r?: number;
+            min_r: number;
             /**
              * Format: int32
              * @description The largest rank trained.
+             * @default 8
              */
-            r?: number;
-            target_modules?: string[];
+            r: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         /** @description `from` went into `to`: inputs into jobs, jobs into versions, versions into merged bases. */
         Edge: {
@@ -1007,51 +1057,73 @@ export interface components {
          *     the run's first training batches (PEFT takes a dataloader from the user).
          */
         EvaConfig: {
-            /** @description A module whose rank changed gets alpha `alpha * rank / r`, keeping the scale `alpha / r`. */
-            adjust_scaling_factors?: boolean;
+            /**
+             * @description A module whose rank changed gets alpha `alpha * rank / r`, keeping the scale `alpha / r`.
+             * @default true
+             */
+            adjust_scaling_factors: boolean;
             /**
              * Format: double
              * @description Scaling alpha / r (alpha adjusted per module with `adjust_scaling_factors`).
+             * @default 8
              */
-            alpha?: number;
+            alpha: number;
             /**
              * Format: int32
              * @description How many of the run's first training batches the data pass cycles through, as PEFT
              *     cycles its dataloader, until every module's components have settled.
+             * @default 8
              */
-            calibration_batches?: number;
-            /** Format: double */
-            dropout?: number;
+            calibration_batches: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description The most forward passes the data pass makes, repeats included (PEFT has no limit); a run
              *     whose components have not settled by then fails, naming this field and `tau`.
+             * @default 200
              */
-            max_calibration_passes?: number;
+            max_calibration_passes: number;
             /**
              * Format: int32
              * @description The rank per module before redistribution; the budget is `r` times the modules.
+             * @default 8
              */
-            r?: number;
+            r: number;
             /**
              * Format: double
              * @description A module's rank after redistribution is at most `round(r * rho)`; 1 keeps every rank at `r`.
+             * @default 2
              */
-            rho?: number;
-            target_modules?: string[];
+            rho: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
             /**
              * Format: double
              * @description A module's components have settled when each one's cosine similarity to the previous
              *     batch's is at least `tau`.
+             * @default 0.99
              */
-            tau?: number;
+            tau: number;
             /**
              * @description Only positions whose token is a training target feed the SVD (else every non-padding
              *     position).
+             * @default true
              */
-            use_label_mask?: boolean;
-            /** @description Divide each `A` row by the square root of its singular value. */
-            whiten?: boolean;
+            use_label_mask: boolean;
+            /**
+             * @description Divide each `A` row by the square root of its singular value.
+             * @default false
+             */
+            whiten: boolean;
         };
         EventBatch: {
             events: components["schemas"]["EventPayload"][];
@@ -1184,25 +1256,42 @@ export interface components {
          *     implementation (`ggpo_sigma=0.03`, `ggpo_beta=0.01`); r 8, alpha 8 (PEFT's defaults).
          */
         GgpoConfig: {
-            /** Format: double */
-            alpha?: number;
+            /**
+             * Format: double
+             * @default 8
+             */
+            alpha: number;
             /**
              * Format: double
              * @description β: the weight of each output row's squared gradient norm in the standard deviation of
              *     that row's perturbation.
+             * @default 0.01
              */
-            beta?: number;
-            /** Format: double */
-            dropout?: number;
-            /** Format: int32 */
-            r?: number;
+            beta: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
+            /**
+             * Format: int32
+             * @default 8
+             */
+            r: number;
             /**
              * Format: double
              * @description σ: the weight of each output row's weight norm in the standard deviation of that row's
              *     perturbation.
+             * @default 0.03
              */
-            sigma?: number;
-            target_modules?: string[];
+            sigma: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         /** @enum {string} */
         GradientCheckpointing: "none" | "layers" | "offload";
@@ -1232,30 +1321,40 @@ export interface components {
          *     optimizer steps from 0, as the reference's `update_and_increase(global_step)` does.
          */
         IncreLoraConfig: {
-            /** @description Train each module's next ranks (its reserve) before they are added. */
-            advance_learn?: boolean;
+            /**
+             * @description Train each module's next ranks (its reserve) before they are added.
+             * @default true
+             */
+            advance_learn: boolean;
             /**
              * Format: double
              * @description The branch is scaled by alpha / (active rank), which changes as the module grows.
+             * @default 16
              */
-            alpha?: number;
+            alpha: number;
             /**
              * Format: double
              * @description EMA coefficient of the importance score.
+             * @default 0.85
              */
-            beta1?: number;
+            beta1: number;
             /**
              * Format: double
              * @description EMA coefficient of its uncertainty.
+             * @default 0.85
              */
-            beta2?: number;
-            /** Format: double */
-            dropout?: number;
+            beta2: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description Ranks are allocated at steps that are multiples of `incre_interval`.
+             * @default 1000
              */
-            incre_interval?: number;
+            incre_interval: number;
             /**
              * Format: int32
              * @description Ranks a chosen module gains per allocation; `null`: the reference's table
@@ -1265,32 +1364,45 @@ export interface components {
             /**
              * Format: int32
              * @description Steps (from 0) before the first allocation: allocations need `step > init_warmup`.
+             * @default 1000
              */
-            init_warmup?: number;
+            init_warmup: number;
             /**
              * Format: int32
              * @description Every module's rank at the start.
+             * @default 1
              */
-            lora_r?: number;
+            lora_r: number;
             /**
              * Format: int32
              * @description Deliberately not in the reference (which has no cap): the most active ranks one module
              *     may grow to, bounding its preallocated factors; `null`: 4 x `target_rank`.
              */
             max_module_rank?: number | null;
-            /** @description Added ranks restart the learning-rate warmup from the step they are added. */
-            multi_lr?: boolean;
+            /**
+             * @description Added ranks restart the learning-rate warmup from the step they are added.
+             * @default true
+             */
+            multi_lr: boolean;
             /**
              * Format: double
              * @description Weight of the orthogonality regulariser on A and B.
+             * @default 0.1
              */
-            reg_orth_coef?: number;
-            target_modules?: string[];
+            reg_orth_coef: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
             /**
              * Format: int32
              * @description The average rank per module once growth ends (the budget is `target_rank` x modules).
+             * @default 8
              */
-            target_rank?: number;
+            target_rank: number;
             /**
              * Format: int32
              * @description The whole budget in ranks, instead of `target_rank` x modules.
@@ -1299,8 +1411,9 @@ export interface components {
             /**
              * Format: int32
              * @description At most this many modules (the highest scores) grow per allocation.
+             * @default 18
              */
-            top_h?: number;
+            top_h: number;
         };
         InputRow: {
             /** Format: date-time */
@@ -1426,18 +1539,37 @@ export interface components {
             version: number;
         };
         LoraConfig: {
-            /** Format: double */
-            alpha?: number;
-            /** Format: double */
-            dropout?: number;
-            /** @description FFA-LoRA: keep A fixed at its initial value and train B only. */
-            freeze_a?: boolean;
-            init?: components["schemas"]["LoraInit"];
+            /**
+             * Format: double
+             * @default 16
+             */
+            alpha: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
+            /**
+             * @description FFA-LoRA: keep A fixed at its initial value and train B only.
+             * @default false
+             */
+            freeze_a: boolean;
+            /** @default kaiming */
+            init: components["schemas"]["LoraInit"];
             /** Format: int32 */
             r: number;
-            target_modules?: string[];
-            /** @description Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r. */
-            use_rslora?: boolean;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
+            /**
+             * @description Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.
+             * @default false
+             */
+            use_rslora: boolean;
         };
         /**
          * @description LoRA-GA with PEFT 0.21's defaults (`LoraConfig`: r 8, alpha 8; `LoraGAConfig`: direction
@@ -1445,36 +1577,57 @@ export interface components {
          *     estimate (`bsz` 2, `iters` 64).
          */
         LoraGaConfig: {
-            /** Format: double */
-            alpha?: number;
+            /**
+             * Format: double
+             * @default 8
+             */
+            alpha: number;
             /**
              * Format: int32
              * @description Training rows per gradient-estimation batch (the reference's `bsz`).
+             * @default 2
              */
-            batch_size?: number;
+            batch_size: number;
             /**
              * Format: int32
              * @description Gradient-estimation batches (the reference's `iters`); fewer if the first epoch has
              *     fewer rows.
+             * @default 64
              */
-            batches?: number;
-            direction?: components["schemas"]["LoraGaDirection"];
-            /** Format: double */
-            dropout?: number;
+            batches: number;
+            /** @default ArB2r */
+            direction: components["schemas"]["LoraGaDirection"];
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description The trained rank. The published adapter has rank `2r` (the initial product is taken out).
+             * @default 8
              */
-            r?: number;
-            scale?: components["schemas"]["LoraGaScale"];
+            r: number;
+            /** @default stable */
+            scale: components["schemas"]["LoraGaScale"];
             /**
              * Format: double
              * @description `γ` of the `stable` scale.
+             * @default 16
              */
-            stable_gamma?: number;
-            target_modules?: string[];
-            /** @description Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r. */
-            use_rslora?: boolean;
+            stable_gamma: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
+            /**
+             * @description Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.
+             * @default false
+             */
+            use_rslora: boolean;
         };
         /**
          * @description Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`
@@ -1497,15 +1650,38 @@ export interface components {
          *     `minimal_lora_llama2_math_transformers.py`: r 8, alpha 16, dropout 0, every projection).
          */
         LoraProConfig: {
-            /** Format: double */
-            alpha?: number;
-            /** Format: double */
-            dropout?: number;
-            /** Format: int32 */
-            r?: number;
-            target_modules?: string[];
-            /** @description Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs). */
-            use_rslora?: boolean;
+            /**
+             * Format: double
+             * @default 16
+             */
+            alpha: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
+            /**
+             * Format: int32
+             * @default 8
+             */
+            r: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "k_proj",
+             *       "v_proj",
+             *       "o_proj",
+             *       "gate_proj",
+             *       "up_proj",
+             *       "down_proj"
+             *     ]
+             */
+            target_modules: string[];
+            /**
+             * @description Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs).
+             * @default false
+             */
+            use_rslora: boolean;
         };
         /**
          * @description LoRA-SB with the official `train_arithmetic.py` defaults: r 96 (`lora_alpha` forced to r,
@@ -1516,22 +1692,39 @@ export interface components {
             /**
              * Format: int32
              * @description Training rows per gradient-estimation batch (the reference's `eg_bs`).
+             * @default 3
              */
-            batch_size?: number;
-            /** Format: double */
-            dropout?: number;
+            batch_size: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description The rank of `A` and `B`; `R` has `r²` trained parameters.
+             * @default 96
              */
-            r?: number;
+            r: number;
             /**
              * Format: int32
              * @description Training rows the update is estimated from (the reference's `num_samples`); fewer if
              *     the first epoch has fewer rows.
+             * @default 50
              */
-            samples?: number;
-            target_modules?: string[];
+            samples: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "k_proj",
+             *       "v_proj",
+             *       "o_proj",
+             *       "gate_proj",
+             *       "up_proj",
+             *       "down_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         /** @enum {string} */
         LrSchedule: "constant" | "linear" | "cosine";
@@ -1590,21 +1783,31 @@ export interface components {
              * Format: double
              * @description Dropout on the layer's input before the slices are summed (`miss_dropout`; not with `bat`,
              *     whose forward has none).
+             * @default 0
              */
-            dropout?: number;
-            init?: components["schemas"]["MissInit"];
+            dropout: number;
+            /** @default balance */
+            init: components["schemas"]["MissInit"];
             /**
              * Format: int32
              * @description The shard's columns with `init: mini` (only then).
+             * @default 1
              */
-            mini_r?: number;
+            mini_r: number;
             /**
              * Format: int32
              * @description The shard's rows: the input is summed over its `r`-wide slices (at most the input
              *     dimension; for `bat`, a divisor of the input and output dimensions).
+             * @default 64
              */
-            r?: number;
-            target_modules?: string[];
+            r: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         /**
          * @description The MiSS variant, PEFT's `init_weights`. Every block starts at zero (the adapter starts as
@@ -1968,39 +2171,54 @@ export interface components {
             /**
              * Format: double
              * @description The branch is scaled by `alpha / r` (PEFT's `randlora_alpha`; its docs advise 20 r).
+             * @default 640
              */
-            alpha?: number;
+            alpha: number;
             /**
              * Format: double
              * @description Dropout on the branch's input (PEFT's `randlora_dropout`).
+             * @default 0
              */
-            dropout?: number;
+            dropout: number;
             /**
              * Format: int64
              * @description The seed the shared random bases are drawn from (torch's CPU generator, as PEFT).
+             * @default 0
              */
-            projection_prng_key?: number;
+            projection_prng_key: number;
             /**
              * Format: int32
              * @description The rank of each random basis. A layer gets `ceil(min(in, out) / r)` bases, so together
              *     they reach full rank: a smaller `r` means more bases and more trained scalings.
+             * @default 32
              */
-            r?: number;
+            r: number;
             /**
              * @description Publish the bases in the adapter (PEFT's default). `false` is refused: PEFT would redraw
              *     them from `projection_prng_key` when loading (in fp16 on machines without bf16, so other
              *     bases), and loraforge's merge and evaluation, which see one layer's weight at a time,
              *     read them from the adapter.
+             * @default true
              */
-            save_projection?: boolean;
-            /** @description Ternary bases (-1, 0, 1 with probabilities 1/6, 2/3, 1/6) instead of dense ones. */
-            sparse?: boolean;
-            target_modules?: string[];
+            save_projection: boolean;
+            /**
+             * @description Ternary bases (-1, 0, 1 with probabilities 1/6, 2/3, 1/6) instead of dense ones.
+             * @default false
+             */
+            sparse: boolean;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
             /**
              * @description Ternary bases, each sign with probability `1 / (2 sqrt(D))` (PEFT's code), `D` the
              *     smaller of the largest adapted input and output widths.
+             * @default false
              */
-            very_sparse?: boolean;
+            very_sparse: boolean;
         };
         /**
          * @description How many modules grow at a TriAdaptLoRA allocation, from the budget left and the progress.
@@ -2252,19 +2470,28 @@ export interface components {
         };
         /** @description SHiRA with PEFT's defaults (`ShiraConfig`: `r` 32, `mask_type` random). */
         ShiraConfig: {
-            mask_type?: components["schemas"]["ShiraMask"];
+            /** @default random */
+            mask_type: components["schemas"]["ShiraMask"];
             /**
              * Format: int32
              * @description Sets the number of trained entries per weight, `r · (in + out)` (a LoRA of rank r's
              *     count); the update itself is sparse and of high rank.
+             * @default 32
              */
-            r?: number;
+            r: number;
             /**
              * Format: int64
              * @description The seed of the random mask; the job's `training.seed` where absent.
+             * @default null
              */
-            random_seed?: number | null;
-            target_modules?: string[];
+            random_seed: number | null;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
         };
         /**
          * @description How the trained positions of each weight are chosen.
@@ -2273,27 +2500,42 @@ export interface components {
         ShiraMask: "random";
         /** @description SoRA with the reference's defaults (`run_glue.py` `SparseArguments`, r from its scripts). */
         SoraConfig: {
-            /** Format: double */
-            alpha?: number;
-            /** Format: double */
-            dropout?: number;
+            /**
+             * Format: double
+             * @default 16
+             */
+            alpha: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: double
              * @description Weight of the L1 term (mean |gate|) in the loss: the reference's `sparse_lambda`.
+             * @default 0.001
              */
-            lambda?: number;
+            lambda: number;
             /**
              * Format: int32
              * @description The maximum rank (r_max): gates can only switch ranks off.
+             * @default 8
              */
-            r?: number;
-            target_modules?: string[];
+            r: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
             /**
              * Format: double
              * @description The proximal step's soft threshold ξ, applied to the gates after every step
              *     (not scaled by the learning rate): the reference's `sparse_lambda_2`.
+             * @default 0.001
              */
-            threshold?: number;
+            threshold: number;
         };
         SourceVersion: {
             adapter: components["schemas"]["AdapterName"];
@@ -2425,15 +2667,20 @@ export interface components {
             /**
              * Format: double
              * @description The branch is scaled by alpha / rank, which changes as the module grows.
+             * @default 8
              */
-            alpha?: number;
-            /** Format: double */
-            dropout?: number;
+            alpha: number;
+            /**
+             * Format: double
+             * @default 0
+             */
+            dropout: number;
             /**
              * Format: int32
              * @description Ranks are allocated at steps that are multiples of `incre_interval`.
+             * @default 1
              */
-            incre_interval?: number;
+            incre_interval: number;
             /**
              * Format: int32
              * @description Ranks a chosen module gains per allocation; `null`: the reference's table,
@@ -2443,13 +2690,15 @@ export interface components {
             /**
              * Format: int32
              * @description Every module's rank at the start.
+             * @default 1
              */
-            init_rank?: number;
+            init_rank: number;
             /**
              * Format: int32
              * @description Steps (from 0) before the first allocation: allocations need `step > init_warmup`.
+             * @default 0
              */
-            init_warmup?: number;
+            init_warmup: number;
             /**
              * Format: int32
              * @description Deliberately not in the reference (which has no cap): the most ranks one module may
@@ -2459,15 +2708,24 @@ export interface components {
             /**
              * Format: double
              * @description Weight of the orthogonality regulariser on A and B.
+             * @default 0.5
              */
-            orth_reg_weight?: number;
-            rank_growth_model?: components["schemas"]["RankGrowthModel"];
+            orth_reg_weight: number;
+            /** @default linear */
+            rank_growth_model: components["schemas"]["RankGrowthModel"];
             /**
              * Format: int32
              * @description The average rank per module once growth ends (the budget is `reference_rank` x modules).
+             * @default 8
              */
-            reference_rank?: number;
-            target_modules?: string[];
+            reference_rank: number;
+            /**
+             * @default [
+             *       "q_proj",
+             *       "v_proj"
+             *     ]
+             */
+            target_modules: string[];
             /**
              * Format: int32
              * @description The whole budget in ranks, instead of `reference_rank` x modules.

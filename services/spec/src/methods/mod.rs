@@ -214,6 +214,28 @@ impl MethodConfig {
             None => Ok(()),
         }
     }
+
+    /// The value each parameter of the method tagged `tag` takes when a job leaves it out
+    /// (serde's defaults, read by parsing the example without it); a required parameter has
+    /// none. The API document declares these as its schemas' `default`s. `None` for an
+    /// unknown tag.
+    pub fn defaults(tag: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let example = serde_json::to_value(Self::example(tag)?).ok()?;
+        let fields = example.as_object()?;
+        let mut defaults = serde_json::Map::new();
+        for name in fields.keys().filter(|k| *k != "type") {
+            let mut without = fields.clone();
+            without.remove(name);
+            let Ok(parsed) = serde_json::from_value::<MethodConfig>(without.into()) else {
+                continue; // required
+            };
+            let parsed = serde_json::to_value(parsed).ok()?;
+            if let Some(value) = parsed.get(name) {
+                defaults.insert(name.clone(), value.clone());
+            }
+        }
+        Some(defaults)
+    }
 }
 
 /// Parses a method's fields, then refuses any key the method does not have (a typo
@@ -524,6 +546,62 @@ mod tests {
                 100,
                 "method.label_mask_value",
             ),
+            (r#"{"type":"miss","r":0}"#, 100, "method.r"),
+            (r#"{"type":"miss","r":4097}"#, 100, "method.r"),
+            (r#"{"type":"miss","dropout":1.0}"#, 100, "method.dropout"),
+            (r#"{"type":"miss","dropout":-0.1}"#, 100, "method.dropout"),
+            // mini_r is the shard's width with init: mini only (PEFT ignores it otherwise).
+            (r#"{"type":"miss","mini_r":4}"#, 100, "method.mini_r"),
+            (
+                r#"{"type":"miss","init":"bat","mini_r":2}"#,
+                100,
+                "method.mini_r",
+            ),
+            (
+                r#"{"type":"miss","init":"mini","mini_r":0}"#,
+                100,
+                "method.mini_r",
+            ),
+            // Bone's block-affine forward has no input to drop.
+            (
+                r#"{"type":"miss","init":"bat","dropout":0.1}"#,
+                100,
+                "method.dropout",
+            ),
+            (r#"{"type":"miss","init":"bone"}"#, 100, "method.init"),
+            (
+                r#"{"type":"miss","target_modules":["attn"]}"#,
+                100,
+                "method.target_modules[0]",
+            ),
+            (
+                r#"{"type":"miss","miss_dropout":0.1}"#,
+                100,
+                "method.miss_dropout",
+            ),
+            (r#"{"type":"shira","r":0}"#, 100, "method.r"),
+            (r#"{"type":"shira","r":4097}"#, 100, "method.r"),
+            (
+                r#"{"type":"shira","r":8,"mask_type":"magnitude"}"#,
+                100,
+                "method.mask_type",
+            ),
+            (
+                r#"{"type":"shira","r":8,"random_seed":-1}"#,
+                100,
+                "method.random_seed",
+            ),
+            (
+                r#"{"type":"shira","r":8,"target_modules":[]}"#,
+                100,
+                "method.target_modules",
+            ),
+            (
+                r#"{"type":"shira","r":8,"target_modules":["q_proj","q_proj"]}"#,
+                100,
+                "method.target_modules[1]",
+            ),
+            (r#"{"type":"shira","r":8,"mini_r":1}"#, 100, "method.mini_r"),
         ];
         for (method, steps, field) in cases {
             let err = parse(method, steps).unwrap_err();
@@ -546,6 +624,18 @@ mod tests {
         assert!(parse(r#"{"type":"codyra","max_kappa":1e-9,"lambda_num":2}"#, 100).is_ok());
         // No redistribution (rho 1), and a tau every pair of batches meets.
         assert!(parse(r#"{"type":"eva","r":4096,"rho":1,"tau":0}"#, 100).is_ok());
+        // MiSS's variants with what each uses; both of bat's rules are reported at once.
+        assert!(parse(r#"{"type":"miss","init":"mini","mini_r":4}"#, 100).is_ok());
+        assert!(parse(r#"{"type":"miss","init":"bat","r":4}"#, 100).is_ok());
+        assert!(parse(r#"{"type":"miss","dropout":0.1}"#, 100).is_ok());
+        let err = parse(
+            r#"{"type":"miss","init":"bat","dropout":0.1,"mini_r":2}"#,
+            100,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["method.mini_r", "method.dropout"], "{err}");
+        assert!(parse(r#"{"type":"shira","r":8,"random_seed":7}"#, 100).is_ok());
         // Step 100 (the 101st) is above init_warmup 90 and a multiple of 10.
         assert!(parse(
             r#"{"type":"increlora","init_warmup":90,"incre_interval":10}"#,
@@ -567,6 +657,26 @@ mod tests {
             assert_eq!(example.name(), *tag);
         }
         assert!(crate::MethodConfig::example("bogus").is_none());
+    }
+
+    /// The defaults the API document declares are those a job gets by leaving a field out;
+    /// a required field (LoRA's `r`) has none.
+    #[test]
+    fn defaults_are_what_an_absent_field_becomes() {
+        let miss = crate::MethodConfig::defaults("miss").unwrap();
+        assert_eq!(
+            serde_json::Value::Object(miss),
+            serde_json::json!({"r": 64, "dropout": 0.0, "init": "balance", "mini_r": 1,
+                               "target_modules": ["q_proj", "v_proj"]})
+        );
+        // PEFT's r of 32, not the example's 8.
+        assert_eq!(crate::MethodConfig::defaults("shira").unwrap()["r"], 32);
+        let lora = crate::MethodConfig::defaults("lora").unwrap();
+        assert!(
+            !lora.contains_key("r") && lora.contains_key("alpha"),
+            "{lora:?}"
+        );
+        assert!(crate::MethodConfig::defaults("bogus").is_none());
     }
 
     /// A method's defaults survive the trip through JSON: `{"type": tag}` (plus LoRA's `r`)
