@@ -26,6 +26,7 @@ use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::AdaLoraConfig;
+use std::collections::BTreeMap;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -311,14 +312,27 @@ impl AdapterMethod for AdaLora {
         let r = i64::from(self.config.init_r);
         let device = self.store.device();
         let eye = Tensor::eye(r, (Kind::Float, device));
-        let norms: Vec<Tensor> = self
-            .modules
-            .iter()
-            .flat_map(|m| [m.a.matmul(&m.a.tr()), m.b.tr().matmul(&m.b)])
-            .map(|cov| (cov - &eye).norm())
+        // Every `A` and `Bᵀ` `(r, n)` stacked by width, one batched Gram product and one norm
+        // per stack rather than per matrix (on a GPU, launches were the cost): the same
+        // matrices and norms, summed in another order.
+        let mut by_width: BTreeMap<i64, Vec<Tensor>> = BTreeMap::new();
+        for m in &self.modules {
+            for x in [m.a.shallow_clone(), m.b.tr()] {
+                by_width.entry(x.size()[1]).or_default().push(x);
+            }
+        }
+        let count = 2 * self.modules.len();
+        let sums: Vec<Tensor> = by_width
+            .values()
+            .map(|xs| {
+                let x = Tensor::stack(xs, 0);
+                (x.bmm(&x.transpose(1, 2)) - &eye)
+                    .frobenius_norm([1, 2], false)
+                    .sum(Kind::Float)
+            })
             .collect();
-        let count = norms.len() as f64;
-        Some(Tensor::stack(&norms, 0).sum(Kind::Float) / count * self.config.orth_reg_weight)
+        let total = Tensor::stack(&sums, 0).sum(Kind::Float);
+        Some(total / count as f64 * self.config.orth_reg_weight)
     }
 
     /// PEFT's `update_and_allocate(global_step)`, called after the optimizer step.

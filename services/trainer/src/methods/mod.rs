@@ -349,7 +349,14 @@ mod tests {
     #[test]
     fn the_factored_methods_low_rank_form_is_their_forward() {
         let fixture = FixtureModel::create();
-        for tag in ["lora", "adalora", "sora", "codyra", "dylora", "triadaptlora"] {
+        for tag in [
+            "lora",
+            "adalora",
+            "sora",
+            "codyra",
+            "dylora",
+            "triadaptlora",
+        ] {
             let mut method = serde_json::to_value(MethodConfig::example(tag).unwrap()).unwrap();
             if method.get("dropout").is_some() {
                 method["dropout"] = serde_json::json!(0.0);
@@ -366,7 +373,7 @@ mod tests {
             tch::no_grad(|| {
                 for (_, mut v) in attached.var_store().variables() {
                     if v.is_floating_point() {
-                        let _ = v.copy_(&(v.randn_like() * 0.5 + 0.5));
+                        v.copy_(&(v.randn_like() * 0.5 + 0.5));
                     }
                 }
             });
@@ -384,7 +391,10 @@ mod tests {
                     * branch.scaling;
                 let gap = (&got - &want).abs().max().double_value(&[]);
                 let scale = want.abs().max().double_value(&[]);
-                assert!(scale > 1e-3 && gap <= 1e-5 * scale, "{tag} {path}: {gap} on {scale}");
+                assert!(
+                    scale > 1e-3 && gap <= 1e-5 * scale,
+                    "{tag} {path}: {gap} on {scale}"
+                );
             }
         }
     }
