@@ -28,8 +28,14 @@ writeIfChanged(out("schema.d.ts"), header + astToString(ast));
 const schemas = doc.components.schemas;
 const refName = (ref) => ref.replace("#/components/schemas/", "");
 
-/** One form field from a JSON schema property. */
+/** One form field from a JSON schema property, with the default the server declares. */
 function knob(name, prop, required) {
+  const field = fieldOf(name, prop, required);
+  if (field && prop.default !== undefined) field.default = prop.default;
+  return field;
+}
+
+function fieldOf(name, prop, required) {
   const description = prop.description ?? "";
   const types = Array.isArray(prop.type) ? prop.type : prop.type ? [prop.type] : [];
   const nullable = types.includes("null");

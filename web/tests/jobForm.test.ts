@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import type { Knob } from "../src/api/knobs";
-import { deepMerge, knobObject, knobValue } from "../src/lib/jobForm";
+import { KNOBS } from "../src/api/knobs.gen";
+import { deepMerge, knobObject, knobPlaceholder, knobValue } from "../src/lib/jobForm";
 
 const knob = (kind: Knob["kind"], nullable = false): Knob => ({ name: "k", kind, nullable, required: false, description: "" });
 
@@ -39,5 +40,28 @@ describe("deepMerge", () => {
       safety: { enabled: false },
     });
     expect(form.training.max_steps).toBe(10);
+  });
+});
+
+describe("knobPlaceholder", () => {
+  it("shows the server's default where the document declares one, else a hint", () => {
+    expect(knobPlaceholder({ ...knob("number"), default: 16 })).toBe("default: 16");
+    expect(knobPlaceholder({ ...knob("list"), default: ["q_proj", "v_proj"] })).toBe("default: q_proj, v_proj");
+    expect(knobPlaceholder({ ...knob("integer", true), default: null })).toBe("default: null");
+    expect(knobPlaceholder(knob("list"))).toBe("comma-separated");
+    expect(knobPlaceholder(knob("integer", true))).toBe("default (or null)");
+  });
+
+  it("knows the methods' defaults from the API document", () => {
+    // Every method targets some modules by default; a knob whose absence the server works
+    // out from others (IncreLoRA's `target_total_rank`) declares none and shows "default".
+    for (const method of KNOBS.methods) {
+      const targets = method.knobs.find((k) => k.name === "target_modules");
+      expect(targets?.default, method.type).toEqual(expect.arrayContaining([expect.any(String)]));
+    }
+    const lora = KNOBS.methods.find((m) => m.type === "lora")!;
+    expect(typeof lora.knobs.find((k) => k.name === "alpha")?.default).toBe("number");
+    expect(lora.knobs.find((k) => k.name === "r")).toMatchObject({ required: true });
+    expect(lora.knobs.find((k) => k.name === "r")?.default).toBeUndefined();
   });
 });

@@ -21,7 +21,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 16
         },
         {
           "name": "dropout",
@@ -29,7 +30,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "freeze_a",
@@ -37,7 +39,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "FFA-LoRA: keep A fixed at its initial value and train B only.",
-          "minimum": null
+          "minimum": null,
+          "default": false
         },
         {
           "name": "init",
@@ -48,14 +51,19 @@ export const KNOBS: KnobTable = {
           ],
           "required": false,
           "nullable": false,
-          "description": "How `lora_A` starts (B always starts at zero, so the adapter starts as the identity)."
+          "description": "How `lora_A` starts (B always starts at zero, so the adapter starts as the identity).",
+          "default": "kaiming"
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "use_rslora",
@@ -63,7 +71,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.",
-          "minimum": null
+          "minimum": null,
+          "default": false
         }
       ]
     },
@@ -77,7 +86,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The branch is scaled by alpha / init_r throughout (PEFT: `lora_alpha / ranknum`).",
-          "minimum": null
+          "minimum": null,
+          "default": 8
         },
         {
           "name": "beta1",
@@ -85,7 +95,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "EMA coefficient of the sensitivity.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.85
         },
         {
           "name": "beta2",
@@ -93,7 +104,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "EMA coefficient of the uncertainty.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.85
         },
         {
           "name": "delta_t",
@@ -101,7 +113,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Prune every `delta_t` steps while the budget shrinks.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1
         },
         {
           "name": "dropout",
@@ -109,7 +122,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "init_r",
@@ -117,7 +131,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Triplets per adapted matrix at the start.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 12
         },
         {
           "name": "orth_reg_weight",
@@ -125,14 +140,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Weight of the orthogonality regulariser on A and B.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.5
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "target_r",
@@ -140,7 +160,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Average triplets per matrix once pruning ends (the budget is `target_r` x matrices).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "tfinal",
@@ -148,7 +169,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Final steps at the target budget, with the allocation frozen.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 0
         },
         {
           "name": "tinit",
@@ -156,7 +178,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Steps at full budget before pruning starts.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 0
         }
       ]
     },
@@ -170,7 +193,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 16
         },
         {
           "name": "dropout",
@@ -178,7 +202,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "lambda",
@@ -186,7 +211,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Weight of the L1 term (mean |gate|) in the loss: the reference's `sparse_lambda`.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.001
         },
         {
           "name": "r",
@@ -194,14 +220,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The maximum rank (r_max): gates can only switch ranks off.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "threshold",
@@ -209,7 +240,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The proximal step's soft threshold ξ, applied to the gates after every step\n(not scaled by the learning rate): the reference's `sparse_lambda_2`.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.001
         }
       ]
     },
@@ -223,7 +255,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Scaling alpha / r at rank r, alpha / b at truncated rank b.",
-          "minimum": null
+          "minimum": null,
+          "default": 16
         },
         {
           "name": "dropout",
@@ -231,7 +264,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "export_r",
@@ -239,7 +273,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": true,
           "description": "The rank the published adapter is truncated to; `null` publishes rank `r`.",
-          "minimum": 0
+          "minimum": 0,
+          "default": null
         },
         {
           "name": "min_r",
@@ -247,7 +282,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The smallest rank sampled in training (the reference samples from 1).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1
         },
         {
           "name": "r",
@@ -255,14 +291,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The largest rank trained.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         }
       ]
     },
@@ -276,7 +317,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Train each module's next ranks (its reserve) before they are added.",
-          "minimum": null
+          "minimum": null,
+          "default": true
         },
         {
           "name": "alpha",
@@ -284,7 +326,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The branch is scaled by alpha / (active rank), which changes as the module grows.",
-          "minimum": null
+          "minimum": null,
+          "default": 16
         },
         {
           "name": "beta1",
@@ -292,7 +335,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "EMA coefficient of the importance score.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.85
         },
         {
           "name": "beta2",
@@ -300,7 +344,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "EMA coefficient of its uncertainty.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.85
         },
         {
           "name": "dropout",
@@ -308,7 +353,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "incre_interval",
@@ -316,7 +362,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Ranks are allocated at steps that are multiples of `incre_interval`.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1000
         },
         {
           "name": "incre_rank_num",
@@ -332,7 +379,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Steps (from 0) before the first allocation: allocations need `step > init_warmup`.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1000
         },
         {
           "name": "lora_r",
@@ -340,7 +388,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Every module's rank at the start.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1
         },
         {
           "name": "max_module_rank",
@@ -356,7 +405,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Added ranks restart the learning-rate warmup from the step they are added.",
-          "minimum": null
+          "minimum": null,
+          "default": true
         },
         {
           "name": "reg_orth_coef",
@@ -364,14 +414,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Weight of the orthogonality regulariser on A and B.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.1
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "target_rank",
@@ -379,7 +434,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The average rank per module once growth ends (the budget is `target_rank` x modules).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "target_total_rank",
@@ -395,7 +451,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "At most this many modules (the highest scores) grow per allocation.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 18
         }
       ]
     },
@@ -409,7 +466,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The branch is scaled by alpha / rank, which changes as the module grows.",
-          "minimum": null
+          "minimum": null,
+          "default": 8
         },
         {
           "name": "dropout",
@@ -417,7 +475,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "incre_interval",
@@ -425,7 +484,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Ranks are allocated at steps that are multiples of `incre_interval`.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1
         },
         {
           "name": "incre_rank_num",
@@ -441,7 +501,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Every module's rank at the start.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1
         },
         {
           "name": "init_warmup",
@@ -449,7 +510,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Steps (from 0) before the first allocation: allocations need `step > init_warmup`.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 0
         },
         {
           "name": "max_module_rank",
@@ -465,7 +527,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Weight of the orthogonality regulariser on A and B.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.5
         },
         {
           "name": "rank_growth_model",
@@ -476,7 +539,8 @@ export const KNOBS: KnobTable = {
           ],
           "required": false,
           "nullable": false,
-          "description": "How many modules grow at a TriAdaptLoRA allocation, from the budget left and the progress."
+          "description": "How many modules grow at a TriAdaptLoRA allocation, from the budget left and the progress.",
+          "default": "linear"
         },
         {
           "name": "reference_rank",
@@ -484,14 +548,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The average rank per module once growth ends (the budget is `reference_rank` x modules).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "target_total_rank",
@@ -513,7 +582,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The fraction of `training.max_steps` trained densely (threshold 0, no proximal step).",
-          "minimum": null
+          "minimum": null,
+          "default": 0.5
         },
         {
           "name": "dropout",
@@ -521,7 +591,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "lambda_num",
@@ -529,7 +600,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "How many thresholds the schedule has, evenly spaced from 0 to `max_kappa`; at least 2\n(a single one is 0, which prunes nothing).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 50
         },
         {
           "name": "max_kappa",
@@ -537,7 +609,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The largest soft threshold κ of the proximal step on the gates (not scaled by the\nlearning rate), reached at the end of the schedule; above 0 (at 0 nothing is pruned).",
-          "minimum": null
+          "minimum": null,
+          "default": 0.0007
         },
         {
           "name": "r",
@@ -545,14 +618,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The rank each module starts with: gates can only switch ranks off.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 16
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         }
       ]
     },
@@ -566,7 +644,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 16
         },
         {
           "name": "dropout",
@@ -574,7 +653,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "r",
@@ -582,14 +662,24 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+          ]
         },
         {
           "name": "use_rslora",
@@ -597,7 +687,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Scaling alpha/sqrt(r) instead of alpha/r (the reference's `rslora-pro` runs).",
-          "minimum": null
+          "minimum": null,
+          "default": false
         }
       ]
     },
@@ -626,7 +717,11 @@ export const KNOBS: KnobTable = {
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         }
       ]
     },
@@ -640,7 +735,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 8
         },
         {
           "name": "beta",
@@ -648,7 +744,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "β: the weight of each output row's squared gradient norm in the standard deviation of\nthat row's perturbation.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.01
         },
         {
           "name": "dropout",
@@ -656,7 +753,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "r",
@@ -664,7 +762,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "sigma",
@@ -672,14 +771,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "σ: the weight of each output row's weight norm in the standard deviation of that row's\nperturbation.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.03
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         }
       ]
     },
@@ -693,7 +797,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Dropout on the layer's input before the slices are summed (`miss_dropout`; not with `bat`,\nwhose forward has none).",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "init",
@@ -705,7 +810,8 @@ export const KNOBS: KnobTable = {
           ],
           "required": false,
           "nullable": false,
-          "description": "The MiSS variant, PEFT's `init_weights`. Every block starts at zero (the adapter starts as\nthe base model)."
+          "description": "The MiSS variant, PEFT's `init_weights`. Every block starts at zero (the adapter starts as\nthe base model).",
+          "default": "balance"
         },
         {
           "name": "mini_r",
@@ -713,7 +819,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The shard's columns with `init: mini` (only then).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 1
         },
         {
           "name": "r",
@@ -721,14 +828,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The shard's rows: the input is summed over its `r`-wide slices (at most the input\ndimension; for `bat`, a divisor of the input and output dimensions).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 64
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         }
       ]
     },
@@ -744,7 +856,8 @@ export const KNOBS: KnobTable = {
           ],
           "required": false,
           "nullable": false,
-          "description": "How the trained positions of each weight are chosen."
+          "description": "How the trained positions of each weight are chosen.",
+          "default": "random"
         },
         {
           "name": "r",
@@ -752,7 +865,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Sets the number of trained entries per weight, `r · (in + out)` (a LoRA of rank r's\ncount); the update itself is sparse and of high rank.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 32
         },
         {
           "name": "random_seed",
@@ -760,14 +874,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": true,
           "description": "The seed of the random mask; the job's `training.seed` where absent.",
-          "minimum": 0
+          "minimum": 0,
+          "default": null
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         }
       ]
     },
@@ -781,7 +900,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The branch is scaled by `alpha / r` (PEFT's `randlora_alpha`; its docs advise 20 r).",
-          "minimum": null
+          "minimum": null,
+          "default": 640
         },
         {
           "name": "dropout",
@@ -789,7 +909,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Dropout on the branch's input (PEFT's `randlora_dropout`).",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "projection_prng_key",
@@ -797,7 +918,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The seed the shared random bases are drawn from (torch's CPU generator, as PEFT).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 0
         },
         {
           "name": "r",
@@ -805,7 +927,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The rank of each random basis. A layer gets `ceil(min(in, out) / r)` bases, so together\nthey reach full rank: a smaller `r` means more bases and more trained scalings.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 32
         },
         {
           "name": "save_projection",
@@ -813,7 +936,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Publish the bases in the adapter (PEFT's default). `false` is refused: PEFT would redraw\nthem from `projection_prng_key` when loading (in fp16 on machines without bf16, so other\nbases), and loraforge's merge and evaluation, which see one layer's weight at a time,\nread them from the adapter.",
-          "minimum": null
+          "minimum": null,
+          "default": true
         },
         {
           "name": "sparse",
@@ -821,14 +945,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Ternary bases (-1, 0, 1 with probabilities 1/6, 2/3, 1/6) instead of dense ones.",
-          "minimum": null
+          "minimum": null,
+          "default": false
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "very_sparse",
@@ -836,7 +965,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Ternary bases, each sign with probability `1 / (2 sqrt(D))` (PEFT's code), `D` the\nsmaller of the largest adapted input and output widths.",
-          "minimum": null
+          "minimum": null,
+          "default": false
         }
       ]
     },
@@ -850,7 +980,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 8
         },
         {
           "name": "batch_size",
@@ -858,7 +989,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Training rows per gradient-estimation batch (the reference's `bsz`).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 2
         },
         {
           "name": "batches",
@@ -866,7 +998,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Gradient-estimation batches (the reference's `iters`); fewer if the first epoch has\nfewer rows.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 64
         },
         {
           "name": "direction",
@@ -879,7 +1012,8 @@ export const KNOBS: KnobTable = {
           ],
           "required": false,
           "nullable": false,
-          "description": "Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`\n(PEFT's `LoraGAConfig.direction`)."
+          "description": "Which singular vectors of the gradient `G = U S Vᵀ` go to `A` and which to `B`\n(PEFT's `LoraGAConfig.direction`).",
+          "default": "ArB2r"
         },
         {
           "name": "dropout",
@@ -887,7 +1021,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "r",
@@ -895,7 +1030,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The trained rank. The published adapter has rank `2r` (the initial product is taken out).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "scale",
@@ -908,7 +1044,8 @@ export const KNOBS: KnobTable = {
           ],
           "required": false,
           "nullable": false,
-          "description": "How the initial factors are scaled (PEFT's `LoraGAConfig.scale`)."
+          "description": "How the initial factors are scaled (PEFT's `LoraGAConfig.scale`).",
+          "default": "stable"
         },
         {
           "name": "stable_gamma",
@@ -916,14 +1053,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "`γ` of the `stable` scale.",
-          "minimum": null
+          "minimum": null,
+          "default": 16
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "use_rslora",
@@ -931,7 +1073,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.",
-          "minimum": null
+          "minimum": null,
+          "default": false
         }
       ]
     },
@@ -945,7 +1088,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Training rows per gradient-estimation batch (the reference's `eg_bs`).",
-          "minimum": 0
+          "minimum": 0,
+          "default": 3
         },
         {
           "name": "dropout",
@@ -953,7 +1097,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "r",
@@ -961,7 +1106,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The rank of `A` and `B`; `R` has `r²` trained parameters.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 96
         },
         {
           "name": "samples",
@@ -969,14 +1115,24 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Training rows the update is estimated from (the reference's `num_samples`); fewer if\nthe first epoch has fewer rows.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 50
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+          ]
         }
       ]
     },
@@ -990,7 +1146,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "A module whose rank changed gets alpha `alpha * rank / r`, keeping the scale `alpha / r`.",
-          "minimum": null
+          "minimum": null,
+          "default": true
         },
         {
           "name": "alpha",
@@ -998,7 +1155,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Scaling alpha / r (alpha adjusted per module with `adjust_scaling_factors`).",
-          "minimum": null
+          "minimum": null,
+          "default": 8
         },
         {
           "name": "calibration_batches",
@@ -1006,7 +1164,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "How many of the run's first training batches the data pass cycles through, as PEFT\ncycles its dataloader, until every module's components have settled.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "dropout",
@@ -1014,7 +1173,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "",
-          "minimum": null
+          "minimum": null,
+          "default": 0
         },
         {
           "name": "max_calibration_passes",
@@ -1022,7 +1182,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The most forward passes the data pass makes, repeats included (PEFT has no limit); a run\nwhose components have not settled by then fails, naming this field and `tau`.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 200
         },
         {
           "name": "r",
@@ -1030,7 +1191,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "The rank per module before redistribution; the budget is `r` times the modules.",
-          "minimum": 0
+          "minimum": 0,
+          "default": 8
         },
         {
           "name": "rho",
@@ -1038,14 +1200,19 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "A module's rank after redistribution is at most `round(r * rho)`; 1 keeps every rank at `r`.",
-          "minimum": null
+          "minimum": null,
+          "default": 2
         },
         {
           "name": "target_modules",
           "kind": "list",
           "required": false,
           "nullable": false,
-          "description": ""
+          "description": "",
+          "default": [
+            "q_proj",
+            "v_proj"
+          ]
         },
         {
           "name": "tau",
@@ -1053,7 +1220,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "A module's components have settled when each one's cosine similarity to the previous\nbatch's is at least `tau`.",
-          "minimum": null
+          "minimum": null,
+          "default": 0.99
         },
         {
           "name": "use_label_mask",
@@ -1061,7 +1229,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Only positions whose token is a training target feed the SVD (else every non-padding\nposition).",
-          "minimum": null
+          "minimum": null,
+          "default": true
         },
         {
           "name": "whiten",
@@ -1069,7 +1238,8 @@ export const KNOBS: KnobTable = {
           "required": false,
           "nullable": false,
           "description": "Divide each `A` row by the square root of its singular value.",
-          "minimum": null
+          "minimum": null,
+          "default": false
         }
       ]
     }

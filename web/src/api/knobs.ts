@@ -12,6 +12,8 @@ export interface Knob {
   description: string;
   minimum?: number | null;
   options?: string[];
+  /** What the server uses when the knob is left out (the document's `default`), if any. */
+  default?: unknown;
 }
 
 export interface MethodKnobs {

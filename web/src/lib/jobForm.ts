@@ -26,6 +26,20 @@ export function knobValue(knob: Knob, text: string): unknown {
   }
 }
 
+/** What a blank knob means, for its placeholder: the server's default where the document
+ * declares one (`default: 16`), else a hint of what to type. */
+export function knobPlaceholder(knob: Knob): string {
+  if (knob.default !== undefined) return `default: ${formatDefault(knob.default)}`;
+  if (knob.kind === "list") return "comma-separated";
+  return knob.nullable ? "default (or null)" : "default";
+}
+
+/** A default as the form's text would spell it: lists comma-separated, `null` as `null`. */
+export function formatDefault(value: unknown): string {
+  if (Array.isArray(value)) return value.join(", ");
+  return value === null ? "null" : String(value);
+}
+
 export function knobObject(knobs: Knob[], values: Record<string, string>): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const k of knobs) {

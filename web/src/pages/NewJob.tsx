@@ -9,7 +9,7 @@ import type { Knob } from "../api/knobs";
 import { KNOBS } from "../api/knobs.gen";
 import { Field, PageHead } from "../components/ui";
 import { useCan } from "../identity";
-import { deepMerge, isObject, knobObject, knobValue } from "../lib/jobForm";
+import { deepMerge, formatDefault, isObject, knobObject, knobPlaceholder, knobValue } from "../lib/jobForm";
 import { ADAPTIVE_METHODS } from "../lib/methods";
 import { fieldId, mapFieldErrors, type FieldErrors } from "../lib/problem";
 import { invalidate, useQuery } from "../lib/query";
@@ -406,7 +406,7 @@ function KnobField(props: { knob: Knob; path: string; value: string; errors?: st
           const options = knob.kind === "boolean" ? ["true", "false"] : (knob.options ?? []);
           return (
             <select {...a} value={props.value} onChange={(e) => props.onValue(e.currentTarget.value)}>
-              <option value="">default</option>
+              <option value="">{knob.default !== undefined ? `default (${formatDefault(knob.default)})` : "default"}</option>
               {options.map((o) => (
                 <option key={o} value={o}>
                   {o}
@@ -420,7 +420,7 @@ function KnobField(props: { knob: Knob; path: string; value: string; errors?: st
           <input
             {...a}
             inputMode={knob.kind === "integer" ? "numeric" : knob.kind === "number" ? "decimal" : undefined}
-            placeholder={knob.kind === "list" ? "comma-separated" : knob.nullable ? "default (or null)" : "default"}
+            placeholder={knobPlaceholder(knob)}
             value={props.value}
             onInput={(e) => props.onValue(e.currentTarget.value)}
           />
