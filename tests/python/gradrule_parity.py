@@ -16,8 +16,9 @@ method's update rule, written here from the reference's math:
   eigendecomposition.
 - allora: PEFT's LoRA with scale 1 (lora_alpha = r) and no dropout; after each backward pass
   the factors' gradients are replaced by those of the output gradient scaled per output row by
-  1 / sqrt(‖(BA)_i‖ + 1/η²), formed here from hooked inputs and output gradients (loraforge
-  gets them from autograd), then `clip_grad_norm_` and torch's AdamW.
+  1 / sqrt(‖(BA)_i‖ + 1/η²) (arXiv 2410.09692v1, Section 4.2 and Listing 1: the row's norm, not
+  squared), formed here from hooked inputs and output gradients (loraforge gets them from
+  autograd), then `clip_grad_norm_` and torch's AdamW.
 - lora_ggpo: kohya-ss/sd-scripts' LoRA-GGPO (networks/lora_flux.py): from the second step on,
   every adapted layer's output gets `x εᵀ`, ε ~ N(0, 1) per entry times
   (σ c_i + β g_i²)/√out per row, with c and g from the previous step's factors and clipped

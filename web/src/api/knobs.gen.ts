@@ -701,7 +701,7 @@ export const KNOBS: KnobTable = {
           "kind": "number",
           "required": true,
           "nullable": false,
-          "description": "η: a row of the update with norm 0 has its gradients scaled by η (`1/sqrt(‖row‖ +\n1/η²)`); it takes the place of LoRA's alpha.",
+          "description": "η: the factor `1/sqrt(‖row‖ + 1/η²)` on the gradients of a row of the update is η while\nthe row is zero, and falls as it grows; it takes the place of LoRA's scale alpha/r.",
           "minimum": null
         },
         {

@@ -842,14 +842,15 @@ export interface components {
             version: number;
         };
         /**
-         * @description ALLoRA. No defaults for `r` and `eta`: none could be read from the paper (see
+         * @description ALLoRA. `r` and `eta` have no defaults, as the paper names none: it tries `η²` of 1, 2 and
+         *     4 at a base learning rate of 1e-4 and reports the best, at ranks 4 to 64 (see
          *     docs/methods.md), so a job states them.
          */
         AlloraConfig: {
             /**
              * Format: double
-             * @description η: a row of the update with norm 0 has its gradients scaled by η (`1/sqrt(‖row‖ +
-             *     1/η²)`); it takes the place of LoRA's alpha.
+             * @description η: the factor `1/sqrt(‖row‖ + 1/η²)` on the gradients of a row of the update is η while
+             *     the row is zero, and falls as it grows; it takes the place of LoRA's scale alpha/r.
              */
             eta: number;
             /** Format: int32 */

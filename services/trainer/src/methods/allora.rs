@@ -1,15 +1,16 @@
 //! ALLoRA (Huang & Balestriero, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws",
-//! 2024, arXiv 2410.09692). No code was released. The abstract: dropout-free, scaling-free
-//! LoRA whose "per sample and per parameter gradients" are scaled "with a coefficient
-//! inversely proportional to parameters' ℓ2 norm". The formula implemented is the paper's
-//! Section 4 as transcribed by a third party (the paper's body could not be read here):
-//! with `ΔW = B A` (out × in, no scaling) and `δ` the gradient of the layer's output, each
-//! output row `i` of the update has its gradient `δ_i` scaled by
-//! `1 / sqrt(‖(BA)_{i,:}‖ + 1/η²)` before it forms the gradients of `A` and `B`; the gradient
-//! passed on to the layer's input is left as it is. So `∂L/∂B = (s ⊙ δ)ᵀ (x Aᵀ)` and
-//! `∂L/∂A = Bᵀ (s ⊙ δ)ᵀ x`. At the start `B = 0`: every row's factor is η, which is how η takes
-//! the place of LoRA's alpha. The factors are PEFT's (A Kaiming-uniform, B = 0) and train with
-//! the loop's AdamW. Published as a plain PEFT LoRA with scale 1 (`lora_alpha = r`).
+//! 2024, arXiv 2410.09692v1): the rule of the paper's Section 4.2, computed as its Listing 1
+//! (Appendix F) does; the codebase the paper links (`rbalestr-lab/allora`) could not be read.
+//! The adapter is LoRA without dropout and without an output scale, `ΔW = B A` (out × in). Only
+//! the factors' gradients change: with `δ` the gradient of the layer's output, output row `i`
+//! has `δ_i` multiplied by `s_i = 1 / sqrt(‖(BA)_{i,:}‖ + 1/η²)` (the row's ℓ2 norm, not its
+//! square) before it forms the gradients of `A` and `B`, which is the paper's scaling of row `i`
+//! of `∂L/∂(BA)`. So `∂L/∂B = (s ⊙ δ)ᵀ (x Aᵀ)` and `∂L/∂A = Bᵀ (s ⊙ δ)ᵀ x`; the gradient passed
+//! on to the layer's input is left as it is (Section 4.2's implementation note). `s_i` is at
+//! most `η`, where a row is zero: at the start (`B = 0`) every row's factor is `η`, the value of
+//! the scale `α/r` it replaces (Section 3.3 names that scale `η`). The paper keeps LoRA's zero
+//! `B`; the factors are PEFT's (A Kaiming-uniform, B = 0) and train with the loop's AdamW.
+//! Published as a plain PEFT LoRA with scale 1 (`lora_alpha = r`).
 
 use super::{kaiming_uniform, module_path, refuse_parent, Attach, AttachContext};
 use crate::export::PeftAdapter;
