@@ -47,6 +47,12 @@ SCHEDULES = {
     "codyra r=6": {"lambda_num": 10},
 }
 
+# Rows only this table has. RandLoRA's fixture knobs (r 7) give 576-wide layers 83 bases each;
+# PEFT's defaults (r 32, alpha 640: the same scale, 20) size its bases for layers this wide.
+EXTRA = {
+    "randlora r=32": {"type": "randlora", "r": 32, "alpha": 640},
+}
+
 
 def iso_to_words(day: int, month: int, year: int) -> tuple:
     return f"{year:04d}-{month:02d}-{day:02d}", f"{day} {MONTHS[month - 1]} {year}"
@@ -116,13 +122,13 @@ def main() -> None:
     parser.add_argument("loraforge", help="the control plane binary, for `models import` of the GGUF")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--only", help="comma-separated method names (bench/methods/run.py's METHODS keys)")
+    parser.add_argument("--only", help="comma-separated method names (bench/methods/run.py's METHODS keys, or EXTRA's)")
     parser.add_argument("--json", help="also write every run's results here")
     parser.add_argument("--work", default=str(Path.home() / ".cache/loraforge/bench-smollm2"),
                         help="where the imported model, the data and the runs go (the import is kept)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    methods = {k: {**v, **SCHEDULES.get(k, {})} for k, v in METHODS.items()}
+    methods = {k: {**v, **SCHEDULES.get(k, {})} for k, v in {**METHODS, **EXTRA}.items()}
     if args.only:
         methods = {k: methods[k] for k in args.only.split(",")}
 

@@ -316,24 +316,29 @@ mod tests {
     use loraforge_spec::{JobSpec, MethodConfig};
     use tch::{Device, Kind, Tensor};
 
+    /// A job of `method` on any inputs (attaching reads only the method and the steps).
+    fn job(method: &serde_json::Value, max_steps: u32) -> JobSpec {
+        let body = serde_json::json!({
+            "adapter_name": "demo", "base_model": "file:///m",
+            "dataset": {"train": "file:///d.jsonl"}, "method": method,
+            "training": {"max_steps": max_steps, "learning_rate": 0.001}
+        });
+        JobSpec::parse(body.to_string().as_bytes()).unwrap()
+    }
+
     /// The two registries agree: every method the spec declares attaches here, with the
     /// parameters it gets when a job names only its `type`, to the layers those name.
     #[test]
     fn every_spec_method_attaches() {
         let fixture = FixtureModel::create();
         for tag in MethodConfig::TAGS {
-            let method = MethodConfig::example(tag).unwrap();
-            let body = serde_json::json!({
-                "adapter_name": "demo", "base_model": "file:///m",
-                "dataset": {"train": "file:///d.jsonl"}, "method": method,
-                "training": {"max_steps": 5000, "learning_rate": 0.001}
-            });
-            let spec = JobSpec::parse(body.to_string().as_bytes()).unwrap();
+            let method = serde_json::to_value(MethodConfig::example(tag).unwrap()).unwrap();
+            let spec = job(&method, 5000);
             let mut model = fixture.load();
             let attached = super::attach_method(&mut model, &spec, Device::Cpu)
                 .unwrap_or_else(|e| panic!("{tag}: {e:#}"));
             let variables = attached.var_store().variables();
-            for (path, _) in model.target_linears(method.target_modules()).unwrap() {
+            for (path, _) in model.target_linears(spec.method.target_modules()).unwrap() {
                 assert!(
                     variables.keys().any(|k| k.starts_with(&format!("{path}."))),
                     "{tag} has no variable for {path}"
@@ -361,12 +366,7 @@ mod tests {
             if method.get("dropout").is_some() {
                 method["dropout"] = serde_json::json!(0.0);
             }
-            let body = serde_json::json!({
-                "adapter_name": "demo", "base_model": "file:///m",
-                "dataset": {"train": "file:///d.jsonl"}, "method": method,
-                "training": {"max_steps": 5000, "learning_rate": 0.001}
-            });
-            let spec = JobSpec::parse(body.to_string().as_bytes()).unwrap();
+            let spec = job(&method, 5000);
             let mut model = fixture.load();
             let attached = super::attach_method(&mut model, &spec, Device::Cpu).unwrap();
             tch::manual_seed(7);
@@ -396,6 +396,36 @@ mod tests {
                     "{tag} {path}: {gap} on {scale}"
                 );
             }
+        }
+    }
+
+    /// Settings that depend on the model's shapes, which the spec cannot check at submission,
+    /// are the user's error when the method attaches, naming the field: LoRA-GA's `2r`
+    /// singular vectors and EVA's `round(r * rho)` components must fit every target layer.
+    #[test]
+    fn settings_the_model_cannot_take_are_the_users_error_naming_the_field() {
+        let fixture = FixtureModel::create();
+        let width = fixture.load().target_linears(&["q_proj"]).unwrap()[0]
+            .1
+            .in_features();
+        let cases = [
+            (
+                serde_json::json!({"type": "loraga", "r": width, "target_modules": ["q_proj"]}),
+                "method.r",
+            ),
+            (
+                serde_json::json!({"type": "eva", "r": width, "rho": 2.0, "target_modules": ["q_proj"]}),
+                "method.rho",
+            ),
+        ];
+        for (method, field) in cases {
+            let spec = job(&method, 50);
+            let mut model = fixture.load();
+            let err = super::attach_method(&mut model, &spec, Device::Cpu)
+                .err()
+                .unwrap_or_else(|| panic!("{method} attached"));
+            assert!(matches!(classify(&err), Some(Failure::User(_))), "{err:#}");
+            assert!(err.to_string().starts_with(field), "{method}: {err:#}");
         }
     }
 
