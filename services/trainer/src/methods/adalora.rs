@@ -18,7 +18,8 @@
 //! each ([`super::pack`]): the per-step update is a few ops over all modules, not a few dozen
 //! per module (on a GPU, kernel launches were the cost), with the same element-wise arithmetic.
 
-use super::{module_path, pack, per_module_lora, refuse_parent, select, ExportedFactors};
+use super::ExportedFactors;
+use super::{mean_orthogonality, module_path, pack, per_module_lora, refuse_parent, select};
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
@@ -26,7 +27,6 @@ use crate::model::llama::LowRank;
 use crate::model::{LinearAdapter, LlamaModel};
 use anyhow::Result;
 use loraforge_spec::methods::AdaLoraConfig;
-use std::collections::BTreeMap;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -309,30 +309,12 @@ impl AdapterMethod for AdaLora {
         if self.config.orth_reg_weight <= 0.0 {
             return None;
         }
-        let r = i64::from(self.config.init_r);
-        let device = self.store.device();
-        let eye = Tensor::eye(r, (Kind::Float, device));
-        // Every `A` and `Bᵀ` `(r, n)` stacked by width, one batched Gram product and one norm
-        // per stack rather than per matrix (on a GPU, launches were the cost): the same
-        // matrices and norms, summed in another order.
-        let mut by_width: BTreeMap<i64, Vec<Tensor>> = BTreeMap::new();
-        for m in &self.modules {
-            for x in [m.a.shallow_clone(), m.b.tr()] {
-                by_width.entry(x.size()[1]).or_default().push(x);
-            }
-        }
-        let count = 2 * self.modules.len();
-        let sums: Vec<Tensor> = by_width
-            .values()
-            .map(|xs| {
-                let x = Tensor::stack(xs, 0);
-                (x.bmm(&x.transpose(1, 2)) - &eye)
-                    .frobenius_norm([1, 2], false)
-                    .sum(Kind::Float)
-            })
+        let factors = self
+            .modules
+            .iter()
+            .map(|m| (m.a.shallow_clone(), m.b.shallow_clone(), None))
             .collect();
-        let total = Tensor::stack(&sums, 0).sum(Kind::Float);
-        Some(total / count as f64 * self.config.orth_reg_weight)
+        Some(mean_orthogonality(factors) * self.config.orth_reg_weight)
     }
 
     /// PEFT's `update_and_allocate(global_step)`, called after the optimizer step.

@@ -48,7 +48,7 @@
 
 use super::rank_adam::{Moments, RankAdam, RankAxis, RankGroup, UNBORN};
 use super::{
-    module_path, orthogonality, pack, per_module_lora, refuse_parent, select, ExportedFactors,
+    mean_orthogonality, module_path, pack, per_module_lora, refuse_parent, select, ExportedFactors,
 };
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
@@ -578,21 +578,20 @@ impl AdapterMethod for IncreLora {
         if self.config.reg_orth_coef <= 0.0 {
             return None;
         }
-        let norms: Vec<Tensor> = self
+        let factors = self
             .modules
             .iter()
-            .flat_map(|m| {
+            .map(|m| {
                 let live = &m.active + &m.reserve;
                 // Reserve factors that do not learn ahead (no `advance_learn`) get no gradient.
                 let trained = m.ab_born.ge(0.0).to_kind(Kind::Float);
                 let frozen = &live - &trained;
                 let a = &m.a * &trained + m.a.detach() * &frozen;
                 let b = &m.b * trained.view([1, -1]) + m.b.detach() * frozen.view([1, -1]);
-                orthogonality(&a, &b, &live)
+                (a, b, Some(live))
             })
             .collect();
-        let count = norms.len() as f64;
-        Some(Tensor::stack(&norms, 0).sum(Kind::Float) / count * self.config.reg_orth_coef)
+        Some(mean_orthogonality(factors) * self.config.reg_orth_coef)
     }
 
     /// `update_and_increase(global_step)` (the reference calls it before the optimizer step),

@@ -187,15 +187,36 @@ pub fn refuse_parent(method: &str) -> Result<()> {
     )))
 }
 
-/// `||A Aᵀ − I||_F` and `||Bᵀ B − I||_F` over the ranks marked in `live (K, 1)`, for factors
-/// `a (K, in)`, `b (out, K)` that are zero outside them: the norms of the live sub-matrices,
-/// un-squared as the references compute them (for methods whose ranks grow).
-pub fn orthogonality(a: &Tensor, b: &Tensor, live: &Tensor) -> [Tensor; 2] {
-    let eye = Tensor::eye(live.size()[0], (Kind::Float, live.device())) * live;
-    [
-        (a.matmul(&a.tr()) - &eye).norm(),
-        (b.tr().matmul(b) - eye).norm(),
-    ]
+/// The orthogonal regulariser of AdaLoRA and its growing relatives: the mean over every
+/// module of `||A Aᵀ − I||_F` and `||Bᵀ B − I||_F`, un-squared as the references compute them,
+/// each over the ranks marked in the module's `live (K, 1)` (all of them where `None`), for
+/// factors `a (K, in)`, `b (out, K)` that are zero outside them (the norms of the live
+/// sub-matrices). The matrices are stacked by shape, one batched Gram product and one norm per
+/// stack rather than per matrix (on a GPU, launches were the cost): the same matrices and
+/// norms, summed in another order.
+pub fn mean_orthogonality(factors: Vec<(Tensor, Tensor, Option<Tensor>)>) -> Tensor {
+    let count = 2 * factors.len();
+    let mut stacks: BTreeMap<Vec<i64>, (Vec<Tensor>, Vec<Tensor>)> = BTreeMap::new();
+    for (a, b, live) in factors {
+        let live = live.unwrap_or_else(|| a.ones_like().narrow(1, 0, 1));
+        for x in [a, b.tr()] {
+            let stack = stacks.entry(x.size()).or_default();
+            stack.0.push(x);
+            stack.1.push(live.shallow_clone());
+        }
+    }
+    let sums: Vec<Tensor> = stacks
+        .into_values()
+        .map(|(xs, lives)| {
+            let x = Tensor::stack(&xs, 0);
+            let k = x.size()[1];
+            let eye = Tensor::eye(k, (Kind::Float, x.device())) * Tensor::stack(&lives, 0);
+            (x.bmm(&x.transpose(1, 2)) - eye)
+                .frobenius_norm([1, 2], false)
+                .sum(Kind::Float)
+        })
+        .collect();
+    Tensor::stack(&sums, 0).sum(Kind::Float) / count as f64
 }
 
 /// Moves `tensors` (any shapes, one kind, one device) into consecutive parts of one new flat

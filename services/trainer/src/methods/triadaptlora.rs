@@ -39,7 +39,7 @@
 
 use super::rank_adam::{Moments, RankAdam, RankAxis, RankGroup, UNBORN};
 use super::{
-    module_path, orthogonality, pack, per_module_lora, refuse_parent, select, ExportedFactors,
+    mean_orthogonality, module_path, pack, per_module_lora, refuse_parent, select, ExportedFactors,
 };
 use super::{Attach, AttachContext};
 use crate::error::user_error;
@@ -389,16 +389,17 @@ impl AdapterMethod for TriAdaptLora {
         if self.config.orth_reg_weight <= 0.0 {
             return None;
         }
-        let norms: Vec<Tensor> = self
+        let factors = self
             .modules
             .iter()
-            .flat_map(|m| {
+            .map(|m| {
                 let created = &m.layout.created;
-                orthogonality(&(&m.a * created), &(&m.b * created.view([1, -1])), created)
+                let a = &m.a * created;
+                let b = &m.b * created.view([1, -1]);
+                (a, b, Some(created.shallow_clone()))
             })
             .collect();
-        let count = norms.len() as f64;
-        Some(Tensor::stack(&norms, 0).sum(Kind::Float) / count * self.config.orth_reg_weight)
+        Some(mean_orthogonality(factors) * self.config.orth_reg_weight)
     }
 
     /// `update_and_increase(global_step)`, then the AdamW step of every created entry.
