@@ -43,7 +43,8 @@ async fn a_worker_that_cannot_start_is_retried_then_fails_with_the_reason() -> a
 }
 
 /// `training.max_duration` bounds an attempt on the local executor too: the worker is stopped
-/// and the job fails as the user's error, naming the limit, without another attempt.
+/// and the job fails as `deadline_exceeded` (final, as a user error is), naming the limit,
+/// without another attempt.
 #[tokio::test]
 async fn an_attempt_past_its_max_duration_is_stopped_and_fails_naming_the_limit(
 ) -> anyhow::Result<()> {
@@ -56,7 +57,7 @@ async fn an_attempt_past_its_max_duration_is_stopped_and_fails_naming_the_limit(
     assert_eq!(code, 201, "{submitted}");
     let job = app.wait_for_job(submitted["id"].as_str().unwrap()).await?;
     assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["kind"], "user_error", "{job}");
+    assert_eq!(job["error"]["kind"], "deadline_exceeded", "{job}");
     assert_eq!(job["attempt"], 1, "not retried: {job}");
     let message = job["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("training.max_duration (3s)"), "{message}");

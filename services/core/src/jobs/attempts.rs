@@ -67,8 +67,11 @@ impl Outcome {
             Outcome::ResourceExhausted { message } => {
                 Verdict::Fail(ErrorKind::ResourceExhausted, message.clone())
             }
+            // Final, as a user error is (the same job would run out of time again), but a
+            // kind of its own, so clients can tell it apart (the CLI exits 7 and suggests
+            // raising `training.max_duration`).
             Outcome::DeadlineExceeded { message } => {
-                Verdict::Fail(ErrorKind::UserError, message.clone())
+                Verdict::Fail(ErrorKind::DeadlineExceeded, message.clone())
             }
         }
     }

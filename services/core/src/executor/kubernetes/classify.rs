@@ -9,7 +9,7 @@
 //! | container waiting `ErrImagePull`, `ImagePullBackOff`, `InvalidImageName`, `CreateContainerConfigError`, `CreateContainerError` | infrastructure (retried) |
 //! | container terminated `OOMKilled` | resource exhausted (final), names the memory limit |
 //! | `DisruptionTarget` condition, `Evicted`, Pod deleted under a running worker | infrastructure (retried, resumes) |
-//! | Job `Failed/DeadlineExceeded` | deadline exceeded (user error naming `training.max_duration`) |
+//! | Job `Failed/DeadlineExceeded` | deadline exceeded (final, naming `training.max_duration`) |
 //! | Pod `Failed` otherwise | worker exited (retried unless it reported) |
 //! | Pod `Succeeded` | worker exited (a no-op when it reported its result, as it does) |
 
