@@ -1,0 +1,26 @@
+#!/bin/bash
+# One GPU-machine call that checks the CUDA paths before any timing (bench/gpu.md, "Correctness
+# on the GPU"): the GPU tests with their whole output, the 200-step loss curve against PEFT of
+# the layer by hand and of the CUDA default (one PEFT run for both), then TinyLlama side by side
+# (the default, the layer by hand). Results under $OUT: gpu-tests.txt, loss_curve_hand.json,
+# loss_curve_default.json, tinyllama-2048-8.json, log.txt. About six minutes on an H100.
+# It runs from the folder gpu_run.sh describes (`.gpu/`), which also holds this script and the
+# test binary (`tests.gz`):
+#   cp bench/gpu_check.sh .gpu/check.sh   # then, on the GPU machine: bash .gpu/check.sh
+set -u
+cd "$(dirname "$0")"
+gunzip -kf tests.gz loraforge-trainer.gz && chmod +x tests loraforge-trainer || exit 1
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
+nvrtc=$(ls -d "$(python3 -c 'import site;print(site.getsitepackages()[0])')"/nvidia/*/lib/libnvrtc.so* \
+  /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
+[ -n "$nvrtc" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$nvrtc")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+timeout 150 ./tests --ignored cuda --nocapture --test-threads 1 > "$OUT/gpu-tests.txt" 2>&1
+echo "tests: exit $?" >> "$OUT/gpu-tests.txt"
+grep -E "^factor|^test |panicked|exit" "$OUT/gpu-tests.txt"
+curve=(python3 bench/loss_curve.py --trainer ./loraforge-trainer --seq 1024 --batch 8 --steps 200
+       --lr 2e-4 --work /tmp/loss-curve)
+LORAFORGE_CUDA_LAYER_BY_HAND=on timeout 200 "${curve[@]}" --json-out "$OUT/loss_curve_hand.json"
+timeout 100 "${curve[@]}" --peft-from "$OUT/loss_curve_hand.json" --json-out "$OUT/loss_curve_default.json"
+rm -f tests
+bash run.sh tinyllama:2048:8:loraforge,loraforge-hand:150
