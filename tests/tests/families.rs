@@ -221,6 +221,11 @@ async fn family_jobs_publish_and_merge_with_their_lineage() -> anyhow::Result<()
             "MISS",
         ),
         ("shira-job", json!({"type": "shira", "r": 2}), "SHIRA"),
+        (
+            "randlora-job",
+            json!({"type": "randlora", "r": 16, "alpha": 320, "projection_prng_key": 3}),
+            "RANDLORA",
+        ),
     ] {
         let mut job = fixture.job(adapter);
         job["method"] = method;
