@@ -838,7 +838,7 @@ async fn methods_and_their_knobs_come_from_the_server() -> anyhow::Result<()> {
         "{unknown}"
     );
 
-    // A knob the method does not have is named, with the ones it has; nothing is sent.
+    // A knob the method does not have: the server refuses it, the client names the ones it has.
     let typo = job_yaml(&fixture, "typo", 5).replace("alpha: 16", "alhpa: 16");
     let typo = write(files.path(), "typo.yaml", &typo);
     let run = cli

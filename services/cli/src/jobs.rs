@@ -1,6 +1,6 @@
 //! `loraforge jobs …`: submit a job file, follow it, list, read, cancel, events, logs.
 
-use crate::client::{view, Client};
+use crate::client::{view, Client, FieldError, Problem};
 use crate::error::{exit, job_exit_code, CliError, Result};
 use crate::methods;
 use crate::output::{self, Output};
@@ -211,13 +211,18 @@ async fn submit(
     idempotency_key: Option<String>,
 ) -> Result<u8> {
     let body = read_job_file(file)?;
-    check_method_knobs(client, file, &body).await?;
     let key = idempotency_key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
     let request = client
         .request(Method::POST, client.url(&["v1", "jobs"], &[]))
         .header("idempotency-key", key)
         .json(&body);
-    let job = client.json_of(request).await?;
+    let job = match client.json_of(request).await {
+        Err(CliError::Api(mut failure)) => {
+            name_method_knobs(client, &body["method"], &mut failure.problem).await;
+            return Err(CliError::Api(failure));
+        }
+        job => job?,
+    };
     let id = output::text(&job["id"]);
     if !watch {
         match out {
@@ -239,26 +244,26 @@ async fn submit(
     follow_to_end(client, out, &id, 0, Style::Watch).await
 }
 
-/// Refuses a job whose `method` names a knob its method does not have, listing the knobs it
-/// has (the server refuses it too, without the list). The knobs come from the server's API
-/// document; where it cannot be read, the server's answer to the job is left to say.
-async fn check_method_knobs(client: &Client, file: &Path, body: &Value) -> Result<()> {
-    let Ok(known) = methods::fetch(client).await else {
-        return Ok(());
-    };
-    let unknown = methods::unknown_knobs(&known, &body["method"]);
-    if unknown.is_empty() {
-        return Ok(());
+/// Where the server refused fields of the job's `method` as unknown, says which knobs the
+/// method has instead, from the server's API document (fetched only then), and how to read
+/// about them; where the document cannot be read, the server's answer stands as it is.
+async fn name_method_knobs(client: &Client, method: &Value, problem: &mut Problem) {
+    let refused_unknown =
+        |e: &FieldError| e.field.starts_with("method.") && e.message == "unknown field";
+    if !problem.errors.iter().any(refused_unknown) {
+        return;
     }
-    let tag = output::text(&body["method"]["type"]);
-    let name = match file == Path::new("-") {
-        true => "stdin".to_string(),
-        false => file.display().to_string(),
+    let Ok(known) = methods::fetch(client).await else {
+        return;
     };
-    Err(CliError::usage(format!(
-        "{name}: nothing submitted:\n  - {}\nhint: `loraforge methods get {tag}` describes each knob",
-        unknown.join("\n  - ")
-    )))
+    for error in problem.errors.iter_mut().filter(|e| refused_unknown(e)) {
+        let knob = error.field.trim_start_matches("method.");
+        if let Some(message) = methods::unknown_knob(&known, method, knob) {
+            error.message = message;
+        }
+    }
+    let tag = output::text(&method["type"]);
+    problem.hint = Some(format!("`loraforge methods get {tag}` describes each knob"));
 }
 
 /// Follows a job until it ends (or Ctrl-C) and reports how it ended; the exit status is

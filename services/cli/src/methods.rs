@@ -296,27 +296,16 @@ pub fn describe_method(method: &Method) -> String {
     )
 }
 
-/// The fields of a job's `method` object that its method has no knob of (`method.alhpa`),
-/// each with the knobs there are; empty when every field is known, or when the server does
-/// not list the method (its own answer names the methods there are).
-pub fn unknown_knobs(methods: &[Method], method: &Value) -> Vec<String> {
-    let (Some(fields), Some(tag)) = (method.as_object(), method["type"].as_str()) else {
-        return Vec::new();
-    };
-    let Some(known) = methods.iter().find(|m| m.tag == tag) else {
-        return Vec::new();
-    };
+/// What to say of `knob`, a field of `method` (a job's `method` object) that its method does not
+/// have: the knobs it has. `None` where the document does not know the method.
+pub fn unknown_knob(methods: &[Method], method: &Value, knob: &str) -> Option<String> {
+    let tag = method["type"].as_str()?;
+    let known = methods.iter().find(|m| m.tag == tag)?;
     let names: Vec<&str> = known.knobs.iter().map(|k| k.name.as_str()).collect();
-    fields
-        .keys()
-        .filter(|k| *k != "type" && !names.contains(&k.as_str()))
-        .map(|k| {
-            format!(
-                "method.{k}: {tag} has no knob {k:?}; its knobs are {}",
-                names.join(", ")
-            )
-        })
-        .collect()
+    Some(format!(
+        "{tag} has no knob {knob:?}; its knobs are {}",
+        names.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -407,12 +396,14 @@ mod tests {
         let methods = methods_of(&doc()).unwrap();
         let method = json!({"type": "lora", "r": 8, "alhpa": 16});
         assert_eq!(
-            unknown_knobs(&methods, &method),
-            [r#"method.alhpa: lora has no knob "alhpa"; its knobs are r, alpha, target_modules"#]
+            unknown_knob(&methods, &method, "alhpa").as_deref(),
+            Some(r#"lora has no knob "alhpa"; its knobs are r, alpha, target_modules"#)
         );
-        assert!(unknown_knobs(&methods, &json!({"type": "lora", "r": 8})).is_empty());
         // A method the server does not list is its answer's to refuse.
-        assert!(unknown_knobs(&methods, &json!({"type": "bogus", "x": 1})).is_empty());
+        assert_eq!(
+            unknown_knob(&methods, &json!({"type": "bogus", "x": 1}), "x"),
+            None
+        );
         assert!(find(&methods, "bogus")
             .unwrap_err()
             .to_string()
