@@ -212,7 +212,8 @@ pub fn mean_orthogonality(factors: Vec<(Tensor, Tensor, Option<Tensor>)>) -> Ten
             let k = x.size()[1];
             let eye = Tensor::eye(k, (Kind::Float, x.device())) * Tensor::stack(&lives, 0);
             (x.bmm(&x.transpose(1, 2)) - eye)
-                .frobenius_norm([1, 2], false)
+                .flatten(1, -1)
+                .norm_scalaropt_dim(2, [1], false)
                 .sum(Kind::Float)
         })
         .collect();
