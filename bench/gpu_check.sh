@@ -10,10 +10,7 @@
 set -u
 cd "$(dirname "$0")"
 gunzip -kf tests.gz loraforge-trainer.gz && chmod +x tests loraforge-trainer || exit 1
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
-nvrtc=$(ls -d "$(python3 -c 'import site;print(site.getsitepackages()[0])')"/nvidia/*/lib/libnvrtc.so* \
-  /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
-[ -n "$nvrtc" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$nvrtc")
+source ./gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 timeout 150 ./tests --ignored cuda --nocapture --test-threads 1 > "$OUT/gpu-tests.txt" 2>&1
 echo "tests: exit $?" >> "$OUT/gpu-tests.txt"

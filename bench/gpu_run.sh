@@ -6,7 +6,8 @@
 # It runs from a folder (`.gpu/`, ignored by git) that holds a copy of this script as run.sh, the
 # release trainer built here and stripped (loraforge-trainer; loraforge-before and any other
 # loraforge-NAME: earlier builds, contenders of those names), bench/*.py and whl/liger_kernel-*.whl:
-#   mkdir -p .gpu/bench .gpu/whl && cp bench/gpu_run.sh .gpu/run.sh && cp bench/*.py .gpu/bench/
+#   mkdir -p .gpu/bench .gpu/whl && cp bench/gpu_run.sh .gpu/run.sh && cp bench/gpu_env.sh .gpu/
+#   cp bench/*.py .gpu/bench/
 #   strip -o .gpu/loraforge-trainer $CARGO_TARGET_DIR/release/loraforge-trainer
 #   pip download --no-deps --only-binary=:all: -d .gpu/whl liger-kernel==0.8.5
 # The GPU tests (bench/gpu.md, "Correctness on the GPU") travel as the release test binary:
@@ -16,12 +17,7 @@ set -u
 cd "$(dirname "$0")"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
-# The trainer compiles its CUDA kernels with NVRTC, opened at run time: PyTorch's own copy (the
-# nvidia-cuda-nvrtc package) or the toolkit's, whichever is found first.
-nvrtc=$(ls -d "$(python3 -c 'import site;print(site.getsitepackages()[0])')"/nvidia/*/lib/libnvrtc.so* \
-  /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
-[ -n "$nvrtc" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$nvrtc")
+source ./gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 # Builds may come gzipped (a device call carries 64 MiB at most; three builds are 62 MiB).
