@@ -1575,23 +1575,37 @@ mod tests {
     /// On the GPU, in bf16 with the fused kernels, each training path gives the adapters the
     /// gradients autograd gives them through the whole model in fp32 as closely as autograd in
     /// bf16 does: what the f64 test above cannot see (aten's fused norm and its per-row scales,
-    /// cuDNN's attention and its layouts, the kernels in place). Each factor's gap to fp32 may
-    /// be at most twice bf16 autograd's (plus 0.2% of the gradient's size, bf16's own step).
-    /// Both paths are checked: the layer by hand and the MLP by hand (attention under autograd).
+    /// cuDNN's attention and its layouts, the kernels in place). Every run starts from the same
+    /// weights (seeded, scaled as a trained model's are, so bf16 rounds them as it would a real
+    /// model's) at a width where the kernels loop over rows wider than a block. Each factor's
+    /// gap to fp32 (relative, in norm) may be at most twice bf16 autograd's plus 0.2%, bf16's
+    /// own step. Every path is checked (`LORAFORGE_LAYER_BY_HAND`): the whole layer
+    /// by hand, the MLP by hand, and autograd layer by layer.
     #[test]
     #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
     fn the_layer_by_hand_matches_autograd_on_cuda() {
         let c = config(
-            json!({"num_hidden_layers": 3, "hidden_size": 256, "intermediate_size": 512,
-                              "num_attention_heads": 8, "num_key_value_heads": 2}),
+            json!({"num_hidden_layers": 2, "hidden_size": 1024, "intermediate_size": 2816,
+                              "num_attention_heads": 16, "num_key_value_heads": 4}),
         );
         let device = Device::Cuda(0);
-        // `None`: autograd through the whole model; else the training pass, the layer by hand
-        // on or off (the MLP by hand alone).
-        let grads = |kind: Kind, by_hand: Option<bool>| -> Vec<Tensor> {
-            let weights = checkpoint(&c)
-                .into_iter()
-                .map(|(name, w)| (name, w.to_device(device).to_kind(kind)))
+        tch::manual_seed(4);
+        let base: HashMap<String, Tensor> = checkpoint(&c)
+            .into_iter()
+            .map(|(name, w)| {
+                let w = match w.dim() {
+                    2 => &w / (w.size()[1] as f64).sqrt(),
+                    _ => w * 0.1 + 1.0,
+                };
+                (name, w)
+            })
+            .collect();
+        // `None`: autograd through the whole model; else the training pass with the given
+        // `LORAFORGE_LAYER_BY_HAND`.
+        let grads = |kind: Kind, by_hand: Option<&str>| -> Vec<Tensor> {
+            let weights = base
+                .iter()
+                .map(|(name, w)| (name.clone(), w.to_device(device).to_kind(kind)))
                 .collect();
             let mut model = LlamaModel::from_weights(c.clone(), weights).unwrap();
             tch::manual_seed(5);
@@ -1599,8 +1613,9 @@ mod tests {
             for (_, linear) in model.linears_mut(loraforge_spec::model::LLAMA_TARGET_MODULES) {
                 let (inp, out) = (linear.in_features(), linear.out_features());
                 let opts = (Kind::Float, device);
-                let a = (Tensor::randn([4, inp], opts) * 0.3).set_requires_grad(true);
-                let b = (Tensor::randn([out, 4], opts) * 0.3).set_requires_grad(true);
+                let a =
+                    (Tensor::randn([4, inp], opts) / (inp as f64).sqrt()).set_requires_grad(true);
+                let b = (Tensor::randn([out, 4], opts) * 0.1).set_requires_grad(true);
                 linear.attach(Box::new(Plain {
                     a: a.shallow_clone(),
                     b: b.shallow_clone(),
@@ -1611,21 +1626,18 @@ mod tests {
                 factors.push(b);
             }
             tch::manual_seed(6);
-            let ids = Tensor::randint(40, [2, 64], (Kind::Int64, device));
-            let probe = Tensor::randn([2, 64, 40], (Kind::Float, device));
+            let ids = Tensor::randint(40, [2, 128], (Kind::Int64, device));
+            let probe = Tensor::randn([2, 128, 40], (Kind::Float, device));
             match by_hand {
-                Some(on) => {
-                    std::env::set_var(
-                        "LORAFORGE_CUDA_LAYER_BY_HAND",
-                        if on { "on" } else { "off" },
-                    );
+                Some(mode) => {
+                    std::env::set_var("LORAFORGE_LAYER_BY_HAND", mode);
                     let pass = model.training_pass(&ids, true, Checkpointing::None);
                     let logits = pass.hidden.linear::<Tensor>(model.lm_head(), None);
                     (logits.to_kind(Kind::Float) * &probe)
                         .sum(Kind::Float)
                         .backward();
                     pass.backward();
-                    std::env::remove_var("LORAFORGE_CUDA_LAYER_BY_HAND");
+                    std::env::remove_var("LORAFORGE_LAYER_BY_HAND");
                 }
                 None => (model.forward(&ids, true).to_kind(Kind::Float) * &probe)
                     .sum(Kind::Float)
@@ -1636,25 +1648,110 @@ mod tests {
         let want = grads(Kind::Float, None);
         let autograd = grads(Kind::BFloat16, None);
         let paths = [
-            ("layer by hand", grads(Kind::BFloat16, Some(true))),
-            ("mlp by hand", grads(Kind::BFloat16, Some(false))),
+            ("layer by hand", grads(Kind::BFloat16, Some("on"))),
+            ("mlp by hand", grads(Kind::BFloat16, Some("mlp"))),
+            ("autograd by layers", grads(Kind::BFloat16, Some("off"))),
         ];
         let mut failures = Vec::new();
         for (i, want) in want.iter().enumerate() {
-            let scale = want.abs().max().double_value(&[]);
-            let gap = |t: &Tensor| (t - want).abs().max().double_value(&[]) / scale;
+            let norm = want.norm().double_value(&[]);
+            let gap = |t: &Tensor| (t - want).norm().double_value(&[]) / norm;
             let bound = 2.0 * gap(&autograd[i]) + 2e-3;
             let mut line = format!("factor {i:2}: bf16 autograd {:.2e}", gap(&autograd[i]));
             for (name, got) in &paths {
                 let g = gap(&got[i]);
                 line += &format!(", {name} {g:.2e}");
-                if !(scale > 0.0 && g <= bound) {
+                if !(norm > 0.0 && g <= bound) {
                     failures.push(format!("factor {i} {name}: {g:.2e} > {bound:.2e}"));
                 }
             }
-            eprintln!("{line} (of the largest fp32 gradient)");
+            eprintln!("{line} (of the fp32 gradient's norm)");
         }
         assert!(failures.is_empty(), "{failures:?}");
+    }
+
+    /// In bf16 a fresh adapter's share of a layer's output is below the last bit of the
+    /// residual stream it joins (the stream grows through the layers; B is as small as AdamW's
+    /// first steps leave it). Every path must add the o and down branches to their own products
+    /// before the residual, as autograd's does: then the product's rounding dithers the share
+    /// into the sum, where added after the residual it is rounded away every time, and early
+    /// training steps do not reach the loss (the GPU loss curve against PEFT trailed by 0.11 at
+    /// step 4 that way, bench/gpu.md). The share is the bf16 effect of the branches on the
+    /// layer's output (with them minus without) projected on the fp32 effect: about 1 under
+    /// autograd, 0 where it is lost.
+    #[test]
+    fn a_fresh_adapters_share_survives_the_residual_in_bf16_on_every_path() {
+        let c = config(
+            json!({"num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512,
+                              "num_attention_heads": 4, "num_key_value_heads": 2}),
+        );
+        tch::manual_seed(4);
+        let base: HashMap<String, Tensor> = checkpoint(&c)
+            .into_iter()
+            .map(|(name, w)| {
+                let w = match w.dim() {
+                    2 => &w / (w.size()[1] as f64).sqrt(),
+                    _ => w * 0.1 + 1.0,
+                };
+                (name, w)
+            })
+            .collect();
+        // A residual stream 30 times the size of what a layer adds to it.
+        let input = Tensor::randn([2, 32, 256], (Kind::Float, Device::Cpu)) * 30.0;
+        let output = |kind: Kind, b_scale: f64, mode: Option<&str>| -> Tensor {
+            let weights = base
+                .iter()
+                .map(|(name, w)| (name.clone(), w.to_kind(kind)))
+                .collect();
+            let mut model = LlamaModel::from_weights(c.clone(), weights).unwrap();
+            tch::manual_seed(5);
+            for (_, linear) in model.linears_mut(&["o_proj", "down_proj"]) {
+                let (inp, out) = (linear.in_features(), linear.out_features());
+                let opts = (Kind::Float, Device::Cpu);
+                let a = Tensor::randn([4, inp], opts) / (inp as f64).sqrt();
+                let b = Tensor::randn([out, 4], opts).sign() * b_scale;
+                linear.attach(Box::new(Plain {
+                    a: a.set_requires_grad(true),
+                    b: b.set_requires_grad(true),
+                    opaque: false,
+                    gate: None,
+                }));
+            }
+            let (cos, sin) = rotary_tables(&c, 32, kind, Device::Cpu);
+            let x = input.to_kind(kind);
+            let layer = &model.layers[0];
+            let out = match mode {
+                None => layer.forward(&x, (&cos, &sin), None, None, 1e-5, true),
+                Some(mode) => {
+                    std::env::set_var("LORAFORGE_LAYER_BY_HAND", mode);
+                    let out = layer
+                        .forward_for_backward(x, (&cos, &sin), None, 1e-5, true)
+                        .0;
+                    std::env::remove_var("LORAFORGE_LAYER_BY_HAND");
+                    out
+                }
+            };
+            out.detach().to_kind(Kind::Float)
+        };
+        let effect = |kind, mode| output(kind, 5e-3, mode) - output(kind, 0.0, mode);
+        let want = effect(Kind::Float, None);
+        let share = |got: Tensor| {
+            let dot = |a: &Tensor| (a * &want).sum(Kind::Double).double_value(&[]);
+            dot(&got) / dot(&want)
+        };
+        let autograd = share(effect(Kind::BFloat16, None));
+        assert!(
+            (autograd - 1.0).abs() < 0.2,
+            "bf16 autograd's share {autograd:.3}"
+        );
+        for mode in ["on", "mlp", "off"] {
+            let got = share(effect(Kind::BFloat16, Some(mode)));
+            eprintln!("LORAFORGE_LAYER_BY_HAND={mode}: share {got:.3} (autograd {autograd:.3})");
+            assert!(
+                (got - 1.0).abs() < 0.2,
+                "LORAFORGE_LAYER_BY_HAND={mode}: share {got:.3}"
+            );
+        }
     }
 
     /// Which layers run by hand: all of it where every branch is plain, the MLP alone where an

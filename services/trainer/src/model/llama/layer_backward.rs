@@ -3,9 +3,10 @@
 //! Each decoder layer is its own piece of the backward pass: [`TrainingPass::backward`] hands a
 //! layer its output's gradient and gets back its input's, last layer first. Where every adapter
 //! of the layer is a low-rank branch in this pass ([`LinearAdapter::low_rank`]: LoRA without
-//! dropout, and the adaptive methods whose factors derive from their parameters) or absent, and q/k/v and gate/up are merged products, the whole layer runs
-//! by hand ([`LayerGraph::Hand`]; on CUDA only with `LORAFORGE_CUDA_LAYER_BY_HAND=on` for now,
-//! see [`cuda_layer_by_hand`]): the base weights are frozen, so the backward is the
+//! dropout, and the adaptive methods whose factors derive from their parameters) or absent,
+//! and q/k/v and gate/up are merged products, the whole layer runs by hand
+//! ([`LayerGraph::Hand`]; on CUDA only when asked for, see [`by_hand`]): the base weights are
+//! frozen, so the backward is the
 //! activations' gradients and the factors' (the same products autograd would run), and it
 //! keeps only what those need: the layer's input and the norms' per-row scales (the normalised
 //! rows are recomputed, one kernel each), the roped q and k and v with attention's output (for
@@ -111,14 +112,28 @@ fn halves(gate_up: &Tensor) -> (Tensor, Tensor) {
     (gate_up.narrow(1, 0, half), gate_up.narrow(1, half, half))
 }
 
-/// Whether the whole layer runs by hand on CUDA: only with `LORAFORGE_CUDA_LAYER_BY_HAND=on`
-/// for now. Measured on an H100 it is the fastest path (bench/gpu.md), but its GPU test
-/// against autograd failed and its loss curve trailed PEFT's over the first steps, with v
-/// laid out as q and k are; v now has autograd's layout, which is not yet verified on a GPU.
-/// Until it is, CUDA runs the MLP by hand and attention under autograd, which match PEFT.
-/// The CPU always runs the layer by hand (tested against autograd and PEFT).
-fn cuda_layer_by_hand() -> bool {
-    std::env::var("LORAFORGE_CUDA_LAYER_BY_HAND").is_ok_and(|v| v == "on" || v == "1")
+/// What runs by hand, from `LORAFORGE_LAYER_BY_HAND`: `on`, the whole layer where its
+/// adapters allow; `mlp`, the MLP alone, attention under autograd; `off`, neither (autograd's
+/// whole layer, the reference). Unset: the whole layer on the CPU, the MLP alone on CUDA. On
+/// an H100 the whole layer is the fastest path, but over 200 steps in bf16 its loss curve
+/// ends 5% below PEFT's where the MLP alone ends within 0.3% of it (bench/gpu.md, "Does it
+/// train like PEFT?"); until that difference is explained, CUDA runs the MLP alone by default.
+/// On the CPU (fp32) the whole layer matches autograd and PEFT (tests, bench/README.md).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ByHand {
+    Whole,
+    Mlp,
+    Off,
+}
+
+fn by_hand(cuda: bool) -> ByHand {
+    match std::env::var("LORAFORGE_LAYER_BY_HAND").as_deref() {
+        Ok("on" | "1") => ByHand::Whole,
+        Ok("mlp") => ByHand::Mlp,
+        Ok("off" | "0") => ByHand::Off,
+        _ if cuda => ByHand::Mlp,
+        _ => ByHand::Whole,
+    }
 }
 
 impl DecoderLayer {
@@ -135,10 +150,12 @@ impl DecoderLayer {
     ) -> (Tensor, LayerGraph) {
         let mlp = &self.mlp;
         let attn = &self.self_attn;
-        let mlp_by_hand = mlp.gate_up.is_some()
+        let by_hand = by_hand(input.device().is_cuda());
+        let mlp_by_hand = by_hand != ByHand::Off
+            && mlp.gate_up.is_some()
             && plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train).is_some()
             && plain_branch(&mlp.down_proj, train).is_ok();
-        let attention_by_hand = (!input.device().is_cuda() || cuda_layer_by_hand())
+        let attention_by_hand = by_hand == ByHand::Whole
             && attn.qkv.is_some()
             && plain_branches(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], train).is_some()
             && plain_branch(&attn.o_proj, train).is_ok();
@@ -387,25 +404,26 @@ impl DecoderLayer {
 }
 
 /// `y = x W^T (+ bias) + residual`, plus the projection's plain branch as its `add_to` adds it,
-/// for `x (tokens, in)`: the residual is the product's accumulator (one pass over the output
-/// fewer than adding it after). Also the branch's `h = scaling x A^T`, which its `B` gradient
-/// needs.
+/// for `x (tokens, in)`, and the branch's `h = scaling x A^T`, which its `B` gradient needs.
+/// The branch goes into the product before the residual does, as autograd's path adds them:
+/// in bf16 a fresh adapter's share of the output is far below the residual stream's last
+/// bit, and added after the residual it would be rounded away every time (no dither from the
+/// product's own rounding), so early updates would not reach the loss (bench/gpu.md, "The
+/// residual and the adapter's share").
 fn plain_forward(
     linear: &Linear,
     x: &Tensor,
     residual: &Tensor,
     train: bool,
 ) -> (Tensor, Option<Tensor>) {
-    let mut y = residual.addmm(x, &linear.weight.tr());
-    if let Some(bias) = &linear.bias {
-        y += bias;
-    }
+    let mut y = x.linear(&linear.weight, linear.bias.as_ref());
     let mut kept = None;
     if let Ok(Some(b)) = plain_branch(linear, train) {
         let h = x.linear::<Tensor>(&b.a.to_kind(x.kind()), None) * b.scaling;
         y = y.addmm_(&h, &b.b.to_kind(x.kind()).tr());
         kept = Some(h);
     }
+    y += residual;
     (y, kept)
 }
 
