@@ -4,7 +4,7 @@ the same model, data shape and LoRA setup.
 
 Usage (on the GPU machine, with the trainer built on the development machine):
   python3 bench/gpu_bench.py --trainer BIN --shape tinyllama|llama3-8b --seq N --batch N
-                             [--steps 10] [--only peft,liger,loraforge,loraforge-layers,loraforge-offload,...]
+                             [--steps 10] [--only peft,liger,loraforge,loraforge-layers,loraforge-offload,NAME-layers,...]
                              [--other-trainer NAME=BIN ...  (earlier builds, contenders NAME)]
                              [--profile  (loraforge contenders: the trainer's step profile)]
 Prints one markdown table row per contender and one JSON line each (--json-out FILE too).
@@ -122,9 +122,15 @@ def main() -> None:
             results.append({"name": name, "tokens_per_s": report["tokens_per_s"], "nvml_peak_gib": round(peak, 2),
                             "torch_peak_gib": report.get("peak_mem_gib"), "wall_s": round(time.perf_counter() - started, 1)})
         else:
-            trainer = others.get(name, args.trainer)
-            checkpointing = None if name in others else {
-                "loraforge": "none", "loraforge-layers": "layers", "loraforge-offload": "offload"}[name]
+            # NAME, NAME-layers or NAME-offload: a build (loraforge, or an --other-trainer) and
+            # the checkpointing it runs with (none unless the suffix names one).
+            build, _, mode = name.rpartition("-")
+            if mode not in ("layers", "offload") or not build:
+                build, mode = name, "none"
+            trainer = others.get(build, args.trainer if build == "loraforge" else None)
+            if trainer is None:
+                sys.exit(f"{name}: no build named {build} (the trainer, or an --other-trainer)")
+            checkpointing = mode
             job["training"].pop("gradient_checkpointing", None)
             if checkpointing:
                 job["training"]["gradient_checkpointing"] = checkpointing

@@ -23,8 +23,13 @@ python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch
 # Builds may come gzipped (a device call carries 64 MiB at most; three builds are 62 MiB).
 for z in loraforge-*.gz; do [ -e "$z" ] && gunzip -kf "$z"; done
 chmod +x ./loraforge-trainer
-# The contender `loraforge-hand`: the same trainer with the whole layer by hand on CUDA.
-printf '#!/bin/sh\nLORAFORGE_CUDA_LAYER_BY_HAND=on exec "$(dirname "$0")/loraforge-trainer" "$@"\n' > loraforge-hand
+# The contenders `loraforge-hand`, `loraforge-mlp` and `loraforge-autograd`: the same trainer
+# with the whole layer by hand, the MLP alone (the CUDA default), or none of it
+# (LORAFORGE_LAYER_BY_HAND, docs/trainer.md).
+for mode in hand:on mlp:mlp autograd:off; do
+  printf '#!/bin/sh\nLORAFORGE_LAYER_BY_HAND=%s exec "$(dirname "$0")/loraforge-trainer" "$@"\n' \
+    "${mode#*:}" > "loraforge-${mode%%:*}"
+done
 # Any other build here (loraforge-before, loraforge-NAME) runs as the contender of its name.
 others=()
 for bin in loraforge-*; do
