@@ -1213,6 +1213,22 @@ mod tests {
             .collect()
     }
 
+    /// [`checkpoint`] seeded, with weights of a trained model's scale (products that keep
+    /// their input's size, norms near 1), so that bf16 rounds them as it would a real model's.
+    fn scaled_checkpoint(c: &ModelConfig) -> HashMap<String, Tensor> {
+        tch::manual_seed(4);
+        checkpoint(c)
+            .into_iter()
+            .map(|(name, w)| {
+                let w = match w.dim() {
+                    2 => &w / (w.size()[1] as f64).sqrt(),
+                    _ => w * 0.1 + 1.0,
+                };
+                (name, w)
+            })
+            .collect()
+    }
+
     fn load_error(c: &ModelConfig, weights: HashMap<String, Tensor>) -> String {
         let err = LlamaModel::from_weights(c.clone(), weights)
             .err()
@@ -1589,17 +1605,7 @@ mod tests {
                               "num_attention_heads": 16, "num_key_value_heads": 4}),
         );
         let device = Device::Cuda(0);
-        tch::manual_seed(4);
-        let base: HashMap<String, Tensor> = checkpoint(&c)
-            .into_iter()
-            .map(|(name, w)| {
-                let w = match w.dim() {
-                    2 => &w / (w.size()[1] as f64).sqrt(),
-                    _ => w * 0.1 + 1.0,
-                };
-                (name, w)
-            })
-            .collect();
+        let base = scaled_checkpoint(&c);
         // `None`: autograd through the whole model; else the training pass with the given
         // `LORAFORGE_LAYER_BY_HAND`.
         let grads = |kind: Kind, by_hand: Option<&str>| -> Vec<Tensor> {
@@ -1685,17 +1691,7 @@ mod tests {
             json!({"num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512,
                               "num_attention_heads": 4, "num_key_value_heads": 2}),
         );
-        tch::manual_seed(4);
-        let base: HashMap<String, Tensor> = checkpoint(&c)
-            .into_iter()
-            .map(|(name, w)| {
-                let w = match w.dim() {
-                    2 => &w / (w.size()[1] as f64).sqrt(),
-                    _ => w * 0.1 + 1.0,
-                };
-                (name, w)
-            })
-            .collect();
+        let base = scaled_checkpoint(&c);
         // A residual stream 30 times the size of what a layer adds to it.
         let input = Tensor::randn([2, 32, 256], (Kind::Float, Device::Cpu)) * 30.0;
         let output = |kind: Kind, b_scale: f64, mode: Option<&str>| -> Tensor {
