@@ -408,8 +408,8 @@ impl DecoderLayer {
 /// The branch goes into the product before the residual does, as autograd's path adds them:
 /// in bf16 a fresh adapter's share of the output is far below the residual stream's last
 /// bit, and added after the residual it would be rounded away every time (no dither from the
-/// product's own rounding), so early updates would not reach the loss (bench/gpu.md, "The
-/// residual and the adapter's share").
+/// product's own rounding), so early updates would not reach the loss (bench/gpu.md, third
+/// round, "What was wrong").
 fn plain_forward(
     linear: &Linear,
     x: &Tensor,
