@@ -130,10 +130,7 @@ def main() -> None:
             trainer = others.get(build, args.trainer if build == "loraforge" else None)
             if trainer is None:
                 sys.exit(f"{name}: no build named {build} (the trainer, or an --other-trainer)")
-            checkpointing = mode
-            job["training"].pop("gradient_checkpointing", None)
-            if checkpointing:
-                job["training"]["gradient_checkpointing"] = checkpointing
+            job["training"]["gradient_checkpointing"] = mode
             spec = work / f"job-{name}.json"
             spec.write_text(json.dumps(job))
             env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
