@@ -7,7 +7,7 @@ On the GPU machine (bench/gpu.md, "Where a step's time goes"), a two-step run un
 then, anywhere:
     python3 bench/ncu_summary.py before ncu-before.csv after ncu-after.csv
 prints one markdown table: the kernels of the last step (the kernels after the last optimizer
-step but one, found by AdamW's kernels over the flat TinyLlama buffer) by category, in ms.
+step but one, found by AdamW's kernels over the flat buffer of the adapter's factors) by category, in ms.
 ncu runs the kernels one at a time, so the sum is the step's time without overlap.
 """
 import collections
@@ -31,12 +31,24 @@ def category(n):
     if "dot_kernel" in n or "reduce" in n: return "reductions, dot products"
     if "copy" in n or "Fill" in n: return "copies, fills, casts"
     return "other elementwise (products, sums: RoPE, SwiGLU, residuals)"
+def clusters(ids):
+    """Runs of kernel IDs no more than 100 apart."""
+    runs = [[ids[0]]]
+    for i in ids[1:]:
+        if i - runs[-1][-1] > 100: runs.append([])
+        runs[-1].append(i)
+    return runs
 def step(K):
-    """The last step's kernels: after the last group of AdamW kernels over the flat buffer but one."""
-    flat = [k[0] for k in K if k[2] == "(12320, 1, 1)"]
-    gaps = [i for i in range(1, len(flat)) if flat[i] - flat[i-1] > 100]
-    lo = flat[gaps[-1]-1] + 1 if gaps else flat[0]
-    hi = flat[-1]
+    """The last step's kernels: those after the last group of AdamW kernels over the flat buffer
+    but one. That buffer's grid is the one whose dense groups (8 or more kernels close together,
+    AdamW's dozen) come in at least two steps and end latest."""
+    by_grid = collections.defaultdict(list)
+    for k in K: by_grid[k[2]].append(k[0])
+    best = None
+    for grid, ids in by_grid.items():
+        dense = [c for c in clusters(ids) if len(c) >= 8]
+        if len(dense) >= 2 and (best is None or dense[-1][-1] > best[-1][-1]): best = dense
+    lo, hi = best[-2][-1] + 1, best[-1][-1]
     return [k for k in K if lo <= k[0] <= hi]
 out = []
 # Labelled profiles: label path [label path ...] (ncu's --csv --log-file output, gzipped or not).

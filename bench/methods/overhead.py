@@ -2,7 +2,7 @@
 
 Usage: python3 bench/methods/overhead.py --trainer BIN [BIN ...] [--device cuda|cpu] [--shape S]
                                          [--seq N] [--batch N] [--steps N] [--rounds N]
-                                         [--methods NAME,...]
+                                         [--methods NAME,...] [--profile]
 
 Builds the model of bench/compare.py (random weights, TinyLlama-1.1B shape on CUDA: 22 layers,
 so 154 adapted matrices with all seven projections), then trains each method on it with the
@@ -62,10 +62,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--methods", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="time each phase of a step (LORAFORGE_PROFILE_STEPS) and print the trainer's "
+                         "'step profile:' lines per method; the device syncs at each phase, so rates drop")
     args = ap.parse_args()
     _, shape, seq, batch, warmup = workload(args)
     total = warmup + args.steps
     env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
+    if args.profile:
+        env["LORAFORGE_PROFILE_STEPS"] = str(warmup)
     chosen = {name: method for name, method in methods(total).items()
               if args.methods is None or name.startswith("lora ")
               or any(name.startswith(w) for w in args.methods.split(","))}
@@ -92,6 +97,9 @@ def main() -> None:
                     summary = json.loads(trained.stdout.splitlines()[-1])
                     rates[trainer, name].append(steady_rate(trained.stderr, summary, warmup, batch * seq))
                     print(f"round {round_}: {trainer} {name} {rates[trainer, name][-1]} tokens/s", file=sys.stderr)
+                    if args.profile:
+                        print("\n".join(line[line.index("step profile:"):] for line in trained.stderr.splitlines()
+                                        if "step profile:" in line), file=sys.stderr)
     for trainer in args.trainer:
         lora = statistics.median(rates[trainer, "lora r=8"])
         print(f"{datetime.date.today()}, {args.device}, {shape} shape, batch {batch} x seq {seq}, all seven "

@@ -14,7 +14,8 @@
 //! rounded to bf16, then the product in fp32 and rounded (`silu_backward` likewise), so the
 //! results are those of the libtorch path up to the exponential's last bit. They take bf16 on
 //! CUDA only; everything else (the CPU, fp32, a build or machine without NVRTC) keeps libtorch's
-//! kernels, which is also what `LORAFORGE_CUDA_KERNELS=off` selects.
+//! kernels, which is also what `LORAFORGE_CUDA_KERNELS=off` selects (`-rope`, `-rms_norm`,
+//! `-swiglu`: those families alone).
 //!
 //! Both libraries are opened at run time (`libcuda.so` from the driver, `libnvrtc.so` from the
 //! CUDA toolkit or PyTorch's `nvidia-cuda-nvrtc` package, found through `LD_LIBRARY_PATH`), so
@@ -190,12 +191,62 @@ struct Kernels {
 
 static KERNELS: OnceLock<Option<Kernels>> = OnceLock::new();
 
+/// A family of kernels: SwiGLU, RoPE or RMSNorm's backward.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Swiglu,
+    Rope,
+    RmsNorm,
+}
+
+impl Family {
+    const ALL: [Family; 3] = [Family::Swiglu, Family::Rope, Family::RmsNorm];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::Swiglu => "swiglu",
+            Family::Rope => "rope",
+            Family::RmsNorm => "rms_norm",
+        }
+    }
+}
+
+/// Whether `family` runs, from `LORAFORGE_CUDA_KERNELS`: `off` (or `0`) switches every kernel
+/// off, a list such as `-rope,-rms_norm` the families it names (to tell which kernel a
+/// difference on the GPU comes from, bench/gpu.md); unset, all run.
+fn switched_on(family: Family) -> bool {
+    static OFF: OnceLock<Vec<Family>> = OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        let value = std::env::var("LORAFORGE_CUDA_KERNELS").unwrap_or_default();
+        let off: Vec<Family> = Family::ALL
+            .into_iter()
+            .filter(|f| {
+                value
+                    .split(',')
+                    .any(|w| w.trim() == format!("-{}", f.name()))
+            })
+            .collect();
+        if !off.is_empty() {
+            let names: Vec<&str> = off.iter().map(|f| f.name()).collect();
+            tracing::info!(
+                "LORAFORGE_CUDA_KERNELS: libtorch's operations for {}",
+                names.join(", ")
+            );
+        }
+        off
+    });
+    !off.contains(&family)
+}
+
 /// The kernels for `device`, compiled on first use; `None` where they cannot run there (not
 /// CUDA, switched off, no driver or NVRTC library, a compile error), each reason logged once.
-fn kernels(device: Device) -> Option<&'static Kernels> {
+fn kernels(device: Device, family: Family) -> Option<&'static Kernels> {
     let Device::Cuda(ordinal) = device else {
         return None;
     };
+    if !switched_on(family) {
+        return None;
+    }
     let kernels = KERNELS.get_or_init(|| {
         if std::env::var("LORAFORGE_CUDA_KERNELS").is_ok_and(|v| v == "off" || v == "0") {
             tracing::info!("LORAFORGE_CUDA_KERNELS=off: libtorch's kernels only");
@@ -274,7 +325,7 @@ fn pointer(t: &Tensor) -> u64 {
 /// the kernel does not apply (the caller computes it with libtorch).
 pub fn swiglu(gate_up: &Tensor) -> Option<Tensor> {
     let (rows, vecs) = swiglu_shape(gate_up)?;
-    let k = kernels(gate_up.device())?;
+    let k = kernels(gate_up.device(), Family::Swiglu)?;
     let out = Tensor::empty(
         [rows as i64, vecs as i64 * 8],
         (Kind::BFloat16, gate_up.device()),
@@ -300,7 +351,7 @@ pub fn swiglu_backward(
     if d_out.kind() != Kind::BFloat16 || d_out.size() != [rows as i64, vecs as i64 * 8] {
         return None;
     }
-    let k = kernels(gate_up.device())?;
+    let k = kernels(gate_up.device(), Family::Swiglu)?;
     let d_gate_up = gate_up.empty_like();
     let gated = want_gated.then(|| d_out.empty_like());
     let pointers = [gate_up, &d_out, &d_gate_up].map(pointer);
@@ -363,7 +414,7 @@ pub fn rms_norm_backward(
     if !fits {
         return None;
     }
-    let k = kernels(x.device())?;
+    let k = kernels(x.device(), Family::RmsNorm)?;
     let dx = x.empty_like();
     let args = [&dy, x, rstd, w].map(pointer);
     let residual = residual.map_or(0, pointer);
@@ -407,7 +458,7 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> Option<(T
     if !fits {
         return None;
     }
-    let k = kernels(qkv.device())?;
+    let k = kernels(qkv.device(), Family::Rope)?;
     let options = (Kind::BFloat16, qkv.device());
     let (q_out, k_out) = (
         Tensor::empty([tokens, h, hd], options),
@@ -448,7 +499,7 @@ pub fn rope_backward(
         && (h + kvh) * hd <= width
         && seq > 0
         && tokens % seq == 0;
-    let Some(k) = kernels(d_qkv.device()).filter(|_| fits) else {
+    let Some(k) = kernels(d_qkv.device(), Family::Rope).filter(|_| fits) else {
         return false;
     };
     let tensors = [dq, dk, cos, sin, d_qkv];
