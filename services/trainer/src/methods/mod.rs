@@ -190,19 +190,20 @@ pub fn refuse_parent(method: &str) -> Result<()> {
 /// The orthogonal regulariser of AdaLoRA and its growing relatives: the mean over every
 /// module of `||A Aᵀ − I||_F` and `||Bᵀ B − I||_F`, un-squared as the references compute them,
 /// each over the ranks marked in the module's `live (K, 1)` (all of them where `None`), for
-/// factors `a (K, in)`, `b (out, K)` that are zero outside them (the norms of the live
-/// sub-matrices). The matrices are stacked by shape, one batched Gram product and one norm per
+/// factors `a (K, in)`, `b (out, K)`: the rows of `a` and columns of `b` outside them are
+/// zeroed here (one product per stack, not two per module), so the norms are those of the
+/// live sub-matrices. The matrices are stacked by shape, one batched Gram product and one norm per
 /// stack rather than per matrix (on a GPU, launches were the cost): the same matrices and
 /// norms, summed in another order.
 pub fn mean_orthogonality(factors: Vec<(Tensor, Tensor, Option<Tensor>)>) -> Tensor {
     let count = 2 * factors.len();
-    let mut stacks: BTreeMap<Vec<i64>, (Vec<Tensor>, Vec<Tensor>)> = BTreeMap::new();
+    type Stack = (Vec<Tensor>, Vec<Option<Tensor>>);
+    let mut stacks: BTreeMap<Vec<i64>, Stack> = BTreeMap::new();
     for (a, b, live) in factors {
-        let live = live.unwrap_or_else(|| a.ones_like().narrow(1, 0, 1));
         for x in [a, b.tr()] {
             let stack = stacks.entry(x.size()).or_default();
             stack.0.push(x);
-            stack.1.push(live.shallow_clone());
+            stack.1.push(live.as_ref().map(Tensor::shallow_clone));
         }
     }
     let sums: Vec<Tensor> = stacks
@@ -210,7 +211,20 @@ pub fn mean_orthogonality(factors: Vec<(Tensor, Tensor, Option<Tensor>)>) -> Ten
         .map(|(xs, lives)| {
             let x = Tensor::stack(&xs, 0);
             let k = x.size()[1];
-            let eye = Tensor::eye(k, (Kind::Float, x.device())) * Tensor::stack(&lives, 0);
+            let eye = Tensor::eye(k, (Kind::Float, x.device()));
+            // Every rank live (AdaLoRA's): the identity alone, no mask per matrix to build.
+            let (x, eye) = match lives.iter().any(Option::is_some) {
+                false => (x, eye),
+                true => {
+                    let ones = Tensor::ones([k, 1], (Kind::Float, x.device()));
+                    let lives: Vec<Tensor> = lives
+                        .into_iter()
+                        .map(|l| l.unwrap_or_else(|| ones.shallow_clone()))
+                        .collect();
+                    let lives = Tensor::stack(&lives, 0);
+                    (x * &lives, eye * lives)
+                }
+            };
             (x.bmm(&x.transpose(1, 2)) - eye)
                 .flatten(1, -1)
                 .norm_scalaropt_dim(2, [1], false)

@@ -252,11 +252,22 @@ impl AdamW {
         zero_grads(&others);
     }
 
-    /// [`total_grad_norm`] of `trained`, one reduction per flat gradient buffer.
+    /// [`total_grad_norm`] of `trained`, one reduction per flat gradient buffer. On CUDA the
+    /// gradients outside the buffers (the parameters a method steps itself: TriAdaptLoRA's,
+    /// hundreds of tensors) count as one concatenation, one reduction rather than one per
+    /// tensor (kernel launches were the cost); like the buffers', that differs from the norm
+    /// of per-tensor norms in rounding only.
     pub fn total_grad_norm(&self, trained: &[Tensor]) -> Option<Tensor> {
         let (flat, others) = self.split_grads(trained);
         let mut grads: Vec<Tensor> = flat.into_iter().map(Tensor::shallow_clone).collect();
-        grads.extend(defined_grads(&others));
+        let others = defined_grads(&others);
+        match others.first() {
+            Some(first) if others.len() > 1 && first.device().is_cuda() => {
+                let parts: Vec<Tensor> = others.iter().map(|g| g.reshape([-1])).collect();
+                grads.push(Tensor::cat(&parts, 0));
+            }
+            _ => grads.extend(others),
+        }
         global_norm(&grads)
     }
 
