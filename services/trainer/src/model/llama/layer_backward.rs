@@ -115,9 +115,10 @@ fn halves(gate_up: &Tensor) -> (Tensor, Tensor) {
 /// What runs by hand, from `LORAFORGE_LAYER_BY_HAND`: `on`, the whole layer where its
 /// adapters allow; `mlp`, the MLP alone, attention under autograd; `off`, neither (autograd's
 /// whole layer, the reference). Unset: the whole layer on the CPU, the MLP alone on CUDA. On
-/// an H100 the whole layer is the fastest path, but over 200 steps in bf16 its loss curve
-/// ends 5% below PEFT's where the MLP alone ends within 0.3% of it (bench/gpu.md, "Does it
-/// train like PEFT?"); until that difference is explained, CUDA runs the MLP alone by default.
+/// an H100 the whole layer is the fastest path; over 200 steps in bf16 its loss curve ended 5%
+/// below PEFT's in one run and 0.1% above it in a later one of the same build, where PEFT's
+/// own runs land within 0.5% of each other (bench/gpu.md, "How wide is the band?"); until more
+/// runs settle that, CUDA runs the MLP alone by default.
 /// On the CPU (fp32) the whole layer matches autograd and PEFT (tests, bench/README.md).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ByHand {
