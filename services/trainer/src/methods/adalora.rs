@@ -160,6 +160,9 @@ impl PackedImportance {
         let each = |pick: fn(&Importance) -> &Tensor| -> Vec<Tensor> {
             importance().map(|i| pick(i).shallow_clone()).collect()
         };
+        // Where each module's block starts in the packed buffers: `pack` lays the importances
+        // end to end in `importance()`'s order, A `(r, in)`, E `(r, 1)`, B `(out, r)` of each
+        // module in turn (the grouped scores are tested against each module's own).
         let rank = modules.first().map_or(0, |m| m.e.size()[0]);
         let mut offset = 0;
         let layout: Vec<(i64, &str, i64, i64, i64)> = modules

@@ -192,9 +192,9 @@ pub fn refuse_parent(method: &str) -> Result<()> {
 /// each over the ranks marked in the module's `live (K, 1)` (all of them where `None`), for
 /// factors `a (K, in)`, `b (out, K)`: the rows of `a` and columns of `b` outside them are
 /// zeroed here (one product per stack, not two per module), so the norms are those of the
-/// live sub-matrices. The matrices are stacked by shape, one batched Gram product and one norm per
-/// stack rather than per matrix (on a GPU, launches were the cost): the same matrices and
-/// norms, summed in another order.
+/// live sub-matrices. The matrices are stacked by shape, one batched Gram product and one
+/// norm per stack rather than per matrix (on a GPU, launches were the cost): the same
+/// matrices and norms, summed in another order.
 pub fn mean_orthogonality(factors: Vec<(Tensor, Tensor, Option<Tensor>)>) -> Tensor {
     let count = 2 * factors.len();
     type Stack = (Vec<Tensor>, Vec<Option<Tensor>>);

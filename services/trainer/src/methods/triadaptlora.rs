@@ -333,10 +333,6 @@ impl TriAdaptLora {
         (n.max(1) as usize).min(growable)
     }
 
-    /// `increase_to_target_rank` at the modules' ranks `ranks`: every module's score (the
-    /// change of its normalised norm since the last call, which it records, as
-    /// `compute_score`), then the modules scoring at least the n-th highest among those below
-    /// their cap grow by `incre_rank_num` ranks, born at the next step.
     /// Every module's [`TriangularModule::normalized_norm`] at once, from the packed cores and
     /// masks: a few kernels for all modules rather than five per module (on a GPU, launches
     /// were the allocation's cost).
@@ -354,6 +350,10 @@ impl TriAdaptLora {
         core.flatten(1, -1).norm_scalaropt_dim(2, [1], false) / blocks
     }
 
+    /// `increase_to_target_rank` at the modules' ranks `ranks`: every module's score (the
+    /// change of its normalised norm since the last call, which it records, as
+    /// `compute_score`), then the modules scoring at least the n-th highest among those below
+    /// their cap grow by `incre_rank_num` ranks, born at the next step.
     fn allocate(&mut self, now: i64, total: u32, ranks: &[i64]) {
         let (r0, add) = (
             i64::from(self.config.init_rank),

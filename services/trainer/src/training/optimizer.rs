@@ -261,13 +261,8 @@ impl AdamW {
         let (flat, others) = self.split_grads(trained);
         let mut grads: Vec<Tensor> = flat.into_iter().map(Tensor::shallow_clone).collect();
         let others = defined_grads(&others);
-        match others.first() {
-            Some(first) if others.len() > 1 && first.device().is_cuda() => {
-                let parts: Vec<Tensor> = others.iter().map(|g| g.reshape([-1])).collect();
-                grads.push(Tensor::cat(&parts, 0));
-            }
-            _ => grads.extend(others),
-        }
+        let on_cuda = others.first().is_some_and(|g| g.device().is_cuda());
+        grads.extend(norm_terms(others, on_cuda));
         global_norm(&grads)
     }
 
@@ -433,6 +428,16 @@ fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
         .collect()
 }
 
+/// What [`global_norm`] takes the norms of for `grads`: each tensor, or with `one_reduction`
+/// (and more than one of them) their concatenation, whose norm is the same up to rounding.
+fn norm_terms(grads: Vec<Tensor>, one_reduction: bool) -> Vec<Tensor> {
+    if !one_reduction || grads.len() < 2 {
+        return grads;
+    }
+    let parts: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
+    vec![Tensor::cat(&parts, 0)]
+}
+
 /// The norm of the per-tensor (or per-buffer) norms, as `clip_grad_norm_` computes it; `None`
 /// without gradients.
 fn global_norm(grads: &[Tensor]) -> Option<Tensor> {
@@ -530,6 +535,26 @@ mod tests {
             o.step(lr);
         }
         assert_eq!(param.double_value(&[0]), twin.double_value(&[0]));
+    }
+
+    #[test]
+    fn one_reduction_over_many_gradients_is_their_global_norm() {
+        let grads: Vec<Tensor> = [[3, 4], [7, 1], [2, 5]]
+            .iter()
+            .map(|&[r, c]| Tensor::randn([r, c], (Kind::Float, tch::Device::Cpu)))
+            .collect();
+        let norm = |terms: Vec<Tensor>| global_norm(&terms).unwrap().double_value(&[]);
+        let each = norm(norm_terms(
+            grads.iter().map(Tensor::shallow_clone).collect(),
+            false,
+        ));
+        let terms = norm_terms(grads.iter().map(Tensor::shallow_clone).collect(), true);
+        assert_eq!(terms.len(), 1);
+        let one = norm(terms);
+        assert!(
+            each > 0.0 && (one - each).abs() <= 1e-6 * each,
+            "{one} vs {each}"
+        );
     }
 
     #[test]

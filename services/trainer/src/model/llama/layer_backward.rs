@@ -6,8 +6,8 @@
 //! dropout, and the adaptive methods whose factors derive from their parameters) or absent,
 //! and q/k/v and gate/up are merged products, the whole layer runs by hand
 //! ([`LayerGraph::Hand`]; on CUDA only when asked for, see [`by_hand`]): the base weights are
-//! frozen, so the backward is the
-//! activations' gradients and the factors' (the same products autograd would run), and it
+//! frozen, so the backward is the activations' gradients and the factors' (the same products
+//! autograd would run), and it
 //! keeps only what those need: the layer's input and the norms' per-row scales (the normalised
 //! rows are recomputed, one kernel each), the roped q and k and v with attention's output (for
 //! attention's backward, the one piece left to autograd, on its own small graph), the residual
