@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="fewer decoder layers than the shape has (peft_baseline.py's --layers)")
     ap.add_argument("--only", default="peft,liger,loraforge,loraforge-layers")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--work", default=None, help="folder for the model and data (default: a temporary one)")
@@ -89,6 +91,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     baseline = [sys.executable, str(HERE / "peft_baseline.py"), "--device", "cuda", "--shape", args.shape,
                 "--seq", str(args.seq), "--batch", str(args.batch)]
+    if args.layers:
+        baseline += ["--layers", str(args.layers)]
     run([args.trainer, "fixture", "--out", str(work / "fixture")])
     config_path = work / "model/config.json"
     if not config_path.exists():

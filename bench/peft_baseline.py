@@ -39,6 +39,8 @@ ap.add_argument("--batch", type=int, default=None)
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--save-model", default=None)
+ap.add_argument("--layers", type=int, default=None,
+                help="fewer decoder layers than the shape has: the same per-layer work, for a profile")
 ap.add_argument("--liger", action="store_true",
                 help="patch the model with Liger Kernel (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)")
 ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -59,6 +61,8 @@ torch.manual_seed(0)
 # The position range covers the sequence (the long-context row trains past the shape's own).
 shape_cfg = dict(SHAPES[shape])
 shape_cfg["max_position_embeddings"] = max(shape_cfg["max_position_embeddings"], seq)
+if args.layers:
+    shape_cfg["num_hidden_layers"] = args.layers
 cfg = LlamaConfig(attn_implementation="sdpa", **shape_cfg)
 if cuda:
     torch.set_default_dtype(torch.bfloat16)

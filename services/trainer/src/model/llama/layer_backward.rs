@@ -8,8 +8,10 @@
 //! ([`LayerGraph::Hand`]; on CUDA only when asked for, see [`by_hand`]): the base weights are
 //! frozen, so the backward is the activations' gradients and the factors' (the same products
 //! autograd would run), and it
-//! keeps only what those need: the layer's input and the norms' per-row scales (the normalised
-//! rows are recomputed, one kernel each), the roped q and k and v with attention's output (for
+//! keeps only what those need: the layer's input and the norms' per-row scales (the `A`
+//! gradients of the products after a norm take its input with the scales moved onto the
+//! rank-sized side, [`ProductInput::Normed`], so the normalised rows are never recomputed),
+//! the roped q and k and v with attention's output (for
 //! attention's backward, the one piece left to autograd, on its own small graph), the residual
 //! after attention, gate and up, and the branches' rank-sized products. `silu(gate) * up`, RoPE
 //! and RMSNorm's backward are one fused kernel each on CUDA in bf16 (model/cuda_kernels.rs);
@@ -52,8 +54,7 @@ pub(super) struct HandLayer {
     wants_input_grad: bool,
     /// The output's shape `(batch, seq, hidden)`.
     shape: Vec<i64>,
-    eps: f64,
-    /// The input norm's per-row `1 / rms`, its normalised rows recomputed from it.
+    /// The input norm's per-row `1 / rms` ([`ProductInput::Normed`]).
     rstd1: Tensor,
     qkv_branches: Option<MergedBranches>,
     /// RoPE's tables `(seq, head_dim)` and the heads.
@@ -263,7 +264,6 @@ impl DecoderLayer {
             input: x,
             wants_input_grad,
             shape: shape.clone(),
-            eps,
             rstd1,
             qkv_branches,
             rope: (cos.shallow_clone(), sin.shallow_clone()),
@@ -303,8 +303,8 @@ impl DecoderLayer {
     fn mlp_surrogate(&self, kept: &HandMlp, grad: &Tensor, train: bool) -> Option<Tensor> {
         let g = grad.reshape([-1, grad.size()[2]]);
         let mut grads = Vec::new();
-        let d_mlp_in =
-            tch::no_grad(|| self.mlp_backward(&kept.mlp, &kept.mlp_in, &g, train, &mut grads));
+        let mlp_in = ProductInput::Plain(&kept.mlp_in);
+        let d_mlp_in = tch::no_grad(|| self.mlp_backward(&kept.mlp, mlp_in, &g, train, &mut grads));
         let mut terms: Vec<Tensor> = [(&kept.attended, &g), (&kept.mlp_in, &d_mlp_in)]
             .into_iter()
             .filter(|(root, _)| root.requires_grad())
@@ -319,7 +319,7 @@ impl DecoderLayer {
     fn mlp_backward(
         &self,
         kept: &MlpKept,
-        mlp_in: &Tensor,
+        mlp_in: ProductInput,
         g: &Tensor,
         train: bool,
         grads: &mut Vec<(Tensor, Tensor)>,
@@ -353,10 +353,13 @@ impl DecoderLayer {
         let mut grads = Vec::new();
         let g = grad.reshape([-1, *kept.shape.last().expect("a hidden size")]);
         let (d_attended, d_flat) = tch::no_grad(|| {
-            let mlp_in = rms_norm(&kept.attended, &self.post_attention_layernorm, kept.eps);
-            let d_mlp_in = self.mlp_backward(&kept.mlp, &mlp_in, &g, train, &mut grads);
-            drop(mlp_in);
             let (w2, rstd2) = (&self.post_attention_layernorm, &kept.rstd2);
+            let mlp_in = ProductInput::Normed {
+                x: &kept.attended,
+                rstd: rstd2,
+                weight: w2,
+            };
+            let d_mlp_in = self.mlp_backward(&kept.mlp, mlp_in, &g, train, &mut grads);
             let d_attended = rms_norm_backward(&d_mlp_in, &kept.attended, rstd2, w2, Some(&g));
             let o = &attn.o_proj;
             let (d_flat, o_a) =
@@ -380,7 +383,11 @@ impl DecoderLayer {
             rope_backward(&dq, &dk, &kept.rope, &d_qkv, kept.heads);
             let d_v = dv.transpose(1, 2).reshape([tokens, kvh * hd]);
             d_qkv.narrow(1, (h + kvh) * hd, kvh * hd).copy_(&d_v);
-            let normed = rms_norm(&kept.input, &self.input_layernorm, kept.eps);
+            let normed = ProductInput::Normed {
+                x: &kept.input,
+                rstd: &kept.rstd1,
+                weight: &self.input_layernorm,
+            };
             let merged = attn
                 .qkv
                 .as_ref()
@@ -389,7 +396,7 @@ impl DecoderLayer {
             let branches = kept.qkv_branches.as_ref();
             let wants = kept.wants_input_grad;
             let d_normed = merged_backward(
-                merged, &parts, branches, &d_qkv, &normed, train, &mut grads, wants,
+                merged, &parts, branches, &d_qkv, normed, train, &mut grads, wants,
             );
             d_normed.map(|d| {
                 let (w1, rstd1) = (&self.input_layernorm, &kept.rstd1);
@@ -460,7 +467,7 @@ fn merged_backward(
     parts: &[&Linear],
     branches: Option<&MergedBranches>,
     d_y: &Tensor,
-    x: &Tensor,
+    x: ProductInput,
     train: bool,
     grads: &mut Vec<(Tensor, Tensor)>,
     want_dx: bool,
@@ -470,7 +477,7 @@ fn merged_backward(
         return d_x;
     };
     let dh = d_y.mm(b);
-    let d_a = dh.tr().mm(x);
+    let d_a = x.left_product(&dh);
     let d_b = h.tr().mm(d_y).tr();
     if let Some(d_x) = &mut d_x {
         let _ = d_x.addmm_(&dh, a);
@@ -626,6 +633,33 @@ fn swiglu_backward(
     let _ = gate.silu_backward_grad_input(&d_gate, &(d_gated * &up));
     let _ = d_gated.mul_out(&d_up, &activated);
     (d_gate_up, gated)
+}
+
+/// A product's input as its backward needs it (for the factors' `dA = dh^T x`): the tensor
+/// itself, or an RMSNorm's output given by the norm's input, per-row `1 / rms` and weight, so
+/// that the normalised rows (a `(tokens, hidden)` tensor) are not recomputed for it: `dh^T (x
+/// rstd w) = ((dh rstd)^T x) w`, the row scale on the rank-sized side, the weight on the
+/// `(r, in)` result.
+enum ProductInput<'a> {
+    Plain(&'a Tensor),
+    Normed {
+        x: &'a Tensor,
+        rstd: &'a Tensor,
+        weight: &'a Tensor,
+    },
+}
+
+impl ProductInput<'_> {
+    /// `dh^T input` for `dh (tokens, r)`: `(r, in)`, in the input's dtype.
+    fn left_product(&self, dh: &Tensor) -> Tensor {
+        match self {
+            ProductInput::Plain(x) => dh.tr().mm(x),
+            ProductInput::Normed { x, rstd, weight } => {
+                let scaled = (dh.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
+                scaled.tr().mm(x) * *weight
+            }
+        }
+    }
 }
 
 /// `x · g` over all elements: a scalar whose gradient with respect to `x` is `g`.
