@@ -7,15 +7,18 @@
 //! kernels do not take. Measured on an H100 (TinyLlama, batch 8 x seq 2048, bench/gpu.md):
 //! forward 0.52 ms a layer in two kernels, backward 1.35 ms in five. Here each direction is one
 //! pass over its inputs and outputs. RoPE (ten strided kernels a layer, forward and backward)
-//! and RMSNorm's backward (with the residual's gradient added) are the others; they serve the
-//! layer by hand (model/llama/layer_backward.rs), which is opt-in on CUDA for now.
+//! and RMSNorm's backward (with the residual's gradient added) serve the layer by hand
+//! (model/llama/layer_backward.rs). The cross-entropy (model/lm_loss.rs) reads a chunk's
+//! logits once for the loss and once more to write its gradient over them, where libtorch's
+//! fp32 path (cast, log-sum-exp, gather, subtract, exp, cast back) passes over them about seven
+//! times, in fp32: on Llama-3's 128k vocabulary the logits of a step are 0.5 G elements.
 //!
 //! The kernels compute what libtorch computes, rounding where it rounds: `silu(gate)` in fp32,
 //! rounded to bf16, then the product in fp32 and rounded (`silu_backward` likewise), so the
 //! results are those of the libtorch path up to the exponential's last bit. They take bf16 on
 //! CUDA only; everything else (the CPU, fp32, a build or machine without NVRTC) keeps libtorch's
 //! kernels, which is also what `LORAFORGE_CUDA_KERNELS=off` selects (`-rope`, `-rms_norm`,
-//! `-swiglu`: those families alone).
+//! `-swiglu`, `-cross_entropy`: those families alone).
 //!
 //! Both libraries are opened at run time (`libcuda.so` from the driver, `libnvrtc.so` from the
 //! CUDA toolkit or PyTorch's `nvidia-cuda-nvrtc` package, found through `LD_LIBRARY_PATH`), so
@@ -172,6 +175,76 @@ extern "C" __global__ void rope_backward(const bf16* __restrict__ dq, const bf16
     dst[j + half] = store(d2 * load(c[j + half]) - d1 * load(s[j]));
   }
 }
+
+// Cross-entropy of each row of `logits (rows, vocab)` against its label `targets[row]` (int64):
+// the row's log-sum-exp into `lse` and its loss `lse - logit[target]` into `loss`, in fp32. One
+// block a row, which it reads once (a running maximum and sum, merged across threads);
+// `vecs` = vocab / 8.
+__device__ __forceinline__ void merge_lse(float& m, float& s, float m2, float s2) {
+  float top = fmaxf(m, m2);
+  if (top == __int_as_float(0xff800000)) return;  // both empty
+  s = s * expf(m - top) + s2 * expf(m2 - top);
+  m = top;
+}
+
+extern "C" __global__ void cross_entropy_forward(const uint4* __restrict__ logits,
+                                                 const long long* __restrict__ targets,
+                                                 float* __restrict__ lse, float* __restrict__ loss,
+                                                 u32 rows, u32 vecs) {
+  __shared__ float part_m[32], part_s[32];
+  const float empty = __int_as_float(0xff800000);
+  for (u32 row = blockIdx.x; row < rows; row += gridDim.x) {
+    const uint4* x = logits + (size_t)row * vecs;
+    float m = empty, s = 0.0f;
+    for (u32 c = threadIdx.x; c < vecs; c += blockDim.x) {
+      uint4 v = x[c];
+      float top = m;
+      #pragma unroll
+      for (int k = 0; k < 8; ++k) top = fmaxf(top, lane(v, k));
+      float sum = m == empty ? 0.0f : s * expf(m - top);
+      #pragma unroll
+      for (int k = 0; k < 8; ++k) sum += expf(lane(v, k) - top);
+      m = top;
+      s = sum;
+    }
+    for (int o = 16; o > 0; o >>= 1)
+      merge_lse(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+    if ((threadIdx.x & 31) == 0) { part_m[threadIdx.x >> 5] = m; part_s[threadIdx.x >> 5] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float tm = part_m[0], ts = part_s[0];
+      for (u32 i = 1; i < (blockDim.x >> 5); ++i) merge_lse(tm, ts, part_m[i], part_s[i]);
+      float l = tm + logf(ts);
+      long long t = targets[row];
+      const bf16* xs = (const bf16*)x;
+      lse[row] = l;
+      loss[row] = l - load(xs[t]);
+    }
+    __syncthreads();
+  }
+}
+
+// The loss's gradient with respect to the logits, written over them in bf16: softmax - onehot,
+// exp(x - lse) in fp32 with 1 taken off at the label, then rounded (as libtorch computes it in
+// fp32 and casts). `vecs` = vocab / 8, rows * vecs eight-element groups.
+extern "C" __global__ void cross_entropy_backward(uint4* __restrict__ logits,
+                                                  const long long* __restrict__ targets,
+                                                  const float* __restrict__ lse, u32 rows, u32 vecs) {
+  size_t total = (size_t)rows * vecs;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    u32 r = (u32)(i / vecs);
+    long long first = (long long)(i - (size_t)r * vecs) * 8, t = targets[r];
+    float l = lse[r];
+    uint4 v = logits[i], d;
+    #pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float p = expf(lane(v, k) - l);
+      if (first + k == t) p -= 1.0f;
+      set_lane(d, k, p);
+    }
+    logits[i] = d;
+  }
+}
 "#;
 
 const THREADS: u32 = 256;
@@ -185,28 +258,37 @@ struct Kernels {
     rms_norm_backward: CudaFunction,
     rope_forward: CudaFunction,
     rope_backward: CudaFunction,
+    cross_entropy_forward: CudaFunction,
+    cross_entropy_backward: CudaFunction,
     /// Blocks enough to fill the device; the kernels loop over the rest.
     max_blocks: u32,
 }
 
 static KERNELS: OnceLock<Option<Kernels>> = OnceLock::new();
 
-/// A family of kernels: SwiGLU, RoPE or RMSNorm's backward.
+/// A family of kernels: SwiGLU, RoPE, RMSNorm's backward or the cross-entropy.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
     Swiglu,
     Rope,
     RmsNorm,
+    CrossEntropy,
 }
 
 impl Family {
-    const ALL: [Family; 3] = [Family::Swiglu, Family::Rope, Family::RmsNorm];
+    const ALL: [Family; 4] = [
+        Family::Swiglu,
+        Family::Rope,
+        Family::RmsNorm,
+        Family::CrossEntropy,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Family::Swiglu => "swiglu",
             Family::Rope => "rope",
             Family::RmsNorm => "rms_norm",
+            Family::CrossEntropy => "cross_entropy",
         }
     }
 }
@@ -256,7 +338,8 @@ fn kernels(device: Device, family: Family) -> Option<&'static Kernels> {
         match std::panic::catch_unwind(|| compile(ordinal)) {
             Ok(Ok(kernels)) => {
                 tracing::info!(
-                    "fused CUDA kernels compiled with NVRTC (SwiGLU, RoPE, RMSNorm backward)"
+                    "fused CUDA kernels compiled with NVRTC (SwiGLU, RoPE, RMSNorm backward, \
+                     cross-entropy)"
                 );
                 Some(kernels)
             }
@@ -300,6 +383,8 @@ fn compile(ordinal: usize) -> Result<Kernels, String> {
         rms_norm_backward: function("rms_norm_backward")?,
         rope_forward: function("rope_forward")?,
         rope_backward: function("rope_backward")?,
+        cross_entropy_forward: function("cross_entropy_forward")?,
+        cross_entropy_backward: function("cross_entropy_backward")?,
         max_blocks: sms.max(1) as u32 * 16,
     })
 }
@@ -436,6 +521,66 @@ pub fn rms_norm_backward(
     // above), alive until the launch is ordered on their stream.
     unsafe { launch.launch(config) }.expect("launching rms_norm_backward");
     Some(dx)
+}
+
+/// The cross-entropy of each row of `logits (rows, vocab)` (contiguous bf16 on CUDA, `vocab` a
+/// multiple of 8) against `targets (rows)` (int64, each in `0..vocab`): each row's loss, fp32
+/// `(rows)`. With `grad_in_place` the logits are then overwritten with the loss's gradient
+/// with respect to them, `softmax - onehot` in bf16. `None` where the kernels do not apply
+/// (nothing is written).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, grad_in_place: bool) -> Option<Tensor> {
+    let size = logits.size();
+    let (rows, vocab) = (*size.first()?, *size.get(1)?);
+    let fits = all_bf16_cuda(&[logits])
+        && size.len() == 2
+        && vocab % 8 == 0
+        && targets.kind() == Kind::Int64
+        && targets.is_contiguous()
+        && targets.size() == [rows]
+        && targets.device() == logits.device()
+        && rows > 0
+        && rows < i32::MAX as i64
+        && rows
+            .checked_mul(vocab / 8)
+            .is_some_and(|n| n < u32::MAX as i64);
+    if !fits {
+        return None;
+    }
+    let k = kernels(logits.device(), Family::CrossEntropy)?;
+    let options = (Kind::Float, logits.device());
+    let (lse, loss) = (
+        Tensor::empty([rows], options),
+        Tensor::empty([rows], options),
+    );
+    let pointers = [logits, targets, &lse, &loss].map(pointer);
+    let (rows, vecs) = (rows as u32, (vocab / 8) as u32);
+    let mut launch = k.stream.launch_builder(&k.cross_entropy_forward);
+    for p in &pointers {
+        launch.arg(p);
+    }
+    launch.arg(&rows).arg(&vecs);
+    let config = LaunchConfig {
+        grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
+    // above; the labels are the caller's, within the vocabulary), alive until the launch is
+    // ordered on their stream.
+    unsafe { launch.launch(config) }.expect("launching cross_entropy_forward");
+    if grad_in_place {
+        let mut launch = k.stream.launch_builder(&k.cross_entropy_backward);
+        launch
+            .arg(&pointers[0])
+            .arg(&pointers[1])
+            .arg(&pointers[2])
+            .arg(&rows)
+            .arg(&vecs);
+        // SAFETY: as above.
+        unsafe { launch.launch(grid(k, rows as usize * vecs as usize)) }
+            .expect("launching cross_entropy_backward");
+    }
+    Some(loss)
 }
 
 /// The shape of attention's heads: `(heads, kv_heads, head_dim)`.
@@ -649,11 +794,67 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
+    fn fused_cross_entropy_matches_libtorch_on_cuda() {
+        let device = Device::Cuda(0);
+        tch::manual_seed(13);
+        // Rows of wide logits (some large, as a trained model's are), a vocabulary a multiple
+        // of 8 but not of 1024 threads' reach.
+        let (rows, vocab) = (37, 128_256 / 8 + 8);
+        let logits =
+            (Tensor::randn([rows, vocab], (Kind::Float, device)) * 8.0).to_kind(Kind::BFloat16);
+        let targets = Tensor::randint(vocab, [rows], (Kind::Int64, device));
+        let _ = targets.narrow(0, 0, 1).fill_(vocab - 1);
+        let _ = targets.narrow(0, 1, 1).fill_(0);
+        let f = logits.to_kind(Kind::Float);
+        let lse = f.logsumexp([-1], true);
+        let want_loss = (&lse - f.gather(1, &targets.unsqueeze(1), false)).squeeze_dim(1);
+        let mut want_grad = (&f - &lse).exp();
+        let minus_one = Tensor::full([rows, 1], -1.0, (Kind::Float, device));
+        let _ = want_grad.scatter_add_(1, &targets.unsqueeze(1), &minus_one);
+        let want_grad = want_grad.to_kind(Kind::BFloat16);
+
+        let loss = cross_entropy(&logits, &targets, false).expect("the kernels apply");
+        let gap = f64::try_from((&loss - &want_loss).abs().max()).unwrap();
+        assert!(gap < 1e-4, "loss: {gap}");
+        let grad = logits.copy();
+        let again = cross_entropy(&grad, &targets, true).unwrap();
+        assert!(f64::try_from((&again - &loss).abs().max()).unwrap() == 0.0);
+        // exp of the same fp32 difference up to lse's last bits: at most one bf16 step apart.
+        assert!(ulps(&grad, &want_grad) <= 1.0, "gradient");
+    }
+
+    /// NVRTC needs no GPU: every kernel's source compiles on any machine with the library (in
+    /// CI, PyTorch's `nvidia-cuda-nvrtc` package, which .ci/env.sh puts on `LD_LIBRARY_PATH`),
+    /// so a kernel that would not compile fails here rather than on the GPU machine.
+    #[test]
+    fn the_kernels_compile_with_nvrtc() {
+        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).expect("the kernels compile");
+        let text = ptx.to_src();
+        for name in [
+            "swiglu_forward",
+            "swiglu_backward",
+            "rms_norm_backward",
+            "rope_forward",
+            "rope_backward",
+            "cross_entropy_forward",
+            "cross_entropy_backward",
+        ] {
+            assert!(
+                text.contains(&format!(".entry {name}(")),
+                "{name} in the PTX"
+            );
+        }
+    }
+
+    #[test]
     fn the_kernels_do_not_apply_on_the_cpu_or_outside_bf16() {
         let cpu = Tensor::zeros([4, 32], (Kind::BFloat16, Device::Cpu));
         assert!(swiglu(&cpu).is_none());
         assert!(swiglu_shape(&Tensor::zeros([4, 32], (Kind::Float, Device::Cpu))).is_none());
         assert!(swiglu_shape(&Tensor::zeros([4, 24], (Kind::BFloat16, Device::Cpu))).is_none());
         assert_eq!(swiglu_shape(&cpu), Some((4, 2)));
+        let targets = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
+        assert!(cross_entropy(&cpu, &targets, true).is_none());
     }
 }
