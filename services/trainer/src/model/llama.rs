@@ -173,7 +173,7 @@ impl Merged {
     fn forward(&self, parts: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
         let shape = x.size();
         let x2 = x.reshape([-1, shape[shape.len() - 1]]);
-        let Some((y, _)) = self.product(parts, &x2, train) else {
+        let Some((y, _)) = self.product(parts, &x2, train, false) else {
             return parts.iter().map(|l| l.forward(x, train)).collect();
         };
         let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
@@ -190,12 +190,15 @@ impl Merged {
 
     /// The parts' outputs side by side, `(tokens, sum of out_i)`, for `x2 (tokens, in)`, and
     /// the branches' share of it; `None` where some part's adapter is not a plain low-rank
-    /// branch in this pass.
+    /// branch in this pass. `detached`: the caller runs without autograd (a layer by hand),
+    /// so the block-diagonal `b` is written block by block into one buffer (a kernel a part,
+    /// where autograd's differentiable construction takes about five).
     fn product(
         &self,
         parts: &[&Linear],
         x2: &Tensor,
         train: bool,
+        detached: bool,
     ) -> Option<(Tensor, Option<MergedBranches>)> {
         let branches = plain_branches(parts, train)?;
         let mut y = x2.linear(&self.weight, self.bias.as_ref());
@@ -208,6 +211,25 @@ impl Merged {
                 0,
             )
             .to_kind(kind);
+            if detached {
+                let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
+                let b = Tensor::zeros([rows, total], (kind, device));
+                let (mut row, mut col) = (0, 0);
+                for (part, branch) in parts.iter().zip(&branches) {
+                    let out = part.out_features();
+                    if let Some(branch) = branch {
+                        let r = branch.a.size()[0];
+                        let block = b.narrow(0, row, out).narrow(1, col, r);
+                        // One rounding of `scaling B` to the input's dtype, as below.
+                        let _ = branch.b.mul_scalar_out(&block, branch.scaling);
+                        col += r;
+                    }
+                    row += out;
+                }
+                let h = x2.linear::<Tensor>(&a, None);
+                y = y.addmm_(&h, &b.tr());
+                return Some((y, Some(MergedBranches { h, a, b })));
+            }
             let mut before = 0;
             let rows: Vec<Tensor> = parts
                 .iter()
