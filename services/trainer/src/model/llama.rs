@@ -191,8 +191,8 @@ impl Merged {
     /// The parts' outputs side by side, `(tokens, sum of out_i)`, for `x2 (tokens, in)`, and
     /// the branches' share of it; `None` where some part's adapter is not a plain low-rank
     /// branch in this pass. `detached`: the caller runs without autograd (a layer by hand),
-    /// so the block-diagonal `b` is written block by block into one buffer (a kernel a part,
-    /// where autograd's differentiable construction takes about five).
+    /// so the block-diagonal `b` is written block by block into one buffer (two kernels a
+    /// part, where autograd's differentiable construction takes about five).
     fn product(
         &self,
         parts: &[&Linear],
@@ -220,8 +220,9 @@ impl Merged {
                     if let Some(branch) = branch {
                         let r = branch.a.size()[0];
                         let block = b.narrow(0, row, out).narrow(1, col, r);
-                        // One rounding of `scaling B` to the input's dtype, as below.
-                        let _ = branch.b.mul_scalar_out(&block, branch.scaling);
+                        // One rounding of `scaling B` to the input's dtype, as below (CUDA's
+                        // `mul` with `out=` takes no other dtype, so the copy casts).
+                        block.shallow_clone().copy_(&(&branch.b * branch.scaling));
                         col += r;
                     }
                     row += out;
