@@ -173,7 +173,7 @@ impl Merged {
     fn forward(&self, parts: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
         let shape = x.size();
         let x2 = x.reshape([-1, shape[shape.len() - 1]]);
-        let Some((y, _)) = self.product(parts, &x2, train, false) else {
+        let Some((y, _)) = self.product(parts, &x2, train) else {
             return parts.iter().map(|l| l.forward(x, train)).collect();
         };
         let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
@@ -190,15 +190,12 @@ impl Merged {
 
     /// The parts' outputs side by side, `(tokens, sum of out_i)`, for `x2 (tokens, in)`, and
     /// the branches' share of it; `None` where some part's adapter is not a plain low-rank
-    /// branch in this pass. `detached`: the caller runs without autograd (a layer by hand),
-    /// so the block-diagonal `b` is written block by block into one buffer (two kernels a
-    /// part, where autograd's differentiable construction takes about five).
+    /// branch in this pass.
     fn product(
         &self,
         parts: &[&Linear],
         x2: &Tensor,
         train: bool,
-        detached: bool,
     ) -> Option<(Tensor, Option<MergedBranches>)> {
         let branches = plain_branches(parts, train)?;
         let mut y = x2.linear(&self.weight, self.bias.as_ref());
@@ -211,49 +208,22 @@ impl Merged {
                 0,
             )
             .to_kind(kind);
-            if detached {
-                let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
-                let b = Tensor::zeros([rows, total], (kind, device));
-                let (mut row, mut col) = (0, 0);
-                for (part, branch) in parts.iter().zip(&branches) {
-                    let out = part.out_features();
-                    if let Some(branch) = branch {
-                        let r = branch.a.size()[0];
-                        let block = b.narrow(0, row, out).narrow(1, col, r);
-                        // One rounding of `scaling B` to the input's dtype, as below (CUDA's
-                        // `mul` with `out=` takes no other dtype, so the copy casts).
-                        block.shallow_clone().copy_(&(&branch.b * branch.scaling));
-                        col += r;
-                    }
-                    row += out;
-                }
-                let h = x2.linear::<Tensor>(&a, None);
-                y = y.addmm_(&h, &b.tr());
-                return Some((y, Some(MergedBranches { h, a, b })));
-            }
-            let mut before = 0;
-            let rows: Vec<Tensor> = parts
-                .iter()
-                .zip(&branches)
-                .map(|(part, branch)| {
-                    let out = part.out_features();
-                    let Some(branch) = branch else {
-                        return Tensor::zeros([out, total], (kind, device));
-                    };
+            // The block-diagonal `b`, each part's `scaling B` copied into its block of one
+            // zeroed buffer (two kernels a part; autograd records the copies, so gradients
+            // reach `B` where it runs). The copy casts: one rounding to the input's dtype.
+            let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
+            let b = Tensor::zeros([rows, total], (kind, device));
+            let (mut row, mut col) = (0, 0);
+            for (part, branch) in parts.iter().zip(&branches) {
+                let out = part.out_features();
+                if let Some(branch) = branch {
                     let r = branch.a.size()[0];
-                    let mut blocks = Vec::with_capacity(3);
-                    if before > 0 {
-                        blocks.push(Tensor::zeros([out, before], (kind, device)));
-                    }
-                    blocks.push((&branch.b * branch.scaling).to_kind(kind));
-                    if total - before - r > 0 {
-                        blocks.push(Tensor::zeros([out, total - before - r], (kind, device)));
-                    }
-                    before += r;
-                    Tensor::cat(&blocks, 1)
-                })
-                .collect();
-            let b = Tensor::cat(&rows, 0);
+                    let block = b.narrow(0, row, out).narrow(1, col, r);
+                    block.shallow_clone().copy_(&(&branch.b * branch.scaling));
+                    col += r;
+                }
+                row += out;
+            }
             let h = x2.linear::<Tensor>(&a, None);
             y = y.addmm_(&h, &b.tr());
             merged = Some(MergedBranches { h, a, b });

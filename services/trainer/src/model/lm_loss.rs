@@ -57,13 +57,11 @@ pub fn summed_cross_entropy(
         while start < rows {
             let n = chunk_rows.max(1).min(rows - start);
             let h = detached.narrow(0, start, n);
-            let targets = labels.narrow(0, start, n).unsqueeze(1);
+            let targets = labels.narrow(0, start, n);
             let logits = h.linear::<Tensor>(weight, None);
             // On CUDA in bf16, two kernels of our own (model/cuda_kernels.rs) compute what the
             // fp32 path below does, the gradient written over the logits.
-            if let Some(row_loss) =
-                cuda_kernels::cross_entropy(&logits, &targets.squeeze_dim(1), grad.is_some())
-            {
+            if let Some(row_loss) = cuda_kernels::cross_entropy(&logits, &targets, grad.is_some()) {
                 total += row_loss.sum(acc);
                 if let Some(grad) = &grad {
                     grad.narrow(0, start, n).copy_(&logits.mm(weight));
@@ -71,7 +69,7 @@ pub fn summed_cross_entropy(
                 start += n;
                 continue;
             }
-            let logits = logits.to_kind(acc);
+            let (logits, targets) = (logits.to_kind(acc), targets.unsqueeze(1));
             let lse = logits.logsumexp([-1], true);
             let picked = logits.gather(1, &targets, false);
             total += (&lse - picked).sum(acc);

@@ -195,7 +195,7 @@ impl DecoderLayer {
             .as_ref()
             .expect("an MLP by hand has gate/up merged");
         let (gate_up, gate_up_branches) = merged
-            .product(&[&mlp.gate_proj, &mlp.up_proj], mlp_in, train, true)
+            .product(&[&mlp.gate_proj, &mlp.up_proj], mlp_in, train)
             .expect("every branch of the group is plain");
         let gated = swiglu(&gate_up);
         let (y, down_h) = plain_forward(&mlp.down_proj, &gated, residual, train);
@@ -231,7 +231,7 @@ impl DecoderLayer {
                 .as_ref()
                 .expect("attention by hand has q/k/v merged");
             let (qkv, branches) = merged
-                .product(&qkv_parts, &normed, train, true)
+                .product(&qkv_parts, &normed, train)
                 .expect("every branch of the group is plain");
             (qkv, branches, rstd1)
         });
