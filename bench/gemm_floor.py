@@ -4,7 +4,9 @@ and what the adapter's rank-sized products add beside them, each timed alone wit
 A trainer's step time minus this floor is what its elementwise work and launches cost
 (bench/gpu.md, "The floor"). It also times the product with the adapter's `B` folded in as
 extra columns of the input (`[x, h] [W, B]^T`, K grown by the rank), against the base product
-and the separate accumulate it replaces.
+and the separate accumulate it replaces, and the order the trainer adopted in the sixth round: the
+branch's product first, the frozen product accumulated onto it in place (beta 1), against the
+frozen product first and the branch accumulated onto it (a third pass over the output).
 
     python3 bench/gemm_floor.py --shape llama3-8b --seq 2048 --batch 2
 """
@@ -83,6 +85,24 @@ def main():
         dh = timed(lambda: y @ b)
         branch[name] = {"accumulate_ms": acc, "dy_b_ms": dh}
 
+    # Which product goes first: the frozen one, then the branch accumulated onto its output
+    # (forward y = x W^T; y += h B^T, input gradient dx = dy W; dx += dh A), or the branch's,
+    # then the frozen product accumulated onto it (P = h B^T; P += x W^T, and Q = dh A; Q += dy W).
+    order = {}
+    for name, k, n, parts in products:
+        x = torch.randn(tokens, k, device=dev, dtype=bf)
+        w = torch.randn(n, k, device=dev, dtype=bf) * 0.02
+        dy = torch.randn(tokens, n, device=dev, dtype=bf)
+        h = torch.randn(tokens, parts * r, device=dev, dtype=bf)
+        b = torch.randn(n, parts * r, device=dev, dtype=bf)
+        a = torch.randn(parts * r, k, device=dev, dtype=bf)
+        order[name] = {
+            "frozen_first_forward_ms": timed(lambda: (x @ w.t()).addmm_(h, b.t())),
+            "branch_first_forward_ms": timed(lambda: (h @ b.t()).addmm_(x, w.t())),
+            "frozen_first_input_grad_ms": timed(lambda: (dy @ w).addmm_(h, a)),
+            "branch_first_input_grad_ms": timed(lambda: (h @ a).addmm_(dy, w)),
+        }
+
     q = torch.randn(args.batch, heads, args.seq, hd, device=dev, dtype=bf, requires_grad=True)
     k = torch.randn(args.batch, kvh, args.seq, hd, device=dev, dtype=bf, requires_grad=True)
     v = torch.randn(args.batch, kvh, args.seq, hd, device=dev, dtype=bf, requires_grad=True)
@@ -116,6 +136,15 @@ def main():
         print(f"{name}: folded costs {folded[name] - plain:+.3f} ms a layer; it replaces "
               f"{branch[name]['accumulate_ms']:.3f} (accumulate) + {branch[name]['dy_b_ms']:.3f} "
               f"(d_y B) ms")
+    print("| product | frozen first: forward, input grad (ms) | branch first: forward, input grad (ms) |")
+    print("|---|---|---|")
+    saved = 0.0
+    for name, o in order.items():
+        print(f"| {name} | {o['frozen_first_forward_ms']:.3f}, {o['frozen_first_input_grad_ms']:.3f} "
+              f"| {o['branch_first_forward_ms']:.3f}, {o['branch_first_input_grad_ms']:.3f} |")
+        saved += (o["frozen_first_forward_ms"] + o["frozen_first_input_grad_ms"]
+                  - o["branch_first_forward_ms"] - o["branch_first_input_grad_ms"])
+    print(f"branch first saves {saved:.3f} ms a layer, {saved * layers:.1f} ms a step")
     best = min((a["forward_backward_ms"] for a in attention.values() if "error" not in a),
                default=0.0)
     for name, a in attention.items():
@@ -124,7 +153,7 @@ def main():
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "shape": args.shape,
-                       "rows": rows, "branch": branch, "attention": attention,
+                       "rows": rows, "branch": branch, "order": order, "attention": attention,
                        "products_ms": total, "floor_ms": total + best * layers}, f, indent=1)
 
 

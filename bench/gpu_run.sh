@@ -19,6 +19,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 source ./gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The card's clocks, power and throttle reasons every half second while the benchmarks run
+# (clocks.csv): a step slower than its kernels' sum may be a card slowed by its power limit.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+  --format=csv -lms 500 > "$OUT/clocks.csv" 2>&1 &
+trap "kill $! 2>/dev/null" EXIT
 python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 # Builds may come gzipped (a device call carries 64 MiB at most; three builds are 62 MiB).
 for z in loraforge-*.gz; do [ -e "$z" ] && gunzip -kf "$z"; done
@@ -38,7 +43,7 @@ done
 tag=; [[ "${GPU_BENCH_ARGS:-}" == *--profile* ]] && tag=-profile
 for spec in "$@"; do
   IFS=: read shape seq batch only limit <<<"$spec"
-  echo "=== $shape seq $seq batch $batch: $only"
+  echo "=== $shape seq $seq batch $batch: $only ($(date -u +%T))"
   rm -rf /tmp/work-$shape/out-*; mkdir -p /tmp/work-$shape
   timeout ${limit:-560} python3 bench/gpu_bench.py --trainer ./loraforge-trainer \
     ${others[@]+"${others[@]}"} --shape $shape --seq $seq --batch $batch --steps 10 --only $only \

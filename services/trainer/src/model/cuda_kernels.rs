@@ -104,29 +104,98 @@ extern "C" __global__ void swiglu_backward(const uint4* __restrict__ gate_up, co
   }
 }
 
+// swiglu_backward with the down projection's LoRA A gradient folded in, so that the forward's
+// output is never written again and read back: besides d_gate_up it writes, per tile of
+// LORA_ROWS rows (blockIdx.y), partial[tile][r][col] = sum over the tile's rows t of
+// dh[t][r] * gated[t][col], gated = round(round(silu(gate)) * up) as swiglu_forward stores it;
+// the tiles' sum (libtorch's, in a fixed order) is dh^T gated. A thread takes two columns
+// (`pairs` = inter / 2) down a tile's rows; dh (rows, rank <= LORA_MAX_RANK) waits in shared
+// memory as fp32.
+#define LORA_ROWS 256
+#define LORA_MAX_RANK 32
+extern "C" __global__ void swiglu_backward_lora(const u32* __restrict__ gate_up, const u32* __restrict__ d_out,
+                                                u32* __restrict__ d_gate_up, const bf16* __restrict__ dh,
+                                                float* __restrict__ partial, u32 rows, u32 pairs, u32 rank) {
+  __shared__ float dh_s[LORA_ROWS * LORA_MAX_RANK];
+  u32 first = blockIdx.y * LORA_ROWS;
+  u32 n = min((u32)LORA_ROWS, rows - first);
+  for (u32 i = threadIdx.x; i < n * rank; i += blockDim.x) {
+    u32 t = i / rank, r = i - t * rank;
+    dh_s[t * LORA_MAX_RANK + r] = load(dh[(size_t)(first + t) * rank + r]);
+  }
+  __syncthreads();
+  u32 p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= pairs) return;
+  float acc0[LORA_MAX_RANK], acc1[LORA_MAX_RANK];
+  #pragma unroll
+  for (int r = 0; r < LORA_MAX_RANK; ++r) acc0[r] = acc1[r] = 0.0f;
+  for (u32 t = 0; t < n; ++t) {
+    size_t row = first + t;
+    u32 g = gate_up[row * 2 * pairs + p], u = gate_up[row * 2 * pairs + pairs + p];
+    u32 dy = d_out[row * pairs + p];
+    u32 dg = 0, du = 0;
+    float y[2];
+    #pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float x = load((bf16)(e ? g >> 16 : g & 0xffffu)), up = load((bf16)(e ? u >> 16 : u & 0xffffu));
+      float d = load((bf16)(e ? dy >> 16 : dy & 0xffffu));
+      float sig = 1.0f / (1.0f + expf(-x));
+      float act = round_bf16(x / (1.0f + expf(-x)));
+      float d_times_up = round_bf16(d * up);
+      dg |= (u32)store(d_times_up * sig * (1.0f + x * (1.0f - sig))) << (16 * e);
+      du |= (u32)store(d * act) << (16 * e);
+      y[e] = round_bf16(act * up);
+    }
+    d_gate_up[row * 2 * pairs + p] = dg;
+    d_gate_up[row * 2 * pairs + pairs + p] = du;
+    const float* d_row = dh_s + t * LORA_MAX_RANK;
+    #pragma unroll
+    for (int r = 0; r < LORA_MAX_RANK; ++r) {
+      if (r < rank) {
+        acc0[r] += d_row[r] * y[0];
+        acc1[r] += d_row[r] * y[1];
+      }
+    }
+  }
+  float2* out = (float2*)(partial + (size_t)blockIdx.y * rank * 2 * pairs);
+  #pragma unroll
+  for (int r = 0; r < LORA_MAX_RANK; ++r)
+    if (r < rank) out[(size_t)r * pairs + p] = make_float2(acc0[r], acc1[r]);
+}
+
 // RMSNorm's input gradient for y = w * (x * rstd): dx = rstd * (dy w - x^ mean(dy w x^)),
 // x^ = x * rstd, one block a row, in fp32; plus `residual` (nullable), the gradient that
-// reaches x around the norm, so the sum is one rounding and one pass.
-extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const bf16* __restrict__ x,
-                                             const float* __restrict__ rstd, const bf16* __restrict__ w,
-                                             const bf16* __restrict__ residual, bf16* __restrict__ dx,
-                                             u32 rows, u32 cols) {
+// reaches x around the norm, so the sum is one rounding and one pass. Eight columns at a time
+// (`vecs` = cols / 8): 16-byte loads, where two-byte ones left it at half the memory's speed.
+extern "C" __global__ void rms_norm_backward(const uint4* __restrict__ dy, const uint4* __restrict__ x,
+                                             const float* __restrict__ rstd, const uint4* __restrict__ w,
+                                             const uint4* __restrict__ residual, uint4* __restrict__ dx,
+                                             u32 rows, u32 vecs) {
   __shared__ float partial[32];
   for (u32 row = blockIdx.x; row < rows; row += gridDim.x) {
-    size_t base = (size_t)row * cols;
+    size_t base = (size_t)row * vecs;
     float r = rstd[row], acc = 0.0f;
-    for (u32 c = threadIdx.x; c < cols; c += blockDim.x)
-      acc += load(dy[base + c]) * load(w[c]) * load(x[base + c]) * r;
+    for (u32 c = threadIdx.x; c < vecs; c += blockDim.x) {
+      uint4 d = dy[base + c], xv = x[base + c], wv = w[c];
+      #pragma unroll
+      for (int k = 0; k < 8; ++k) acc += lane(d, k) * lane(wv, k) * lane(xv, k) * r;
+    }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
     __syncthreads();
     float total = 0.0f;
     for (u32 i = 0; i < (blockDim.x >> 5); ++i) total += partial[i];
-    float mean = total / (float)cols;
-    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
-      float v = r * (load(dy[base + c]) * load(w[c]) - load(x[base + c]) * r * mean);
-      if (residual) v += load(residual[base + c]);
-      dx[base + c] = store(v);
+    float mean = total / (float)(vecs * 8);
+    for (u32 c = threadIdx.x; c < vecs; c += blockDim.x) {
+      uint4 d = dy[base + c], xv = x[base + c], wv = w[c], res, out;
+      if (residual) res = residual[base + c];
+      #pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float v = r * (lane(d, k) * lane(wv, k) - lane(xv, k) * r * mean);
+        if (residual) v += lane(res, k);
+        set_lane(out, k, v);
+      }
+      dx[base + c] = out;
     }
     __syncthreads();
   }
@@ -135,24 +204,41 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
 // RoPE (rotate_half) of the q and k heads of qkv (tokens, width), the first `heads` +
 // `kv_heads` heads of each row, at position token % seq, into q (tokens, heads, hd) and
 // k (tokens, kv_heads, hd). As libtorch's x * cos + rotate_half(x) * sin: each product rounded,
-// then the sum.
+// then the sum. A thread rotates eight pairs (16-byte loads): hd / 2 and width are multiples
+// of 8, `groups` = hd / 16 a head.
+__device__ __forceinline__ void rope_indices(u32 i, u32 per_token, u32 groups, u32 seq, u32& t,
+                                             u32& head, u32& j, u32& pos) {
+  t = i / per_token;
+  u32 rest = i - t * per_token;
+  head = rest / groups;
+  j = (rest - head * groups) * 8;
+  pos = t % seq;
+}
+
 extern "C" __global__ void rope_forward(const bf16* __restrict__ qkv, const bf16* __restrict__ cos_t,
                                         const bf16* __restrict__ sin_t, bf16* __restrict__ q,
                                         bf16* __restrict__ k, u32 tokens, u32 seq, u32 heads,
                                         u32 kv_heads, u32 hd, u32 width) {
-  u32 half = hd / 2, all = heads + kv_heads, per_token = all * half;
-  size_t total = (size_t)tokens * per_token;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-    u32 t = (u32)(i / per_token), rest = (u32)(i - (size_t)t * per_token), head = rest / half, j = rest - head * half;
-    const bf16* src = qkv + (size_t)t * width + (size_t)head * hd;
-    const bf16* c = cos_t + (size_t)(t % seq) * hd;
-    const bf16* s = sin_t + (size_t)(t % seq) * hd;
-    float x1 = load(src[j]), x2 = load(src[j + half]);
-    float y1 = round_bf16(x1 * load(c[j])) + round_bf16(-x2 * load(s[j]));
-    float y2 = round_bf16(x2 * load(c[j + half])) + round_bf16(x1 * load(s[j + half]));
+  u32 half = hd / 2, groups = half / 8, per_token = (heads + kv_heads) * groups;
+  u32 total = tokens * per_token;
+  for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    u32 t, head, j, pos;
+    rope_indices(i, per_token, groups, seq, t, head, j, pos);
+    const bf16* src = qkv + (size_t)t * width + (size_t)head * hd + j;
+    const bf16* c = cos_t + (size_t)pos * hd + j;
+    const bf16* s = sin_t + (size_t)pos * hd + j;
+    uint4 x1 = *(const uint4*)src, x2 = *(const uint4*)(src + half);
+    uint4 c1 = *(const uint4*)c, c2 = *(const uint4*)(c + half);
+    uint4 s1 = *(const uint4*)s, s2 = *(const uint4*)(s + half), y1, y2;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float a = lane(x1, e), b = lane(x2, e);
+      set_lane(y1, e, round_bf16(a * lane(c1, e)) + round_bf16(-b * lane(s1, e)));
+      set_lane(y2, e, round_bf16(b * lane(c2, e)) + round_bf16(a * lane(s2, e)));
+    }
     bf16* dst = head < heads ? q + ((size_t)t * heads + head) * hd : k + ((size_t)t * kv_heads + head - heads) * hd;
-    dst[j] = store(y1);
-    dst[j + half] = store(y2);
+    *(uint4*)(dst + j) = y1;
+    *(uint4*)(dst + j + half) = y2;
   }
 }
 
@@ -162,17 +248,26 @@ extern "C" __global__ void rope_backward(const bf16* __restrict__ dq, const bf16
                                          const bf16* __restrict__ cos_t, const bf16* __restrict__ sin_t,
                                          bf16* __restrict__ d_qkv, u32 tokens, u32 seq, u32 heads,
                                          u32 kv_heads, u32 hd, u32 width) {
-  u32 half = hd / 2, all = heads + kv_heads, per_token = all * half;
-  size_t total = (size_t)tokens * per_token;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-    u32 t = (u32)(i / per_token), rest = (u32)(i - (size_t)t * per_token), head = rest / half, j = rest - head * half;
-    const bf16* src = head < heads ? dq + ((size_t)t * heads + head) * hd : dk + ((size_t)t * kv_heads + head - heads) * hd;
-    const bf16* c = cos_t + (size_t)(t % seq) * hd;
-    const bf16* s = sin_t + (size_t)(t % seq) * hd;
-    float d1 = load(src[j]), d2 = load(src[j + half]);
-    bf16* dst = d_qkv + (size_t)t * width + (size_t)head * hd;
-    dst[j] = store(d1 * load(c[j]) + d2 * load(s[j + half]));
-    dst[j + half] = store(d2 * load(c[j + half]) - d1 * load(s[j]));
+  u32 half = hd / 2, groups = half / 8, per_token = (heads + kv_heads) * groups;
+  u32 total = tokens * per_token;
+  for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    u32 t, head, j, pos;
+    rope_indices(i, per_token, groups, seq, t, head, j, pos);
+    const bf16* src = (head < heads ? dq + ((size_t)t * heads + head) * hd : dk + ((size_t)t * kv_heads + head - heads) * hd) + j;
+    const bf16* c = cos_t + (size_t)pos * hd + j;
+    const bf16* s = sin_t + (size_t)pos * hd + j;
+    uint4 d1 = *(const uint4*)src, d2 = *(const uint4*)(src + half);
+    uint4 c1 = *(const uint4*)c, c2 = *(const uint4*)(c + half);
+    uint4 s1 = *(const uint4*)s, s2 = *(const uint4*)(s + half), y1, y2;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float a = lane(d1, e), b = lane(d2, e);
+      set_lane(y1, e, a * lane(c1, e) + b * lane(s2, e));
+      set_lane(y2, e, b * lane(c2, e) - a * lane(s1, e));
+    }
+    bf16* dst = d_qkv + (size_t)t * width + (size_t)head * hd + j;
+    *(uint4*)dst = y1;
+    *(uint4*)(dst + half) = y2;
   }
 }
 
@@ -255,6 +350,7 @@ struct Kernels {
     stream: Arc<CudaStream>,
     swiglu_forward: CudaFunction,
     swiglu_backward: CudaFunction,
+    swiglu_backward_lora: CudaFunction,
     rms_norm_backward: CudaFunction,
     rope_forward: CudaFunction,
     rope_backward: CudaFunction,
@@ -380,6 +476,7 @@ fn compile(ordinal: usize) -> Result<Kernels, String> {
         stream: ctx.default_stream(),
         swiglu_forward: function("swiglu_forward")?,
         swiglu_backward: function("swiglu_backward")?,
+        swiglu_backward_lora: function("swiglu_backward_lora")?,
         rms_norm_backward: function("rms_norm_backward")?,
         rope_forward: function("rope_forward")?,
         rope_backward: function("rope_backward")?,
@@ -454,6 +551,55 @@ pub fn swiglu_backward(
     Some((d_gate_up, gated))
 }
 
+/// The rows of a tile and the largest rank of [`swiglu_backward_with_a_grad`] (the kernel's
+/// `LORA_ROWS`, `LORA_MAX_RANK`).
+const LORA_ROWS: i64 = 256;
+const LORA_MAX_RANK: i64 = 32;
+
+/// [`swiglu_backward`] and, for `dh (rows, rank)` (the down projection's `scaling d_y B`), its
+/// LoRA `A` gradient `dh^T gated (rank, inter)` in fp32, without writing `gated`: one kernel
+/// over the tiles of rows, then the tiles' partial products summed. `None` where the kernel
+/// does not apply (a rank above 32, among others).
+pub fn swiglu_backward_with_a_grad(
+    gate_up: &Tensor,
+    d_out: &Tensor,
+    dh: &Tensor,
+) -> Option<(Tensor, Tensor)> {
+    let (rows, inter) = (*gate_up.size().first()?, gate_up.size().get(1)? / 2);
+    let (d_out, dh) = (d_out.contiguous(), dh.contiguous());
+    let rank = *dh.size().get(1)?;
+    let fits = all_bf16_cuda(&[gate_up, &d_out, &dh])
+        && swiglu_shape(gate_up).is_some()
+        && d_out.size() == [rows, inter]
+        && dh.size() == [rows, rank]
+        && (1..=LORA_MAX_RANK).contains(&rank);
+    if !fits {
+        return None;
+    }
+    let k = kernels(gate_up.device(), Family::Swiglu)?;
+    let tiles = (rows + LORA_ROWS - 1) / LORA_ROWS;
+    let d_gate_up = gate_up.empty_like();
+    let partial = Tensor::empty([tiles, rank, inter], (Kind::Float, gate_up.device()));
+    let pointers = [gate_up, &d_out, &d_gate_up, &dh, &partial].map(pointer);
+    let (rows, pairs, rank) = (rows as u32, (inter / 2) as u32, rank as u32);
+    let mut launch = k.stream.launch_builder(&k.swiglu_backward_lora);
+    for p in &pointers {
+        launch.arg(p);
+    }
+    launch.arg(&rows).arg(&pairs).arg(&rank);
+    let config = LaunchConfig {
+        grid_dim: (pairs.div_ceil(THREADS), tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
+    // above: `swiglu_shape` makes `inter` a multiple of 8), alive until the launch is ordered
+    // on their stream; the kernel's shared memory is static.
+    unsafe { launch.launch(config) }.expect("launching swiglu_backward_lora");
+    let a_grad = partial.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+    Some((d_gate_up, a_grad))
+}
+
 /// One thread per item, in as many blocks as fill the device; the kernels loop over the rest.
 fn grid(k: &Kernels, items: usize) -> LaunchConfig {
     let blocks = items
@@ -471,6 +617,12 @@ fn all_bf16_cuda(tensors: &[&Tensor]) -> bool {
     tensors
         .iter()
         .all(|t| t.kind() == Kind::BFloat16 && t.device().is_cuda() && t.is_contiguous())
+}
+
+/// Whether every tensor starts on a 16-byte boundary, for the kernels' 16-byte loads (a view
+/// into a tensor can start anywhere).
+fn aligned(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| pointer(t).is_multiple_of(16))
 }
 
 /// RMSNorm's input gradient for `dy (rows, cols)`, its input `x`, the per-row `rstd (rows, 1)`
@@ -495,6 +647,8 @@ pub fn rms_norm_backward(
         && rstd.kind() == Kind::Float
         && rstd.is_contiguous()
         && rstd.numel() == rows as usize
+        && cols % 8 == 0
+        && aligned(&tensors)
         && rows < i32::MAX as i64;
     if !fits {
         return None;
@@ -504,14 +658,14 @@ pub fn rms_norm_backward(
     let args = [&dy, x, rstd, w].map(pointer);
     let residual = residual.map_or(0, pointer);
     let out = pointer(&dx);
-    let (rows, cols) = (rows as u32, cols as u32);
+    let (rows, vecs) = (rows as u32, (cols / 8) as u32);
     let mut launch = k.stream.launch_builder(&k.rms_norm_backward);
     launch
         .arg(&args[0])
         .arg(&args[1])
         .arg(&args[2])
         .arg(&args[3]);
-    launch.arg(&residual).arg(&out).arg(&rows).arg(&cols);
+    launch.arg(&residual).arg(&out).arg(&rows).arg(&vecs);
     let config = LaunchConfig {
         grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -594,8 +748,9 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> Option<(T
     let (tokens, width) = (*qkv.size().first()?, *qkv.size().get(1)?);
     let seq = *cos.size().first()?;
     let fits = all_bf16_cuda(&[qkv, cos, sin])
+        && aligned(&[qkv, cos, sin])
         && (h + kvh) * hd <= width
-        && hd % 2 == 0
+        && rope_fits(tokens, width, heads)
         && cos.size() == [seq, hd]
         && sin.size() == [seq, hd]
         && seq > 0
@@ -637,6 +792,8 @@ pub fn rope_backward(
         return false;
     };
     let fits = all_bf16_cuda(&[dq, dk, cos, sin, d_qkv])
+        && aligned(&[dq, dk, cos, sin, d_qkv])
+        && rope_fits(tokens, width, heads)
         && dq.size() == [tokens, h, hd]
         && dk.size() == [tokens, kvh, hd]
         && cos.size() == [seq, hd]
@@ -657,10 +814,21 @@ pub fn rope_backward(
     true
 }
 
+/// Whether the RoPE kernels take these sizes: eight pairs a thread (`head_dim / 2` and the
+/// row's width multiples of 8, so every load is 16 bytes on a 16-byte boundary where the
+/// tensors start on one), and a thread count that fits 32 bits.
+fn rope_fits(tokens: i64, width: i64, (h, kvh, hd): Heads) -> bool {
+    hd % 16 == 0 && width % 8 == 0 && tokens * (h + kvh) * (hd / 16) < i32::MAX as i64
+}
+
 /// Launches a RoPE kernel on its five tensors and six sizes `(tokens, seq, heads, kv_heads,
-/// head_dim, width)`: one thread per pair of rotated elements.
+/// head_dim, width)`: one thread per eight pairs of rotated elements.
 fn launch_rope(k: &Kernels, function: &CudaFunction, tensors: [&Tensor; 5], sizes: [i64; 6]) {
     let args = tensors.map(pointer);
+    debug_assert!(
+        args.iter().all(|p| p.is_multiple_of(16)),
+        "RoPE's tensors 16-byte aligned"
+    );
     let dims = sizes.map(|d| d as u32);
     let mut launch = k.stream.launch_builder(function);
     for arg in &args {
@@ -672,7 +840,7 @@ fn launch_rope(k: &Kernels, function: &CudaFunction, tensors: [&Tensor; 5], size
     let [tokens, _, h, kvh, hd, _] = sizes;
     // SAFETY: the callers checked every tensor contiguous, of the sizes the kernel indexes,
     // alive until the launch is ordered on their stream.
-    unsafe { launch.launch(grid(k, (tokens * (h + kvh) * hd / 2) as usize)) }
+    unsafe { launch.launch(grid(k, (tokens * (h + kvh) * hd / 16) as usize)) }
         .expect("launching a RoPE kernel");
 }
 
@@ -719,6 +887,31 @@ mod tests {
             .unwrap()
             .1
             .is_none());
+
+        // With the down projection's A gradient folded in: the same d_gate_up bit for bit, and
+        // dh^T gated as fp32 sums over the bf16 operands (row tiles: one full, one partial).
+        for (rows, rank) in [(300, 16), (37, 5), (LORA_ROWS, LORA_MAX_RANK)] {
+            let gate_up = (Tensor::randn([rows, 2 * inter], (Kind::Float, device)) * 3.0)
+                .to_kind(Kind::BFloat16);
+            let d_out = Tensor::randn([rows, inter], (Kind::Float, device)).to_kind(Kind::BFloat16);
+            let dh = Tensor::randn([rows, rank], (Kind::Float, device)).to_kind(Kind::BFloat16);
+            let (want_d, gated) = swiglu_backward(&gate_up, &d_out, true).unwrap();
+            let want_a = dh
+                .to_kind(Kind::Float)
+                .tr()
+                .mm(&gated.unwrap().to_kind(Kind::Float));
+            let (d_gate_up, a_grad) =
+                swiglu_backward_with_a_grad(&gate_up, &d_out, &dh).expect("applies");
+            assert_eq!(ulps(&d_gate_up, &want_d), 0.0, "d_gate_up, {rows} rows");
+            assert_eq!(a_grad.size(), [rank, inter]);
+            assert!(
+                relative_gap(&a_grad, &want_a) < 1e-5,
+                "A gradient, rank {rank}"
+            );
+        }
+        let too_wide = Tensor::zeros([4, LORA_MAX_RANK + 1], (Kind::BFloat16, device));
+        let (gate_up, d_out) = (gate_up.narrow(0, 0, 4), d_out.narrow(0, 0, 4));
+        assert!(swiglu_backward_with_a_grad(&gate_up.contiguous(), &d_out, &too_wide).is_none());
     }
 
     /// The largest difference between `got` (bf16) and `want` (fp32), over `want`'s largest
@@ -834,6 +1027,7 @@ mod tests {
         for name in [
             "swiglu_forward",
             "swiglu_backward",
+            "swiglu_backward_lora",
             "rms_norm_backward",
             "rope_forward",
             "rope_backward",

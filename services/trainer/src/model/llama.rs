@@ -198,37 +198,35 @@ impl Merged {
         train: bool,
     ) -> Option<(Tensor, Option<MergedBranches>)> {
         let branches = plain_branches(parts, train)?;
-        let mut y = x2.linear(&self.weight, self.bias.as_ref());
-        let mut merged = None;
-        if branches.iter().any(Option::is_some) {
-            let (kind, device) = (x2.kind(), x2.device());
-            let total: i64 = branches.iter().flatten().map(|b| b.a.size()[0]).sum();
-            let a = Tensor::cat(
-                &branches.iter().flatten().map(|b| &b.a).collect::<Vec<_>>(),
-                0,
-            )
-            .to_kind(kind);
-            // The block-diagonal `b`, each part's `scaling B` copied into its block of one
-            // zeroed buffer (two kernels a part; autograd records the copies, so gradients
-            // reach `B` where it runs). The copy casts: one rounding to the input's dtype.
-            let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
-            let b = Tensor::zeros([rows, total], (kind, device));
-            let (mut row, mut col) = (0, 0);
-            for (part, branch) in parts.iter().zip(&branches) {
-                let out = part.out_features();
-                if let Some(branch) = branch {
-                    let r = branch.a.size()[0];
-                    let block = b.narrow(0, row, out).narrow(1, col, r);
-                    block.shallow_clone().copy_(&(&branch.b * branch.scaling));
-                    col += r;
-                }
-                row += out;
-            }
-            let h = x2.linear::<Tensor>(&a, None);
-            y = y.addmm_(&h, &b.tr());
-            merged = Some(MergedBranches { h, a, b });
+        if !branches.iter().any(Option::is_some) {
+            return Some((x2.linear(&self.weight, self.bias.as_ref()), None));
         }
-        Some((y, merged))
+        let (kind, device) = (x2.kind(), x2.device());
+        let total: i64 = branches.iter().flatten().map(|b| b.a.size()[0]).sum();
+        let a = Tensor::cat(
+            &branches.iter().flatten().map(|b| &b.a).collect::<Vec<_>>(),
+            0,
+        )
+        .to_kind(kind);
+        // The block-diagonal `b`, each part's `scaling B` copied into its block of one
+        // zeroed buffer (two kernels a part; autograd records the copies, so gradients
+        // reach `B` where it runs). The copy casts: one rounding to the input's dtype.
+        let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
+        let b = Tensor::zeros([rows, total], (kind, device));
+        let (mut row, mut col) = (0, 0);
+        for (part, branch) in parts.iter().zip(&branches) {
+            let out = part.out_features();
+            if let Some(branch) = branch {
+                let r = branch.a.size()[0];
+                let block = b.narrow(0, row, out).narrow(1, col, r);
+                block.shallow_clone().copy_(&(&branch.b * branch.scaling));
+                col += r;
+            }
+            row += out;
+        }
+        let h = x2.linear::<Tensor>(&a, None);
+        let y = branch_then_frozen(h.mm(&b.tr()), x2, &self.weight, self.bias.as_ref());
+        Some((y, Some(MergedBranches { h, a, b })))
     }
 }
 
@@ -239,6 +237,24 @@ struct MergedBranches {
     h: Tensor,
     a: Tensor,
     b: Tensor,
+}
+
+/// `branch + x W^T (+ bias)` for the branch's share of a product, `branch (tokens, out)`: the
+/// frozen product accumulated onto the branch's in place (`addmm_`, beta 1), where adding the
+/// branch to the frozen product took a third pass over the output. The large product reads
+/// the output while it computes, at little cost (bench/gpu.md, sixth round), and in bf16 the
+/// sum is rounded once, with the branch's share inside it.
+fn branch_then_frozen(
+    branch: Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Tensor {
+    let mut y = branch;
+    if let Some(bias) = bias {
+        y += bias;
+    }
+    y.addmm_(x, &weight.tr())
 }
 
 /// Each part's branch if every adapter among `parts` is a plain low-rank branch in this pass

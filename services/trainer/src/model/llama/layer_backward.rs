@@ -30,8 +30,8 @@
 //! [`LinearAdapter::low_rank`]: super::LinearAdapter::low_rank
 
 use super::{
-    apply_rotary, attend, plain_branches, rms_norm, rms_norm_with_rstd, DecoderLayer, Linear,
-    LowRank, Merged, MergedBranches,
+    apply_rotary, attend, branch_then_frozen, plain_branches, rms_norm, rms_norm_with_rstd,
+    DecoderLayer, Linear, LowRank, Merged, MergedBranches,
 };
 use crate::model::cuda_kernels::{self, Heads};
 use tch::{Kind, Tensor};
@@ -326,12 +326,13 @@ impl DecoderLayer {
     ) -> Tensor {
         let mlp = &self.mlp;
         let down = &mlp.down_proj;
-        // The down projection's input is recomputed by SwiGLU's backward, after the gradient
-        // it needs: its `A` gradient waits for it.
+        // The down projection's input is SwiGLU's output, not kept: its `A` gradient comes
+        // out of SwiGLU's backward.
         let (d_gated, down_a) = plain_backward(down, g, kept.down_h.as_ref(), train, grads);
-        let (d_gate_up, gated) = swiglu_backward(&kept.gate_up, &d_gated, down_a.is_some());
-        if let (Some((a, dh)), Some(gated)) = (down_a, gated) {
-            grads.push((a, dh.tr().mm(&gated)));
+        let dh = down_a.as_ref().map(|(_, dh)| dh);
+        let (d_gate_up, a_grad) = swiglu_backward(&kept.gate_up, &d_gated, dh);
+        if let (Some((a, _)), Some(a_grad)) = (down_a, a_grad) {
+            grads.push((a, a_grad));
         }
         let merged = mlp
             .gate_up
@@ -424,13 +425,15 @@ fn plain_forward(
     residual: &Tensor,
     train: bool,
 ) -> (Tensor, Option<Tensor>) {
-    let mut y = x.linear(&linear.weight, linear.bias.as_ref());
-    let mut kept = None;
-    if let Ok(Some(b)) = plain_branch(linear, train) {
-        let h = x.linear::<Tensor>(&b.a.to_kind(x.kind()), None) * b.scaling;
-        y = y.addmm_(&h, &b.b.to_kind(x.kind()).tr());
-        kept = Some(h);
-    }
+    let (bias, weight) = (linear.bias.as_ref(), &linear.weight);
+    let (mut y, kept) = match plain_branch(linear, train) {
+        Ok(Some(b)) => {
+            let h = x.linear::<Tensor>(&b.a.to_kind(x.kind()), None) * b.scaling;
+            let branch = h.mm(&b.b.to_kind(x.kind()).tr());
+            (branch_then_frozen(branch, x, weight, bias), Some(h))
+        }
+        _ => (x.linear(weight, bias), None),
+    };
     y += residual;
     (y, kept)
 }
@@ -445,16 +448,21 @@ fn plain_backward(
     train: bool,
     grads: &mut Vec<(Tensor, Tensor)>,
 ) -> (Tensor, Option<(Tensor, Tensor)>) {
-    let mut d_x = d_y.mm(&linear.weight);
-    let mut a_grad = None;
-    if let (Ok(Some(b)), Some(h)) = (plain_branch(linear, train), h) {
-        let kind = d_y.kind();
-        let dh = d_y.mm(&b.b.to_kind(kind)) * b.scaling;
-        grads.push((b.b.shallow_clone(), h.tr().mm(d_y).tr()));
-        d_x = d_x.addmm_(&dh, &b.a.to_kind(kind));
-        a_grad = Some((b.a.shallow_clone(), dh));
-    }
-    (d_x, a_grad)
+    let (Ok(Some(b)), Some(h)) = (plain_branch(linear, train), h) else {
+        return (d_y.mm(&linear.weight), None);
+    };
+    let kind = d_y.kind();
+    let dh = d_y.mm(&b.b.to_kind(kind)) * b.scaling;
+    grads.push((b.b.shallow_clone(), h.tr().mm(d_y).tr()));
+    let d_x = frozen_input_grad(dh.mm(&b.a.to_kind(kind)), d_y, &linear.weight);
+    (d_x, Some((b.a.shallow_clone(), dh)))
+}
+
+/// `branch + d_y W`: the frozen weight's input gradient accumulated onto the branch's share
+/// `branch (tokens, in)` in place, as [`branch_then_frozen`] does forward.
+fn frozen_input_grad(branch: Tensor, d_y: &Tensor, weight: &Tensor) -> Tensor {
+    let mut d_x = branch;
+    d_x.addmm_(d_y, weight)
 }
 
 /// A merged product's backward ([`Merged::product`]) for `d_y (tokens, sum of out_i)` and its
@@ -472,16 +480,13 @@ fn merged_backward(
     grads: &mut Vec<(Tensor, Tensor)>,
     want_dx: bool,
 ) -> Option<Tensor> {
-    let mut d_x = want_dx.then(|| d_y.mm(&merged.weight));
     let Some(MergedBranches { h, a, b }) = branches else {
-        return d_x;
+        return want_dx.then(|| d_y.mm(&merged.weight));
     };
     let dh = d_y.mm(b);
     let d_a = x.left_product(&dh);
     let d_b = h.tr().mm(d_y).tr();
-    if let Some(d_x) = &mut d_x {
-        let _ = d_x.addmm_(&dh, a);
-    }
+    let d_x = want_dx.then(|| frozen_input_grad(dh.mm(a), d_y, &merged.weight));
     let factors =
         plain_branches(parts, train).expect("a merged product by hand has plain branches");
     let (mut row, mut col) = (0, 0);
@@ -491,10 +496,8 @@ fn merged_backward(
             let r = branch.a.size()[0];
             let d_block = d_b.narrow(0, row, out).narrow(1, col, r);
             grads.push((branch.a.shallow_clone(), d_a.narrow(0, col, r)));
-            grads.push((
-                branch.b.shallow_clone(),
-                d_block.to_kind(branch.b.kind()) * branch.scaling,
-            ));
+            // Scaled in the gradient's dtype, added to the factor's own by `accumulate`.
+            grads.push((branch.b.shallow_clone(), d_block * branch.scaling));
             col += r;
         }
         row += out;
@@ -518,9 +521,10 @@ fn accumulate(grads: Vec<(Tensor, Tensor)>) -> Option<Tensor> {
             false => Tensor::new(),
         };
         if existing.defined() {
+            // One kernel: the add reads `d` in its own dtype (bf16 on CUDA) into fp32.
             tch::no_grad(|| {
                 let mut existing = existing;
-                existing += d.to_kind(existing.kind());
+                existing += d;
             });
         } else {
             terms.push(tch::with_grad(|| {
@@ -615,24 +619,37 @@ fn swiglu(gate_up: &Tensor) -> Tensor {
 }
 
 /// SwiGLU's gradient for `d_gated`, the gradient of its output: `d_gate_up` (d gate =
-/// silu'(gate) * up * d_gated, d up = silu(gate) * d_gated) and, with `want_gated`, the
-/// forward's output recomputed; one kernel on CUDA in bf16, else libtorch's.
+/// silu'(gate) * up * d_gated, d up = silu(gate) * d_gated) and, for `down_dh` (the down
+/// projection's `scaling d_y B`, whose input is SwiGLU's output), that projection's `A`
+/// gradient `down_dh^T silu(gate) * up`. On CUDA in bf16 one kernel computes both without
+/// writing SwiGLU's output again ([`cuda_kernels::swiglu_backward_with_a_grad`]), or one
+/// kernel and a product; elsewhere libtorch's operations.
 fn swiglu_backward(
     gate_up: &Tensor,
     d_gated: &Tensor,
-    want_gated: bool,
+    down_dh: Option<&Tensor>,
 ) -> (Tensor, Option<Tensor>) {
-    if let Some(fused) = cuda_kernels::swiglu_backward(gate_up, d_gated, want_gated) {
-        return fused;
+    if let Some(dh) = down_dh {
+        if let Some((d_gate_up, a_grad)) =
+            cuda_kernels::swiglu_backward_with_a_grad(gate_up, d_gated, dh)
+        {
+            return (d_gate_up, Some(a_grad));
+        }
+    }
+    let a_grad = |gated: Tensor| down_dh.map(|dh| dh.tr().mm(&gated));
+    if let Some((d_gate_up, gated)) =
+        cuda_kernels::swiglu_backward(gate_up, d_gated, down_dh.is_some())
+    {
+        return (d_gate_up, gated.and_then(a_grad));
     }
     let (gate, up) = halves(gate_up);
     let activated = gate.silu();
-    let gated = want_gated.then(|| &activated * &up);
     let d_gate_up = gate_up.empty_like();
     let (d_gate, d_up) = halves(&d_gate_up);
     let _ = gate.silu_backward_grad_input(&d_gate, &(d_gated * &up));
     let _ = d_gated.mul_out(&d_up, &activated);
-    (d_gate_up, gated)
+    let a_grad = down_dh.is_some().then(|| &activated * &up).and_then(a_grad);
+    (d_gate_up, a_grad)
 }
 
 /// A product's input as its backward needs it (for the factors' `dA = dh^T x`): the tensor
