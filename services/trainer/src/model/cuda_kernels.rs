@@ -855,6 +855,44 @@ mod tests {
         f64::try_from(((&a - &b).abs() / spacing).max()).unwrap()
     }
 
+    /// What every kernel computes and where it reads and writes, without a GPU: the source
+    /// compiled as C++ against a shim that runs each block's threads as host threads
+    /// (`cuda_emulation/shim.h`), each kernel checked against its formula
+    /// (`cuda_emulation/check.cpp`: SwiGLU and its gradient with and without the down
+    /// projection's `A` gradient, RoPE both ways, RMSNorm's gradient, the cross-entropy). The
+    /// `_on_cuda` tests below check the same on the GPU, against libtorch.
+    #[test]
+    fn the_kernels_compute_their_formulas_emulated_on_the_cpu() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kernels.cu.inc"), SOURCE).unwrap();
+        let here =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/cuda_emulation");
+        let exe = dir.path().join("check");
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        let built = std::process::Command::new(&compiler)
+            .args(["-std=c++20", "-O1", "-pthread", "-w", "-I"])
+            .arg(&here)
+            .arg("-I")
+            .arg(dir.path())
+            .arg(here.join("check.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
+        assert!(
+            built.status.success(),
+            "compiling the emulation: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let run = std::process::Command::new(&exe).output().unwrap();
+        let report = String::from_utf8_lossy(&run.stdout);
+        println!("{report}");
+        assert!(
+            run.status.success() && report.contains("all match"),
+            "{report}"
+        );
+    }
+
     #[test]
     #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
     fn fused_swiglu_matches_libtorch_on_cuda() {
