@@ -206,13 +206,23 @@ extern "C" __global__ void rms_norm_backward(const uint4* __restrict__ dy, const
 // k (tokens, kv_heads, hd). As libtorch's x * cos + rotate_half(x) * sin: each product rounded,
 // then the sum. A thread rotates eight pairs (16-byte loads): hd / 2 and width are multiples
 // of 8, `groups` = hd / 16 a head.
-__device__ __forceinline__ void rope_indices(u32 i, u32 per_token, u32 groups, u32 seq, u32& t,
-                                             u32& head, u32& j, u32& pos) {
-  t = i / per_token;
-  u32 rest = i - t * per_token;
-  head = rest / groups;
-  j = (rest - head * groups) * 8;
-  pos = t % seq;
+// Thread i's eight pairs: its token, head and first column j, and the tables' values there
+// (c1, s1 at columns j.., c2, s2 at j + hd / 2..).
+struct RopeAt { u32 t, head, j; uint4 c1, c2, s1, s2; };
+__device__ __forceinline__ RopeAt rope_at(u32 i, u32 per_token, u32 groups, u32 seq, u32 hd,
+                                          const bf16* cos_t, const bf16* sin_t) {
+  RopeAt at;
+  at.t = i / per_token;
+  u32 rest = i - at.t * per_token;
+  at.head = rest / groups;
+  at.j = (rest - at.head * groups) * 8;
+  const bf16* c = cos_t + (size_t)(at.t % seq) * hd + at.j;
+  const bf16* s = sin_t + (size_t)(at.t % seq) * hd + at.j;
+  at.c1 = *(const uint4*)c;
+  at.c2 = *(const uint4*)(c + hd / 2);
+  at.s1 = *(const uint4*)s;
+  at.s2 = *(const uint4*)(s + hd / 2);
+  return at;
 }
 
 extern "C" __global__ void rope_forward(const bf16* __restrict__ qkv, const bf16* __restrict__ cos_t,
@@ -222,23 +232,19 @@ extern "C" __global__ void rope_forward(const bf16* __restrict__ qkv, const bf16
   u32 half = hd / 2, groups = half / 8, per_token = (heads + kv_heads) * groups;
   u32 total = tokens * per_token;
   for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    u32 t, head, j, pos;
-    rope_indices(i, per_token, groups, seq, t, head, j, pos);
-    const bf16* src = qkv + (size_t)t * width + (size_t)head * hd + j;
-    const bf16* c = cos_t + (size_t)pos * hd + j;
-    const bf16* s = sin_t + (size_t)pos * hd + j;
-    uint4 x1 = *(const uint4*)src, x2 = *(const uint4*)(src + half);
-    uint4 c1 = *(const uint4*)c, c2 = *(const uint4*)(c + half);
-    uint4 s1 = *(const uint4*)s, s2 = *(const uint4*)(s + half), y1, y2;
+    RopeAt at = rope_at(i, per_token, groups, seq, hd, cos_t, sin_t);
+    u32 t = at.t, head = at.head;
+    const bf16* src = qkv + (size_t)t * width + (size_t)head * hd + at.j;
+    uint4 x1 = *(const uint4*)src, x2 = *(const uint4*)(src + half), y1, y2;
     #pragma unroll
     for (int e = 0; e < 8; ++e) {
       float a = lane(x1, e), b = lane(x2, e);
-      set_lane(y1, e, round_bf16(a * lane(c1, e)) + round_bf16(-b * lane(s1, e)));
-      set_lane(y2, e, round_bf16(b * lane(c2, e)) + round_bf16(a * lane(s2, e)));
+      set_lane(y1, e, round_bf16(a * lane(at.c1, e)) + round_bf16(-b * lane(at.s1, e)));
+      set_lane(y2, e, round_bf16(b * lane(at.c2, e)) + round_bf16(a * lane(at.s2, e)));
     }
     bf16* dst = head < heads ? q + ((size_t)t * heads + head) * hd : k + ((size_t)t * kv_heads + head - heads) * hd;
-    *(uint4*)(dst + j) = y1;
-    *(uint4*)(dst + j + half) = y2;
+    *(uint4*)(dst + at.j) = y1;
+    *(uint4*)(dst + at.j + half) = y2;
   }
 }
 
@@ -251,21 +257,17 @@ extern "C" __global__ void rope_backward(const bf16* __restrict__ dq, const bf16
   u32 half = hd / 2, groups = half / 8, per_token = (heads + kv_heads) * groups;
   u32 total = tokens * per_token;
   for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    u32 t, head, j, pos;
-    rope_indices(i, per_token, groups, seq, t, head, j, pos);
-    const bf16* src = (head < heads ? dq + ((size_t)t * heads + head) * hd : dk + ((size_t)t * kv_heads + head - heads) * hd) + j;
-    const bf16* c = cos_t + (size_t)pos * hd + j;
-    const bf16* s = sin_t + (size_t)pos * hd + j;
-    uint4 d1 = *(const uint4*)src, d2 = *(const uint4*)(src + half);
-    uint4 c1 = *(const uint4*)c, c2 = *(const uint4*)(c + half);
-    uint4 s1 = *(const uint4*)s, s2 = *(const uint4*)(s + half), y1, y2;
+    RopeAt at = rope_at(i, per_token, groups, seq, hd, cos_t, sin_t);
+    u32 t = at.t, head = at.head;
+    const bf16* src = (head < heads ? dq + ((size_t)t * heads + head) * hd : dk + ((size_t)t * kv_heads + head - heads) * hd) + at.j;
+    uint4 d1 = *(const uint4*)src, d2 = *(const uint4*)(src + half), y1, y2;
     #pragma unroll
     for (int e = 0; e < 8; ++e) {
       float a = lane(d1, e), b = lane(d2, e);
-      set_lane(y1, e, a * lane(c1, e) + b * lane(s2, e));
-      set_lane(y2, e, b * lane(c2, e) - a * lane(s1, e));
+      set_lane(y1, e, a * lane(at.c1, e) + b * lane(at.s2, e));
+      set_lane(y2, e, b * lane(at.c2, e) - a * lane(at.s1, e));
     }
-    bf16* dst = d_qkv + (size_t)t * width + (size_t)head * hd + j;
+    bf16* dst = d_qkv + (size_t)t * width + (size_t)head * hd + at.j;
     *(uint4*)dst = y1;
     *(uint4*)(dst + half) = y2;
   }

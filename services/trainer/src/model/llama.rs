@@ -241,9 +241,9 @@ struct MergedBranches {
 
 /// `branch + x W^T (+ bias)` for the branch's share of a product, `branch (tokens, out)`: the
 /// frozen product accumulated onto the branch's in place (`addmm_`, beta 1), where adding the
-/// branch to the frozen product took a third pass over the output. The large product reads
-/// the output while it computes, at little cost (bench/gpu.md, sixth round), and in bf16 the
-/// sum is rounded once, with the branch's share inside it.
+/// branch to the frozen product took a third pass over the output; the large product is
+/// compute-bound, so reading its accumulator should cost it little (`bench/gemm_floor.py`
+/// times both orders). In bf16 the sum is rounded once, with the branch's share inside it.
 fn branch_then_frozen(
     branch: Tensor,
     x: &Tensor,
