@@ -55,6 +55,13 @@ export SQLX_OFFLINE=true
 # Developer tools cargo installs (sqlx-cli, by .ci/sqlx-prepare) live here.
 export PATH=$LORAFORGE_CACHE/tools/bin:$PATH
 
+# A C++ compiler: tch's build compiles its libtorch bindings, and a trainer test compiles the
+# CUDA kernels as C++ to run them on the CPU (model/cuda_emulation).
+if ! command -v g++ >/dev/null; then
+  log "installing g++"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+fi
+
 # --- The web UI: its npm packages (web/node_modules, from package-lock.json) and its build
 # (web/dist, which the control plane serves at /). Each step reruns only when its inputs change.
 WEB=$ROOT/web
