@@ -495,6 +495,7 @@ fn swiglu_shape(gate_up: &Tensor) -> Option<(u32, u32)> {
     let fits = gate_up.kind() == Kind::BFloat16
         && size.len() == 2
         && gate_up.is_contiguous()
+        && aligned(&[gate_up])
         && size[1] % 16 == 0;
     let (rows, vecs) = (size.first()?, size.get(1)? / 16);
     let total = rows.checked_mul(vecs)?;
@@ -532,7 +533,10 @@ pub fn swiglu_backward(
 ) -> Option<(Tensor, Option<Tensor>)> {
     let (rows, vecs) = swiglu_shape(gate_up)?;
     let d_out = d_out.contiguous();
-    if d_out.kind() != Kind::BFloat16 || d_out.size() != [rows as i64, vecs as i64 * 8] {
+    if d_out.kind() != Kind::BFloat16
+        || d_out.size() != [rows as i64, vecs as i64 * 8]
+        || !aligned(&[&d_out])
+    {
         return None;
     }
     let k = kernels(gate_up.device(), Family::Swiglu)?;
@@ -571,6 +575,7 @@ pub fn swiglu_backward_with_a_grad(
     let (d_out, dh) = (d_out.contiguous(), dh.contiguous());
     let rank = *dh.size().get(1)?;
     let fits = all_bf16_cuda(&[gate_up, &d_out, &dh])
+        && aligned(&[&d_out])
         && swiglu_shape(gate_up).is_some()
         && d_out.size() == [rows, inter]
         && dh.size() == [rows, rank]
