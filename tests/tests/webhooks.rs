@@ -163,3 +163,50 @@ async fn webhooks_are_signed_retried_and_logged() -> anyhow::Result<()> {
     assert_eq!(ready["data"]["version"], 1);
     app.stop().await
 }
+
+/// A subscription deleted while an event is being queued for it: the event's transaction waits
+/// for the delete, then queues nothing for the deleted subscription and commits. (It failed
+/// the deliveries' foreign key, a 500 to whoever caused the event, when the delete committed
+/// between the queueing's read of the subscriptions and its insert.)
+#[tokio::test]
+async fn an_event_queued_while_its_webhook_is_deleted_skips_it() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let (code, hook) = app
+        .send_json(
+            Method::POST,
+            "/v1/webhooks",
+            Some(&json!({"url": "http://127.0.0.1:9/hook", "events": ["alias.moved"]})),
+        )
+        .await?;
+    assert_eq!(code, 201, "{hook}");
+    let id: uuid::Uuid = hook["id"].as_str().unwrap().parse()?;
+    let project: String = sqlx::query_scalar("SELECT project FROM webhooks WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await?;
+
+    let mut deleter = app.pool.begin().await?;
+    sqlx::query("DELETE FROM webhooks WHERE id = $1")
+        .bind(id)
+        .execute(&mut *deleter)
+        .await?;
+    let pool = app.pool.clone();
+    let queueing = tokio::spawn(async move {
+        let mut tx = pool.begin().await?;
+        loraforge_core::webhooks::enqueue(&mut tx, &project, "alias.moved", json!({})).await?;
+        tx.commit().await?;
+        anyhow::Ok(())
+    });
+    // The queueing reaches the subscription's row lock and waits there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queueing.is_finished(), "the queueing waits for the delete");
+    deleter.commit().await?;
+    queueing.await??;
+    let deliveries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await?;
+    assert_eq!(deliveries, 0);
+    Ok(())
+}

@@ -184,7 +184,10 @@ pub async fn deliveries(pool: &PgPool, project: &str, id: Uuid) -> Result<Vec<De
 }
 
 /// Queues a delivery of `event` to every subscription of the project that wants it.
-/// Call inside the transaction that makes the change, so both happen or neither.
+/// Call inside the transaction that makes the change, so both happen or neither. The
+/// subscriptions are locked (`FOR KEY SHARE`) as they are read: a delete of one that commits
+/// meanwhile is waited for and the subscription skipped, where the delivery's foreign key
+/// failed before (a 500 that schemathesis's stateful phase found).
 pub async fn enqueue(
     conn: &mut PgConnection,
     project: &str,
@@ -194,7 +197,8 @@ pub async fn enqueue(
     let payload = serde_json::json!({"event": event, "project": project, "occurred_at": Utc::now(), "data": data});
     sqlx::query!(
         "INSERT INTO webhook_deliveries (id, webhook_id, event, payload, status)
-         SELECT gen_random_uuid(), id, $2, $3, 'pending' FROM webhooks WHERE project = $1 AND $2 = ANY(events)",
+         SELECT gen_random_uuid(), id, $2, $3, 'pending' FROM webhooks WHERE project = $1 AND $2 = ANY(events)
+         FOR KEY SHARE",
         project,
         event,
         Json(payload) as _,
