@@ -524,6 +524,17 @@ pub fn swiglu(gate_up: &Tensor) -> Option<Tensor> {
     Some(out)
 }
 
+/// What the SwiGLU gradient kernels take: [`swiglu_shape`]'s `(rows, inter / 8)` and `d_out`
+/// as a contiguous bf16 `(rows, inter)` on a 16-byte boundary; `None` where they do not apply.
+fn swiglu_grad_operands(gate_up: &Tensor, d_out: &Tensor) -> Option<(u32, u32, Tensor)> {
+    let (rows, vecs) = swiglu_shape(gate_up)?;
+    let d_out = d_out.contiguous();
+    let fits = d_out.kind() == Kind::BFloat16
+        && d_out.size() == [rows as i64, vecs as i64 * 8]
+        && aligned(&[&d_out]);
+    fits.then_some((rows, vecs, d_out))
+}
+
 /// The gradient of [`swiglu`] for `d_out (rows, inter)`: `d_gate_up (rows, 2 * inter)`, and
 /// with `want_gated` the forward's output again; `None` where the kernel does not apply.
 pub fn swiglu_backward(
@@ -531,14 +542,7 @@ pub fn swiglu_backward(
     d_out: &Tensor,
     want_gated: bool,
 ) -> Option<(Tensor, Option<Tensor>)> {
-    let (rows, vecs) = swiglu_shape(gate_up)?;
-    let d_out = d_out.contiguous();
-    if d_out.kind() != Kind::BFloat16
-        || d_out.size() != [rows as i64, vecs as i64 * 8]
-        || !aligned(&[&d_out])
-    {
-        return None;
-    }
+    let (rows, vecs, d_out) = swiglu_grad_operands(gate_up, d_out)?;
     let k = kernels(gate_up.device(), Family::Swiglu)?;
     let d_gate_up = gate_up.empty_like();
     let gated = want_gated.then(|| d_out.empty_like());
@@ -571,24 +575,22 @@ pub fn swiglu_backward_with_a_grad(
     d_out: &Tensor,
     dh: &Tensor,
 ) -> Option<(Tensor, Tensor)> {
-    let (rows, inter) = (*gate_up.size().first()?, gate_up.size().get(1)? / 2);
-    let (d_out, dh) = (d_out.contiguous(), dh.contiguous());
+    let (rows, vecs, d_out) = swiglu_grad_operands(gate_up, d_out)?;
+    let dh = dh.contiguous();
     let rank = *dh.size().get(1)?;
-    let fits = all_bf16_cuda(&[gate_up, &d_out, &dh])
-        && aligned(&[&d_out])
-        && swiglu_shape(gate_up).is_some()
-        && d_out.size() == [rows, inter]
-        && dh.size() == [rows, rank]
+    let fits = all_bf16_cuda(&[&dh])
+        && dh.size() == [rows as i64, rank]
         && (1..=LORA_MAX_RANK).contains(&rank);
     if !fits {
         return None;
     }
     let k = kernels(gate_up.device(), Family::Swiglu)?;
-    let tiles = (rows + LORA_ROWS - 1) / LORA_ROWS;
+    let tiles = (rows as i64 + LORA_ROWS - 1) / LORA_ROWS;
     let d_gate_up = gate_up.empty_like();
+    let inter = vecs as i64 * 8;
     let partial = Tensor::empty([tiles, rank, inter], (Kind::Float, gate_up.device()));
     let pointers = [gate_up, &d_out, &d_gate_up, &dh, &partial].map(pointer);
-    let (rows, pairs, rank) = (rows as u32, (inter / 2) as u32, rank as u32);
+    let (pairs, rank) = (vecs * 4, rank as u32);
     let mut launch = k.stream.launch_builder(&k.swiglu_backward_lora);
     for p in &pointers {
         launch.arg(p);
@@ -600,8 +602,8 @@ pub fn swiglu_backward_with_a_grad(
         shared_mem_bytes: 0,
     };
     // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
-    // above: `swiglu_shape` makes `inter` a multiple of 8), alive until the launch is ordered
-    // on their stream; the kernel's shared memory is static.
+    // above and by `swiglu_grad_operands`: `inter` a multiple of 8), alive until the launch is
+    // ordered on their stream; the kernel's shared memory is static.
     unsafe { launch.launch(config) }.expect("launching swiglu_backward_lora");
     let a_grad = partial.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
     Some((d_gate_up, a_grad))
