@@ -17,14 +17,24 @@
 //!
 //! The importance needs every element of `∂L/∂ΔW` (the abs keeps `Σ|ΔW ⊙ G|` from factoring
 //! through `B` and `A`), so it costs one dense `out x in` product per module and step, as in
-//! the reference. Where the reference runs the forward through the materialised ΔW and takes
-//! ∂L/∂ΔW from a backward hook (a dense forward product, and dense products for ∂L/∂x and
-//! ∂L/∂ΔW in the backward), the forward here stays factored: while a module can still grow
-//! (budget not reached, a module below its cap, an allocation step ahead in
-//! `training.max_steps`), each training forward keeps its input `x` (after dropout) and adds a
-//! zero "probe" to its output, whose gradient is `G = ∂L/∂output`; `∂L/∂ΔW = Gᵀ x` is then one
-//! product per module in `after_step`, summed over the step's micro-batches. The price is
-//! memory: every module's `x` and `G` of the step are held until `after_step`.
+//! the reference: `2 · tokens · out · in` FLOPs, half of what the frozen layer costs forward
+//! and backward, so the busy phase cannot reach LoRA's speed (docs/methods.md). Where the
+//! reference runs the forward through the materialised ΔW and takes ∂L/∂ΔW from a backward
+//! hook (a dense forward product, and dense products for ∂L/∂x and ∂L/∂ΔW in the backward),
+//! the forward here stays factored, and the importance is measured only while a module can
+//! still grow (budget not reached, a module below its cap, an allocation step ahead in
+//! `training.max_steps`):
+//! - Without dropout the branch is low-rank (`A ⊙ E` and `B` scaled, derived from the
+//!   parameters), so its layer runs by hand like LoRA's, and the backward by hand hands it
+//!   `∂L/∂ΔW = Gᵀ x` from the projection's input and output gradient, which it has at hand
+//!   ([`crate::model::llama::DeltaGradientSink`]). In a step of one micro-batch the importance is
+//!   taken at once, so no module's dense gradient outlives its layer's backward; over several,
+//!   the dense gradients are summed until `after_step`.
+//! - Elsewhere (dropout, a layer under autograd) each training forward keeps its input `x`
+//!   (after dropout) and adds a zero "probe" to its output, whose gradient is
+//!   `G = ∂L/∂output`; `∂L/∂ΔW = Gᵀ x` is then one product per module in `after_step`, summed
+//!   over the step's micro-batches. The price is memory: every module's `x` and `G` of the
+//!   step are held until `after_step`.
 //!
 //! Chosen where the reference differs or is silent:
 //! - `max_module_rank` (not in the reference) caps each module's active rank, bounding its
@@ -53,6 +63,7 @@ use super::{
 use super::{Attach, AttachContext};
 use crate::export::PeftAdapter;
 use crate::method::{AdapterMethod, RankAllocation, StepInfo};
+use crate::model::llama::{weight_gradient, LowRank};
 use crate::model::{LinearAdapter, LlamaModel};
 use crate::training::optimizer::learning_rate;
 use anyhow::Result;
@@ -76,18 +87,15 @@ fn scale(active: &Tensor, alpha: f64) -> Tensor {
     (active.sum(Kind::Float) + 1e-5).reciprocal() * alpha
 }
 
-/// `gᵀ x` in f32. Where both are bf16 (or f16) on a GPU (a half-precision base, no dropout),
-/// every product `g_ti x_tj` is exact in f32, so the half-precision tensor-core product
-/// with f32 output and accumulation (`mm` with `out_dtype`) gives what the f32 product does up
-/// to the order of the f32 sums, as between any two f32 kernels, at a fraction of its cost.
-fn gradient_product(g: &Tensor, x: &Tensor) -> Tensor {
-    let half = matches!(x.kind(), Kind::BFloat16 | Kind::Half);
-    if half && g.kind() == x.kind() && x.device().is_cuda() {
-        if let Ok(product) = g.tr().f_mm_dtype(x, Kind::Float) {
-            return product;
-        }
-    }
-    g.to_kind(Kind::Float).tr().mm(&x.to_kind(Kind::Float))
+/// `B (A ⊙ E) · scale`, the module's update `(out, in)`.
+fn delta_weight(a: &Tensor, e: &Tensor, b: &Tensor, masks: [&Tensor; 2], alpha: f64) -> Tensor {
+    let [active, reserve] = masks;
+    b.matmul(&scaled_rows(a, e, active, reserve)) * scale(active, alpha)
+}
+
+/// `Σ|ΔW ⊙ ∂L/∂ΔW| / √numel` `(1)`, a step's importance (`update_ipt`'s).
+fn importance_of(delta: &Tensor, grad: &Tensor) -> Tensor {
+    (delta * grad).abs().sum(Kind::Float).view([1]) / (delta.numel() as f64).sqrt()
 }
 
 struct GrowingBranch {
@@ -101,12 +109,50 @@ struct GrowingBranch {
     seen: Seen,
     /// Whether importance is still measured (a module can still grow).
     collecting: Arc<AtomicBool>,
+    /// `training.gradient_accumulation_steps`: one lets a backward by hand take the importance
+    /// at once.
+    micro_batches: u32,
 }
 
-/// What the step's training forwards saw: per forward, the input after dropout and the zero
-/// leaf added to the output, in the output's kind (its gradient is ∂L/∂output after the
-/// backward).
-type Seen = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
+/// What the step's training passes left for the module's importance
+/// ([`GrowingModule::importance`]).
+#[derive(Default)]
+struct StepGradients {
+    /// Per forward under autograd: the input after dropout and the zero leaf added to the
+    /// output, in the output's kind (its gradient is ∂L/∂output after the backward).
+    probes: Vec<(Tensor, Tensor)>,
+    /// From backwards by hand: ∂L/∂ΔW summed over the step's micro-batches so far.
+    delta_gradient: Option<Tensor>,
+    /// From the backward by hand of a step of one micro-batch: the importance itself.
+    importance: Option<Tensor>,
+}
+
+type Seen = Arc<Mutex<StepGradients>>;
+
+impl GrowingBranch {
+    /// Takes a backward by hand's `∂L/∂ΔW`: the importance at once in a step of one
+    /// micro-batch (ΔW is the forward's until `after_step` steps the factors), else into the
+    /// step's sum.
+    fn take_delta_gradient(&self) -> impl Fn(Tensor) + 'static {
+        let seen = Arc::clone(&self.seen);
+        let factors =
+            [&self.a, &self.e, &self.b, &self.active, &self.reserve].map(Tensor::shallow_clone);
+        let (alpha, single) = (self.alpha, self.micro_batches <= 1);
+        move |grad: Tensor| {
+            let mut seen = seen.lock().expect("no backward panicked holding it");
+            if single {
+                let [a, e, b, active, reserve] = &factors;
+                let delta = tch::no_grad(|| delta_weight(a, e, b, [active, reserve], alpha));
+                seen.importance = Some(importance_of(&delta, &grad));
+                return;
+            }
+            seen.delta_gradient = Some(match seen.delta_gradient.take() {
+                Some(sum) => sum + grad,
+                None => grad,
+            });
+        }
+    }
+}
 
 impl LinearAdapter for GrowingBranch {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
@@ -132,8 +178,24 @@ impl LinearAdapter for GrowingBranch {
             false => x32.detach(),
         };
         let mut seen = self.seen.lock().expect("no forward panicked holding it");
-        seen.push((input, probe.shallow_clone()));
+        seen.probes.push((input, probe.shallow_clone()));
         delta + probe
+    }
+
+    /// Without dropout: `A ⊙ E` (reserves' E held) and `B · scale`, derived from the
+    /// parameters; while the importance is measured in training, wanting `∂L/∂ΔW` handed over.
+    fn low_rank(&self, train: bool) -> Option<LowRank> {
+        if train && self.dropout != 0.0 {
+            return None;
+        }
+        let branch = LowRank::derived(train, 1.0, || {
+            let rows = scaled_rows(&self.a, &self.e, &self.active, &self.reserve);
+            (rows, &self.b * scale(&self.active, self.alpha))
+        });
+        match train && self.collecting.load(Ordering::Relaxed) {
+            true => Some(branch.with_delta_gradient(self.take_delta_gradient())),
+            false => Some(branch),
+        }
     }
 }
 
@@ -177,15 +239,19 @@ impl GrowingModule {
     }
 
     fn delta_weight(&self, alpha: f64) -> Tensor {
-        let rows = scaled_rows(&self.a, &self.e, &self.active, &self.reserve);
-        self.b.matmul(&rows) * scale(&self.active, alpha)
+        let masks = [&self.active, &self.reserve];
+        delta_weight(&self.a, &self.e, &self.b, masks, alpha)
     }
 
-    /// `∂L/∂ΔW = Σ Gᵀ x` over the step's training forwards that had a backward, `(out, in)`;
-    /// `None` without any. Forgets them.
-    fn delta_gradient(&self) -> Option<Tensor> {
+    /// The step's importance `Σ|ΔW ⊙ ∂L/∂ΔW| / √numel` `(1)` (`update_ipt`'s), `∂L/∂ΔW`
+    /// summed over the step's passes that had a backward; `None` without any. Forgets them.
+    fn importance(&self, alpha: f64) -> Option<Tensor> {
         let seen = std::mem::take(&mut *self.seen.lock().expect("no forward panicked"));
+        if seen.importance.is_some() {
+            return seen.importance;
+        }
         let (x, g): (Vec<Tensor>, Vec<Tensor>) = seen
+            .probes
             .into_iter()
             .filter_map(|(x, probe)| {
                 let g = probe.grad();
@@ -199,14 +265,12 @@ impl GrowingModule {
             1 => t.into_iter().next().expect("one"),
             _ => Tensor::cat(&t, 0),
         };
-        (!x.is_empty()).then(|| gradient_product(&cat(g), &cat(x)))
-    }
-
-    /// `Σ|ΔW ⊙ ∂L/∂ΔW| / √numel` `(1)`, the step's importance (`update_ipt`'s).
-    fn importance(&self, alpha: f64) -> Option<Tensor> {
-        let grad = self.delta_gradient()?;
-        let delta = self.delta_weight(alpha);
-        Some((&delta * &grad).abs().sum(Kind::Float).view([1]) / (delta.numel() as f64).sqrt())
+        let probed = (!x.is_empty()).then(|| weight_gradient(&cat(g), &cat(x)));
+        let grad = match (probed, seen.delta_gradient) {
+            (Some(p), Some(h)) => p + h,
+            (p, h) => p.or(h)?,
+        };
+        Some(importance_of(&self.delta_weight(alpha), &grad))
     }
 
     #[cfg(test)]
@@ -335,6 +399,7 @@ impl Attach for IncreLora {
                 dropout: config.dropout,
                 seen: Arc::clone(&seen),
                 collecting: Arc::clone(&collecting),
+                micro_batches: training.gradient_accumulation_steps,
             }));
             modules.push(GrowingModule {
                 module_path: path_name,
@@ -568,7 +633,7 @@ impl AdapterMethod for IncreLora {
         let collecting = self.can_grow(i64::from(step) - 1);
         self.collecting.store(collecting, Ordering::Relaxed);
         for m in &self.modules {
-            m.seen.lock().expect("no forward panicked").clear();
+            *m.seen.lock().expect("no forward panicked") = StepGradients::default();
         }
     }
 
@@ -672,6 +737,7 @@ mod tests {
     use super::*;
     use crate::methods::lora::attach_frozen;
     use crate::methods::testing::{cpu, logits, max_abs_diff, FixtureModel};
+    use crate::model::llama::Checkpointing;
     use crate::training::optimizer::EPSILON;
     use crate::training::seeds::torch_rng_turn;
 
@@ -982,7 +1048,7 @@ mod tests {
                 let kept = method
                     .modules
                     .iter()
-                    .map(|m| m.seen.lock().unwrap().len())
+                    .map(|m| m.seen.lock().unwrap().probes.len())
                     .collect::<Vec<_>>();
                 let collecting = method.collecting.load(Ordering::Relaxed);
                 assert!(
@@ -998,7 +1064,7 @@ mod tests {
                 assert!(method
                     .modules
                     .iter()
-                    .all(|m| m.seen.lock().unwrap().is_empty()));
+                    .all(|m| m.seen.lock().unwrap().probes.is_empty()));
             }
             (method, steps)
         };
@@ -1021,6 +1087,72 @@ mod tests {
             ranks(&method).iter().sum::<i64>(),
             method.modules.len() as i64 + 1
         );
+    }
+
+    /// The importance a step measures through the layers by hand (the sink: at once with one
+    /// micro-batch, summed over two) is what the probes give under autograd for the same
+    /// batches, module by module; and the by-hand pass keeps no probe.
+    #[test]
+    fn the_layers_by_hand_measure_the_probes_importance() {
+        let _turn = torch_rng_turn();
+        tch::manual_seed(19);
+        let fixture = FixtureModel::create();
+        let c = config(serde_json::json!({
+            "lora_r": 2, "target_rank": 4, "init_warmup": 100, "incre_interval": 10,
+            "reg_orth_coef": 0.0, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj", "up_proj"]
+        }));
+        for micro_batches in [1u32, 2] {
+            let mut model = fixture.load();
+            let mut training = training(200, 0);
+            training.gradient_accumulation_steps = micro_batches;
+            let mut method = IncreLora::attach(&mut model, &c, &cpu(&training)).unwrap();
+            // E away from 0, so that ΔW is not.
+            run_steps(&model, &mut method, 1..=3, 200, |_, _, _| {});
+            let batches: Vec<Tensor> = (0..micro_batches)
+                .map(|_| Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu)))
+                .collect();
+            let measure = |method: &mut IncreLora, by_hand: bool| -> Vec<f64> {
+                method.before_step(4);
+                for ids in &batches {
+                    match by_hand {
+                        true => {
+                            let pass = model.training_pass(ids, true, Checkpointing::None);
+                            let logits = pass.hidden.linear::<Tensor>(model.lm_head(), None);
+                            logits.square().mean(Kind::Float).backward();
+                            pass.backward();
+                        }
+                        false => model
+                            .forward(ids, true)
+                            .square()
+                            .mean(Kind::Float)
+                            .backward(),
+                    }
+                }
+                let kept: Vec<usize> = method
+                    .modules
+                    .iter()
+                    .map(|m| m.seen.lock().unwrap().probes.len())
+                    .collect();
+                let want = if by_hand { 0 } else { batches.len() };
+                assert!(kept.iter().all(|&n| n == want), "{kept:?}");
+                tch::no_grad(|| {
+                    method
+                        .modules
+                        .iter()
+                        .map(|m| m.importance(c.alpha).unwrap().double_value(&[0]))
+                        .collect()
+                })
+            };
+            let probed = measure(&mut method, false);
+            let by_hand = measure(&mut method, true);
+            for (got, want) in by_hand.iter().zip(&probed) {
+                assert!(*want > 0.0, "{micro_batches}: {probed:?}");
+                assert!(
+                    (got - want).abs() <= 1e-4 * want,
+                    "{micro_batches}: {by_hand:?} vs {probed:?}"
+                );
+            }
+        }
     }
 
     /// A branch adding `x ΔWᵀ` for a given ΔW, to take ∂L/∂ΔW by autograd.

@@ -71,6 +71,7 @@ impl LoraBranch {
             a: self.a.shallow_clone(),
             b: self.b.shallow_clone(),
             scaling: self.scaling,
+            delta_gradient: None,
         }
     }
 }

@@ -397,6 +397,7 @@ mod tests {
             "codyra",
             "dylora",
             "triadaptlora",
+            "increlora",
         ] {
             let mut method = serde_json::to_value(MethodConfig::example(tag).unwrap()).unwrap();
             if method.get("dropout").is_some() {

@@ -26,7 +26,9 @@ pub trait LinearAdapter {
     /// A branch that is low-rank in this pass ([`LinearAdapter::low_rank`]) does so by default.
     fn add_to(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
         match self.low_rank(train) {
-            Some(branch) if y.kind() == x.kind() => branch.add_to(y, x),
+            Some(branch) if y.kind() == x.kind() && branch.delta_gradient.is_none() => {
+                branch.add_to(y, x)
+            }
             _ => y + self.forward(x, train),
         }
     }
@@ -37,6 +39,10 @@ pub trait LinearAdapter {
     /// the adaptive methods whose branch is a product of small factors (AdaLoRA's `A ⊙ E`, a
     /// gate, a nested or triangular core), which give factors derived from their parameters
     /// ([`LowRank::derived`]). Any other keeps its own forward.
+    ///
+    /// A branch that also needs the gradient of its whole update, `∂L/∂ΔW`, says so with a
+    /// [`DeltaGradientSink`]: a backward by hand then hands it over, and under autograd the
+    /// branch runs its own forward (which takes it itself), not the merged product.
     fn low_rank(&self, _train: bool) -> Option<LowRank> {
         None
     }
@@ -50,6 +56,34 @@ pub struct LowRank {
     pub a: Tensor,
     pub b: Tensor,
     pub scaling: f64,
+    /// Where the backward by hand hands `∂L/∂ΔW`, if the branch wants it.
+    pub delta_gradient: Option<DeltaGradientSink>,
+}
+
+/// Receives a branch's `∂L/∂ΔW = Σ_tokens ∂L/∂y_tᵀ x_t`, `(out, in)` in f32, once per
+/// backward by hand of a pass (so once per micro-batch). IncreLoRA's importance needs every
+/// element of it (methods/increlora.rs), which no low-rank product gives; the layer by hand
+/// has each projection's input and output gradient at hand, so it takes one dense product.
+pub type DeltaGradientSink = Box<dyn Fn(Tensor)>;
+
+/// `gᵀ x` in f32 (f64 for f64 inputs) for `g (tokens, out)` and `x (tokens, in)`: a
+/// weight-shaped gradient. Where
+/// both are bf16 (or f16) on a GPU, every product `g_ti x_tj` is exact in f32, so the
+/// half-precision tensor-core product with f32 output and accumulation (`mm` with
+/// `out_dtype`) gives what the f32 product does up to the order of the f32 sums, as between
+/// any two f32 kernels, at a fraction of its cost.
+pub fn weight_gradient(g: &Tensor, x: &Tensor) -> Tensor {
+    let half = matches!(x.kind(), Kind::BFloat16 | Kind::Half);
+    if half && g.kind() == x.kind() && x.device().is_cuda() {
+        if let Ok(product) = g.tr().f_mm_dtype(x, Kind::Float) {
+            return product;
+        }
+    }
+    let kind = match (g.kind(), x.kind()) {
+        (Kind::Double, Kind::Double) => Kind::Double,
+        _ => Kind::Float,
+    };
+    g.to_kind(kind).tr().mm(&x.to_kind(kind))
 }
 
 impl LowRank {
@@ -66,7 +100,20 @@ impl LowRank {
         } else {
             derive()
         };
-        LowRank { a, b, scaling }
+        LowRank {
+            a,
+            b,
+            scaling,
+            delta_gradient: None,
+        }
+    }
+
+    /// The branch, wanting its `∂L/∂ΔW` handed to `sink` ([`DeltaGradientSink`]).
+    pub fn with_delta_gradient(self, sink: impl Fn(Tensor) + 'static) -> LowRank {
+        LowRank {
+            delta_gradient: Some(Box::new(sink)),
+            ..self
+        }
     }
 
     /// `y + scaling x A^T B^T` for `x (tokens, in)`, accumulated into `y (tokens, out)`: the
@@ -173,7 +220,7 @@ impl Merged {
     fn forward(&self, parts: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
         let shape = x.size();
         let x2 = x.reshape([-1, shape[shape.len() - 1]]);
-        let Some((y, _)) = self.product(parts, &x2, train) else {
+        let Some((y, _)) = self.product(parts, &x2, train, Backward::Autograd) else {
             return parts.iter().map(|l| l.forward(x, train)).collect();
         };
         let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
@@ -190,14 +237,15 @@ impl Merged {
 
     /// The parts' outputs side by side, `(tokens, sum of out_i)`, for `x2 (tokens, in)`, and
     /// the branches' share of it; `None` where some part's adapter is not a plain low-rank
-    /// branch in this pass.
+    /// branch in this pass ([`plain_branches`]).
     fn product(
         &self,
         parts: &[&Linear],
         x2: &Tensor,
         train: bool,
+        backward: Backward,
     ) -> Option<(Tensor, Option<MergedBranches>)> {
-        let branches = plain_branches(parts, train)?;
+        let branches = plain_branches(parts, train, backward)?;
         if !branches.iter().any(Option::is_some) {
             return Some((x2.linear(&self.weight, self.bias.as_ref()), None));
         }
@@ -257,14 +305,29 @@ fn branch_then_frozen(
     y.addmm_(x, &weight.tr())
 }
 
+/// Who runs the backward of a product: autograd, or the layer by hand (layer_backward.rs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backward {
+    Autograd,
+    ByHand,
+}
+
 /// Each part's branch if every adapter among `parts` is a plain low-rank branch in this pass
-/// (`None` for a part without one), else `None`.
-fn plain_branches(parts: &[&Linear], train: bool) -> Option<Vec<Option<LowRank>>> {
+/// (`None` for a part without one), else `None`. Under autograd a branch that wants its
+/// `∂L/∂ΔW` ([`DeltaGradientSink`]) is not plain: only a backward by hand hands it over.
+fn plain_branches(
+    parts: &[&Linear],
+    train: bool,
+    backward: Backward,
+) -> Option<Vec<Option<LowRank>>> {
     parts
         .iter()
         .map(|l| match &l.adapter {
             None => Some(None),
-            Some(adapter) => adapter.low_rank(train).map(Some),
+            Some(adapter) => adapter
+                .low_rank(train)
+                .filter(|b| backward == Backward::ByHand || b.delta_gradient.is_none())
+                .map(Some),
         })
         .collect()
 }
@@ -1499,6 +1562,7 @@ mod tests {
                     a: self.a.shallow_clone(),
                     b: self.b.shallow_clone(),
                     scaling: 0.5,
+                    delta_gradient: None,
                 },
                 Some(gate) => LowRank::derived(train, 0.5, || {
                     (&self.a * gate.view([-1, 1]), self.b.shallow_clone())
@@ -1756,6 +1820,147 @@ mod tests {
                 (got - 1.0).abs() < 0.2,
                 "LORAFORGE_LAYER_BY_HAND={mode}: share {got:.3}"
             );
+        }
+    }
+
+    /// A low-rank branch that wants its `∂L/∂ΔW`: what a backward by hand hands its sink is
+    /// summed into `by_hand`; under autograd its own forward adds `x Zᵀ` for a zero leaf `Z`,
+    /// whose gradient is `∂L/∂ΔW`. `opaque` hides the low-rank form.
+    struct Watched {
+        a: Tensor,
+        b: Tensor,
+        zero: Tensor,
+        by_hand: std::rc::Rc<std::cell::RefCell<Option<Tensor>>>,
+        opaque: bool,
+    }
+
+    impl LinearAdapter for Watched {
+        fn forward(&self, x: &Tensor, _train: bool) -> Tensor {
+            x.linear::<Tensor>(&self.a, None)
+                .linear::<Tensor>(&self.b, None)
+                * 0.5
+                + x.linear::<Tensor>(&self.zero, None)
+        }
+
+        fn low_rank(&self, _train: bool) -> Option<LowRank> {
+            if self.opaque {
+                return None;
+            }
+            let sum = std::rc::Rc::clone(&self.by_hand);
+            let branch = LowRank {
+                a: self.a.shallow_clone(),
+                b: self.b.shallow_clone(),
+                scaling: 0.5,
+                delta_gradient: None,
+            };
+            Some(branch.with_delta_gradient(move |grad| {
+                let mut sum = sum.borrow_mut();
+                *sum = Some(match sum.take() {
+                    Some(s) => s + grad,
+                    None => grad,
+                });
+            }))
+        }
+    }
+
+    /// A branch that wants `∂L/∂ΔW` ([`DeltaGradientSink`]) gets from the layer by hand what
+    /// autograd gives a zero `ΔW` leaf through the whole model, in f64 to 1e-10, whichever
+    /// path its layer takes (the layer by hand; the MLP by hand, attention autograd's, where
+    /// o is opaque; autograd's whole layer where gate is), with and without checkpointing;
+    /// and its factors' gradients are autograd's too.
+    #[test]
+    fn the_layer_by_hand_hands_branches_their_delta_gradient() {
+        let c = config(json!({"num_hidden_layers": 2}));
+        let all = loraforge_spec::model::LLAMA_TARGET_MODULES;
+        for opaque in [None, Some("o_proj"), Some("gate_proj")] {
+            let weights = checkpoint(&c)
+                .into_iter()
+                .map(|(name, w)| (name, w.to_kind(Kind::Double)))
+                .collect();
+            let mut model = LlamaModel::from_weights(c.clone(), weights).unwrap();
+            tch::manual_seed(5);
+            let mut watched = Vec::new();
+            for (name, linear) in model.linears_mut(all) {
+                let (inp, out) = (linear.in_features(), linear.out_features());
+                let opts = (Kind::Double, Device::Cpu);
+                let a = (Tensor::randn([3, inp], opts) * 0.3).set_requires_grad(true);
+                let b = (Tensor::randn([out, 3], opts) * 0.3).set_requires_grad(true);
+                let zero = Tensor::zeros([out, inp], opts).set_requires_grad(true);
+                let by_hand = std::rc::Rc::new(std::cell::RefCell::new(None));
+                linear.attach(Box::new(Watched {
+                    a: a.shallow_clone(),
+                    b: b.shallow_clone(),
+                    zero: zero.shallow_clone(),
+                    by_hand: std::rc::Rc::clone(&by_hand),
+                    opaque: opaque.is_some_and(|o| name.ends_with(o)),
+                }));
+                watched.push((name, [a, b, zero], by_hand));
+            }
+            let ids = Tensor::randint(40, [2, 7], (Kind::Int64, Device::Cpu));
+            let probe = Tensor::arange(2 * 7 * 40, (Kind::Double, Device::Cpu))
+                .cos()
+                .view([2, 7, 40]);
+            // Per module: ∂L/∂ΔW (from the sink, or the zero leaf), whether the sink gave it,
+            // and the factors' gradients; all of them reset.
+            let take = || -> Vec<(Tensor, bool, Vec<Tensor>)> {
+                watched
+                    .iter()
+                    .map(|(_, [a, b, zero], by_hand)| {
+                        let grad_of = |t: &Tensor| {
+                            let g = t.grad();
+                            g.defined().then(|| {
+                                let taken = g.copy();
+                                let _ = t.grad().zero_();
+                                taken
+                            })
+                        };
+                        let sunk = by_hand.borrow_mut().take();
+                        let from_sink = sunk.is_some();
+                        let delta = match (sunk, grad_of(zero)) {
+                            (Some(s), Some(leaf)) => s + leaf,
+                            (s, leaf) => s.or(leaf).expect("a gradient of ΔW"),
+                        };
+                        let factors = [a, b].into_iter().filter_map(grad_of).collect();
+                        (delta, from_sink, factors)
+                    })
+                    .collect()
+            };
+            (model.forward(&ids, true) * &probe)
+                .sum(Kind::Double)
+                .backward();
+            let reference = take();
+            for checkpointing in [Checkpointing::None, Checkpointing::Layers] {
+                let pass = model.training_pass(&ids, true, checkpointing);
+                let logits = pass.hidden.linear::<Tensor>(model.lm_head(), None);
+                (logits * &probe).sum(Kind::Double).backward();
+                pass.backward();
+                let got = take();
+                for (((name, ..), (got, sunk, factors)), (want, _, want_factors)) in
+                    watched.iter().zip(&got).zip(&reference)
+                {
+                    let case = format!("{name} opaque {opaque:?} {checkpointing:?}");
+                    let gap = (got - want).abs().max().double_value(&[]);
+                    let scale = want.abs().max().double_value(&[]);
+                    assert!(
+                        scale > 0.0 && gap < 1e-10 * scale,
+                        "{case}: {gap} on {scale}"
+                    );
+                    for (got, want) in factors.iter().zip(want_factors) {
+                        let gap = (got - want).abs().max().double_value(&[]);
+                        assert!(gap < 1e-10 * want.abs().max().double_value(&[]), "{case}");
+                    }
+                    // The layer by hand's projections are the sink's; the others autograd's.
+                    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+                        .iter()
+                        .any(|p| name.ends_with(p));
+                    let by_hand = match opaque {
+                        None => true,
+                        Some("o_proj") => !attention,
+                        _ => false,
+                    };
+                    assert_eq!(*sunk, by_hand, "{case}");
+                }
+            }
         }
     }
 

@@ -31,7 +31,8 @@
 
 use super::{
     apply_rotary, attend, branch_then_frozen, plain_branches, rms_norm, rms_norm_with_rstd,
-    DecoderLayer, Linear, LowRank, Merged, MergedBranches,
+    weight_gradient, Backward, DecoderLayer, DeltaGradientSink, Linear, LowRank, Merged,
+    MergedBranches,
 };
 use crate::model::cuda_kernels::{self, Heads};
 use tch::{Kind, Tensor};
@@ -102,7 +103,7 @@ pub(super) struct HandMlp {
 /// A projection's plain branch, or `None` without an adapter; `Err` for an adapter that is not
 /// a plain low-rank branch in this pass.
 fn plain_branch(linear: &Linear, train: bool) -> Result<Option<LowRank>, ()> {
-    plain_branches(&[linear], train)
+    plain_branches(&[linear], train, Backward::ByHand)
         .map(|mut one| one.remove(0))
         .ok_or(())
 }
@@ -155,11 +156,16 @@ impl DecoderLayer {
         let by_hand = by_hand(input.device().is_cuda());
         let mlp_by_hand = by_hand != ByHand::Off
             && mlp.gate_up.is_some()
-            && plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train).is_some()
+            && plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train, Backward::ByHand).is_some()
             && plain_branch(&mlp.down_proj, train).is_ok();
         let attention_by_hand = by_hand == ByHand::Whole
             && attn.qkv.is_some()
-            && plain_branches(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], train).is_some()
+            && plain_branches(
+                &[&attn.q_proj, &attn.k_proj, &attn.v_proj],
+                train,
+                Backward::ByHand,
+            )
+            .is_some()
             && plain_branch(&attn.o_proj, train).is_ok();
         if mlp_by_hand && attention_by_hand {
             return self.forward_by_hand(input, rope, mask, eps, train);
@@ -195,7 +201,12 @@ impl DecoderLayer {
             .as_ref()
             .expect("an MLP by hand has gate/up merged");
         let (gate_up, gate_up_branches) = merged
-            .product(&[&mlp.gate_proj, &mlp.up_proj], mlp_in, train)
+            .product(
+                &[&mlp.gate_proj, &mlp.up_proj],
+                mlp_in,
+                train,
+                Backward::ByHand,
+            )
             .expect("every branch of the group is plain");
         let gated = swiglu(&gate_up);
         let (y, down_h) = plain_forward(&mlp.down_proj, &gated, residual, train);
@@ -231,7 +242,7 @@ impl DecoderLayer {
                 .as_ref()
                 .expect("attention by hand has q/k/v merged");
             let (qkv, branches) = merged
-                .product(&qkv_parts, &normed, train)
+                .product(&qkv_parts, &normed, train, Backward::ByHand)
                 .expect("every branch of the group is plain");
             (qkv, branches, rstd1)
         });
@@ -329,10 +340,13 @@ impl DecoderLayer {
         // The down projection's input is SwiGLU's output, not kept: its `A` gradient comes
         // out of SwiGLU's backward.
         let (d_gated, down_a) = plain_backward(down, g, kept.down_h.as_ref(), train, grads);
-        let dh = down_a.as_ref().map(|(_, dh)| dh);
+        if let Some(sink) = down_a.as_ref().and_then(|a| a.delta_gradient.as_ref()) {
+            sink(weight_gradient(g, &swiglu(&kept.gate_up)));
+        }
+        let dh = down_a.as_ref().map(|a| &a.dh);
         let (d_gate_up, a_grad) = swiglu_backward(&kept.gate_up, &d_gated, dh);
-        if let (Some((a, _)), Some(a_grad)) = (down_a, a_grad) {
-            grads.push((a, a_grad));
+        if let (Some(down_a), Some(a_grad)) = (down_a, a_grad) {
+            grads.push((down_a.a, a_grad));
         }
         let merged = mlp
             .gate_up
@@ -365,8 +379,12 @@ impl DecoderLayer {
             let o = &attn.o_proj;
             let (d_flat, o_a) =
                 plain_backward(o, &d_attended, kept.o_h.as_ref(), train, &mut grads);
-            if let Some((a, dh)) = o_a {
-                grads.push((a, dh.tr().mm(&kept.attention.flat)));
+            if let Some(o_a) = o_a {
+                let flat = &kept.attention.flat;
+                if let Some(sink) = &o_a.delta_gradient {
+                    sink(weight_gradient(&d_attended, flat));
+                }
+                grads.push((o_a.a, o_a.dh.tr().mm(flat)));
             }
             (d_attended, d_flat)
         });
@@ -438,16 +456,24 @@ fn plain_forward(
     (y, kept)
 }
 
+/// What [`plain_backward`] leaves to its caller, which has the projection's input `x`: to push
+/// `dA = dhᵀ x` for the branch's `a`, and to hand `d_yᵀ x` to its sink, if any.
+struct BranchInputGrads {
+    a: Tensor,
+    /// `scaling d_y B`, `(tokens, r)`.
+    dh: Tensor,
+    delta_gradient: Option<DeltaGradientSink>,
+}
+
 /// [`plain_forward`]'s backward for `d_y`: `d x = d_y W (+ (scaling d_y B) A)`, `dB = d_y^T h`
-/// pushed onto `grads`, and the branch's `(A, scaling d_y B)`, from which the caller pushes
-/// `dA = (scaling d_y B)^T x` once it has `x`.
+/// pushed onto `grads`, and what needs `x` ([`BranchInputGrads`]).
 fn plain_backward(
     linear: &Linear,
     d_y: &Tensor,
     h: Option<&Tensor>,
     train: bool,
     grads: &mut Vec<(Tensor, Tensor)>,
-) -> (Tensor, Option<(Tensor, Tensor)>) {
+) -> (Tensor, Option<BranchInputGrads>) {
     let (Ok(Some(b)), Some(h)) = (plain_branch(linear, train), h) else {
         return (d_y.mm(&linear.weight), None);
     };
@@ -455,7 +481,12 @@ fn plain_backward(
     let dh = d_y.mm(&b.b.to_kind(kind)) * b.scaling;
     grads.push((b.b.shallow_clone(), h.tr().mm(d_y).tr()));
     let d_x = frozen_input_grad(dh.mm(&b.a.to_kind(kind)), d_y, &linear.weight);
-    (d_x, Some((b.a.shallow_clone(), dh)))
+    let rest = BranchInputGrads {
+        a: b.a,
+        dh,
+        delta_gradient: b.delta_gradient,
+    };
+    (d_x, Some(rest))
 }
 
 /// `branch + d_y W`: the frozen weight's input gradient accumulated onto the branch's share
@@ -468,7 +499,7 @@ fn frozen_input_grad(branch: Tensor, d_y: &Tensor, weight: &Tensor) -> Tensor {
 /// A merged product's backward ([`Merged::product`]) for `d_y (tokens, sum of out_i)` and its
 /// input `x`: `d x = d_y W (+ (d_y b) a)` where `want_dx`, and every part's factor gradients
 /// pushed onto `grads` (`d b = d_y^T h`, `d a = (d_y b)^T x`, each part's `A` and `B` blocks of
-/// `a` and `b`).
+/// `a` and `b`); a part's `d_yᵀ x` to its sink where it has one.
 #[allow(clippy::too_many_arguments)]
 fn merged_backward(
     merged: &Merged,
@@ -487,12 +518,15 @@ fn merged_backward(
     let d_a = x.left_product(&dh);
     let d_b = h.tr().mm(d_y).tr();
     let d_x = want_dx.then(|| frozen_input_grad(dh.mm(a), d_y, &merged.weight));
-    let factors =
-        plain_branches(parts, train).expect("a merged product by hand has plain branches");
+    let factors = plain_branches(parts, train, Backward::ByHand)
+        .expect("a merged product by hand has plain branches");
     let (mut row, mut col) = (0, 0);
     for (part, branch) in parts.iter().zip(factors) {
         let out = part.out_features();
         if let Some(branch) = branch {
+            if let Some(sink) = &branch.delta_gradient {
+                sink(x.weight_gradient(&d_y.narrow(1, row, out)));
+            }
             let r = branch.a.size()[0];
             let d_block = d_b.narrow(0, row, out).narrow(1, col, r);
             grads.push((branch.a.shallow_clone(), d_a.narrow(0, col, r)));
@@ -674,6 +708,17 @@ impl ProductInput<'_> {
             ProductInput::Normed { x, rstd, weight } => {
                 let scaled = (dh.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
                 scaled.tr().mm(x) * *weight
+            }
+        }
+    }
+
+    /// `d_yᵀ input` for `d_y (tokens, out)`: `(out, in)`, in f32 ([`weight_gradient`]).
+    fn weight_gradient(&self, d_y: &Tensor) -> Tensor {
+        match self {
+            ProductInput::Plain(x) => weight_gradient(d_y, x),
+            ProductInput::Normed { x, rstd, weight } => {
+                let scaled = (d_y.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
+                weight_gradient(&scaled, x) * *weight
             }
         }
     }
