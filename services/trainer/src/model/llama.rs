@@ -220,7 +220,7 @@ impl Merged {
     fn forward(&self, parts: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
         let shape = x.size();
         let x2 = x.reshape([-1, shape[shape.len() - 1]]);
-        let Some((y, _)) = self.product(parts, &x2, train, Backward::Autograd) else {
+        let Some((y, _)) = self.product(parts, &x2, train) else {
             return parts.iter().map(|l| l.forward(x, train)).collect();
         };
         let sizes: Vec<i64> = parts.iter().map(|l| l.out_features()).collect();
@@ -236,18 +236,28 @@ impl Merged {
     }
 
     /// The parts' outputs side by side, `(tokens, sum of out_i)`, for `x2 (tokens, in)`, and
-    /// the branches' share of it; `None` where some part's adapter is not a plain low-rank
-    /// branch in this pass ([`plain_branches`]).
+    /// the branches' share of it, under autograd; `None` where some part's adapter is not a
+    /// plain low-rank branch in this pass ([`plain_branches`]).
     fn product(
         &self,
         parts: &[&Linear],
         x2: &Tensor,
         train: bool,
-        backward: Backward,
     ) -> Option<(Tensor, Option<MergedBranches>)> {
-        let branches = plain_branches(parts, train, backward)?;
+        let branches = plain_branches(parts, train, Backward::Autograd)?;
+        Some(self.product_of(parts, &branches, x2))
+    }
+
+    /// [`Merged::product`] with the parts' plain branches given (`None` for a part without an
+    /// adapter).
+    fn product_of(
+        &self,
+        parts: &[&Linear],
+        branches: &[Option<LowRank>],
+        x2: &Tensor,
+    ) -> (Tensor, Option<MergedBranches>) {
         if !branches.iter().any(Option::is_some) {
-            return Some((x2.linear(&self.weight, self.bias.as_ref()), None));
+            return (x2.linear(&self.weight, self.bias.as_ref()), None);
         }
         let (kind, device) = (x2.kind(), x2.device());
         let total: i64 = branches.iter().flatten().map(|b| b.a.size()[0]).sum();
@@ -262,7 +272,7 @@ impl Merged {
         let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
         let b = Tensor::zeros([rows, total], (kind, device));
         let (mut row, mut col) = (0, 0);
-        for (part, branch) in parts.iter().zip(&branches) {
+        for (part, branch) in parts.iter().zip(branches) {
             let out = part.out_features();
             if let Some(branch) = branch {
                 let r = branch.a.size()[0];
@@ -274,7 +284,7 @@ impl Merged {
         }
         let h = x2.linear::<Tensor>(&a, None);
         let y = branch_then_frozen(h.mm(&b.tr()), x2, &self.weight, self.bias.as_ref());
-        Some((y, Some(MergedBranches { h, a, b })))
+        (y, Some(MergedBranches { h, a, b }))
     }
 }
 
@@ -834,7 +844,7 @@ impl TrainingPass<'_> {
                         .1
                 }
             };
-            grad = layer.backward(graph, &grad, r.train);
+            grad = layer.backward(graph, &grad);
         }
     }
 }

@@ -57,13 +57,15 @@ pub(super) struct HandLayer {
     shape: Vec<i64>,
     /// The input norm's per-row `1 / rms` ([`ProductInput::Normed`]).
     rstd1: Tensor,
-    qkv_branches: Option<MergedBranches>,
+    /// q's, k's and v's branches, and their merged product's.
+    qkv: Vec<Option<LowRank>>,
+    qkv_product: Option<MergedBranches>,
     /// RoPE's tables `(seq, head_dim)` and the heads.
     rope: (Tensor, Tensor),
     heads: Heads,
     attention: AttentionGraph,
-    /// The o projection's branch input times `A^T`, scaled.
-    o_h: Option<Tensor>,
+    /// The o projection's branch, and its input times `A^T`, scaled.
+    o: Option<(LowRank, Tensor)>,
     /// The residual stream after attention `(tokens, hidden)`, and its norm's `1 / rms`.
     attended: Tensor,
     rstd2: Tensor,
@@ -85,10 +87,32 @@ struct AttentionGraph {
 struct MlpKept {
     /// Gate and up side by side `(tokens, 2 * intermediate)`.
     gate_up: Tensor,
-    /// Their branches' products.
-    gate_up_branches: Option<MergedBranches>,
-    /// The down projection's branch input times `A^T`, scaled, `(tokens, r)`.
-    down_h: Option<Tensor>,
+    /// Gate's and up's branches, and their merged product's.
+    gate_up_branches: Vec<Option<LowRank>>,
+    gate_up_product: Option<MergedBranches>,
+    /// The down projection's branch, and its input times `A^T`, scaled, `(tokens, r)`.
+    down: Option<(LowRank, Tensor)>,
+}
+
+/// The low-rank branches of a block's projections in one pass: the merged group's (q/k/v or
+/// gate/up; `None` for a part without an adapter) and the one after it (o or down). Taken
+/// once per pass ([`LinearAdapter::low_rank`]), so a method whose factors derive from its
+/// parameters derives them once, and the backward uses them and their small graphs.
+///
+/// [`LinearAdapter::low_rank`]: super::LinearAdapter::low_rank
+struct BlockBranches {
+    merged: Vec<Option<LowRank>>,
+    last: Option<LowRank>,
+}
+
+impl BlockBranches {
+    /// `None` where some adapter among them is not a plain low-rank branch in this pass.
+    fn of(merged: &[&Linear], last: &Linear, train: bool) -> Option<BlockBranches> {
+        Some(BlockBranches {
+            merged: plain_branches(merged, train, Backward::ByHand)?,
+            last: plain_branch(last, train).ok()?,
+        })
+    }
 }
 
 pub(super) struct HandMlp {
@@ -154,25 +178,20 @@ impl DecoderLayer {
         let mlp = &self.mlp;
         let attn = &self.self_attn;
         let by_hand = by_hand(input.device().is_cuda());
-        let mlp_by_hand = by_hand != ByHand::Off
-            && mlp.gate_up.is_some()
-            && plain_branches(&[&mlp.gate_proj, &mlp.up_proj], train, Backward::ByHand).is_some()
-            && plain_branch(&mlp.down_proj, train).is_ok();
-        let attention_by_hand = by_hand == ByHand::Whole
-            && attn.qkv.is_some()
-            && plain_branches(
-                &[&attn.q_proj, &attn.k_proj, &attn.v_proj],
-                train,
-                Backward::ByHand,
-            )
-            .is_some()
-            && plain_branch(&attn.o_proj, train).is_ok();
-        if mlp_by_hand && attention_by_hand {
-            return self.forward_by_hand(input, rope, mask, eps, train);
-        }
-        if !mlp_by_hand {
+        let mlp_branches = (by_hand != ByHand::Off && mlp.gate_up.is_some())
+            .then(|| BlockBranches::of(&[&mlp.gate_proj, &mlp.up_proj], &mlp.down_proj, train))
+            .flatten();
+        let Some(mlp_branches) = mlp_branches else {
             let out = self.forward(&input, rope, mask, None, eps, train);
             return (out.detach(), LayerGraph::Whole { input, out });
+        };
+        let qkv_parts = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
+        let attention_branches = (by_hand == ByHand::Whole && attn.qkv.is_some())
+            .then(|| BlockBranches::of(&qkv_parts, &attn.o_proj, train))
+            .flatten();
+        if let Some(attention_branches) = attention_branches {
+            let branches = [attention_branches, mlp_branches];
+            return self.forward_by_hand(input, rope, mask, eps, branches);
         }
         let normed = rms_norm(&input, &self.input_layernorm, eps);
         let attended = &input + attn.forward(&normed, rope.0, rope.1, mask, None, train);
@@ -180,7 +199,7 @@ impl DecoderLayer {
         let mlp_in = mlp_in.reshape([-1, mlp_in.size()[2]]);
         let (out, mlp) = tch::no_grad(|| {
             let residual = attended.reshape([-1, mlp_in.size()[1]]);
-            self.mlp_forward(&mlp_in, &residual, train)
+            self.mlp_forward(&mlp_in, &residual, mlp_branches)
         });
         let out = out.view(attended.size().as_slice());
         let graph = LayerGraph::HandMlp(HandMlp {
@@ -194,26 +213,27 @@ impl DecoderLayer {
 
     /// The MLP's output plus `residual`, for `mlp_in (tokens, hidden)`, outside autograd, and
     /// what its backward needs.
-    fn mlp_forward(&self, mlp_in: &Tensor, residual: &Tensor, train: bool) -> (Tensor, MlpKept) {
+    fn mlp_forward(
+        &self,
+        mlp_in: &Tensor,
+        residual: &Tensor,
+        branches: BlockBranches,
+    ) -> (Tensor, MlpKept) {
         let mlp = &self.mlp;
         let merged = mlp
             .gate_up
             .as_ref()
             .expect("an MLP by hand has gate/up merged");
-        let (gate_up, gate_up_branches) = merged
-            .product(
-                &[&mlp.gate_proj, &mlp.up_proj],
-                mlp_in,
-                train,
-                Backward::ByHand,
-            )
-            .expect("every branch of the group is plain");
+        let parts = [&mlp.gate_proj, &mlp.up_proj];
+        let (gate_up, gate_up_product) = merged.product_of(&parts, &branches.merged, mlp_in);
         let gated = swiglu(&gate_up);
-        let (y, down_h) = plain_forward(&mlp.down_proj, &gated, residual, train);
+        let down = branches.last;
+        let (y, down_h) = plain_forward(&mlp.down_proj, down.as_ref(), &gated, residual);
         let kept = MlpKept {
             gate_up,
-            gate_up_branches,
-            down_h,
+            gate_up_branches: branches.merged,
+            gate_up_product,
+            down: down.zip(down_h),
         };
         (y, kept)
     }
@@ -225,7 +245,7 @@ impl DecoderLayer {
         (cos, sin): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
         eps: f64,
-        train: bool,
+        [attention_branches, mlp_branches]: [BlockBranches; 2],
     ) -> (Tensor, LayerGraph) {
         let attn = &self.self_attn;
         let shape = input.size();
@@ -234,17 +254,15 @@ impl DecoderLayer {
         let (h, kvh, hd) = heads;
         let wants_input_grad = input.requires_grad();
         let x = input.detach().reshape([-1, hidden]);
-        let (qkv, qkv_branches, rstd1) = tch::no_grad(|| {
+        let (qkv, qkv_product, rstd1) = tch::no_grad(|| {
             let (normed, rstd1) = rms_norm_with_rstd(&x, &self.input_layernorm, eps);
             let qkv_parts = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
             let merged = attn
                 .qkv
                 .as_ref()
                 .expect("attention by hand has q/k/v merged");
-            let (qkv, branches) = merged
-                .product(&qkv_parts, &normed, train, Backward::ByHand)
-                .expect("every branch of the group is plain");
-            (qkv, branches, rstd1)
+            let (qkv, product) = merged.product_of(&qkv_parts, &attention_branches.merged, &normed);
+            (qkv, product, rstd1)
         });
         // Attention's core on a graph of its own: q, k (roped) and v as leaves, q and k laid
         // out `(batch, seq, heads, head_dim)` in memory as the RoPE kernel writes them, v
@@ -264,11 +282,12 @@ impl DecoderLayer {
         );
         let out = tch::with_grad(|| attend(&q, &k, &v, mask));
         let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
+        let o = attention_branches.last;
         let (layer_out, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
-            let (attended, o_h) = plain_forward(&attn.o_proj, &flat, &x, train);
+            let (attended, o_h) = plain_forward(&attn.o_proj, o.as_ref(), &flat, &x);
             let (mlp_in, rstd2) =
                 rms_norm_with_rstd(&attended, &self.post_attention_layernorm, eps);
-            let (y, mlp) = self.mlp_forward(&mlp_in, &attended, train);
+            let (y, mlp) = self.mlp_forward(&mlp_in, &attended, mlp_branches);
             (y, o_h, attended, rstd2, mlp)
         });
         let kept = HandLayer {
@@ -276,11 +295,12 @@ impl DecoderLayer {
             wants_input_grad,
             shape: shape.clone(),
             rstd1,
-            qkv_branches,
+            qkv: attention_branches.merged,
+            qkv_product,
             rope: (cos.shallow_clone(), sin.shallow_clone()),
             heads,
             attention: AttentionGraph { q, k, v, out, flat },
-            o_h,
+            o: o.zip(o_h),
             attended,
             rstd2,
             mlp,
@@ -293,14 +313,14 @@ impl DecoderLayer {
 
     /// Accumulates the gradients of the layer's adapters for `grad`, the gradient of its
     /// output, and returns the gradient of its input (undefined where the input wanted none).
-    pub(super) fn backward(&self, graph: LayerGraph, grad: &Tensor, train: bool) -> Tensor {
+    pub(super) fn backward(&self, graph: LayerGraph, grad: &Tensor) -> Tensor {
         let (input, surrogate) = match graph {
             LayerGraph::Whole { input, out } => (input, Some(dot(&out, grad))),
             LayerGraph::HandMlp(kept) => {
-                let surrogate = self.mlp_surrogate(&kept, grad, train);
+                let surrogate = self.mlp_surrogate(&kept, grad);
                 (kept.input, surrogate)
             }
-            LayerGraph::Hand(kept) => return self.backward_by_hand(*kept, grad, train),
+            LayerGraph::Hand(kept) => return self.backward_by_hand(*kept, grad),
         };
         if let Some(surrogate) = surrogate.filter(Tensor::requires_grad) {
             surrogate.backward();
@@ -311,11 +331,11 @@ impl DecoderLayer {
     /// A scalar whose backward gives the layer's graph its gradients: the dot products of the
     /// graph's roots with their gradients, the MLP input's worked out here (the MLP's factors
     /// get theirs directly). `None` where nothing wants a gradient.
-    fn mlp_surrogate(&self, kept: &HandMlp, grad: &Tensor, train: bool) -> Option<Tensor> {
+    fn mlp_surrogate(&self, kept: &HandMlp, grad: &Tensor) -> Option<Tensor> {
         let g = grad.reshape([-1, grad.size()[2]]);
         let mut grads = Vec::new();
         let mlp_in = ProductInput::Plain(&kept.mlp_in);
-        let d_mlp_in = tch::no_grad(|| self.mlp_backward(&kept.mlp, mlp_in, &g, train, &mut grads));
+        let d_mlp_in = tch::no_grad(|| self.mlp_backward(&kept.mlp, mlp_in, &g, &mut grads));
         let mut terms: Vec<Tensor> = [(&kept.attended, &g), (&kept.mlp_in, &d_mlp_in)]
             .into_iter()
             .filter(|(root, _)| root.requires_grad())
@@ -332,15 +352,14 @@ impl DecoderLayer {
         kept: &MlpKept,
         mlp_in: ProductInput,
         g: &Tensor,
-        train: bool,
         grads: &mut Vec<(Tensor, Tensor)>,
     ) -> Tensor {
         let mlp = &self.mlp;
         let down = &mlp.down_proj;
         // The down projection's input is SwiGLU's output, not kept: its `A` gradient comes
         // out of SwiGLU's backward.
-        let (d_gated, down_a) = plain_backward(down, g, kept.down_h.as_ref(), train, grads);
-        if let Some(sink) = down_a.as_ref().and_then(|a| a.delta_gradient.as_ref()) {
+        let (d_gated, down_a) = plain_backward(down, kept.down.as_ref(), g, grads);
+        if let Some(sink) = down_a.as_ref().and_then(|a| a.delta_gradient) {
             sink(weight_gradient(g, &swiglu(&kept.gate_up)));
         }
         let dh = down_a.as_ref().map(|a| &a.dh);
@@ -353,15 +372,13 @@ impl DecoderLayer {
             .as_ref()
             .expect("an MLP by hand has gate/up merged");
         let parts = [&mlp.gate_proj, &mlp.up_proj];
-        let branches = kept.gate_up_branches.as_ref();
-        merged_backward(
-            merged, &parts, branches, &d_gate_up, mlp_in, train, grads, true,
-        )
-        .expect("asked for")
+        let branches = (&kept.gate_up_branches[..], kept.gate_up_product.as_ref());
+        merged_backward(merged, &parts, branches, &d_gate_up, mlp_in, grads, true)
+            .expect("asked for")
     }
 
     /// The layer by hand's backward ([`LayerGraph::Hand`]).
-    fn backward_by_hand(&self, kept: HandLayer, grad: &Tensor, train: bool) -> Tensor {
+    fn backward_by_hand(&self, kept: HandLayer, grad: &Tensor) -> Tensor {
         let attn = &self.self_attn;
         let (h, kvh, hd) = kept.heads;
         let tokens = kept.input.size()[0];
@@ -374,14 +391,13 @@ impl DecoderLayer {
                 rstd: rstd2,
                 weight: w2,
             };
-            let d_mlp_in = self.mlp_backward(&kept.mlp, mlp_in, &g, train, &mut grads);
+            let d_mlp_in = self.mlp_backward(&kept.mlp, mlp_in, &g, &mut grads);
             let d_attended = rms_norm_backward(&d_mlp_in, &kept.attended, rstd2, w2, Some(&g));
             let o = &attn.o_proj;
-            let (d_flat, o_a) =
-                plain_backward(o, &d_attended, kept.o_h.as_ref(), train, &mut grads);
+            let (d_flat, o_a) = plain_backward(o, kept.o.as_ref(), &d_attended, &mut grads);
             if let Some(o_a) = o_a {
                 let flat = &kept.attention.flat;
-                if let Some(sink) = &o_a.delta_gradient {
+                if let Some(sink) = o_a.delta_gradient {
                     sink(weight_gradient(&d_attended, flat));
                 }
                 grads.push((o_a.a, o_a.dh.tr().mm(flat)));
@@ -412,11 +428,10 @@ impl DecoderLayer {
                 .as_ref()
                 .expect("attention by hand has q/k/v merged");
             let parts = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
-            let branches = kept.qkv_branches.as_ref();
+            let branches = (&kept.qkv[..], kept.qkv_product.as_ref());
             let wants = kept.wants_input_grad;
-            let d_normed = merged_backward(
-                merged, &parts, branches, &d_qkv, normed, train, &mut grads, wants,
-            );
+            let d_normed =
+                merged_backward(merged, &parts, branches, &d_qkv, normed, &mut grads, wants);
             d_normed.map(|d| {
                 let (w1, rstd1) = (&self.input_layernorm, &kept.rstd1);
                 rms_norm_backward(&d, &kept.input, rstd1, w1, Some(&d_attended))
@@ -439,13 +454,13 @@ impl DecoderLayer {
 /// round, "What was wrong").
 fn plain_forward(
     linear: &Linear,
+    branch: Option<&LowRank>,
     x: &Tensor,
     residual: &Tensor,
-    train: bool,
 ) -> (Tensor, Option<Tensor>) {
     let (bias, weight) = (linear.bias.as_ref(), &linear.weight);
-    let (mut y, kept) = match plain_branch(linear, train) {
-        Ok(Some(b)) => {
+    let (mut y, kept) = match branch {
+        Some(b) => {
             let h = x.linear::<Tensor>(&b.a.to_kind(x.kind()), None) * b.scaling;
             let branch = h.mm(&b.b.to_kind(x.kind()).tr());
             (branch_then_frozen(branch, x, weight, bias), Some(h))
@@ -458,23 +473,22 @@ fn plain_forward(
 
 /// What [`plain_backward`] leaves to its caller, which has the projection's input `x`: to push
 /// `dA = dhᵀ x` for the branch's `a`, and to hand `d_yᵀ x` to its sink, if any.
-struct BranchInputGrads {
+struct BranchInputGrads<'a> {
     a: Tensor,
     /// `scaling d_y B`, `(tokens, r)`.
     dh: Tensor,
-    delta_gradient: Option<DeltaGradientSink>,
+    delta_gradient: Option<&'a DeltaGradientSink>,
 }
 
-/// [`plain_forward`]'s backward for `d_y`: `d x = d_y W (+ (scaling d_y B) A)`, `dB = d_y^T h`
-/// pushed onto `grads`, and what needs `x` ([`BranchInputGrads`]).
-fn plain_backward(
+/// [`plain_forward`]'s backward for `d_y`, given its branch and `h`: `d x = d_y W (+ (scaling
+/// d_y B) A)`, `dB = d_y^T h` pushed onto `grads`, and what needs `x` ([`BranchInputGrads`]).
+fn plain_backward<'a>(
     linear: &Linear,
+    branch: Option<&'a (LowRank, Tensor)>,
     d_y: &Tensor,
-    h: Option<&Tensor>,
-    train: bool,
     grads: &mut Vec<(Tensor, Tensor)>,
-) -> (Tensor, Option<BranchInputGrads>) {
-    let (Ok(Some(b)), Some(h)) = (plain_branch(linear, train), h) else {
+) -> (Tensor, Option<BranchInputGrads<'a>>) {
+    let Some((b, h)) = branch else {
         return (d_y.mm(&linear.weight), None);
     };
     let kind = d_y.kind();
@@ -482,9 +496,9 @@ fn plain_backward(
     grads.push((b.b.shallow_clone(), h.tr().mm(d_y).tr()));
     let d_x = frozen_input_grad(dh.mm(&b.a.to_kind(kind)), d_y, &linear.weight);
     let rest = BranchInputGrads {
-        a: b.a,
+        a: b.a.shallow_clone(),
         dh,
-        delta_gradient: b.delta_gradient,
+        delta_gradient: b.delta_gradient.as_ref(),
     };
     (d_x, Some(rest))
 }
@@ -496,30 +510,27 @@ fn frozen_input_grad(branch: Tensor, d_y: &Tensor, weight: &Tensor) -> Tensor {
     d_x.addmm_(d_y, weight)
 }
 
-/// A merged product's backward ([`Merged::product`]) for `d_y (tokens, sum of out_i)` and its
-/// input `x`: `d x = d_y W (+ (d_y b) a)` where `want_dx`, and every part's factor gradients
+/// A merged product's backward ([`Merged::product_of`], its parts' branches and what it
+/// returned) for `d_y (tokens, sum of out_i)` and its input `x`: `d x = d_y W (+ (d_y b) a)`
+/// where `want_dx`, and every part's factor gradients
 /// pushed onto `grads` (`d b = d_y^T h`, `d a = (d_y b)^T x`, each part's `A` and `B` blocks of
 /// `a` and `b`); a part's `d_yᵀ x` to its sink where it has one.
-#[allow(clippy::too_many_arguments)]
 fn merged_backward(
     merged: &Merged,
     parts: &[&Linear],
-    branches: Option<&MergedBranches>,
+    (factors, product): (&[Option<LowRank>], Option<&MergedBranches>),
     d_y: &Tensor,
     x: ProductInput,
-    train: bool,
     grads: &mut Vec<(Tensor, Tensor)>,
     want_dx: bool,
 ) -> Option<Tensor> {
-    let Some(MergedBranches { h, a, b }) = branches else {
+    let Some(MergedBranches { h, a, b }) = product else {
         return want_dx.then(|| d_y.mm(&merged.weight));
     };
     let dh = d_y.mm(b);
     let d_a = x.left_product(&dh);
     let d_b = h.tr().mm(d_y).tr();
     let d_x = want_dx.then(|| frozen_input_grad(dh.mm(a), d_y, &merged.weight));
-    let factors = plain_branches(parts, train, Backward::ByHand)
-        .expect("a merged product by hand has plain branches");
     let (mut row, mut col) = (0, 0);
     for (part, branch) in parts.iter().zip(factors) {
         let out = part.out_features();
