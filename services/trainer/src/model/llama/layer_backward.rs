@@ -18,6 +18,10 @@
 //! elsewhere libtorch's operations compute the same. By their sizes that keeps about 11.5
 //! `(tokens, hidden)` tensors a layer on Llama-3-8B where autograd's graph kept 13.5, and
 //! autograd's own bookkeeping (and the dot products that fed it our gradients) is gone.
+//! Each block's branches are taken once per pass ([`BlockBranches`]) and kept for the
+//! backward, so factors derived from parameters are derived once; a branch that wants its
+//! whole update's gradient `∂L/∂ΔW` gets it here, from the projection's input and output
+//! gradient ([`super::DeltaGradientSink`]).
 //!
 //! Where the attention's adapters are not plain but the MLP's are, only the MLP runs by hand
 //! ([`LayerGraph::HandMlp`]: the layer's graph stops at the MLP's input, and the MLP's input
