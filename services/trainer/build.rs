@@ -13,25 +13,4 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    attention_backend(lib.as_deref());
-}
-
-// model/attention_backend.cpp: the one libtorch setting tch has no binding for, compiled
-// against libtorch's headers (beside its lib directory), as torch-sys compiles its own C++.
-fn attention_backend(lib: Option<&str>) {
-    let source = "src/model/attention_backend.cpp";
-    println!("cargo:rerun-if-changed={source}");
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    let include = std::path::Path::new(lib.expect("torch-sys reports libtorch's lib directory"))
-        .join("../include");
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(include)
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file(source)
-        .compile("loraforge_attention_backend");
 }

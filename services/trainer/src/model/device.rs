@@ -16,9 +16,6 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
         DeviceChoice::Cuda => bail!("device cuda was asked for, but no CUDA device is available"),
     };
     tracing::info!(device = device_label(device), "device chosen");
-    if device.is_cuda() {
-        crate::model::attention_backend::choose_for_cuda();
-    }
     Ok(device)
 }
 

@@ -6,7 +6,6 @@
 //! folded into its weights (`merge`).
 
 pub mod architecture;
-pub mod attention_backend;
 pub mod chat_template;
 pub mod cuda_kernels;
 pub mod device;
