@@ -103,6 +103,11 @@ def main():
             "branch_first_input_grad_ms": timed(lambda: (h @ a).addmm_(dy, w)),
         }
 
+    # Contiguous (batch, heads, seq, head_dim), not the trainer's layouts (q and k
+    # (batch, seq, heads, head_dim) in memory): FlashAttention is slower here than in the
+    # trainer (8B shape, H100: 1.17 ms forward and backward here, 0.655 ms in the trainer's
+    # layouts; cuDNN 0.65 either way; bench/gpu.md, seventh round), so the floor takes the
+    # fastest backend.
     q = torch.randn(args.batch, heads, args.seq, hd, device=dev, dtype=bf, requires_grad=True)
     k = torch.randn(args.batch, kvh, args.seq, hd, device=dev, dtype=bf, requires_grad=True)
     v = torch.randn(args.batch, kvh, args.seq, hd, device=dev, dtype=bf, requires_grad=True)
