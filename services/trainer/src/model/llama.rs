@@ -1581,6 +1581,23 @@ mod tests {
         }
     }
 
+    /// [`checkpoint`]'s model in f64, for gradient tests to 1e-10.
+    fn double_model(c: &ModelConfig) -> LlamaModel {
+        let weights = checkpoint(c)
+            .into_iter()
+            .map(|(name, w)| (name, w.to_kind(Kind::Double)))
+            .collect();
+        LlamaModel::from_weights(c.clone(), weights).unwrap()
+    }
+
+    /// Random f64 factors `A (3, inp)` and `B (out, 3)` that want gradients.
+    fn rank_3_factors(inp: i64, out: i64) -> (Tensor, Tensor) {
+        let opts = (Kind::Double, Device::Cpu);
+        let a = (Tensor::randn([3, inp], opts) * 0.3).set_requires_grad(true);
+        let b = (Tensor::randn([out, 3], opts) * 0.3).set_requires_grad(true);
+        (a, b)
+    }
+
     /// The layer-by-layer backward (layer_backward.rs), with and without checkpointing, gives
     /// the adapters the gradients autograd gives them through the whole model, in f64 to 1e-10:
     /// every projection adapted, some of them, the MLP without adapters (each the layer by
@@ -1604,18 +1621,13 @@ mod tests {
             (all, Some("o_proj"), true),
         ];
         for (targets, opaque, gated) in cases {
-            let weights = checkpoint(&c)
-                .into_iter()
-                .map(|(name, w)| (name, w.to_kind(Kind::Double)))
-                .collect();
-            let mut model = LlamaModel::from_weights(c.clone(), weights).unwrap();
+            let mut model = double_model(&c);
             tch::manual_seed(3);
             let mut factors = Vec::new();
             for (name, linear) in model.linears_mut(targets) {
                 let (inp, out) = (linear.in_features(), linear.out_features());
                 let opts = (Kind::Double, Device::Cpu);
-                let a = (Tensor::randn([3, inp], opts) * 0.3).set_requires_grad(true);
-                let b = (Tensor::randn([out, 3], opts) * 0.3).set_requires_grad(true);
+                let (a, b) = rank_3_factors(inp, out);
                 let gate = gated.then(|| (Tensor::randn([3], opts) + 1.0).set_requires_grad(true));
                 linear.attach(Box::new(Plain {
                     a: a.shallow_clone(),
@@ -1883,18 +1895,13 @@ mod tests {
         let c = config(json!({"num_hidden_layers": 2}));
         let all = loraforge_spec::model::LLAMA_TARGET_MODULES;
         for opaque in [None, Some("o_proj"), Some("gate_proj")] {
-            let weights = checkpoint(&c)
-                .into_iter()
-                .map(|(name, w)| (name, w.to_kind(Kind::Double)))
-                .collect();
-            let mut model = LlamaModel::from_weights(c.clone(), weights).unwrap();
+            let mut model = double_model(&c);
             tch::manual_seed(5);
             let mut watched = Vec::new();
             for (name, linear) in model.linears_mut(all) {
                 let (inp, out) = (linear.in_features(), linear.out_features());
                 let opts = (Kind::Double, Device::Cpu);
-                let a = (Tensor::randn([3, inp], opts) * 0.3).set_requires_grad(true);
-                let b = (Tensor::randn([out, 3], opts) * 0.3).set_requires_grad(true);
+                let (a, b) = rank_3_factors(inp, out);
                 let zero = Tensor::zeros([out, inp], opts).set_requires_grad(true);
                 let by_hand = std::rc::Rc::new(std::cell::RefCell::new(None));
                 linear.attach(Box::new(Watched {
