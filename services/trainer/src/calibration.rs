@@ -40,7 +40,7 @@
 
 use crate::data::{Batch, TrainingRows};
 use crate::eval::validation::summed_loss_of;
-use crate::model::llama::{Checkpointing, LinearAdapter};
+use crate::model::llama::{weight_gradient, Checkpointing, LinearAdapter};
 use crate::model::LlamaModel;
 use crate::training::trace::Trace;
 use crate::training::Reporter;
@@ -51,7 +51,7 @@ use loraforge_spec::TrainingConfig;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// One forward pass's record of a probed layer: its input, and the zero leaf added to its
 /// output (whose gradient is `∂L/∂y`), if gradients are asked for.
@@ -256,8 +256,7 @@ fn weight_gradients(
                     dy.reshape([-1, dy.size()[dy.dim() - 1]]),
                     x.reshape([-1, x.size()[x.dim() - 1]]),
                 );
-                let g =
-                    tch::no_grad(|| dy.to_kind(Kind::Float).tr().matmul(&x.to_kind(Kind::Float)));
+                let g = tch::no_grad(|| weight_gradient(&dy, &x));
                 *sum = Some(match sum.take() {
                     Some(s) => s + g,
                     None => g,
@@ -348,6 +347,7 @@ mod tests {
     use crate::data::Row;
     use crate::methods::testing::{max_abs_diff, FixtureModel};
     use crate::training::seeds::torch_rng_turn;
+    use tch::Kind;
 
     /// Adds `x Zᵀ` with `Z = 0` trainable: `∂L/∂Z` is `∂L/∂W` by autograd, independently of
     /// the probes' `(∂L/∂y)ᵀ x`.
