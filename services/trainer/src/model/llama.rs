@@ -67,11 +67,10 @@ pub struct LowRank {
 pub type DeltaGradientSink = Box<dyn Fn(Tensor)>;
 
 /// `gᵀ x` in f32 (f64 for f64 inputs) for `g (tokens, out)` and `x (tokens, in)`: a
-/// weight-shaped gradient. Where
-/// both are bf16 (or f16) on a GPU, every product `g_ti x_tj` is exact in f32, so the
-/// half-precision tensor-core product with f32 output and accumulation (`mm` with
-/// `out_dtype`) gives what the f32 product does up to the order of the f32 sums, as between
-/// any two f32 kernels, at a fraction of its cost.
+/// weight-shaped gradient. Where both are bf16 (or f16) on a GPU, every product `g_ti x_tj` is
+/// exact in f32, so the half-precision tensor-core product with f32 output and accumulation
+/// (`mm` with `out_dtype`) gives what the f32 product does up to the order of the f32 sums, as
+/// between any two f32 kernels, at a fraction of its cost.
 pub fn weight_gradient(g: &Tensor, x: &Tensor) -> Tensor {
     let half = matches!(x.kind(), Kind::BFloat16 | Kind::Half);
     if half && g.kind() == x.kind() && x.device().is_cuda() {
