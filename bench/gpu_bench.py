@@ -7,12 +7,16 @@ Usage (on the GPU machine, with the trainer built on the development machine):
                              [--steps 10] [--only peft,liger,loraforge,loraforge-layers,loraforge-offload,NAME-layers,...]
                              [--other-trainer NAME=BIN ...  (earlier builds, contenders NAME)]
                              [--profile  (loraforge contenders: the trainer's step profile)]
+                             [--timeline (loraforge contenders: the trainer's step timeline)]
 Prints one markdown table row per contender and one JSON line each (--json-out FILE too).
 
 --profile sets LORAFORGE_PROFILE_STEPS to the warm-up count for the loraforge contenders: the
 trainer times each phase of a step, synchronising the GPU between phases, and logs the mean per
 phase over the timed steps; those `step profile:` lines are printed and kept in the JSON
 (`profile`). Synchronising slows the run a little: take tokens/s from a run without it.
+--timeline sets LORAFORGE_TIMELINE_STEPS likewise: CUDA events at each layer's and each phase's
+end, nothing synchronised within a step; the `timeline:` lines (device and host time per
+segment, and how much work the device had queued at each mark) are printed and kept (`timeline`).
 
 Same for every contender: the model `peft_baseline.py --save-model` writes (random weights,
 bf16), LoRA r=16 alpha=32 dropout 0 on all seven projections (fp32 factors), AdamW lr 1e-4,
@@ -79,6 +83,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the model and data (default: a temporary one)")
     ap.add_argument("--profile", action="store_true",
                     help="the loraforge contenders log their step profile (LORAFORGE_PROFILE_STEPS)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="the loraforge contenders log their step timeline (LORAFORGE_TIMELINE_STEPS)")
     args = ap.parse_args()
     warmup = 3
     pynvml.nvmlInit()
@@ -140,6 +146,8 @@ def main() -> None:
             env = dict(os.environ, NO_COLOR="1", RUST_LOG="info")
             if args.profile:
                 env["LORAFORGE_PROFILE_STEPS"] = str(warmup)
+            if args.timeline:
+                env["LORAFORGE_TIMELINE_STEPS"] = str(warmup)
             done = subprocess.run([trainer, "train", "--spec", str(spec), "--out", str(work / f"out-{name}"),
                                    "--device", "cuda"], env=env, capture_output=True, text=True)
             peak = sampler.finish()
@@ -155,9 +163,13 @@ def main() -> None:
                             "final_loss": summary["metrics"]["final_loss"],
                             "wall_s": round(time.perf_counter() - started, 1)})
             if args.profile:
-                profile = profile_lines(done.stderr)
+                profile = log_lines(done.stderr, "step profile:")
                 results[-1].update(profiled=True, profile=profile)
                 print(f"{name}:\n" + "\n".join(profile), file=sys.stderr)
+            if args.timeline:
+                timeline = log_lines(done.stderr, "timeline:")
+                results[-1].update(timeline=timeline)
+                print(f"{name}:\n" + "\n".join(timeline), file=sys.stderr)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
 
     ref = {r["name"]: r for r in results if "error" not in r}
@@ -179,10 +191,10 @@ def main() -> None:
                                                    "batch": args.batch, "results": results}, indent=1))
 
 
-def profile_lines(log: str) -> list:
-    """The trainer's `step profile:` table, without the log's prefix."""
+def log_lines(log: str, prefix: str) -> list:
+    """The trainer's table whose lines start with `prefix`, without the log's own prefix."""
     log = re.sub(r"\x1b\[[0-9;]*m", "", log)
-    return [line[line.index("step profile:"):] for line in log.splitlines() if "step profile:" in line]
+    return [line[line.index(prefix):] for line in log.splitlines() if prefix in line]
 
 
 def tail(text: str, lines: int = 15) -> str:

@@ -732,6 +732,7 @@ impl LlamaModel {
             let rope = (&rope.0, &rope.1);
             self.layers[i].forward_for_backward(x, rope, mask, c.rms_norm_eps, train)
         };
+        super::timeline::mark("embedding");
         let (last, kept) = match checkpointing {
             Checkpointing::None => {
                 let mut graphs = Vec::with_capacity(self.layers.len());
@@ -740,6 +741,7 @@ impl LlamaModel {
                     // The first layer's input is the frozen embedding: no gradient to pass on.
                     let input = hidden.set_requires_grad(i > 0);
                     let (out, graph) = run_layer(i, input);
+                    super::timeline::mark("layer forward");
                     graphs.push(graph);
                     hidden = out;
                 }
@@ -752,6 +754,7 @@ impl LlamaModel {
                 tch::no_grad(|| {
                     for i in 0..self.layers.len() {
                         let out = run_layer(i, hidden.shallow_clone()).0;
+                        super::timeline::mark("layer forward");
                         let input = std::mem::replace(&mut hidden, out);
                         inputs.push(if offload { to_host(&input) } else { input });
                     }
@@ -820,6 +823,7 @@ impl TrainingPass<'_> {
             return;
         }
         let device = r.last.device();
+        super::timeline::mark("loss backward");
         for (i, layer) in self.model.layers.iter().enumerate().rev() {
             // Popped, each layer's graph or input is freed once its layer is done.
             let graph = match &mut r.kept {
@@ -844,6 +848,7 @@ impl TrainingPass<'_> {
                 }
             };
             grad = layer.backward(graph, &grad);
+            super::timeline::mark("layer backward");
         }
     }
 }

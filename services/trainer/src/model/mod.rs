@@ -14,6 +14,7 @@ pub mod gpu_memory;
 pub mod llama;
 pub mod lm_loss;
 pub mod merge;
+pub mod timeline;
 pub mod tokenizer_config;
 pub mod weights;
 

@@ -94,6 +94,7 @@ impl StepProfile {
 
     /// Charges the time since the last mark to `phase`.
     pub fn lap(&mut self, phase: Phase) {
+        crate::model::timeline::mark(phase.label());
         if let Some(t) = &mut self.0 {
             t.synchronize();
             let now = Instant::now();

@@ -248,7 +248,8 @@ impl<'a> Run<'a> {
                 self.save_checkpoint(state, hooks)?;
             }
         }
-        for line in self.profile.summary().into_iter().flatten() {
+        let timeline = crate::model::timeline::summary();
+        for line in self.profile.summary().into_iter().chain(timeline).flatten() {
             hooks.reporter.report(log(line));
         }
         Ok(())
@@ -265,6 +266,7 @@ impl<'a> Run<'a> {
     ) -> Result<StepOutcome> {
         let training = &self.spec.training;
         let (plan, adapted, profile) = (&self.plan, &mut self.adapted, &mut self.profile);
+        crate::model::timeline::begin_step(adapted.device);
         profile.start_step();
         adapted.method.before_step(step);
         profile.lap(Phase::Hooks);

@@ -39,6 +39,7 @@ use super::{
     MergedBranches,
 };
 use crate::model::cuda_kernels::{self, Heads};
+use crate::model::timeline;
 use tch::{Kind, Tensor};
 
 /// What a layer's training forward kept for its backward.
@@ -268,6 +269,7 @@ impl DecoderLayer {
             let (qkv, product) = merged.product_of(&qkv_parts, &attention_branches.merged, &normed);
             (qkv, product, rstd1)
         });
+        timeline::mark("fwd: norm, qkv");
         // Attention's core on a graph of its own: q, k (roped) and v as leaves, q and k laid
         // out `(batch, seq, heads, head_dim)` in memory as the RoPE kernel writes them, v
         // `(batch, heads, seq, head_dim)`: the layouts autograd's path hands attention
@@ -285,6 +287,7 @@ impl DecoderLayer {
             v.set_requires_grad(true),
         );
         let out = tch::with_grad(|| attend(&q, &k, &v, mask));
+        timeline::mark("fwd: rope, attention");
         let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
         let o = attention_branches.last;
         let (layer_out, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
@@ -294,6 +297,7 @@ impl DecoderLayer {
             let (y, mlp) = self.mlp_forward(&mlp_in, &attended, mlp_branches);
             (y, o_h, attended, rstd2, mlp)
         });
+        timeline::mark("fwd: o, norm, mlp");
         let kept = HandLayer {
             input: x,
             wants_input_grad,
@@ -408,10 +412,12 @@ impl DecoderLayer {
             }
             (d_attended, d_flat)
         });
+        timeline::mark("bwd: mlp, norm, o");
         let AttentionGraph { q, k, v, out, flat } = kept.attention;
         drop(flat);
         dot(&out.transpose(1, 2), &d_flat).backward();
         drop(out);
+        timeline::mark("bwd: attention");
         let d_input = tch::no_grad(|| {
             let to_tokens =
                 |t: Tensor, n: i64| t.transpose(1, 2).contiguous().view([tokens, n, hd]);
@@ -442,6 +448,7 @@ impl DecoderLayer {
                     .view(kept.shape.as_slice())
             })
         });
+        timeline::mark("bwd: rope, qkv, norm");
         if let Some(surrogate) = accumulate(grads) {
             surrogate.backward();
         }
