@@ -143,14 +143,13 @@ fn halves(gate_up: &Tensor) -> (Tensor, Tensor) {
     (gate_up.narrow(1, 0, half), gate_up.narrow(1, half, half))
 }
 
-/// What runs by hand, from `LORAFORGE_LAYER_BY_HAND`: `on`, the whole layer where its
-/// adapters allow; `mlp`, the MLP alone, attention under autograd; `off`, neither (autograd's
-/// whole layer, the reference). Unset: the whole layer on the CPU, the MLP alone on CUDA. On
-/// an H100 the whole layer is the fastest path; over 200 steps in bf16 its loss curve ended 5%
-/// below PEFT's in one run and 0.1% above it in a later one of the same build, where PEFT's
-/// own runs land within 0.5% of each other (bench/gpu.md, "How wide is the band?"); until more
-/// runs settle that, CUDA runs the MLP alone by default.
-/// On the CPU (fp32) the whole layer matches autograd and PEFT (tests, bench/README.md).
+/// What runs by hand, from `LORAFORGE_LAYER_BY_HAND`: `on` (the default), the whole layer
+/// where its adapters allow; `mlp`, the MLP alone, attention under autograd; `off`, neither
+/// (autograd's whole layer, the reference). On the CPU (fp32) the whole layer matches autograd
+/// and PEFT (tests, bench/README.md). On an H100 it is the fastest path, and its 200-step loss
+/// curves in bf16 land within PEFT's own run-to-run spread: +0.11%, +0.55% and -0.28% from
+/// PEFT's final loss in three runs, the MLP alone +0.72% beside them, where one earlier run
+/// had ended 5.6% below and was not reproduced (bench/gpu.md, "Eighth round").
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ByHand {
     Whole,
@@ -158,12 +157,11 @@ enum ByHand {
     Off,
 }
 
-fn by_hand(cuda: bool) -> ByHand {
+fn by_hand() -> ByHand {
     match std::env::var("LORAFORGE_LAYER_BY_HAND").as_deref() {
         Ok("on" | "1") => ByHand::Whole,
         Ok("mlp") => ByHand::Mlp,
         Ok("off" | "0") => ByHand::Off,
-        _ if cuda => ByHand::Mlp,
         _ => ByHand::Whole,
     }
 }
@@ -182,7 +180,7 @@ impl DecoderLayer {
     ) -> (Tensor, LayerGraph) {
         let mlp = &self.mlp;
         let attn = &self.self_attn;
-        let by_hand = by_hand(input.device().is_cuda());
+        let by_hand = by_hand();
         let mlp_branches = (by_hand != ByHand::Off && mlp.gate_up.is_some())
             .then(|| BlockBranches::of(&[&mlp.gate_proj, &mlp.up_proj], &mlp.down_proj, train))
             .flatten();
