@@ -29,7 +29,7 @@ python3 -c 'import torch, transformers, peft, liger_kernel; print("torch", torch
 for z in loraforge-*.gz; do [ -e "$z" ] && gunzip -kf "$z"; done
 chmod +x ./loraforge-trainer
 # The contenders `loraforge-hand`, `loraforge-mlp` and `loraforge-autograd`: the same trainer
-# with the whole layer by hand, the MLP alone (the CUDA default), or none of it
+# with the whole layer by hand (the default), the MLP alone, or none of it
 # (LORAFORGE_LAYER_BY_HAND, docs/trainer.md).
 for mode in hand:on mlp:mlp autograd:off; do
   printf '#!/bin/sh\nLORAFORGE_LAYER_BY_HAND=%s exec "$(dirname "$0")/loraforge-trainer" "$@"\n' \
