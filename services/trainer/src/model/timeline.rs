@@ -149,11 +149,17 @@ impl Recorder {
     fn fold(&mut self) {
         let marks = std::mem::take(&mut self.marks);
         let Some(anchor) = marks.first() else { return };
-        let device_at = |m: &Mark| f64::from(anchor.event.elapsed_ms(&m.event).unwrap_or(0.0));
-        let host_at = |m: &Mark| (m.host - anchor.host).as_secs_f64() * 1e3;
-        for pair in marks.windows(2) {
-            let (start, end) = (&pair[0], &pair[1]);
-            let lead = device_at(end) - host_at(end);
+        // Each mark's time since the anchor (ms), on the device's clock and on the host's.
+        let times: Vec<(f64, f64)> = marks
+            .iter()
+            .map(|m| {
+                let device = f64::from(anchor.event.elapsed_ms(&m.event).unwrap_or(0.0));
+                (device, (m.host - anchor.host).as_secs_f64() * 1e3)
+            })
+            .collect();
+        for (i, end) in marks.iter().enumerate().skip(1) {
+            let ((start_device, start_host), (end_device, end_host)) = (times[i - 1], times[i]);
+            let lead = end_device - end_host;
             let k = match self.segments.iter().position(|s| s.label == end.label) {
                 Some(k) => k,
                 None => {
@@ -167,13 +173,13 @@ impl Recorder {
             };
             let s = &mut self.segments[k];
             s.count += 1;
-            s.device_ms += device_at(end) - device_at(start);
-            s.host_ms += host_at(end) - host_at(start);
+            s.device_ms += end_device - start_device;
+            s.host_ms += end_host - start_host;
             s.min_lead_ms = s.min_lead_ms.min(lead);
             s.starved += u64::from(lead < STARVED_MS);
         }
-        if let Some(last) = marks.last() {
-            self.step_totals.push((device_at(last), host_at(last)));
+        if let Some(&last) = times.last() {
+            self.step_totals.push(last);
         }
     }
 

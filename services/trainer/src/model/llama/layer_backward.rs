@@ -723,22 +723,26 @@ enum ProductInput<'a> {
 impl ProductInput<'_> {
     /// `dh^T input` for `dh (tokens, r)`: `(r, in)`, in the input's dtype.
     fn left_product(&self, dh: &Tensor) -> Tensor {
-        match self {
-            ProductInput::Plain(x) => dh.tr().mm(x),
-            ProductInput::Normed { x, rstd, weight } => {
-                let scaled = (dh.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
-                scaled.tr().mm(x) * *weight
-            }
-        }
+        self.transposed_product(dh, |g, x| g.tr().mm(x))
     }
 
     /// `d_yᵀ input` for `d_y (tokens, out)`: `(out, in)`, in f32 ([`weight_gradient`]).
     fn weight_gradient(&self, d_y: &Tensor) -> Tensor {
+        self.transposed_product(d_y, weight_gradient)
+    }
+
+    /// `product(g, input)` (a `gᵀ input`): for a normed input, the norm's row scales go onto
+    /// `g` (in the input's dtype) and its weight onto the `(rows, in)` result.
+    fn transposed_product(
+        &self,
+        g: &Tensor,
+        product: impl Fn(&Tensor, &Tensor) -> Tensor,
+    ) -> Tensor {
         match self {
-            ProductInput::Plain(x) => weight_gradient(d_y, x),
+            ProductInput::Plain(x) => product(g, x),
             ProductInput::Normed { x, rstd, weight } => {
-                let scaled = (d_y.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
-                weight_gradient(&scaled, x) * *weight
+                let scaled = (g.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
+                product(&scaled, x) * *weight
             }
         }
     }
