@@ -18,7 +18,12 @@
 //! results are those of the libtorch path up to the exponential's last bit. They take bf16 on
 //! CUDA only; everything else (the CPU, fp32, a build or machine without NVRTC) keeps libtorch's
 //! kernels, which is also what `LORAFORGE_CUDA_KERNELS=off` selects (`-rope`, `-rms_norm`,
-//! `-swiglu`, `-cross_entropy`: those families alone).
+//! `-swiglu`, `-cross_entropy`, `-lora`: those families alone).
+//!
+//! One more packs a group of projections' low-rank factors for the layer by hand's products
+//! (`pack_lora`: bf16 casts of the `A`s stacked and the scaled `B`s block-diagonal), once per
+//! group and pass where libtorch took about a dozen small kernels: on Llama-3-8B some 900 a
+//! step, a few microseconds each.
 //!
 //! Both libraries are opened at run time (`libcuda.so` from the driver, `libnvrtc.so` from the
 //! CUDA toolkit or PyTorch's `nvidia-cuda-nvrtc` package, found through `LD_LIBRARY_PATH`), so
@@ -342,6 +347,37 @@ extern "C" __global__ void cross_entropy_backward(uint4* __restrict__ logits,
     logits[i] = d;
   }
 }
+
+// A projection group's low-rank branches packed for its products, in bf16 (model/llama.rs,
+// `Merged::product_of`): `a_out (total_r, in)` the parts' `A`s stacked, and `b_out (rows,
+// total_r)` block-diagonal, part p's block `scale_p B_p` at rows `row_off_p..` and the columns
+// after the parts before it, zeros elsewhere. Up to three parts; `A_p (r_p, in)` and `B_p
+// (rows_p, r_p)` contiguous fp32. Each rounded once, as a cast (and for `B` the fp32 product
+// with its scale, then a cast) rounds.
+struct PackPart { const float* a; const float* b; u32 r, row_off, rows; float scale; };
+struct PackParts { PackPart p[3]; u32 count; };
+extern "C" __global__ void pack_lora(PackParts parts, bf16* __restrict__ a_out, bf16* __restrict__ b_out,
+                                     u32 in, u32 total_rows, u32 total_r) {
+  size_t a_items = (size_t)total_r * in, total = a_items + (size_t)total_rows * total_r;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    if (i < a_items) {
+      u32 row = (u32)(i / in), col = (u32)(i - (size_t)row * in), off = 0, p = 0;
+      while (p + 1 < parts.count && row >= off + parts.p[p].r) off += parts.p[p++].r;
+      a_out[i] = store(parts.p[p].a[(size_t)(row - off) * in + col]);
+    } else {
+      size_t j = i - a_items;
+      u32 row = (u32)(j / total_r), col = (u32)(j - (size_t)row * total_r), off = 0;
+      float v = 0.0f;
+      for (u32 p = 0; p < parts.count; ++p) {
+        const PackPart& q = parts.p[p];
+        if (col >= off && col < off + q.r && row >= q.row_off && row < q.row_off + q.rows)
+          v = q.scale * q.b[(size_t)(row - q.row_off) * q.r + (col - off)];
+        off += q.r;
+      }
+      b_out[j] = store(v);
+    }
+  }
+}
 "#;
 
 const THREADS: u32 = 256;
@@ -358,27 +394,31 @@ struct Kernels {
     rope_backward: CudaFunction,
     cross_entropy_forward: CudaFunction,
     cross_entropy_backward: CudaFunction,
+    pack_lora: CudaFunction,
     /// Blocks enough to fill the device; the kernels loop over the rest.
     max_blocks: u32,
 }
 
 static KERNELS: OnceLock<Option<Kernels>> = OnceLock::new();
 
-/// A family of kernels: SwiGLU, RoPE, RMSNorm's backward or the cross-entropy.
+/// A family of kernels: SwiGLU, RoPE, RMSNorm's backward, the cross-entropy or the packing of
+/// the low-rank factors.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
     Swiglu,
     Rope,
     RmsNorm,
     CrossEntropy,
+    Lora,
 }
 
 impl Family {
-    const ALL: [Family; 4] = [
+    const ALL: [Family; 5] = [
         Family::Swiglu,
         Family::Rope,
         Family::RmsNorm,
         Family::CrossEntropy,
+        Family::Lora,
     ];
 
     fn name(self) -> &'static str {
@@ -387,6 +427,7 @@ impl Family {
             Family::Rope => "rope",
             Family::RmsNorm => "rms_norm",
             Family::CrossEntropy => "cross_entropy",
+            Family::Lora => "lora",
         }
     }
 }
@@ -484,6 +525,7 @@ fn compile(ordinal: usize) -> Result<Kernels, String> {
         rope_backward: function("rope_backward")?,
         cross_entropy_forward: function("cross_entropy_forward")?,
         cross_entropy_backward: function("cross_entropy_backward")?,
+        pack_lora: function("pack_lora")?,
         max_blocks: sms.max(1) as u32 * 16,
     })
 }
@@ -825,6 +867,102 @@ pub fn rope_backward(
 
 /// Whether the RoPE kernels take these sizes: eight pairs a thread (`head_dim / 2` and the
 /// row's width multiples of 8, so every load is 16 bytes on a 16-byte boundary where the
+/// One projection's low-rank branch in a group packed by [`pack_lora`]: its factors `a (r, in)`
+/// and `b (rows, r)` (fp32), its scaling, and its first row in the group's output.
+pub struct LoraPart<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+    pub row: i64,
+}
+
+/// The kernel's view of a [`LoraPart`] (`PackPart` in the source).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PackPart {
+    a: u64,
+    b: u64,
+    r: u32,
+    row_off: u32,
+    rows: u32,
+    scale: f32,
+}
+
+/// Up to three parts (q, k, v), as the kernel takes them (`PackParts`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PackParts {
+    parts: [PackPart; 3],
+    count: u32,
+}
+
+// SAFETY: plain `#[repr(C)]` data laid out as the kernel's structs (u64 pointers, u32 and f32).
+unsafe impl cudarc::driver::DeviceRepr for PackParts {}
+
+/// A projection group's branches packed for its products in bf16, in one kernel: `a (total r,
+/// in)` the parts' `A`s stacked, and `b (rows, total r)` block-diagonal, each part's
+/// `scaling B` in its rows and its own columns, zeros elsewhere. The values a cast of `A`, and
+/// of `B` times its scaling in fp32, give (what libtorch's casts, concatenation, zeroed buffer
+/// and block copies give, in about a dozen kernels). Outside autograd: nothing is recorded.
+/// `None` where it does not apply (not fp32 on CUDA, more than three parts).
+pub fn pack_lora(parts: &[LoraPart], rows: i64) -> Option<(Tensor, Tensor)> {
+    let first = parts.first()?;
+    let device = first.a.device();
+    let inputs = first.a.size().get(1).copied()?;
+    let fits = parts.len() <= 3
+        && rows < i32::MAX as i64
+        && parts.iter().all(|p| {
+            let (a, b) = (p.a.size(), p.b.size());
+            [p.a, p.b]
+                .iter()
+                .all(|t| t.kind() == Kind::Float && t.device() == device)
+                && a.len() == 2
+                && b.len() == 2
+                && a[1] == inputs
+                && b[1] == a[0]
+                && p.row >= 0
+                && p.row + b[0] <= rows
+        });
+    if !fits {
+        return None;
+    }
+    let k = kernels(device, Family::Lora)?;
+    let total_r: i64 = parts.iter().map(|p| p.a.size()[0]).sum();
+    let items = (total_r * inputs + rows * total_r) as usize;
+    // The factors as contiguous tensors, alive until the launch is ordered (derived factors
+    // may be views).
+    let held: Vec<(Tensor, Tensor)> = parts
+        .iter()
+        .map(|p| (p.a.contiguous(), p.b.contiguous()))
+        .collect();
+    let mut packed = PackParts::default();
+    for (slot, (p, (a, b))) in packed.parts.iter_mut().zip(parts.iter().zip(&held)) {
+        *slot = PackPart {
+            a: pointer(a),
+            b: pointer(b),
+            r: a.size()[0] as u32,
+            row_off: p.row as u32,
+            rows: b.size()[0] as u32,
+            scale: p.scaling as f32,
+        };
+    }
+    packed.count = parts.len() as u32;
+    let a_out = Tensor::empty([total_r, inputs], (Kind::BFloat16, device));
+    let b_out = Tensor::empty([rows, total_r], (Kind::BFloat16, device));
+    let (a_ptr, b_ptr) = (pointer(&a_out), pointer(&b_out));
+    let dims = [inputs, rows, total_r].map(|d| d as u32);
+    let mut launch = k.stream.launch_builder(&k.pack_lora);
+    launch.arg(&packed).arg(&a_ptr).arg(&b_ptr);
+    for dim in &dims {
+        launch.arg(dim);
+    }
+    // SAFETY: every factor is a contiguous fp32 tensor of the size the kernel indexes (checked
+    // above), the outputs of `total_r x in` and `rows x total_r`, all alive until the launch is
+    // ordered on their stream.
+    unsafe { launch.launch(grid(k, items)) }.expect("launching pack_lora");
+    Some((a_out, b_out))
+}
+
 /// tensors start on one), and a thread count that fits 32 bits.
 fn rope_fits(tokens: i64, width: i64, (h, kvh, hd): Heads) -> bool {
     hd % 16 == 0 && width % 8 == 0 && tokens * (h + kvh) * (hd / 16) < i32::MAX as i64
@@ -1064,6 +1202,52 @@ mod tests {
         assert!(ulps(&grad, &want_grad) <= 1.0, "gradient");
     }
 
+    /// The packed factors are what libtorch's casts, concatenation and block copies give, bit
+    /// for bit: q and v with branches of ranks 16 and 8 (their scalings differ), k without.
+    #[test]
+    #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
+    fn packed_factors_match_libtorch_on_cuda() {
+        let opts = (Kind::Float, Device::Cuda(0));
+        tch::manual_seed(17);
+        let (inputs, outs) = (1000, [1024, 256, 256]);
+        let (a0, b0) = (
+            Tensor::randn([16, inputs], opts),
+            Tensor::randn([outs[0], 16], opts),
+        );
+        let (a2, b2) = (
+            Tensor::randn([8, inputs], opts),
+            Tensor::randn([outs[2], 8], opts),
+        );
+        let parts = [
+            LoraPart {
+                a: &a0,
+                b: &b0,
+                scaling: 2.0,
+                row: 0,
+            },
+            LoraPart {
+                a: &a2,
+                b: &b2,
+                scaling: 0.7,
+                row: outs[0] + outs[1],
+            },
+        ];
+        let rows = outs.iter().sum::<i64>();
+        let (a, b) = pack_lora(&parts, rows).expect("the kernel applies");
+        let want_a = Tensor::cat(&[&a0, &a2], 0).to_kind(Kind::BFloat16);
+        let want_b = Tensor::zeros([rows, 24], (Kind::BFloat16, opts.1));
+        want_b
+            .narrow(0, 0, outs[0])
+            .narrow(1, 0, 16)
+            .copy_(&(&b0 * 2.0));
+        want_b
+            .narrow(0, outs[0] + outs[1], outs[2])
+            .narrow(1, 16, 8)
+            .copy_(&(&b2 * 0.7));
+        assert!(a.equal(&want_a), "A stacked");
+        assert!(b.equal(&want_b), "B block-diagonal");
+    }
+
     /// NVRTC needs no GPU: every kernel's source compiles on any machine with the library (in
     /// CI, PyTorch's `nvidia-cuda-nvrtc` package, which .ci/env.sh puts on `LD_LIBRARY_PATH`),
     /// so a kernel that would not compile fails here rather than on the GPU machine.
@@ -1080,6 +1264,7 @@ mod tests {
             "rope_backward",
             "cross_entropy_forward",
             "cross_entropy_backward",
+            "pack_lora",
         ] {
             assert!(
                 text.contains(&format!(".entry {name}(")),

@@ -5,6 +5,7 @@
 
 use crate::error::user_error;
 use crate::model::architecture::{ModelConfig, RopeScaling};
+use crate::model::cuda_kernels;
 use crate::model::device::base_kind;
 use crate::model::weights::load_model_weights;
 use anyhow::Result;
@@ -244,47 +245,95 @@ impl Merged {
         train: bool,
     ) -> Option<(Tensor, Option<MergedBranches>)> {
         let branches = plain_branches(parts, train, Backward::Autograd)?;
-        Some(self.product_of(parts, &branches, x2))
+        Some(self.product_of(parts, &branches, x2, Backward::Autograd))
     }
 
     /// [`Merged::product`] with the parts' plain branches given (`None` for a part without an
-    /// adapter).
+    /// adapter), and who runs its backward.
     fn product_of(
         &self,
         parts: &[&Linear],
         branches: &[Option<LowRank>],
         x2: &Tensor,
+        backward: Backward,
     ) -> (Tensor, Option<MergedBranches>) {
-        if !branches.iter().any(Option::is_some) {
-            return (x2.linear(&self.weight, self.bias.as_ref()), None);
-        }
-        let (kind, device) = (x2.kind(), x2.device());
-        let total: i64 = branches.iter().flatten().map(|b| b.a.size()[0]).sum();
-        let a = Tensor::cat(
-            &branches.iter().flatten().map(|b| &b.a).collect::<Vec<_>>(),
-            0,
+        group_product(
+            (&self.weight, self.bias.as_ref()),
+            parts,
+            branches,
+            x2,
+            backward,
         )
-        .to_kind(kind);
-        // The block-diagonal `b`, each part's `scaling B` copied into its block of one
-        // zeroed buffer (two kernels a part; autograd records the copies, so gradients
-        // reach `B` where it runs). The copy casts: one rounding to the input's dtype.
-        let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
-        let b = Tensor::zeros([rows, total], (kind, device));
-        let (mut row, mut col) = (0, 0);
-        for (part, branch) in parts.iter().zip(branches) {
-            let out = part.out_features();
-            if let Some(branch) = branch {
-                let r = branch.a.size()[0];
-                let block = b.narrow(0, row, out).narrow(1, col, r);
-                block.shallow_clone().copy_(&(&branch.b * branch.scaling));
-                col += r;
-            }
-            row += out;
-        }
-        let h = x2.linear::<Tensor>(&a, None);
-        let y = branch_then_frozen(h.mm(&b.tr()), x2, &self.weight, self.bias.as_ref());
-        (y, Some(MergedBranches { h, a, b }))
     }
+}
+
+/// The output of a group of projections that read `x2 (tokens, in)` (merged q/k/v or gate/up,
+/// or a single projection), `(tokens, sum of out_i)` for their weights side by side (and
+/// bias), with their plain branches (`None` for a part without an adapter) run as one
+/// product, and those branches' share ([`MergedBranches`]).
+fn group_product(
+    (weight, bias): (&Tensor, Option<&Tensor>),
+    parts: &[&Linear],
+    branches: &[Option<LowRank>],
+    x2: &Tensor,
+    backward: Backward,
+) -> (Tensor, Option<MergedBranches>) {
+    if !branches.iter().any(Option::is_some) {
+        return (x2.linear(weight, bias), None);
+    }
+    let (a, b) = pack_branches(parts, branches, x2.kind(), backward);
+    let h = x2.linear::<Tensor>(&a, None);
+    let y = branch_then_frozen(h.mm(&b.tr()), x2, weight, bias);
+    (y, Some(MergedBranches { h, a, b }))
+}
+
+/// The factors of a group's branches for its products, in `kind`: `a` the parts' `A`s stacked
+/// `(total r, in)`, `b` their `scaling B`s block-diagonal `(sum of out_i, total r)`. Under
+/// autograd libtorch's operations, which it records so that gradients reach the factors; for a
+/// backward by hand (which hands the factors their gradients itself) one kernel on CUDA
+/// ([`cuda_kernels::pack_lora`]), where casts, a concatenation and block copies took about a
+/// dozen kernels a group.
+fn pack_branches(
+    parts: &[&Linear],
+    branches: &[Option<LowRank>],
+    kind: Kind,
+    backward: Backward,
+) -> (Tensor, Tensor) {
+    let rows: i64 = parts.iter().map(|p| p.out_features()).sum();
+    let mut row = 0;
+    let mut packed = Vec::new();
+    for (part, branch) in parts.iter().zip(branches) {
+        if let Some(branch) = branch {
+            packed.push(cuda_kernels::LoraPart {
+                a: &branch.a,
+                b: &branch.b,
+                scaling: branch.scaling,
+                row,
+            });
+        }
+        row += part.out_features();
+    }
+    let fused = (backward == Backward::ByHand && kind == Kind::BFloat16)
+        .then(|| cuda_kernels::pack_lora(&packed, rows))
+        .flatten();
+    if let Some(fused) = fused {
+        return fused;
+    }
+    let device = packed[0].a.device();
+    let total: i64 = packed.iter().map(|p| p.a.size()[0]).sum();
+    let a = Tensor::cat(&packed.iter().map(|p| p.a).collect::<Vec<_>>(), 0).to_kind(kind);
+    // The block-diagonal `b`, each part's `scaling B` copied into its block of one zeroed
+    // buffer (two kernels a part; autograd records the copies, so gradients reach `B` where it
+    // runs). The copy casts: one rounding to the input's dtype.
+    let b = Tensor::zeros([rows, total], (kind, device));
+    let mut col = 0;
+    for p in &packed {
+        let (out, r) = (p.b.size()[0], p.a.size()[0]);
+        let block = b.narrow(0, p.row, out).narrow(1, col, r);
+        block.shallow_clone().copy_(&(p.b * p.scaling));
+        col += r;
+    }
+    (a, b)
 }
 
 /// The branches of a merged product: `y += h b^T` with `h = x2 a^T`; `a` the parts' `A`s
@@ -1695,7 +1744,8 @@ mod tests {
     /// model's) at a width where the kernels loop over rows wider than a block. Each factor's
     /// gap to fp32 (relative, in norm) may be at most twice bf16 autograd's plus 0.2%, bf16's
     /// own step. Every path is checked (`LORAFORGE_LAYER_BY_HAND`): the whole layer
-    /// by hand, the MLP by hand, and autograd layer by layer.
+    /// by hand, the MLP by hand, and autograd layer by layer; the paths by hand twice, first
+    /// creating the factors' gradients, then adding to them (the products into fp32 there).
     #[test]
     #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
     fn the_layer_by_hand_matches_autograd_on_cuda() {
@@ -1706,8 +1756,8 @@ mod tests {
         let device = Device::Cuda(0);
         let base = scaled_checkpoint(&c);
         // `None`: autograd through the whole model; else the training pass with the given
-        // `LORAFORGE_LAYER_BY_HAND`.
-        let grads = |kind: Kind, by_hand: Option<&str>| -> Vec<Tensor> {
+        // `LORAFORGE_LAYER_BY_HAND`, run `passes` times, the last pass's share returned.
+        let grads = |kind: Kind, by_hand: Option<&str>, passes: usize| -> Vec<Tensor> {
             let weights = base
                 .iter()
                 .map(|(name, w)| (name.clone(), w.to_device(device).to_kind(kind)))
@@ -1733,29 +1783,40 @@ mod tests {
             tch::manual_seed(6);
             let ids = Tensor::randint(40, [2, 128], (Kind::Int64, device));
             let probe = Tensor::randn([2, 128, 40], (Kind::Float, device));
-            match by_hand {
-                Some(mode) => {
-                    std::env::set_var("LORAFORGE_LAYER_BY_HAND", mode);
-                    let pass = model.training_pass(&ids, true, Checkpointing::None);
-                    let logits = pass.hidden.linear::<Tensor>(model.lm_head(), None);
-                    (logits.to_kind(Kind::Float) * &probe)
+            let mut before: Vec<Tensor> = Vec::new();
+            for _ in 0..passes {
+                let copy = |g: Tensor| if g.defined() { g.copy() } else { g };
+                before = factors.iter().map(|f| copy(f.grad())).collect();
+                match by_hand {
+                    Some(mode) => {
+                        std::env::set_var("LORAFORGE_LAYER_BY_HAND", mode);
+                        let pass = model.training_pass(&ids, true, Checkpointing::None);
+                        let logits = pass.hidden.linear::<Tensor>(model.lm_head(), None);
+                        (logits.to_kind(Kind::Float) * &probe)
+                            .sum(Kind::Float)
+                            .backward();
+                        pass.backward();
+                        std::env::remove_var("LORAFORGE_LAYER_BY_HAND");
+                    }
+                    None => (model.forward(&ids, true).to_kind(Kind::Float) * &probe)
                         .sum(Kind::Float)
-                        .backward();
-                    pass.backward();
-                    std::env::remove_var("LORAFORGE_LAYER_BY_HAND");
+                        .backward(),
                 }
-                None => (model.forward(&ids, true).to_kind(Kind::Float) * &probe)
-                    .sum(Kind::Float)
-                    .backward(),
             }
-            factors.iter().map(|f| f.grad().copy()).collect()
+            let share = |(f, before): (&Tensor, &Tensor)| match before.defined() {
+                true => f.grad() - before,
+                false => f.grad().copy(),
+            };
+            factors.iter().zip(&before).map(share).collect()
         };
-        let want = grads(Kind::Float, None);
-        let autograd = grads(Kind::BFloat16, None);
+        let want = grads(Kind::Float, None, 1);
+        let autograd = grads(Kind::BFloat16, None, 1);
         let paths = [
-            ("layer by hand", grads(Kind::BFloat16, Some("on"))),
-            ("mlp by hand", grads(Kind::BFloat16, Some("mlp"))),
-            ("autograd by layers", grads(Kind::BFloat16, Some("off"))),
+            ("layer by hand", grads(Kind::BFloat16, Some("on"), 1)),
+            ("layer by hand, added", grads(Kind::BFloat16, Some("on"), 2)),
+            ("mlp by hand", grads(Kind::BFloat16, Some("mlp"), 1)),
+            ("mlp by hand, added", grads(Kind::BFloat16, Some("mlp"), 2)),
+            ("autograd by layers", grads(Kind::BFloat16, Some("off"), 1)),
         ];
         let mut failures = Vec::new();
         for (i, want) in want.iter().enumerate() {

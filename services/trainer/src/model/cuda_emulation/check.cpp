@@ -124,6 +124,31 @@ int main() {
     printf("cross_entropy: loss gap %.3g, gradient gap %.3g\n", lgap, ggap);
     bad += lgap > 1e-4 || ggap > 4e-3;
   }
+  // --- pack_lora: the parts' A stacked and their scaled B block-diagonal, zeros elsewhere
+  {
+    // q, k (no adapter: its rows stay zero) and v, as in a merged q/k/v with two branches.
+    unsigned in = 40, outs[3] = {24, 8, 8}, ranks[2] = {4, 3}, rows = 40, total_r = 7;
+    std::vector<float> a0(ranks[0] * in), a1(ranks[1] * in), b0(outs[0] * ranks[0]), b1(outs[2] * ranks[1]);
+    std::normal_distribution<float> n(0.f, 1.f);
+    for (auto* v : {&a0, &a1, &b0, &b1}) for (auto& x : *v) x = n(rng);
+    PackParts parts{};
+    parts.p[0] = {a0.data(), b0.data(), ranks[0], 0, outs[0], 2.0f};
+    parts.p[1] = {a1.data(), b1.data(), ranks[1], outs[0] + outs[1], outs[2], 0.75f};
+    parts.count = 2;
+    std::vector<bf16> a_out(total_r * in, 7), b_out(rows * total_r, 7);
+    launch({2,1,1}, 256, [&] { pack_lora(parts, a_out.data(), b_out.data(), in, rows, total_r); });
+    int diff = 0;
+    for (unsigned r = 0; r < total_r; ++r) for (unsigned c = 0; c < in; ++c)
+      diff += a_out[r * in + c] != store(r < ranks[0] ? a0[r * in + c] : a1[(r - ranks[0]) * in + c]);
+    for (unsigned r = 0; r < rows; ++r) for (unsigned c = 0; c < total_r; ++c) {
+      float want = 0.f;
+      if (r < outs[0] && c < ranks[0]) want = 2.0f * b0[r * ranks[0] + c];
+      if (r >= outs[0] + outs[1] && c >= ranks[0]) want = 0.75f * b1[(r - outs[0] - outs[1]) * ranks[1] + c - ranks[0]];
+      diff += b_out[r * total_r + c] != store(want);
+    }
+    printf("pack_lora: differing %d\n", diff);
+    bad += diff;
+  }
   printf(bad ? "FAILED\n" : "all match\n");
   return bad != 0;
 }

@@ -34,9 +34,8 @@
 //! [`LinearAdapter::low_rank`]: super::LinearAdapter::low_rank
 
 use super::{
-    apply_rotary, attend, branch_then_frozen, plain_branches, rms_norm, rms_norm_with_rstd,
-    weight_gradient, Backward, DecoderLayer, DeltaGradientSink, Linear, LowRank, Merged,
-    MergedBranches,
+    apply_rotary, attend, group_product, plain_branches, rms_norm, rms_norm_with_rstd,
+    weight_gradient, Backward, DecoderLayer, Linear, LowRank, MergedBranches,
 };
 use crate::model::cuda_kernels::{self, Heads};
 use crate::model::timeline;
@@ -62,15 +61,14 @@ pub(super) struct HandLayer {
     shape: Vec<i64>,
     /// The input norm's per-row `1 / rms` ([`ProductInput::Normed`]).
     rstd1: Tensor,
-    /// q's, k's and v's branches, and their merged product's.
-    qkv: Vec<Option<LowRank>>,
-    qkv_product: Option<MergedBranches>,
+    /// q's, k's and v's branches and their merged product's.
+    qkv: GroupKept,
     /// RoPE's tables `(seq, head_dim)` and the heads.
     rope: (Tensor, Tensor),
     heads: Heads,
     attention: AttentionGraph,
-    /// The o projection's branch, and its input times `A^T`, scaled.
-    o: Option<(LowRank, Tensor)>,
+    /// The o projection's branch and its product's.
+    o: GroupKept,
     /// The residual stream after attention `(tokens, hidden)`, and its norm's `1 / rms`.
     attended: Tensor,
     rstd2: Tensor,
@@ -92,11 +90,18 @@ struct AttentionGraph {
 struct MlpKept {
     /// Gate and up side by side `(tokens, 2 * intermediate)`.
     gate_up: Tensor,
-    /// Gate's and up's branches, and their merged product's.
-    gate_up_branches: Vec<Option<LowRank>>,
-    gate_up_product: Option<MergedBranches>,
-    /// The down projection's branch, and its input times `A^T`, scaled, `(tokens, r)`.
-    down: Option<(LowRank, Tensor)>,
+    /// Gate's and up's branches and their merged product's.
+    gate_up_branches: GroupKept,
+    /// The down projection's branch and its product's.
+    down: GroupKept,
+}
+
+/// A group of projections' branches (q/k/v, gate/up, or o or down alone) as its backward needs
+/// them: each part's (`None` for a part without an adapter) and the group's product of them
+/// ([`group_product`]: its `h`, and the factors packed for the products).
+struct GroupKept {
+    branches: Vec<Option<LowRank>>,
+    product: Option<MergedBranches>,
 }
 
 /// The low-rank branches of a block's projections in one pass: the merged group's (q/k/v or
@@ -228,15 +233,17 @@ impl DecoderLayer {
             .as_ref()
             .expect("an MLP by hand has gate/up merged");
         let parts = [&mlp.gate_proj, &mlp.up_proj];
-        let (gate_up, gate_up_product) = merged.product_of(&parts, &branches.merged, mlp_in);
+        let product = merged.product_of(&parts, &branches.merged, mlp_in, Backward::ByHand);
+        let (gate_up, product) = product;
         let gated = swiglu(&gate_up);
-        let down = branches.last;
-        let (y, down_h) = plain_forward(&mlp.down_proj, down.as_ref(), &gated, residual);
+        let (y, down) = single_forward(&mlp.down_proj, branches.last, &gated, residual);
         let kept = MlpKept {
             gate_up,
-            gate_up_branches: branches.merged,
-            gate_up_product,
-            down: down.zip(down_h),
+            gate_up_branches: GroupKept {
+                branches: branches.merged,
+                product,
+            },
+            down,
         };
         (y, kept)
     }
@@ -264,7 +271,8 @@ impl DecoderLayer {
                 .qkv
                 .as_ref()
                 .expect("attention by hand has q/k/v merged");
-            let (qkv, product) = merged.product_of(&qkv_parts, &attention_branches.merged, &normed);
+            let branches = &attention_branches.merged;
+            let (qkv, product) = merged.product_of(&qkv_parts, branches, &normed, Backward::ByHand);
             (qkv, product, rstd1)
         });
         timeline::mark("fwd: norm, qkv");
@@ -288,12 +296,12 @@ impl DecoderLayer {
         timeline::mark("fwd: rope, attention");
         let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
         let o = attention_branches.last;
-        let (layer_out, o_h, attended, rstd2, mlp) = tch::no_grad(|| {
-            let (attended, o_h) = plain_forward(&attn.o_proj, o.as_ref(), &flat, &x);
+        let (layer_out, o, attended, rstd2, mlp) = tch::no_grad(|| {
+            let (attended, o) = single_forward(&attn.o_proj, o, &flat, &x);
             let (mlp_in, rstd2) =
                 rms_norm_with_rstd(&attended, &self.post_attention_layernorm, eps);
             let (y, mlp) = self.mlp_forward(&mlp_in, &attended, mlp_branches);
-            (y, o_h, attended, rstd2, mlp)
+            (y, o, attended, rstd2, mlp)
         });
         timeline::mark("fwd: o, norm, mlp");
         let kept = HandLayer {
@@ -301,12 +309,14 @@ impl DecoderLayer {
             wants_input_grad,
             shape: shape.clone(),
             rstd1,
-            qkv: attention_branches.merged,
-            qkv_product,
+            qkv: GroupKept {
+                branches: attention_branches.merged,
+                product: qkv_product,
+            },
             rope: (cos.shallow_clone(), sin.shallow_clone()),
             heads,
             attention: AttentionGraph { q, k, v, out, flat },
-            o: o.zip(o_h),
+            o,
             attended,
             rstd2,
             mlp,
@@ -339,7 +349,7 @@ impl DecoderLayer {
     /// get theirs directly). `None` where nothing wants a gradient.
     fn mlp_surrogate(&self, kept: &HandMlp, grad: &Tensor) -> Option<Tensor> {
         let g = grad.reshape([-1, grad.size()[2]]);
-        let mut grads = Vec::new();
+        let mut grads = FactorGrads::default();
         let mlp_in = ProductInput::Plain(&kept.mlp_in);
         let d_mlp_in = tch::no_grad(|| self.mlp_backward(&kept.mlp, mlp_in, &g, &mut grads));
         let mut terms: Vec<Tensor> = [(&kept.attended, &g), (&kept.mlp_in, &d_mlp_in)]
@@ -347,39 +357,42 @@ impl DecoderLayer {
             .filter(|(root, _)| root.requires_grad())
             .map(|(root, grad)| dot(root, grad).to_kind(Kind::Float))
             .collect();
-        terms.extend(accumulate(grads));
+        terms.extend(grads.surrogate());
         (!terms.is_empty()).then(|| Tensor::stack(&terms, 0).sum(Kind::Float))
     }
 
     /// The MLP's backward for `g`, the gradient of its output `(tokens, hidden)`, and `mlp_in`,
-    /// its input: the input's gradient, the factors' gradients pushed onto `grads`.
+    /// its input: the input's gradient; the factors' gradients go to `grads`.
     fn mlp_backward(
         &self,
         kept: &MlpKept,
         mlp_in: ProductInput,
         g: &Tensor,
-        grads: &mut Vec<(Tensor, Tensor)>,
+        grads: &mut FactorGrads,
     ) -> Tensor {
         let mlp = &self.mlp;
         let down = &mlp.down_proj;
         // The down projection's input is SwiGLU's output, not kept: its `A` gradient comes
         // out of SwiGLU's backward.
-        let (d_gated, down_a) = plain_backward(down, kept.down.as_ref(), g, grads);
-        if let Some(sink) = down_a.as_ref().and_then(|a| a.delta_gradient) {
+        let (d_gated, dh) = group_backward(&down.weight, &[down], &kept.down, g, None, grads, true);
+        let d_gated = d_gated.expect("asked for");
+        let down_branch = kept.down.branches[0].as_ref();
+        if let Some(sink) = down_branch.and_then(|b| b.delta_gradient.as_ref()) {
             sink(weight_gradient(g, &swiglu(&kept.gate_up)));
         }
-        let dh = down_a.as_ref().map(|a| &a.dh);
-        let (d_gate_up, a_grad) = swiglu_backward(&kept.gate_up, &d_gated, dh);
-        if let (Some(down_a), Some(a_grad)) = (down_a, a_grad) {
-            grads.push((down_a.a, a_grad));
+        let (d_gate_up, a_grad) = swiglu_backward(&kept.gate_up, &d_gated, dh.as_ref());
+        if let (Some(branch), Some(a_grad)) = (down_branch, a_grad) {
+            grads.add(&branch.a, &a_grad, None);
         }
         let merged = mlp
             .gate_up
             .as_ref()
             .expect("an MLP by hand has gate/up merged");
         let parts = [&mlp.gate_proj, &mlp.up_proj];
-        let branches = (&kept.gate_up_branches[..], kept.gate_up_product.as_ref());
-        merged_backward(merged, &parts, branches, &d_gate_up, mlp_in, grads, true)
+        let kept = &kept.gate_up_branches;
+        let x = Some(mlp_in);
+        group_backward(&merged.weight, &parts, kept, &d_gate_up, x, grads, true)
+            .0
             .expect("asked for")
     }
 
@@ -388,7 +401,7 @@ impl DecoderLayer {
         let attn = &self.self_attn;
         let (h, kvh, hd) = kept.heads;
         let tokens = kept.input.size()[0];
-        let mut grads = Vec::new();
+        let mut grads = FactorGrads::default();
         let g = grad.reshape([-1, *kept.shape.last().expect("a hidden size")]);
         let (d_attended, d_flat) = tch::no_grad(|| {
             let (w2, rstd2) = (&self.post_attention_layernorm, &kept.rstd2);
@@ -400,15 +413,17 @@ impl DecoderLayer {
             let d_mlp_in = self.mlp_backward(&kept.mlp, mlp_in, &g, &mut grads);
             let d_attended = rms_norm_backward(&d_mlp_in, &kept.attended, rstd2, w2, Some(&g));
             let o = &attn.o_proj;
-            let (d_flat, o_a) = plain_backward(o, kept.o.as_ref(), &d_attended, &mut grads);
-            if let Some(o_a) = o_a {
-                let flat = &kept.attention.flat;
-                if let Some(sink) = o_a.delta_gradient {
-                    sink(weight_gradient(&d_attended, flat));
-                }
-                grads.push((o_a.a, o_a.dh.tr().mm(flat)));
-            }
-            (d_attended, d_flat)
+            let flat = ProductInput::Plain(&kept.attention.flat);
+            let (d_flat, _) = group_backward(
+                &o.weight,
+                &[o],
+                &kept.o,
+                &d_attended,
+                Some(flat),
+                &mut grads,
+                true,
+            );
+            (d_attended, d_flat.expect("asked for"))
         });
         timeline::mark("bwd: mlp, norm, o");
         let AttentionGraph { q, k, v, out, flat } = kept.attention;
@@ -436,157 +451,190 @@ impl DecoderLayer {
                 .as_ref()
                 .expect("attention by hand has q/k/v merged");
             let parts = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
-            let branches = (&kept.qkv[..], kept.qkv_product.as_ref());
-            let wants = kept.wants_input_grad;
-            let d_normed =
-                merged_backward(merged, &parts, branches, &d_qkv, normed, &mut grads, wants);
-            d_normed.map(|d| {
+            let (qkv, wants) = (&kept.qkv, kept.wants_input_grad);
+            let (d_normed, _) = group_backward(
+                &merged.weight,
+                &parts,
+                qkv,
+                &d_qkv,
+                Some(normed),
+                &mut grads,
+                wants,
+            );
+            d_normed.map(|d_normed| {
                 let (w1, rstd1) = (&self.input_layernorm, &kept.rstd1);
-                rms_norm_backward(&d, &kept.input, rstd1, w1, Some(&d_attended))
+                rms_norm_backward(&d_normed, &kept.input, rstd1, w1, Some(&d_attended))
                     .view(kept.shape.as_slice())
             })
         });
         timeline::mark("bwd: rope, qkv, norm");
-        if let Some(surrogate) = accumulate(grads) {
+        if let Some(surrogate) = grads.surrogate() {
             surrogate.backward();
         }
         d_input.unwrap_or_else(Tensor::new)
     }
 }
 
-/// `y = x W^T (+ bias) + residual`, plus the projection's plain branch as its `add_to` adds it,
-/// for `x (tokens, in)`, and the branch's `h = scaling x A^T`, which its `B` gradient needs.
-/// The branch goes into the product before the residual does, as autograd's path adds them:
-/// in bf16 a fresh adapter's share of the output is far below the residual stream's last
-/// bit, and added after the residual it would be rounded away every time (no dither from the
-/// product's own rounding), so early updates would not reach the loss (bench/gpu.md, third
-/// round, "What was wrong").
-fn plain_forward(
+/// `y = x W^T (+ bias) + residual` for a single projection and its plain branch (`None`
+/// without an adapter), as a group of one ([`group_product`]), for `x (tokens, in)`, and what
+/// its backward needs. The branch goes into the product before the residual does, as
+/// autograd's path adds them: in bf16 a fresh adapter's share of the output is far below the
+/// residual stream's last bit, and added after the residual it would be rounded away every
+/// time (no dither from the product's own rounding), so early updates would not reach the
+/// loss (bench/gpu.md, third round, "What was wrong").
+fn single_forward(
     linear: &Linear,
-    branch: Option<&LowRank>,
+    branch: Option<LowRank>,
     x: &Tensor,
     residual: &Tensor,
-) -> (Tensor, Option<Tensor>) {
-    let (bias, weight) = (linear.bias.as_ref(), &linear.weight);
-    let (mut y, kept) = match branch {
-        Some(b) => {
-            let h = x.linear::<Tensor>(&b.a.to_kind(x.kind()), None) * b.scaling;
-            let branch = h.mm(&b.b.to_kind(x.kind()).tr());
-            (branch_then_frozen(branch, x, weight, bias), Some(h))
-        }
-        _ => (x.linear(weight, bias), None),
-    };
+) -> (Tensor, GroupKept) {
+    let branches = vec![branch];
+    let frozen = (&linear.weight, linear.bias.as_ref());
+    let (mut y, product) = group_product(frozen, &[linear], &branches, x, Backward::ByHand);
     y += residual;
-    (y, kept)
+    (y, GroupKept { branches, product })
 }
 
-/// What [`plain_backward`] leaves to its caller, which has the projection's input `x`: to push
-/// `dA = dhᵀ x` for the branch's `a`, and to hand `d_yᵀ x` to its sink, if any.
-struct BranchInputGrads<'a> {
-    a: Tensor,
-    /// `scaling d_y B`, `(tokens, r)`.
-    dh: Tensor,
-    delta_gradient: Option<&'a DeltaGradientSink>,
-}
-
-/// [`plain_forward`]'s backward for `d_y`, given its branch and `h`: `d x = d_y W (+ (scaling
-/// d_y B) A)`, `dB = d_y^T h` pushed onto `grads`, and what needs `x` ([`BranchInputGrads`]).
-fn plain_backward<'a>(
-    linear: &Linear,
-    branch: Option<&'a (LowRank, Tensor)>,
+/// A group's backward ([`group_product`] for the frozen `weight` of `parts`, and what it kept)
+/// for `d_y (tokens, sum of out_i)`: the input's gradient `d x = d_y W (+ dh a)` where
+/// `want_dx`, and `dh = d_y b`, each part's `scaling d_y_i B_i` side by side `(tokens, total
+/// r)`. Each part's `B` gradient, `scaling d_y_iᵀ h_i`, goes to `grads`; given the group's
+/// input `x`, so do the `A` gradients, `dh_iᵀ x`, and a part's `d_y_iᵀ x` to its sink where it
+/// has one (without it, the caller has those to do).
+fn group_backward(
+    weight: &Tensor,
+    parts: &[&Linear],
+    kept: &GroupKept,
     d_y: &Tensor,
-    grads: &mut Vec<(Tensor, Tensor)>,
-) -> (Tensor, Option<BranchInputGrads<'a>>) {
-    let Some((b, h)) = branch else {
-        return (d_y.mm(&linear.weight), None);
+    x: Option<ProductInput>,
+    grads: &mut FactorGrads,
+    want_dx: bool,
+) -> (Option<Tensor>, Option<Tensor>) {
+    let Some(MergedBranches { h, a, b }) = &kept.product else {
+        return (want_dx.then(|| d_y.mm(weight)), None);
     };
-    let kind = d_y.kind();
-    let dh = d_y.mm(&b.b.to_kind(kind)) * b.scaling;
-    grads.push((b.b.shallow_clone(), h.tr().mm(d_y).tr()));
-    let d_x = frozen_input_grad(dh.mm(&b.a.to_kind(kind)), d_y, &linear.weight);
-    let rest = BranchInputGrads {
-        a: b.a.shallow_clone(),
-        dh,
-        delta_gradient: b.delta_gradient.as_ref(),
-    };
-    (d_x, Some(rest))
+    let dh = d_y.mm(b);
+    let d_x = want_dx.then(|| frozen_input_grad(dh.mm(a), d_y, weight));
+    let mut a_factors = Vec::new();
+    let (mut row, mut col) = (0, 0);
+    for (part, branch) in parts.iter().zip(&kept.branches) {
+        let out = part.out_features();
+        if let Some(branch) = branch {
+            let r = branch.a.size()[0];
+            let d_part = d_y.narrow(1, row, out);
+            if let (Some(sink), Some(x)) = (&branch.delta_gradient, &x) {
+                sink(x.weight_gradient(&d_part));
+            }
+            let h_part = h.narrow(1, col, r) * branch.scaling;
+            grads.add_product(&branch.b, &d_part.tr(), &h_part);
+            a_factors.push((&branch.a, col, r));
+            col += r;
+        }
+        row += out;
+    }
+    if let Some(x) = x {
+        x.add_a_gradients(&dh, &a_factors, grads);
+    }
+    (d_x, Some(dh))
 }
 
 /// `branch + d_y W`: the frozen weight's input gradient accumulated onto the branch's share
-/// `branch (tokens, in)` in place, as [`branch_then_frozen`] does forward.
+/// `branch (tokens, in)` in place, as [`super::branch_then_frozen`] does forward.
 fn frozen_input_grad(branch: Tensor, d_y: &Tensor, weight: &Tensor) -> Tensor {
     let mut d_x = branch;
     d_x.addmm_(d_y, weight)
 }
 
-/// A merged product's backward ([`Merged::product_of`], its parts' branches and what it
-/// returned) for `d_y (tokens, sum of out_i)` and its input `x`: `d x = d_y W (+ (d_y b) a)`
-/// where `want_dx`, and every part's factor gradients
-/// pushed onto `grads` (`d b = d_y^T h`, `d a = (d_y b)^T x`, each part's `A` and `B` blocks of
-/// `a` and `b`); a part's `d_yᵀ x` to its sink where it has one.
-fn merged_backward(
-    merged: &Merged,
-    parts: &[&Linear],
-    (factors, product): (&[Option<LowRank>], Option<&MergedBranches>),
-    d_y: &Tensor,
-    x: ProductInput,
-    grads: &mut Vec<(Tensor, Tensor)>,
-    want_dx: bool,
-) -> Option<Tensor> {
-    let Some(MergedBranches { h, a, b }) = product else {
-        return want_dx.then(|| d_y.mm(&merged.weight));
-    };
-    let dh = d_y.mm(b);
-    let d_a = x.left_product(&dh);
-    let d_b = h.tr().mm(d_y).tr();
-    let d_x = want_dx.then(|| frozen_input_grad(dh.mm(a), d_y, &merged.weight));
-    let (mut row, mut col) = (0, 0);
-    for (part, branch) in parts.iter().zip(factors) {
-        let out = part.out_features();
-        if let Some(branch) = branch {
-            if let Some(sink) = &branch.delta_gradient {
-                sink(x.weight_gradient(&d_y.narrow(1, row, out)));
-            }
-            let r = branch.a.size()[0];
-            let d_block = d_b.narrow(0, row, out).narrow(1, col, r);
-            grads.push((branch.a.shallow_clone(), d_a.narrow(0, col, r)));
-            // Scaled in the gradient's dtype, added to the factor's own by `accumulate`.
-            grads.push((branch.b.shallow_clone(), d_block * branch.scaling));
-            col += r;
-        }
-        row += out;
-    }
-    d_x
+/// Where the layer by hand's factor gradients go, each as it comes: into the factor's `.grad`
+/// where it has one (after the first step, its slot of the optimizer's flat fp32 buffer), a
+/// product accumulated there by the product itself (on CUDA from bf16 operands into fp32,
+/// `addmm` with an output dtype) where a product and then an add took two kernels; for a
+/// factor that has none yet, or that is derived from the adapter's parameters
+/// ([`LowRank::derived`]: not a leaf), a term whose backward creates or reaches it (its dot
+/// product with the gradient), summed by [`FactorGrads::surrogate`] for the caller to run.
+#[derive(Default)]
+struct FactorGrads {
+    terms: Vec<Tensor>,
 }
 
-/// Adds each factor's gradient into its `.grad` where it has one (after the first step, the
-/// optimizer's flat buffer), without autograd; for a factor that has none yet, or that is
-/// derived from the adapter's parameters ([`LowRank::derived`]: not a leaf), a term whose
-/// backward creates or reaches it (its dot product with the gradient), returned for the
-/// caller to run.
-fn accumulate(grads: Vec<(Tensor, Tensor)>) -> Option<Tensor> {
-    let mut terms = Vec::new();
-    for (factor, d) in grads {
+/// Where one factor's gradient goes ([`FactorGrads`]).
+enum GradSlot {
+    /// The factor wants none.
+    None,
+    /// Its `.grad`, added to in place.
+    Grad(Tensor),
+    /// A term for autograd.
+    Term,
+}
+
+impl FactorGrads {
+    fn slot(factor: &Tensor) -> GradSlot {
         if !factor.requires_grad() {
-            continue;
+            return GradSlot::None;
         }
-        let existing = match factor.is_leaf() {
+        let grad = match factor.is_leaf() {
             true => factor.grad(),
             false => Tensor::new(),
         };
-        if existing.defined() {
-            // One kernel: the add reads `d` in its own dtype (bf16 on CUDA) into fp32.
-            tch::no_grad(|| {
-                let mut existing = existing;
-                existing += d;
-            });
-        } else {
-            terms.push(tch::with_grad(|| {
-                (&factor * d.to_kind(factor.kind())).sum(Kind::Float)
-            }));
+        match grad.defined() {
+            true => GradSlot::Grad(grad),
+            false => GradSlot::Term,
         }
     }
-    (!terms.is_empty()).then(|| Tensor::stack(&terms, 0).sum(Kind::Float))
+
+    /// Adds `m1 m2` to `factor`'s gradient.
+    fn add_product(&mut self, factor: &Tensor, m1: &Tensor, m2: &Tensor) {
+        match Self::slot(factor) {
+            GradSlot::None => {}
+            GradSlot::Grad(grad) => tch::no_grad(|| accumulate_product(grad, m1, m2)),
+            GradSlot::Term => self.term(factor, &m1.mm(m2)),
+        }
+    }
+
+    /// Adds `d`, times `columns` (a factor per column) where given, to `factor`'s gradient:
+    /// one kernel, reading `d` in its own dtype.
+    fn add(&mut self, factor: &Tensor, d: &Tensor, columns: Option<&Tensor>) {
+        match Self::slot(factor) {
+            GradSlot::None => {}
+            GradSlot::Grad(mut grad) => tch::no_grad(|| match columns {
+                Some(w) => {
+                    if grad.f_addcmul_(d, w).is_err() {
+                        grad += d.to_kind(grad.kind()) * w.to_kind(grad.kind());
+                    }
+                }
+                None => grad += d,
+            }),
+            GradSlot::Term => match columns {
+                Some(w) => self.term(factor, &(d * w)),
+                None => self.term(factor, d),
+            },
+        }
+    }
+
+    fn term(&mut self, factor: &Tensor, d: &Tensor) {
+        let term = tch::with_grad(|| (factor * d.to_kind(factor.kind())).sum(Kind::Float));
+        self.terms.push(term);
+    }
+
+    /// The sum of the terms, whose backward gives the rest their gradients; `None` if none.
+    fn surrogate(self) -> Option<Tensor> {
+        (!self.terms.is_empty()).then(|| Tensor::stack(&self.terms, 0).sum(Kind::Float))
+    }
+}
+
+/// `grad += m1 m2` in place, in `grad`'s dtype: where the operands are of another (bf16 into an
+/// fp32 gradient), the product's own output on CUDA (`addmm` with an output dtype: the products
+/// of bf16 numbers are exact in fp32, as in [`weight_gradient`]), else a product and an add.
+fn accumulate_product(mut grad: Tensor, m1: &Tensor, m2: &Tensor) {
+    if m1.kind() == grad.kind() {
+        let _ = grad.addmm_(m1, m2);
+        return;
+    }
+    let into_grad =
+        grad.device().is_cuda() && grad.f_addmm_dtype_out(&grad, m1, m2, grad.kind()).is_ok();
+    if !into_grad {
+        grad += m1.mm(m2);
+    }
 }
 
 /// RoPE of the q and k heads of `qkv (tokens, width)`: `(tokens, heads, head_dim)` and
@@ -721,28 +769,47 @@ enum ProductInput<'a> {
 }
 
 impl ProductInput<'_> {
-    /// `dh^T input` for `dh (tokens, r)`: `(r, in)`, in the input's dtype.
-    fn left_product(&self, dh: &Tensor) -> Tensor {
-        self.transposed_product(dh, |g, x| g.tr().mm(x))
-    }
-
     /// `d_yᵀ input` for `d_y (tokens, out)`: `(out, in)`, in f32 ([`weight_gradient`]).
     fn weight_gradient(&self, d_y: &Tensor) -> Tensor {
-        self.transposed_product(d_y, weight_gradient)
+        match self.transposed_product(d_y, weight_gradient) {
+            (product, Some(weight)) => product * weight,
+            (product, None) => product,
+        }
     }
 
-    /// `product(g, input)` (a `gᵀ input`): for a normed input, the norm's row scales go onto
-    /// `g` (in the input's dtype) and its weight onto the `(rows, in)` result.
+    /// Adds each factor's `A` gradient `dh_iᵀ input` to `grads`, for `factors` given with their
+    /// columns `col..col + r` of `dh (tokens, total r)`: straight into its gradient for a plain
+    /// input of one factor, else one product for all of them, then each its block (times the
+    /// norm's weight for a normed input).
+    fn add_a_gradients(
+        &self,
+        dh: &Tensor,
+        factors: &[(&Tensor, i64, i64)],
+        grads: &mut FactorGrads,
+    ) {
+        if let (ProductInput::Plain(x), [(a, col, r)]) = (self, factors) {
+            grads.add_product(a, &dh.narrow(1, *col, *r).tr(), x);
+            return;
+        }
+        let (d_a, weight) = self.transposed_product(dh, |g, x| g.tr().mm(x));
+        for (a, col, r) in factors {
+            grads.add(a, &d_a.narrow(0, *col, *r), weight);
+        }
+    }
+
+    /// `product(g, input)` (a `gᵀ input`), and for a normed input the norm's weight, which the
+    /// caller puts on the `(rows, in)` result's columns; the norm's row scales go onto `g` (in
+    /// the input's dtype).
     fn transposed_product(
         &self,
         g: &Tensor,
         product: impl Fn(&Tensor, &Tensor) -> Tensor,
-    ) -> Tensor {
+    ) -> (Tensor, Option<&Tensor>) {
         match self {
-            ProductInput::Plain(x) => product(g, x),
+            ProductInput::Plain(x) => (product(g, x), None),
             ProductInput::Normed { x, rstd, weight } => {
                 let scaled = (g.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
-                product(&scaled, x) * *weight
+                (product(&scaled, x), Some(*weight))
             }
         }
     }
