@@ -6,6 +6,7 @@
 //! folded into its weights (`merge`).
 
 pub mod architecture;
+pub mod backward_with_grad;
 pub mod chat_template;
 pub mod cuda_kernels;
 pub mod device;

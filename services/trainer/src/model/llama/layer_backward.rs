@@ -12,7 +12,8 @@
 //! gradients of the products after a norm take its input with the scales moved onto the
 //! rank-sized side, [`ProductInput::Normed`], so the normalised rows are never recomputed),
 //! the roped q and k and v with attention's output (for
-//! attention's backward, the one piece left to autograd, on its own small graph), the residual
+//! attention's backward, the one piece left to autograd, on its own small graph, its output's
+//! gradient handed in by [`backward_with_grad`]), the residual
 //! after attention, gate and up, and the branches' rank-sized products. `silu(gate) * up`, RoPE
 //! and RMSNorm's backward are one fused kernel each on CUDA in bf16 (model/cuda_kernels.rs);
 //! elsewhere libtorch's operations compute the same. By their sizes that keeps about 11.5
@@ -37,6 +38,7 @@ use super::{
     apply_rotary, attend, group_product, plain_branches, rms_norm, rms_norm_with_rstd,
     weight_gradient, Backward, DecoderLayer, Linear, LowRank, MergedBranches,
 };
+use crate::model::backward_with_grad::backward_with_grad;
 use crate::model::cuda_kernels::{self, Heads};
 use crate::model::timeline;
 use tch::{Kind, Tensor};
@@ -428,7 +430,12 @@ impl DecoderLayer {
         timeline::mark("bwd: mlp, norm, o");
         let AttentionGraph { q, k, v, out, flat } = kept.attention;
         drop(flat);
-        dot(&out.transpose(1, 2), &d_flat).backward();
+        // The gradient of `out (batch, heads, seq, head_dim)`: a view of `d_flat (tokens,
+        // heads * head_dim)`, in the layout cuDNN's attention gives `out` on CUDA.
+        let d_out = d_flat
+            .view([out.size()[0], out.size()[2], h, hd])
+            .transpose(1, 2);
+        backward_with_grad(&out, &d_out);
         drop(out);
         timeline::mark("bwd: attention");
         let d_input = tch::no_grad(|| {
