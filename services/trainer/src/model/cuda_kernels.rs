@@ -378,6 +378,68 @@ extern "C" __global__ void pack_lora(PackParts parts, bf16* __restrict__ a_out, 
     }
   }
 }
+
+// The residual stream after a sublayer and its RMSNorm in one pass, for the layer by hand's
+// forward: sum = x + y rounded to bf16 (libtorch's add), rstd = 1 / sqrt(mean(sum^2) + eps) in
+// fp32 (into rstd_out, a float a row), out = sum * rstd * w rounded once. One block a row,
+// eight columns at a time (`vecs` = cols / 8): each thread reads back the sums it wrote.
+extern "C" __global__ void add_rms_norm(const uint4* __restrict__ x, const uint4* __restrict__ y,
+                                        const uint4* __restrict__ w, uint4* __restrict__ sum,
+                                        uint4* __restrict__ out, float* __restrict__ rstd_out,
+                                        u32 rows, u32 vecs, float eps) {
+  __shared__ float partial[32];
+  for (u32 row = blockIdx.x; row < rows; row += gridDim.x) {
+    size_t base = (size_t)row * vecs;
+    float acc = 0.0f;
+    for (u32 c = threadIdx.x; c < vecs; c += blockDim.x) {
+      uint4 a = x[base + c], b = y[base + c], s;
+      #pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float v = round_bf16(lane(a, k) + lane(b, k));
+        set_lane(s, k, v);
+        acc += v * v;
+      }
+      sum[base + c] = s;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    float total = 0.0f;
+    for (u32 i = 0; i < (blockDim.x >> 5); ++i) total += partial[i];
+    float r = 1.0f / sqrtf(total / (float)(vecs * 8) + eps);
+    if (threadIdx.x == 0) rstd_out[row] = r;
+    for (u32 c = threadIdx.x; c < vecs; c += blockDim.x) {
+      uint4 s = sum[base + c], wv = w[c], o;
+      #pragma unroll
+      for (int k = 0; k < 8; ++k) set_lane(o, k, lane(s, k) * r * lane(wv, k));
+      out[base + c] = o;
+    }
+    __syncthreads();
+  }
+}
+
+// One AdamW step over a flat fp32 group (training/optimizer.rs): `torch.optim.AdamW`'s
+// single-tensor arithmetic, the dozen libtorch kernels it takes as one pass, each operation
+// rounded as its own kernel rounds it (the `_rn` intrinsics: no fused multiply-adds):
+// p *= decay; m = lerp(m, g, 1 - beta1); v = v * beta2 + (g * (1 - beta2)) * g;
+// p += (m * -step_size) / (sqrt(v) / bc2_sqrt + eps). The constants come rounded to fp32, as
+// libtorch rounds a double scalar for an fp32 tensor.
+extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g,
+                                      float* __restrict__ m, float* __restrict__ v, size_t n,
+                                      float decay, float lerp_weight, float beta2, float one_minus_beta2,
+                                      float neg_step_size, float bc2_sqrt, float eps) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    float gi = g[i], mi = m[i], vi = v[i];
+    float pi = __fmul_rn(p[i], decay);
+    // libtorch's lerp for a weight below one half: self + weight * (end - self).
+    mi = __fadd_rn(mi, __fmul_rn(lerp_weight, __fsub_rn(gi, mi)));
+    vi = __fadd_rn(__fmul_rn(vi, beta2), __fmul_rn(__fmul_rn(gi, one_minus_beta2), gi));
+    float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+    p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(mi, neg_step_size), denom));
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
 "#;
 
 const THREADS: u32 = 256;
@@ -395,14 +457,16 @@ struct Kernels {
     cross_entropy_forward: CudaFunction,
     cross_entropy_backward: CudaFunction,
     pack_lora: CudaFunction,
+    add_rms_norm: CudaFunction,
+    adamw_step: CudaFunction,
     /// Blocks enough to fill the device; the kernels loop over the rest.
     max_blocks: u32,
 }
 
 static KERNELS: OnceLock<Option<Kernels>> = OnceLock::new();
 
-/// A family of kernels: SwiGLU, RoPE, RMSNorm's backward, the cross-entropy or the packing of
-/// the low-rank factors.
+/// A family of kernels: SwiGLU, RoPE, RMSNorm's (and its backward), the cross-entropy, the
+/// packing of the low-rank factors, or AdamW's step.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
     Swiglu,
@@ -410,15 +474,17 @@ enum Family {
     RmsNorm,
     CrossEntropy,
     Lora,
+    Adamw,
 }
 
 impl Family {
-    const ALL: [Family; 5] = [
+    const ALL: [Family; 6] = [
         Family::Swiglu,
         Family::Rope,
         Family::RmsNorm,
         Family::CrossEntropy,
         Family::Lora,
+        Family::Adamw,
     ];
 
     fn name(self) -> &'static str {
@@ -428,6 +494,7 @@ impl Family {
             Family::RmsNorm => "rms_norm",
             Family::CrossEntropy => "cross_entropy",
             Family::Lora => "lora",
+            Family::Adamw => "adamw",
         }
     }
 }
@@ -477,8 +544,8 @@ fn kernels(device: Device, family: Family) -> Option<&'static Kernels> {
         match std::panic::catch_unwind(|| compile(ordinal)) {
             Ok(Ok(kernels)) => {
                 tracing::info!(
-                    "fused CUDA kernels compiled with NVRTC (SwiGLU, RoPE, RMSNorm backward, \
-                     cross-entropy)"
+                    "fused CUDA kernels compiled with NVRTC (SwiGLU, RoPE, RMSNorm, \
+                     cross-entropy, LoRA factors' packing, AdamW)"
                 );
                 Some(kernels)
             }
@@ -526,6 +593,8 @@ fn compile(ordinal: usize) -> Result<Kernels, String> {
         cross_entropy_forward: function("cross_entropy_forward")?,
         cross_entropy_backward: function("cross_entropy_backward")?,
         pack_lora: function("pack_lora")?,
+        add_rms_norm: function("add_rms_norm")?,
+        adamw_step: function("adamw_step")?,
         max_blocks: sms.max(1) as u32 * 16,
     })
 }
@@ -726,6 +795,109 @@ pub fn rms_norm_backward(
     // above), alive until the launch is ordered on their stream.
     unsafe { launch.launch(config) }.expect("launching rms_norm_backward");
     Some(dx)
+}
+
+/// `x + y` (the residual stream after a sublayer) and its RMSNorm with weight `w (cols)`, for
+/// `x` and `y (rows, cols)`: `(sum, normed, rstd (rows, 1) in fp32)`, what libtorch's add and
+/// aten's fused RMSNorm give (the norm up to its last bit), in one pass where they took two
+/// and a third tensor's read and write. `None` where the kernel does not apply.
+pub fn add_rms_norm(
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Option<(Tensor, Tensor, Tensor)> {
+    let size = x.size();
+    let (rows, cols) = (*size.first()?, *size.get(1)?);
+    let tensors = [x, y, w];
+    let fits = all_bf16_cuda(&tensors)
+        && size.len() == 2
+        && y.size() == size
+        && w.size() == [cols]
+        && cols % 8 == 0
+        && aligned(&tensors)
+        && rows < i32::MAX as i64;
+    if !fits {
+        return None;
+    }
+    let k = kernels(x.device(), Family::RmsNorm)?;
+    let (sum, normed) = (x.empty_like(), x.empty_like());
+    let rstd = Tensor::empty([rows, 1], (Kind::Float, x.device()));
+    let args = [x, y, w, &sum, &normed, &rstd].map(pointer);
+    let (rows, vecs, eps) = (rows as u32, (cols / 8) as u32, eps as f32);
+    let mut launch = k.stream.launch_builder(&k.add_rms_norm);
+    for arg in &args {
+        launch.arg(arg);
+    }
+    launch.arg(&rows).arg(&vecs).arg(&eps);
+    let config = LaunchConfig {
+        grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
+    // above; the outputs made here), alive until the launch is ordered on their stream.
+    unsafe { launch.launch(config) }.expect("launching add_rms_norm");
+    Some((sum, normed, rstd))
+}
+
+/// The constants of one AdamW step ([`adamw_step`]), as `training::optimizer` computes them in
+/// f64.
+pub struct AdamwConstants {
+    /// `1 - lr * weight_decay`.
+    pub decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub step_size: f64,
+    pub bias_correction2_sqrt: f64,
+    pub eps: f64,
+}
+
+/// One AdamW step over a flat group in one kernel: `param`, its gradient and the two moments,
+/// contiguous fp32 on one CUDA device, of one length; updated in place. `false` where the
+/// kernel does not apply (nothing is written).
+pub fn adamw_step(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    c: &AdamwConstants,
+) -> bool {
+    let tensors = [param, grad, exp_avg, exp_avg_sq];
+    let device = param.device();
+    let fits = tensors.iter().all(|t| {
+        t.kind() == Kind::Float
+            && t.device() == device
+            && t.is_contiguous()
+            && t.numel() == param.numel()
+    });
+    let Some(k) = fits.then(|| kernels(device, Family::Adamw)).flatten() else {
+        return false;
+    };
+    let n = param.numel();
+    let pointers = tensors.map(pointer);
+    let scalars = [
+        c.decay,
+        1.0 - c.beta1,
+        c.beta2,
+        1.0 - c.beta2,
+        -c.step_size,
+        c.bias_correction2_sqrt,
+        c.eps,
+    ]
+    .map(|x| x as f32);
+    let mut launch = k.stream.launch_builder(&k.adamw_step);
+    for p in &pointers {
+        launch.arg(p);
+    }
+    launch.arg(&n);
+    for x in &scalars {
+        launch.arg(x);
+    }
+    // SAFETY: four contiguous fp32 tensors of `n` elements on the kernel's device (checked
+    // above), alive until the launch is ordered on their stream.
+    unsafe { launch.launch(grid(k, n)) }.expect("launching adamw_step");
+    true
 }
 
 /// The cross-entropy of each row of `logits (rows, vocab)` (contiguous bf16 on CUDA, `vocab` a
@@ -1202,6 +1374,30 @@ mod tests {
         assert!(ulps(&grad, &want_grad) <= 1.0, "gradient");
     }
 
+    /// The residual's sum is libtorch's add bit for bit, its norm aten's fused RMSNorm of it
+    /// to within a bf16 step, the row scales to fp32's rounding; rows wider than a block.
+    #[test]
+    #[ignore = "needs a CUDA GPU with NVRTC: run on the GPU machine (bench/gpu.md, \"Correctness on the GPU\")"]
+    fn fused_add_rms_norm_matches_aten_on_cuda() {
+        let opts = (Kind::Float, Device::Cuda(0));
+        tch::manual_seed(19);
+        let bf = |t: Tensor| t.to_kind(Kind::BFloat16);
+        let (x, y) = (
+            bf(Tensor::randn([37, 4104], opts) * 3.0),
+            bf(Tensor::randn([37, 4104], opts)),
+        );
+        let w = bf(Tensor::randn([4104], opts));
+        let (sum, normed, rstd) = add_rms_norm(&x, &y, &w, 1e-5).expect("the kernel applies");
+        let want_sum = &x + &y;
+        let (want, want_rstd) = want_sum.internal_fused_rms_norm([4104], Some(&w), 1e-5);
+        assert!(sum.equal(&want_sum), "the sum");
+        assert!(ulps(&normed, &want) <= 1.0, "the norm");
+        assert!(
+            relative_gap(&rstd.view([-1]), &want_rstd.view([-1])) < 1e-6,
+            "rstd"
+        );
+    }
+
     /// The packed factors are what libtorch's casts, concatenation and block copies give, bit
     /// for bit: q and v with branches of ranks 16 and 8 (their scalings differ), k without.
     #[test]
@@ -1265,6 +1461,8 @@ mod tests {
             "cross_entropy_forward",
             "cross_entropy_backward",
             "pack_lora",
+            "add_rms_norm",
+            "adamw_step",
         ] {
             assert!(
                 text.contains(&format!(".entry {name}(")),

@@ -1174,6 +1174,22 @@ fn rms_norm_with_rstd(x: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor)
     }
 }
 
+/// `x + y` (the residual stream after a sublayer) and [`rms_norm_with_rstd`] of the sum: one
+/// kernel on CUDA in bf16 ([`cuda_kernels::add_rms_norm`]), else the add and the norm.
+fn add_rms_norm_with_rstd(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor, Tensor) {
+    if let Some(fused) = cuda_kernels::add_rms_norm(x, y, weight, eps) {
+        return fused;
+    }
+    let sum = x + y;
+    let (normed, rstd) = rms_norm_with_rstd(&sum, weight, eps);
+    (sum, normed, rstd)
+}
+
 fn fused_rms_norm_with_rstd(x: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
     let last = *x
         .size()

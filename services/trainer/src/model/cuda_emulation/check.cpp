@@ -149,6 +149,56 @@ int main() {
     printf("pack_lora: differing %d\n", diff);
     bad += diff;
   }
+  // --- add_rms_norm: the sum rounded as an add, its norm in fp32, rounded once
+  {
+    unsigned rows = 5, cols = 4160;
+    std::vector<bf16> x(rows * cols), y(rows * cols), w(cols), sum(rows * cols), out(rows * cols);
+    std::vector<float> rstd(rows);
+    for (auto& v : x) v = rb(); for (auto& v : y) v = rb(0.1f); for (auto& v : w) v = rb();
+    launch({3,1,1}, 256, [&] { add_rms_norm((const uint4*)x.data(), (const uint4*)y.data(), (const uint4*)w.data(), (uint4*)sum.data(), (uint4*)out.data(), rstd.data(), rows, cols / 8, 1e-5f); });
+    int sum_diff = 0; double rgap = 0, ugap = 0;
+    for (unsigned r = 0; r < rows; ++r) {
+      double ss = 0;
+      for (unsigned c2 = 0; c2 < cols; ++c2) {
+        bf16 want = store(L(x[r*cols+c2]) + L(y[r*cols+c2]));
+        sum_diff += sum[r*cols+c2] != want; ss += (double)L(want) * L(want);
+      }
+      double want_r = 1.0 / std::sqrt(ss / cols + 1e-5);
+      rgap = std::max(rgap, std::fabs(rstd[r] - want_r) / want_r);
+      for (unsigned c2 = 0; c2 < cols; ++c2) {
+        double want = (double)L(sum[r*cols+c2]) * want_r * L(w[c2]);
+        double spacing = std::max(std::fabs(want), 1e-30) * std::pow(2.0, -7);
+        ugap = std::max(ugap, std::fabs(L(out[r*cols+c2]) - want) / spacing);
+      }
+    }
+    printf("add_rms_norm: sums differing %d, rstd gap %.3g, normed within %.2f bf16 steps\n", sum_diff, rgap, ugap);
+    bad += sum_diff != 0 || rgap > 1e-6 || ugap > 0.51;
+  }
+  // --- adamw_step: torch.optim.AdamW's single-tensor operations, each rounded in fp32
+  {
+    size_t n = 3000;
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<float> p(n), g(n), m(n), v(n);
+    for (size_t i = 0; i < n; ++i) { p[i] = nd(rng); g[i] = nd(rng) * 1e-2f; m[i] = nd(rng) * 1e-3f; v[i] = std::fabs(nd(rng)) * 1e-5f; }
+    std::vector<float> p0 = p, m0 = m, v0 = v;
+    double lr = 2e-4, wd = 0.01, b1 = 0.9, b2 = 0.999, step_size = lr / (1 - std::pow(b1, 3)), bc2 = std::sqrt(1 - std::pow(b2, 3));
+    float c[7] = {(float)(1 - lr * wd), (float)(1 - b1), (float)b2, (float)(1 - b2), (float)-step_size, (float)bc2, 1e-8f};
+    launch({2,1,1}, 256, [&] { adamw_step(p.data(), g.data(), m.data(), v.data(), n, c[0], c[1], c[2], c[3], c[4], c[5], c[6]); });
+    int diff = 0;
+    for (size_t i = 0; i < n; ++i) {
+      // The libtorch kernels one by one: mul_, lerp_, mul_, (g * c) * g, add_, sqrt, div, add, mul, div, add_.
+      volatile float pi = p0[i] * c[0];
+      volatile float mi = m0[i] + c[1] * (g[i] - m0[i]);
+      volatile float t = g[i] * c[3]; t = t * g[i];
+      volatile float vi = v0[i] * c[2]; vi = vi + t;
+      volatile float d = std::sqrt((float)vi); d = d / c[5]; d = d + c[6];
+      volatile float u = mi * c[4]; u = u / d;
+      float want = pi + u;
+      diff += p[i] != want || m[i] != mi || v[i] != vi;
+    }
+    printf("adamw_step: differing %d of %zu\n", diff, n);
+    bad += diff;
+  }
   printf(bad ? "FAILED\n" : "all match\n");
   return bad != 0;
 }

@@ -30,6 +30,13 @@ static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); re
 static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
 using std::min;
+// Correctly rounded fp32 arithmetic, as on the GPU (no contraction into fused multiply-adds:
+// C++20 builds with -ffp-contract=off and no FMA instructions are asked for).
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 #define __global__
 #define __device__
 #define __forceinline__ inline

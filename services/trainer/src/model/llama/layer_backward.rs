@@ -35,8 +35,8 @@
 //! [`LinearAdapter::low_rank`]: super::LinearAdapter::low_rank
 
 use super::{
-    apply_rotary, attend, group_product, plain_branches, rms_norm, rms_norm_with_rstd,
-    weight_gradient, Backward, DecoderLayer, Linear, LowRank, MergedBranches,
+    add_rms_norm_with_rstd, apply_rotary, attend, group_product, plain_branches, rms_norm,
+    rms_norm_with_rstd, weight_gradient, Backward, DecoderLayer, Linear, LowRank, MergedBranches,
 };
 use crate::model::backward_with_grad::backward_with_grad;
 use crate::model::cuda_kernels::{self, Heads};
@@ -238,7 +238,7 @@ impl DecoderLayer {
         let product = merged.product_of(&parts, &branches.merged, mlp_in, Backward::ByHand);
         let (gate_up, product) = product;
         let gated = swiglu(&gate_up);
-        let (y, down) = single_forward(&mlp.down_proj, branches.last, &gated, residual);
+        let (y, down) = single_forward(&mlp.down_proj, branches.last, &gated, Some(residual));
         let kept = MlpKept {
             gate_up,
             gate_up_branches: GroupKept {
@@ -299,9 +299,9 @@ impl DecoderLayer {
         let flat = out.detach().transpose(1, 2).reshape([-1, h * hd]);
         let o = attention_branches.last;
         let (layer_out, o, attended, rstd2, mlp) = tch::no_grad(|| {
-            let (attended, o) = single_forward(&attn.o_proj, o, &flat, &x);
-            let (mlp_in, rstd2) =
-                rms_norm_with_rstd(&attended, &self.post_attention_layernorm, eps);
+            let (o_out, o) = single_forward(&attn.o_proj, o, &flat, None);
+            let w2 = &self.post_attention_layernorm;
+            let (attended, mlp_in, rstd2) = add_rms_norm_with_rstd(&o_out, &x, w2, eps);
             let (y, mlp) = self.mlp_forward(&mlp_in, &attended, mlp_branches);
             (y, o, attended, rstd2, mlp)
         });
@@ -482,9 +482,10 @@ impl DecoderLayer {
     }
 }
 
-/// `y = x W^T (+ bias) + residual` for a single projection and its plain branch (`None`
+/// `y = x W^T (+ bias) (+ residual)` for a single projection and its plain branch (`None`
 /// without an adapter), as a group of one ([`group_product`]), for `x (tokens, in)`, and what
-/// its backward needs. The branch goes into the product before the residual does, as
+/// its backward needs (o's residual is added by the norm after it, in one kernel with it:
+/// [`add_rms_norm_with_rstd`]). The branch goes into the product before the residual does, as
 /// autograd's path adds them: in bf16 a fresh adapter's share of the output is far below the
 /// residual stream's last bit, and added after the residual it would be rounded away every
 /// time (no dither from the product's own rounding), so early updates would not reach the
@@ -493,12 +494,14 @@ fn single_forward(
     linear: &Linear,
     branch: Option<LowRank>,
     x: &Tensor,
-    residual: &Tensor,
+    residual: Option<&Tensor>,
 ) -> (Tensor, GroupKept) {
     let branches = vec![branch];
     let frozen = (&linear.weight, linear.bias.as_ref());
     let (mut y, product) = group_product(frozen, &[linear], &branches, x, Backward::ByHand);
-    y += residual;
+    if let Some(residual) = residual {
+        y += residual;
+    }
     (y, GroupKept { branches, product })
 }
 
@@ -522,6 +525,11 @@ fn group_backward(
     };
     let dh = d_y.mm(b);
     let d_x = want_dx.then(|| frozen_input_grad(dh.mm(a), d_y, weight));
+    // `h` scaled for the `B` gradients: in one kernel where the parts share their scaling
+    // (LoRA's `alpha / r` unless ranks differ), else part by part.
+    let scalings: Vec<f64> = kept.branches.iter().flatten().map(|b| b.scaling).collect();
+    let shared = scalings.windows(2).all(|w| w[0] == w[1]);
+    let h_scaled = shared.then(|| h * scalings[0]);
     let mut a_factors = Vec::new();
     let (mut row, mut col) = (0, 0);
     for (part, branch) in parts.iter().zip(&kept.branches) {
@@ -532,7 +540,10 @@ fn group_backward(
             if let (Some(sink), Some(x)) = (&branch.delta_gradient, &x) {
                 sink(x.weight_gradient(&d_part));
             }
-            let h_part = h.narrow(1, col, r) * branch.scaling;
+            let h_part = match &h_scaled {
+                Some(h) => h.narrow(1, col, r),
+                None => h.narrow(1, col, r) * branch.scaling,
+            };
             grads.add_product(&branch.b, &d_part.tr(), &h_part);
             a_factors.push((&branch.a, col, r));
             col += r;
@@ -815,7 +826,8 @@ impl ProductInput<'_> {
         match self {
             ProductInput::Plain(x) => (product(g, x), None),
             ProductInput::Normed { x, rstd, weight } => {
-                let scaled = (g.to_kind(rstd.kind()) * rstd.reshape([-1, 1])).to_kind(x.kind());
+                // One kernel for the product in fp32 (the bf16 `g` read as it is), one cast.
+                let scaled = (g * rstd.reshape([-1, 1])).to_kind(x.kind());
                 (product(&scaled, x), Some(*weight))
             }
         }
