@@ -55,8 +55,9 @@ export SQLX_OFFLINE=true
 # Developer tools cargo installs (sqlx-cli, by .ci/sqlx-prepare) live here.
 export PATH=$LORAFORGE_CACHE/tools/bin:$PATH
 
-# A C++ compiler: tch's build compiles its libtorch bindings, and a trainer test compiles the
-# CUDA kernels as C++ to run them on the CPU (model/cuda_emulation).
+# A C++ compiler: tch's build compiles its libtorch bindings, the trainer's build one libtorch
+# call tch lacks (model/backward_with_grad.cpp), and a trainer test compiles the CUDA kernels as
+# C++ to run them on the CPU (model/cuda_emulation).
 if ! command -v g++ >/dev/null; then
   log "installing g++"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
