@@ -732,6 +732,16 @@ fn grid(k: &Kernels, items: usize) -> LaunchConfig {
     }
 }
 
+/// One block a row, as many rows at once as fill the device (the row kernels loop over the
+/// rest).
+fn row_blocks(k: &Kernels, rows: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Whether every tensor is contiguous bf16 on CUDA: what the kernels below take.
 fn all_bf16_cuda(tensors: &[&Tensor]) -> bool {
     tensors
@@ -786,11 +796,7 @@ pub fn rms_norm_backward(
         .arg(&args[2])
         .arg(&args[3]);
     launch.arg(&residual).arg(&out).arg(&rows).arg(&vecs);
-    let config = LaunchConfig {
-        grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let config = row_blocks(k, rows);
     // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
     // above), alive until the launch is ordered on their stream.
     unsafe { launch.launch(config) }.expect("launching rms_norm_backward");
@@ -830,11 +836,7 @@ pub fn add_rms_norm(
         launch.arg(arg);
     }
     launch.arg(&rows).arg(&vecs).arg(&eps);
-    let config = LaunchConfig {
-        grid_dim: (rows.clamp(1, k.max_blocks), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let config = row_blocks(k, rows);
     // SAFETY: every pointer is a contiguous tensor of the size the kernel indexes (checked
     // above; the outputs made here), alive until the launch is ordered on their stream.
     unsafe { launch.launch(config) }.expect("launching add_rms_norm");
