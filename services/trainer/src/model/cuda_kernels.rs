@@ -732,6 +732,20 @@ fn grid(k: &Kernels, items: usize) -> LaunchConfig {
     }
 }
 
+/// What the row kernels (RMSNorm's) take: `x (rows, cols)` 2-D with `cols` a multiple of 8,
+/// and `tensors` (x among them) contiguous bf16 on CUDA on 16-byte boundaries; `(rows, cols /
+/// 8)` then, else `None`.
+fn row_shape(x: &Tensor, tensors: &[&Tensor]) -> Option<(u32, u32)> {
+    let size = x.size();
+    let (rows, cols) = (*size.first()?, *size.get(1)?);
+    let fits = all_bf16_cuda(tensors)
+        && size.len() == 2
+        && cols % 8 == 0
+        && aligned(tensors)
+        && rows < i32::MAX as i64;
+    fits.then_some((rows as u32, (cols / 8) as u32))
+}
+
 /// One block a row, as many rows at once as fill the device (the row kernels loop over the
 /// rest).
 fn row_blocks(k: &Kernels, rows: u32) -> LaunchConfig {
@@ -768,18 +782,13 @@ pub fn rms_norm_backward(
     let dy = dy.contiguous();
     let mut tensors = vec![&dy, x, w];
     tensors.extend(residual);
+    let (rows, vecs) = row_shape(x, &tensors)?;
     let size = x.size();
-    let (rows, cols) = (*size.first()?, *size.get(1)?);
-    let fits = all_bf16_cuda(&tensors)
-        && size.len() == 2
-        && dy.size() == size
+    let fits = dy.size() == size
         && residual.is_none_or(|r| r.size() == size)
         && rstd.kind() == Kind::Float
         && rstd.is_contiguous()
-        && rstd.numel() == rows as usize
-        && cols % 8 == 0
-        && aligned(&tensors)
-        && rows < i32::MAX as i64;
+        && rstd.numel() == rows as usize;
     if !fits {
         return None;
     }
@@ -788,7 +797,6 @@ pub fn rms_norm_backward(
     let args = [&dy, x, rstd, w].map(pointer);
     let residual = residual.map_or(0, pointer);
     let out = pointer(&dx);
-    let (rows, vecs) = (rows as u32, (cols / 8) as u32);
     let mut launch = k.stream.launch_builder(&k.rms_norm_backward);
     launch
         .arg(&args[0])
@@ -813,24 +821,15 @@ pub fn add_rms_norm(
     w: &Tensor,
     eps: f64,
 ) -> Option<(Tensor, Tensor, Tensor)> {
-    let size = x.size();
-    let (rows, cols) = (*size.first()?, *size.get(1)?);
-    let tensors = [x, y, w];
-    let fits = all_bf16_cuda(&tensors)
-        && size.len() == 2
-        && y.size() == size
-        && w.size() == [cols]
-        && cols % 8 == 0
-        && aligned(&tensors)
-        && rows < i32::MAX as i64;
-    if !fits {
+    let (rows, vecs) = row_shape(x, &[x, y, w])?;
+    if y.size() != x.size() || w.size() != [vecs as i64 * 8] {
         return None;
     }
     let k = kernels(x.device(), Family::RmsNorm)?;
     let (sum, normed) = (x.empty_like(), x.empty_like());
-    let rstd = Tensor::empty([rows, 1], (Kind::Float, x.device()));
+    let rstd = Tensor::empty([rows as i64, 1], (Kind::Float, x.device()));
     let args = [x, y, w, &sum, &normed, &rstd].map(pointer);
-    let (rows, vecs, eps) = (rows as u32, (cols / 8) as u32, eps as f32);
+    let eps = eps as f32;
     let mut launch = k.stream.launch_builder(&k.add_rms_norm);
     for arg in &args {
         launch.arg(arg);

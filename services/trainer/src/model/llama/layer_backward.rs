@@ -333,7 +333,12 @@ impl DecoderLayer {
     /// output, and returns the gradient of its input (undefined where the input wanted none).
     pub(super) fn backward(&self, graph: LayerGraph, grad: &Tensor) -> Tensor {
         let (input, surrogate) = match graph {
-            LayerGraph::Whole { input, out } => (input, Some(dot(&out, grad))),
+            LayerGraph::Whole { input, out } => {
+                if out.requires_grad() {
+                    backward_with_grad(&out, grad);
+                }
+                return input.grad();
+            }
             LayerGraph::HandMlp(kept) => {
                 let surrogate = self.mlp_surrogate(&kept, grad);
                 (kept.input, surrogate)
@@ -578,7 +583,7 @@ struct FactorGrads {
 /// Where one factor's gradient goes ([`FactorGrads`]).
 enum GradSlot {
     /// The factor wants none.
-    None,
+    Unwanted,
     /// Its `.grad`, added to in place.
     Grad(Tensor),
     /// A term for autograd.
@@ -588,7 +593,7 @@ enum GradSlot {
 impl FactorGrads {
     fn slot(factor: &Tensor) -> GradSlot {
         if !factor.requires_grad() {
-            return GradSlot::None;
+            return GradSlot::Unwanted;
         }
         let grad = match factor.is_leaf() {
             true => factor.grad(),
@@ -603,7 +608,7 @@ impl FactorGrads {
     /// Adds `m1 m2` to `factor`'s gradient.
     fn add_product(&mut self, factor: &Tensor, m1: &Tensor, m2: &Tensor) {
         match Self::slot(factor) {
-            GradSlot::None => {}
+            GradSlot::Unwanted => {}
             GradSlot::Grad(grad) => tch::no_grad(|| accumulate_product(grad, m1, m2)),
             GradSlot::Term => self.term(factor, &m1.mm(m2)),
         }
@@ -613,7 +618,7 @@ impl FactorGrads {
     /// one kernel, reading `d` in its own dtype.
     fn add(&mut self, factor: &Tensor, d: &Tensor, columns: Option<&Tensor>) {
         match Self::slot(factor) {
-            GradSlot::None => {}
+            GradSlot::Unwanted => {}
             GradSlot::Grad(mut grad) => tch::no_grad(|| match columns {
                 Some(w) => {
                     if grad.f_addcmul_(d, w).is_err() {
