@@ -1,6 +1,7 @@
 //! Autograd's backward from a non-scalar output with its gradient given, which tch's `backward`
 //! (a scalar, seeded with one) does not offer: the layer by hand runs attention's backward on
-//! attention's own small graph this way (model/llama/layer_backward.rs). Without it the
+//! attention's own small graph this way, and a layer left to autograd its whole graph
+//! (model/llama/layer_backward.rs). Without it the
 //! gradient went in through a surrogate, the dot product of the output with its gradient,
 //! whose forward and backward read and wrote the `(tokens, hidden)` output three more times a
 //! layer (on Llama-3-8B about 80 µs a layer on an H100, bench/gpu.md). The call is a few lines
